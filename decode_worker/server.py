@@ -1,0 +1,112 @@
+"""Decode worker: loads the prompt's KV over UCX (our connector, consumer half) and streams.
+
+The engine sees `prompt + [first token]`: the prompt's KV arrives by transfer (an
+asynchronous external hit of exactly len(prompt) tokens) and only the first token,
+sampled by the prefill worker, is computed here. A client that goes away cancels
+the stream; vLLM then aborts the request and our connector frees both sides' blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pdserve import metrics as M
+from pdserve.config import WorkerConfig
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.sampling import handle_to_params, logprobs_to_wire, to_vllm
+from pdserve.worker import WorkerRuntime, validate_prompt
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+        self.active: dict[str, asyncio.Task] = {}
+
+    async def Generate(self, request, context):
+        sp = request.sampling
+        err = validate_prompt(request.prompt_token_ids, self.rt.cfg.engine.max_model_len,
+                              sp.max_tokens)
+        if err is None and sp.max_tokens < 2:
+            err = "decode needs max_tokens >= 2 (the prefill worker produced the first token)"
+        if err is None and not request.kv.transfer_id:
+            err = "missing KV handle"
+        if err:
+            M.WORKER_REQUESTS.labels("decode", "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        rid = request.request_id
+        ids = list(request.prompt_token_ids) + [request.first_token_id]
+        params = to_vllm(sp, max_tokens=sp.max_tokens - 1,
+                         kv_transfer_params=handle_to_params(request.kv, rid))
+        self.active[rid] = asyncio.current_task()
+        finished = False
+        try:
+            async for out in self.rt.engine.generate({"prompt_token_ids": ids}, params, rid):
+                c = out.outputs[0]
+                msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
+                if sp.logprobs >= 0 and c.logprobs:
+                    msg.logprobs.extend(logprobs_to_wire(c.token_ids, c.logprobs, sp.logprobs))
+                if out.finished:
+                    msg.finish_reason = c.finish_reason or "stop"
+                    rec = await self._transfer_record(rid)
+                    if rec is not None:
+                        msg.kv_transfer.CopyFrom(rec)
+                        msg.num_external_tokens = rec.tokens if rec.status == "ok" else 0
+                    finished = True
+                yield msg
+            M.WORKER_REQUESTS.labels("decode", "ok").inc()
+        except ValueError as e:
+            M.WORKER_REQUESTS.labels("decode", "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except asyncio.CancelledError:
+            M.WORKER_REQUESTS.labels("decode", "cancelled").inc()
+            raise
+        finally:
+            self.active.pop(rid, None)
+            if not finished:
+                await self._transfer_record(rid)  # drop the record of an aborted request
+
+    async def _transfer_record(self, rid: str) -> pd_pb2.KVTransferStats | None:
+        try:
+            st = await self.rt.agent_stats(pop=[rid])
+        except grpc.RpcError:
+            return None
+        rec = st.records.get(rid)
+        if rec is None:
+            return None
+        if rec.status == "ok":
+            M.KV_BYTES.observe(rec.bytes)
+            M.KV_SECONDS.observe(rec.seconds)
+            if rec.seconds > 0:
+                M.KV_GBPS.observe(rec.bytes / rec.seconds / 1e9)
+            M.KV_EXTERNAL_TOKENS.inc(rec.tokens)
+        else:
+            M.KV_FAILURES.inc()
+        return rec
+
+    async def Abort(self, request, context):
+        task = self.active.get(request.request_id)
+        if task is not None:
+            task.cancel()
+        return pd_pb2.AbortResponse(found=task is not None)
+
+    async def Status(self, request, context):
+        return await self.rt.status()
+
+
+async def serve(cfg: WorkerConfig, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    rt = WorkerRuntime(cfg)
+    await rt.start_engine()
+    await rt.start_server(
+        lambda s: pd_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(rt), s))
+    if ready:
+        ready.set()
+    try:
+        await (stop.wait() if stop else asyncio.Event().wait())
+    finally:
+        await rt.stop()

@@ -1,0 +1,384 @@
+"""OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from frontend.client import Chunk, ClusterClient, to_error
+from frontend.protocol import ChatRequest, CompletionRequest
+from pdserve import metrics as M
+from pdserve.config import FrontendConfig
+from pdserve.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    PDError,
+    UnsupportedParameter,
+)
+from pdserve.rpc import pd_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.eos_token_id = self.tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=True)["input_ids"]
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.tok.chat_template:
+            raise InvalidRequest("this model has no chat template; use /v1/completions")
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def token_bytes(self, token: str) -> list[int]:
+        return list(token.encode("utf-8"))
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class _Timing:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.n = 0
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        t = time.perf_counter()
+        if self.first is None:
+            self.first = t
+            M.TTFT.observe(t - self.t0)
+        elif self.last is not None:
+            M.ITL.observe(t - self.last)
+        self.last = t
+        self.n += n
+
+    def done(self) -> None:
+        t = time.perf_counter()
+        M.E2E.observe(t - self.t0)
+        if self.first is not None and self.n > 1:
+            M.TPOT.observe((t - self.first) / (self.n - 1))
+        M.GEN_TOKENS.inc(self.n)
+
+
+def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
+               tokenizer: Tokenizer | None = None) -> FastAPI:
+    app = FastAPI(title="pdserve", version="0.1.0")
+    state: dict[str, Any] = {"client": client, "tok": tokenizer}
+
+    @app.on_event("startup")
+    async def _startup() -> None:
+        if state["client"] is None:
+            state["client"] = ClusterClient(cfg.scheduler_address)
+        if state["tok"] is None:
+            state["tok"] = Tokenizer(cfg.model)
+
+    @app.on_event("shutdown")
+    async def _shutdown() -> None:
+        if state["client"] is not None:
+            await state["client"].close()
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.rid = rid
+        response = await call_next(request)
+        response.headers.setdefault("x-request-id", rid)
+        return response
+
+    def _error(request: Request, err: PDError, endpoint: str) -> JSONResponse:
+        M.REQUESTS.labels(endpoint, str(err.mapping.http_status)).inc()
+        return JSONResponse(err.openai_body(), status_code=err.mapping.http_status,
+                            headers={"x-request-id": getattr(request.state, "rid", "")})
+
+    @app.exception_handler(PDError)
+    async def _pd_error(request: Request, exc: PDError):
+        return _error(request, exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "extra_forbidden":
+            err: PDError = UnsupportedParameter(f"unsupported parameter: {'.'.join(loc)}",
+                                                param=".".join(loc))
+        elif first.get("type") == "json_invalid":
+            err = InvalidRequest(f"malformed JSON body: {first.get('msg', '')}")
+        else:
+            err = InvalidRequest(
+                f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
+                param=".".join(loc) or None)
+        return _error(request, err, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return _error(request, to_error(exc), request.url.path)
+
+    @app.get("/health")
+    async def health():
+        try:
+            ws = await state["client"].list_workers()
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"status": "unhealthy", "reason": f"scheduler: {e}"}, 503)
+        roles = {pd_pb2.ROLE_PREFILL: 0, pd_pb2.ROLE_DECODE: 0}
+        for w in ws.workers:
+            roles[w.role] = roles.get(w.role, 0) + 1
+        ok = roles[pd_pb2.ROLE_PREFILL] > 0 and roles[pd_pb2.ROLE_DECODE] > 0
+        body = {"status": "ok" if ok else "unhealthy",
+                "prefill_workers": roles[pd_pb2.ROLE_PREFILL],
+                "decode_workers": roles[pd_pb2.ROLE_DECODE]}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "max_model_len": cfg.max_model_len}]}
+
+    def _sampling(req, max_tokens: int, logprobs: int) -> pd_pb2.SamplingParams:
+        sp = pd_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=max(req.top_k, 0), stop=req.stop_list,
+            stop_token_ids=req.stop_token_ids or [], presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logprobs=logprobs,
+            ignore_eos=req.ignore_eos)
+        if req.seed is not None:
+            sp.seed = req.seed
+        return sp
+
+    def _budget(req, prompt_ids: list[int], default: int | None) -> int:
+        if req.model != cfg.served_model_name:
+            raise ModelNotFound(f"the model {req.model!r} does not exist; "
+                                f"this server serves {cfg.served_model_name!r}", param="model")
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if n >= cfg.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {cfg.max_model_len} tokens; the "
+                f"prompt has {n}", param="prompt")
+        max_tokens = req.max_tokens if req.max_tokens is not None else (
+            default if default is not None else cfg.max_model_len - n)
+        if n + max_tokens > cfg.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {cfg.max_model_len} tokens; the "
+                f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds it", param="max_tokens")
+        return max_tokens
+
+    async def _run(rid: str, prompt_ids: list[int], sp: pd_pb2.SamplingParams
+                   ) -> AsyncIterator[Chunk]:
+        client: ClusterClient = state["client"]
+        async for ch in client.generate(rid, cfg.served_model_name, prompt_ids, sp,
+                                        cfg.request_timeout_s):
+            yield ch
+
+    # ------------------------------------------------------------------ completions
+
+    def _cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int) -> dict | None:
+        toks, lps, tops, offs = [], [], [], []
+        off = offset0
+        for ch in chunks:
+            for lp in ch.logprobs:
+                toks.append(lp.token)
+                lps.append(lp.logprob)
+                tops.append({t.token: t.logprob for t in lp.top} if k > 0 else None)
+                offs.append(off)
+                off += len(lp.token)
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    def _kv_info(ch: Chunk | None) -> dict | None:
+        if ch is None or ch.kv_transfer is None:
+            return None
+        k = ch.kv_transfer
+        return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
+                "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
+                "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.check()
+        tok: Tokenizer = state["tok"]
+        p = body.prompt
+        if isinstance(p, str):
+            ids = tok.encode(p)
+        elif p and isinstance(p[0], str):
+            if len(p) != 1:
+                raise UnsupportedParameter("only one prompt per request", param="prompt")
+            ids = tok.encode(p[0])
+        elif p and isinstance(p[0], list):
+            if len(p) != 1:
+                raise UnsupportedParameter("only one prompt per request", param="prompt")
+            ids = list(p[0])
+        else:
+            ids = list(p)
+        max_tokens = _budget(body, ids, 16)
+        lp = body.logprobs if body.logprobs is not None else -1
+        sp = _sampling(body, max_tokens, lp)
+        rid = f"cmpl-{request.state.rid}"
+        created = int(time.time())
+        M.PROMPT_TOKENS.inc(len(ids))
+        if body.stream:
+            return _stream(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
+        return await _unary(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
+
+    # ------------------------------------------------------------------ chat
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        body.check()
+        tok: Tokenizer = state["tok"]
+        ids = tok.chat([{"role": m.role if m.role != "developer" else "system",
+                         "content": m.text()} for m in body.messages])
+        max_tokens = _budget(body, ids, None)
+        k = body.top_logprobs or 0
+        sp = _sampling(body, max_tokens, k if body.logprobs else -1)
+        rid = f"chatcmpl-{request.state.rid}"
+        created = int(time.time())
+        M.PROMPT_TOKENS.inc(len(ids))
+        if body.stream:
+            return _stream(request, "/v1/chat/completions", rid, ids, sp, body, created,
+                           chat=True)
+        return await _unary(request, "/v1/chat/completions", rid, ids, sp, body, created,
+                            chat=True)
+
+    def _chat_logprobs(chunks: list[Chunk], tok: Tokenizer) -> dict:
+        content = []
+        for ch in chunks:
+            for lp in ch.logprobs:
+                content.append({
+                    "token": lp.token, "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token),
+                    "top_logprobs": [{"token": t.token, "logprob": t.logprob,
+                                      "bytes": tok.token_bytes(t.token)} for t in lp.top]})
+        return {"content": content}
+
+    def _usage(n_prompt: int, n_gen: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                "total_tokens": n_prompt + n_gen}
+
+    async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
+        timing = _Timing()
+        M.INFLIGHT.inc()
+        chunks: list[Chunk] = []
+        try:
+            async for ch in _run(rid, ids, sp):
+                timing.tokens(len(ch.token_ids))
+                chunks.append(ch)
+        finally:
+            M.INFLIGHT.dec()
+        timing.done()
+        text = "".join(c.text for c in chunks)
+        n_gen = sum(len(c.token_ids) for c in chunks)
+        finish = chunks[-1].finish_reason if chunks else "stop"
+        last = chunks[-1] if chunks else None
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": _chat_logprobs(chunks, state["tok"]) if body.logprobs else None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text,
+                      "logprobs": _cmpl_logprobs(chunks, 0, body.logprobs or 0)
+                      if body.logprobs is not None else None,
+                      "finish_reason": finish}
+            obj = "text_completion"
+        M.REQUESTS.labels(endpoint, "200").inc()
+        resp = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
+                "choices": [choice], "usage": _usage(len(ids), n_gen)}
+        kv = _kv_info(last)
+        if kv:
+            resp["kv_transfer"] = kv
+        headers = {"x-request-id": request.state.rid}
+        if kv:
+            headers["x-kv-transfer-seconds"] = str(kv["seconds"])
+            headers["x-kv-transfer-bytes"] = str(kv["bytes"])
+        return JSONResponse(resp, headers=headers)
+
+    def _stream(request, endpoint, rid, ids, sp, body, created, chat: bool):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        tok: Tokenizer = state["tok"]
+
+        def chunk(choice: dict | None, usage: dict | None = None, extra: dict | None = None):
+            d = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
+                 "choices": [choice] if choice is not None else []}
+            if usage is not None:
+                d["usage"] = usage
+            if extra:
+                d.update(extra)
+            return _sse(d)
+
+        async def gen():
+            timing = _Timing()
+            n_gen = 0
+            offset = 0
+            M.INFLIGHT.inc()
+            status = "200"
+            try:
+                if chat:
+                    yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None})
+                async for ch in _run(rid, ids, sp):
+                    timing.tokens(len(ch.token_ids))
+                    n_gen += len(ch.token_ids)
+                    finish = ch.finish_reason or None
+                    extra = {"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None else None
+                    if chat:
+                        c = {"index": 0, "delta": {"content": ch.text} if ch.text else {},
+                             "logprobs": _chat_logprobs([ch], tok) if body.logprobs else None,
+                             "finish_reason": finish}
+                    else:
+                        c = {"index": 0, "text": ch.text,
+                             "logprobs": _cmpl_logprobs([ch], offset, body.logprobs or 0)
+                             if body.logprobs is not None else None,
+                             "finish_reason": finish}
+                        offset += len(ch.text)
+                    if ch.text or finish or ch.logprobs:
+                        yield chunk(c, extra=extra)
+                if include_usage:
+                    yield chunk(None, usage=_usage(len(ids), n_gen))
+                yield "data: [DONE]\n\n"
+                timing.done()
+            except asyncio.CancelledError:
+                status = "499"
+                raise
+            except Exception as e:  # noqa: BLE001 - reported in-band; headers are already sent
+                err = to_error(e)
+                status = str(err.mapping.http_status)
+                log.warning("stream %s failed: %s", rid, err.message)
+                yield _sse(err.openai_body())
+                yield "data: [DONE]\n\n"
+            finally:
+                M.INFLIGHT.dec()
+                M.REQUESTS.labels(endpoint, status).inc()
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"x-request-id": request.state.rid,
+                                          "cache-control": "no-cache"})
+
+    return app

@@ -1,0 +1,109 @@
+"""OpenAI request bodies. Unknown fields are refused (400), never silently ignored."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from pdserve.errors import InvalidRequest, UnsupportedParameter
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: StrictInt | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(0, ge=-1)                   # vLLM extension; 0/-1 = off
+    seed: StrictInt | None = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[StrictInt] | None = None        # vLLM extension
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None                              # accepted: opaque client metadata
+    ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
+    logit_bias: dict[str, float] | None = None
+
+    def check_common(self) -> None:
+        if self.n != 1:
+            raise UnsupportedParameter("only n=1 is supported", param="n")
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true",
+                                 param="stream_options")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}",
+                                 param="max_tokens")
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if any(not s for s in stops):
+            raise InvalidRequest("stop strings must be non-empty", param="stop")
+        return stops
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.echo:
+            raise UnsupportedParameter("echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise UnsupportedParameter("only best_of=1 is supported", param="best_of")
+        if self.suffix:
+            raise UnsupportedParameter("suffix is not supported", param="suffix")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise UnsupportedParameter("only text content parts are supported",
+                                           param="messages")
+            parts.append(p["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    def check(self) -> None:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        self.check_common()
+        if not self.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")

@@ -1,0 +1,110 @@
+"""KVAgent: the gRPC service our connector runs inside each vLLM engine process.
+
+It carries the NIXL handshake (agent metadata + registered regions + layout, with a
+compatibility check) and the lease protocol (Acquire before reading, Release when
+done). The bytes themselves move over UCX. A sync gRPC server on its own threads:
+the engine process has no asyncio loop of ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class AgentState:
+    """What the servicer reads and updates; owned by the connector's worker half."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.info: pd_pb2.AgentInfo | None = None
+        self.compat_hash = ""
+        self.acquire: Callable[[list[str], float], tuple[list[str], list[str]]] | None = None
+        self.release: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
+        self.stats: Callable[[list[str]], pd_pb2.AgentStats] | None = None
+
+
+class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+
+    def GetAgentInfo(self, request, context):
+        info = self.state.info
+        if info is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "KV caches not registered yet")
+        if request.peer_compat_hash and request.peer_compat_hash != self.state.compat_hash:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"incompatible KV: peer {request.peer_compat_hash} != "
+                          f"{self.state.compat_hash} ({info.layout.model}, {info.layout.dtype}, "
+                          f"block {info.layout.block_size}, {info.layout.layout})")
+        return info
+
+    def Acquire(self, request, context):
+        if self.state.acquire is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine holds no KV leases")
+        ids = list(request.transfer_ids)
+        # A lease is added one engine step after the prefill output left; tolerate
+        # a consumer that is faster than that.
+        deadline = time.monotonic() + 1.0
+        while True:
+            held, missing = self.state.acquire(ids, request.extend_s)
+            if not missing or time.monotonic() > deadline:
+                return pd_pb2.LeaseResponse(held=held, missing=missing)
+            time.sleep(0.002)
+
+    def Release(self, request, context):
+        if self.state.release is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine holds no KV leases")
+        held, missing = self.state.release(list(request.transfer_ids))
+        return pd_pb2.LeaseResponse(held=held, missing=missing)
+
+    def Stats(self, request, context):
+        if self.state.stats is None:
+            return pd_pb2.AgentStats()
+        return self.state.stats(list(request.pop_transfer_ids))
+
+
+def start_agent_server(state: AgentState, host: str, port: int) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvagent"),
+                         options=[("grpc.so_reuseport", 0)])
+    pd_pb2_grpc.add_KVAgentServicer_to_server(KVAgentServicer(state), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"KV agent could not bind {host}:{port}")
+    server.start()
+    log.info("KV agent listening on %s:%d", host, bound)
+    return server, bound
+
+
+class AgentClients:
+    """Cached channels to peers' KV agents (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stubs: dict[str, pd_pb2_grpc.KVAgentStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def get(self, address: str) -> pd_pb2_grpc.KVAgentStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                ch = grpc.insecure_channel(address)
+                self._channels[address] = ch
+                stub = self._stubs[address] = pd_pb2_grpc.KVAgentStub(ch)
+            return stub
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+            self._stubs.clear()

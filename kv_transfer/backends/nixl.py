@@ -1,0 +1,121 @@
+"""The UCX data plane through NIXL. The only module that imports nixl.
+
+No progress thread: NIXL's own one busy-polls a core (see docs/design.md). The
+producer makes progress from the engine's step loop (`progress()`, called from
+the connector's get_finished, which vLLM runs about every millisecond while blocks
+are held); the consumer's transfer thread drives its own transfers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _import_nixl():
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    except ImportError:  # only the cu12 wheel installed
+        from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    return nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+
+class NixlError(RuntimeError):
+    pass
+
+
+class NixlBackend:
+    MEM = "DRAM"
+
+    def __init__(self, name: str, mem_type: str = "DRAM") -> None:
+        # UCX picks transports itself (shm/cma on one host, rc/dc over IB, cuda_ipc
+        # for NVLink); UCX_TLS and friends override. See docs/transport.md.
+        nixl_agent, nixl_agent_config, sync = _import_nixl()
+        cfg = nixl_agent_config(enable_prog_thread=False, backends=["UCX"],
+                                sync_mode=sync.NIXL_THREAD_SYNC_STRICT)
+        self.name = name
+        self.mem_type = mem_type
+        self.agent = nixl_agent(name, cfg)
+        self._reg = None
+        self._remotes: dict[str, str] = {}  # engine id -> remote agent name
+        self._metadata: bytes | None = None
+
+    def register(self, spans: Sequence[tuple[int, int]], device_id: int = 0) -> None:
+        self._reg = self.agent.register_memory(
+            [(addr, length, device_id, "") for addr, length in spans], self.mem_type)
+        self._metadata = self.agent.get_agent_metadata()
+        log.info("NIXL agent %s registered %d span(s), %.1f MiB, UCX_TLS=%s", self.name,
+                 len(spans), sum(n for _, n in spans) / 2**20, os.environ.get("UCX_TLS", "auto"))
+
+    @property
+    def metadata(self) -> bytes:
+        if self._metadata is None:
+            raise NixlError("memory not registered yet")
+        return self._metadata
+
+    def ensure_remote(self, engine_id: str, metadata: bytes) -> str:
+        name = self._remotes.get(engine_id)
+        if name is None:
+            name = self.agent.add_remote_agent(metadata)
+            if isinstance(name, bytes):
+                name = name.decode()
+            self._remotes[engine_id] = name
+            log.info("NIXL: added remote agent %s for engine %s", name, engine_id)
+        return name
+
+    def forget_remote(self, engine_id: str) -> None:
+        name = self._remotes.pop(engine_id, None)
+        if name is not None:
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as e:  # noqa: BLE001 - best effort on a dead peer
+                log.warning("NIXL: remove_remote_agent(%s) failed: %s", name, e)
+
+    def has_remote(self, engine_id: str) -> bool:
+        return engine_id in self._remotes
+
+    def read(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
+             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
+        """One-sided READ of `remote` spans into `local` spans; blocks until done."""
+        ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
+        rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
+        handle = self.agent.initialize_xfer("READ", ldl, rdl, remote_agent)
+        try:
+            state = self.agent.transfer(handle)
+            deadline = time.monotonic() + timeout_s
+            sleep = 0.0
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise NixlError(f"READ from {remote_agent} timed out after {timeout_s}s")
+                if sleep:
+                    time.sleep(sleep)
+                sleep = min(max(sleep * 2, 20e-6), 1e-3)
+                state = self.agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise NixlError(f"READ from {remote_agent} failed: {state}")
+        finally:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception as e:  # noqa: BLE001
+                log.warning("NIXL: release_xfer_handle failed: %s", e)
+
+    def backend_of(self) -> str:
+        return "UCX"
+
+    def progress(self) -> None:
+        """Drive UCX progress on the passive side (wire-up of new peers)."""
+        self.agent.get_new_notifs()
+
+    def close(self) -> None:
+        try:
+            for eid in list(self._remotes):
+                self.forget_remote(eid)
+            if self._reg is not None:
+                self.agent.deregister_memory(self._reg)
+                self._reg = None
+        except Exception as e:  # noqa: BLE001
+            log.warning("NIXL close: %s", e)

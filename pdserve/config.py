@@ -1,0 +1,78 @@
+"""Frozen configuration per process. Built from CLI flags only at the entry point."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """Where converted models and other generated data live (outside the repo)."""
+    base = os.environ.get("PDSERVE_DATA_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pdserve"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    served_model_name: str = ""
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    block_size: int = 128
+    kv_cache_bytes: int = 1 << 30
+    # cores for this engine's compute threads ("0", "1", "0-1"); VLLM_CPU_OMP_THREADS_BIND
+    cpu_cores: str = "0"
+    max_num_seqs: int = 32
+    # one chunk covers a whole prompt: prefill arithmetic then matches a colocated run
+    max_num_batched_tokens: int = 4096
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    lease_s: float = 30.0            # how long a producer holds unacknowledged blocks
+    acquire_extend_s: float = 30.0   # consumer's renewal when it starts reading
+    transfer_timeout_s: float = 20.0 # consumer gives up (and recomputes or fails) after this
+    load_failure_policy: str = "recompute"  # "recompute" | "fail"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str                         # "prefill" | "decode"
+    worker_id: str
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    scheduler_address: str = "127.0.0.1:50051"
+    kv: KVTransferConfig = field(default_factory=KVTransferConfig)
+    heartbeat_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    model: str                        # tokenizer / chat template source
+    served_model_name: str
+    max_model_len: int = 2048
+    host: str = "127.0.0.1"
+    port: int = 8000
+    scheduler_address: str = "127.0.0.1:50051"
+    request_timeout_s: float = 600.0

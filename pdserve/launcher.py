@@ -1,0 +1,164 @@
+"""`pdserve serve`: start scheduler, workers and frontend as separate processes; stop them all.
+
+Each child runs in its own process group (so its vLLM engine-core grandchildren go
+with it) and dies with the launcher (PR_SET_PDEATHSIG). Ctrl-C or SIGTERM stops the
+frontend first, then workers (graceful: deregister, stop the engine), then the
+scheduler; whatever is left after the grace period is killed by process group.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+log = logging.getLogger("pdserve.launcher")
+
+GRACE_S = 20.0
+
+
+def _pdeathsig() -> None:
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, preexec_fn=_pdeathsig,
+                                     env={**os.environ, **(env or {})})
+        log.info("started %s (pid %d)", name, self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_all(children: list[Child], grace: float = GRACE_S) -> None:
+    """Frontend -> workers -> scheduler, by PID/process group; kill what lingers."""
+    for group in (children[-1:], children[1:-1], children[:1]):
+        for c in group:
+            if c.alive():
+                c.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for c in group:
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing", c.name, grace)
+        for c in group:
+            c.signal_group(signal.SIGKILL)  # engine-core grandchildren included
+            if c.alive():
+                c.proc.wait(timeout=5)
+    log.info("all processes stopped")
+
+
+def _cores(spec: str) -> list[str]:
+    if spec:
+        return [c.strip() for c in spec.split(",") if c.strip()]
+    return [str(c) for c in sorted(os.sched_getaffinity(0))]
+
+
+def _wait_http(url: str, timeout: float, children: list[Child]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(not c.alive() for c in children):
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
+    argv = [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
+            "--scheduler", scheduler, "--host", ns.host, "--model", ns.model,
+            "--dtype", ns.dtype, "--max-model-len", str(ns.max_model_len),
+            "--block-size", str(ns.block_size), "--kv-cache-gib", str(ns.kv_cache_gib),
+            "--max-num-seqs", str(ns.max_num_seqs),
+            "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
+            "--lease-s", str(ns.lease_s), "--transfer-timeout-s", str(ns.transfer_timeout_s),
+            "--load-failure-policy", ns.load_failure_policy]
+    if ns.served_model_name:
+        argv += ["--served-model-name", ns.served_model_name]
+    if ns.no_prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def run_cluster(ns) -> int:
+    from pdserve.cli import resolve_model
+
+    ns.model = resolve_model(ns.model)
+    cores = _cores(ns.cores)
+    scheduler = f"{ns.host}:{ns.scheduler_port}"
+    children: list[Child] = []
+    stopping = {"flag": False}
+
+    def _on_signal(signum, frame):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        children.append(Child("scheduler", [
+            sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
+            "--port", str(ns.scheduler_port)]))
+        # prefill workers from the first core up, decode workers from the last core down
+        n_p, n_d = ns.prefill_workers, ns.decode_workers
+        for i in range(n_p):
+            c = cores[i % len(cores)]
+            children.append(Child(f"prefill-{i}", worker_argv(ns, "prefill", f"prefill-{i}", c,
+                                                              scheduler)))
+        for i in range(n_d):
+            c = cores[-1 - (i % len(cores))]
+            children.append(Child(f"decode-{i}", worker_argv(ns, "decode", f"decode-{i}", c,
+                                                            scheduler)))
+        fe = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", ns.model,
+              "--host", ns.host, "--port", str(ns.port), "--scheduler", scheduler,
+              "--max-model-len", str(ns.max_model_len)]
+        if ns.served_model_name:
+            fe += ["--served-model-name", ns.served_model_name]
+        children.append(Child("frontend", fe))
+        url = f"http://{ns.host}:{ns.port}"
+        ok = False
+        deadline = time.monotonic() + 600
+        while not stopping["flag"] and time.monotonic() < deadline:
+            ok = _wait_http(f"{url}/health", 2, children)
+            if ok or any(not c.alive() for c in children):
+                break
+        if ok:
+            log.info("ready: OpenAI API on %s/v1 (model %s); Ctrl-C stops everything", url,
+                     ns.served_model_name or os.path.basename(ns.model.rstrip("/")))
+        elif not stopping["flag"]:
+            log.error("cluster did not become healthy")
+            return 1
+        while not stopping["flag"]:
+            dead = [c for c in children if not c.alive()]
+            if dead:
+                log.error("%s exited with code %s; stopping the cluster", dead[0].name,
+                          dead[0].proc.returncode)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_all(children)

@@ -1,0 +1,68 @@
+"""Prometheus metrics of every process. Names are the contract with deploy/ dashboards."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5,
+        10, 15, 20, 30, 60, 120)
+_TOK = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
+_BYTES = tuple(float(2 ** i) for i in range(12, 34, 2))
+_XFER_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+           2.5, 5, 10)
+
+# -- frontend (per client request)
+REQUESTS = Counter("pdserve_requests", "Client requests by endpoint and HTTP status",
+                   ["endpoint", "status"])
+TTFT = Histogram("pdserve_time_to_first_token_seconds", "Time to first token", buckets=_LAT)
+TPOT = Histogram("pdserve_time_per_output_token_seconds",
+                 "Mean time per output token after the first, per request", buckets=_TOK)
+ITL = Histogram("pdserve_inter_token_latency_seconds", "Gap between streamed tokens",
+                buckets=_TOK)
+E2E = Histogram("pdserve_e2e_request_latency_seconds", "End-to-end request latency",
+                buckets=_LAT)
+PROMPT_TOKENS = Counter("pdserve_prompt_tokens", "Prompt tokens processed")
+GEN_TOKENS = Counter("pdserve_generation_tokens", "Tokens generated")
+INFLIGHT = Gauge("pdserve_inflight_requests", "Requests in progress at the frontend")
+
+# -- KV transfer (decode worker: per request)
+KV_BYTES = Histogram("pdserve_kv_transfer_bytes", "KV bytes transferred per request",
+                     buckets=_BYTES)
+KV_SECONDS = Histogram("pdserve_kv_transfer_seconds", "KV transfer time per request",
+                       buckets=_XFER_S)
+KV_GBPS = Histogram("pdserve_kv_transfer_gbps", "KV transfer GB/s per request",
+                    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 12, 16, 25, 50))
+KV_FAILURES = Counter("pdserve_kv_transfer_failures", "KV transfers that failed")
+KV_EXTERNAL_TOKENS = Counter("pdserve_kv_external_prompt_tokens",
+                             "Prompt tokens the decode engine received by KV transfer")
+
+# -- workers (load; also reported to the scheduler in heartbeats)
+WORKER_RUNNING = Gauge("pdserve_worker_running_requests", "Running requests", ["role"])
+WORKER_WAITING = Gauge("pdserve_worker_waiting_requests", "Waiting requests", ["role"])
+WORKER_KV_USAGE = Gauge("pdserve_worker_kv_usage_ratio", "KV cache usage (0..1)", ["role"])
+KV_LEASES = Gauge("pdserve_kv_leases_held",
+                  "Producer: requests whose blocks are held for decode; consumer: loads pending",
+                  ["role"])
+KV_LEASES_EXPIRED = Gauge("pdserve_kv_leases_expired",
+                          "Leases that expired before the consumer released them (total)")
+WORKER_REQUESTS = Counter("pdserve_worker_requests", "Requests served by a worker",
+                          ["role", "outcome"])
+PREFILL_SECONDS = Histogram("pdserve_prefill_seconds", "Prefill time per request on the worker",
+                            buckets=_LAT)
+
+# -- scheduler
+ROUTES = Counter("pdserve_scheduler_routes", "Route decisions", ["outcome"])
+ROUTE_SECONDS = Histogram("pdserve_scheduler_route_seconds", "Routing decision latency",
+                          buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01))
+WORKERS = Gauge("pdserve_scheduler_workers", "Registered live workers", ["role"])
+WORKERS_EXPIRED = Counter("pdserve_scheduler_workers_expired",
+                          "Workers dropped after missing heartbeats")
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Expose the default registry on host:port (0 picks a port). Returns the port."""
+    if port == 0:
+        from pdserve.engine import free_port
+        port = free_port(host)
+    start_http_server(port, addr=host)
+    return port

@@ -1,0 +1,52 @@
+"""Conversions between our wire structs and vLLM's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdserve.rpc import pd_pb2
+
+
+def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int,
+            kv_transfer_params: dict[str, Any] | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1, max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p or 1.0,
+        top_k=max(sp.top_k, 0), seed=sp.seed if sp.HasField("seed") else None,
+        stop=list(sp.stop) or None, stop_token_ids=list(sp.stop_token_ids) or None,
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        logprobs=sp.logprobs if sp.logprobs >= 0 else None, ignore_eos=sp.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
+
+
+def logprobs_to_wire(token_ids, logprobs, k: int) -> list[pd_pb2.TokenLogprob]:
+    """vLLM per-token {token_id: Logprob} dicts -> our TokenLogprob list."""
+    out = []
+    for tid, entry in zip(token_ids, logprobs or []):
+        chosen = entry.get(tid)
+        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+                     key=lambda x: x[1].rank)[:k] if k > 0 else []
+        out.append(pd_pb2.TokenLogprob(
+            token_id=tid, token=(chosen.decoded_token or "") if chosen else "",
+            logprob=chosen.logprob if chosen else float("-inf"),
+            top=[pd_pb2.TopLogprob(token_id=t, token=lp.decoded_token or "", logprob=lp.logprob)
+                 for t, lp in top]))
+    return out
+
+
+def handle_to_params(kv: pd_pb2.KVHandle, transfer_key: str) -> dict[str, Any]:
+    return {"pd_remote_prefill": True, "transfer_key": transfer_key,
+            "transfer_id": kv.transfer_id, "engine_id": kv.engine_id,
+            "agent_address": kv.agent_address, "block_ids": list(kv.block_ids),
+            "num_tokens": kv.num_tokens, "compat_hash": kv.compat_hash}
+
+
+def params_to_handle(p: dict[str, Any]) -> pd_pb2.KVHandle:
+    return pd_pb2.KVHandle(
+        transfer_id=p["transfer_id"], engine_id=p["engine_id"],
+        agent_address=p["agent_address"], block_ids=[int(b) for b in p["block_ids"]],
+        num_tokens=int(p["num_tokens"]), compat_hash=p["compat_hash"],
+        lease_expires_unix=float(p.get("lease_expires_unix", 0.0)))

@@ -1,0 +1,150 @@
+"""What prefill and decode workers share: engine, gRPC server, registration, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from pdserve import metrics as M
+from pdserve.config import WorkerConfig
+from pdserve.engine import LoadSnapshot, build_engine, free_port, kv_extra
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE}
+KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+class WorkerRuntime:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.role = cfg.role
+        self.snapshot = LoadSnapshot()
+        self.engine = None
+        self.agent_address = ""
+        self.address = ""
+        self.layout: pd_pb2.KVLayout | None = None
+        self.server: grpc.aio.Server | None = None
+        self._agent: pd_pb2_grpc.KVAgentStub | None = None
+        self._agent_channel: grpc.aio.Channel | None = None
+        self._hb_task: asyncio.Task | None = None
+        self._sched_channel: grpc.aio.Channel | None = None
+        self.metrics_port = 0
+        self.leases_held = 0
+
+    async def start_engine(self) -> None:
+        agent_port = free_port(self.cfg.host)
+        self.agent_address = f"{self.cfg.host}:{agent_port}"
+        self.engine = build_engine(
+            self.cfg.engine, KV_ROLE[self.role],
+            kv_extra(self.cfg.worker_id, self.cfg.host, agent_port, self.cfg.kv), self.snapshot)
+        self._agent_channel = grpc.aio.insecure_channel(self.agent_address)
+        self._agent = pd_pb2_grpc.KVAgentStub(self._agent_channel)
+        info = await self._agent.GetAgentInfo(pd_pb2.AgentInfoRequest(), timeout=30)
+        self.layout = info.layout
+
+    async def start_server(self, add_servicer) -> int:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        add_servicer(self.server)
+        port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if port == 0:
+            raise RuntimeError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
+        await self.server.start()
+        self.address = f"{self.cfg.host}:{port}"
+        self.metrics_port = M.serve_metrics(self.cfg.metrics_port, self.cfg.host)
+        log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
+                 self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
+        self._hb_task = asyncio.create_task(self._heartbeat_loop())
+        return port
+
+    async def agent_stats(self, pop: list[str] | None = None) -> pd_pb2.AgentStats:
+        return await self._agent.Stats(pd_pb2.AgentStatsRequest(pop_transfer_ids=pop or []),
+                                       timeout=5)
+
+    async def load(self) -> pd_pb2.WorkerLoad:
+        try:
+            st = await self.agent_stats()
+            self.leases_held = st.leases_held if self.role == "prefill" else st.loads_pending
+            if self.role == "prefill":
+                M.KV_LEASES_EXPIRED.set(st.leases_expired_total)
+        except grpc.RpcError:
+            pass
+        s = self.snapshot
+        M.WORKER_RUNNING.labels(self.role).set(s.running)
+        M.WORKER_WAITING.labels(self.role).set(s.waiting)
+        M.WORKER_KV_USAGE.labels(self.role).set(s.kv_usage)
+        M.KV_LEASES.labels(self.role).set(self.leases_held)
+        return pd_pb2.WorkerLoad(running=s.running, waiting=s.waiting, kv_usage=s.kv_usage,
+                                 kv_leases_held=self.leases_held)
+
+    async def status(self) -> pd_pb2.WorkerStatusResponse:
+        return pd_pb2.WorkerStatusResponse(
+            worker_id=self.cfg.worker_id, role=ROLE_PB[self.role], load=await self.load(),
+            agent_address=self.agent_address, layout=self.layout)
+
+    async def _heartbeat_loop(self) -> None:
+        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
+        stub = pd_pb2_grpc.SchedulerStub(self._sched_channel)
+        registered = False
+        interval = self.cfg.heartbeat_s
+        while True:
+            try:
+                load = await self.load()
+                if not registered:
+                    resp = await stub.Register(pd_pb2.RegisterRequest(
+                        worker_id=self.cfg.worker_id, role=ROLE_PB[self.role],
+                        address=self.address, agent_address=self.agent_address,
+                        layout=self.layout, load=load), timeout=5)
+                    interval = resp.heartbeat_interval_s or interval
+                    registered = True
+                    log.info("registered with scheduler %s", self.cfg.scheduler_address)
+                else:
+                    resp = await stub.Heartbeat(pd_pb2.HeartbeatRequest(
+                        worker_id=self.cfg.worker_id, load=load), timeout=5)
+                    if not resp.known:
+                        log.warning("scheduler forgot us; registering again")
+                        registered = False
+                        continue
+            except grpc.RpcError as e:
+                if registered:
+                    log.warning("scheduler unreachable (%s); will register again", e.code())
+                registered = False
+            except asyncio.CancelledError:
+                raise
+            await asyncio.sleep(interval)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._hb_task:
+            self._hb_task.cancel()
+        if self._sched_channel is not None:
+            try:
+                await pd_pb2_grpc.SchedulerStub(self._sched_channel).Deregister(
+                    pd_pb2.DeregisterRequest(worker_id=self.cfg.worker_id), timeout=2)
+            except grpc.RpcError:
+                pass
+            await self._sched_channel.close()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._agent_channel is not None:
+            await self._agent_channel.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def validate_prompt(token_ids, max_model_len: int, max_tokens: int) -> str | None:
+    if not token_ids:
+        return "empty prompt"
+    if max_tokens < 1:
+        return "max_tokens must be at least 1"
+    if len(token_ids) + max_tokens > max_model_len:
+        return (f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"context length {max_model_len}")
+    return None
+
+
+def now() -> float:
+    return time.perf_counter()

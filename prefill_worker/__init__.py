@@ -1,0 +1,1 @@
+"""Prefill worker: a vLLM engine that computes the prompt's KV and holds it for decode."""

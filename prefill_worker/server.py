@@ -1,0 +1,106 @@
+"""Prefill worker: runs the prompt with max_tokens=1 and returns the first token + a KV handle.
+
+The blocks stay held under a lease (our connector's producer half) until the decode
+worker releases them, or the lease expires. When the request is already complete
+after one token (max_tokens=1, EOS, a stop string), we release the lease ourselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pdserve import metrics as M
+from pdserve.config import WorkerConfig
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.sampling import logprobs_to_wire, params_to_handle, to_vllm
+from pdserve.worker import WorkerRuntime, now, validate_prompt
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+
+    async def Prefill(self, request, context):
+        sp = request.sampling
+        err = validate_prompt(request.token_ids, self.rt.cfg.engine.max_model_len,
+                              max(sp.max_tokens, 1))
+        if err:
+            M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        t0 = now()
+        params = to_vllm(sp, max_tokens=1, kv_transfer_params={"pd_remote_decode": True})
+        final = None
+        first_ids: list[int] = []
+        text = ""
+        lps: list = []
+        try:
+            async for out in self.rt.engine.generate(
+                    {"prompt_token_ids": list(request.token_ids)}, params, request.request_id):
+                c = out.outputs[0]
+                first_ids += c.token_ids
+                text += c.text
+                if c.logprobs:
+                    lps += c.logprobs
+                final = out
+        except ValueError as e:  # vLLM input validation (token ids out of range, ...)
+            M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except asyncio.CancelledError:
+            M.WORKER_REQUESTS.labels("prefill", "cancelled").inc()
+            raise
+        if final is None or not first_ids:
+            M.WORKER_REQUESTS.labels("prefill", "error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "engine returned no token")
+        M.PREFILL_SECONDS.observe(now() - t0)
+        c = final.outputs[0]
+        kvp = final.kv_transfer_params
+        finish = ""
+        if sp.max_tokens <= 1 or c.finish_reason == "stop":
+            finish = "stop" if c.finish_reason == "stop" else "length"
+        resp = pd_pb2.PrefillResponse(
+            first_token_id=first_ids[0], first_token_text=text, finish_reason=finish,
+            num_prompt_tokens=len(request.token_ids),
+            num_cached_tokens=final.num_cached_tokens or 0)
+        if sp.logprobs >= 0 and lps:
+            resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
+        if kvp:
+            handle = params_to_handle(kvp)
+            if finish:
+                await self._release(handle)  # nobody will read these blocks
+            else:
+                resp.kv.CopyFrom(handle)
+        elif not finish:
+            M.WORKER_REQUESTS.labels("prefill", "error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "engine kept no KV for the request")
+        M.WORKER_REQUESTS.labels("prefill", "ok").inc()
+        return resp
+
+    async def _release(self, handle: pd_pb2.KVHandle) -> None:
+        try:
+            await self.rt._agent.Release(pd_pb2.LeaseRequest(transfer_ids=[handle.transfer_id]),
+                                         timeout=5)
+        except grpc.RpcError as e:
+            log.warning("releasing unused KV %s failed (%s); the lease will expire",
+                        handle.transfer_id, e.code())
+
+    async def Status(self, request, context):
+        return await self.rt.status()
+
+
+async def serve(cfg: WorkerConfig, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    rt = WorkerRuntime(cfg)
+    await rt.start_engine()
+    await rt.start_server(
+        lambda s: pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), s))
+    if ready:
+        ready.set()
+    try:
+        await (stop.wait() if stop else asyncio.Event().wait())
+    finally:
+        await rt.stop()

@@ -1,0 +1,1 @@
+"""Scheduler: worker registry, heartbeats, and placement (pure core + gRPC shell)."""
