@@ -17,7 +17,7 @@ from pdserve import metrics as M
 from pdserve.config import WorkerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import handle_to_params, logprobs_to_wire, to_vllm
-from pdserve.worker import WorkerRuntime, validate_prompt
+from pdserve.worker import INPUT_ERRORS, WorkerRuntime, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                     finished = True
                 yield msg
             M.WORKER_REQUESTS.labels("decode", "ok").inc()
-        except ValueError as e:
+        except INPUT_ERRORS as e:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except asyncio.CancelledError:

@@ -36,6 +36,7 @@ class Tokenizer:
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.eos_token_id = self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]
@@ -237,6 +238,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             ids = list(p[0])
         else:
             ids = list(p)
+        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of vocabulary "
+                                 f"(size {tok.vocab_size})", param="prompt")
         max_tokens = _budget(body, ids, 16)
         lp = body.logprobs if body.logprobs is not None else -1
         sp = _sampling(body, max_tokens, lp)

@@ -84,7 +84,8 @@ class WorkerRuntime:
     async def status(self) -> pd_pb2.WorkerStatusResponse:
         return pd_pb2.WorkerStatusResponse(
             worker_id=self.cfg.worker_id, role=ROLE_PB[self.role], load=await self.load(),
-            agent_address=self.agent_address, layout=self.layout)
+            agent_address=self.agent_address, layout=self.layout,
+            metrics_address=f"{self.cfg.host}:{self.metrics_port}")
 
     async def _heartbeat_loop(self) -> None:
         self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
@@ -98,7 +99,8 @@ class WorkerRuntime:
                     resp = await stub.Register(pd_pb2.RegisterRequest(
                         worker_id=self.cfg.worker_id, role=ROLE_PB[self.role],
                         address=self.address, agent_address=self.agent_address,
-                        layout=self.layout, load=load), timeout=5)
+                        layout=self.layout, load=load,
+                        metrics_address=f"{self.cfg.host}:{self.metrics_port}"), timeout=5)
                     interval = resp.heartbeat_interval_s or interval
                     registered = True
                     log.info("registered with scheduler %s", self.cfg.scheduler_address)
@@ -133,6 +135,17 @@ class WorkerRuntime:
             await self._agent_channel.close()
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from vllm.exceptions import VLLMValidationError
+        return (ValueError, VLLMValidationError)
+    except ImportError:  # older vLLM raises ValueError
+        return (ValueError,)
+
+
+INPUT_ERRORS = _input_errors()
 
 
 def validate_prompt(token_ids, max_model_len: int, max_tokens: int) -> str | None:

@@ -16,7 +16,7 @@ from pdserve import metrics as M
 from pdserve.config import WorkerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import logprobs_to_wire, params_to_handle, to_vllm
-from pdserve.worker import WorkerRuntime, now, validate_prompt
+from pdserve.worker import INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
                 if c.logprobs:
                     lps += c.logprobs
                 final = out
-        except ValueError as e:  # vLLM input validation (token ids out of range, ...)
+        except INPUT_ERRORS as e:  # vLLM input validation (token ids out of range, ...)
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except asyncio.CancelledError:

@@ -42,7 +42,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             worker_id=request.worker_id, role=role, address=request.address,
             agent_address=request.agent_address, model=request.layout.model,
             compat_hash=request.layout.compat_hash, last_seen=self.clock(),
-            load=_load(request.load)))
+            load=_load(request.load), metrics_address=request.metrics_address))
         log.info("registered %s worker %s at %s (model %s, kv %s)", role, request.worker_id,
                  request.address, request.layout.model, request.layout.compat_hash)
         self._gauges()
@@ -85,7 +85,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 load=pd_pb2.WorkerLoad(running=w.load.running, waiting=w.load.waiting,
                                        kv_usage=w.load.kv_usage,
                                        kv_leases_held=w.load.kv_leases_held),
-                last_heartbeat_age_s=now - w.last_seen, inflight=w.inflight))
+                last_heartbeat_age_s=now - w.last_seen, inflight=w.inflight,
+                metrics_address=w.metrics_address))
         return pd_pb2.ListWorkersResponse(workers=out)
 
     async def reap_forever(self) -> None:

@@ -28,6 +28,7 @@ class Worker:
     last_seen: float
     load: Load = field(default_factory=Load)
     inflight: int = 0         # routed since the last heartbeat
+    metrics_address: str = ""
 
     def score(self) -> float:
         """Least-loaded: queued work first, KV pressure as the tie-breaker."""

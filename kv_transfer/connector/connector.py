@@ -15,7 +15,9 @@ The scheduler half then Releases the producer's blocks, whatever the outcome.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import queue
 import threading
 import time
@@ -294,6 +296,12 @@ class _WorkerHalf:
         self.transfer_timeout_s = float(x.get("transfer_timeout_s", 20.0))
         self.compat_hash = config_compat_hash(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
+        # Debug/test switch: zero the blocks just loaded, to prove the output depends on
+        # the transferred bytes (tests/e2e/test_kv_moves.py). Never set in production.
+        self.debug_corrupt = os.environ.get("PDSERVE_DEBUG_CORRUPT_KV", "")
+        if self.debug_corrupt:
+            log.warning("PDSERVE_DEBUG_CORRUPT_KV=%s: loaded KV blocks will be destroyed",
+                        self.debug_corrupt)
 
         self.lock = threading.Lock()
         self.leases = LeaseTable()
@@ -476,6 +484,9 @@ class _WorkerHalf:
             self.backend.forget_remote(spec.engine_id)
             self.remote_regions.pop(spec.engine_id, None)
             raise
+        if self.debug_corrupt == "zero":
+            for addr, length, _ in ldescs:
+                ctypes.memset(addr, 0, length)
         return sum(d[1] for d in ldescs), len(ldescs)
 
     def shutdown(self) -> None:

@@ -1,0 +1,120 @@
+"""Start and stop a real local cluster (`pdserve serve`) for tests; query its workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+
+from pdserve.engine import free_port
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen
+    url: str
+    scheduler: str
+    model_dir: str
+    model_name: str
+    log_path: Path
+
+    def workers(self) -> list[pd_pb2.WorkerInfo]:
+        with grpc.insecure_channel(self.scheduler) as ch:
+            return list(pd_pb2_grpc.SchedulerStub(ch).ListWorkers(
+                pd_pb2.ListWorkersRequest(), timeout=5).workers)
+
+    def status(self, w: pd_pb2.WorkerInfo) -> pd_pb2.WorkerStatusResponse:
+        with grpc.insecure_channel(w.address) as ch:
+            stub = (pd_pb2_grpc.PrefillWorkerStub(ch) if w.role == pd_pb2.ROLE_PREFILL
+                    else pd_pb2_grpc.DecodeWorkerStub(ch))
+            return stub.Status(pd_pb2.WorkerStatusRequest(), timeout=5)
+
+    def metrics(self, w: pd_pb2.WorkerInfo) -> str:
+        return httpx.get(f"http://{w.metrics_address}/metrics", timeout=5).text
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, pd_pb2.WorkerLoad]:
+        """Until every worker reports no running/waiting requests, no KV in use, no leases."""
+        deadline = time.monotonic() + timeout
+        while True:
+            loads = {w.worker_id: self.status(w).load for w in self.workers()}
+            busy = {k: v for k, v in loads.items()
+                    if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
+            if not busy or time.monotonic() > deadline:
+                return loads
+            time.sleep(0.25)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample's values whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+([-+eE\d.naif]+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None = None,
+                  extra: list[str] | None = None, timeout: float = 400) -> Cluster:
+    port, sport = free_port(), free_port()
+    argv = [sys.executable, "-m", "pdserve.cli", "serve", "--model", model_dir,
+            "--port", str(port), "--scheduler-port", str(sport), "--kv-cache-gib", "0.25",
+            *(extra or [])]
+    logf = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cluster exited early; see {log_path}:\n"
+                               + log_path.read_text()[-4000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                name = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+                return Cluster(proc, url, f"127.0.0.1:{sport}", model_dir, name, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_cluster_proc(proc)
+    raise RuntimeError(f"cluster not healthy in {timeout}s; see {log_path}")
+
+
+def stop_cluster_proc(proc: subprocess.Popen) -> int:
+    """Ctrl-C the launcher (by PID); it stops its children. Kill the group if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
+def reference(model_dir: str, prompts: list[list[int]], max_tokens: int, tmp: Path,
+              cores: str = "1") -> list[dict]:
+    inp, out = tmp / "ref_in.json", tmp / "ref_out.json"
+    inp.write_text(json.dumps({"max_tokens": max_tokens, "prompts": prompts}))
+    subprocess.run([sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model",
+                    model_dir, "--cores", cores, "--inp", str(inp), "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=600,
+                   stdout=open(tmp / "reference.log", "w"), stderr=subprocess.STDOUT)
+    return json.loads(out.read_text())

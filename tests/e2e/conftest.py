@@ -1,0 +1,58 @@
+import os
+import random
+import re
+import subprocess
+
+import pytest
+
+from pdserve.models import build_tiny_model
+from tests.e2e.cluster import start_cluster, stop_cluster_proc
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "cluster.log")
+    yield c
+    rc = stop_cluster_proc(c.proc)
+    assert rc == 0, f"launcher exited {rc}; see {c.log_path}"
+    assert_no_orphans(c.log_path)
+
+
+def assert_no_orphans(log_path) -> None:
+    """No child of the launcher, nor anything in a child's process group, survives it."""
+    pids = {int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", log_path.read_text())}
+    assert pids, "launcher log names no children"
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True,
+                         text=True).stdout
+    # zombies are skipped: they hold nothing, and a container's PID 1 may never reap them
+    left = [ln for ln in out.splitlines()
+            if ln.split() and not ln.split()[2].startswith("Z")
+            and (int(ln.split()[0]) in pids or int(ln.split()[1]) in pids)]
+    assert not left, f"orphans: {left}"
+
+
+def words(n: int, seed: int) -> str:
+    """A prompt of exactly n tokens for the tiny word-level tokenizer."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(900)] + ["the", "paris", "fox", "decode", "prefill"]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from frontend.app import Tokenizer
+    return Tokenizer(tiny_model)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

