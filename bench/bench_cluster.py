@@ -97,8 +97,13 @@ async def run(ns) -> dict:
         "kv_bytes_per_req": statistics.mean(k["bytes"] for k in kvs) if kvs else 0,
         "kv_ms": {"p50": pct([k["seconds"] for k in kvs], 50) * 1e3,
                   "p99": pct([k["seconds"] for k in kvs], 99) * 1e3},
+        "kv_failed": sum(1 for r in res if r["kv"] and r["kv"]["status"] != "ok"),
         "kv_gbps": {"p50": pct([k["bytes"] / k["seconds"] / 1e9 for k in kvs], 50),
                     "min": min((k["bytes"] / k["seconds"] / 1e9 for k in kvs), default=0)},
+        "kv_read_ms": {"p50": pct([k["read_seconds"] for k in kvs], 50) * 1e3,
+                       "p99": pct([k["read_seconds"] for k in kvs], 99) * 1e3},
+        "kv_read_gbps": {"p50": pct([k["bytes"] / k["read_seconds"] / 1e9 for k in kvs
+                                     if k["read_seconds"] > 0], 50)},
         "kv_descriptors_per_req": statistics.mean(k["descriptors"] for k in kvs) if kvs else 0,
     }
     return summary
@@ -117,6 +122,10 @@ def show(s: dict) -> None:
         ("KV bytes per request (MB)", f"{s['kv_bytes_per_req'] / 1e6:.1f}"),
         ("KV transfer p50 / p99 (ms)", f"{s['kv_ms']['p50']:.2f} / {s['kv_ms']['p99']:.2f}"),
         ("KV GB/s p50 (min)", f"{s['kv_gbps']['p50']:.2f} ({s['kv_gbps']['min']:.2f})"),
+        ("  of which UCX READ p50 / p99 (ms)",
+         f"{s['kv_read_ms']['p50']:.2f} / {s['kv_read_ms']['p99']:.2f}"),
+        ("  UCX READ GB/s p50", f"{s['kv_read_gbps']['p50']:.2f}"),
+        ("KV transfers ok / failed", f"{s['kv_transfers']} / {s['kv_failed']}"),
         ("KV descriptors per request", f"{s['kv_descriptors_per_req']:.0f}"),
     ]
     w = max(len(a) for a, _ in rows)

@@ -93,6 +93,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             state["client"] = ClusterClient(cfg.scheduler_address)
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model)
+        log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
+                 cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
 
     @app.on_event("shutdown")
     async def _shutdown() -> None:
@@ -218,7 +220,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             return None
         k = ch.kv_transfer
         return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
+                "read_seconds": round(k.read_seconds, 6),
                 "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
+                "read_gbps": round(k.bytes / k.read_seconds / 1e9, 3)
+                if k.read_seconds > 0 else None,
                 "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status}
 
     @app.post("/v1/completions")

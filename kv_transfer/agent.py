@@ -18,7 +18,7 @@ import grpc
 
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.pdserve." + __name__)
 
 
 class AgentState:

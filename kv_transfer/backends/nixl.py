@@ -1,9 +1,10 @@
 """The UCX data plane through NIXL. The only module that imports nixl.
 
-No progress thread: NIXL's own one busy-polls a core (see docs/design.md). The
-producer makes progress from the engine's step loop (`progress()`, called from
-the connector's get_finished, which vLLM runs about every millisecond while blocks
-are held); the consumer's transfer thread drives its own transfers.
+UCX needs the target of a READ to make progress (measured here: a 24 MiB READ never
+completes while the target process is busy without progressing). The producer
+therefore runs NIXL's C++ progress thread, but with a sleep between polls
+(`progress_delay_us`): about 3% of a core when idle, where NIXL's Python wrapper
+default (no sleep) spins a whole core. The consumer drives its own READs.
 """
 
 from __future__ import annotations
@@ -13,15 +14,37 @@ import os
 import time
 from typing import Sequence
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.pdserve." + __name__)
 
 
 def _import_nixl():
     try:
-        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+        import nixl._api as api
     except ImportError:  # only the cu12 wheel installed
-        from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-    return nixl_agent, nixl_agent_config, nixl_thread_sync_t
+        import nixl_cu12._api as api
+    return api
+
+
+def _make_agent(api, name: str, progress_delay_us: int):
+    """nixl_agent with UCX progress thread that sleeps `progress_delay_us` between polls.
+
+    The Python wrapper hard-codes pthrDelay=0 (a thread spinning at 90-100% of a core);
+    the binding accepts a delay, so we set it on the config the wrapper builds.
+    """
+    cfg = api.nixl_agent_config(enable_prog_thread=progress_delay_us > 0, backends=["UCX"],
+                                sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+    bind = api.nixlBind
+    orig = bind.nixlAgent
+
+    def with_delay(agent_name, agent_config):
+        agent_config.pthrDelay = progress_delay_us
+        return orig(agent_name, agent_config)
+
+    bind.nixlAgent = with_delay
+    try:
+        return api.nixl_agent(name, cfg)
+    finally:
+        bind.nixlAgent = orig
 
 
 class NixlError(RuntimeError):
@@ -31,15 +54,12 @@ class NixlError(RuntimeError):
 class NixlBackend:
     MEM = "DRAM"
 
-    def __init__(self, name: str, mem_type: str = "DRAM") -> None:
+    def __init__(self, name: str, mem_type: str = "DRAM", progress_delay_us: int = 0) -> None:
         # UCX picks transports itself (shm/cma on one host, rc/dc over IB, cuda_ipc
-        # for NVLink); UCX_TLS and friends override. See docs/transport.md.
-        nixl_agent, nixl_agent_config, sync = _import_nixl()
-        cfg = nixl_agent_config(enable_prog_thread=False, backends=["UCX"],
-                                sync_mode=sync.NIXL_THREAD_SYNC_STRICT)
+        # for NVLink); UCX_TLS and friends override. See docs/design.md.
         self.name = name
         self.mem_type = mem_type
-        self.agent = nixl_agent(name, cfg)
+        self.agent = _make_agent(_import_nixl(), name, progress_delay_us)
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None

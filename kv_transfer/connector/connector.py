@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("kv_transfer.connector")
+# under vLLM's logger tree: the engine process formats these with the worker's role prefix
+log = logging.getLogger("vllm.pdserve.kv_transfer.connector")
 
 RPC_TIMEOUT_S = 5.0
 
@@ -104,8 +105,14 @@ class PDConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        # Runs before the step's forward pass; start_load_kv runs after it. A lease must
+        # exist before a fast consumer asks for it, so leases and loads start here.
+        super().bind_connector_metadata(connector_metadata)
+        self._worker.start_load_kv(connector_metadata)
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        self._worker.start_load_kv(self._get_connector_metadata())
+        return None  # started in bind_connector_metadata
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -294,6 +301,10 @@ class _WorkerHalf:
         self.lease_s = float(x.get("lease_s", 30.0))
         self.acquire_extend_s = float(x.get("acquire_extend_s", 30.0))
         self.transfer_timeout_s = float(x.get("transfer_timeout_s", 20.0))
+        # UCX needs the READ target to make progress (measured: without it a READ hangs).
+        # The producer runs NIXL's progress thread with a sleep between polls: ~3% of a
+        # core when idle, where the wrapper's default (no sleep) spins a whole core.
+        self.progress_delay_us = int(x.get("progress_delay_us", 1000 if self.is_producer else 0))
         self.compat_hash = config_compat_hash(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # Debug/test switch: zero the blocks just loaded, to prove the output depends on
@@ -340,7 +351,8 @@ class _WorkerHalf:
         device = (device[0] if isinstance(device, (list, tuple)) else device).device
         mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self.device_id = device.index or 0
-        self.backend = NixlBackend(f"{self.engine_id}-{self.agent_port}", mem_type)
+        self.backend = NixlBackend(f"{self.engine_id}-{self.agent_port}", mem_type,
+                                   progress_delay_us=self.progress_delay_us)
         self.backend.register(L.registration_spans(self.regions), self.device_id)
 
         r0 = self.regions[0]
@@ -404,8 +416,8 @@ class _WorkerHalf:
     def transfer_results(self) -> KVConnectorTransferResults:
         res = KVConnectorTransferResults()
         if self.is_producer:
-            if self.backend is not None and len(self.leases):
-                self.backend.progress()  # UCX wire-up on the passive side
+            if self.backend is not None and not self.progress_delay_us and len(self.leases):
+                self.backend.progress()  # no progress thread: progress from the step loop
             with self.lock:
                 released, expired = self.leases.take_finished(time.monotonic())
             for tid in expired:
@@ -429,8 +441,9 @@ class _WorkerHalf:
                 return
             t0 = time.perf_counter()
             nbytes = ndesc = 0
+            read_s = 0.0
             try:
-                nbytes, ndesc = self._load_one(load)
+                nbytes, ndesc, read_s = self._load_one(load)
                 load.to(TransferState.DONE)
             except Exception as e:  # noqa: BLE001 - every failure is reported, never raised
                 load.error = f"{type(e).__name__}: {e}"
@@ -439,7 +452,8 @@ class _WorkerHalf:
                           load.spec.transfer_id, load.spec.agent_address, load.error)
             dt = time.perf_counter() - t0
             ok = load.state == TransferState.DONE
-            rec = pd_pb2.KVTransferStats(bytes=nbytes, seconds=dt, descriptors=ndesc,
+            rec = pd_pb2.KVTransferStats(bytes=nbytes, seconds=dt, read_seconds=read_s,
+                                         descriptors=ndesc,
                                          tokens=load.spec.num_tokens,
                                          status="ok" if ok else "failed")
             with self.lock:
@@ -451,7 +465,7 @@ class _WorkerHalf:
                         self.records.popitem(last=False)
                 self._done.append((load.spec.req_id, ok))
 
-    def _load_one(self, load: _Load) -> tuple[int, int]:
+    def _load_one(self, load: _Load) -> tuple[int, int, float]:
         spec = load.spec
         load.to(TransferState.ACQUIRING)
         if spec.compat_hash and spec.compat_hash != self.compat_hash:
@@ -477,6 +491,7 @@ class _WorkerHalf:
         runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
         ldescs, rdescs = L.transfer_descriptors(self.regions, self.remote_regions[spec.engine_id],
                                                 runs, self.device_id, self.device_id)
+        t_read = time.perf_counter()
         try:
             self.backend.read(remote_agent, ldescs, rdescs, self.transfer_timeout_s)
         except Exception:
@@ -487,7 +502,7 @@ class _WorkerHalf:
         if self.debug_corrupt == "zero":
             for addr, length, _ in ldescs:
                 ctypes.memset(addr, 0, length)
-        return sum(d[1] for d in ldescs), len(ldescs)
+        return sum(d[1] for d in ldescs), len(ldescs), time.perf_counter() - t_read
 
     def shutdown(self) -> None:
         if self._thread is not None:

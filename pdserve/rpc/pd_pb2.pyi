@@ -283,18 +283,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
     tokens: int
     status: str
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+    read_seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens")
