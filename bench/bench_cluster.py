@@ -106,7 +106,18 @@ async def run(ns) -> dict:
                                      if k["read_seconds"] > 0], 50)},
         "kv_descriptors_per_req": statistics.mean(k["descriptors"] for k in kvs) if kvs else 0,
     }
+    if kvs:  # the memory ceiling on this machine, same bytes, measured in this run
+        nbytes = int(summary["kv_bytes_per_req"])
+        a, b = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+        best = min(_timed(np.copyto, b, a) for _ in range(7))
+        summary["memcpy_gbps"] = nbytes / best / 1e9
     return summary
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def show(s: dict) -> None:
@@ -125,6 +136,7 @@ def show(s: dict) -> None:
         ("  of which UCX READ p50 / p99 (ms)",
          f"{s['kv_read_ms']['p50']:.2f} / {s['kv_read_ms']['p99']:.2f}"),
         ("  UCX READ GB/s p50", f"{s['kv_read_gbps']['p50']:.2f}"),
+        ("in-process memcpy of same bytes GB/s", f"{s.get('memcpy_gbps', float('nan')):.2f}"),
         ("KV transfers ok / failed", f"{s['kv_transfers']} / {s['kv_failed']}"),
         ("KV descriptors per request", f"{s['kv_descriptors_per_req']:.0f}"),
     ]
@@ -147,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=40000, help="upper bound of random token ids")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the summary as JSON")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="with --start: extra `pdserve serve` argument (repeatable)")
     ns = ap.parse_args(argv)
     proc = None
     if ns.start:
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
 
         model = ns.model or str(ensure_bundled_model())
         c = start_cluster(model, Path("/tmp/pdserve-bench-cluster.log"),
-                          extra=["--kv-cache-gib", "1"])
+                          extra=["--kv-cache-gib", "1", *ns.serve_arg])
         ns.url, proc = c.url, c.proc
     try:
         s = asyncio.run(run(ns))

@@ -35,6 +35,8 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lease-s", type=float, default=30.0)
     ap.add_argument("--transfer-timeout-s", type=float, default=20.0)
     ap.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute")
+    ap.add_argument("--kv-progress-delay-us", type=int, default=1000,
+                    help="producer's UCX progress thread: sleep between polls (0: no thread)")
 
 
 def resolve_model(model: str | None) -> str:
@@ -55,7 +57,8 @@ def engine_config(ns, cores: str) -> EngineConfig:
 
 def kv_config(ns) -> KVTransferConfig:
     return KVTransferConfig(lease_s=ns.lease_s, transfer_timeout_s=ns.transfer_timeout_s,
-                            load_failure_policy=ns.load_failure_policy)
+                            load_failure_policy=ns.load_failure_policy,
+                            progress_delay_us=ns.kv_progress_delay_us)
 
 
 async def _until_signal(run) -> None:

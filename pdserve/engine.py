@@ -99,4 +99,5 @@ def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferCon
     return {"engine_id": engine_id, "agent_host": agent_host, "agent_port": agent_port,
             "lease_s": kv.lease_s, "acquire_extend_s": kv.acquire_extend_s,
             "transfer_timeout_s": kv.transfer_timeout_s,
-            "load_failure_policy": kv.load_failure_policy}
+            "load_failure_policy": kv.load_failure_policy,
+            "progress_delay_us": kv.progress_delay_us}

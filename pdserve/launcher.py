@@ -96,7 +96,8 @@ def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str
             "--max-num-seqs", str(ns.max_num_seqs),
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
             "--lease-s", str(ns.lease_s), "--transfer-timeout-s", str(ns.transfer_timeout_s),
-            "--load-failure-policy", ns.load_failure_policy]
+            "--load-failure-policy", ns.load_failure_policy,
+            "--kv-progress-delay-us", str(ns.kv_progress_delay_us)]
     if ns.served_model_name:
         argv += ["--served-model-name", ns.served_model_name]
     if ns.no_prefix_caching:
