@@ -47,6 +47,29 @@ def _make_agent(api, name: str, progress_delay_us: int):
         bind.nixlAgent = orig
 
 
+def lock_memory(spans: Sequence[tuple[int, int]]) -> bool:
+    """mlock registered memory: resident, never faulted or reclaimed during a transfer.
+
+    Measured with bench/bench_nixl_read.py (two sibling processes pinned to cores 0 and 1,
+    24 MiB READs from fresh offsets of a 1 GiB region): pageable 0.4-4.4 GB/s, varying run to
+    run; mlocked 8.4-12.5 GB/s. RDMA registration pins pages anyway; on CPU we must ask.
+    Needs RLIMIT_MEMLOCK (or CAP_IPC_LOCK); without it we warn and go on.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ok = True
+    for addr, length in spans:
+        if libc.mlock(addr, length) != 0:
+            err = ctypes.get_errno()
+            log.warning("mlock of %.0f MiB failed (%s); KV transfers may page-fault. Raise "
+                        "RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity)", length / 2**20,
+                        os.strerror(err))
+            ok = False
+    return ok
+
+
 class NixlError(RuntimeError):
     pass
 

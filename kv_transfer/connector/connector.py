@@ -331,7 +331,7 @@ class _WorkerHalf:
 
     # -- registration
     def register_kv_caches(self, kv_caches: dict) -> None:
-        from kv_transfer.backends.nixl import NixlBackend
+        from kv_transfer.backends.nixl import NixlBackend, lock_memory
 
         num_blocks = self.kv_cache_config.num_blocks
         seen: set[int] = set()
@@ -351,9 +351,12 @@ class _WorkerHalf:
         device = (device[0] if isinstance(device, (list, tuple)) else device).device
         mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self.device_id = device.index or 0
+        spans = L.registration_spans(self.regions)
+        if mem_type == "DRAM":
+            lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
         self.backend = NixlBackend(f"{self.engine_id}-{self.agent_port}", mem_type,
                                    progress_delay_us=self.progress_delay_us)
-        self.backend.register(L.registration_spans(self.regions), self.device_id)
+        self.backend.register(spans, self.device_id)
 
         r0 = self.regions[0]
         mc = self.vllm_config.model_config

@@ -1,0 +1,115 @@
+"""NIXL (UCX) READ between two processes on this host, against an in-process copy.
+
+    .venv/bin/python -m bench.bench_nixl_read                      # siblings, pinned 0/1
+    .venv/bin/python -m bench.bench_nixl_read --unpinned
+    .venv/bin/python -m bench.bench_nixl_read --progress-delay-us 0 # target never progresses
+
+Each READ moves --mib MiB in 30 descriptors (one per "layer") from fresh offsets of a
+--reg-mib MiB registered region, like KV blocks of successive requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _lock(buf, on: bool) -> None:
+    if on:
+        from kv_transfer.backends.nixl import lock_memory
+        lock_memory([(buf.ctypes.data, buf.nbytes)])
+
+
+def _target(q, done, core, reg, delay, mlock):
+    if core >= 0:
+        os.sched_setaffinity(0, {core})
+    from kv_transfer.backends.nixl import NixlBackend
+    buf = np.ones(reg, dtype=np.uint8)
+    _lock(buf, mlock)
+    b = NixlBackend("bench-target", progress_delay_us=delay)
+    b.register([(buf.ctypes.data, reg)])
+    q.put((b.metadata, buf.ctypes.data))
+    done.get()
+
+
+def _initiator(q, done, out, core, reg, n, reads, timeout, mlock):
+    if core >= 0:
+        os.sched_setaffinity(0, {core})
+    from kv_transfer.backends.nixl import NixlBackend, NixlError
+    md, raddr = q.get()
+    dst = np.zeros(reg, dtype=np.uint8)
+    _lock(dst, mlock)
+    b = NixlBackend("bench-initiator")
+    b.register([(dst.ctypes.data, reg)])
+    name = b.ensure_remote("bench-target", md)
+    chunk = n // 30
+    times = []
+    try:
+        for i in range(reads):
+            off = (i * 2 * n) % (reg - n)
+            t0 = time.perf_counter()
+            b.read(name, [(dst.ctypes.data + off + k * chunk, chunk, 0) for k in range(30)],
+                   [(raddr + off + k * chunk, chunk, 0) for k in range(30)], timeout)
+            times.append(time.perf_counter() - t0)
+        ok = bool(dst[off:off + 30 * chunk].min() == 1)
+        out.put(("ok", times, ok))
+    except NixlError as e:
+        out.put(("error", str(e), False))
+    done.put(1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=24)
+    ap.add_argument("--reg-mib", type=int, default=1024)
+    ap.add_argument("--reads", type=int, default=10)
+    ap.add_argument("--unpinned", action="store_true")
+    ap.add_argument("--progress-delay-us", type=int, default=1000)
+    ap.add_argument("--timeout-s", type=float, default=10.0)
+    ap.add_argument("--no-mlock", action="store_true",
+                    help="leave the registered memory pageable (as before the fix)")
+    ns = ap.parse_args(argv)
+    n, reg = ns.mib << 20, ns.reg_mib << 20
+    cores = (-1, -1) if ns.unpinned else (0, 1)
+    ctx = mp.get_context("spawn")
+    q, done, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    t = ctx.Process(target=_target, args=(q, done, cores[0], reg, ns.progress_delay_us,
+                                                  not ns.no_mlock))
+    i = ctx.Process(target=_initiator,
+                    args=(q, done, out, cores[1], reg, n, ns.reads, ns.timeout_s,
+                          not ns.no_mlock))
+    t.start()
+    i.start()
+    status, times, ok = out.get()
+    i.join()
+    t.join()
+    a, b = np.ones(n, np.uint8), np.zeros(n, np.uint8)
+    copies = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        copies.append(time.perf_counter() - t0)
+    memcpy = n / min(copies) / 1e9
+    label = (f"siblings {'unpinned' if ns.unpinned else 'pinned 0/1'}, "
+             f"{'pageable' if ns.no_mlock else 'mlocked'} {ns.reg_mib} MiB, "
+             f"progress delay {ns.progress_delay_us} us, {ns.mib} MiB/READ")
+    if status != "ok":
+        print(f"{label}: READ failed: {times}; in-process memcpy {memcpy:.1f} GB/s")
+        return 1
+    med = statistics.median(times[1:])  # the first READ includes connection wire-up
+    print(f"{label}: READ median {med * 1e3:.2f} ms = {n / med / 1e9:.2f} GB/s "
+          f"(first {times[0] * 1e3:.1f} ms); in-process memcpy {memcpy:.1f} GB/s; "
+          f"ratio {n / med / 1e9 / memcpy:.2f}; data ok={ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
