@@ -46,6 +46,19 @@ class WorkerRuntime:
         self._agent = pd_pb2_grpc.KVAgentStub(self._agent_channel)
         info = await self._agent.GetAgentInfo(pd_pb2.AgentInfoRequest(), timeout=30)
         self.layout = info.layout
+        await self._warmup()
+
+    async def _warmup(self) -> None:
+        """One small request before registering: vLLM's first logprobs request costs ~5 s
+        (measured), which the first client would otherwise pay."""
+        from vllm import SamplingParams
+
+        t0 = now()
+        sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=2)
+        async for _ in self.engine.generate({"prompt_token_ids": [10, 11, 12, 13]}, sp,
+                                            f"warmup-{self.cfg.worker_id}"):
+            pass
+        log.info("engine warm-up took %.2fs", now() - t0)
 
     async def start_server(self, add_servicer) -> int:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
