@@ -34,7 +34,8 @@ def regions_from_strides(data_ptr: int, shape: Sequence[int], strides: Sequence[
     try:
         d = list(shape).index(num_blocks)
     except ValueError:
-        raise ValueError(f"no dimension of length num_blocks={num_blocks} in shape {shape}")
+        raise ValueError(
+            f"no dimension of length num_blocks={num_blocks} in shape {shape}") from None
     inner_shape = shape[d + 1:]
     inner_strides = strides[d + 1:]
     # the dims after the block dim must be row-major dense

@@ -132,6 +132,18 @@ class WorkerRuntime:
                 raise
             await asyncio.sleep(interval)
 
+    async def run(self, add_servicer, ready: asyncio.Event | None = None,
+                  stop: asyncio.Event | None = None) -> None:
+        """Engine, then gRPC server and registration; serve until `stop` is set."""
+        await self.start_engine()
+        await self.start_server(add_servicer)
+        if ready:
+            ready.set()
+        try:
+            await (stop.wait() if stop else asyncio.Event().wait())
+        finally:
+            await self.stop()
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._hb_task:
             self._hb_task.cancel()

@@ -95,12 +95,5 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
 async def serve(cfg: WorkerConfig, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     rt = WorkerRuntime(cfg)
-    await rt.start_engine()
-    await rt.start_server(
-        lambda s: pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), s))
-    if ready:
-        ready.set()
-    try:
-        await (stop.wait() if stop else asyncio.Event().wait())
-    finally:
-        await rt.stop()
+    await rt.run(lambda s: pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), s),
+                 ready, stop)

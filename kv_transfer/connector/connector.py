@@ -335,7 +335,7 @@ class _WorkerHalf:
 
         num_blocks = self.kv_cache_config.num_blocks
         seen: set[int] = set()
-        for name, t in kv_caches.items():
+        for t in kv_caches.values():
             tensors = t if isinstance(t, (list, tuple)) else [t]
             for tt in tensors:
                 key = (tt.data_ptr(), tuple(tt.shape))

@@ -47,4 +47,4 @@ def test_stop_list():
     assert CompletionRequest(model="m", prompt="x", stop="a").stop_list == ["a"]
     assert CompletionRequest(model="m", prompt="x", stop=["a", "b"]).stop_list == ["a", "b"]
     with pytest.raises(InvalidRequest):
-        CompletionRequest(model="m", prompt="x", stop=[""]).stop_list
+        _ = CompletionRequest(model="m", prompt="x", stop=[""]).stop_list
