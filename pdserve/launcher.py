@@ -9,6 +9,7 @@ scheduler; whatever is left after the grace period is killed by process group.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -73,16 +74,20 @@ def _cores(spec: str) -> list[str]:
     return [str(c) for c in sorted(os.sched_getaffinity(0))]
 
 
-def _wait_http(url: str, timeout: float, children: list[Child]) -> bool:
+def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: int,
+                  n_decode: int) -> bool:
+    """Until /health reports every configured worker registered (not just one of each)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(not c.alive() for c in children):
             return False
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
+                body = json.loads(r.read() or b"{}")
+                if (r.status == 200 and body.get("prefill_workers", 0) >= n_prefill
+                        and body.get("decode_workers", 0) >= n_decode):
                     return True
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.5)
     return False
@@ -143,7 +148,7 @@ def run_cluster(ns) -> int:
         ok = False
         deadline = time.monotonic() + 600
         while not stopping["flag"] and time.monotonic() < deadline:
-            ok = _wait_http(f"{url}/health", 2, children)
+            ok = _wait_healthy(f"{url}/health", 2, children, n_p, n_d)
             if ok or any(not c.alive() for c in children):
                 break
         if ok:

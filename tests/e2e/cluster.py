@@ -87,7 +87,9 @@ def start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None = N
             raise RuntimeError(f"cluster exited early; see {log_path}:\n"
                                + log_path.read_text()[-4000:])
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            # the launcher logs "ready:" once every configured worker has registered
+            if "pdserve.launcher: ready:" in log_path.read_text() and \
+                    httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 name = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
                 return Cluster(proc, url, f"127.0.0.1:{sport}", model_dir, name, log_path)
         except httpx.HTTPError:
