@@ -75,7 +75,8 @@ def cmd_worker(ns) -> int:
     cfg = WorkerConfig(
         role=ns.role, worker_id=ns.worker_id or f"{ns.role}-{ns.port}",
         engine=engine_config(ns, ns.cores), host=ns.host, port=ns.port,
-        metrics_port=ns.metrics_port, scheduler_address=ns.scheduler, kv=kv_config(ns))
+        metrics_port=ns.metrics_port, scheduler_address=ns.scheduler,
+        kv_agent_port=ns.kv_agent_port, kv=kv_config(ns))
     if ns.role == "prefill":
         from prefill_worker.server import serve
     else:
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--host", default="127.0.0.1")
         w.add_argument("--port", type=int, default=0)
         w.add_argument("--metrics-port", type=int, default=0)
+        w.add_argument("--kv-agent-port", type=int, default=0,
+                       help="KV agent (handshake + leases) port; 0 picks a free one")
         w.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for this engine")
         w.add_argument("--scheduler", default="127.0.0.1:50051")
         w.set_defaults(func=cmd_worker, role=role)

@@ -55,6 +55,7 @@ class WorkerConfig:
     port: int = 0
     metrics_port: int = 0
     scheduler_address: str = "127.0.0.1:50051"
+    kv_agent_port: int = 0            # 0: the engine's KV agent binds a free port
     kv: KVTransferConfig = field(default_factory=KVTransferConfig)
     heartbeat_s: float = 1.0
 

@@ -95,8 +95,11 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
     return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
 
 
-def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferConfig) -> dict:
+def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferConfig,
+             agent_address_file: str = "") -> dict:
+    """agent_port 0: the connector binds a free port and publishes it in agent_address_file."""
     return {"engine_id": engine_id, "agent_host": agent_host, "agent_port": agent_port,
+            "agent_address_file": agent_address_file,
             "lease_s": kv.lease_s, "acquire_extend_s": kv.acquire_extend_s,
             "transfer_timeout_s": kv.transfer_timeout_s,
             "load_failure_policy": kv.load_failure_policy,

@@ -61,8 +61,5 @@ WORKERS_EXPIRED = Counter("pdserve_scheduler_workers_expired",
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """Expose the default registry on host:port (0 picks a port). Returns the port."""
-    if port == 0:
-        from pdserve.engine import free_port
-        port = free_port(host)
-    start_http_server(port, addr=host)
-    return port
+    server, _thread = start_http_server(port, addr=host)  # port 0: the OS picks, no race
+    return server.server_port

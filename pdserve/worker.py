@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 
 import grpc
 
 from pdserve import metrics as M
 from pdserve.config import WorkerConfig
-from pdserve.engine import LoadSnapshot, build_engine, free_port, kv_extra
+from kv_transfer.connector.connector import read_agent_address
+from pdserve.engine import LoadSnapshot, build_engine, kv_extra
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,11 +40,14 @@ class WorkerRuntime:
         self.leases_held = 0
 
     async def start_engine(self) -> None:
-        agent_port = free_port(self.cfg.host)
-        self.agent_address = f"{self.cfg.host}:{agent_port}"
+        self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-agent-")
+        addr_file = os.path.join(self._tmp.name, "agent_address")
         self.engine = build_engine(
             self.cfg.engine, KV_ROLE[self.role],
-            kv_extra(self.cfg.worker_id, self.cfg.host, agent_port, self.cfg.kv), self.snapshot)
+            kv_extra(self.cfg.worker_id, self.cfg.host, self.cfg.kv_agent_port, self.cfg.kv,
+                     addr_file), self.snapshot)
+        # the engine is initialised, so its connector has bound and published the address
+        self.agent_address = read_agent_address(addr_file, timeout_s=30)
         self._agent_channel = grpc.aio.insecure_channel(self.agent_address)
         self._agent = pd_pb2_grpc.KVAgentStub(self._agent_channel)
         info = await self._agent.GetAgentInfo(pd_pb2.AgentInfoRequest(), timeout=30)
@@ -160,6 +166,8 @@ class WorkerRuntime:
             await self._agent_channel.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -62,6 +62,27 @@ def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
     return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
 
 
+def write_agent_address(path: str, address: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.replace(tmp, path)
+
+
+def read_agent_address(path: str | None, timeout_s: float = 60.0) -> str:
+    if not path:
+        raise RuntimeError("KV connector: neither agent_port nor agent_address_file is set")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"KV agent address not published in {path}") from None
+            time.sleep(0.05)
+
+
 def config_compat_hash(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> str:
     """Compatibility hash both halves can compute from the engine config alone."""
     mc = vllm_config.model_config
@@ -186,7 +207,10 @@ class _SchedulerHalf:
         self.is_producer = vllm_config.kv_transfer_config.is_kv_producer
         self.block_size = vllm_config.cache_config.block_size
         self.engine_id = str(x.get("engine_id") or vllm_config.kv_transfer_config.engine_id)
-        self.agent_address = f"{x.get('agent_host', '127.0.0.1')}:{int(x['agent_port'])}"
+        self._agent_host = str(x.get("agent_host", "127.0.0.1"))
+        self._agent_port = int(x.get("agent_port", 0))
+        self._agent_file = x.get("agent_address_file")
+        self._agent_address = ""
         self.lease_s = float(x.get("lease_s", 30.0))
         self.compat_hash = config_compat_hash(vllm_config, kv_cache_config)
         self._local_hit: dict[str, int] = {}
@@ -194,6 +218,17 @@ class _SchedulerHalf:
         self._loading: dict[str, tuple[str, str]] = {}  # req id -> (agent address, transfer id)
         self._new_leases: dict[str, int] = {}
         self._releaser = _Releaser(AgentClients())
+
+    @property
+    def agent_address(self) -> str:
+        """The KV agent's address: configured, or published by the worker half (it binds
+        port 0, so no other process can take the port between choosing and binding)."""
+        if not self._agent_address:
+            if self._agent_port:
+                self._agent_address = f"{self._agent_host}:{self._agent_port}"
+            else:
+                self._agent_address = read_agent_address(self._agent_file)
+        return self._agent_address
 
     # -- consumer
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
@@ -297,14 +332,17 @@ class _WorkerHalf:
         self.is_producer = vllm_config.kv_transfer_config.is_kv_producer
         self.engine_id = str(x.get("engine_id") or vllm_config.kv_transfer_config.engine_id)
         self.agent_host = str(x.get("agent_host", "127.0.0.1"))
-        self.agent_port = int(x["agent_port"])
+        self.agent_port = int(x.get("agent_port", 0))
+        self.agent_file = x.get("agent_address_file")
         self.lease_s = float(x.get("lease_s", 30.0))
         self.acquire_extend_s = float(x.get("acquire_extend_s", 30.0))
         self.transfer_timeout_s = float(x.get("transfer_timeout_s", 20.0))
         # UCX needs the READ target to make progress (measured: without it a READ hangs).
         # The producer runs NIXL's progress thread with a sleep between polls: ~3% of a
         # core when idle, where the wrapper's default (no sleep) spins a whole core.
-        self.progress_delay_us = int(x.get("progress_delay_us", 1000 if self.is_producer else 0))
+        # The consumer initiates its READs and drives their progress itself.
+        self.progress_delay_us = (int(x.get("progress_delay_us", 1000)) if self.is_producer
+                                  else 0)
         self.compat_hash = config_compat_hash(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # Debug/test switch: zero the blocks just loaded, to prove the output depends on
@@ -354,7 +392,7 @@ class _WorkerHalf:
         spans = L.registration_spans(self.regions)
         if mem_type == "DRAM":
             lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
-        self.backend = NixlBackend(f"{self.engine_id}-{self.agent_port}", mem_type,
+        self.backend = NixlBackend(f"{self.engine_id}-{os.getpid()}", mem_type,
                                    progress_delay_us=self.progress_delay_us)
         self.backend.register(spans, self.device_id)
 
@@ -375,7 +413,9 @@ class _WorkerHalf:
         if self.is_producer:
             st.acquire = self._acquire
             st.release = self._release
-        self.server, _ = start_agent_server(st, self.agent_host, self.agent_port)
+        self.server, port = start_agent_server(st, self.agent_host, self.agent_port)
+        if self.agent_file:
+            write_agent_address(self.agent_file, f"{self.agent_host}:{port}")
         log.info("KV connector (%s) engine=%s: %d layers, %d regions, block %d bytes, "
                  "layout %s, compat %s", "producer" if self.is_producer else "consumer",
                  self.engine_id, len(kv_caches), len(self.regions), r0.block_bytes,

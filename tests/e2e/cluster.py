@@ -71,8 +71,24 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 def start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None = None,
                   extra: list[str] | None = None, timeout: float = 400) -> Cluster:
+    """The launcher needs fixed frontend/scheduler ports; retry if one was taken meanwhile."""
+    for attempt in range(3):
+        try:
+            return _start_cluster(model_dir, log_path, env, extra, timeout)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
+                   extra: list[str] | None, timeout: float) -> Cluster:
     port, sport = free_port(), free_port()
     argv = [sys.executable, "-m", "pdserve.cli", "serve", "--model", model_dir,
             "--port", str(port), "--scheduler-port", str(sport), "--kv-cache-gib", "0.25",
@@ -84,8 +100,10 @@ def start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None = N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"cluster exited early; see {log_path}:\n"
-                               + log_path.read_text()[-4000:])
+            text = log_path.read_text()
+            if "address already in use" in text.lower():
+                raise PortTaken(f"a port was taken before the cluster bound it ({log_path})")
+            raise RuntimeError(f"cluster exited early; see {log_path}:\n" + text[-4000:])
         try:
             # the launcher logs "ready:" once every configured worker has registered
             if "pdserve.launcher: ready:" in log_path.read_text() and \
