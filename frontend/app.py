@@ -35,7 +35,6 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.eos_token_id = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:

@@ -107,14 +107,6 @@ class NoWorkers(PDError):
     kind = ErrorKind.NO_WORKERS
 
 
-class IncompatibleKV(PDError):
-    kind = ErrorKind.INCOMPATIBLE_KV
-
-
-class KVTransferFailed(PDError):
-    kind = ErrorKind.KV_TRANSFER_FAILED
-
-
 def from_grpc_error(err: grpc.RpcError, what: str) -> PDError:
     """Translate a gRPC error from one of our peers into our hierarchy."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
@@ -123,8 +115,3 @@ def from_grpc_error(err: grpc.RpcError, what: str) -> PDError:
         return PDError(f"{what}: peer unavailable ({details})", kind=ErrorKind.WORKER_UNAVAILABLE)
     kind = _BY_GRPC.get(code, ErrorKind.INTERNAL)
     return PDError(f"{what}: {details}", kind=kind)
-
-
-async def abort_grpc(context, err: PDError) -> None:
-    """Fail a grpc.aio call with the mapped status (never returns)."""
-    await context.abort(err.mapping.grpc_code, err.message)

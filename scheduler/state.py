@@ -63,9 +63,6 @@ class Registry:
         return [w for w in self.workers.values()
                 if w.role == role and (not model or w.model == model)]
 
-    def models(self) -> set[str]:
-        return {w.model for w in self.workers.values()}
-
 
 class NoPlacement(Exception):
     pass

@@ -146,9 +146,6 @@ class NixlBackend:
             except Exception as e:  # noqa: BLE001
                 log.warning("NIXL: release_xfer_handle failed: %s", e)
 
-    def backend_of(self) -> str:
-        return "UCX"
-
     def progress(self) -> None:
         """Drive UCX progress on the passive side (wire-up of new peers)."""
         self.agent.get_new_notifs()
