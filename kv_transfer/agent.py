@@ -9,6 +9,7 @@ the engine process has no asyncio loop of ours.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent import futures
@@ -83,6 +84,28 @@ def start_agent_server(state: AgentState, host: str, port: int) -> tuple[grpc.Se
     server.start()
     log.info("KV agent listening on %s:%d", host, bound)
     return server, bound
+
+
+def write_agent_address(path: str, address: str) -> None:
+    """Publish the address the agent bound (port 0: no race between choosing and binding)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.replace(tmp, path)
+
+
+def read_agent_address(path: str | None, timeout_s: float = 60.0) -> str:
+    if not path:
+        raise RuntimeError("KV connector: neither agent_port nor agent_address_file is set")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"KV agent address not published in {path}") from None
+            time.sleep(0.05)
 
 
 class AgentClients:

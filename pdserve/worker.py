@@ -12,7 +12,7 @@ import grpc
 
 from pdserve import metrics as M
 from pdserve.config import WorkerConfig
-from kv_transfer.connector.connector import read_agent_address
+from kv_transfer.agent import read_agent_address
 from pdserve.engine import LoadSnapshot, build_engine, kv_extra
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
@@ -38,6 +38,7 @@ class WorkerRuntime:
         self._sched_channel: grpc.aio.Channel | None = None
         self.metrics_port = 0
         self.leases_held = 0
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
     async def start_engine(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-agent-")
@@ -65,6 +66,10 @@ class WorkerRuntime:
                                             f"warmup-{self.cfg.worker_id}"):
             pass
         log.info("engine warm-up took %.2fs", now() - t0)
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.cfg.host}:{self.metrics_port}"
 
     async def start_server(self, add_servicer) -> int:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -104,7 +109,7 @@ class WorkerRuntime:
         return pd_pb2.WorkerStatusResponse(
             worker_id=self.cfg.worker_id, role=ROLE_PB[self.role], load=await self.load(),
             agent_address=self.agent_address, layout=self.layout,
-            metrics_address=f"{self.cfg.host}:{self.metrics_port}")
+            metrics_address=self.metrics_address)
 
     async def _heartbeat_loop(self) -> None:
         self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
@@ -119,7 +124,7 @@ class WorkerRuntime:
                         worker_id=self.cfg.worker_id, role=ROLE_PB[self.role],
                         address=self.address, agent_address=self.agent_address,
                         layout=self.layout, load=load,
-                        metrics_address=f"{self.cfg.host}:{self.metrics_port}"), timeout=5)
+                        metrics_address=self.metrics_address), timeout=5)
                     interval = resp.heartbeat_interval_s or interval
                     registered = True
                     log.info("registered with scheduler %s", self.cfg.scheduler_address)
@@ -166,7 +171,7 @@ class WorkerRuntime:
             await self._agent_channel.close()
         if self.engine is not None:
             self.engine.shutdown()
-        if getattr(self, "_tmp", None) is not None:
+        if self._tmp is not None:
             self._tmp.cleanup()
 
 

@@ -75,8 +75,6 @@ class NixlError(RuntimeError):
 
 
 class NixlBackend:
-    MEM = "DRAM"
-
     def __init__(self, name: str, mem_type: str = "DRAM", progress_delay_us: int = 0) -> None:
         # UCX picks transports itself (shm/cma on one host, rc/dc over IB, cuda_ipc
         # for NVLink); UCX_TLS and friends override. See docs/design.md.

@@ -34,7 +34,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kv_transfer import layout as L
-from kv_transfer.agent import AgentClients, AgentState, start_agent_server
+from kv_transfer.agent import (
+    AgentClients,
+    AgentState,
+    read_agent_address,
+    start_agent_server,
+    write_agent_address,
+)
 from kv_transfer.connector.metadata import (
     P_DONE,
     P_REMOTE_DECODE,
@@ -60,27 +66,6 @@ RPC_TIMEOUT_S = 5.0
 
 def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
     return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-
-
-def write_agent_address(path: str, address: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(address)
-    os.replace(tmp, path)
-
-
-def read_agent_address(path: str | None, timeout_s: float = 60.0) -> str:
-    if not path:
-        raise RuntimeError("KV connector: neither agent_port nor agent_address_file is set")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with open(path) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"KV agent address not published in {path}") from None
-            time.sleep(0.05)
 
 
 def config_compat_hash(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> str:
