@@ -31,23 +31,33 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         sp = request.sampling
         err = validate_prompt(request.prompt_token_ids, self.rt.cfg.engine.max_model_len,
                               sp.max_tokens)
-        if err is None and sp.max_tokens < 2:
+        local = request.local_prefill
+        if err is None and not local and sp.max_tokens < 2:
             err = "decode needs max_tokens >= 2 (the prefill worker produced the first token)"
-        if err is None and not request.kv.transfer_id:
+        if err is None and not local and not request.kv.transfer_id:
             err = "missing KV handle"
         if err:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
         rid = request.request_id
-        ids = list(request.prompt_token_ids) + [request.first_token_id]
-        params = to_vllm(sp, max_tokens=sp.max_tokens - 1,
-                         kv_transfer_params=handle_to_params(request.kv, rid))
+        if local:   # conditional disaggregation: the whole request runs here
+            ids = list(request.prompt_token_ids)
+            params = to_vllm(sp, max_tokens=sp.max_tokens)
+            M.LOCAL_PREFILLS.inc()
+        else:
+            ids = list(request.prompt_token_ids) + [request.first_token_id]
+            params = to_vllm(sp, max_tokens=sp.max_tokens - 1,
+                             kv_transfer_params=handle_to_params(request.kv, rid))
         self.active[rid] = asyncio.current_task()
         finished = False
+        first = True
         try:
             async for out in self.rt.engine.generate({"prompt_token_ids": ids}, params, rid):
                 c = out.outputs[0]
                 msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
+                if first and local:
+                    msg.num_cached_tokens = out.num_cached_tokens or 0
+                first = False
                 if sp.logprobs >= 0 and c.logprobs:
                     msg.logprobs.extend(logprobs_to_wire(c.token_ids, c.logprobs, sp.logprobs))
                 if out.finished:

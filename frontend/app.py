@@ -286,9 +286,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                       "bytes": tok.token_bytes(t.token)} for t in lp.top]})
         return {"content": content}
 
-    def _usage(n_prompt: int, n_gen: int) -> dict:
+    def _usage(n_prompt: int, n_gen: int, cached: int = 0) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                "total_tokens": n_prompt + n_gen}
+                "total_tokens": n_prompt + n_gen,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
         timing = _Timing()
@@ -318,11 +319,15 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             obj = "text_completion"
         M.REQUESTS.labels(endpoint, "200").inc()
         resp = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
-                "choices": [choice], "usage": _usage(len(ids), n_gen)}
+                "choices": [choice],
+                "usage": _usage(len(ids), n_gen, sum(c.cached_tokens for c in chunks))}
         kv = _kv_info(last)
         if kv:
             resp["kv_transfer"] = kv
         headers = {"x-request-id": request.state.rid}
+        route = next((c.route for c in chunks if c.route), "")
+        if route:
+            headers["x-pdserve-route"] = route
         if kv:
             headers["x-kv-transfer-seconds"] = str(kv["seconds"])
             headers["x-kv-transfer-bytes"] = str(kv["bytes"])
@@ -345,6 +350,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         async def gen():
             timing = _Timing()
             n_gen = 0
+            cached = 0
             offset = 0
             M.INFLIGHT.inc()
             status = "200"
@@ -355,6 +361,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 async for ch in _run(rid, ids, sp):
                     timing.tokens(len(ch.token_ids))
                     n_gen += len(ch.token_ids)
+                    cached += ch.cached_tokens
                     finish = ch.finish_reason or None
                     extra = {"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None else None
                     if chat:
@@ -370,7 +377,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     if ch.text or finish or ch.logprobs:
                         yield chunk(c, extra=extra)
                 if include_usage:
-                    yield chunk(None, usage=_usage(len(ids), n_gen))
+                    yield chunk(None, usage=_usage(len(ids), n_gen, cached))
                 yield "data: [DONE]\n\n"
                 timing.done()
             except asyncio.CancelledError:

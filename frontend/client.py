@@ -9,6 +9,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, PDError, from_grpc_error
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
@@ -23,6 +24,8 @@ class Chunk:
     finish_reason: str = ""
     kv_transfer: pd_pb2.KVTransferStats | None = None
     num_external_tokens: int = 0
+    cached_tokens: int = 0       # prompt tokens the prefilling engine found in its cache
+    route: str = ""              # on the first chunk: "<mode>:<reason> prefill=.. decode=.."
 
 
 class Channels:
@@ -41,18 +44,52 @@ class Channels:
         self._ch.clear()
 
 
+class WorkerFailed(Exception):
+    """A worker became unreachable before it produced anything for this request."""
+
+    def __init__(self, worker_id: str, role: str, err: grpc.RpcError) -> None:
+        super().__init__(f"{role} worker {worker_id}: {err.code().name} {err.details()}")
+        self.worker_id, self.role, self.err = worker_id, role, err
+
+
+def _route_str(r: pd_pb2.RouteResponse) -> str:
+    mode = "local" if r.mode == pd_pb2.ROUTE_MODE_LOCAL else "disagg"
+    p = f" prefill={r.prefill.worker_id}" if r.HasField("prefill") else ""
+    return (f"{mode}:{r.reason}{p} decode={r.decode.worker_id} "
+            f"predicted_cached={r.cached_tokens}")
+
+
+def _worker_down(e: grpc.RpcError) -> bool:
+    # a killed or vanished worker: the connection is refused or reset
+    return e.code() == grpc.StatusCode.UNAVAILABLE
+
+
 class ClusterClient:
-    def __init__(self, scheduler_address: str, route_retries: int = 5) -> None:
+    """Route -> prefill -> decode, with the booking reported back to the scheduler.
+
+    Failures: a worker that is down before it produced anything for the request is
+    excluded and the request is placed again (at most `max_attempts` placements). A
+    decode worker that fails before its first message is replaced too: the prompt is
+    prefilled again (a prefix-cache hit on the prefill worker) and the new decode
+    worker continues from the first token the client already has. A decode worker that
+    dies mid-stream ends the request with an error (no silent duplicate tokens)."""
+
+    def __init__(self, scheduler_address: str, route_retries: int = 5,
+                 max_attempts: int = 3) -> None:
         self.channels = Channels()
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
         self.route_retries = route_retries
+        self.max_attempts = max_attempts
+        self._bg: set[asyncio.Task] = set()
 
-    async def route(self, request_id: str, model: str, token_ids: list[int]):
+    async def route(self, request_id: str, model: str, token_ids: list[int],
+                    exclude: list[str] | None = None):
         delay = 0.1
         for attempt in range(self.route_retries + 1):
             try:
                 return await self.scheduler.Route(pd_pb2.RouteRequest(
-                    request_id=request_id, model=model, token_ids=token_ids), timeout=5)
+                    request_id=request_id, model=model, token_ids=token_ids,
+                    exclude_workers=exclude or []), timeout=5)
             except grpc.RpcError as e:
                 # the scheduler restarting, or workers re-registering: retry briefly
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.route_retries:
@@ -61,6 +98,18 @@ class ClusterClient:
                     raise from_grpc_error(e, "route") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def report(self, booking_id: str, phase: int) -> None:
+        """Tell the scheduler (in the background; a lost report expires on its own)."""
+        async def send():
+            try:
+                await self.scheduler.Report(pd_pb2.ReportRequest(booking_id=booking_id,
+                                                                 phase=phase), timeout=5)
+            except grpc.RpcError as e:
+                log.debug("report %s failed: %s", booking_id, e.code())
+        t = asyncio.get_running_loop().create_task(send())
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
     async def list_workers(self) -> pd_pb2.ListWorkersResponse:
         return await self.scheduler.ListWorkers(pd_pb2.ListWorkersRequest(), timeout=2)
@@ -76,28 +125,98 @@ class ClusterClient:
     async def generate(self, request_id: str, model: str, token_ids: list[int],
                        sampling: pd_pb2.SamplingParams,
                        timeout_s: float) -> AsyncIterator[Chunk]:
-        route = await self.route(request_id, model, token_ids)
+        exclude: list[str] = []
+        first: Chunk | None = None      # the first token, once the client has it
+        for attempt in range(self.max_attempts):
+            route = await self.route(request_id, model, token_ids, exclude)
+            phase = pd_pb2.PHASE_FAILED
+            try:
+                if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
+                    async for c in self._local(route, request_id, token_ids, sampling,
+                                               timeout_s, first):
+                        yield c
+                else:
+                    async for c in self._disagg(route, request_id, token_ids, sampling,
+                                                timeout_s, first):
+                        if first is None:
+                            first = c
+                        yield c
+                phase = pd_pb2.PHASE_DONE
+                return
+            except WorkerFailed as e:
+                if attempt + 1 == self.max_attempts:
+                    raise PDError(f"request failed after {attempt + 1} placements: {e}",
+                                  kind=ErrorKind.WORKER_UNAVAILABLE) from None
+                log.warning("%s; placing request %s again", e, request_id)
+                M.ROUTE_RETRIES.labels(e.role).inc()
+                exclude.append(e.worker_id)
+            finally:
+                self.report(route.booking_id, phase)
+
+    async def _local(self, route, request_id, token_ids, sampling, timeout_s,
+                     first: Chunk | None):
+        """The decode worker prefills itself; after a failed decode worker, from the prompt
+        and the first token the client already has."""
+        if first is not None:
+            token_ids = list(token_ids) + first.token_ids
+            rest = pd_pb2.SamplingParams()
+            rest.CopyFrom(sampling)
+            rest.max_tokens -= 1
+            sampling = rest
+        decode = pd_pb2_grpc.DecodeWorkerStub(self.channels.get(route.decode.address))
+        stream = decode.Generate(pd_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
+            local_prefill=True), timeout=timeout_s)
+        started = False
+        try:
+            async for msg in stream:
+                c = Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
+                          cached_tokens=msg.num_cached_tokens)
+                if not started:
+                    c.route = _route_str(route)
+                started = True
+                yield c
+        except grpc.RpcError as e:
+            if not started and _worker_down(e):
+                raise WorkerFailed(route.decode.worker_id, "decode", e) from None
+            raise from_grpc_error(e, f"decode on {route.decode.worker_id}") from None
+        except BaseException:
+            stream.cancel()
+            raise
+
+    async def _disagg(self, route, request_id, token_ids, sampling, timeout_s,
+                      first: Chunk | None):
+        """`first` set: the client already has the first token (a retry); continue from it."""
         prefill = pd_pb2_grpc.PrefillWorkerStub(self.channels.get(route.prefill.address))
         try:
             pf = await prefill.Prefill(pd_pb2.PrefillRequest(
-                request_id=request_id, token_ids=token_ids, sampling=sampling), timeout=timeout_s)
+                request_id=request_id, token_ids=token_ids, sampling=sampling),
+                timeout=timeout_s)
         except grpc.RpcError as e:
+            if _worker_down(e):
+                raise WorkerFailed(route.prefill.worker_id, "prefill", e) from None
             raise from_grpc_error(e, f"prefill on {route.prefill.worker_id}") from None
-        first = Chunk([pf.first_token_id], pf.first_token_text,
-                      [pf.first_logprob] if pf.HasField("first_logprob") else [],
-                      finish_reason=pf.finish_reason)
-        if pf.finish_reason:
+        self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE)
+        if first is None:
+            first = Chunk([pf.first_token_id], pf.first_token_text,
+                          [pf.first_logprob] if pf.HasField("first_logprob") else [],
+                          finish_reason=pf.finish_reason, cached_tokens=pf.num_cached_tokens,
+                          route=_route_str(route))
+            if pf.finish_reason:
+                yield first
+                return
             yield first
-            return
+        elif not pf.HasField("kv"):   # cannot happen: it finished the first time
+            raise PDError("retry found the request already finished", kind=ErrorKind.INTERNAL)
         kv = pf.kv
         decode = pd_pb2_grpc.DecodeWorkerStub(self.channels.get(route.decode.address))
         stream = None
         started = False
         try:
-            yield first
             stream = decode.Generate(pd_pb2.GenerateRequest(
                 request_id=request_id, prompt_token_ids=token_ids,
-                first_token_id=pf.first_token_id, kv=kv, sampling=sampling), timeout=timeout_s)
+                first_token_id=first.token_ids[0], kv=kv, sampling=sampling),
+                timeout=timeout_s)
             async for msg in stream:
                 started = True
                 yield Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
@@ -106,6 +225,8 @@ class ClusterClient:
         except grpc.RpcError as e:
             if not started:
                 await self.release(kv)
+                if _worker_down(e):
+                    raise WorkerFailed(route.decode.worker_id, "decode", e) from None
             raise from_grpc_error(e, f"decode on {route.decode.worker_id}") from None
         except BaseException:  # client went away (cancel) or a bug: free both sides
             if stream is not None:
@@ -115,6 +236,11 @@ class ClusterClient:
             raise
 
     async def close(self) -> None:
+        for t in list(self._bg):
+            try:
+                await asyncio.wait_for(t, 2)
+            except (asyncio.TimeoutError, Exception):
+                pass
         await self.channels.close()
 
 

@@ -16,6 +16,7 @@ from pdserve.config import (
     WorkerConfig,
 )
 from pdserve.logs import setup_logging
+from scheduler.policy import PlacementConfig
 
 log = logging.getLogger("pdserve")
 
@@ -85,13 +86,45 @@ def cmd_worker(ns) -> int:
     return 0
 
 
+PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
+    "--policy": ("policy", str, "prefill placement: kv (prefix-cache aware), least_loaded, "
+                 "round_robin"),
+    "--overlap-weight": ("overlap_weight", float, "weight of uncached prompt tokens in the "
+                         "prefill cost (>1 favours cache hits over balance)"),
+    "--running-weight": ("running_weight", float, "prefill cost of a running request, in "
+                         "tokens"),
+    "--temperature": ("temperature", float, "0: cheapest worker; >0: sample by cost"),
+    "--local-prefill-max-tokens": ("local_prefill_max_tokens", int, "conditional "
+                                   "disaggregation: prefill on the decode worker when at most "
+                                   "this many prompt tokens are uncached there (0: never)"),
+    "--prefill-saturation-tokens": ("prefill_saturation_tokens", int, "prefill locally when "
+                                    "every prefill worker has this many tokens queued and the "
+                                    "decode worker has room (0: never)"),
+}
+
+
+def placement_args(p: argparse.ArgumentParser) -> None:
+    d = PlacementConfig()
+    for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
+        p.add_argument(flag, type=typ, default=getattr(d, name), help=hlp)
+
+
+def placement_argv(ns) -> list[str]:
+    out = []
+    for flag, (name, _t, _h) in PLACEMENT_FLAGS.items():
+        out += [flag, str(getattr(ns, name))]
+    return out
+
+
 def cmd_scheduler(ns) -> int:
     setup_logging("scheduler")
     from scheduler.service import serve
 
+    placement = PlacementConfig(**{name: getattr(ns, name)
+                                   for name, _t, _h in PLACEMENT_FLAGS.values()})
     cfg = SchedulerConfig(host=ns.host, port=ns.port, metrics_port=ns.metrics_port,
                           heartbeat_interval_s=ns.heartbeat_s,
-                          heartbeat_timeout_s=ns.heartbeat_timeout_s)
+                          heartbeat_timeout_s=ns.heartbeat_timeout_s, placement=placement)
     asyncio.run(_until_signal(lambda stop: serve(cfg, stop=stop)))
     return 0
 
@@ -142,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-workers", type=int, default=1)
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
+    s.add_argument("--keep-going", action="store_true",
+                   help="a worker that exits does not stop the cluster (the scheduler drops it)")
+    placement_args(s)
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode"):
@@ -163,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=0)
     s.add_argument("--heartbeat-s", type=float, default=1.0)
     s.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
+    placement_args(s)
     s.set_defaults(func=cmd_scheduler)
 
     f = sub.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend")

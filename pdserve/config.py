@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scheduler.policy import PlacementConfig
+
 
 def data_dir() -> Path:
     """Where converted models and other generated data live (outside the repo)."""
@@ -67,6 +69,9 @@ class SchedulerConfig:
     metrics_port: int = 0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
+    booking_ttl_s: float = 900.0      # bookings no frontend reported are reclaimed after this
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    seed: int = 0                     # for temperature sampling
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ def set_engine_env(cfg: EngineConfig) -> None:
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,
-                kv_extra: dict[str, Any] | None = None):
+                kv_extra: dict[str, Any] | None = None, events_dir: str | None = None):
+    """events_dir: publish KV cache events on ipc sockets there (see pdserve/kv_events.py)."""
+    from vllm.config import KVEventsConfig
     from vllm.config import KVTransferConfig as VKVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -46,7 +48,13 @@ def engine_args(cfg: EngineConfig, kv_role: str | None = None,
             kv_load_failure_policy=(kv_extra or {}).get("load_failure_policy", "recompute"),
             engine_id=(kv_extra or {}).get("engine_id"),
             kv_connector_extra_config=dict(kv_extra or {}))
+    kve = None
+    if events_dir is not None:
+        ep, rep = event_endpoints(events_dir)
+        kve = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=ep,
+                             replay_endpoint=rep)
     return AsyncEngineArgs(
+        kv_events_config=kve,
         model=cfg.model, served_model_name=cfg.model_name, dtype=cfg.dtype,
         max_model_len=cfg.max_model_len, block_size=cfg.block_size,
         kv_cache_memory_bytes=cfg.kv_cache_bytes, enforce_eager=True,
@@ -55,11 +63,29 @@ def engine_args(cfg: EngineConfig, kv_role: str | None = None,
         kv_transfer_config=kvt, disable_log_stats=False)
 
 
+def event_endpoints(events_dir: str) -> tuple[str, str]:
+    return f"ipc://{events_dir}/kv-events", f"ipc://{events_dir}/kv-events-replay"
+
+
 @dataclass
 class LoadSnapshot:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    ttft_ms: float = 0.0      # EWMAs over the engine's own per-token timings
+    tpot_ms: float = 0.0
+    num_blocks: int = 0
+    max_num_seqs: int = 0
+
+    def observe(self, ttfts: list[float], itls: list[float]) -> None:
+        for t in ttfts:
+            self.ttft_ms = _ewma(self.ttft_ms, t * 1e3)
+        for t in itls:
+            self.tpot_ms = _ewma(self.tpot_ms, t * 1e3)
+
+
+def _ewma(old: float, x: float, alpha: float = 0.1) -> float:
+    return x if not old else (1 - alpha) * old + alpha * x
 
 
 def make_load_logger(snapshot: LoadSnapshot):
@@ -68,10 +94,16 @@ def make_load_logger(snapshot: LoadSnapshot):
 
     class _LoadLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0) -> None:
-            pass
+            self.vllm_config = vllm_config
+            snapshot.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
                    engine_idx: int = 0) -> None:
+            if not snapshot.num_blocks:
+                snapshot.num_blocks = self.vllm_config.cache_config.num_gpu_blocks or 0
+            if iteration_stats is not None:
+                snapshot.observe(iteration_stats.time_to_first_tokens_iter,
+                                 iteration_stats.inter_token_latencies_iter)
             if scheduler_stats is not None:
                 snapshot.running = scheduler_stats.num_running_reqs
                 snapshot.waiting = scheduler_stats.num_waiting_reqs
@@ -84,11 +116,11 @@ def make_load_logger(snapshot: LoadSnapshot):
 
 
 def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any] | None,
-                 snapshot: LoadSnapshot | None = None):
+                 snapshot: LoadSnapshot | None = None, events_dir: str | None = None):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     set_engine_env(cfg)
-    args = engine_args(cfg, kv_role, kv_extra)
+    args = engine_args(cfg, kv_role, kv_extra, events_dir)
     loggers = [make_load_logger(snapshot)] if snapshot is not None else None
     log.info("starting vLLM engine: model=%s dtype=%s cores=%s kv=%.2f GiB role=%s",
              cfg.model, cfg.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30, kv_role)

@@ -18,6 +18,8 @@ import sys
 import time
 import urllib.request
 
+from pdserve.cli import placement_argv
+
 log = logging.getLogger("pdserve.launcher")
 
 GRACE_S = 20.0
@@ -127,7 +129,7 @@ def run_cluster(ns) -> int:
     try:
         children.append(Child("scheduler", [
             sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
-            "--port", str(ns.scheduler_port)]))
+            "--port", str(ns.scheduler_port)] + placement_argv(ns)))
         # prefill workers from the first core up, decode workers from the last core down
         n_p, n_d = ns.prefill_workers, ns.decode_workers
         for i in range(n_p):
@@ -157,12 +159,18 @@ def run_cluster(ns) -> int:
         elif not stopping["flag"]:
             log.error("cluster did not become healthy")
             return 1
+        gone: set[str] = set()
         while not stopping["flag"]:
-            dead = [c for c in children if not c.alive()]
-            if dead:
-                log.error("%s exited with code %s; stopping the cluster", dead[0].name,
-                          dead[0].proc.returncode)
-                return 1
+            dead = [c for c in children if not c.alive() and c.name not in gone]
+            for c in dead:
+                worker = c.name.startswith(("prefill-", "decode-"))
+                if not (worker and ns.keep_going):
+                    log.error("%s exited with code %s; stopping the cluster", c.name,
+                              c.proc.returncode)
+                    return 1
+                log.warning("%s exited with code %s; the others keep serving (--keep-going)",
+                            c.name, c.proc.returncode)
+                gone.add(c.name)
             time.sleep(0.5)
         return 0
     finally:

@@ -36,6 +36,10 @@ KV_FAILURES = Counter("pdserve_kv_transfer_failures", "KV transfers that failed"
 KV_EXTERNAL_TOKENS = Counter("pdserve_kv_external_prompt_tokens",
                              "Prompt tokens the decode engine received by KV transfer")
 
+LOCAL_PREFILLS = Counter("pdserve_decode_local_prefills",
+                         "Requests the decode worker prefilled itself (conditional "
+                         "disaggregation)")
+
 # -- workers (load; also reported to the scheduler in heartbeats)
 WORKER_RUNNING = Gauge("pdserve_worker_running_requests", "Running requests", ["role"])
 WORKER_WAITING = Gauge("pdserve_worker_waiting_requests", "Waiting requests", ["role"])
@@ -57,6 +61,23 @@ ROUTE_SECONDS = Histogram("pdserve_scheduler_route_seconds", "Routing decision l
 WORKERS = Gauge("pdserve_scheduler_workers", "Registered live workers", ["role"])
 WORKERS_EXPIRED = Counter("pdserve_scheduler_workers_expired",
                           "Workers dropped after missing heartbeats")
+SCHED_DECISIONS = Counter("pdserve_scheduler_decisions",
+                          "Placement decisions by mode (disagg|local) and reason",
+                          ["mode", "reason"])
+SCHED_LOCAL_PREFILL_MAX = Gauge("pdserve_scheduler_local_prefill_max_tokens",
+                                "Conditional disaggregation: uncached prompts up to this many "
+                                "tokens are prefilled on the decode worker (0: never)")
+SCHED_PROMPT_TOKENS = Counter("pdserve_scheduler_prompt_tokens", "Prompt tokens routed")
+SCHED_CACHED_TOKENS = Counter("pdserve_scheduler_cached_tokens",
+                              "Prompt tokens the chosen worker held in its prefix cache "
+                              "(per the index); over pdserve_scheduler_prompt_tokens: hit rate")
+SCHED_INDEX_BLOCKS = Gauge("pdserve_scheduler_index_blocks", "Distinct KV blocks indexed")
+SCHED_INDEX_EVENTS = Counter("pdserve_scheduler_index_events", "KV block events ingested")
+SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
+SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
+                                "Requests whose booking was rolled back (failed or cancelled)")
+ROUTE_RETRIES = Counter("pdserve_route_retries",
+                        "Frontend: requests re-placed after a worker failed", ["role"])
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

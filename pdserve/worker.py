@@ -13,7 +13,8 @@ import grpc
 from pdserve import metrics as M
 from pdserve.config import WorkerConfig
 from kv_transfer.agent import read_agent_address
-from pdserve.engine import LoadSnapshot, build_engine, kv_extra
+from pdserve.engine import LoadSnapshot, build_engine, event_endpoints, kv_extra
+from pdserve.kv_events import EventMirror, EventRelay
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ class WorkerRuntime:
         self._sched_channel: grpc.aio.Channel | None = None
         self.metrics_port = 0
         self.leases_held = 0
+        self.prefill_tokens = 0           # prefill: prompt tokens of requests in progress
+        self.draining = False
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.relay: EventRelay | None = None
+        self._events_task: asyncio.Task | None = None
+        self._resync = asyncio.Event()
 
     async def start_engine(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-agent-")
@@ -46,7 +52,9 @@ class WorkerRuntime:
         self.engine = build_engine(
             self.cfg.engine, KV_ROLE[self.role],
             kv_extra(self.cfg.worker_id, self.cfg.host, self.cfg.kv_agent_port, self.cfg.kv,
-                     addr_file), self.snapshot)
+                     addr_file), self.snapshot, events_dir=self._tmp.name)
+        self.relay = EventRelay(*event_endpoints(self._tmp.name), EventMirror())
+        self.relay.start()
         # the engine is initialised, so its connector has bound and published the address
         self.agent_address = read_agent_address(addr_file, timeout_s=30)
         self._agent_channel = grpc.aio.insecure_channel(self.agent_address)
@@ -82,7 +90,9 @@ class WorkerRuntime:
         self.metrics_port = M.serve_metrics(self.cfg.metrics_port, self.cfg.host)
         log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
                  self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
+        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
+        self._events_task = asyncio.create_task(self._events_loop())
         return port
 
     async def agent_stats(self, pop: list[str] | None = None) -> pd_pb2.AgentStats:
@@ -103,7 +113,10 @@ class WorkerRuntime:
         M.WORKER_KV_USAGE.labels(self.role).set(s.kv_usage)
         M.KV_LEASES.labels(self.role).set(self.leases_held)
         return pd_pb2.WorkerLoad(running=s.running, waiting=s.waiting, kv_usage=s.kv_usage,
-                                 kv_leases_held=self.leases_held)
+                                 kv_leases_held=self.leases_held,
+                                 prefill_tokens=self.prefill_tokens, ttft_ms=s.ttft_ms,
+                                 tpot_ms=s.tpot_ms, num_blocks=s.num_blocks,
+                                 max_num_seqs=s.max_num_seqs)
 
     async def status(self) -> pd_pb2.WorkerStatusResponse:
         return pd_pb2.WorkerStatusResponse(
@@ -112,7 +125,6 @@ class WorkerRuntime:
             metrics_address=self.metrics_address)
 
     async def _heartbeat_loop(self) -> None:
-        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
         stub = pd_pb2_grpc.SchedulerStub(self._sched_channel)
         registered = False
         interval = self.cfg.heartbeat_s
@@ -127,6 +139,7 @@ class WorkerRuntime:
                         metrics_address=self.metrics_address), timeout=5)
                     interval = resp.heartbeat_interval_s or interval
                     registered = True
+                    self._resync.set()   # the scheduler may have dropped our index entries
                     log.info("registered with scheduler %s", self.cfg.scheduler_address)
                 else:
                     resp = await stub.Heartbeat(pd_pb2.HeartbeatRequest(
@@ -135,6 +148,9 @@ class WorkerRuntime:
                         log.warning("scheduler forgot us; registering again")
                         registered = False
                         continue
+                    if resp.draining != self.draining:
+                        log.info("scheduler %s draining", "started" if resp.draining else "ended")
+                        self.draining = resp.draining
             except grpc.RpcError as e:
                 if registered:
                     log.warning("scheduler unreachable (%s); will register again", e.code())
@@ -142,6 +158,39 @@ class WorkerRuntime:
             except asyncio.CancelledError:
                 raise
             await asyncio.sleep(interval)
+
+    async def _event_batches(self):
+        """One stream's messages: a snapshot, then deltas (a fresh snapshot on resync)."""
+        relay = self.relay
+        wid = self.cfg.worker_id
+        self._resync.clear()
+        yield pd_pb2.KVEventBatch(worker_id=wid, snapshot=True, stored=relay.snapshot())
+        while True:
+            deltas, resync = relay.take()
+            if resync or self._resync.is_set():
+                self._resync.clear()
+                yield pd_pb2.KVEventBatch(worker_id=wid, snapshot=True, stored=relay.snapshot())
+                continue
+            for d in deltas:
+                yield pd_pb2.KVEventBatch(worker_id=wid, cleared=d.cleared, stored=d.stored,
+                                          removed=d.removed)
+            if not deltas:
+                await asyncio.sleep(0.02)
+
+    async def _events_loop(self) -> None:
+        """Stream KV cache events to the scheduler's prefix index for as long as we live;
+        reconnect (with a snapshot) whenever the stream breaks."""
+        while True:
+            try:
+                await pd_pb2_grpc.SchedulerStub(self._sched_channel).KVEvents(
+                    self._event_batches())
+            except grpc.RpcError as e:
+                log.debug("KV event stream ended (%s); reconnecting", e.code())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("KV event stream failed; reconnecting")
+            await asyncio.sleep(1.0)
 
     async def run(self, add_servicer, ready: asyncio.Event | None = None,
                   stop: asyncio.Event | None = None) -> None:
@@ -156,8 +205,11 @@ class WorkerRuntime:
             await self.stop()
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._hb_task:
-            self._hb_task.cancel()
+        for task in (self._hb_task, self._events_task):
+            if task is not None:
+                task.cancel()
+        if self.relay is not None:
+            self.relay.stop()
         if self._sched_channel is not None:
             try:
                 await pd_pb2_grpc.SchedulerStub(self._sched_channel).Deregister(

@@ -38,6 +38,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         first_ids: list[int] = []
         text = ""
         lps: list = []
+        ntok = len(request.token_ids)
+        self.rt.prefill_tokens += ntok       # reported as load in heartbeats
         try:
             async for out in self.rt.engine.generate(
                     {"prompt_token_ids": list(request.token_ids)}, params, request.request_id):
@@ -53,6 +55,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         except asyncio.CancelledError:
             M.WORKER_REQUESTS.labels("prefill", "cancelled").inc()
             raise
+        finally:
+            self.rt.prefill_tokens -= ntok
         if final is None or not first_ids:
             M.WORKER_REQUESTS.labels("prefill", "error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "engine returned no token")

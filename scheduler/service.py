@@ -1,38 +1,66 @@
-"""gRPC shell around the registry: register, heartbeat, route, list workers."""
+"""gRPC shell around the registry, the prefix index and the placement policy.
+
+Everything that decides lives in scheduler/state.py, scheduler/policy.py and
+scheduler/index.py (pure); this module only translates messages, keeps time and
+exports metrics.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import grpc
 
+from pdserve import kvhash
 from pdserve import metrics as M
 from pdserve.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from scheduler.state import Load, NoPlacement, Registry, Worker, book, select
+from scheduler.index import PrefixIndex
+from scheduler.state import Load, NoPlacement, Registry, Worker, place
 
 log = logging.getLogger(__name__)
 
 ROLE = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode"}
 ROLE_PB = {v: k for k, v in ROLE.items()}
+MODE_PB = {"disagg": pd_pb2.ROUTE_MODE_DISAGG, "local": pd_pb2.ROUTE_MODE_LOCAL}
 
 
 def _load(pb: pd_pb2.WorkerLoad) -> Load:
-    return Load(pb.running, pb.waiting, pb.kv_usage, pb.kv_leases_held)
+    return Load(pb.running, pb.waiting, pb.kv_usage, pb.kv_leases_held, pb.prefill_tokens,
+                pb.ttft_ms, pb.tpot_ms, pb.num_blocks, pb.max_num_seqs)
+
+
+def _load_pb(ld: Load) -> pd_pb2.WorkerLoad:
+    return pd_pb2.WorkerLoad(running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
+                             kv_leases_held=ld.kv_leases_held, prefill_tokens=ld.prefill_tokens,
+                             ttft_ms=ld.ttft_ms, tpot_ms=ld.tpot_ms, num_blocks=ld.num_blocks,
+                             max_num_seqs=ld.max_num_seqs)
 
 
 class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerConfig, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.reg = Registry(cfg.heartbeat_timeout_s)
+        self.reg = Registry(cfg.heartbeat_timeout_s, cfg.booking_ttl_s)
+        self.index = PrefixIndex()
+        self.rng = random.Random(cfg.seed)
+        self.decisions: dict[str, int] = {}
+        M.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
         for role in ("prefill", "decode"):
             M.WORKERS.labels(role).set(len(self.reg.live(role)))
+        M.SCHED_BOOKINGS.set(len(self.reg.bookings))
+        st = self.index.stats()
+        M.SCHED_INDEX_BLOCKS.set(st.blocks)
 
+    def _forget(self, worker_id: str) -> None:
+        self.index.remove_worker(worker_id)
+
+    # ------------------------------------------------------------ membership
     async def Register(self, request, context):
         role = ROLE.get(request.role)
         if role is None or not request.worker_id or not request.address:
@@ -42,7 +70,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             worker_id=request.worker_id, role=role, address=request.address,
             agent_address=request.agent_address, model=request.layout.model,
             compat_hash=request.layout.compat_hash, last_seen=self.clock(),
-            load=_load(request.load), metrics_address=request.metrics_address))
+            load=_load(request.load), metrics_address=request.metrics_address,
+            block_size=request.layout.block_size))
         log.info("registered %s worker %s at %s (model %s, kv %s)", role, request.worker_id,
                  request.address, request.layout.model, request.layout.compat_hash)
         self._gauges()
@@ -50,30 +79,115 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                        heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
 
     async def Heartbeat(self, request, context):
-        return pd_pb2.HeartbeatResponse(
-            known=self.reg.heartbeat(request.worker_id, _load(request.load), self.clock()))
+        w = self.reg.heartbeat(request.worker_id, _load(request.load), self.clock())
+        return pd_pb2.HeartbeatResponse(known=w is not None,
+                                        draining=bool(w is not None and w.draining))
 
     async def Deregister(self, request, context):
         if self.reg.remove(request.worker_id):
             log.info("worker %s deregistered", request.worker_id)
+        self._forget(request.worker_id)
         self._gauges()
         return pd_pb2.DeregisterResponse()
 
+    async def Drain(self, request, context):
+        w = self.reg.workers.get(request.worker_id)
+        if w is None:
+            return pd_pb2.DrainResponse(found=False)
+        if w.draining != request.drain:
+            log.info("worker %s %s", w.worker_id, "draining" if request.drain else "undrained")
+        w.draining = request.drain
+        return pd_pb2.DrainResponse(found=True, inflight=w.booked_requests)
+
+    # ------------------------------------------------------------ KV events
+    async def KVEvents(self, request_iterator, context):
+        worker_id = ""
+        n = 0
+        try:
+            async for batch in request_iterator:
+                worker_id = batch.worker_id or worker_id
+                if not worker_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the first KV event batch must name its worker")
+                if batch.snapshot:
+                    self.index.replace(worker_id, batch.stored)
+                    log.info("KV index: snapshot of %d blocks from %s", len(batch.stored),
+                             worker_id)
+                else:
+                    if batch.cleared:
+                        self.index.clear_worker(worker_id)
+                    if batch.stored:
+                        self.index.stored(worker_id, batch.stored)
+                    if batch.removed:
+                        self.index.removed(worker_id, batch.removed)
+                M.SCHED_INDEX_EVENTS.inc(len(batch.stored) + len(batch.removed))
+                n += 1
+        finally:
+            if worker_id and worker_id not in self.reg.workers:
+                self._forget(worker_id)      # never registered, or already gone
+        return pd_pb2.KVEventsAck(batches=n)
+
+    # ------------------------------------------------------------ routing
+    def _overlap(self, token_ids: list[int]):
+        n = len(token_ids)
+        by_bs: dict[int, list[int]] = {}
+
+        def overlap_of(workers: list[Worker]) -> dict[str, int]:
+            out: dict[str, int] = {}
+            groups: dict[int, list[str]] = {}
+            for w in workers:
+                if w.block_size:
+                    groups.setdefault(w.block_size, []).append(w.worker_id)
+            for bs, ids in groups.items():
+                if bs not in by_bs:
+                    by_bs[bs] = kvhash.block_hashes(token_ids, bs,
+                                                    max_blocks=kvhash.cacheable_blocks(n, bs))
+                for wid, blocks in self.index.match(by_bs[bs], ids).items():
+                    out[wid] = blocks * bs
+            return out
+        return overlap_of
+
     async def Route(self, request, context):
         t0 = time.perf_counter()
-        model = request.model
+        ids = list(request.token_ids)
         try:
-            p, d = select(self.reg, model, list(request.token_ids))
+            d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
+                      frozenset(request.exclude_workers), self.rng)
         except NoPlacement as e:
             M.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        book(p, d)
+        b = self.reg.book(d, self.clock())
+        self.index.hit_blocks += d.cached_tokens // max(1, self.reg.workers[d.decode].block_size)
+        key = f"{d.mode}:{d.reason}"
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        M.SCHED_DECISIONS.labels(d.mode, d.reason).inc()
+        M.SCHED_PROMPT_TOKENS.inc(len(ids))
+        M.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
         M.ROUTES.labels("ok").inc()
         M.ROUTE_SECONDS.observe(time.perf_counter() - t0)
-        return pd_pb2.RouteResponse(
-            prefill=pd_pb2.WorkerRef(worker_id=p.worker_id, address=p.address),
-            decode=pd_pb2.WorkerRef(worker_id=d.worker_id, address=d.address))
+        resp = pd_pb2.RouteResponse(
+            decode=self._ref(d.decode), booking_id=b.booking_id, mode=MODE_PB[d.mode],
+            reason=d.reason, cached_tokens=d.cached_tokens)
+        if d.prefill is not None:
+            resp.prefill.CopyFrom(self._ref(d.prefill))
+        return resp
 
+    def _ref(self, wid: str) -> pd_pb2.WorkerRef:
+        return pd_pb2.WorkerRef(worker_id=wid, address=self.reg.workers[wid].address)
+
+    async def Report(self, request, context):
+        if request.phase == pd_pb2.PHASE_PREFILL_DONE:
+            known = self.reg.prefill_done(request.booking_id)
+        elif request.phase in (pd_pb2.PHASE_DONE, pd_pb2.PHASE_FAILED):
+            known = self.reg.finish(request.booking_id) is not None
+            if request.phase == pd_pb2.PHASE_FAILED:
+                M.SCHED_FAILED_REQUESTS.inc()
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report needs a phase")
+        M.SCHED_BOOKINGS.set(len(self.reg.bookings))
+        return pd_pb2.ReportResponse(known=known)
+
+    # ------------------------------------------------------------ introspection
     async def ListWorkers(self, request, context):
         now = self.clock()
         out = []
@@ -81,21 +195,34 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             out.append(pd_pb2.WorkerInfo(
                 worker_id=w.worker_id, role=ROLE_PB[w.role], address=w.address,
                 agent_address=w.agent_address,
-                layout=pd_pb2.KVLayout(model=w.model, compat_hash=w.compat_hash),
-                load=pd_pb2.WorkerLoad(running=w.load.running, waiting=w.load.waiting,
-                                       kv_usage=w.load.kv_usage,
-                                       kv_leases_held=w.load.kv_leases_held),
-                last_heartbeat_age_s=now - w.last_seen, inflight=w.inflight,
-                metrics_address=w.metrics_address))
+                layout=pd_pb2.KVLayout(model=w.model, compat_hash=w.compat_hash,
+                                       block_size=w.block_size),
+                load=_load_pb(w.load), last_heartbeat_age_s=now - w.last_seen,
+                inflight=w.booked_requests, metrics_address=w.metrics_address,
+                draining=w.draining, blocks_indexed=self.index.held_by(w.worker_id),
+                booked_prefill_tokens=w.booked_prefill_tokens))
         return pd_pb2.ListWorkersResponse(workers=out)
+
+    async def IndexStats(self, request, context):
+        st = self.index.stats()
+        return pd_pb2.IndexStatsResponse(
+            blocks=st.blocks, entries=st.entries, events=st.events, lookups=st.lookups,
+            lookup_blocks=st.lookup_blocks, hit_blocks=st.hit_blocks,
+            blocks_by_worker={w: self.index.held_by(w) for w in self.index.workers()},
+            decisions=self.decisions)
 
     async def reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval_s / 2)
-            for w in self.reg.expire(self.clock()):
+            now = self.clock()
+            for w in self.reg.expire(now):
                 M.WORKERS_EXPIRED.inc()
+                self._forget(w.worker_id)
                 log.warning("dropped %s worker %s: no heartbeat for %.1fs", w.role, w.worker_id,
                             self.cfg.heartbeat_timeout_s)
+            for b in self.reg.expire_bookings(now):
+                log.warning("booking %s expired without a report (frontend gone?)",
+                            b.booking_id)
             self._gauges()
 
 
@@ -113,7 +240,8 @@ async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = N
     server, port, svc = await create_server(cfg)
     await server.start()
     mport = M.serve_metrics(cfg.metrics_port, cfg.host)
-    log.info("scheduler serving gRPC on %s:%d, metrics on :%d", cfg.host, port, mport)
+    log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s", cfg.host, port,
+             mport, cfg.placement)
     reaper = asyncio.create_task(svc.reap_forever())
     if ready is not None:
         ready(port)

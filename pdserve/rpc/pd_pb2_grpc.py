@@ -59,6 +59,26 @@ class SchedulerStub:
                 request_serializer=pdserve_dot_rpc_dot_pd__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=pdserve_dot_rpc_dot_pd__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/pdserve.v1.Scheduler/Report',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.ReportRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.ReportResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.Scheduler/Drain',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.IndexStats = channel.unary_unary(
+                '/pdserve.v1.Scheduler/IndexStats',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.IndexStatsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.IndexStatsResponse.FromString,
+                _registered_method=True)
+        self.KVEvents = channel.stream_unary(
+                '/pdserve.v1.Scheduler/KVEvents',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -94,6 +114,31 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IndexStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KVEvents(self, request_iterator, context):
+        """Each worker streams its KV cache events for as long as it is connected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +166,26 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=pdserve_dot_rpc_dot_pd__pb2.ListWorkersRequest.FromString,
                     response_serializer=pdserve_dot_rpc_dot_pd__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.ReportRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.ReportResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.DrainResponse.SerializeToString,
+            ),
+            'IndexStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.IndexStats,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.IndexStatsRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.IndexStatsResponse.SerializeToString,
+            ),
+            'KVEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +323,114 @@ class Scheduler:
             '/pdserve.v1.Scheduler/ListWorkers',
             pdserve_dot_rpc_dot_pd__pb2.ListWorkersRequest.SerializeToString,
             pdserve_dot_rpc_dot_pd__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Scheduler/Report',
+            pdserve_dot_rpc_dot_pd__pb2.ReportRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Scheduler/Drain',
+            pdserve_dot_rpc_dot_pd__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Scheduler/IndexStats',
+            pdserve_dot_rpc_dot_pd__pb2.IndexStatsRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.IndexStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pdserve.v1.Scheduler/KVEvents',
+            pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,3 +67,85 @@ async def test_deregister(sched):
     await sched.Register(reg("p1", pd_pb2.ROLE_PREFILL))
     await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="p1"))
     assert not (await sched.ListWorkers(pd_pb2.ListWorkersRequest())).workers
+
+
+def layout_reg(wid, role, block_size=4):
+    r = reg(wid, role)
+    r.layout.block_size = block_size
+    return r
+
+
+async def test_kv_events_stream_makes_routing_prefix_aware_and_reports_roll_back(sched):
+    from pdserve import kvhash
+    await sched.Register(layout_reg("p1", pd_pb2.ROLE_PREFILL))
+    await sched.Register(layout_reg("p2", pd_pb2.ROLE_PREFILL))
+    await sched.Register(layout_reg("d1", pd_pb2.ROLE_DECODE))
+    prompt = list(range(100, 141))                      # 10 full blocks of 4
+    hashes = kvhash.block_hashes(prompt, 4)
+
+    async def events():
+        yield pd_pb2.KVEventBatch(worker_id="p2", snapshot=True, stored=hashes[:3])
+        yield pd_pb2.KVEventBatch(worker_id="p2", stored=hashes[3:8], removed=[])
+    ack = await sched.KVEvents(events())
+    assert ack.batches == 2
+    st = await sched.IndexStats(pd_pb2.IndexStatsRequest())
+    assert st.blocks == 8 and dict(st.blocks_by_worker) == {"p2": 8}
+
+    r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=prompt))
+    assert r.prefill.worker_id == "p2" and r.cached_tokens == 32
+    assert r.mode == pd_pb2.ROUTE_MODE_DISAGG and r.booking_id
+    ws = {w.worker_id: w for w in (await sched.ListWorkers(pd_pb2.ListWorkersRequest())).workers}
+    assert ws["p2"].booked_prefill_tokens == len(prompt) - 32 and ws["p2"].blocks_indexed == 8
+    assert (await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                                    phase=pd_pb2.PHASE_FAILED))).known
+    ws = {w.worker_id: w for w in (await sched.ListWorkers(pd_pb2.ListWorkersRequest())).workers}
+    assert ws["p2"].inflight == 0 and ws["d1"].inflight == 0 and ws["p2"].booked_prefill_tokens == 0
+    assert not (await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                                        phase=pd_pb2.PHASE_DONE))).known
+    # a removal moves the prompt elsewhere... once the index says p2 no longer has block 0
+    async def removal():
+        yield pd_pb2.KVEventBatch(worker_id="p2", removed=hashes[:1])
+    await sched.KVEvents(removal())
+    r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=prompt))
+    assert r.cached_tokens == 0
+    st = await sched.IndexStats(pd_pb2.IndexStatsRequest())
+    assert st.decisions["disagg:kv"] == 2 and st.lookups == 2
+
+    # a deregistered worker's blocks leave the index
+    await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="p2"))
+    st = await sched.IndexStats(pd_pb2.IndexStatsRequest())
+    assert st.blocks == 0
+
+
+async def test_drain_excludes_and_retry_excludes(sched):
+    await sched.Register(layout_reg("p1", pd_pb2.ROLE_PREFILL))
+    await sched.Register(layout_reg("p2", pd_pb2.ROLE_PREFILL))
+    await sched.Register(layout_reg("d1", pd_pb2.ROLE_DECODE))
+    dr = await sched.Drain(pd_pb2.DrainRequest(worker_id="p1", drain=True))
+    assert dr.found
+    hb = await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="p1"))
+    assert hb.known and hb.draining
+    for _ in range(3):
+        r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=[1, 2, 3]))
+        assert r.prefill.worker_id == "p2"
+    r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=[1, 2, 3],
+                                              exclude_workers=["p2"]))
+    # every prefill worker is draining or excluded: the decode worker prefills locally
+    assert r.mode == pd_pb2.ROUTE_MODE_LOCAL and r.reason == "no_prefill_worker"
+    assert not r.HasField("prefill")
+    await sched.Drain(pd_pb2.DrainRequest(worker_id="p1", drain=False))
+    r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=[1, 2, 3],
+                                              exclude_workers=["p2"]))
+    assert r.prefill.worker_id == "p1"
+    assert not (await sched.Drain(pd_pb2.DrainRequest(worker_id="ghost", drain=True))).found
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_kv_events_without_worker_id_is_invalid(sched):
+    async def bad():
+        yield pd_pb2.KVEventBatch(stored=[1])
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sched.KVEvents(bad())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,61 @@
+"""Conditional disaggregation: short uncached prompts are prefilled on the decode worker."""
+
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
+from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.test_kv_aware import sched
+
+
+@pytest.fixture(scope="module")
+def cond_cluster(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "conditional.log",
+                      extra=["--local-prefill-max-tokens", "64"])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def run(c, prompt, stream=False):
+    body = {"model": c.model_name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    if stream:
+        body["stream"] = True
+        text = ""
+        with httpx.stream("POST", f"{c.url}/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    import json
+                    d = json.loads(line[6:])
+                    assert "error" not in d, d
+                    text += d["choices"][0]["text"] if d["choices"] else ""
+        return text, ""
+    r = httpx.post(f"{c.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"], r.headers["x-pdserve-route"]
+
+
+def test_short_prompts_prefill_locally_with_the_same_output(cond_cluster, cluster):
+    c = cond_cluster
+    decode = next(w for w in c.workers() if w.role == pd_pb2.ROLE_DECODE)
+    before = metric_value(c.metrics(decode), "pdserve_decode_local_prefills_total")
+    short = [words(n, seed=70 + n) for n in (5, 20, 40)]
+    long = [words(n, seed=80 + n) for n in (200, 500)]
+    for p in short:
+        text, route = run(c, p)
+        assert route.startswith("local:short_prompt") and "prefill=" not in route, route
+        assert text == run(cluster, p)[0]            # same greedy text as the disagg path
+        assert run(c, p, stream=True)[0] == text
+    for p in long:
+        text, route = run(c, p)
+        assert route.startswith("disagg:kv prefill="), route
+        assert text == run(cluster, p)[0]
+    after = metric_value(c.metrics(decode), "pdserve_decode_local_prefills_total")
+    assert after - before == 2 * len(short)
+    st = sched(c).IndexStats(pd_pb2.IndexStatsRequest())
+    assert st.decisions["local:short_prompt"] == 2 * len(short)
+    assert st.decisions["disagg:kv"] >= len(long)
+    loads = c.wait_idle()
+    assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())

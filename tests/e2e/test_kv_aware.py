@@ -1,0 +1,131 @@
+"""KV-aware placement with real engines: 2 prefill workers + 1 decode worker (tiny model).
+
+vLLM's KV events travel worker -> scheduler; the scheduler's prediction of cached tokens
+must equal what the prefill engine then really finds in its cache, requests sharing a
+system prompt must land where it is cached, and the prefill engines' own counters must
+show the hits. Then a prefill worker is killed with SIGKILL under load: every request
+completes (re-placed) or ends with a clear error, and the dead worker leaves the index.
+"""
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import grpc
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
+from tests.e2e.conftest import assert_no_orphans, words
+
+BS = 128
+
+
+@pytest.fixture(scope="module")
+def kv_cluster(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "kv_aware.log",
+                      extra=["--prefill-workers", "2", "--decode-workers", "1", "--policy", "kv",
+                             "--keep-going"])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def sched(c):
+    return pd_pb2_grpc.SchedulerStub(grpc.insecure_channel(c.scheduler))
+
+
+def complete(c, prompt, max_tokens=4):
+    r = httpx.post(f"{c.url}/v1/completions", json={
+        "model": c.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        timeout=120)
+    assert r.status_code == 200, r.text
+    route = dict(re.findall(r"(\w+)=(\S+)", r.headers["x-pdserve-route"]))
+    return r.json(), route
+
+
+def prefix_hits(c, worker_id):
+    w = next(w for w in c.workers() if w.worker_id == worker_id)
+    return metric_value(c.metrics(w), "vllm:prefix_cache_hits_total")
+
+
+def wait_indexed(c, worker_id, at_least, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = sched(c).IndexStats(pd_pb2.IndexStatsRequest(), timeout=5)
+        if st.blocks_by_worker.get(worker_id, 0) >= at_least:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"{worker_id} never had {at_least} blocks indexed: {st}")
+
+
+def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
+    c = kv_cluster
+    sys_a, sys_b = words(5 * BS, seed=11), words(5 * BS, seed=12)
+    s = sched(c)
+    # pin each system prompt to a different worker by draining the other one once
+    first = {}
+    for sysp, drained in ((sys_a, "prefill-1"), (sys_b, "prefill-0")):
+        assert s.Drain(pd_pb2.DrainRequest(worker_id=drained, drain=True)).found
+        _, route = complete(c, sysp + " " + words(40, seed=1))
+        s.Drain(pd_pb2.DrainRequest(worker_id=drained, drain=False))
+        first[sysp] = route["prefill"]
+        wait_indexed(c, route["prefill"], 5)
+    assert first[sys_a] == "prefill-0" and first[sys_b] == "prefill-1"
+
+    hits0 = {w: prefix_hits(c, w) for w in ("prefill-0", "prefill-1")}
+    expected_hits = {"prefill-0": 0, "prefill-1": 0}
+    for i in range(4):
+        for sysp in (sys_a, sys_b):
+            body, route = complete(c, sysp + " " + words(30 + 7 * i, seed=100 + i))
+            # placement follows the cache, not the (idle, equal) load
+            assert route["prefill"] == first[sysp], route
+            # the scheduler's prediction from KV events == what the engine really found
+            cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached == int(route["predicted_cached"]) == 5 * BS, (body["usage"], route)
+            expected_hits[route["prefill"]] += cached
+    hits = {w: prefix_hits(c, w) - hits0[w] for w in hits0}
+    assert hits == expected_hits and all(v == 4 * 5 * BS for v in hits.values()), hits
+    st = s.IndexStats(pd_pb2.IndexStatsRequest())
+    assert st.hit_blocks >= 8 * 5 and st.decisions["disagg:kv"] >= 8
+
+
+def _pid(c, name):
+    m = re.search(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())
+    return int(m.group(1))
+
+
+async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
+    c = kv_cluster
+    victim = "prefill-1"
+    prompts = [words(900, seed=500 + i) for i in range(8)]
+
+    async def one(client, p):
+        r = await client.post(f"{c.url}/v1/completions", json={
+            "model": c.model_name, "prompt": p, "max_tokens": 6, "temperature": 0})
+        return r.status_code, r.json()
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        tasks = [asyncio.create_task(one(client, p)) for p in prompts]
+        await asyncio.sleep(0.5)                 # requests are in flight on both workers
+        os.kill(_pid(c, victim), signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
+    for status, body in results:
+        # completed elsewhere, or a clear OpenAI error: never a hang
+        assert status == 200 or body["error"]["message"], body
+    assert sum(status == 200 for status, _ in results) >= len(prompts) - 1, results
+    # the scheduler drops the dead worker and its index entries; the next requests succeed
+    deadline = time.monotonic() + 15
+    while victim in {w.worker_id for w in c.workers()} and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert victim not in {w.worker_id for w in c.workers()}
+    assert victim not in sched(c).IndexStats(pd_pb2.IndexStatsRequest()).blocks_by_worker
+    for i in range(3):
+        _, route = complete(c, words(200, seed=900 + i))
+        assert route["prefill"] == "prefill-0"
+    loads = c.wait_idle()
+    assert all(not (v.running or v.waiting or v.kv_usage or v.kv_leases_held)
+               for v in loads.values()), loads
