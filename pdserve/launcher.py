@@ -112,6 +112,22 @@ def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str
     return argv
 
 
+def assign_cores(cores: list[str], n_p: int, n_d: int) -> tuple[list[str], list[str]]:
+    """One core per engine, round-robin within its pool's share of the cores.
+
+    The pools never share a core when there are at least two: a prefill engine next to a
+    decode engine stalls its decode steps (the point of disaggregation is lost), and a
+    KV producer and its consumer on one core made UCX wire-up take 25-60 s (measured,
+    docs/design.md). The prefill pool gets a share of cores proportional to its workers,
+    at least one, leaving at least one for decode."""
+    if len(cores) < 2 or not n_p or not n_d:
+        return ([cores[i % len(cores)] for i in range(n_p)],
+                [cores[-1 - (i % len(cores))] for i in range(n_d)])
+    k = min(len(cores) - 1, max(1, round(len(cores) * n_p / (n_p + n_d))))
+    pc, dc = cores[:k], cores[k:]
+    return [pc[i % len(pc)] for i in range(n_p)], [dc[i % len(dc)] for i in range(n_d)]
+
+
 def run_cluster(ns) -> int:
     from pdserve.cli import resolve_model
 
@@ -130,14 +146,12 @@ def run_cluster(ns) -> int:
         children.append(Child("scheduler", [
             sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
             "--port", str(ns.scheduler_port)] + placement_argv(ns)))
-        # prefill workers from the first core up, decode workers from the last core down
         n_p, n_d = ns.prefill_workers, ns.decode_workers
-        for i in range(n_p):
-            c = cores[i % len(cores)]
+        p_cores, d_cores = assign_cores(cores, n_p, n_d)
+        for i, c in enumerate(p_cores):
             children.append(Child(f"prefill-{i}", worker_argv(ns, "prefill", f"prefill-{i}", c,
                                                               scheduler)))
-        for i in range(n_d):
-            c = cores[-1 - (i % len(cores))]
+        for i, c in enumerate(d_cores):
             children.append(Child(f"decode-{i}", worker_argv(ns, "decode", f"decode-{i}", c,
                                                             scheduler)))
         fe = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", ns.model,

@@ -80,6 +80,7 @@ class Decision:
     prefill_tokens: int           # tokens the prefilling worker must compute
     cached_tokens: int            # prompt tokens it already holds
     blocks: int                   # KV blocks the request will take on the decode worker
+    prompt_tokens: int = 0
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:
@@ -136,7 +137,7 @@ def choose_mode(cfg: PlacementConfig, num_tokens: int, prefill: Candidate | None
 
     def local(reason: str) -> Decision:
         return Decision(None, decode.worker_id, "local", reason, local_uncached,
-                        decode.cached_tokens, blocks)
+                        decode.cached_tokens, blocks, num_tokens)
 
     if prefill is None:
         if cfg.local_fallback:
@@ -149,4 +150,5 @@ def choose_mode(cfg: PlacementConfig, num_tokens: int, prefill: Candidate | None
             and has_room(cfg, decode)):
         return local("prefill_saturated")
     return Decision(prefill.worker_id, decode.worker_id, "disagg", cfg.policy,
-                    max(0, num_tokens - prefill.cached_tokens), prefill.cached_tokens, blocks)
+                    max(0, num_tokens - prefill.cached_tokens), prefill.cached_tokens, blocks,
+                    num_tokens)

@@ -7,7 +7,10 @@ done, request done) or rolls back when it fails, and `expire()` reclaims if the
 frontend never reports (it died). A worker's load is the larger of what it last
 reported in a heartbeat and what is booked on it, so several frontends or
 schedulers sharing workers still see their traffic, and a fresh booking counts
-before the next heartbeat shows it.
+before the next heartbeat shows it. A report of a finished phase also takes the
+request out of the last heartbeat's figures, which would otherwise count it for up
+to a heartbeat interval after it ended (measured: a stale in-flight count sent a
+cached prompt to the wrong worker).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Booking:
     prefill_tokens: int
     blocks: int
     created: float
+    prompt_tokens: int = 0
     prefill_done: bool = False
 
 
@@ -123,7 +127,8 @@ class Registry:
 
     # ------------------------------------------------------------ bookings
     def book(self, d: Decision, now: float) -> Booking:
-        b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now)
+        b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now,
+                    prompt_tokens=d.prompt_tokens)
         self.route_seq += 1
         if b.prefill is not None:
             p = self.workers[b.prefill]
@@ -144,6 +149,8 @@ class Registry:
         if p is not None:
             p.booked_requests = max(0, p.booked_requests - 1)
             p.booked_prefill_tokens = max(0, p.booked_prefill_tokens - b.prefill_tokens)
+            p.load.prefill_tokens = max(0, p.load.prefill_tokens - b.prompt_tokens)
+            p.load.running = max(0, p.load.running - 1)
 
     def prefill_done(self, booking_id: str) -> bool:
         b = self.bookings.get(booking_id)
@@ -162,6 +169,7 @@ class Registry:
         if dw is not None:
             dw.booked_requests = max(0, dw.booked_requests - 1)
             dw.booked_blocks = max(0, dw.booked_blocks - b.blocks)
+            dw.load.running = max(0, dw.load.running - 1)
         return b
 
     def expire_bookings(self, now: float) -> list[Booking]:

@@ -75,6 +75,7 @@ def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
         first[sysp] = route["prefill"]
         wait_indexed(c, route["prefill"], 5)
     assert first[sys_a] == "prefill-0" and first[sys_b] == "prefill-1"
+    wait_sched_idle(c)
 
     hits0 = {w: prefix_hits(c, w) for w in ("prefill-0", "prefill-1")}
     expected_hits = {"prefill-0": 0, "prefill-1": 0}
@@ -82,7 +83,7 @@ def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
         for sysp in (sys_a, sys_b):
             body, route = complete(c, sysp + " " + words(30 + 7 * i, seed=100 + i))
             # placement follows the cache, not the (idle, equal) load
-            assert route["prefill"] == first[sysp], route
+            assert route["prefill"] == first[sysp], (route, c.workers())
             # the scheduler's prediction from KV events == what the engine really found
             cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
             assert cached == int(route["predicted_cached"]) == 5 * BS, (body["usage"], route)
@@ -91,6 +92,17 @@ def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
     assert hits == expected_hits and all(v == 4 * 5 * BS for v in hits.values()), hits
     st = s.IndexStats(pd_pb2.IndexStatsRequest())
     assert st.hit_blocks >= 8 * 5 and st.decisions["disagg:kv"] >= 8
+
+
+def wait_sched_idle(c, timeout=10.0):
+    """Until the scheduler's view of every worker shows no load (heartbeats caught up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws = c.workers()
+        if all(not (w.inflight or w.load.prefill_tokens or w.load.running) for w in ws):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"scheduler still sees load: {ws}")
 
 
 def _pid(c, name):

@@ -95,6 +95,23 @@ def test_load_is_the_larger_of_reported_and_booked():
     assert d.kv_usage() == pytest.approx((50 // 16 + 2) / 10)
 
 
+def test_a_finished_phase_leaves_the_last_heartbeat_too():
+    # the heartbeat saw request 1 in flight; its report must not leave it counted for a
+    # whole heartbeat interval (a cached prompt would go elsewhere meanwhile)
+    r = reg(W("p1", "prefill"), W("p2", "prefill"), W("d1", "decode"))
+    b = r.book(place(r, CFG, "m", 680, cache(p1=0)), now=0.0)
+    assert b.prefill == "p1"
+    r.heartbeat("p1", Load(prefill_tokens=680, running=1, num_blocks=100), now=0.5)
+    assert place(r, CFG, "m", 670, cache(p1=640)).prefill == "p2"     # p1 is busy
+    r.prefill_done(b.booking_id)
+    assert r.workers["p1"].queued_prefill_tokens() == 0
+    d = place(r, CFG, "m", 670, cache(p1=640))
+    assert d.prefill == "p1" and d.cached_tokens == 640
+    r.heartbeat("d1", Load(running=3), now=0.5)
+    r.finish(b.booking_id)
+    assert r.workers["d1"].load.running == 2
+
+
 def test_reregistration_keeps_bookings_and_drain():
     r = reg(W("p1", "prefill"), W("d1", "decode"))
     r.book(place(r, CFG, "m", 50, no_cache), now=0.0)
