@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -74,28 +75,30 @@ class ClusterClient:
     worker continues from the first token the client already has. A decode worker that
     dies mid-stream ends the request with an error (no silent duplicate tokens)."""
 
-    def __init__(self, scheduler_address: str, route_retries: int = 5,
+    def __init__(self, scheduler_address: str, route_wait_s: float = 15.0,
                  max_attempts: int = 3) -> None:
         self.channels = Channels()
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
-        self.route_retries = route_retries
+        self.route_wait_s = route_wait_s
         self.max_attempts = max_attempts
         self._bg: set[asyncio.Task] = set()
 
     async def route(self, request_id: str, model: str, token_ids: list[int],
                     exclude: list[str] | None = None):
+        """Route; while the scheduler restarts or no worker is registered (UNAVAILABLE),
+        retry with backoff for up to `route_wait_s`."""
         delay = 0.1
-        for attempt in range(self.route_retries + 1):
+        deadline = time.monotonic() + self.route_wait_s
+        while True:
             try:
                 return await self.scheduler.Route(pd_pb2.RouteRequest(
                     request_id=request_id, model=model, token_ids=token_ids,
                     exclude_workers=exclude or []), timeout=5)
             except grpc.RpcError as e:
-                # the scheduler restarting, or workers re-registering: retry briefly
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.route_retries:
-                    if e.code() == grpc.StatusCode.UNAVAILABLE:
-                        raise NoWorkers(f"no route: {e.details()}") from None
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_grpc_error(e, "route") from None
+                if time.monotonic() + delay > deadline:
+                    raise NoWorkers(f"no route: {e.details()}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

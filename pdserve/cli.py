@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
     s.add_argument("--keep-going", action="store_true",
-                   help="a worker that exits does not stop the cluster (the scheduler drops it)")
+                   help="a worker that exits does not stop the cluster (the scheduler drops "
+                        "it); a scheduler that exits is restarted")
     placement_args(s)
     s.set_defaults(func=cmd_serve)
 

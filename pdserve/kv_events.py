@@ -32,7 +32,7 @@ class Delta:
 
 
 class EventMirror:
-    """vLLM block hash -> (our hash, refcount). Pure; fed decoded vLLM event objects."""
+    """vLLM block hash -> [our hash, refcount, chain state]. Pure; fed decoded vLLM events."""
 
     def __init__(self, medium: str | None = "GPU") -> None:
         self._ours: dict[object, list] = {}     # vllm hash -> [our hash, refs]
@@ -63,21 +63,20 @@ class EventMirror:
 
     def _stored(self, ev, d: Delta) -> None:
         if ev.parent_block_hash is None:
-            parent = kvhash.root_for(ev.lora_id)
+            state = kvhash.root_for(ev.lora_id)
         else:
             rec = self._ours.get(ev.parent_block_hash)
             if rec is None:
                 self.orphans += len(ev.block_hashes)
                 return
-            parent = rec[0]
-        bs = ev.block_size
-        toks = ev.token_ids
-        for i, vh in enumerate(ev.block_hashes):
-            parent = kvhash.chain(parent, toks[i * bs:(i + 1) * bs])
+            state = rec[2]
+        hashes, states = kvhash.extend(state, ev.token_ids, ev.block_size,
+                                       max_blocks=len(ev.block_hashes))
+        for vh, h, st in zip(ev.block_hashes, hashes, states):
             rec = self._ours.get(vh)
             if rec is None:
-                self._ours[vh] = [parent, 1]
-                d.stored.append(parent)
+                self._ours[vh] = [h, 1, st]
+                d.stored.append(h)
             else:
                 rec[1] += 1
 

@@ -143,9 +143,9 @@ def run_cluster(ns) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        children.append(Child("scheduler", [
-            sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
-            "--port", str(ns.scheduler_port)] + placement_argv(ns)))
+        sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
+                      "--port", str(ns.scheduler_port)] + placement_argv(ns)
+        children.append(Child("scheduler", sched_argv))
         n_p, n_d = ns.prefill_workers, ns.decode_workers
         p_cores, d_cores = assign_cores(cores, n_p, n_d)
         for i, c in enumerate(p_cores):
@@ -177,6 +177,13 @@ def run_cluster(ns) -> int:
         while not stopping["flag"]:
             dead = [c for c in children if not c.alive() and c.name not in gone]
             for c in dead:
+                if c.name == "scheduler" and ns.keep_going:
+                    # it keeps no state that matters: workers register again and resend
+                    # their KV index snapshots, the frontend retries routing meanwhile
+                    log.warning("scheduler exited with code %s; restarting it (--keep-going)",
+                                c.proc.returncode)
+                    children[0] = Child("scheduler", sched_argv)
+                    continue
                 worker = c.name.startswith(("prefill-", "decode-"))
                 if not (worker and ns.keep_going):
                     log.error("%s exited with code %s; stopping the cluster", c.name,

@@ -157,7 +157,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             M.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         b = self.reg.book(d, self.clock())
-        self.index.hit_blocks += d.cached_tokens // max(1, self.reg.workers[d.decode].block_size)
+        prefiller = self.reg.workers[d.prefill or d.decode]
+        self.index.hit_blocks += d.cached_tokens // max(1, prefiller.block_size)
         key = f"{d.mode}:{d.reason}"
         self.decisions[key] = self.decisions.get(key, 0) + 1
         M.SCHED_DECISIONS.labels(d.mode, d.reason).inc()

@@ -106,8 +106,7 @@ def wait_sched_idle(c, timeout=10.0):
 
 
 def _pid(c, name):
-    m = re.search(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())
-    return int(m.group(1))
+    return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
 
 
 async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
@@ -141,3 +140,25 @@ async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
     loads = c.wait_idle()
     assert all(not (v.running or v.waiting or v.kv_usage or v.kv_leases_held)
                for v in loads.values()), loads
+
+
+def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
+    """SIGKILL the scheduler: the launcher (--keep-going) starts a new one, workers register
+    again by themselves and resend their KV snapshots, and placement is KV-aware again."""
+    c = kv_cluster
+    sysp = words(5 * BS, seed=21)
+    _, route = complete(c, sysp + " " + words(20, seed=3))
+    owner = route["prefill"]
+    wait_indexed(c, owner, 5)
+    old = _pid(c, "scheduler")
+    os.kill(old, signal.SIGKILL)
+    # requests sent while the scheduler is down wait (Route retries), then succeed
+    body, route = complete(c, words(50, seed=4))
+    assert body["choices"][0]["text"] is not None
+    assert re.findall(r"started scheduler \(pid (\d+)\)", c.log_path.read_text())[-1] != str(old)
+    live = {w.worker_id for w in c.workers()}
+    assert owner in live
+    wait_indexed(c, owner, 5)                     # the snapshot came back with the worker
+    wait_sched_idle(c)
+    _, route = complete(c, sysp + " " + words(25, seed=5))
+    assert route["prefill"] == owner and int(route["predicted_cached"]) == 5 * BS

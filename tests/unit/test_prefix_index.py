@@ -14,8 +14,14 @@ def test_block_hashes_chain_and_ignore_partial_tail():
     b = kvhash.block_hashes([99] + list(range(1, 40)), 16)
     assert a[0] != b[0] and a[1] != b[1]                 # a change in block 0 changes block 1
     assert kvhash.block_hashes(list(range(40)), 16, max_blocks=1) == a[:1]
-    assert kvhash.root_for(None) == kvhash.ROOT != kvhash.root_for(3)
+    assert kvhash.root_for(None) == kvhash.ROOT_STATE != kvhash.root_for(3)
     assert kvhash.cacheable_blocks(32, 16) == 1 and kvhash.cacheable_blocks(33, 16) == 2
+    # a chain continued from a parent's state equals hashing the whole prefix at once
+    toks = list(range(1000, 1100))
+    head, states = kvhash.extend(kvhash.ROOT_STATE, toks[:48], 16)
+    tail, _ = kvhash.extend(states[-1], toks[48:], 16)
+    assert head + tail == kvhash.block_hashes(toks, 16) and len(set(head + tail)) == 6
+    assert kvhash.block_hashes(toks, 16, state=kvhash.root_for(7)) != head + tail
 
 
 def test_match_counts_leading_blocks_per_worker():
