@@ -223,8 +223,11 @@ async def run_workload(url: str, model: str, rounds, concurrency: int, out_token
         async def bounded(ids):
             async with sem:
                 return await one(client, url, model, ids, out_tokens)
-        for r in rounds:
-            res += await asyncio.gather(*[bounded(ids) for ids in r])
+        for i, r in enumerate(rounds):
+            out = await asyncio.gather(*[bounded(ids) for ids in r])
+            for o in out:
+                o["round"] = i
+            res += out
     return res
 
 
@@ -269,7 +272,10 @@ def cmd_workload(ns) -> dict:
             "requests": len(res), "wall_s": wall,
             "hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0,
             "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
-            "ttft_mean_ms": statistics.mean(ttft) * 1e3}
+            "ttft_mean_ms": statistics.mean(ttft) * 1e3,
+            "per_request": [{"round": r["round"], "prompt_tokens": r["prompt_tokens"],
+                             "ttft_ms": r["ttft"] * 1e3,
+                             "kv_s": (r["kv"] or {}).get("seconds")} for r in res]}
         print(f"{policy:>13}: hit rate {results[policy]['hit_rate']:.3f}  TTFT p50 "
               f"{results[policy]['ttft_p50_ms']:.0f} ms  p99 {results[policy]['ttft_p99_ms']:.0f}"
               f" ms  ({len(res)} requests in {wall:.0f} s)", flush=True)
@@ -307,11 +313,11 @@ def main(argv=None) -> int:
     w.add_argument("--model", default=None, help="model dir (default: bundled SmolLM2)")
     w.add_argument("--policies", nargs="+", default=["kv", "round_robin", "least_loaded"])
     w.add_argument("--system-prompts", type=int, default=4)
-    w.add_argument("--system-tokens", type=int, default=384)
-    w.add_argument("--conversations", type=int, default=12)
-    w.add_argument("--turns", type=int, default=3)
-    w.add_argument("--user-tokens", type=int, default=64)
-    w.add_argument("--answer-tokens", type=int, default=64)
+    w.add_argument("--system-tokens", type=int, default=256)
+    w.add_argument("--conversations", type=int, default=16)
+    w.add_argument("--turns", type=int, default=4)
+    w.add_argument("--user-tokens", type=int, default=224)
+    w.add_argument("--answer-tokens", type=int, default=32)
     w.add_argument("--output-tokens", type=int, default=8)
     w.add_argument("--concurrency", type=int, default=2)
     w.add_argument("--kv-cache-gib", type=float, default=1.0)

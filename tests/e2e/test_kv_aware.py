@@ -162,3 +162,51 @@ def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
     wait_sched_idle(c)
     _, route = complete(c, sysp + " " + words(25, seed=5))
     assert route["prefill"] == owner and int(route["predicted_cached"]) == 5 * BS
+
+
+def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
+    """A `pdserve prefill` started by hand against the running scheduler registers, gets
+    traffic, and on SIGTERM deregisters (drained first) without failing any request."""
+    import subprocess
+    import sys
+
+    from tests.e2e.cluster import ROOT
+    c = kv_cluster
+    log = open(tmp_path / "extra.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "prefill", "--worker-id",
+                          "prefill-extra", "--cores", "0", "--scheduler", c.scheduler,
+                          "--model", c.model_dir, "--kv-cache-gib", "0.25"],
+                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "prefill-extra" not in {w.worker_id for w in c.workers()}:
+            assert p.poll() is None, (tmp_path / "extra.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the new worker never registered"
+            time.sleep(0.5)
+        s = sched(c)
+        others = [w.worker_id for w in c.workers()
+                  if w.role == pd_pb2.ROLE_PREFILL and w.worker_id != "prefill-extra"]
+        for o in others:
+            s.Drain(pd_pb2.DrainRequest(worker_id=o, drain=True))
+        try:
+            for i in range(3):
+                _, route = complete(c, words(150, seed=700 + i))
+                assert route["prefill"] == "prefill-extra", route
+        finally:
+            for o in others:
+                s.Drain(pd_pb2.DrainRequest(worker_id=o, drain=False))
+        # leave: drain, then SIGTERM; requests meanwhile go elsewhere and succeed
+        s.Drain(pd_pb2.DrainRequest(worker_id="prefill-extra", drain=True))
+        p.send_signal(signal.SIGTERM)
+        for i in range(3):
+            _, route = complete(c, words(150, seed=800 + i))
+            assert route["prefill"] != "prefill-extra"
+        assert p.wait(timeout=60) == 0
+        assert "prefill-extra" not in {w.worker_id for w in c.workers()}
+        assert "prefill-extra" not in sched(c).IndexStats(
+            pd_pb2.IndexStatsRequest()).blocks_by_worker
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
