@@ -64,23 +64,15 @@ class WorkerRuntime:
         await self._warmup()
 
     async def _warmup(self) -> None:
-        """Requests before registering, so no client pays one-time costs:
-        * vLLM's first logprobs request costs ~5 s (measured);
-        * the first long prompt an engine runs costs 15-23 s on SmolLM2 with two engines on
-          one core, against 1-2 s afterwards, whatever the later lengths (measured with
-          bench/bench_placement.py workload).
-        The long prompt's blocks are then evicted like any other cached prefix."""
+        """One small request before registering: vLLM's first logprobs request costs ~5 s
+        (measured), which the first client would otherwise pay."""
         from vllm import SamplingParams
 
         t0 = now()
         sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=2)
-        n = max(4, min(512, self.cfg.engine.max_model_len // 2))
-        vocab = self.engine.model_config.get_vocab_size()
-        prompts = [[10, 11, 12, 13], [(7 * i) % max(1, vocab - 20) + 10 for i in range(n)]]
-        for i, ids in enumerate(prompts):
-            async for _ in self.engine.generate({"prompt_token_ids": ids}, sp,
-                                                f"warmup-{self.cfg.worker_id}-{i}"):
-                pass
+        async for _ in self.engine.generate({"prompt_token_ids": [10, 11, 12, 13]}, sp,
+                                            f"warmup-{self.cfg.worker_id}"):
+            pass
         log.info("engine warm-up took %.2fs", now() - t0)
 
     @property
