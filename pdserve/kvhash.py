@@ -62,43 +62,43 @@ def root_for(lora_id: int | None) -> State:
         return State(int(_mix(np.array([lora_id], dtype=np.uint64) * K3)[0]), 0)
 
 
-def extend(state: State, token_ids, block_size: int,
-           max_blocks: int | None = None) -> tuple[list[int], list[State]]:
-    """Hashes of the full blocks of `token_ids` continuing `state`, and each block's state."""
+def _prefix(state: State, token_ids, block_size: int, max_blocks: int | None):
+    """acc at each full block's end, and the prefix length there (uint64 arrays)."""
     n = len(token_ids) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n <= 0:
-        return [], []
+        return None, None
     acc0, start = state
     m = n * block_size
     with np.errstate(over="ignore"):
         t = _tokens(token_ids, m)
         pos = np.arange(start, start + m, dtype=np.uint64)
         cs = np.cumsum(_mix(t * K1 + pos * K2 + SEED), dtype=np.uint64) + _U(acc0)
-        ends = cs[block_size - 1::block_size]
-        lens = np.arange(start + block_size, start + m + 1, block_size, dtype=np.uint64)
-        hashes = _mix(ends ^ (lens * K3))
-    accs = ends.tolist()
-    return hashes.tolist(), [State(a, int(k)) for a, k in zip(accs, lens.tolist())]
+    lens = np.arange(start + block_size, start + m + 1, block_size, dtype=np.uint64)
+    return cs[block_size - 1::block_size], lens
+
+
+def _finish(ends: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return _mix(ends ^ (lens * K3))
+
+
+def extend(state: State, token_ids, block_size: int,
+           max_blocks: int | None = None) -> tuple[list[int], list[State]]:
+    """Hashes of the full blocks of `token_ids` continuing `state`, and each block's state."""
+    ends, lens = _prefix(state, token_ids, block_size, max_blocks)
+    if ends is None:
+        return [], []
+    return (_finish(ends, lens).tolist(),
+            [State(a, k) for a, k in zip(ends.tolist(), lens.tolist())])
 
 
 def block_hashes(token_ids, block_size: int, state: State = ROOT_STATE,
                  max_blocks: int | None = None) -> list[int]:
     """Hashes of the full blocks of `token_ids` (a partial tail is ignored)."""
-    n = len(token_ids) // block_size
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    if n <= 0:
-        return []
-    acc0, start = state
-    m = n * block_size
-    with np.errstate(over="ignore"):
-        t = _tokens(token_ids, m)
-        pos = np.arange(start, start + m, dtype=np.uint64)
-        cs = np.cumsum(_mix(t * K1 + pos * K2 + SEED), dtype=np.uint64) + _U(acc0)
-        lens = np.arange(start + block_size, start + m + 1, block_size, dtype=np.uint64)
-        return _mix(cs[block_size - 1::block_size] ^ (lens * K3)).tolist()
+    ends, lens = _prefix(state, token_ids, block_size, max_blocks)
+    return [] if ends is None else _finish(ends, lens).tolist()
 
 
 def cacheable_blocks(num_tokens: int, block_size: int) -> int:
