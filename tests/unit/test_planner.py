@@ -1,0 +1,89 @@
+"""The autoscaling planner: pure state machine, time as input."""
+
+import pytest
+
+from scheduler.planner import Planner, PlannerConfig, PlannerInput, PoolMetrics, PoolPolicy
+
+CFG = PlannerConfig(prefill=PoolPolicy(target_ms=1000, min_replicas=1, max_replicas=4),
+                    decode=PoolPolicy(target_ms=50, min_replicas=1, max_replicas=3),
+                    up_cooldown_s=30, down_cooldown_s=60, down_ticks=3, warmup_grace_s=90)
+
+
+def inp(now, p=1, d=1, ttft=500.0, tpot=30.0, age=1000.0):
+    return PlannerInput(now=now, replicas={"prefill": p, "decode": d},
+                        metrics={"prefill": PoolMetrics(ttft) if ttft is not None else None,
+                                 "decode": PoolMetrics(tpot) if tpot is not None else None},
+                        newest_replica_age_s={"prefill": age, "decode": age})
+
+
+def test_a_ttft_spike_scales_prefill_only_and_respects_the_cooldown():
+    pl = Planner(CFG)
+    d = pl.tick(inp(0, ttft=2500))
+    assert d.desired == {"prefill": 3, "decode": 1}        # ceil(1 * 2.5) = 3: +2 (max step)
+    assert "scale up" in d.reasons["prefill"] and "within band" in d.reasons["decode"]
+    d = pl.tick(inp(10, p=3, ttft=2500))
+    assert d.desired["prefill"] == 3 and "cooldown" in d.reasons["prefill"]
+    d = pl.tick(inp(31, p=3, ttft=2500))
+    assert d.desired["prefill"] == 4                          # max 4
+
+
+def test_a_tpot_spike_scales_decode_only():
+    d = Planner(CFG).tick(inp(0, tpot=80))
+    assert d.desired == {"prefill": 1, "decode": 2}
+
+
+def test_a_lull_after_the_cooldown_scales_down_one_step_at_a_time():
+    pl = Planner(CFG)
+    pl.tick(inp(0, p=1, ttft=3000))                          # scale up at t=0 -> 3
+    t, p = 100, 3
+    downs = []
+    for _ in range(12):
+        d = pl.tick(inp(t, p=p, ttft=100))
+        if d.desired["prefill"] < p:
+            assert d.desired["prefill"] == p - 1               # one step
+            downs.append(t)
+        p = d.desired["prefill"]
+        t += 10
+    assert p == 1 and len(downs) == 2
+    assert downs[1] - downs[0] >= CFG.down_cooldown_s
+
+
+def test_a_short_lull_does_not_kill_a_freshly_warmed_replica():
+    pl = Planner(CFG)
+    for t in (200, 210, 220, 230):
+        d = pl.tick(inp(t, p=2, ttft=100, age=30 + t - 200))
+        assert d.desired["prefill"] == 2
+    assert "warm-up grace" in d.reasons["prefill"]
+
+
+def test_a_flapping_trace_does_not_flap():
+    pl = Planner(CFG)
+    p = 2
+    ups = downs = 0
+    for i in range(40):                                      # alternate high/low each tick
+        ttft = 1500 if i % 2 == 0 else 200
+        d = pl.tick(inp(100 + 10 * i, p=p, ttft=ttft))
+        ups += d.desired["prefill"] > p
+        downs += d.desired["prefill"] < p
+        p = d.desired["prefill"]
+    # a one-tick low never counts as a lull, so nothing is ever removed; ups stop at max
+    assert downs == 0 and ups == 2 and p == 4
+
+
+def test_min_max_and_missing_metrics():
+    pl = Planner(CFG)
+    d = pl.tick(inp(0, p=0, d=7, ttft=None, tpot=None))
+    assert d.desired == {"prefill": 1, "decode": 3}
+    assert all("bounds" in r for r in d.reasons.values())
+    d = pl.tick(inp(100, p=2, d=2, ttft=None, tpot=None))
+    assert d.desired == {"prefill": 2, "decode": 2}
+    assert all("no metrics" in r for r in d.reasons.values())
+    d = pl.tick(inp(200, p=1, ttft=10, tpot=1))
+    assert d.desired == {"prefill": 1, "decode": 1}          # at min
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError):
+        PlannerConfig(down_ratio=1.2, up_ratio=1.0)
+    with pytest.raises(ValueError):
+        PoolPolicy(target_ms=0)
