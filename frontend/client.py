@@ -60,6 +60,12 @@ def _route_str(r: pd_pb2.RouteResponse) -> str:
             f"predicted_cached={r.cached_tokens}")
 
 
+def _to_chunk(msg: pd_pb2.GenerateResponse) -> Chunk:
+    return Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
+                 msg.kv_transfer if msg.HasField("kv_transfer") else None,
+                 msg.num_external_tokens, cached_tokens=msg.num_cached_tokens)
+
+
 def _worker_down(e: grpc.RpcError) -> bool:
     # a killed or vanished worker: the connection is refused or reset
     return e.code() == grpc.StatusCode.UNAVAILABLE
@@ -173,8 +179,7 @@ class ClusterClient:
         started = False
         try:
             async for msg in stream:
-                c = Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
-                          cached_tokens=msg.num_cached_tokens)
+                c = _to_chunk(msg)
                 if not started:
                     c.route = _route_str(route)
                 started = True
@@ -222,9 +227,7 @@ class ClusterClient:
                 timeout=timeout_s)
             async for msg in stream:
                 started = True
-                yield Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
-                            msg.kv_transfer if msg.HasField("kv_transfer") else None,
-                            msg.num_external_tokens)
+                yield _to_chunk(msg)
         except grpc.RpcError as e:
             if not started:
                 await self.release(kv)

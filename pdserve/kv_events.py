@@ -35,7 +35,7 @@ class EventMirror:
     """vLLM block hash -> [our hash, refcount, chain state]. Pure; fed decoded vLLM events."""
 
     def __init__(self, medium: str | None = "GPU") -> None:
-        self._ours: dict[object, list] = {}     # vllm hash -> [our hash, refs]
+        self._ours: dict[object, list] = {}     # vllm hash -> [our hash, refs, state]
         self.medium = medium
         self.orphans = 0                         # stored blocks whose parent we never saw
 
@@ -111,11 +111,8 @@ class EventRelay:
         self.mirror = mirror
         self.lock = threading.Lock()
         self.pending: deque[Delta] = deque()
-        self.wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.batches = 0
-        self.gaps = 0
         self.resync_needed = False
 
     def start(self) -> None:
@@ -133,7 +130,6 @@ class EventRelay:
             out = list(self.pending)
             self.pending.clear()
             resync, self.resync_needed = self.resync_needed, False
-        self.wakeup.clear()
         return out, resync
 
     def snapshot(self) -> list[int]:
@@ -147,8 +143,6 @@ class EventRelay:
             d = self.mirror.apply(batch.events)
             if d:
                 self.pending.append(d)
-        self.batches += 1
-        self.wakeup.set()
 
     def _replay(self, ctx, zmq, start: int, decoder) -> int | None:
         """Fetch batches from `start` on; returns the last seq replayed (None: none)."""
@@ -192,7 +186,6 @@ class EventRelay:
                 _topic, seq_b, payload = sub.recv_multipart()
                 seq = int.from_bytes(seq_b, "big")
                 if expected is not None and seq > expected:
-                    self.gaps += 1
                     last = (self._replay(ctx, zmq, expected, decoder)
                             if self.replay_endpoint else None)
                     if last is None or last + 1 < seq:

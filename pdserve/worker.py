@@ -95,15 +95,15 @@ class WorkerRuntime:
         self._events_task = asyncio.create_task(self._events_loop())
         return port
 
-    async def agent_stats(self, pop: list[str] | None = None) -> pd_pb2.AgentStats:
+    async def agent_stats(self, pop: list[str] | None = None,
+                          timeout: float = 5.0) -> pd_pb2.AgentStats:
         return await self._agent.Stats(pd_pb2.AgentStatsRequest(pop_transfer_ids=pop or []),
-                                       timeout=5)
+                                       timeout=timeout)
 
     async def load(self) -> pd_pb2.WorkerLoad:
         # never let a slow agent hold up the heartbeat: the last figures are good enough
         try:
-            st = await self._agent.Stats(pd_pb2.AgentStatsRequest(),
-                                         timeout=max(0.2, self.cfg.heartbeat_s / 2))
+            st = await self.agent_stats(timeout=max(0.2, self.cfg.heartbeat_s / 2))
             self.leases_held = st.leases_held if self.role == "prefill" else st.loads_pending
             if self.role == "prefill":
                 M.KV_LEASES_EXPIRED.set(st.leases_expired_total)

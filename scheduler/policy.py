@@ -90,6 +90,10 @@ def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:
     return cfg.overlap_weight * uncached + c.queued_prefill_tokens + cfg.running_weight * c.running
 
 
+def _round_robin(by_id: dict, seq: int):
+    return by_id[sorted(by_id)[seq % len(by_id)]]
+
+
 def _pick(costs: list[tuple[float, str]], temperature: float, scale: float, rng):
     if temperature <= 0 or rng is None or len(costs) == 1:
         return min(costs)[1]
@@ -104,7 +108,7 @@ def choose_prefill(cfg: PlacementConfig, cands: list[Candidate], num_tokens: int
         return None
     by_id = {c.worker_id: c for c in cands}
     if cfg.policy == "round_robin":
-        return by_id[sorted(by_id)[seq % len(by_id)]]
+        return _round_robin(by_id, seq)
     costs = [(prefill_cost(cfg, c, num_tokens), c.worker_id) for c in cands]
     return by_id[_pick(costs, cfg.temperature, num_tokens, rng)]
 
@@ -119,7 +123,7 @@ def choose_decode(cfg: PlacementConfig, cands: list[DecodeCandidate], rng=None,
                   seq: int = 0) -> DecodeCandidate:
     by_id = {c.worker_id: c for c in cands}
     if cfg.policy == "round_robin":
-        return by_id[sorted(by_id)[seq % len(by_id)]]
+        return _round_robin(by_id, seq)
     tpots = [c.tpot_ms for c in cands if c.tpot_ms > 0]
     best = min(tpots) if tpots else 0.0
     return by_id[min((decode_cost(cfg, c, best), c.worker_id) for c in cands)[1]]

@@ -53,10 +53,6 @@ class Worker:
     booked_prefill_tokens: int = 0
     booked_blocks: int = 0
 
-    @property
-    def inflight(self) -> int:
-        return self.booked_requests
-
     def running(self) -> int:
         return max(self.load.running + self.load.waiting, self.booked_requests)
 
@@ -141,10 +137,9 @@ class Registry:
         return b
 
     def _release_prefill(self, b: Booking) -> None:
-        if b.prefill_done or b.prefill is None:
-            b.prefill_done = True
+        done, b.prefill_done = b.prefill_done, True
+        if done or b.prefill is None:
             return
-        b.prefill_done = True
         p = self.workers.get(b.prefill)
         if p is not None:
             p.booked_requests = max(0, p.booked_requests - 1)
