@@ -49,6 +49,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1,
                              kv_transfer_params=handle_to_params(request.kv, rid))
         self.active[rid] = asyncio.current_task()
+        self.rt.inflight += 1
         finished = False
         first = True
         try:
@@ -77,6 +78,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             raise
         finally:
             self.active.pop(rid, None)
+            self.rt.inflight -= 1
             if not finished:
                 await self._transfer_record(rid)  # drop the record of an aborted request
 

@@ -108,12 +108,15 @@ class ClusterClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def report(self, booking_id: str, phase: int) -> None:
-        """Tell the scheduler (in the background; a lost report expires on its own)."""
+    def report(self, booking_id: str, phase: int, ttft_s: float = 0.0, tpot_s: float = 0.0,
+               output_tokens: int = 0) -> None:
+        """Tell the scheduler (in the background; a lost report expires on its own). The
+        latencies feed the autoscaling planner: what the client saw."""
         async def send():
             try:
-                await self.scheduler.Report(pd_pb2.ReportRequest(booking_id=booking_id,
-                                                                 phase=phase), timeout=5)
+                await self.scheduler.Report(pd_pb2.ReportRequest(
+                    booking_id=booking_id, phase=phase, ttft_ms=ttft_s * 1e3,
+                    tpot_ms=tpot_s * 1e3, output_tokens=output_tokens), timeout=5)
             except grpc.RpcError as e:
                 log.debug("report %s failed: %s", booking_id, e.code())
         t = asyncio.get_running_loop().create_task(send())
@@ -136,20 +139,26 @@ class ClusterClient:
                        timeout_s: float) -> AsyncIterator[Chunk]:
         exclude: list[str] = []
         first: Chunk | None = None      # the first token, once the client has it
+        t0 = time.perf_counter()
+        t_first = 0.0
+        ntok = 0
         for attempt in range(self.max_attempts):
             route = await self.route(request_id, model, token_ids, exclude)
             phase = pd_pb2.PHASE_FAILED
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
-                    async for c in self._local(route, request_id, token_ids, sampling,
-                                               timeout_s, first):
-                        yield c
+                    gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
                 else:
-                    async for c in self._disagg(route, request_id, token_ids, sampling,
-                                                timeout_s, first):
-                        if first is None:
-                            first = c
-                        yield c
+                    gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first)
+                async for c in gen:
+                    if c.token_ids and not t_first:
+                        t_first = time.perf_counter()
+                        self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE,
+                                    ttft_s=t_first - t0)
+                    if first is None and route.mode != pd_pb2.ROUTE_MODE_LOCAL:
+                        first = c
+                    ntok += len(c.token_ids)
+                    yield c
                 phase = pd_pb2.PHASE_DONE
                 return
             except WorkerFailed as e:
@@ -160,7 +169,11 @@ class ClusterClient:
                 M.ROUTE_RETRIES.labels(e.role).inc()
                 exclude.append(e.worker_id)
             finally:
-                self.report(route.booking_id, phase)
+                if phase == pd_pb2.PHASE_DONE and ntok > 1:
+                    self.report(route.booking_id, phase, output_tokens=ntok,
+                                tpot_s=(time.perf_counter() - t_first) / (ntok - 1))
+                else:
+                    self.report(route.booking_id, phase, output_tokens=ntok)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
                      first: Chunk | None):
@@ -204,7 +217,8 @@ class ClusterClient:
             if _worker_down(e):
                 raise WorkerFailed(route.prefill.worker_id, "prefill", e) from None
             raise from_grpc_error(e, f"prefill on {route.prefill.worker_id}") from None
-        self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE)
+        if first is not None:    # a retry: the client already has its first token
+            self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE)
         if first is None:
             first = Chunk([pf.first_token_id], pf.first_token_text,
                           [pf.first_logprob] if pf.HasField("first_logprob") else [],

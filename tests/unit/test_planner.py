@@ -87,3 +87,53 @@ def test_bad_config_is_rejected():
         PlannerConfig(down_ratio=1.2, up_ratio=1.0)
     with pytest.raises(ValueError):
         PoolPolicy(target_ms=0)
+
+
+def test_actions_and_reason_codes_are_bounded():
+    from scheduler.planner import REASONS
+    pl = Planner(CFG)
+    d = pl.tick(inp(0, ttft=2500, tpot=None))
+    assert d.actions == {"prefill": "up", "decode": "hold"}
+    assert d.codes == {"prefill": "slo_breach", "decode": "no_metrics"}
+    assert set(d.codes.values()) <= set(REASONS)
+
+
+def idle_inp(now, p=2, d=2, age=1000.0):
+    return PlannerInput(now=now, replicas={"prefill": p, "decode": d},
+                        metrics={"prefill": PoolMetrics(None), "decode": PoolMetrics(None)},
+                        newest_replica_age_s={"prefill": age, "decode": age})
+
+
+def test_an_idle_window_is_a_lull_but_queued_work_is_not():
+    pl = Planner(CFG)
+    # measured, no requests, nothing queued: idle counts as below the band
+    for t in (0, 10):
+        assert pl.tick(idle_inp(t)).desired == {"prefill": 2, "decode": 2}
+    d = pl.tick(idle_inp(20))
+    assert d.desired == {"prefill": 1, "decode": 1} and d.codes["prefill"] == "idle"
+    # requests in flight but none finished in the window: hold, and the lull count resets
+    pl = Planner(CFG)
+    busy = PlannerInput(now=0, replicas={"prefill": 2, "decode": 2},
+                        metrics={"prefill": PoolMetrics(None, queue_depth=5),
+                                 "decode": PoolMetrics(None, request_rate=1.0)},
+                        newest_replica_age_s={"prefill": 1000, "decode": 1000})
+    for t in range(0, 100, 10):
+        d = pl.tick(PlannerInput(t, busy.replicas, busy.metrics, busy.newest_replica_age_s))
+        assert d.desired == {"prefill": 2, "decode": 2}
+        assert d.codes == {"prefill": "in_flight", "decode": "in_flight"}
+
+
+def test_sliding_window_percentiles_rates_and_expiry():
+    from scheduler.planner import SlidingWindow
+    w = SlidingWindow(10.0)
+    assert w.percentile(0, 90) is None and w.rate(0) == 0
+    for i in range(1, 11):          # values 1..10 at t=1..10
+        w.add(float(i), float(i))
+    assert w.percentile(10, 90) == 9.0      # nearest rank: ceil(0.9 * 10) = 9th
+    assert w.percentile(10, 50) == 5.0
+    assert w.percentile(10, 100) == 10.0
+    assert w.rate(10) == 1.0 and w.mean(10) == 5.5
+    assert w.values(15.5) == [6.0, 7.0, 8.0, 9.0, 10.0]   # t <= 5.5 fell out
+    assert w.count(100) == 0
+    with pytest.raises(ValueError):
+        SlidingWindow(0)
