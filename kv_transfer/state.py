@@ -45,14 +45,23 @@ class LeaseTable:
 
     `take_finished(now)` returns the ids whose blocks may be freed now (released
     or expired), exactly once each.
+
+    A Release may arrive before its lease exists: the engine adds a finished request's
+    lease on its next step, while the worker that got the output can release at once
+    (a request that ended on its first token). Such a release is remembered for
+    `early_ttl_s`, and the lease is freed as soon as it is added, never left to expire.
     """
     leases: dict[str, Lease] = field(default_factory=dict)
     _released: set[str] = field(default_factory=set)
+    _early: dict[str, float] = field(default_factory=dict)   # released before added
+    early_ttl_s: float = 120.0
     expired_total: int = 0
     released_total: int = 0
 
     def add(self, transfer_id: str, now: float, lease_s: float, num_blocks: int) -> None:
         self.leases[transfer_id] = Lease(transfer_id, now + lease_s, num_blocks)
+        if self._early.pop(transfer_id, None) is not None:
+            self._released.add(transfer_id)
 
     def acquire(self, ids: list[str], now: float, extend_s: float) -> tuple[list[str], list[str]]:
         held, missing = [], []
@@ -65,13 +74,17 @@ class LeaseTable:
                 held.append(tid)
         return held, missing
 
-    def release(self, ids: list[str]) -> tuple[list[str], list[str]]:
+    def release(self, ids: list[str], now: float = 0.0) -> tuple[list[str], list[str]]:
+        """-> (ids that will be freed, ids not held now). An id not known yet is
+        remembered: if its lease is added later, it is freed at once."""
         held, missing = [], []
         for tid in ids:
             if tid in self.leases and tid not in self._released:
                 self._released.add(tid)
                 held.append(tid)
             else:
+                if tid not in self.leases:
+                    self._early[tid] = now
                 missing.append(tid)
         return held, missing
 
@@ -83,6 +96,8 @@ class LeaseTable:
         for t in released | expired:
             del self.leases[t]
         self._released.clear()
+        for t in [t for t, at in self._early.items() if now - at > self.early_ttl_s]:
+            del self._early[t]
         self.released_total += len(released)
         self.expired_total += len(expired)
         return released, expired

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -139,6 +140,8 @@ AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
                            "scale-down"),
     "--warmup-grace-s": ("warmup_grace_s", float, 120.0, "never remove a replica younger "
                          "than this"),
+    "--planner-startup-grace-s": ("planner_startup_grace_s", float, 300.0, "no planning "
+                                  "until every pool reached its minimum, or this long"),
     "--planner-record": ("planner_record", str, "", "append every tick to this JSON-lines "
                          "file (`pdserve planner-dryrun --trace` replays it)"),
     "--autoscale-worker-args": ("autoscale_worker_args", str, "", "local: engine flags for "
@@ -162,7 +165,7 @@ AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
 def autoscale_args(p: argparse.ArgumentParser, planner_only: bool = False) -> None:
     for flag, (name, typ, default, hlp) in AUTOSCALE_FLAGS.items():
         if planner_only and (flag.startswith(("--autoscale", "--k8s")) or
-                             flag == "--planner-record"):
+                             flag in ("--planner-record", "--planner-startup-grace-s")):
             continue
         p.add_argument(flag, dest=name, type=typ, default=default, help=hlp)
 
@@ -189,6 +192,7 @@ def autoscale_config(ns) -> AutoscaleConfig:
     return AutoscaleConfig(
         mode=ns.autoscale, planner=planner_config(ns), interval_s=ns.planner_interval_s,
         window_s=ns.planner_window_s, record_path=ns.planner_record,
+        startup_grace_s=ns.planner_startup_grace_s,
         worker_args=ns.autoscale_worker_args,
         prefill_cores=cores(ns.autoscale_prefill_cores),
         decode_cores=cores(ns.autoscale_decode_cores), base_replicas=(base[0], base[1]),
@@ -330,7 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+PARENT_ENV = "PDSERVE_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """A process started with PDSERVE_PARENT_PID asks the kernel to SIGTERM it when that
+    parent dies (PR_SET_PDEATHSIG), and exits if the parent is already gone. Set here, in
+    the child, so a parent full of gRPC threads never needs a fork-time preexec_fn."""
+    want = os.environ.pop(PARENT_ENV, "")
+    if not want:
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != int(want):
+        sys.exit("parent process gone before start-up")
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     ns = build_parser().parse_args(argv)
     return ns.func(ns)
 

@@ -74,6 +74,7 @@ class AutoscaleConfig:
     interval_s: float = 10.0          # one planner tick
     window_s: float = 60.0            # latency percentiles and rates over this window
     record_path: str = ""             # append every tick as JSON lines (dry-run replays it)
+    startup_grace_s: float = 300.0    # no planning before every pool reached its minimum
     # local actuator: flags for the `pdserve prefill|decode` processes it starts
     worker_args: str = ""
     prefill_cores: tuple[str, ...] = ("0",)

@@ -31,6 +31,8 @@ def set_engine_env(cfg: EngineConfig) -> None:
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # engine-core <-> worker queue: a short spin, then sleep (pdserve/vllm_plugin.py)
+    os.environ.setdefault("PDSERVE_QUIET_WAIT", "1")
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,

@@ -2,8 +2,9 @@
 
 Each child runs in its own process group (so its vLLM engine-core grandchildren go
 with it) and dies with the launcher (PR_SET_PDEATHSIG). Ctrl-C or SIGTERM stops the
-frontend first, then workers (graceful: deregister, stop the engine), then the
-scheduler; whatever is left after the grace period is killed by process group.
+frontend first, then the scheduler (and the workers its autoscaler started), then the
+workers (graceful: deregister, drain, stop the engine); whatever is left after the grace
+period is killed by process group.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ class Child:
 
 
 def stop_all(children: list[Child], grace: float = GRACE_S) -> None:
-    """Frontend -> workers -> scheduler, by PID/process group; kill what lingers."""
-    for group in (children[-1:], children[1:-1], children[:1]):
+    """Frontend -> scheduler -> workers, by PID/process group; kill what lingers.
+
+    The scheduler goes before the workers: its autoscaler would otherwise see the pools
+    shrink and start replacements. It stops the workers its autoscaler started; ours
+    drain without it (their deregistration fails harmlessly)."""
+    for group in (children[-1:], children[:1], children[1:-1]):
         for c in group:
             if c.alive():
                 c.signal_group(signal.SIGTERM)

@@ -200,6 +200,7 @@ class LocalActuator:
         self._spawn = spawn or _spawn
         self.managed: dict[str, Managed] = {}
         self._n = 0
+        self._per_pool = {p: 0 for p in POOLS}
 
     # -- views
     def _mine(self, pool: str, *states: str) -> list[Managed]:
@@ -233,7 +234,8 @@ class LocalActuator:
         now = self.clock()
         for _ in range(desired - cur):
             self._n += 1
-            wid = f"{pool}-auto{self._n}"
+            self._per_pool[pool] += 1
+            wid = f"{pool}-auto{self._per_pool[pool]}"
             core = self._pick_core(pool)
             proc = self._spawn(self.argv(pool, wid, core))
             self.managed[wid] = Managed(wid, pool, core, proc, now, since=now, seq=self._n)
@@ -307,8 +309,12 @@ def _idle(w: Worker) -> bool:
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen:
-    from pdserve.launcher import _pdeathsig
-    return subprocess.Popen(argv, preexec_fn=_pdeathsig, env=dict(os.environ))
+    """A new session (its own process group), dying with us. No preexec_fn: forking a
+    process that runs gRPC threads and then running Python in the child crashed (SIGSEGV,
+    measured); the child sets PR_SET_PDEATHSIG itself (pdserve.cli.die_with_parent)."""
+    from pdserve.cli import PARENT_ENV
+    return subprocess.Popen(argv, start_new_session=True,
+                            env={**os.environ, PARENT_ENV: str(os.getpid())})
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -146,9 +146,22 @@ class Autoscaler:
                 await self.actuator.apply(pool, d.desired[pool], d.reasons[pool], self.reg)
         return d
 
+    def pools_up(self) -> bool:
+        return all(len(self.reg.live(p)) >= getattr(self.cfg.planner, p).min_replicas
+                   for p in POOLS)
+
     async def run(self) -> None:
         log.info("autoscaler: %s actuator, tick %.1fs, window %.0fs, %s", self.actuator.kind,
                  self.cfg.interval_s, self.cfg.window_s, self.cfg.planner)
+        # Start-up: workers take a while to load and register. Until every pool has reached
+        # its minimum (or startup_grace_s passed), an empty pool means "not registered
+        # yet", not "scale me up".
+        t0 = self.clock()
+        while not self.pools_up() and self.clock() - t0 < self.cfg.startup_grace_s:
+            await asyncio.sleep(min(1.0, self.cfg.interval_s))
+        log.info("autoscaler: planning from now on (%s)",
+                 "every pool is up" if self.pools_up() else
+                 f"start-up grace {self.cfg.startup_grace_s:.0f}s passed")
         while True:
             await asyncio.sleep(self.cfg.interval_s)
             try:

@@ -417,7 +417,7 @@ class _WorkerHalf:
 
     def _release(self, ids: list[str]):
         with self.lock:
-            return self.leases.release(ids)
+            return self.leases.release(ids, time.monotonic())
 
     def _stats(self, pop: list[str]) -> pd_pb2.AgentStats:
         with self.lock:

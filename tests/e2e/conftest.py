@@ -2,6 +2,7 @@ import os
 import random
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -29,16 +30,27 @@ def cluster(tiny_model, tmp_path_factory):
     assert_no_orphans(c.log_path)
 
 
-def assert_no_orphans(log_path) -> None:
-    """No child of the launcher, nor anything in a child's process group, survives it."""
-    pids = {int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", log_path.read_text())}
+def assert_no_orphans(log_path, settle_s: float = 15.0) -> None:
+    """No child of the launcher, nor anything in a child's process group, survives it.
+
+    A process SIGKILLed a moment ago may still be exiting (an engine frees gigabytes of
+    mlocked KV cache): it gets `settle_s` to finish."""
+    text = log_path.read_text()
+    pids = {int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", text)}
+    pids |= {int(p) for p in re.findall(r"local: started \S+ on core \S+ \(pid (\d+)\)",
+                                        text)}
     assert pids, "launcher log names no children"
-    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True,
-                         text=True).stdout
-    # zombies are skipped: they hold nothing, and a container's PID 1 may never reap them
-    left = [ln for ln in out.splitlines()
-            if ln.split() and not ln.split()[2].startswith("Z")
-            and (int(ln.split()[0]) in pids or int(ln.split()[1]) in pids)]
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True,
+                             text=True).stdout
+        # zombies are skipped: they hold nothing, and a container's PID 1 may never reap them
+        left = [ln for ln in out.splitlines()
+                if ln.split() and not ln.split()[2].startswith("Z")
+                and (int(ln.split()[0]) in pids or int(ln.split()[1]) in pids)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert not left, f"orphans: {left}"
 
 

@@ -62,3 +62,18 @@ def test_released_lease_cannot_be_acquired():
     t.add("a", now=0, lease_s=5, num_blocks=1)
     t.release(["a"])
     assert t.acquire(["a"], now=1, extend_s=30) == ([], ["a"])
+
+
+def test_a_release_that_beats_its_lease_frees_it_when_added():
+    """The engine adds a finished request's lease on its next step; the worker that got the
+    output may release first. The blocks must be freed then, not left to expire."""
+    t = LeaseTable(early_ttl_s=60)
+    assert t.release(["a"], now=0) == ([], ["a"])
+    t.add("a", now=0.5, lease_s=30, num_blocks=2)
+    assert t.take_finished(now=0.6) == ({"a"}, set())
+    assert len(t) == 0 and t.expired_total == 0
+    # an early release is forgotten after its TTL (ids are never reused)
+    t.release(["b"], now=0)
+    t.take_finished(now=61)
+    t.add("b", now=61, lease_s=30, num_blocks=1)
+    assert t.take_finished(now=62) == (set(), set()) and len(t) == 1

@@ -1,0 +1,199 @@
+"""Autoscaling with real processes: the planner in the scheduler and the local actuator.
+
+One cluster (tiny model, 1 prefill + 1 decode, max_num_seqs 2), tight SLOs (TTFT p90 1 s,
+TPOT p90 20 ms), a 1 s planner tick and short cooldowns. Calibrated on this machine: a
+burst of 1,800-token prompts at concurrency 16 gives TTFT p90 about 2.6 s and no TPOT
+sample (max_tokens 1); a burst of 200-token generations at concurrency 6 gives TPOT p90
+about 40 ms (the decode engine's two slots queue the rest) and TTFT p90 about 15 ms.
+
+1. Long prompts: the planner starts a second *prefill* worker (never a decode worker), it
+   registers and serves requests; after the burst it is drained and stopped.
+2. Decode-heavy: the same for the *decode* pool, and no prefill worker is started.
+No request fails in either phase.
+
+Each burst runs at full concurrency until the planner decides, then trickles (one request
+every 2 s) until the new replica has registered, then runs at a light load until the
+replica has served requests. On 2 cores a new replica shares its pool's core with a busy
+engine, and vLLM pins the new worker process to that core before it even imports torch:
+measured, it got about 7% of the core and had not started after 4 minutes under steady
+load. The point here is that the new replica registers, gets traffic and is drained.
+"""
+
+import asyncio
+import json
+import random
+import re
+import time
+
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import start_cluster, stop_cluster_proc
+from tests.e2e.conftest import assert_no_orphans
+
+PHASE_LIMIT_S = 240
+
+
+@pytest.fixture(scope="module")
+def scaled(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("autoscale")
+    record = d / "planner.jsonl"
+    c = start_cluster(tiny_model, d / "cluster.log", extra=[
+        "--max-num-seqs", "2", "--autoscale", "local",
+        "--ttft-slo-ms", "1000", "--tpot-slo-ms", "20",
+        "--prefill-max", "2", "--decode-max", "2",
+        "--planner-interval-s", "1", "--planner-window-s", "6",
+        "--scale-up-cooldown-s", "60", "--scale-down-cooldown-s", "5",
+        "--scale-down-ticks", "3", "--warmup-grace-s", "5",
+        "--planner-record", str(record)])
+    c.record = record
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)     # the workers the autoscaler started included
+
+
+def workers(c, role):
+    return {w.worker_id: w for w in c.workers() if w.role == role}
+
+
+async def burst(c, kind: str, concurrency: int, light: int, decided, started, until,
+                limit_s: float):
+    """Closed-loop load at `concurrency` until `decided()`, one request every 2 s until
+    `started()`, then `light` concurrent until `until()` (checked every second), or
+    limit_s."""
+    rng = random.Random(kind)
+    results: list[tuple[int, str]] = []
+    done = asyncio.Event()
+    active = {"n": concurrency, "pause": 0.0}
+
+    async def loop(client, i):
+        while not done.is_set():
+            if i >= active["n"]:
+                await asyncio.sleep(0.2)
+                continue
+            await asyncio.sleep(active["pause"])
+            if kind == "long":
+                body = {"model": c.model_name, "max_tokens": 1,
+                        "prompt": [rng.randrange(10, 900) for _ in range(1800)]}
+            else:
+                body = {"model": c.model_name, "max_tokens": 200, "ignore_eos": True,
+                        "prompt": [rng.randrange(10, 900) for _ in range(20)]}
+            r = await client.post(f"{c.url}/v1/completions", json=body)
+            results.append((r.status_code, r.headers.get("x-pdserve-route", "")))
+
+    async def watch():
+        t0 = time.monotonic()
+        phase = "burst"
+        while time.monotonic() - t0 < limit_s:
+            await asyncio.sleep(1)
+            if phase == "burst" and await asyncio.to_thread(decided):
+                phase, active["n"], active["pause"] = "trickle", 1, 2.0
+            if phase == "trickle" and await asyncio.to_thread(started):
+                phase, active["n"], active["pause"] = "light", light, 0.0
+            if await asyncio.to_thread(until, results):
+                break
+        done.set()
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(watch(), *[loop(client, i) for i in range(concurrency)])
+    return results
+
+
+def wait_for(pred, limit_s: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        v = pred()
+        if v:
+            return v
+        time.sleep(1)
+    raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
+
+
+def served_by(results, role: str, worker: str) -> int:
+    return sum(1 for _, route in results if f"{role}={worker}" in route)
+
+
+def records(c):
+    return [json.loads(x) for x in c.record.read_text().splitlines() if x.strip()]
+
+
+def test_long_prompts_scale_prefill_then_drain(scaled):
+    c = scaled
+    assert set(workers(c, pd_pb2.ROLE_PREFILL)) == {"prefill-0"}
+
+    def enough(results):
+        return served_by(results, "prefill", "prefill-auto1") >= 3
+
+    def decided():
+        return "local: started prefill-auto1" in c.log_path.read_text()
+
+    def started():
+        return "local: prefill-auto1 registered" in c.log_path.read_text()
+
+    results = asyncio.run(burst(c, "long", 16, 2, decided, started, enough, PHASE_LIMIT_S))
+    assert results and all(code == 200 for code, _ in results), \
+        {code for code, _ in results}
+    assert served_by(results, "prefill", "prefill-auto1") >= 3, "new replica got no traffic"
+    log = c.log_path.read_text()
+    assert "local: started prefill-auto1 on core 0" in log
+    assert "started decode-auto" not in log           # only the pool that breached
+    ups = [r for r in records(c) if r["actions"]["prefill"] == "up"]
+    assert ups and ups[0]["codes"]["prefill"] == "slo_breach"
+    assert ups[0]["metrics"]["prefill"]["latency_p90_ms"] > 1000
+    assert all(r["actions"]["decode"] != "up" for r in records(c))
+
+    # the lull: drained, stopped, deregistered
+    wait_for(lambda: "local: prefill-auto1 stopped" in c.log_path.read_text(), 120,
+             "the scale-down of prefill-auto1")
+    assert set(workers(c, pd_pb2.ROLE_PREFILL)) == {"prefill-0"}
+    log = c.log_path.read_text()
+    assert re.search(r"local: draining prefill-auto1: .*scale down by 1", log)
+    assert "drain timeout" not in log and "exited unexpectedly" not in log
+    r = httpx.post(f"{c.url}/v1/completions", timeout=60, json={
+        "model": c.model_name, "prompt": "the fox", "max_tokens": 4})
+    assert r.status_code == 200
+
+
+def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
+    c = scaled
+    before = len(records(c))
+    assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
+
+    def enough(results):
+        return served_by(results, "decode", "decode-auto1") >= 3
+
+    def decided():
+        return "local: started decode-auto1" in c.log_path.read_text()
+
+    def started():
+        return "local: decode-auto1 registered" in c.log_path.read_text()
+
+    results = asyncio.run(burst(c, "decode", 6, 4, decided, started, enough, PHASE_LIMIT_S))
+    assert results and all(code == 200 for code, _ in results), \
+        {code for code, _ in results}
+    assert served_by(results, "decode", "decode-auto1") >= 3, "new replica got no traffic"
+    log = c.log_path.read_text()
+    assert "local: started decode-auto1 on core 1" in log
+    assert "started prefill-auto2" not in log
+    phase = records(c)[before:]
+    ups = [r for r in phase if r["actions"]["decode"] == "up"]
+    assert ups and ups[0]["metrics"]["decode"]["latency_p90_ms"] > 20
+    assert all(r["actions"]["prefill"] != "up" for r in phase)
+
+    wait_for(lambda: "local: decode-auto1 stopped" in c.log_path.read_text(), 120,
+             "the scale-down of decode-auto1")
+    assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
+    assert "drain timeout" not in c.log_path.read_text()
+    # the planner's metrics say where it ended
+    sched = httpx.get(f"http://{metrics_address(c)}/metrics", timeout=10).text
+    assert 'pdserve_planner_desired_replicas{pool="decode"} 1.0' in sched
+    assert 'pdserve_planner_actual_replicas{pool="prefill"} 1.0' in sched
+    assert re.search(r'pdserve_planner_decisions_total\{action="up",pool="decode"\} 1\.0',
+                     sched)
+
+
+def metrics_address(c) -> str:
+    m = re.search(r"\[scheduler\].*metrics on :(\d+)", c.log_path.read_text())
+    assert m, "scheduler metrics port not logged"
+    return f"127.0.0.1:{m.group(1)}"
