@@ -55,7 +55,8 @@ def _sse(obj: Any) -> str:
 
 
 class _Timing:
-    def __init__(self) -> None:
+    def __init__(self, slo: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.slo = slo                     # (TTFT, TPOT) in seconds; 0: no SLO
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.last: float | None = None
@@ -76,15 +77,24 @@ class _Timing:
     def done(self) -> None:
         t = time.perf_counter()
         M.E2E.observe(t - self.t0)
+        tpot = 0.0
         if self.first is not None and self.n > 1:
-            M.TPOT.observe((t - self.first) / (self.n - 1))
+            tpot = (t - self.first) / (self.n - 1)
+            M.TPOT.observe(tpot)
         M.GEN_TOKENS.inc(self.n)
+        ttft_slo, tpot_slo = self.slo
+        if self.first is not None and (not ttft_slo or self.first - self.t0 <= ttft_slo) \
+                and (not tpot_slo or tpot <= tpot_slo):
+            M.GOODPUT.inc()           # within both SLOs: counts toward goodput
 
 
 def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                tokenizer: Tokenizer | None = None) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0")
     state: dict[str, Any] = {"client": client, "tok": tokenizer}
+    slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
+    M.SLO_SECONDS.labels("ttft").set(slo[0])
+    M.SLO_SECONDS.labels("tpot").set(slo[1])
 
     @app.on_event("startup")
     async def _startup() -> None:
@@ -156,6 +166,20 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/sd/targets")
+    async def sd_targets():
+        """Prometheus HTTP service discovery (http_sd_configs): every registered worker's
+        metrics endpoint, from the scheduler, labelled by role and worker id."""
+        try:
+            ws = await state["client"].list_workers()
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"error": f"scheduler: {e}"}, 503)
+        roles = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode"}
+        return [{"targets": [w.metrics_address],
+                 "labels": {"pdserve_role": roles.get(w.role, "unknown"),
+                            "pdserve_worker": w.worker_id}}
+                for w in ws.workers if w.metrics_address]
 
     @app.get("/v1/models")
     async def models():
@@ -292,7 +316,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
-        timing = _Timing()
+        timing = _Timing(slo)
         M.INFLIGHT.inc()
         chunks: list[Chunk] = []
         try:
@@ -348,7 +372,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             return _sse(d)
 
         async def gen():
-            timing = _Timing()
+            timing = _Timing(slo)
             n_gen = 0
             cached = 0
             offset = 0

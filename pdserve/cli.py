@@ -41,6 +41,12 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute")
     ap.add_argument("--kv-progress-delay-us", type=int, default=1000,
                     help="producer's UCX progress thread: sleep between polls (0: no thread)")
+    ap.add_argument("--kv-expect-transport", default="auto",
+                    choices=["auto", "nvlink", "rdma", "shm", "tcp", "none"],
+                    help="the UCX transport KV peers should use; a worse one is logged as a "
+                         "KV TRANSPORT FALLBACK warning and counted in "
+                         "pdserve_kv_transport_fallback_peers (auto: shm on one host, rdma "
+                         "between hosts that have an RDMA device)")
     ap.add_argument("--drain-timeout-s", type=float, default=60.0,
                     help="on SIGTERM a worker deregisters, then waits up to this long for its "
                          "requests (and KV held for decode workers) to finish")
@@ -65,7 +71,8 @@ def engine_config(ns, cores: str) -> EngineConfig:
 def kv_config(ns) -> KVTransferConfig:
     return KVTransferConfig(lease_s=ns.lease_s, transfer_timeout_s=ns.transfer_timeout_s,
                             load_failure_policy=ns.load_failure_policy,
-                            progress_delay_us=ns.kv_progress_delay_us)
+                            progress_delay_us=ns.kv_progress_delay_us,
+                            expect_transport=ns.kv_expect_transport)
 
 
 async def _until_signal(run) -> None:
@@ -225,7 +232,8 @@ def cmd_frontend(ns) -> int:
     from pathlib import Path
     cfg = FrontendConfig(model=model, served_model_name=ns.served_model_name or Path(model).name,
                          max_model_len=ns.max_model_len, host=ns.host, port=ns.port,
-                         scheduler_address=ns.scheduler)
+                         scheduler_address=ns.scheduler, ttft_slo_ms=ns.ttft_slo_ms,
+                         tpot_slo_ms=ns.tpot_slo_ms)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
                 timeout_graceful_shutdown=5)
     return 0
@@ -324,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, default=8000)
     f.add_argument("--scheduler", default="127.0.0.1:50051")
+    f.add_argument("--ttft-slo-ms", type=float, default=2000.0,
+                   help="goodput counts requests within this TTFT and the TPOT SLO")
+    f.add_argument("--tpot-slo-ms", type=float, default=100.0)
     f.set_defaults(func=cmd_frontend)
 
     m = sub.add_parser("model", help="prepare the bundled model or build the tiny test model")

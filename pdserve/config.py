@@ -47,6 +47,9 @@ class KVTransferConfig:
     transfer_timeout_s: float = 20.0 # consumer gives up (and recomputes or fails) after this
     load_failure_policy: str = "recompute"  # "recompute" | "fail"
     progress_delay_us: int = 1000    # producer's UCX progress thread sleep between polls
+    # transport a peer pair should use: auto (shm on one host, rdma between hosts with an
+    # RDMA device), nvlink, rdma, shm, tcp, none; a worse one is a loud warning + metric
+    expect_transport: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,5 @@ class FrontendConfig:
     port: int = 8000
     scheduler_address: str = "127.0.0.1:50051"
     request_timeout_s: float = 600.0
+    ttft_slo_ms: float = 2000.0       # goodput: requests within both SLOs
+    tpot_slo_ms: float = 100.0

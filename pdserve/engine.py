@@ -137,4 +137,5 @@ def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferCon
             "lease_s": kv.lease_s, "acquire_extend_s": kv.acquire_extend_s,
             "transfer_timeout_s": kv.transfer_timeout_s,
             "load_failure_policy": kv.load_failure_policy,
-            "progress_delay_us": kv.progress_delay_us}
+            "progress_delay_us": kv.progress_delay_us,
+            "expect_transport": kv.expect_transport}

@@ -119,6 +119,7 @@ def engine_argv(ns) -> list[str]:
             "--lease-s", str(ns.lease_s), "--transfer-timeout-s", str(ns.transfer_timeout_s),
             "--load-failure-policy", ns.load_failure_policy,
             "--kv-progress-delay-us", str(ns.kv_progress_delay_us),
+            "--kv-expect-transport", ns.kv_expect_transport,
             "--drain-timeout-s", str(ns.drain_timeout_s)]
     if ns.served_model_name:
         argv += ["--served-model-name", ns.served_model_name]
@@ -178,7 +179,8 @@ def run_cluster(ns) -> int:
                                                             scheduler)))
         fe = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", ns.model,
               "--host", ns.host, "--port", str(ns.port), "--scheduler", scheduler,
-              "--max-model-len", str(ns.max_model_len)]
+              "--max-model-len", str(ns.max_model_len),
+              "--ttft-slo-ms", str(ns.ttft_slo_ms), "--tpot-slo-ms", str(ns.tpot_slo_ms)]
         if ns.served_model_name:
             fe += ["--served-model-name", ns.served_model_name]
         children.append(Child("frontend", fe))

@@ -26,6 +26,10 @@ E2E = Histogram("pdserve_e2e_request_latency_seconds", "End-to-end request laten
 PROMPT_TOKENS = Counter("pdserve_prompt_tokens", "Prompt tokens processed")
 GEN_TOKENS = Counter("pdserve_generation_tokens", "Tokens generated")
 INFLIGHT = Gauge("pdserve_inflight_requests", "Requests in progress at the frontend")
+GOODPUT = Counter("pdserve_goodput_requests",
+                  "Requests completed within both SLOs (TTFT and TPOT); its rate is goodput")
+SLO_SECONDS = Gauge("pdserve_slo_seconds", "The frontend's SLOs (goodput counts requests "
+                    "within both)", ["signal"])
 
 # -- KV transfer (decode worker: per request)
 KV_BYTES = Histogram("pdserve_kv_transfer_bytes", "KV bytes transferred per request",
@@ -51,6 +55,13 @@ KV_LEASES = Gauge("pdserve_kv_leases_held",
                   ["role"])
 KV_LEASES_EXPIRED = Gauge("pdserve_kv_leases_expired",
                           "Leases that expired before the consumer released them (total)")
+KV_TRANSPORT_PEERS = Gauge("pdserve_kv_transport_peers",
+                           "KV peers by the UCX transport their connection really uses "
+                           "(nvlink, rdma, shm, tcp, none: read from UCX's endpoint log)",
+                           ["role", "transport"])
+KV_TRANSPORT_FALLBACK = Gauge("pdserve_kv_transport_fallback_peers",
+                              "KV peers whose connection uses a worse transport than expected "
+                              "(e.g. TCP where shared memory or RDMA was expected)", ["role"])
 WORKER_REQUESTS = Counter("pdserve_worker_requests", "Requests served by a worker",
                           ["role", "outcome"])
 PREFILL_SECONDS = Histogram("pdserve_prefill_seconds", "Prefill time per request on the worker",

@@ -81,8 +81,15 @@ class WorkerRuntime:
         return f"{self.cfg.host}:{self.metrics_port}"
 
     async def start_server(self, add_servicer) -> int:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_servicer(self.server)
+        # grpc.health.v1 for Kubernetes probes: SERVING once the engine is up and warm
+        # (it is, by now); NOT_SERVING from the moment a drain starts
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
         if port == 0:
             raise RuntimeError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
@@ -108,6 +115,12 @@ class WorkerRuntime:
             self.leases_held = st.leases_held if self.role == "prefill" else st.loads_pending
             if self.role == "prefill":
                 M.KV_LEASES_EXPIRED.set(st.leases_expired_total)
+            counts = {t: 0 for t in ("nvlink", "rdma", "shm", "tcp", "none")}
+            for p in st.peers:
+                counts[p.transport] = counts.get(p.transport, 0) + 1
+            for t, n in counts.items():
+                M.KV_TRANSPORT_PEERS.labels(self.role, t).set(n)
+            M.KV_TRANSPORT_FALLBACK.labels(self.role).set(sum(p.fallback for p in st.peers))
         except grpc.RpcError:
             pass
         s = self.snapshot
@@ -227,6 +240,9 @@ class WorkerRuntime:
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful: deregister (nothing new is routed here), drain, then stop."""
         self.draining = True
+        if getattr(self, "health", None) is not None:
+            from grpc_health.v1 import health_pb2
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for task in (self._hb_task, self._events_task):
             if task is not None:
                 task.cancel()

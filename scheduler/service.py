@@ -234,9 +234,13 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
 
 
 async def create_server(cfg: SchedulerConfig) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
+    from grpc_health.v1 import health, health_pb2_grpc
+
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     svc = SchedulerServicer(cfg)
     pd_pb2_grpc.add_SchedulerServicer_to_server(svc, server)
+    # grpc.health.v1 (Kubernetes gRPC probes): serving as soon as it listens
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if port == 0:
         raise RuntimeError(f"scheduler cannot bind {cfg.host}:{cfg.port}")

@@ -74,12 +74,31 @@ class NixlError(RuntimeError):
     pass
 
 
+def enable_endpoint_log(directory: str) -> str | None:
+    """Ask UCX to log endpoint configurations (INFO) into a file of ours, so we can tell
+    which transports a peer connection really uses (kv_transfer/transport.py). Must run
+    before UCX initialises in this process. Respects an operator's own UCX_LOG_FILE or a
+    quieter UCX_LOG_LEVEL (then the transport is reported as unknown)."""
+    if os.environ.get("UCX_LOG_FILE"):
+        path = os.environ["UCX_LOG_FILE"].replace("%p", str(os.getpid()))
+        return path if os.environ.get("UCX_LOG_LEVEL", "").lower() in ("info", "debug",
+                                                                        "trace") else None
+    if os.environ.get("UCX_LOG_LEVEL", "info").lower() not in ("info", "debug", "trace"):
+        return None
+    path = os.path.join(directory, f"ucx-{os.getpid()}.log")
+    os.environ["UCX_LOG_LEVEL"] = os.environ.get("UCX_LOG_LEVEL", "info")
+    os.environ["UCX_LOG_FILE"] = path
+    return path
+
+
 class NixlBackend:
-    def __init__(self, name: str, mem_type: str = "DRAM", progress_delay_us: int = 0) -> None:
+    def __init__(self, name: str, mem_type: str = "DRAM", progress_delay_us: int = 0,
+                 log_dir: str | None = None) -> None:
         # UCX picks transports itself (shm/cma on one host, rc/dc over IB, cuda_ipc
-        # for NVLink); UCX_TLS and friends override. See docs/design.md.
+        # for NVLink); UCX_TLS and friends override. See docs/deployment.md.
         self.name = name
         self.mem_type = mem_type
+        self.ucx_log = enable_endpoint_log(log_dir) if log_dir else None
         self.agent = _make_agent(_import_nixl(), name, progress_delay_us)
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
@@ -143,6 +162,17 @@ class NixlBackend:
                 self.agent.release_xfer_handle(handle)
             except Exception as e:  # noqa: BLE001
                 log.warning("NIXL: release_xfer_handle failed: %s", e)
+
+    def endpoint_configs(self):
+        """UCX endpoint configurations logged so far, newest per scope."""
+        from kv_transfer.transport import latest_by_scope, parse
+        if not self.ucx_log:
+            return {}
+        try:
+            with open(self.ucx_log, errors="replace") as f:
+                return latest_by_scope(parse(f.read()))
+        except OSError:
+            return {}
 
     def progress(self) -> None:
         """Drive UCX progress on the passive side (wire-up of new peers)."""

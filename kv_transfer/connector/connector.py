@@ -19,6 +19,8 @@ import ctypes
 import logging
 import os
 import queue
+import socket
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -345,6 +347,9 @@ class _WorkerHalf:
         self.server = None
         self.clients = AgentClients()
         self.remote_regions: dict[str, list[L.Region]] = {}
+        # the transport each producer's connection really uses (kv_transfer/transport.py)
+        self.peer_transports: dict[str, pd_pb2.PeerTransport] = {}
+        self.expect_transport = str(x.get("expect_transport", "auto"))
         self._done: list[tuple[str, bool]] = []       # consumer: (req id, ok)
         self._pending = 0
         self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()
@@ -377,8 +382,10 @@ class _WorkerHalf:
         spans = L.registration_spans(self.regions)
         if mem_type == "DRAM":
             lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
+        log_dir = os.path.dirname(self.agent_file) if self.agent_file else None
         self.backend = NixlBackend(f"{self.engine_id}-{os.getpid()}", mem_type,
-                                   progress_delay_us=self.progress_delay_us)
+                                   progress_delay_us=self.progress_delay_us,
+                                   log_dir=log_dir or tempfile.gettempdir())
         self.backend.register(spans, self.device_id)
 
         r0 = self.regions[0]
@@ -425,7 +432,7 @@ class _WorkerHalf:
             return pd_pb2.AgentStats(
                 leases_held=len(self.leases), loads_pending=self._pending,
                 leases_expired_total=self.leases.expired_total, bytes_total=self.bytes_total,
-                records=records)
+                records=records, peers=list(self.peer_transports.values()))
 
     # -- every step
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
@@ -527,10 +534,44 @@ class _WorkerHalf:
             self.backend.forget_remote(spec.engine_id)
             self.remote_regions.pop(spec.engine_id, None)
             raise
+        read_s = time.perf_counter() - t_read
+        if spec.engine_id not in self.peer_transports:
+            self._note_transport(spec)
         if self.debug_corrupt == "zero":
             for addr, length, _ in ldescs:
                 ctypes.memset(addr, 0, length)
-        return sum(d[1] for d in ldescs), len(ldescs), time.perf_counter() - t_read
+        return sum(d[1] for d in ldescs), len(ldescs), read_s
+
+    def _note_transport(self, spec: LoadSpec) -> None:
+        """After the first READ from a producer: which transport UCX really used for it.
+        Logged once per peer; a worse one than expected is a loud warning (and a metric)."""
+        from kv_transfer import transport as T
+
+        host = spec.agent_address.rsplit(":", 1)[0]
+        local = host in ("127.0.0.1", "localhost", "::1", self.agent_host,
+                         socket.gethostname())
+        scope = "intra-node" if local else "inter-node"
+        cfg = self.backend.endpoint_configs().get(scope)
+        actual = cfg.transport if cfg else "none"
+        if self.expect_transport == "auto":
+            expected = T.default_expectation(scope, bool(os.path.isdir(
+                "/sys/class/infiniband") and os.listdir("/sys/class/infiniband")))
+        else:
+            expected = self.expect_transport if self.expect_transport != "none" else ""
+        bad = cfg is not None and T.fallback(actual, expected)
+        pt = pd_pb2.PeerTransport(engine_id=spec.engine_id, transport=actual,
+                                  detail=cfg.describe() if cfg else "unknown (UCX log off)",
+                                  expected=expected, fallback=bad)
+        with self.lock:
+            self.peer_transports[spec.engine_id] = pt
+        if bad:
+            log.warning("KV TRANSPORT FALLBACK: transfers from %s (%s, %s) use %s, expected "
+                        "%s: %s. Check UCX_TLS / UCX_NET_DEVICES and the RDMA/NVLink setup "
+                        "(docs/deployment.md)", spec.engine_id, spec.agent_address, scope,
+                        actual.upper(), expected, pt.detail)
+        else:
+            log.info("KV transport from %s (%s, %s): %s", spec.engine_id, spec.agent_address,
+                     scope, pt.detail)
 
     def shutdown(self) -> None:
         if self._thread is not None:

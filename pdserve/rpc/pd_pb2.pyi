@@ -526,8 +526,22 @@ class AgentStatsRequest(_message.Message):
     pop_transfer_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, pop_transfer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class PeerTransport(_message.Message):
+    __slots__ = ("engine_id", "transport", "detail", "expected", "fallback")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    transport: str
+    detail: str
+    expected: str
+    fallback: bool
+    def __init__(self, engine_id: _Optional[str] = ..., transport: _Optional[str] = ..., detail: _Optional[str] = ..., expected: _Optional[str] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
 class AgentStats(_message.Message):
-    __slots__ = ("leases_held", "loads_pending", "leases_expired_total", "bytes_total", "records")
+    __slots__ = ("leases_held", "loads_pending", "leases_expired_total", "bytes_total", "records", "peers")
     class RecordsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -540,9 +554,11 @@ class AgentStats(_message.Message):
     LEASES_EXPIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     leases_held: int
     loads_pending: int
     leases_expired_total: int
     bytes_total: int
     records: _containers.MessageMap[str, KVTransferStats]
-    def __init__(self, leases_held: _Optional[int] = ..., loads_pending: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., records: _Optional[_Mapping[str, KVTransferStats]] = ...) -> None: ...
+    peers: _containers.RepeatedCompositeFieldContainer[PeerTransport]
+    def __init__(self, leases_held: _Optional[int] = ..., loads_pending: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., records: _Optional[_Mapping[str, KVTransferStats]] = ..., peers: _Optional[_Iterable[_Union[PeerTransport, _Mapping]]] = ...) -> None: ...

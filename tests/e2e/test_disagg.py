@@ -231,3 +231,6 @@ def test_metrics_endpoints(cluster):
         if role == "decode":
             assert metric_value(text, "pdserve_kv_transfer_bytes_sum") > 0
             assert metric_value(text, "pdserve_kv_transfer_seconds_count") > 0
+            # UCX's own endpoint log: bulk KV over shared memory (CMA) on one host
+            assert metric_value(text, "pdserve_kv_transport_peers", transport="shm") == 1
+            assert metric_value(text, "pdserve_kv_transport_fallback_peers") == 0

@@ -5,6 +5,8 @@ worker zero every block right after it arrives over UCX. If decode recomputed th
 prompt instead of using the transferred KV, its output would not change.
 """
 
+import time
+
 import httpx
 import pytest
 
@@ -36,3 +38,33 @@ def test_zeroed_kv_changes_the_output(cluster, corrupt_cluster, n):
     good = complete(cluster, prompt)
     assert complete(cluster, prompt) == good            # deterministic when intact
     assert complete(corrupt_cluster, prompt) != good    # transferred bytes matter
+
+
+@pytest.fixture(scope="module")
+def tcp_cluster(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "tcp.log",
+                      env={"UCX_TLS": "tcp,self"})
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):
+    """UCX restricted to TCP on one host: the output is still right, and the decode worker
+    says loudly, in its log and in a metric, that KV moves over TCP where shared memory
+    was expected."""
+    from pdserve.rpc import pd_pb2
+    from tests.e2e.cluster import metric_value
+
+    prompt = words(300, seed=99)
+    assert complete(tcp_cluster, prompt) == complete(cluster, prompt)
+    decode = next(w for w in tcp_cluster.workers() if w.role == pd_pb2.ROLE_DECODE)
+    deadline = time.monotonic() + 10      # the gauge follows within a heartbeat
+    while time.monotonic() < deadline:
+        text = tcp_cluster.metrics(decode)
+        if metric_value(text, "pdserve_kv_transport_fallback_peers") == 1:
+            break
+        time.sleep(0.5)
+    assert metric_value(text, "pdserve_kv_transport_fallback_peers") == 1
+    assert metric_value(text, "pdserve_kv_transport_peers", transport="tcp") == 1
+    assert "KV TRANSPORT FALLBACK" in tcp_cluster.log_path.read_text()
