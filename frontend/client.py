@@ -36,7 +36,11 @@ class Channels:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._ch.get(address)
         if ch is None:
-            ch = self._ch[address] = grpc.aio.insecure_channel(address)
+            # peers restart (scheduler, workers): reconnect within seconds, not minutes
+            ch = self._ch[address] = grpc.aio.insecure_channel(address, options=[
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)])
         return ch
 
     async def close(self) -> None:

@@ -20,6 +20,9 @@ from pdserve.rpc import pd_pb2, pd_pb2_grpc
 log = logging.getLogger(__name__)
 
 ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE}
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
@@ -98,7 +101,10 @@ class WorkerRuntime:
         self.metrics_port = M.serve_metrics(self.cfg.metrics_port, self.cfg.host)
         log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
                  self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
-        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address)
+        # a restarted scheduler must see us again within seconds: cap gRPC's reconnect
+        # backoff (its default grows to 120 s after repeated failures)
+        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address,
+                                                        options=RECONNECT_OPTIONS)
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
         self._events_task = asyncio.create_task(self._events_loop())
         return port

@@ -66,6 +66,7 @@ class Autoscaler:
         self.output_tokens = SlidingWindow(w)
         self.registered_at: dict[str, float] = {}
         self.last: Decision | None = None
+        self._last_codes: dict[str, str] = {}
         self._record = open(cfg.record_path, "a") if cfg.record_path else None
         for pool in POOLS:
             pol = getattr(cfg.planner, pool)
@@ -133,7 +134,11 @@ class Autoscaler:
             if m is not None and m.latency_p90_ms is not None:
                 M.PLANNER_LATENCY.labels(pool).set(m.latency_p90_ms / 1e3)
             M.PLANNER_RATE.labels(pool).set(m.request_rate if m else 0.0)
-        changed = any(a != "hold" for a in d.actions.values())
+        # every decision that differs from the last one is logged (a scale action, or a
+        # new reason); the full tick-by-tick record goes to record_path
+        prev = self._last_codes
+        self._last_codes = dict(d.codes)
+        changed = any(a != "hold" for a in d.actions.values()) or d.codes != prev
         log.log(logging.INFO if changed else logging.DEBUG,
                 "planner: prefill %d->%d (%s); decode %d->%d (%s)",
                 inp.replicas["prefill"], d.desired["prefill"], d.reasons["prefill"],

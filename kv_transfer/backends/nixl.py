@@ -168,6 +168,11 @@ class NixlBackend:
         from kv_transfer.transport import latest_by_scope, parse
         if not self.ucx_log:
             return {}
+        try:   # UCX logs through stdio and flushes only at exit: flush every stream now
+            import ctypes
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError):
+            pass
         try:
             with open(self.ucx_log, errors="replace") as f:
                 return latest_by_scope(parse(f.read()))
