@@ -1,0 +1,64 @@
+"""The benchmark harness on a small real run against the cluster: it completes every request,
+and its measurements agree with what the server itself recorded."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from bench.serve import sweep
+from tests.e2e.cluster import ROOT, metric_value
+
+
+class NS:
+    num_requests = 6
+    arrival = "poisson"
+    burstiness = 2.0
+    rates = "2"
+    concurrency = 0
+    input = "uniform:50:200"
+    output = "fixed:12"
+    shared_prefix = 0
+    prefix_groups = 1
+    turns = 1
+    vocab = 900
+    seed = 0
+    slo_ttft_ms = 5000.0
+    slo_tpot_ms = 500.0
+    timeout_s = 120.0
+
+
+def test_harness_small_run_matches_the_servers_own_counts(cluster):
+    before = httpx_metrics(cluster)
+    (run,) = asyncio.run(sweep(cluster.url, NS, "pdserve"))
+    after = httpx_metrics(cluster)
+    s = run["summary"]
+    assert s["completed"] == 6 and s["failed"] == 0
+    reqs = run["requests"]
+    assert all(r["output_tokens"] == 12 and r["ttft"] > 0 and r["e2e"] >= r["ttft"]
+               for r in reqs)
+    assert all(len(r["itl"]) >= 1 for r in reqs)
+    # the frontend counted the same tokens
+    gen = "pdserve_generation_tokens_total"
+    assert metric_value(after, gen) - metric_value(before, gen) == 6 * 12
+    assert s["good"] == 6 and s["goodput"] > 0          # generous SLOs on a tiny model
+    assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
+
+
+def test_harness_command_writes_json_and_plots(cluster, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--url", cluster.url, "--num-requests", "4",
+         "--rates", "4,8", "--input", "fixed:64", "--output", "fixed:6", "--vocab", "900",
+         "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads((tmp_path / "r.json").read_text())
+    assert [r["summary"]["rate"] for r in runs] == [4.0, 8.0]
+    assert "goodput" in out.stdout and "4/4 done" in out.stderr     # progress lines
+    for png in ("r-cdf.png", "r-goodput.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def httpx_metrics(cluster) -> str:
+    import httpx
+    return httpx.get(f"{cluster.url}/metrics", timeout=10).text
