@@ -119,38 +119,48 @@ def records(c):
     return [json.loads(x) for x in c.record.read_text().splitlines() if x.strip()]
 
 
+def scale_up_phase(c, pool: str, kind: str, concurrency: int, light: int) -> list[dict]:
+    """Burst until the planner starts `<pool>-auto1`, until it registered and served 3
+    requests. Checks that nothing failed and that the new replica got traffic; returns the
+    planner records of this phase."""
+    before = len(records(c))
+    new = f"{pool}-auto1"
+
+    def log():
+        return c.log_path.read_text()
+
+    results = asyncio.run(burst(
+        c, kind, concurrency, light, lambda: f"local: started {new}" in log(),
+        lambda: f"local: {new} registered" in log(),
+        lambda res: served_by(res, pool, new) >= 3, PHASE_LIMIT_S))
+    assert results and all(code == 200 for code, _ in results), \
+        {code for code, _ in results}
+    assert served_by(results, pool, new) >= 3, "new replica got no traffic"
+    return records(c)[before:]
+
+
+def drained_and_stopped(c, pool: str, role) -> None:
+    new = f"{pool}-auto1"
+    wait_for(lambda: f"local: {new} stopped" in c.log_path.read_text(), 120,
+             f"the scale-down of {new}")
+    assert set(workers(c, role)) == {f"{pool}-0"}
+    log = c.log_path.read_text()
+    assert re.search(rf"local: draining {new}: .*scale down by 1", log)
+    assert "drain timeout" not in log and "exited unexpectedly" not in log
+
+
 def test_long_prompts_scale_prefill_then_drain(scaled):
     c = scaled
     assert set(workers(c, pd_pb2.ROLE_PREFILL)) == {"prefill-0"}
-
-    def enough(results):
-        return served_by(results, "prefill", "prefill-auto1") >= 3
-
-    def decided():
-        return "local: started prefill-auto1" in c.log_path.read_text()
-
-    def started():
-        return "local: prefill-auto1 registered" in c.log_path.read_text()
-
-    results = asyncio.run(burst(c, "long", 16, 2, decided, started, enough, PHASE_LIMIT_S))
-    assert results and all(code == 200 for code, _ in results), \
-        {code for code, _ in results}
-    assert served_by(results, "prefill", "prefill-auto1") >= 3, "new replica got no traffic"
+    phase = scale_up_phase(c, "prefill", "long", 16, 2)
     log = c.log_path.read_text()
     assert "local: started prefill-auto1 on core 0" in log
     assert "started decode-auto" not in log           # only the pool that breached
-    ups = [r for r in records(c) if r["actions"]["prefill"] == "up"]
+    ups = [r for r in phase if r["actions"]["prefill"] == "up"]
     assert ups and ups[0]["codes"]["prefill"] == "slo_breach"
     assert ups[0]["metrics"]["prefill"]["latency_p90_ms"] > 600
-    assert all(r["actions"]["decode"] != "up" for r in records(c))
-
-    # the lull: drained, stopped, deregistered
-    wait_for(lambda: "local: prefill-auto1 stopped" in c.log_path.read_text(), 120,
-             "the scale-down of prefill-auto1")
-    assert set(workers(c, pd_pb2.ROLE_PREFILL)) == {"prefill-0"}
-    log = c.log_path.read_text()
-    assert re.search(r"local: draining prefill-auto1: .*scale down by 1", log)
-    assert "drain timeout" not in log and "exited unexpectedly" not in log
+    assert all(r["actions"]["decode"] != "up" for r in phase)
+    drained_and_stopped(c, "prefill", pd_pb2.ROLE_PREFILL)      # the lull
     r = httpx.post(f"{c.url}/v1/completions", timeout=60, json={
         "model": c.model_name, "prompt": "the fox", "max_tokens": 4})
     assert r.status_code == 200
@@ -158,34 +168,15 @@ def test_long_prompts_scale_prefill_then_drain(scaled):
 
 def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     c = scaled
-    before = len(records(c))
     assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-
-    def enough(results):
-        return served_by(results, "decode", "decode-auto1") >= 3
-
-    def decided():
-        return "local: started decode-auto1" in c.log_path.read_text()
-
-    def started():
-        return "local: decode-auto1 registered" in c.log_path.read_text()
-
-    results = asyncio.run(burst(c, "decode", 6, 4, decided, started, enough, PHASE_LIMIT_S))
-    assert results and all(code == 200 for code, _ in results), \
-        {code for code, _ in results}
-    assert served_by(results, "decode", "decode-auto1") >= 3, "new replica got no traffic"
+    phase = scale_up_phase(c, "decode", "decode", 6, 4)
     log = c.log_path.read_text()
     assert "local: started decode-auto1 on core 1" in log
     assert "started prefill-auto2" not in log
-    phase = records(c)[before:]
     ups = [r for r in phase if r["actions"]["decode"] == "up"]
     assert ups and ups[0]["metrics"]["decode"]["latency_p90_ms"] > 20
     assert all(r["actions"]["prefill"] != "up" for r in phase)
-
-    wait_for(lambda: "local: decode-auto1 stopped" in c.log_path.read_text(), 120,
-             "the scale-down of decode-auto1")
-    assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-    assert "drain timeout" not in c.log_path.read_text()
+    drained_and_stopped(c, "decode", pd_pb2.ROLE_DECODE)
     # the planner's metrics say where it ended
     sched = httpx.get(f"http://{metrics_address(c)}/metrics", timeout=10).text
     assert 'pdserve_planner_desired_replicas{pool="decode"} 1.0' in sched

@@ -14,13 +14,17 @@ from tests.e2e.cluster import start_cluster, stop_cluster_proc
 from tests.e2e.conftest import assert_no_orphans, words
 
 
-@pytest.fixture(scope="module")
-def corrupt_cluster(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "corrupt.log",
-                      env={"PDSERVE_DEBUG_CORRUPT_KV": "zero"})
+def cluster_with(tiny_model, tmp_path_factory, name: str, env: dict):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / f"{name}.log", env=env)
     yield c
     assert stop_cluster_proc(c.proc) == 0
     assert_no_orphans(c.log_path)
+
+
+@pytest.fixture(scope="module")
+def corrupt_cluster(tiny_model, tmp_path_factory):
+    yield from cluster_with(tiny_model, tmp_path_factory, "corrupt",
+                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"})
 
 
 def complete(c, prompt):
@@ -42,11 +46,7 @@ def test_zeroed_kv_changes_the_output(cluster, corrupt_cluster, n):
 
 @pytest.fixture(scope="module")
 def tcp_cluster(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "tcp.log",
-                      env={"UCX_TLS": "tcp,self"})
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from cluster_with(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"})
 
 
 def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):
