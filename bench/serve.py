@@ -181,21 +181,23 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout-s", type=float, default=600.0)
 
 
-def spec_for(ns, rate: float) -> WorkloadSpec:
+def spec_for(ns, rate: float, seed: int | None = None) -> WorkloadSpec:
     return WorkloadSpec(
         num_requests=ns.num_requests,
         arrival="concurrency" if ns.concurrency > 0 else ns.arrival, rate=rate,
         burstiness=ns.burstiness, input=ns.input, output=ns.output,
         shared_prefix=ns.shared_prefix, prefix_groups=ns.prefix_groups, turns=ns.turns,
-        vocab=ns.vocab, seed=ns.seed)
+        vocab=ns.vocab, seed=ns.seed if seed is None else seed)
 
 
 async def sweep(url: str, ns, label: str) -> list[dict]:
     model = await served_model(url)
     rates = [float(x) for x in ns.rates.split(",")] if ns.concurrency <= 0 else [0.0]
     runs = []
-    for rate in rates:
-        spec = spec_for(ns, rate if rate > 0 else 1.0)
+    for i, rate in enumerate(rates):
+        # each rate its own prompts (no prefix-cache hits from the previous rate's run), the
+        # same for every setup measured with the same seed
+        spec = spec_for(ns, rate if rate > 0 else 1.0, seed=ns.seed + 1000 * i)
         reqs = build(spec)
         tag = f"{label} c={ns.concurrency}" if ns.concurrency > 0 else f"{label} {rate} req/s"
         results, dur = await run_once(url, model, reqs, ns.concurrency, tag, ns.timeout_s)
