@@ -12,7 +12,7 @@ import grpc
 
 from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, PDError, from_grpc_error
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.rpc import RECONNECT_OPTIONS, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,8 @@ class Channels:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._ch.get(address)
         if ch is None:
-            # peers restart (scheduler, workers): reconnect within seconds, not minutes
-            ch = self._ch[address] = grpc.aio.insecure_channel(address, options=[
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000)])
+            ch = self._ch[address] = grpc.aio.insecure_channel(address,
+                                                               options=RECONNECT_OPTIONS)
         return ch
 
     async def close(self) -> None:
@@ -173,11 +170,9 @@ class ClusterClient:
                 M.ROUTE_RETRIES.labels(e.role).inc()
                 exclude.append(e.worker_id)
             finally:
-                if phase == pd_pb2.PHASE_DONE and ntok > 1:
-                    self.report(route.booking_id, phase, output_tokens=ntok,
-                                tpot_s=(time.perf_counter() - t_first) / (ntok - 1))
-                else:
-                    self.report(route.booking_id, phase, output_tokens=ntok)
+                done = phase == pd_pb2.PHASE_DONE and ntok > 1
+                tpot = (time.perf_counter() - t_first) / (ntok - 1) if done else 0.0
+                self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
                      first: Chunk | None):

@@ -39,8 +39,8 @@ class EndpointConfig:
 
     @property
     def data_transports(self) -> tuple[str, ...]:
-        """Transports that can carry KV bytes: RMA lanes, else the AM lanes (bulk
-        rendezvous rides on them when RMA is emulated)."""
+        """Transports that can carry KV bytes: the RMA lanes and the AM lanes (bulk
+        rendezvous rides on the AM lanes when RMA is emulated over active messages)."""
         out: list[str] = []
         for kind in ("rma_bw", "rma", "rma_am", "am"):
             for t in self.lanes.get(kind, ()):

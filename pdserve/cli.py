@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
@@ -18,6 +17,7 @@ from pdserve.config import (
     WorkerConfig,
 )
 from pdserve.logs import setup_logging
+from pdserve.procs import die_with_parent
 from scheduler.planner import PlannerConfig, PoolPolicy
 from scheduler.policy import PlacementConfig
 
@@ -345,27 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-PARENT_ENV = "PDSERVE_PARENT_PID"
-
-
-def die_with_parent() -> None:
-    """A process started with PDSERVE_PARENT_PID asks the kernel to SIGTERM it when that
-    parent dies (PR_SET_PDEATHSIG), and exits if the parent is already gone. Set here, in
-    the child, so a parent full of gRPC threads never needs a fork-time preexec_fn."""
-    want = os.environ.pop(PARENT_ENV, "")
-    if not want:
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() != int(want):
-        sys.exit("parent process gone before start-up")
-
-
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()
+    die_with_parent()       # started by the launcher or the local actuator: die with it
     ns = build_parser().parse_args(argv)
     return ns.func(ns)
 

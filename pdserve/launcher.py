@@ -9,7 +9,6 @@ period is killed by process group.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 import urllib.request
 
 from pdserve.cli import autoscale_argv, placement_argv
+from pdserve.procs import spawn
 
 log = logging.getLogger("pdserve.launcher")
 
@@ -30,20 +30,10 @@ AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-core
                             "--autoscale-decode-cores", "--autoscale-base")
 
 
-def _pdeathsig() -> None:
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.proc = subprocess.Popen(argv, preexec_fn=_pdeathsig,
-                                     env={**os.environ, **(env or {})})
+        self.proc = spawn(argv, env)      # own process group, dies with us
         log.info("started %s (pid %d)", name, self.proc.pid)
 
     def alive(self) -> bool:

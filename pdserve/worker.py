@@ -13,16 +13,14 @@ import grpc
 from pdserve import metrics as M
 from pdserve.config import WorkerConfig
 from kv_transfer.agent import read_agent_address
+from kv_transfer.transport import RANK as TRANSPORT_CLASSES
 from pdserve.engine import LoadSnapshot, build_engine, event_endpoints, kv_extra
 from pdserve.kv_events import EventMirror, EventRelay
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.rpc import RECONNECT_OPTIONS, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE}
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
-                     ("grpc.min_reconnect_backoff_ms", 200),
-                     ("grpc.max_reconnect_backoff_ms", 2000)]
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
@@ -45,6 +43,7 @@ class WorkerRuntime:
         self.prefill_tokens = 0           # prefill: prompt tokens of requests in progress
         self.draining = False
         self.inflight = 0                 # requests in progress in our gRPC servicer
+        self.health = None                # grpc.health.v1 servicer, once serving
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.relay: EventRelay | None = None
         self._events_task: asyncio.Task | None = None
@@ -101,8 +100,7 @@ class WorkerRuntime:
         self.metrics_port = M.serve_metrics(self.cfg.metrics_port, self.cfg.host)
         log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
                  self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
-        # a restarted scheduler must see us again within seconds: cap gRPC's reconnect
-        # backoff (its default grows to 120 s after repeated failures)
+        # a restarted scheduler must see us again within seconds
         self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address,
                                                         options=RECONNECT_OPTIONS)
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
@@ -118,10 +116,10 @@ class WorkerRuntime:
         # never let a slow agent hold up the heartbeat: the last figures are good enough
         try:
             st = await self.agent_stats(timeout=max(0.2, self.cfg.heartbeat_s / 2))
-            self.leases_held = st.leases_held if self.role == "prefill" else st.loads_pending
+            self.leases_held = self._held(st)
             if self.role == "prefill":
                 M.KV_LEASES_EXPIRED.set(st.leases_expired_total)
-            counts = {t: 0 for t in ("nvlink", "rdma", "shm", "tcp", "none")}
+            counts = dict.fromkeys(TRANSPORT_CLASSES, 0)
             for p in st.peers:
                 counts[p.transport] = counts.get(p.transport, 0) + 1
             for t, n in counts.items():
@@ -226,6 +224,10 @@ class WorkerRuntime:
         finally:
             await self.stop()
 
+    def _held(self, st: pd_pb2.AgentStats) -> int:
+        """KV this worker still holds for a peer: a producer's leases, a consumer's loads."""
+        return st.leases_held if self.role == "prefill" else st.loads_pending
+
     async def _drain(self) -> None:
         """Wait (up to drain_timeout_s) until no request is in progress here and no KV
         blocks are held for, or loading from, a peer."""
@@ -233,8 +235,7 @@ class WorkerRuntime:
         while now() < deadline:
             held = 0
             try:
-                st = await self.agent_stats(timeout=1.0)
-                held = st.leases_held if self.role == "prefill" else st.loads_pending
+                held = self._held(await self.agent_stats(timeout=1.0))
             except grpc.RpcError:
                 pass
             if self.inflight == 0 and held == 0:
@@ -246,7 +247,7 @@ class WorkerRuntime:
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful: deregister (nothing new is routed here), drain, then stop."""
         self.draining = True
-        if getattr(self, "health", None) is not None:
+        if self.health is not None:
             from grpc_health.v1 import health_pb2
             await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for task in (self._hb_task, self._events_task):

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from pdserve import procs
 from scheduler.state import Registry, Worker
 
 log = logging.getLogger(__name__)
@@ -197,9 +198,8 @@ class LocalActuator:
                  spawn: Callable[[list[str]], subprocess.Popen] | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
-        self._spawn = spawn or _spawn
+        self._spawn = spawn or procs.spawn   # never a preexec_fn here (pdserve/procs.py)
         self.managed: dict[str, Managed] = {}
-        self._n = 0
         self._per_pool = {p: 0 for p in POOLS}
 
     # -- views
@@ -233,12 +233,12 @@ class LocalActuator:
         cur = self.current(pool, reg)
         now = self.clock()
         for _ in range(desired - cur):
-            self._n += 1
             self._per_pool[pool] += 1
             wid = f"{pool}-auto{self._per_pool[pool]}"
             core = self._pick_core(pool)
             proc = self._spawn(self.argv(pool, wid, core))
-            self.managed[wid] = Managed(wid, pool, core, proc, now, since=now, seq=self._n)
+            self.managed[wid] = Managed(wid, pool, core, proc, now, since=now,
+                                        seq=self._per_pool[pool])
             log.info("local: started %s on core %s (pid %d): %s", wid, core, proc.pid, reason)
         if desired < cur:
             victims = sorted(self._mine(pool, "running", "starting"),
@@ -306,15 +306,6 @@ def _idle(w: Worker) -> bool:
     ld = w.load
     return (w.booked_requests == 0 and ld.running == 0 and ld.waiting == 0
             and ld.kv_leases_held == 0)
-
-
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    """A new session (its own process group), dying with us. No preexec_fn: forking a
-    process that runs gRPC threads and then running Python in the child crashed (SIGSEGV,
-    measured); the child sets PR_SET_PDEATHSIG itself (pdserve.cli.die_with_parent)."""
-    from pdserve.cli import PARENT_ENV
-    return subprocess.Popen(argv, start_new_session=True,
-                            env={**os.environ, PARENT_ENV: str(os.getpid())})
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

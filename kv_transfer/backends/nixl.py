@@ -86,7 +86,7 @@ def enable_endpoint_log(directory: str) -> str | None:
     if os.environ.get("UCX_LOG_LEVEL", "info").lower() not in ("info", "debug", "trace"):
         return None
     path = os.path.join(directory, f"ucx-{os.getpid()}.log")
-    os.environ["UCX_LOG_LEVEL"] = os.environ.get("UCX_LOG_LEVEL", "info")
+    os.environ.setdefault("UCX_LOG_LEVEL", "info")
     os.environ["UCX_LOG_FILE"] = path
     return path
 

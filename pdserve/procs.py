@@ -1,0 +1,38 @@
+"""Child processes that die with their parent, for the launcher and the local actuator.
+
+A child runs in a new session (its own process group, so its vLLM engine-core
+grandchildren can be signalled with it) and gets PR_SET_PDEATHSIG: the kernel sends it
+SIGTERM when its parent dies. The child sets that itself, at start-up
+(`die_with_parent`, called by `pdserve.cli.main`), from PDSERVE_PARENT_PID: forking a
+process that runs gRPC threads and then running Python in the child (a `preexec_fn`)
+crashed the child with SIGSEGV (measured, from the scheduler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+PARENT_ENV = "PDSERVE_PARENT_PID"
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, start_new_session=True,
+                            env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())})
+
+
+def die_with_parent() -> None:
+    """In a child started by `spawn`: SIGTERM when the parent dies; exit if it already has.
+    The variable is removed, so the child's own children do not inherit it."""
+    want = os.environ.pop(PARENT_ENV, "")
+    if not want:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != int(want):
+        sys.exit("parent process gone before start-up")
