@@ -46,7 +46,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             M.LOCAL_PREFILLS.inc()
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
-            params = to_vllm(sp, max_tokens=sp.max_tokens - 1,
+            params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
                              kv_transfer_params=handle_to_params(request.kv, rid))
         self.active[rid] = asyncio.current_task()
         self.rt.inflight += 1

@@ -193,7 +193,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             top_k=max(req.top_k, 0), stop=req.stop_list,
             stop_token_ids=req.stop_token_ids or [], presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logprobs=logprobs,
-            ignore_eos=req.ignore_eos)
+            ignore_eos=req.ignore_eos, repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens)
         if req.seed is not None:
             sp.seed = req.seed
         return sp

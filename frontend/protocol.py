@@ -27,6 +27,8 @@ class _Common(BaseModel):
     stop_token_ids: list[StrictInt] | None = None        # vLLM extension
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # vLLM extension
+    min_tokens: StrictInt = Field(0, ge=0)               # vLLM extension
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -45,6 +47,9 @@ class _Common(BaseModel):
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}",
                                  param="max_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                                 f"({self.max_tokens})", param="min_tokens")
 
     @property
     def stop_list(self) -> list[str]:

@@ -7,8 +7,10 @@ from typing import Any
 from pdserve.rpc import pd_pb2
 
 
-def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int,
+def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
             kv_transfer_params: dict[str, Any] | None = None):
+    """`generated`: tokens of this request already produced elsewhere (the prefill
+    worker's first token), which count towards `min_tokens`."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -17,6 +19,7 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int,
         top_k=max(sp.top_k, 0), seed=sp.seed if sp.HasField("seed") else None,
         stop=list(sp.stop) or None, stop_token_ids=list(sp.stop_token_ids) or None,
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty or 1.0, min_tokens=min(max(sp.min_tokens - generated, 0), max_tokens),
         logprobs=sp.logprobs if sp.logprobs >= 0 else None, ignore_eos=sp.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)

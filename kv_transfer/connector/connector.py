@@ -82,6 +82,15 @@ def config_compat_hash(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
                          vllm_config.cache_config.block_size, specs)
 
 
+def served_name(model_config) -> str:
+    """The name clients ask for (the scheduler routes by it): vLLM's served model name,
+    else the model directory's name."""
+    name = getattr(model_config, "served_model_name", None)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return str(name or Path(model_config.model).name)
+
+
 class PDConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
@@ -394,7 +403,7 @@ class _WorkerHalf:
             engine_id=self.engine_id, agent_name=self.backend.name,
             nixl_metadata=self.backend.metadata,
             layout=pd_pb2.KVLayout(
-                model=Path(mc.model).name, dtype=str(mc.dtype), block_size=self.block_size,
+                model=served_name(mc), dtype=str(mc.dtype), block_size=self.block_size,
                 num_layers=len(kv_caches), block_bytes=r0.block_bytes,
                 layout=self.layouts[0], compat_hash=self.compat_hash),
             layers=[pd_pb2.LayerRegion(base_addr=r.base_addr, block_stride=r.block_stride,

@@ -1,0 +1,377 @@
+"""Goodput comparison on this machine: the same model, the same 2 cores, the same workload,
+four setups started and stopped in turn.
+
+    .venv/bin/python -m bench.compare                     # bundled SmolLM2, defaults below
+    .venv/bin/python -m bench.compare --rates 0.2,0.4 --num-requests 16 \\
+        --out results/compare.json --plot results/compare
+
+Setups (`--setups`, comma list; all by default):
+  vllm-1          one colocated vLLM OpenAI server on both cores
+  vllm-2x         two colocated vLLM servers, core 0 and core 1, behind a least-outstanding
+                  proxy (bench/proxy.py)
+  vllm-nixl-pd    vLLM's own NixlConnector: prefill server on core 0, decode server on core 1,
+                  and the minimal P/D proxy (bench/proxy.py)
+  pdserve         ours, `pdserve serve`: 1 prefill (core 0) / 1 decode (core 1)
+
+Every vLLM server runs with the same engine settings as ours (bf16, eager, block 128, max
+seqs, batched tokens, an explicit KV cache size), its threads bound by
+VLLM_CPU_OMP_THREADS_BIND and the whole process tree confined with `taskset` to its cores
+(without that, stock NIXL threads drift onto the other engine's core: ../shared/FACTS.md).
+vLLM's servers run stock: pdserve's quiet-wait plugin stays off for them unless
+`--baseline-quiet-wait`. Each rate of the sweep gets its own seeded prompts, the same for
+every setup. Prints one table of goodput, TTFT p99 and TPOT p99 per setup and rate, the
+ratios of pdserve to each peer, and the project's goals met or not; writes JSON and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUPS = {
+    "vllm-1": "1 colocated vLLM, cores 0-1",
+    "vllm-2x": "2 colocated vLLM (core 0, core 1) + least-outstanding proxy",
+    "vllm-nixl-pd": "vLLM NixlConnector 1P (core 0) / 1D (core 1) + proxy",
+    "pdserve": "pdserve 1P (core 0) / 1D (core 1)",
+}
+OURS = "pdserve"
+
+
+def free_port() -> int:
+    from pdserve.engine import free_port as fp
+    return fp()
+
+
+class Procs:
+    """Processes of one setup, each in its own session; stopped by PID (its group)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")
+        p = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def check(self) -> None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited ({p.returncode}); log tail:\n{tail}")
+
+    def stop(self) -> None:
+        for _name, p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        for _name, p in reversed(self.procs):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:   # engine-core children share the group: make sure none is left
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+        self.procs.clear()
+
+
+def wait_ready(url: str, procs: Procs, timeout_s: float = 400.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            if (httpx.get(f"{url}/health", timeout=2).status_code == 200
+                    and httpx.get(f"{url}/v1/models", timeout=5).status_code == 200):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
+                env: dict[str, str] | None = None) -> str:
+    port = free_port()
+    argv = ["taskset", "-c", cores, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", ns.model, "--served-model-name", ns.served_name,
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--max-model-len", str(ns.max_model_len), "--block-size", "128",
+            "--max-num-seqs", str(ns.max_num_seqs),
+            "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
+            "--enforce-eager", "--disable-uvicorn-access-log", *extra]
+    procs.start(name, argv, env={
+        "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(ns.kv_cache_gib),
+        "PDSERVE_QUIET_WAIT": "1" if ns.baseline_quiet_wait else "0", **(env or {})})
+    return f"http://127.0.0.1:{port}"
+
+
+def proxy(procs: Procs, name: str, args: list[str]) -> str:
+    port = free_port()
+    procs.start(name, [sys.executable, "-m", "bench.proxy", "--port", str(port), *args])
+    return f"http://127.0.0.1:{port}"
+
+
+def start_setup(setup: str, ns, procs: Procs) -> str:
+    """Start one setup; returns its OpenAI endpoint once every server is ready."""
+    if setup == "vllm-1":
+        url = vllm_server(procs, ns, "vllm-1", "0-1")
+        wait_ready(url, procs)
+        return url
+    if setup == "vllm-2x":
+        a = vllm_server(procs, ns, "vllm-core0", "0")
+        b = vllm_server(procs, ns, "vllm-core1", "1")
+        for u in (a, b):
+            wait_ready(u, procs)
+        url = proxy(procs, "proxy-lo", ["--mode", "least-outstanding", "--backend", a,
+                                         "--backend", b])
+        wait_ready(url, procs)
+        return url
+    if setup == "vllm-nixl-pd":
+        kv = ["--kv-transfer-config", json.dumps({
+            "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"})]
+        side = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
+        p = vllm_server(procs, ns, "vllm-prefill", "0", kv,
+                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+        d = vllm_server(procs, ns, "vllm-decode", "1", kv,
+                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+        for u in (p, d):
+            wait_ready(u, procs)
+        url = proxy(procs, "proxy-pd", ["--mode", "pd", "--prefill", p, "--decode", d])
+        wait_ready(url, procs)
+        return url
+    if setup == OURS:
+        port, sport = free_port(), free_port()
+        procs.start("pdserve", [
+            sys.executable, "-m", "pdserve.cli", "serve", "--model", ns.model,
+            "--served-model-name", ns.served_name, "--port", str(port),
+            "--scheduler-port", str(sport), "--kv-cache-gib", str(ns.kv_cache_gib),
+            "--max-model-len", str(ns.max_model_len), "--max-num-seqs", str(ns.max_num_seqs),
+            "--max-num-batched-tokens", str(ns.max_num_batched_tokens), *ns.pdserve_arg])
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 400
+        log = procs.log_dir / "pdserve.log"
+        while "pdserve.launcher: ready:" not in log.read_text(errors="replace"):
+            procs.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError("pdserve not ready")
+            time.sleep(1)
+        wait_ready(url, procs)
+        return url
+    raise ValueError(f"unknown setup {setup!r}; known: {', '.join(SETUPS)}")
+
+
+def run_setup(setup: str, ns) -> list[dict]:
+    from bench.serve import sweep
+
+    procs = Procs(ns.log_dir)
+    t0 = time.monotonic()
+    try:
+        print(f"== {setup}: {SETUPS[setup]} (starting)", file=sys.stderr, flush=True)
+        url = start_setup(setup, ns, procs)
+        print(f"== {setup}: ready in {time.monotonic() - t0:.0f}s at {url}", file=sys.stderr,
+              flush=True)
+        if ns.warmup:
+            warm = argparse.Namespace(**{**vars(ns), "num_requests": ns.warmup,
+                                         "rates": "0", "concurrency": 1, "seed": 999_999})
+            asyncio.run(sweep(url, warm, f"{setup} warm-up"))
+        return asyncio.run(sweep(url, ns, setup))
+    finally:
+        procs.stop()
+
+
+# ---------------------------------------------------------------------- report (pure)
+
+def _cell(x: float, fmt: str) -> str:
+    """`x` formatted; a dash of the same width when there is no figure."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return format("-", ">" + fmt.split(".")[0])
+    return format(x, fmt)
+
+
+def ratio(a: float, b: float) -> float:
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return math.nan
+    if b == 0:
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """One row per setup and rate: goodput, TTFT p99, TPOT p99 (and what else helps read it)."""
+    lines = [f"{'setup':<14} {'rate':>5} {'ok':>6} {'goodput':>8} {'TTFT p50':>9} "
+             f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8}",
+             f"{'':<14} {'req/s':>5} {'':>6} {'req/s':>8} {'ms':>9} {'ms':>9} {'ms':>9} "
+             f"{'ms':>9} {'ms':>8}"]
+    for setup, runs in results.items():
+        for run in runs:
+            s = run["summary"]
+            lines.append(
+                f"{setup:<14} {s['rate']:>5g} {s['completed']:>3}/{s['requests']:<2} "
+                f"{s['goodput']:>8.3f} {_cell(s['ttft_ms']['p50'], '9.0f')} "
+                f"{_cell(s['ttft_ms']['p99'], '9.0f')} {_cell(s['tpot_ms']['p50'], '9.1f')} "
+                f"{_cell(s['tpot_ms']['p99'], '9.1f')} {_cell(s['itl_ms']['p99'], '8.0f')}")
+    return "\n".join(lines)
+
+
+def by_rate(runs: list[dict]) -> dict[float, dict]:
+    return {r["summary"]["rate"]: r["summary"] for r in runs}
+
+
+def ratios(results: dict[str, list[dict]], ours: str = OURS) -> list[dict]:
+    """Per peer and rate: ours / peer for goodput, TTFT p99 and TPOT p99."""
+    if ours not in results:
+        return []
+    mine = by_rate(results[ours])
+    out = []
+    for peer, runs in results.items():
+        if peer == ours:
+            continue
+        for rate, s in by_rate(runs).items():
+            m = mine.get(rate)
+            if m is None:
+                continue
+            out.append({"peer": peer, "rate": rate,
+                        "goodput": ratio(m["goodput"], s["goodput"]),
+                        "ttft_p99": ratio(m["ttft_ms"]["p99"], s["ttft_ms"]["p99"]),
+                        "tpot_p99": ratio(m["tpot_ms"]["p99"], s["tpot_ms"]["p99"])})
+    return out
+
+
+def goals(results: dict[str, list[dict]], ours: str = OURS) -> list[tuple[str, bool | None, str]]:
+    """The project's goals (issue 5), each (text, met or None when not measured, figures)."""
+    out: list[tuple[str, bool | None, str]] = []
+    mine = by_rate(results.get(ours, []))
+
+    def peak(runs):
+        return max((r["summary"]["goodput"] for r in runs), default=math.nan)
+
+    if mine and "vllm-2x" in results:
+        r = ratio(peak(results[ours]), peak(results["vllm-2x"]))
+        out.append(("peak goodput >= 1.5x two colocated replicas (vllm-2x)", r >= 1.5,
+                    f"{peak(results[ours]):.3f} vs {peak(results['vllm-2x']):.3f} req/s = "
+                    f"{r:.2f}x"))
+    if mine and "vllm-1" in results:
+        peer = by_rate(results["vllm-1"])
+        rs = {rate: ratio(mine[rate]["tpot_ms"]["p99"], s["tpot_ms"]["p99"])
+              for rate, s in peer.items() if rate in mine}
+        ok = all(v <= 0.5 for v in rs.values()) if rs else None
+        out.append(("TPOT p99 <= 0.5x one colocated vLLM (vllm-1) at every rate", ok,
+                    ", ".join(f"{k:g}: {v:.2f}x" for k, v in rs.items())))
+    if mine and "vllm-nixl-pd" in results:
+        peer = by_rate(results["vllm-nixl-pd"])
+        rs = {rate: (mine[rate]["goodput"], s["goodput"]) for rate, s in peer.items()
+              if rate in mine}
+        ok = all(a >= b for a, b in rs.values()) if rs else None
+        out.append(("goodput >= vLLM NixlConnector 1P1D (vllm-nixl-pd) at every rate", ok,
+                    ", ".join(f"{k:g}: {a:.3f} vs {b:.3f}" for k, (a, b) in rs.items())))
+    return out
+
+
+def report(results: dict[str, list[dict]]) -> str:
+    parts = [table(results)]
+    rs = ratios(results)
+    if rs:
+        parts.append("\npdserve / peer     rate  goodput  TTFT p99  TPOT p99")
+        for r in rs:
+            parts.append(f"{r['peer']:<16} {r['rate']:>6g} {_cell(r['goodput'], '8.2f')} "
+                         f"{_cell(r['ttft_p99'], '9.2f')} {_cell(r['tpot_p99'], '9.2f')}")
+    gs = goals(results)
+    if gs:
+        parts.append("\ngoals:")
+        for text, ok, fig in gs:
+            mark = "MET " if ok else ("not measured" if ok is None else "MISSED")
+            parts.append(f"  [{mark}] {text}: {fig}")
+    return "\n".join(parts)
+
+
+def plots(results: dict[str, list[dict]], prefix: str) -> list[str]:
+    from bench.serve import plot_cdfs, plot_goodput
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    out = [f"{prefix}-goodput.png"]
+    plot_goodput({s: [(r["summary"]["rate"], r["summary"]["goodput"]) for r in runs]
+                  for s, runs in results.items()}, out[0])
+    rates = sorted({r["summary"]["rate"] for runs in results.values() for r in runs})
+    for rate in rates:
+        runs = [dict(r, label=s) for s, rs in results.items() for r in rs
+                if r["summary"]["rate"] == rate]
+        path = f"{prefix}-cdf-{rate:g}.png"
+        plot_cdfs(runs, path)
+        out.append(path)
+    return out
+
+
+def main(argv=None) -> int:
+    from bench.serve import add_workload_args
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model directory (default: bundled)")
+    ap.add_argument("--served-name", default="model")
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--kv-cache-gib", type=int, default=1, help="per engine (whole GiB)")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--baseline-quiet-wait", action="store_true",
+                    help="give vLLM's servers pdserve's quiet-wait plugin too")
+    ap.add_argument("--pdserve-arg", action="append", default=[],
+                    help="extra `pdserve serve` argument (repeat; use --pdserve-arg=--flag)")
+    ap.add_argument("--warmup", type=int, default=2, help="requests before measuring")
+    ap.add_argument("--log-dir", default="/tmp/pdserve-compare")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--plot", default="")
+    add_workload_args(ap)
+    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:2048:256",
+                    output="fixed:64", slo_ttft_ms=4000.0, slo_tpot_ms=80.0)
+    ns = ap.parse_args(argv)
+    if not ns.model:
+        from pdserve.models import ensure_bundled_model
+        ns.model = str(ensure_bundled_model())
+    ns.log_dir = Path(ns.log_dir)
+    ns.log_dir.mkdir(parents=True, exist_ok=True)
+    setups = [s.strip() for s in ns.setups.split(",") if s.strip()]
+    for s in setups:
+        if s not in SETUPS:
+            ap.error(f"unknown setup {s!r}; known: {', '.join(SETUPS)}")
+    print(f"workload: {ns.num_requests} requests per rate, rates {ns.rates}, input "
+          f"{ns.input}, output {ns.output}, {ns.arrival}, seed {ns.seed}; SLO TTFT "
+          f"{ns.slo_ttft_ms:g} ms, TPOT {ns.slo_tpot_ms:g} ms", flush=True)
+    results: dict[str, list[dict]] = {}
+    for s in setups:
+        results[s] = run_setup(s, ns)
+    text = report(results)
+    print("\n" + text, flush=True)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps({
+            "argv": sys.argv[1:] if argv is None else argv, "report": text,
+            "results": results}, indent=1))
+    if ns.plot:
+        for p in plots(results, ns.plot):
+            print(f"wrote {p}", flush=True)
+    failed = sum(r["summary"]["failed"] for runs in results.values() for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

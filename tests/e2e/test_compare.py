@@ -1,0 +1,75 @@
+"""The comparison command on a small real run: all four setups (colocated vLLM, two vLLM
+replicas behind the proxy, vLLM's NixlConnector P/D behind the P/D proxy, ours) start,
+serve the same workload, and stop without leaving a process behind; vLLM's own
+`vllm bench serve` agrees with our client against our frontend."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.check_vllm_bench import compare
+from tests.e2e.cluster import ROOT
+
+
+def _live(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] != "Z":
+                    out.append(pid)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_compare_four_setups_small_run(tiny_model, tmp_path):
+    before = set(int(p) for p in subprocess.run(["pgrep", "-f", "api_server|bench.proxy"],
+                                                 capture_output=True, text=True).stdout.split())
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--model", tiny_model, "--rates", "3",
+         "--num-requests", "3", "--input", "mix:0.34:300:60", "--output", "fixed:6",
+         "--vocab", "900", "--warmup", "1", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500",
+         "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "c.json"),
+         "--plot", str(tmp_path / "c")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    data = json.loads((tmp_path / "c.json").read_text())
+    res = data["results"]
+    assert list(res) == ["vllm-1", "vllm-2x", "vllm-nixl-pd", "pdserve"]
+    for setup, runs in res.items():
+        (r,) = runs
+        s = r["summary"]
+        assert s["completed"] == 3 and s["failed"] == 0, (setup, s)
+        assert all(q["output_tokens"] == 6 for q in r["requests"]), setup
+    # vLLM's P/D really moved KV: its decode server counted prompt tokens from the transfer
+    dlog = (tmp_path / "logs" / "vllm-decode.log").read_text()
+    assert "NixlConnector" in dlog
+    # the printed table, the ratios and the goal lines
+    for needle in ("pdserve / peer", "goals:", "vllm-nixl-pd", "vllm-2x"):
+        assert needle in out.stdout
+    assert data["report"].count("[") >= 3
+    for png in ("c-goodput.png", "c-cdf-3.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # every server and proxy it started is gone
+    after = set(int(p) for p in subprocess.run(["pgrep", "-f", "api_server|bench.proxy"],
+                                                capture_output=True, text=True).stdout.split())
+    assert not _live(sorted(after - before))
+
+
+def test_vllm_bench_serve_agrees_with_ours(cluster, tiny_model):
+    class NS:
+        input_len, output_len, num_requests, concurrency = 120, 10, 6, 1
+        vocab, seed, slo_ttft_ms, slo_tpot_ms, timeout_s = 900, 0, 5000.0, 500.0, 300.0
+    rows = compare(cluster.url, cluster.model_name, tiny_model, NS)
+    ours, theirs = zip(*rows.values())
+    got = dict(zip(rows, zip(ours, theirs)))
+    assert got["completed"] == (6, 6)
+    assert got["total_output_tokens"] == (60, 60)
+    # same service at concurrency 1: medians agree within the machine's noise
+    for k in ("median_ttft_ms", "median_tpot_ms"):
+        a, b = got[k]
+        assert 0.33 < a / b < 3.0, (k, a, b)

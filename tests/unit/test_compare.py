@@ -1,0 +1,80 @@
+"""The comparison report's arithmetic (bench/compare.py) and the proxy's pick, on
+hand-made summaries."""
+
+import math
+
+from bench.compare import goals, ratio, ratios, report, table
+from bench.proxy import LeastOutstanding
+
+
+def run(rate, goodput, ttft99, tpot99, completed=10):
+    return {"summary": {"rate": rate, "goodput": goodput, "requests": 10,
+                        "completed": completed,
+                        "ttft_ms": {"p50": ttft99 / 2, "p99": ttft99},
+                        "tpot_ms": {"p50": tpot99 / 2, "p99": tpot99},
+                        "itl_ms": {"p99": tpot99 * 3}}}
+
+
+RESULTS = {
+    "vllm-1": [run(0.2, 0.10, 9000, 400), run(0.4, 0.0, 20000, 800)],
+    "vllm-2x": [run(0.2, 0.15, 3000, 150), run(0.4, 0.10, 6000, 300)],
+    "vllm-nixl-pd": [run(0.2, 0.18, 2500, 70), run(0.4, 0.05, 15000, 80)],
+    "pdserve": [run(0.2, 0.20, 2000, 60), run(0.4, 0.24, 3500, 70)],
+}
+
+
+def test_ratio_edges():
+    assert ratio(1.0, 2.0) == 0.5
+    assert ratio(1.0, 0.0) == math.inf
+    assert math.isnan(ratio(0.0, 0.0))
+    assert math.isnan(ratio(float("nan"), 1.0))
+
+
+def test_ratios_per_peer_and_rate():
+    rs = {(r["peer"], r["rate"]): r for r in ratios(RESULTS)}
+    assert set(rs) == {(p, x) for p in ("vllm-1", "vllm-2x", "vllm-nixl-pd") for x in (0.2, 0.4)}
+    assert rs[("vllm-2x", 0.4)]["goodput"] == 0.24 / 0.10
+    assert rs[("vllm-1", 0.2)]["tpot_p99"] == 60 / 400
+    assert rs[("vllm-nixl-pd", 0.2)]["ttft_p99"] == 2000 / 2500
+    assert rs[("vllm-1", 0.4)]["goodput"] == math.inf
+
+
+def test_goals_met_and_missed():
+    g = {text.split(" (")[0]: (ok, fig) for text, ok, fig in goals(RESULTS)}
+    # peak 0.24 vs 0.15 = 1.6x
+    ok, fig = next(v for k, v in g.items() if k.startswith("peak goodput"))
+    assert ok and "1.60x" in fig
+    ok, fig = next(v for k, v in g.items() if k.startswith("TPOT p99"))
+    assert ok and "0.2: 0.15x" in fig and "0.4: 0.09x" in fig
+    ok, fig = next(v for k, v in g.items() if k.startswith("goodput >= vLLM"))
+    assert ok
+
+    worse = dict(RESULTS, pdserve=[run(0.2, 0.17, 2000, 250), run(0.4, 0.24, 3500, 70)])
+    g = {text[:12]: ok for text, ok, _ in goals(worse)}
+    assert g["TPOT p99 <= "] is False          # 250/400 > 0.5 at 0.2 req/s
+    assert g["goodput >= v"] is False          # 0.17 < 0.18 at 0.2 req/s
+    assert g["peak goodput"] is True           # still 0.24 / 0.15
+
+
+def test_goals_need_both_sides():
+    assert goals({"pdserve": RESULTS["pdserve"]}) == []
+    assert goals({"vllm-1": RESULTS["vllm-1"]}) == []
+
+
+def test_table_and_report_text():
+    t = table(RESULTS)
+    assert len(t.splitlines()) == 2 + 8
+    assert "pdserve" in t and "0.240" in t
+    nan_run = run(0.2, 0.0, float("nan"), float("nan"), completed=0)
+    assert "   -" in table({"x": [nan_run]})       # no figure: a dash, columns kept
+    rep = report(RESULTS)
+    assert "pdserve / peer" in rep and rep.count("[MET ]") == 3
+
+
+def test_least_outstanding_picks_the_idlest_and_rotates_ties():
+    lo = LeastOutstanding(["a", "b", "c"])
+    assert {lo.pick(), lo.pick(), lo.pick()} == {"a", "b", "c"}   # ties rotate
+    lo.outstanding.update(a=2, b=0, c=1)
+    assert lo.pick() == "b"
+    lo.outstanding.update(b=3)
+    assert lo.pick() == "c"
