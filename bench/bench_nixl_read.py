@@ -1,6 +1,8 @@
-"""NIXL (UCX) READ between two processes on this host, against an in-process copy.
+"""NIXL (UCX) READ (pull) or WRITE (push) between two processes on this host, against an
+in-process copy.
 
     .venv/bin/python -m bench.bench_nixl_read                      # siblings, pinned 0/1
+    .venv/bin/python -m bench.bench_nixl_read --op WRITE           # push instead of pull
     .venv/bin/python -m bench.bench_nixl_read --unpinned
     .venv/bin/python -m bench.bench_nixl_read --progress-delay-us 0 # target never progresses
 
@@ -38,12 +40,12 @@ def _target(q, done, core, reg, delay, mlock):
     done.get()
 
 
-def _initiator(q, done, out, core, reg, n, reads, timeout, mlock):
+def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ"):
     if core >= 0:
         os.sched_setaffinity(0, {core})
     from kv_transfer.backends.nixl import NixlBackend, NixlError
     md, raddr = q.get()
-    dst = np.zeros(reg, dtype=np.uint8)
+    dst = (np.zeros if op == "READ" else np.ones)(reg, dtype=np.uint8)
     _lock(dst, mlock)
     b = NixlBackend("bench-initiator")
     b.register([(dst.ctypes.data, reg)])
@@ -54,10 +56,10 @@ def _initiator(q, done, out, core, reg, n, reads, timeout, mlock):
         for i in range(reads):
             off = (i * 2 * n) % (reg - n)
             t0 = time.perf_counter()
-            b.read(name, [(dst.ctypes.data + off + k * chunk, chunk, 0) for k in range(30)],
+            b.xfer(op, name, [(dst.ctypes.data + off + k * chunk, chunk, 0) for k in range(30)],
                    [(raddr + off + k * chunk, chunk, 0) for k in range(30)], timeout)
             times.append(time.perf_counter() - t0)
-        ok = bool(dst[off:off + 30 * chunk].min() == 1)
+        ok = bool(dst[off:off + 30 * chunk].min() == 1)   # WRITE: the source, unchanged
         out.put(("ok", times, ok))
     except NixlError as e:
         out.put(("error", str(e), False))
@@ -67,6 +69,7 @@ def _initiator(q, done, out, core, reg, n, reads, timeout, mlock):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", choices=["READ", "WRITE"], default="READ")
     ap.add_argument("--mib", type=int, default=24)
     ap.add_argument("--reg-mib", type=int, default=1024)
     ap.add_argument("--reads", type=int, default=10)
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
                                                   not ns.no_mlock))
     i = ctx.Process(target=_initiator,
                     args=(q, done, out, cores[1], reg, n, ns.reads, ns.timeout_s,
-                          not ns.no_mlock))
+                          not ns.no_mlock, ns.op))
     t.start()
     i.start()
     status, times, ok = out.get()
@@ -99,12 +102,12 @@ def main(argv=None) -> int:
     memcpy = n / min(copies) / 1e9
     label = (f"siblings {'unpinned' if ns.unpinned else 'pinned 0/1'}, "
              f"{'pageable' if ns.no_mlock else 'mlocked'} {ns.reg_mib} MiB, "
-             f"progress delay {ns.progress_delay_us} us, {ns.mib} MiB/READ")
+             f"progress delay {ns.progress_delay_us} us, {ns.mib} MiB/{ns.op}")
     if status != "ok":
         print(f"{label}: READ failed: {times}; in-process memcpy {memcpy:.1f} GB/s")
         return 1
     med = statistics.median(times[1:])  # the first READ includes connection wire-up
-    print(f"{label}: READ median {med * 1e3:.2f} ms = {n / med / 1e9:.2f} GB/s "
+    print(f"{label}: {ns.op} median {med * 1e3:.2f} ms = {n / med / 1e9:.2f} GB/s "
           f"(first {times[0] * 1e3:.1f} ms); in-process memcpy {memcpy:.1f} GB/s; "
           f"ratio {n / med / 1e9 / memcpy:.2f}; data ok={ok}")
     return 0

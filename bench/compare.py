@@ -59,6 +59,7 @@ class Procs:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.urls: dict[str, str] = {}     # server name -> its own endpoint
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen:
@@ -121,7 +122,8 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
     procs.start(name, argv, env={
         "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(ns.kv_cache_gib),
         "PDSERVE_QUIET_WAIT": "1" if ns.baseline_quiet_wait else "0", **(env or {})})
-    return f"http://127.0.0.1:{port}"
+    procs.urls[name] = f"http://127.0.0.1:{port}"
+    return procs.urls[name]
 
 
 def proxy(procs: Procs, name: str, args: list[str]) -> str:
@@ -158,14 +160,15 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
         url = proxy(procs, "proxy-pd", ["--mode", "pd", "--prefill", p, "--decode", d])
         wait_ready(url, procs)
         return url
-    if setup == OURS:
+    if setup == OURS or setup in ns.variants:
         port, sport = free_port(), free_port()
         procs.start("pdserve", [
             sys.executable, "-m", "pdserve.cli", "serve", "--model", ns.model,
             "--served-model-name", ns.served_name, "--port", str(port),
             "--scheduler-port", str(sport), "--kv-cache-gib", str(ns.kv_cache_gib),
             "--max-model-len", str(ns.max_model_len), "--max-num-seqs", str(ns.max_num_seqs),
-            "--max-num-batched-tokens", str(ns.max_num_batched_tokens), *ns.pdserve_arg])
+            "--max-num-batched-tokens", str(ns.max_num_batched_tokens), *ns.pdserve_arg,
+            *ns.variants.get(setup, [])])
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 400
         log = procs.log_dir / "pdserve.log"
@@ -288,18 +291,22 @@ def goals(results: dict[str, list[dict]], ours: str = OURS) -> list[tuple[str, b
 
 def report(results: dict[str, list[dict]]) -> str:
     parts = [table(results)]
-    rs = ratios(results)
-    if rs:
-        parts.append("\npdserve / peer     rate  goodput  TTFT p99  TPOT p99")
-        for r in rs:
-            parts.append(f"{r['peer']:<16} {r['rate']:>6g} {_cell(r['goodput'], '8.2f')} "
-                         f"{_cell(r['ttft_p99'], '9.2f')} {_cell(r['tpot_p99'], '9.2f')}")
-    gs = goals(results)
-    if gs:
-        parts.append("\ngoals:")
-        for text, ok, fig in gs:
-            mark = "MET " if ok else ("not measured" if ok is None else "MISSED")
-            parts.append(f"  [{mark}] {text}: {fig}")
+    peers = {s: r for s, r in results.items() if not s.startswith(OURS)}
+    for ours in [s for s in results if s.startswith(OURS)]:
+        mine = {**peers, OURS: results[ours]}
+        rs = ratios(mine)
+        if rs:
+            parts.append(f"\n{ours} / peer{'':<{max(0, 9 - len(ours))}} rate  goodput  "
+                         "TTFT p99  TPOT p99")
+            for r in rs:
+                parts.append(f"{r['peer']:<16} {r['rate']:>6g} {_cell(r['goodput'], '8.2f')} "
+                             f"{_cell(r['ttft_p99'], '9.2f')} {_cell(r['tpot_p99'], '9.2f')}")
+        gs = goals(mine)
+        if gs:
+            parts.append(f"\ngoals ({ours}):")
+            for text, ok, fig in gs:
+                mark = "MET " if ok else ("not measured" if ok is None else "MISSED")
+                parts.append(f"  [{mark}] {text}: {fig}")
     return "\n".join(parts)
 
 
@@ -336,20 +343,32 @@ def main(argv=None) -> int:
                     help="give vLLM's servers pdserve's quiet-wait plugin too")
     ap.add_argument("--pdserve-arg", action="append", default=[],
                     help="extra `pdserve serve` argument (repeat; use --pdserve-arg=--flag)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
+                         "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
+                         "must start with pdserve; add it to --setups or it runs last)")
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     ap.add_argument("--log-dir", default="/tmp/pdserve-compare")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot", default="")
     add_workload_args(ap)
-    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:2048:256",
-                    output="fixed:64", slo_ttft_ms=4000.0, slo_tpot_ms=80.0)
+    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:1536:256",
+                    output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
     ns = ap.parse_args(argv)
     if not ns.model:
         from pdserve.models import ensure_bundled_model
         ns.model = str(ensure_bundled_model())
     ns.log_dir = Path(ns.log_dir)
     ns.log_dir.mkdir(parents=True, exist_ok=True)
+    ns.variants = {}
+    for v in ns.variant:
+        label, _, args = v.partition("=")
+        if not label.startswith(OURS) or label == OURS:
+            ap.error(f"a variant's label must start with {OURS} and differ from it: {label!r}")
+        ns.variants[label] = args.split()
+        SETUPS[label] = f"pdserve 1P/1D with {args}"
     setups = [s.strip() for s in ns.setups.split(",") if s.strip()]
+    setups += [v for v in ns.variants if v not in setups]
     for s in setups:
         if s not in SETUPS:
             ap.error(f"unknown setup {s!r}; known: {', '.join(SETUPS)}")

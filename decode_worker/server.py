@@ -13,6 +13,7 @@ import logging
 
 import grpc
 
+from decode_worker.leases import LeaseRenewer
 from pdserve import metrics as M
 from pdserve.config import WorkerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
@@ -26,6 +27,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
         self.active: dict[str, asyncio.Task] = {}
+        self.renewer = LeaseRenewer(rt.cfg.kv.lease_s)
 
     async def Generate(self, request, context):
         sp = request.sampling
@@ -52,8 +54,12 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         self.rt.inflight += 1
         finished = False
         first = True
+        loaded = asyncio.Event()   # the engine produced output: the KV load is over
+        renew = (None if local else
+                 asyncio.create_task(self.renewer.hold(request.kv, loaded)))
         try:
             async for out in self.rt.engine.generate({"prompt_token_ids": ids}, params, rid):
+                loaded.set()
                 c = out.outputs[0]
                 msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
                 if first and local:
@@ -77,6 +83,9 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             M.WORKER_REQUESTS.labels("decode", "cancelled").inc()
             raise
         finally:
+            loaded.set()
+            if renew is not None:
+                renew.cancel()
             self.active.pop(rid, None)
             self.rt.inflight -= 1
             if not finished:
@@ -93,11 +102,18 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         if rec.status == "ok":
             M.KV_BYTES.observe(rec.bytes)
             M.KV_SECONDS.observe(rec.seconds)
+            M.KV_DESCRIPTORS.observe(rec.descriptors)
             if rec.seconds > 0:
                 M.KV_GBPS.observe(rec.bytes / rec.seconds / 1e9)
             M.KV_EXTERNAL_TOKENS.inc(rec.tokens)
+            if rec.checksummed:
+                M.KV_CHECKSUMS.labels("ok").inc()
         else:
-            M.KV_FAILURES.inc()
+            M.KV_FAILURES.labels(rec.reason or "error").inc()
+            if rec.reason == "checksum_mismatch":
+                M.KV_CHECKSUMS.labels("mismatch").inc()
+            if self.rt.cfg.kv.load_failure_policy == "recompute":
+                M.KV_RECOMPUTES.inc()
         return rec
 
     async def Abort(self, request, context):

@@ -248,7 +248,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
                 "read_gbps": round(k.bytes / k.read_seconds / 1e9, 3)
                 if k.read_seconds > 0 else None,
-                "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status}
+                "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status,
+                **({"reason": k.reason} if k.reason else {}),
+                **({"checksummed": True} if k.checksummed else {})}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

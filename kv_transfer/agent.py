@@ -32,6 +32,8 @@ class AgentState:
         self.acquire: Callable[[list[str], float], tuple[list[str], list[str]]] | None = None
         self.release: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
         self.stats: Callable[[list[str]], pd_pb2.AgentStats] | None = None
+        # debug mode only: CRC32 of spans of our registered KV (None: refused)
+        self.checksum: Callable[[list[tuple[int, int]]], int | None] | None = None
 
 
 class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
@@ -67,6 +69,18 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine holds no KV leases")
         held, missing = self.state.release(list(request.transfer_ids))
         return pd_pb2.LeaseResponse(held=held, missing=missing)
+
+    def Checksum(self, request, context):
+        if self.state.checksum is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "KV checksums are off on this engine (--kv-checksum)")
+        if len(request.addrs) != len(request.lengths):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "addrs and lengths differ in length")
+        crc = self.state.checksum(list(zip(request.addrs, request.lengths)))
+        if crc is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "span outside the registered KV regions")
+        return pd_pb2.ChecksumResponse(crc32=crc)
 
     def Stats(self, request, context):
         if self.state.stats is None:

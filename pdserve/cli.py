@@ -47,6 +47,10 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
                          "KV TRANSPORT FALLBACK warning and counted in "
                          "pdserve_kv_transport_fallback_peers (auto: shm on one host, rdma "
                          "between hosts that have an RDMA device)")
+    ap.add_argument("--kv-checksum", action="store_true",
+                    help="debug: CRC32 every transferred KV block range on both sides and "
+                         "compare; a mismatch fails the load (then recompute or fail, per "
+                         "--load-failure-policy). Costs a read of the bytes on each side")
     ap.add_argument("--drain-timeout-s", type=float, default=60.0,
                     help="on SIGTERM a worker deregisters, then waits up to this long for its "
                          "requests (and KV held for decode workers) to finish")
@@ -69,10 +73,13 @@ def engine_config(ns, cores: str) -> EngineConfig:
 
 
 def kv_config(ns) -> KVTransferConfig:
-    return KVTransferConfig(lease_s=ns.lease_s, transfer_timeout_s=ns.transfer_timeout_s,
+    # a consumer's pin (and each renewal) extends the lease by one lease length
+    return KVTransferConfig(lease_s=ns.lease_s, acquire_extend_s=ns.lease_s,
+                            transfer_timeout_s=ns.transfer_timeout_s,
                             load_failure_policy=ns.load_failure_policy,
                             progress_delay_us=ns.kv_progress_delay_us,
-                            expect_transport=ns.kv_expect_transport)
+                            expect_transport=ns.kv_expect_transport,
+                            checksum=ns.kv_checksum)
 
 
 async def _until_signal(run) -> None:

@@ -50,6 +50,7 @@ class KVTransferConfig:
     # transport a peer pair should use: auto (shm on one host, rdma between hosts with an
     # RDMA device), nvlink, rdma, shm, tcp, none; a worse one is a loud warning + metric
     expect_transport: str = "auto"
+    checksum: bool = False           # debug: CRC32 of every transfer on both sides, compared
 
 
 @dataclass(frozen=True)

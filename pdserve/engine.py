@@ -138,4 +138,4 @@ def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferCon
             "transfer_timeout_s": kv.transfer_timeout_s,
             "load_failure_policy": kv.load_failure_policy,
             "progress_delay_us": kv.progress_delay_us,
-            "expect_transport": kv.expect_transport}
+            "expect_transport": kv.expect_transport, "checksum": kv.checksum}

@@ -115,6 +115,8 @@ def engine_argv(ns) -> list[str]:
         argv += ["--served-model-name", ns.served_model_name]
     if ns.no_prefix_caching:
         argv.append("--no-prefix-caching")
+    if ns.kv_checksum:
+        argv.append("--kv-checksum")
     return argv
 
 

@@ -38,7 +38,20 @@ KV_SECONDS = Histogram("pdserve_kv_transfer_seconds", "KV transfer time per requ
                        buckets=_XFER_S)
 KV_GBPS = Histogram("pdserve_kv_transfer_gbps", "KV transfer GB/s per request",
                     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 12, 16, 25, 50))
-KV_FAILURES = Counter("pdserve_kv_transfer_failures", "KV transfers that failed")
+KV_FAILURES = Counter("pdserve_kv_transfer_failures", "KV transfers that failed, by reason "
+                      "(lease_expired, timeout, peer_unreachable, checksum_mismatch, "
+                      "incompatible, error)", ["reason"])
+KV_DESCRIPTORS = Histogram("pdserve_kv_transfer_descriptors",
+                           "UCX descriptors per KV transfer (contiguous blocks merged)",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+KV_RECOMPUTES = Counter("pdserve_kv_recompute_fallbacks",
+                        "Failed KV loads the decode engine recovered from by computing the "
+                        "prompt itself (--load-failure-policy recompute)")
+KV_CHECKSUMS = Counter("pdserve_kv_checksums", "Debug mode: transfers whose CRC32 was "
+                       "compared on both sides", ["result"])
+KV_LEASE_RENEWALS = Counter("pdserve_kv_lease_renewals", "Decode worker: renewals of the "
+                            "producer's lease while its request waited in the decode engine",
+                            ["result"])
 KV_EXTERNAL_TOKENS = Counter("pdserve_kv_external_prompt_tokens",
                              "Prompt tokens the decode engine received by KV transfer")
 

@@ -54,7 +54,11 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except asyncio.CancelledError:
+            # the caller went away; if the engine had already finished, it holds the blocks
+            # for a decode worker that will never come: free them now, not at lease expiry
             M.WORKER_REQUESTS.labels("prefill", "cancelled").inc()
+            if final is not None and final.finished and final.kv_transfer_params:
+                await asyncio.shield(self._release(params_to_handle(final.kv_transfer_params)))
             raise
         finally:
             self.rt.prefill_tokens -= ntok
@@ -76,7 +80,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
         if kvp:
             handle = params_to_handle(kvp)
-            if finish:
+            if finish or context.cancelled():
                 await self._release(handle)  # nobody will read these blocks
             else:
                 resp.kv.CopyFrom(handle)

@@ -141,22 +141,31 @@ class NixlBackend:
     def read(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
         """One-sided READ of `remote` spans into `local` spans; blocks until done."""
+        self.xfer("READ", remote_agent, local, remote, timeout_s)
+
+    def write(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
+              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
+        """One-sided WRITE of `local` spans into `remote` spans; blocks until done."""
+        self.xfer("WRITE", remote_agent, local, remote, timeout_s)
+
+    def xfer(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
+             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
         ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
         rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
-        handle = self.agent.initialize_xfer("READ", ldl, rdl, remote_agent)
+        handle = self.agent.initialize_xfer(op, ldl, rdl, remote_agent)
         try:
             state = self.agent.transfer(handle)
             deadline = time.monotonic() + timeout_s
             sleep = 0.0
             while state == "PROC":
                 if time.monotonic() > deadline:
-                    raise NixlError(f"READ from {remote_agent} timed out after {timeout_s}s")
+                    raise NixlError(f"{op} with {remote_agent} timed out after {timeout_s}s")
                 if sleep:
                     time.sleep(sleep)
                 sleep = min(max(sleep * 2, 20e-6), 1e-3)
                 state = self.agent.check_xfer_state(handle)
             if state != "DONE":
-                raise NixlError(f"READ from {remote_agent} failed: {state}")
+                raise NixlError(f"{op} with {remote_agent} failed: {state}")
         finally:
             try:
                 self.agent.release_xfer_handle(handle)

@@ -66,6 +66,19 @@ log = logging.getLogger("vllm.pdserve.kv_transfer.connector")
 RPC_TIMEOUT_S = 5.0
 
 
+class LoadError(RuntimeError):
+    """A failed load, with the reason recorded in KVTransferStats.reason and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def lease_margin_s(extend_s: float) -> float:
+    """How long before the lease's end a READ must be over: never read after expiry."""
+    return min(1.0, 0.1 * extend_s)
+
+
 def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
     return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
 
@@ -341,6 +354,10 @@ class _WorkerHalf:
                                   else 0)
         self.compat_hash = config_compat_hash(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
+        self.checksum = bool(x.get("checksum", False))   # debug: CRC32 both sides per load
+        # Test switch: the consumer waits this long between pinning the lease and READing
+        # (fault-injection tests kill a peer in that window). Never set in production.
+        self.debug_load_delay_s = float(os.environ.get("PDSERVE_DEBUG_KV_LOAD_DELAY_S") or 0)
         # Debug/test switch: zero the blocks just loaded, to prove the output depends on
         # the transferred bytes (tests/e2e/test_kv_moves.py). Never set in production.
         self.debug_corrupt = os.environ.get("PDSERVE_DEBUG_CORRUPT_KV", "")
@@ -388,7 +405,7 @@ class _WorkerHalf:
         device = (device[0] if isinstance(device, (list, tuple)) else device).device
         mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self.device_id = device.index or 0
-        spans = L.registration_spans(self.regions)
+        spans = self.spans = L.registration_spans(self.regions)
         if mem_type == "DRAM":
             lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
         log_dir = os.path.dirname(self.agent_file) if self.agent_file else None
@@ -414,6 +431,8 @@ class _WorkerHalf:
         if self.is_producer:
             st.acquire = self._acquire
             st.release = self._release
+            if self.checksum:
+                st.checksum = self._checksum
         self.server, port = start_agent_server(st, self.agent_host, self.agent_port)
         if self.agent_file:
             write_agent_address(self.agent_file, f"{self.agent_host}:{port}")
@@ -434,6 +453,10 @@ class _WorkerHalf:
     def _release(self, ids: list[str]):
         with self.lock:
             return self.leases.release(ids, time.monotonic())
+
+    def _checksum(self, spans: list[tuple[int, int]]) -> int | None:
+        from kv_transfer.integrity import crc32_of, inside
+        return crc32_of(spans) if inside(spans, self.spans) else None
 
     def _stats(self, pop: list[str]) -> pd_pb2.AgentStats:
         with self.lock:
@@ -484,22 +507,22 @@ class _WorkerHalf:
             if load is None:
                 return
             t0 = time.perf_counter()
-            nbytes = ndesc = 0
-            read_s = 0.0
+            rec = pd_pb2.KVTransferStats(tokens=load.spec.num_tokens)
             try:
-                nbytes, ndesc, read_s = self._load_one(load)
+                self._load_one(load, rec)
                 load.to(TransferState.DONE)
             except Exception as e:  # noqa: BLE001 - every failure is reported, never raised
                 load.error = f"{type(e).__name__}: {e}"
                 load.state = TransferState.FAILED
-                log.error("KV load of %s (transfer %s from %s) failed: %s", load.spec.req_id,
-                          load.spec.transfer_id, load.spec.agent_address, load.error)
-            dt = time.perf_counter() - t0
+                rec.reason = getattr(e, "reason", "") or (
+                    "peer_unreachable" if isinstance(e, grpc.RpcError) else "error")
+                log.error("KV load of %s (transfer %s from %s) failed (%s): %s",
+                          load.spec.req_id, load.spec.transfer_id, load.spec.agent_address,
+                          rec.reason, load.error)
+            rec.seconds = time.perf_counter() - t0
             ok = load.state == TransferState.DONE
-            rec = pd_pb2.KVTransferStats(bytes=nbytes, seconds=dt, read_seconds=read_s,
-                                         descriptors=ndesc,
-                                         tokens=load.spec.num_tokens,
-                                         status="ok" if ok else "failed")
+            rec.status = "ok" if ok else "failed"
+            nbytes = rec.bytes if ok else 0
             with self.lock:
                 self._pending -= 1
                 self.bytes_total += nbytes
@@ -509,11 +532,14 @@ class _WorkerHalf:
                         self.records.popitem(last=False)
                 self._done.append((load.spec.req_id, ok))
 
-    def _load_one(self, load: _Load) -> tuple[int, int, float]:
+    def _load_one(self, load: _Load, rec: pd_pb2.KVTransferStats) -> None:
+        """Pin the lease, READ the blocks before the lease could end, optionally checksum.
+        Fills `rec`; raises on any failure (the caller reports it)."""
         spec = load.spec
         load.to(TransferState.ACQUIRING)
         if spec.compat_hash and spec.compat_hash != self.compat_hash:
-            raise RuntimeError(f"incompatible KV handle: {spec.compat_hash} != {self.compat_hash}")
+            raise LoadError("incompatible", f"incompatible KV handle: {spec.compat_hash} != "
+                            f"{self.compat_hash}")
         stub = self.clients.get(spec.agent_address)
         if not self.backend.has_remote(spec.engine_id):
             info = stub.GetAgentInfo(pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash),
@@ -526,30 +552,55 @@ class _WorkerHalf:
                 for i, x in enumerate(info.layers)]
             self.backend.ensure_remote(spec.engine_id, info.nixl_metadata)
         remote_agent = self.backend._remotes[spec.engine_id]
+        # The lease runs until at least t_pin + acquire_extend_s on the producer's clock
+        # (its Acquire starts after t_pin): the READ must be over well before that.
+        t_pin = time.monotonic()
         lease = stub.Acquire(pd_pb2.LeaseRequest(transfer_ids=[spec.transfer_id],
                                                  extend_s=self.acquire_extend_s),
                              timeout=RPC_TIMEOUT_S)
         if spec.transfer_id not in lease.held:
-            raise RuntimeError(f"lease {spec.transfer_id} expired or unknown at producer")
+            raise LoadError("lease_expired",
+                            f"lease {spec.transfer_id} expired or unknown at the producer")
+        if self.debug_load_delay_s:
+            time.sleep(self.debug_load_delay_s)
         load.to(TransferState.TRANSFERRING)
         runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
         ldescs, rdescs = L.transfer_descriptors(self.regions, self.remote_regions[spec.engine_id],
                                                 runs, self.device_id, self.device_id)
+        rec.bytes, rec.descriptors = sum(d[1] for d in ldescs), len(ldescs)
+        budget = (t_pin + self.acquire_extend_s - lease_margin_s(self.acquire_extend_s)
+                  - time.monotonic())
+        if budget <= 0:
+            raise LoadError("lease_expired", f"lease {spec.transfer_id} would end before the "
+                            "READ could finish; not reading")
         t_read = time.perf_counter()
         try:
-            self.backend.read(remote_agent, ldescs, rdescs, self.transfer_timeout_s)
-        except Exception:
+            self.backend.read(remote_agent, ldescs, rdescs, min(self.transfer_timeout_s, budget))
+        except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             self.backend.forget_remote(spec.engine_id)
             self.remote_regions.pop(spec.engine_id, None)
-            raise
-        read_s = time.perf_counter() - t_read
+            what = f"{type(e).__name__} {e}".lower()
+            reason = ("timeout" if "timed out" in what else
+                      "peer_unreachable" if "disconnect" in what or "remote" in what else
+                      "error")
+            raise LoadError(reason, f"{type(e).__name__}: {e}") from e
+        rec.read_seconds = time.perf_counter() - t_read
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
         if self.debug_corrupt == "zero":
             for addr, length, _ in ldescs:
                 ctypes.memset(addr, 0, length)
-        return sum(d[1] for d in ldescs), len(ldescs), read_s
+        if self.checksum:   # while the lease still holds the producer's blocks
+            from kv_transfer.integrity import crc32_of
+            mine = crc32_of((a, n) for a, n, _ in ldescs)
+            theirs = stub.Checksum(pd_pb2.ChecksumRequest(
+                addrs=[d[0] for d in rdescs], lengths=[d[1] for d in rdescs]),
+                timeout=RPC_TIMEOUT_S).crc32
+            if mine != theirs:
+                raise LoadError("checksum_mismatch", f"KV of {spec.transfer_id}: CRC32 "
+                                f"{mine:08x} here, {theirs:08x} at the producer")
+            rec.checksummed = True
 
     def _note_transport(self, spec: LoadSpec) -> None:
         """After the first READ from a producer: which transport UCX really used for it.

@@ -433,20 +433,24 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMMED_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
     tokens: int
     status: str
     read_seconds: float
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ...) -> None: ...
+    reason: str
+    checksummed: bool
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens", "num_cached_tokens")
@@ -566,3 +570,17 @@ class AgentStats(_message.Message):
     records: _containers.MessageMap[str, KVTransferStats]
     peers: _containers.RepeatedCompositeFieldContainer[PeerTransport]
     def __init__(self, leases_held: _Optional[int] = ..., loads_pending: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., records: _Optional[_Mapping[str, KVTransferStats]] = ..., peers: _Optional[_Iterable[_Union[PeerTransport, _Mapping]]] = ...) -> None: ...
+
+class ChecksumRequest(_message.Message):
+    __slots__ = ("addrs", "lengths")
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    addrs: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, addrs: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChecksumResponse(_message.Message):
+    __slots__ = ("crc32",)
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    crc32: int
+    def __init__(self, crc32: _Optional[int] = ...) -> None: ...

@@ -744,6 +744,11 @@ class KVAgentStub:
                 request_serializer=pdserve_dot_rpc_dot_pd__pb2.AgentStatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_rpc_dot_pd__pb2.AgentStats.FromString,
                 _registered_method=True)
+        self.Checksum = channel.unary_unary(
+                '/pdserve.v1.KVAgent/Checksum',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.FromString,
+                _registered_method=True)
 
 
 class KVAgentServicer:
@@ -776,6 +781,14 @@ class KVAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checksum(self, request, context):
+        """Debug mode (integrity check): CRC32 of these spans of the producer's registered KV,
+        in order. The consumer compares it with the CRC32 of what it READ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -798,6 +811,11 @@ def add_KVAgentServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_rpc_dot_pd__pb2.AgentStatsRequest.FromString,
                     response_serializer=pdserve_dot_rpc_dot_pd__pb2.AgentStats.SerializeToString,
+            ),
+            'Checksum': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checksum,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -908,6 +926,33 @@ class KVAgent:
             '/pdserve.v1.KVAgent/Stats',
             pdserve_dot_rpc_dot_pd__pb2.AgentStatsRequest.SerializeToString,
             pdserve_dot_rpc_dot_pd__pb2.AgentStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checksum(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVAgent/Checksum',
+            pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,8 +14,9 @@ from tests.e2e.cluster import start_cluster, stop_cluster_proc
 from tests.e2e.conftest import assert_no_orphans, words
 
 
-def cluster_with(tiny_model, tmp_path_factory, name: str, env: dict):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / f"{name}.log", env=env)
+def cluster_with(tiny_model, tmp_path_factory, name: str, env: dict, extra=None):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / f"{name}.log", env=env,
+                      extra=extra)
     yield c
     assert stop_cluster_proc(c.proc) == 0
     assert_no_orphans(c.log_path)
@@ -27,13 +28,13 @@ def corrupt_cluster(tiny_model, tmp_path_factory):
                             {"PDSERVE_DEBUG_CORRUPT_KV": "zero"})
 
 
-def complete(c, prompt):
+def complete(c, prompt, status="ok", full=False):
     r = httpx.post(f"{c.url}/v1/completions", timeout=120, json={
         "model": c.model_name, "prompt": prompt, "max_tokens": 16, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["kv_transfer"]["status"] == "ok"
-    return body["choices"][0]["text"]
+    assert body["kv_transfer"]["status"] == status, body["kv_transfer"]
+    return body if full else body["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("n", [150, 600, 1200])
@@ -45,8 +46,37 @@ def test_zeroed_kv_changes_the_output(cluster, corrupt_cluster, n):
 
 
 @pytest.fixture(scope="module")
+def checked_corrupt_cluster(tiny_model, tmp_path_factory):
+    yield from cluster_with(tiny_model, tmp_path_factory, "checked-corrupt",
+                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"}, ["--kv-checksum"])
+
+
+def test_checksums_catch_corrupted_kv_and_recompute(cluster, checked_corrupt_cluster):
+    """Debug integrity mode: the zeroed blocks no longer match the producer's CRC32, the load
+    fails with that reason, the decode engine recomputes the prompt, and the answer is
+    right again."""
+    from pdserve.rpc import pd_pb2
+    from tests.e2e.cluster import metric_value
+
+    c = checked_corrupt_cluster
+    for n in (150, 600):
+        prompt = words(n, seed=4242 + n)
+        body = complete(c, prompt, status="failed", full=True)
+        assert body["kv_transfer"]["reason"] == "checksum_mismatch"
+        assert body["choices"][0]["text"] == complete(cluster, prompt)
+    decode = next(w for w in c.workers() if w.role == pd_pb2.ROLE_DECODE)
+    text = c.metrics(decode)
+    assert metric_value(text, "pdserve_kv_checksums_total", result="mismatch") == 2
+    assert metric_value(text, "pdserve_kv_transfer_failures_total",
+                        reason="checksum_mismatch") == 2
+    assert metric_value(text, "pdserve_kv_recompute_fallbacks_total") == 2
+
+
+@pytest.fixture(scope="module")
 def tcp_cluster(tiny_model, tmp_path_factory):
-    yield from cluster_with(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"})
+    # also the integrity check on a healthy path: every transfer compared, all equal
+    yield from cluster_with(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"},
+                            ["--kv-checksum"])
 
 
 def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):
@@ -57,7 +87,9 @@ def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):
     from tests.e2e.cluster import metric_value
 
     prompt = words(300, seed=99)
-    assert complete(tcp_cluster, prompt) == complete(cluster, prompt)
+    body = complete(tcp_cluster, prompt, full=True)
+    assert body["kv_transfer"].get("checksummed") is True     # CRC32 equal on both sides
+    assert body["choices"][0]["text"] == complete(cluster, prompt)
     decode = next(w for w in tcp_cluster.workers() if w.role == pd_pb2.ROLE_DECODE)
     deadline = time.monotonic() + 10      # the gauge follows within a heartbeat
     while time.monotonic() < deadline:

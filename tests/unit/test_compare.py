@@ -78,3 +78,15 @@ def test_least_outstanding_picks_the_idlest_and_rotates_ties():
     assert lo.pick() == "b"
     lo.outstanding.update(b=3)
     assert lo.pick() == "c"
+
+
+def test_kv_transfer_report_ratios():
+    from bench.bench_kv_transfer import report
+    ours = {2048: [{"bytes": 10**8, "read_seconds": 0.01, "seconds": 0.012, "descriptors": 30}
+                   for _ in range(3)]}
+    theirs = {2048: [{"transfers": 1, "seconds": 0.02, "bytes": 10**8, "descriptors": 480}]}
+    text, (row,) = report(ours, theirs)
+    assert row["read_gbps"] == 10.0                    # 1e8 B in 10 ms
+    assert row["b"] == 0.5 and abs(row["b_load"] - 0.6) < 1e-12
+    assert 0 < row["a"] and row["copy_gbps"] > 0       # measured here, in this process
+    assert row["vllm_descriptors"] == 480 and "2048" in text

@@ -1,0 +1,188 @@
+"""KV transfer benchmark: per-request transfer speed against the memory ceiling and against
+vLLM's own NixlConnector, measured in one run.
+
+    .venv/bin/python -m bench.bench_kv_transfer                     # bundled SmolLM2
+    .venv/bin/python -m bench.bench_kv_transfer --tokens 1024,2048,4000 --repeat 5
+
+For each prompt length it sends `--repeat` fresh prompts (no prefix-cache hits), one at a
+time, through
+* pdserve 1P1D (`pdserve serve`): the response's `kv_transfer` field gives the bytes, the
+  UCX READ time (`read_seconds`) and the whole load (`seconds`: lease pin + READ);
+* vLLM's NixlConnector 1P1D behind the minimal P/D proxy (bench/proxy.py): the decode
+  server's `vllm:nixl_xfer_time_seconds` and `vllm:nixl_bytes_transferred` before and
+  after each request give its transfer time and bytes;
+and copies the same number of bytes in this process (numpy, destination already touched,
+best of 5): the memory ceiling.
+
+Prints (a) our READ GB/s / in-process copy GB/s, (b) our per-request transfer time / vLLM
+NixlConnector's, and (c) the share of the transfer hidden behind prefill compute (0 while
+transfers start only after the prefill finished: pull after prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def memcpy_gbps(nbytes: int, repeat: int = 5) -> float:
+    import numpy as np
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    dst[:] = 2                                   # touched: no page faults in the timing
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def prompt(n: int, rng: random.Random, vocab: int) -> list[int]:
+    return [rng.randrange(200, vocab) for _ in range(n)]
+
+
+def scrape(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def measure_ours(url: str, model: str, lengths: list[int], repeat: int, vocab: int) -> dict:
+    rng = random.Random(1)
+    out: dict[int, list[dict]] = {}
+    with httpx.Client(timeout=300) as c:
+        for n in lengths:
+            for _ in range(repeat):
+                r = c.post(f"{url}/v1/completions", json={
+                    "model": model, "prompt": prompt(n, rng, vocab), "max_tokens": 2,
+                    "temperature": 0, "ignore_eos": True})
+                r.raise_for_status()
+                k = r.json()["kv_transfer"]
+                assert k["status"] == "ok", k
+                out.setdefault(n, []).append(k)
+    return out
+
+
+def measure_vllm(url: str, decode_url: str, model: str, lengths: list[int], repeat: int,
+                 vocab: int) -> dict:
+    from tests.e2e.cluster import metric_value
+    rng = random.Random(1)
+    out: dict[int, list[dict]] = {}
+    with httpx.Client(timeout=300) as c:
+        for n in lengths:
+            for _ in range(repeat):
+                before = scrape(decode_url)
+                r = c.post(f"{url}/v1/completions", json={
+                    "model": model, "prompt": prompt(n, rng, vocab), "max_tokens": 2,
+                    "temperature": 0, "ignore_eos": True})
+                r.raise_for_status()
+                deadline = time.monotonic() + 10
+                while True:   # vLLM publishes connector stats with its periodic logging
+                    after = scrape(decode_url)
+                    cnt = (metric_value(after, "vllm:nixl_xfer_time_seconds_count")
+                           - metric_value(before, "vllm:nixl_xfer_time_seconds_count"))
+                    if cnt > 0 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                out.setdefault(n, []).append({
+                    "transfers": cnt,
+                    "seconds": (metric_value(after, "vllm:nixl_xfer_time_seconds_sum")
+                                - metric_value(before, "vllm:nixl_xfer_time_seconds_sum")),
+                    "bytes": (metric_value(after, "vllm:nixl_bytes_transferred_sum")
+                              - metric_value(before, "vllm:nixl_bytes_transferred_sum")),
+                    "descriptors": (metric_value(after, "vllm:nixl_num_descriptors_sum")
+                                    - metric_value(before, "vllm:nixl_num_descriptors_sum"))})
+    return out
+
+
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def report(ours: dict, theirs: dict) -> tuple[str, list[dict]]:
+    rows = []
+    lines = [f"{'tokens':>6} {'MiB':>7} {'desc':>5} {'READ ms':>8} {'READ GB/s':>9} "
+             f"{'copy GB/s':>9} {'(a)':>5} {'load ms':>8} {'vLLM ms':>8} {'vLLM desc':>9} "
+             f"{'(b)':>5} {'(c)':>4}"]
+    for n, recs in ours.items():
+        nbytes = int(med([k["bytes"] for k in recs]))
+        read_s = med([k["read_seconds"] for k in recs])
+        load_s = med([k["seconds"] for k in recs])
+        desc = med([k["descriptors"] for k in recs])
+        copy = memcpy_gbps(nbytes)
+        v = theirs.get(n, [])
+        v_s = med([x["seconds"] / x["transfers"] for x in v if x["transfers"]])
+        v_desc = med([x["descriptors"] / x["transfers"] for x in v if x["transfers"]])
+        row = {"tokens": n, "bytes": nbytes, "descriptors": desc, "read_s": read_s,
+               "read_gbps": nbytes / read_s / 1e9, "copy_gbps": copy,
+               "a": nbytes / read_s / 1e9 / copy, "load_s": load_s, "vllm_s": v_s,
+               "vllm_descriptors": v_desc, "b": read_s / v_s if v_s == v_s else float("nan"),
+               "b_load": load_s / v_s if v_s == v_s else float("nan"), "c": 0.0}
+        rows.append(row)
+        lines.append(f"{n:>6} {nbytes / 2**20:>7.1f} {desc:>5.0f} {read_s * 1e3:>8.2f} "
+                     f"{row['read_gbps']:>9.2f} {copy:>9.2f} {row['a']:>5.2f} "
+                     f"{load_s * 1e3:>8.2f} {v_s * 1e3:>8.2f} {v_desc:>9.0f} {row['b']:>5.2f} "
+                     f"{0.0:>4.1f}")
+    lines.append("(a) our READ GB/s / in-process copy GB/s (target >= 0.8 from 2k tokens); "
+                 "(b) our READ time / vLLM NixlConnector's transfer time (<= 1: ours no "
+                 "slower); load ms adds the lease pin RPC; (c) share of the transfer hidden "
+                 "behind prefill (pull after prefill: 0)")
+    return "\n".join(lines), rows
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.compare import Procs, start_setup
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokens", default="512,1024,2048,4000")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--vocab", type=int, default=40000)
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--log-dir", default="/tmp/pdserve-kv-bench")
+    ap.add_argument("--out", default="")
+    ns = ap.parse_args(argv)
+    if not ns.model:
+        from pdserve.models import ensure_bundled_model
+        ns.model = str(ensure_bundled_model())
+    lengths = [int(x) for x in ns.tokens.split(",")]
+    cfg = argparse.Namespace(model=ns.model, served_name="model", max_model_len=4096,
+                             max_num_seqs=32, max_num_batched_tokens=4096, kv_cache_gib=1,
+                             baseline_quiet_wait=False, pdserve_arg=[], variants={},
+                             log_dir=Path(ns.log_dir))
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for setup in ([] if ns.skip_vllm else ["vllm-nixl-pd"]) + ["pdserve"]:
+        procs = Procs(cfg.log_dir)
+        try:
+            print(f"== {setup}: starting", file=sys.stderr, flush=True)
+            url = start_setup(setup, cfg, procs)
+            # one warm-up request (first-use handshakes are not what we measure)
+            httpx.post(f"{url}/v1/completions", json={"model": "model", "prompt": [300] * 64,
+                       "max_tokens": 2}, timeout=120).raise_for_status()
+            if setup == "pdserve":
+                results[setup] = measure_ours(url, "model", lengths, ns.repeat, ns.vocab)
+            else:
+                results[setup] = measure_vllm(url, procs.urls["vllm-decode"], "model",
+                                              lengths, ns.repeat, ns.vocab)
+        finally:
+            procs.stop()
+    text, rows = report(results["pdserve"], results.get("vllm-nixl-pd", {}))
+    print(text, flush=True)
+    if ns.out:
+        Path(ns.out).write_text(json.dumps({"rows": rows, "raw": results}, indent=1,
+                                           default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Fault injection with real processes, in the middle of KV transfers.
+
+Cluster: 1 prefill + 2 decode workers (tiny model), --keep-going, leases of 4 s. The
+consumer waits 1.5 s between pinning a lease and READing (PDSERVE_DEBUG_KV_LOAD_DELAY_S, a
+test-only switch), so a test can act while loads are in flight:
+1. clients hang up during the loads: both sides free everything;
+2. a decode worker is killed with SIGKILL (its whole process group) during its loads: the
+   prefill worker frees the blocks when the leases end, every request ends, the other
+   decode worker serves the next requests;
+3. the prefill worker is killed with SIGKILL during the loads: the decode worker notices
+   within the transfer timeout, recomputes the prompts itself (counted), and serves the next
+   requests with no prefill worker left.
+Every request ends, completed or with a clear OpenAI-style error; the survivors' KV usage
+returns to zero.
+"""
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
+from tests.e2e.conftest import assert_no_orphans, words
+
+LEASE_S = 4.0
+DELAY_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def fc(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "faults.log",
+                      env={"PDSERVE_DEBUG_KV_LOAD_DELAY_S": str(DELAY_S)},
+                      extra=["--prefill-workers", "1", "--decode-workers", "2", "--keep-going",
+                             "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3"])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def pid_of(c, name: str) -> int:
+    return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
+
+
+def by_role(c, role):
+    return [w for w in c.workers() if w.role == role]
+
+
+def wait_loading(c, timeout=30.0) -> pd_pb2.WorkerInfo:
+    """A decode worker with KV loads in flight (pinned, not yet read)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for w in by_role(c, pd_pb2.ROLE_DECODE):
+            if c.status(w).load.kv_leases_held > 0:
+                return w
+        time.sleep(0.05)
+    raise AssertionError("no decode worker started a KV load")
+
+
+def assert_idle(c, workers, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = {w.worker_id: c.status(w).load for w in workers}
+        busy = {k: v for k, v in loads.items()
+                if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"KV still in use: {busy}"
+        time.sleep(0.25)
+
+
+def body(c, i, n_words=300, max_tokens=8, stream=False):
+    return {"model": c.model_name, "prompt": words(n_words, seed=9000 + i),
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+async def send(client, c, i):
+    r = await client.post(f"{c.url}/v1/completions", json=body(c, i))
+    return r.status_code, r.json()
+
+
+def ended_cleanly(status, js):
+    if status == 200:
+        return len(js["choices"][0]["text"]) > 0 or js["usage"]["completion_tokens"] > 0
+    return status >= 400 and js["error"]["message"] and js["error"]["type"]
+
+
+def next_requests_succeed(c, n=3):
+    for i in range(n):
+        r = httpx.post(f"{c.url}/v1/completions", json=body(c, 500 + i, 120, 4), timeout=60)
+        assert r.status_code == 200, r.text
+
+
+async def test_clients_hang_up_during_kv_loads(fc):
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def hang_up(i):
+            async with client.stream("POST", f"{fc.url}/v1/completions",
+                                     json=body(fc, i, max_tokens=64, stream=True)) as s:
+                async for _ in s.aiter_lines():
+                    await asyncio.sleep(30)     # never read on: cancelled below
+        tasks = [asyncio.create_task(hang_up(i)) for i in range(3)]
+        await asyncio.to_thread(wait_loading, fc)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert_idle(fc, fc.workers())
+    next_requests_succeed(fc)
+
+
+async def test_sigkill_decode_worker_mid_transfer(fc):
+    prefill = by_role(fc, pd_pb2.ROLE_PREFILL)[0]
+    async with httpx.AsyncClient(timeout=120) as client:
+        reqs = [asyncio.create_task(send(client, fc, 100 + i)) for i in range(4)]
+        victim = await asyncio.to_thread(wait_loading, fc)
+        os.killpg(pid_of(fc, victim.worker_id), signal.SIGKILL)
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*reqs), 90)
+    assert all(ended_cleanly(s, js) for s, js in results), results
+    assert time.monotonic() - t0 < 60
+    # the dead consumer never released its pinned blocks: the frontend, seeing the decode
+    # worker gone before any output, releases them (else they expire after a lease)
+    assert "placing request" in fc.log_path.read_text()
+    survivors = [w for w in fc.workers() if w.worker_id != victim.worker_id]
+    assert prefill.worker_id in {w.worker_id for w in survivors}
+    assert_idle(fc, survivors, timeout=LEASE_S + 15)
+    next_requests_succeed(fc)
+
+
+async def test_sigkill_prefill_worker_mid_transfer(fc):
+    decodes = by_role(fc, pd_pb2.ROLE_DECODE)
+    assert len(decodes) == 1          # the previous test killed the other one
+    d = decodes[0]
+    before = fc.metrics(d)
+    async with httpx.AsyncClient(timeout=120) as client:
+        reqs = [asyncio.create_task(send(client, fc, 200 + i)) for i in range(3)]
+        await asyncio.to_thread(wait_loading, fc)
+        os.killpg(pid_of(fc, "prefill-0"), signal.SIGKILL)
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*reqs), 90)
+    waited = time.monotonic() - t0
+    # the decode worker noticed within its transfer budget and recomputed the prompts
+    assert all(s == 200 for s, _ in results), results
+    assert waited < DELAY_S + 3 + 10, waited
+    after = fc.metrics(d)
+    fallbacks = (metric_value(after, "pdserve_kv_recompute_fallbacks_total")
+                 - metric_value(before, "pdserve_kv_recompute_fallbacks_total"))
+    failures = (metric_value(after, "pdserve_kv_transfer_failures_total")
+                - metric_value(before, "pdserve_kv_transfer_failures_total"))
+    assert fallbacks >= 1 and failures == fallbacks, (fallbacks, failures)
+    assert_idle(fc, [d])
+    # no prefill worker left: the decode worker prefills the next requests itself
+    next_requests_succeed(fc)
+    deadline = time.monotonic() + 30
+    while by_role(fc, pd_pb2.ROLE_PREFILL):   # the dead worker leaves on heartbeat timeout
+        assert time.monotonic() < deadline, "the dead prefill worker is still registered"
+        time.sleep(0.25)
+    next_requests_succeed(fc)
