@@ -109,30 +109,33 @@ def med(xs):
 def report(ours: dict, theirs: dict) -> tuple[str, list[dict]]:
     rows = []
     lines = [f"{'tokens':>6} {'MiB':>7} {'desc':>5} {'READ ms':>8} {'READ GB/s':>9} "
-             f"{'copy GB/s':>9} {'(a)':>5} {'load ms':>8} {'vLLM ms':>8} {'vLLM desc':>9} "
-             f"{'(b)':>5} {'(c)':>4}"]
+             f"{'copy GB/s':>9} {'(a)':>5} {'load ms':>8} {'prep ms':>7} {'vLLM ms':>8} "
+             f"{'vLLM desc':>9} {'(b)':>5} {'(c)':>4}"]
     for n, recs in ours.items():
         nbytes = int(med([k["bytes"] for k in recs]))
         read_s = med([k["read_seconds"] for k in recs])
         load_s = med([k["seconds"] for k in recs])
         desc = med([k["descriptors"] for k in recs])
+        prep = med([k.get("prep_seconds", float("nan")) for k in recs])
         copy = memcpy_gbps(nbytes)
         v = theirs.get(n, [])
         v_s = med([x["seconds"] / x["transfers"] for x in v if x["transfers"]])
         v_desc = med([x["descriptors"] / x["transfers"] for x in v if x["transfers"]])
         row = {"tokens": n, "bytes": nbytes, "descriptors": desc, "read_s": read_s,
-               "read_gbps": nbytes / read_s / 1e9, "copy_gbps": copy,
+               "read_gbps": nbytes / read_s / 1e9, "copy_gbps": copy, "prep_s": prep,
                "a": nbytes / read_s / 1e9 / copy, "load_s": load_s, "vllm_s": v_s,
                "vllm_descriptors": v_desc, "b": read_s / v_s if v_s == v_s else float("nan"),
                "b_load": load_s / v_s if v_s == v_s else float("nan"), "c": 0.0}
         rows.append(row)
         lines.append(f"{n:>6} {nbytes / 2**20:>7.1f} {desc:>5.0f} {read_s * 1e3:>8.2f} "
                      f"{row['read_gbps']:>9.2f} {copy:>9.2f} {row['a']:>5.2f} "
-                     f"{load_s * 1e3:>8.2f} {v_s * 1e3:>8.2f} {v_desc:>9.0f} {row['b']:>5.2f} "
+                     f"{load_s * 1e3:>8.2f} {prep * 1e3:>7.3f} {v_s * 1e3:>8.2f} {v_desc:>9.0f} "
+                     f"{row['b']:>5.2f} "
                      f"{0.0:>4.1f}")
     lines.append("(a) our READ GB/s / in-process copy GB/s (target >= 0.8 from 2k tokens); "
                  "(b) our READ time / vLLM NixlConnector's transfer time (<= 1: ours no "
-                 "slower); load ms adds the lease pin RPC; (c) share of the transfer hidden "
+                 "slower); load ms adds the lease pin RPC; prep ms (part of READ ms) builds the "
+                 "descriptor lists and handle; (c) share of the transfer hidden "
                  "behind prefill (pull after prefill: 0)")
     return "\n".join(lines), rows
 

@@ -103,6 +103,7 @@ class NixlBackend:
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None
+        self.last_prep_s = 0.0
 
     def register(self, spans: Sequence[tuple[int, int]], device_id: int = 0) -> None:
         self._reg = self.agent.register_memory(
@@ -150,9 +151,11 @@ class NixlBackend:
 
     def xfer(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
+        t0 = time.perf_counter()
         ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
         rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
         handle = self.agent.initialize_xfer(op, ldl, rdl, remote_agent)
+        self.last_prep_s = time.perf_counter() - t0   # descriptor lists + transfer handle
         try:
             state = self.agent.transfer(handle)
             deadline = time.monotonic() + timeout_s

@@ -586,6 +586,7 @@ class _WorkerHalf:
                       "error")
             raise LoadError(reason, f"{type(e).__name__}: {e}") from e
         rec.read_seconds = time.perf_counter() - t_read
+        rec.prep_seconds = self.backend.last_prep_s
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
         if self.debug_corrupt == "zero":
