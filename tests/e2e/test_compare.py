@@ -49,7 +49,7 @@ def test_compare_four_setups_small_run(tiny_model, tmp_path):
     dlog = (tmp_path / "logs" / "vllm-decode.log").read_text()
     assert "NixlConnector" in dlog
     # the printed table, the ratios and the goal lines
-    for needle in ("pdserve / peer", "goals:", "vllm-nixl-pd", "vllm-2x"):
+    for needle in ("pdserve / peer", "goals (pdserve):", "vllm-nixl-pd", "vllm-2x"):
         assert needle in out.stdout
     assert data["report"].count("[") >= 3
     for png in ("c-goodput.png", "c-cdf-3.png"):
