@@ -38,6 +38,8 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {
     "vllm-1": "1 colocated vLLM, cores 0-1",
@@ -46,11 +48,6 @@ SETUPS = {
     "pdserve": "pdserve 1P (core 0) / 1D (core 1)",
 }
 OURS = "pdserve"
-
-
-def free_port() -> int:
-    from pdserve.engine import free_port as fp
-    return fp()
 
 
 class Procs:

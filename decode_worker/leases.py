@@ -16,7 +16,7 @@ import logging
 import grpc
 
 from pdserve import metrics as M
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,7 @@ class LeaseRenewer:
     def __init__(self, lease_s: float) -> None:
         self.extend_s = lease_s
         self.every_s = max(0.2, lease_s / 3)
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pd_pb2_grpc.KVAgentStub]] = {}
-
-    def _stub(self, address: str) -> pd_pb2_grpc.KVAgentStub:
-        if address not in self._stubs:
-            ch = grpc.aio.insecure_channel(address)
-            self._stubs[address] = (ch, pd_pb2_grpc.KVAgentStub(ch))
-        return self._stubs[address][1]
+        self.channels = Channels()
 
     async def hold(self, kv: pd_pb2.KVHandle, done: asyncio.Event) -> None:
         """Renew `kv`'s lease until `done` is set (or the lease is found gone)."""
@@ -42,7 +36,7 @@ class LeaseRenewer:
             except asyncio.TimeoutError:
                 pass
             try:
-                resp = await self._stub(kv.agent_address).Acquire(
+                resp = await pd_pb2_grpc.KVAgentStub(self.channels.get(kv.agent_address)).Acquire(
                     pd_pb2.LeaseRequest(transfer_ids=[kv.transfer_id], extend_s=self.extend_s),
                     timeout=5.0)   # the agent waits up to 1 s for a lease not added yet
             except grpc.RpcError as e:
@@ -59,8 +53,3 @@ class LeaseRenewer:
                 log.warning("KV lease %s at %s is gone while its request waits here; the "
                             "load will recompute or fail", kv.transfer_id, kv.agent_address)
                 return
-
-    async def close(self) -> None:
-        for ch, _ in self._stubs.values():
-            await ch.close()
-        self._stubs.clear()

@@ -12,7 +12,7 @@ import grpc
 
 from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, PDError, from_grpc_error
-from pdserve.rpc import RECONNECT_OPTIONS, pd_pb2, pd_pb2_grpc
+from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +27,6 @@ class Chunk:
     num_external_tokens: int = 0
     cached_tokens: int = 0       # prompt tokens the prefilling engine found in its cache
     route: str = ""              # on the first chunk: "<mode>:<reason> prefill=.. decode=.."
-
-
-class Channels:
-    def __init__(self) -> None:
-        self._ch: dict[str, grpc.aio.Channel] = {}
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._ch.get(address)
-        if ch is None:
-            ch = self._ch[address] = grpc.aio.insecure_channel(address,
-                                                               options=RECONNECT_OPTIONS)
-        return ch
-
-    async def close(self) -> None:
-        for ch in self._ch.values():
-            await ch.close()
-        self._ch.clear()
 
 
 class WorkerFailed(Exception):

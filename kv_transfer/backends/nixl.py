@@ -103,7 +103,6 @@ class NixlBackend:
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None
-        self.last_prep_s = 0.0
 
     def register(self, spans: Sequence[tuple[int, int]], device_id: int = 0) -> None:
         self._reg = self.agent.register_memory(
@@ -140,22 +139,23 @@ class NixlBackend:
         return engine_id in self._remotes
 
     def read(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
-             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
-        """One-sided READ of `remote` spans into `local` spans; blocks until done."""
-        self.xfer("READ", remote_agent, local, remote, timeout_s)
+             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
+        """One-sided READ of `remote` spans into `local` spans; blocks until done.
+        Returns the seconds spent building the descriptor lists and the handle."""
+        return self.xfer("READ", remote_agent, local, remote, timeout_s)
 
     def write(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
-              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
+              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
         """One-sided WRITE of `local` spans into `remote` spans; blocks until done."""
-        self.xfer("WRITE", remote_agent, local, remote, timeout_s)
+        return self.xfer("WRITE", remote_agent, local, remote, timeout_s)
 
     def xfer(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
-             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> None:
+             remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
         t0 = time.perf_counter()
         ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
         rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
         handle = self.agent.initialize_xfer(op, ldl, rdl, remote_agent)
-        self.last_prep_s = time.perf_counter() - t0   # descriptor lists + transfer handle
+        prep_s = time.perf_counter() - t0   # descriptor lists + transfer handle
         try:
             state = self.agent.transfer(handle)
             deadline = time.monotonic() + timeout_s
@@ -174,6 +174,7 @@ class NixlBackend:
                 self.agent.release_xfer_handle(handle)
             except Exception as e:  # noqa: BLE001
                 log.warning("NIXL: release_xfer_handle failed: %s", e)
+        return prep_s
 
     def endpoint_configs(self):
         """UCX endpoint configurations logged so far, newest per scope."""

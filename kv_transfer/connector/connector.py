@@ -575,7 +575,8 @@ class _WorkerHalf:
                             "READ could finish; not reading")
         t_read = time.perf_counter()
         try:
-            self.backend.read(remote_agent, ldescs, rdescs, min(self.transfer_timeout_s, budget))
+            rec.prep_seconds = self.backend.read(remote_agent, ldescs, rdescs,
+                                                 min(self.transfer_timeout_s, budget))
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             self.backend.forget_remote(spec.engine_id)
@@ -586,7 +587,6 @@ class _WorkerHalf:
                       "error")
             raise LoadError(reason, f"{type(e).__name__}: {e}") from e
         rec.read_seconds = time.perf_counter() - t_read
-        rec.prep_seconds = self.backend.last_prep_s
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
         if self.debug_corrupt == "zero":

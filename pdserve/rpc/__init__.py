@@ -6,3 +6,23 @@
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
                      ("grpc.min_reconnect_backoff_ms", 200),
                      ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+class Channels:
+    """Cached asyncio channels to peers, one per address, with RECONNECT_OPTIONS."""
+
+    def __init__(self) -> None:
+        self._ch: dict = {}
+
+    def get(self, address: str):
+        import grpc
+        ch = self._ch.get(address)
+        if ch is None:
+            ch = self._ch[address] = grpc.aio.insecure_channel(address,
+                                                               options=RECONNECT_OPTIONS)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._ch.values():
+            await ch.close()
+        self._ch.clear()

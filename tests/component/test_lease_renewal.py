@@ -49,7 +49,7 @@ def test_renewed_while_waiting_then_left_to_expire():
             held = table.leases["t1"].deadline > time.monotonic()
             done.set()
             await task
-            await r.close()
+            await r.channels.close()
             return held
         assert asyncio.run(run())
         assert renewals("ok") - ok0 >= 3
@@ -73,7 +73,7 @@ def test_a_lost_lease_stops_renewal():
             r = LeaseRenewer(lease_s=0.6)
             t0 = time.monotonic()
             await asyncio.wait_for(r.hold(kv, asyncio.Event()), 5)   # returns by itself
-            await r.close()
+            await r.channels.close()
             return time.monotonic() - t0
         assert asyncio.run(run()) < 4
         assert renewals("lost") - lost0 == 1
