@@ -150,6 +150,8 @@ AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
     "--planner-window-s": ("planner_window_s", float, 60.0, "latency/rate window"),
     "--scale-up-cooldown-s": ("scale_up_cooldown_s", float, 30.0, "after a scale-up"),
     "--scale-down-cooldown-s": ("scale_down_cooldown_s", float, 120.0, "after any change"),
+    "--scale-up-min-samples": ("scale_up_min_samples", int, 3, "latency samples in the "
+                               "window before a breach can scale up"),
     "--scale-down-ticks": ("scale_down_ticks", int, 3, "consecutive low ticks before a "
                            "scale-down"),
     "--warmup-grace-s": ("warmup_grace_s", float, 120.0, "never remove a replica younger "
@@ -197,7 +199,8 @@ def planner_config(ns) -> PlannerConfig:
         prefill=PoolPolicy(ns.ttft_slo_ms, ns.prefill_min, ns.prefill_max),
         decode=PoolPolicy(ns.tpot_slo_ms, ns.decode_min, ns.decode_max),
         up_cooldown_s=ns.scale_up_cooldown_s, down_cooldown_s=ns.scale_down_cooldown_s,
-        down_ticks=ns.scale_down_ticks, warmup_grace_s=ns.warmup_grace_s)
+        down_ticks=ns.scale_down_ticks, warmup_grace_s=ns.warmup_grace_s,
+        min_samples_up=ns.scale_up_min_samples)
 
 
 def autoscale_config(ns) -> AutoscaleConfig:

@@ -10,7 +10,8 @@ Policy, per pool:
 * No measurement at all (`metrics` is None: the pipeline that feeds us is broken or has not
   started): hold ("no_metrics"). Missing data never scales anything.
 * Out of [min, max]: move inside at once ("bounds").
-* Above the SLO (p90 > up_ratio x target), and the last scale-up was at least
+* Above the SLO (p90 > up_ratio x target) over at least `min_samples_up` samples (one slow
+  request in a quiet window is not a breach: "few_samples"), and the last scale-up was at least
   `up_cooldown_s` ago: add replicas in proportion to the overshoot
   (ceil(replicas x p90 / target) - replicas), at least 1 and at most `max_step_up`.
 * Well below the SLO (p90 < down_ratio x target), or idle (a measured window with no
@@ -35,7 +36,7 @@ SIGNAL = {"prefill": "TTFT", "decode": "TPOT"}
 
 # reason codes (bounded: exported as a Prometheus enum)
 REASONS = ("no_metrics", "bounds", "slo_breach", "at_max", "up_cooldown", "in_flight",
-           "low", "idle", "at_min", "down_cooldown", "warmup_grace", "band")
+           "low", "idle", "at_min", "down_cooldown", "warmup_grace", "band", "few_samples")
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,13 @@ class PlannerConfig:
     down_ticks: int = 3
     warmup_grace_s: float = 120.0
     max_step_up: int = 2
+    min_samples_up: int = 3
 
     def __post_init__(self) -> None:
         if not 0 < self.down_ratio < self.up_ratio:
             raise ValueError("need 0 < down_ratio < up_ratio (the hysteresis band)")
-        if self.down_ticks < 1 or self.max_step_up < 1:
-            raise ValueError("down_ticks and max_step_up must be at least 1")
+        if self.down_ticks < 1 or self.max_step_up < 1 or self.min_samples_up < 1:
+            raise ValueError("down_ticks, max_step_up and min_samples_up must be at least 1")
         if min(self.up_cooldown_s, self.down_cooldown_s, self.warmup_grace_s) < 0:
             raise ValueError("cooldowns and the warm-up grace must not be negative")
 
@@ -77,7 +79,8 @@ class PoolMetrics:
     prefill_tokens_waiting: int = 0
     kv_usage: float = 0.0             # mean over the pool's replicas, 0..1
     request_rate: float = 0.0         # requests/s routed to the pool over the window
-    samples: int = 0                  # latency samples in the window
+    samples: int | None = None        # latency samples in the window; None: not counted
+                                      # (a modelled percentile, as in the dry-run simulator)
     mean_input_tokens: float = 0.0
     mean_output_tokens: float = 0.0
 
@@ -150,6 +153,9 @@ class Planner:
                    f"{pol.target_ms:.0f} ms")
         if ratio > cfg.up_ratio:
             st.below = 0
+            if m.samples is not None and m.samples < cfg.min_samples_up:
+                return cur, "few_samples", (f"{obs} over {m.samples} sample(s), fewer than "
+                                            f"{cfg.min_samples_up}: hold")
             if cur >= pol.max_replicas:
                 return cur, "at_max", f"{obs}: at max {pol.max_replicas}"
             if inp.now - st.last_up < cfg.up_cooldown_s:

@@ -137,3 +137,23 @@ def test_sliding_window_percentiles_rates_and_expiry():
     assert w.count(100) == 0
     with pytest.raises(ValueError):
         SlidingWindow(0)
+
+
+def test_one_slow_request_in_a_quiet_window_is_not_a_breach():
+    """A single TPOT sample over the SLO (say one short request right after a replica
+    stopped) must not start a replica; the same p90 over enough samples does."""
+    pl = Planner(CFG)
+
+    def tick(now, n):
+        return pl.tick(PlannerInput(now, {"prefill": 1, "decode": 1},
+                                    {"prefill": PoolMetrics(None),
+                                     "decode": PoolMetrics(80.0, samples=n, request_rate=0.2)},
+                                    {"prefill": 1000, "decode": 1000}))
+    for t, n in ((0, 1), (10, 2)):
+        d = tick(t, n)
+        assert d.actions["decode"] == "hold" and d.codes["decode"] == "few_samples"
+        assert "fewer than 3" in d.reasons["decode"]
+    d = tick(20, CFG.min_samples_up)
+    assert d.actions["decode"] == "up" and d.codes["decode"] == "slo_breach"
+    with pytest.raises(ValueError):
+        PlannerConfig(min_samples_up=0)
