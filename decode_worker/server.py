@@ -34,9 +34,13 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         err = validate_prompt(request.prompt_token_ids, self.rt.cfg.engine.max_model_len,
                               sp.max_tokens)
         local = request.local_prefill
-        if err is None and not local and sp.max_tokens < 2:
+        if err is None and not local and not request.HasField("push") and sp.max_tokens < 2:
             err = "decode needs max_tokens >= 2 (the prefill worker produced the first token)"
-        if err is None and not local and not request.kv.transfer_id:
+        push = request.HasField("push")
+        if err is None and push and not (request.push.transfer_id and
+                                         request.push.agent_address):
+            err = "push needs the transfer id and the producer's KV agent address"
+        if err is None and not local and not push and not request.kv.transfer_id:
             err = "missing KV handle"
         if err:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
@@ -46,6 +50,12 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             ids = list(request.prompt_token_ids)
             params = to_vllm(sp, max_tokens=sp.max_tokens)
             M.LOCAL_PREFILLS.inc()
+        elif push:   # the prompt's KV is written into our blocks; the first token is ours
+            ids = list(request.prompt_token_ids)
+            params = to_vllm(sp, max_tokens=sp.max_tokens, kv_transfer_params={
+                "pd_remote_prefill": True, "pd_push": True, "transfer_key": rid,
+                "transfer_id": request.push.transfer_id,
+                "agent_address": request.push.agent_address})
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
@@ -55,7 +65,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         finished = False
         first = True
         loaded = asyncio.Event()   # the engine produced output: the KV load is over
-        renew = (None if local else
+        renew = (None if local or push else
                  asyncio.create_task(self.renewer.hold(request.kv, loaded)))
         try:
             async for out in self.rt.engine.generate({"prompt_token_ids": ids}, params, rid):
@@ -99,7 +109,11 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         rec = st.records.get(rid)
         if rec is None:
             return None
-        if rec.status == "ok":
+        if rec.status == "ok" and rec.mode == "push":
+            # the bytes and WRITE times are the prefill worker's figures; here the wait
+            # covers the prefill itself
+            M.KV_EXTERNAL_TOKENS.inc(rec.tokens)
+        elif rec.status == "ok":
             M.KV_BYTES.observe(rec.bytes)
             M.KV_SECONDS.observe(rec.seconds)
             M.KV_DESCRIPTORS.observe(rec.descriptors)

@@ -99,7 +99,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.on_event("startup")
     async def _startup() -> None:
         if state["client"] is None:
-            state["client"] = ClusterClient(cfg.scheduler_address)
+            state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode)
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model)
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
@@ -243,6 +243,15 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if ch is None or ch.kv_transfer is None:
             return None
         k = ch.kv_transfer
+        if k.mode == "push":
+            return {"mode": "push", "bytes": k.bytes, "status": k.status, "tokens": k.tokens,
+                    "seconds": round(k.read_seconds, 6),    # first WRITE -> last landed
+                    "exposed_seconds": round(k.exposed_seconds, 6),
+                    "hidden_share": round(1 - k.exposed_seconds / k.read_seconds, 3)
+                    if k.read_seconds > 0 else None,
+                    "writes": k.writes, "descriptors": k.descriptors,
+                    "wait_seconds": round(k.seconds, 6),
+                    **({"reason": k.reason} if k.reason else {})}
         return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
                 "read_seconds": round(k.read_seconds, 6),
                 "prep_seconds": round(k.prep_seconds, 6),
@@ -323,10 +332,19 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         timing = _Timing(slo)
         M.INFLIGHT.inc()
         chunks: list[Chunk] = []
-        try:
+
+        async def collect():
             async for ch in _run(rid, ids, sp):
                 timing.tokens(len(ch.token_ids))
                 chunks.append(ch)
+
+        try:
+            # a client that hangs up cancels the work (the workers abort and free their
+            # KV), as a streaming client does: the body is read, so the next message
+            # from the server is the disconnect
+            if not await _unless_disconnected(request, collect()):
+                log.info("%s: client disconnected, request cancelled", rid)
+                return Response(status_code=499)
         finally:
             M.INFLIGHT.dec()
         timing.done()
@@ -360,6 +378,31 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             headers["x-kv-transfer-seconds"] = str(kv["seconds"])
             headers["x-kv-transfer-bytes"] = str(kv["bytes"])
         return JSONResponse(resp, headers=headers)
+
+    async def _unless_disconnected(request, work) -> bool:
+        """Run `work`; False (and `work` cancelled) if the client disconnects first."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            watch.cancel()
+            raise
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):   # noqa: BLE001 - the client is gone
+                pass
+            return False
+        task.result()    # re-raise what the work raised
+        return True
 
     def _stream(request, endpoint, rid, ids, sp, body, created, chat: bool):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -66,7 +66,8 @@ class ClusterClient:
     dies mid-stream ends the request with an error (no silent duplicate tokens)."""
 
     def __init__(self, scheduler_address: str, route_wait_s: float = 15.0,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, kv_mode: str = "pull") -> None:
+        self.push = kv_mode.startswith("push")
         self.channels = Channels()
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
         self.route_wait_s = route_wait_s
@@ -132,6 +133,9 @@ class ClusterClient:
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
                     gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
+                elif self.push and first is None and sampling.max_tokens >= 2:
+                    gen = self._disagg_push(route, request_id, token_ids, sampling,
+                                            timeout_s)
                 else:
                     gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first)
                 async for c in gen:
@@ -237,6 +241,59 @@ class ClusterClient:
                 await asyncio.shield(self.release(kv))
             raise
 
+    async def _disagg_push(self, route, request_id, token_ids, sampling, timeout_s):
+        """Push: the decode worker allocates the prompt's blocks and offers them to the
+        prefill engine, which WRITEs the KV into them while it computes; the decode engine
+        then samples the first token itself. Both calls start together."""
+        decode = pd_pb2_grpc.DecodeWorkerStub(self.channels.get(route.decode.address))
+        prefill = pd_pb2_grpc.PrefillWorkerStub(self.channels.get(route.prefill.address))
+        stream = decode.Generate(pd_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
+            push=pd_pb2.KVPush(transfer_id=request_id,
+                               agent_address=route.prefill.agent_address)),
+            timeout=timeout_s)
+        pf_call = prefill.Prefill(pd_pb2.PrefillRequest(
+            request_id=request_id, token_ids=token_ids, sampling=sampling, push=True),
+            timeout=timeout_s)
+        pf_task = asyncio.ensure_future(pf_call)
+        started = False
+        try:
+            it = stream.__aiter__()
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                if not pf_task.done():
+                    await asyncio.wait({nxt, pf_task}, return_when=asyncio.FIRST_COMPLETED)
+                    # a prefill that failed before the decode worker produced anything:
+                    # give up on this placement now (the decode worker would only wait
+                    # for WRITEs that will never come). Once tokens flow, its KV is in.
+                    if (not started and pf_task.done() and not pf_task.cancelled()
+                            and pf_task.exception() is not None and not nxt.done()):
+                        nxt.cancel()
+                        raise pf_task.exception()
+                try:
+                    msg = await nxt
+                except StopAsyncIteration:
+                    break
+                c = _to_chunk(msg)
+                if not started:
+                    c.route = _route_str(route)
+                    if pf_task.done() and not pf_task.exception():
+                        c.cached_tokens = pf_task.result().num_cached_tokens
+                started = True
+                if msg.finish_reason and c.kv_transfer is not None:
+                    c.kv_transfer = _merge_push(c.kv_transfer, await _result(pf_task))
+                yield c
+        except grpc.RpcError as e:
+            which, ref = (("prefill", route.prefill) if pf_task.done() and
+                          pf_task.exception() is e else ("decode", route.decode))
+            if not started and _worker_down(e):
+                raise WorkerFailed(ref.worker_id, which, e) from None
+            raise from_grpc_error(e, f"{which} on {ref.worker_id}") from None
+        finally:
+            stream.cancel()
+            if not pf_task.done():
+                pf_call.cancel()
+
     async def close(self) -> None:
         for t in list(self._bg):
             try:
@@ -244,6 +301,27 @@ class ClusterClient:
             except (asyncio.TimeoutError, Exception):
                 pass
         await self.channels.close()
+
+
+async def _result(task) -> pd_pb2.PrefillResponse | None:
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), 5)
+    except (Exception, asyncio.TimeoutError):   # noqa: BLE001 - the figures are optional
+        return None
+
+
+def _merge_push(dec: pd_pb2.KVTransferStats, pf: pd_pb2.PrefillResponse | None
+                ) -> pd_pb2.KVTransferStats:
+    """The decode worker's record (status, reason, wait) with the prefill worker's WRITE
+    figures (bytes, WRITE time, exposed part, descriptors)."""
+    out = pd_pb2.KVTransferStats()
+    out.CopyFrom(dec)
+    if pf is not None and pf.HasField("push") and pf.push.status == "ok":
+        p = pf.push
+        out.bytes, out.read_seconds, out.prep_seconds = p.bytes, p.read_seconds, p.prep_seconds
+        out.descriptors, out.writes, out.exposed_seconds = p.descriptors, p.writes, \
+            p.exposed_seconds
+    return out
 
 
 def to_error(e: Exception) -> PDError:

@@ -34,6 +34,9 @@ class AgentState:
         self.stats: Callable[[list[str]], pd_pb2.AgentStats] | None = None
         # debug mode only: CRC32 of spans of our registered KV (None: refused)
         self.checksum: Callable[[list[tuple[int, int]]], int | None] | None = None
+        # push mode (producer): a consumer's offer -> (accepted, reason); cancels
+        self.offer: Callable[[pd_pb2.OfferRequest], tuple[bool, str]] | None = None
+        self.cancel: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
 
 
 class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
@@ -81,6 +84,22 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "span outside the registered KV regions")
         return pd_pb2.ChecksumResponse(crc32=crc)
+
+    def Offer(self, request, context):
+        if self.state.offer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine pushes no KV")
+        if not request.transfer_id or not request.block_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "offer needs a transfer id and blocks")
+        if request.skip_blocks > len(request.block_ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "skip_blocks exceeds the blocks")
+        ok, reason = self.state.offer(request)
+        return pd_pb2.OfferResponse(accepted=ok, reason=reason)
+
+    def Cancel(self, request, context):
+        if self.state.cancel is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine pushes no KV")
+        cancelled, busy = self.state.cancel(list(request.transfer_ids))
+        return pd_pb2.CancelResponse(cancelled=cancelled, busy=busy)
 
     def Stats(self, request, context):
         if self.state.stats is None:

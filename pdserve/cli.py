@@ -9,6 +9,7 @@ import signal
 import sys
 
 from pdserve.config import (
+    KV_MODES,
     AutoscaleConfig,
     EngineConfig,
     FrontendConfig,
@@ -47,6 +48,15 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
                          "KV TRANSPORT FALLBACK warning and counted in "
                          "pdserve_kv_transport_fallback_peers (auto: shm on one host, rdma "
                          "between hosts that have an RDMA device)")
+    ap.add_argument("--kv-mode", choices=KV_MODES, default="pull",
+                    help="pull: the decode engine READs the prompt's KV after prefill; push: "
+                         "it offers blocks first and the prefill engine WRITEs each layer "
+                         "as it is computed (layer-pipelined); push-whole: WRITEs "
+                         "everything after the last prefill step (docs/design.md)")
+    ap.add_argument("--kv-push-ttl-s", type=float, default=60.0,
+                    help="push: a decode engine waits this long for the prefill engine's "
+                         "WRITEs (queueing and prefill included), then cancels and "
+                         "recomputes or fails")
     ap.add_argument("--kv-checksum", action="store_true",
                     help="debug: CRC32 every transferred KV block range on both sides and "
                          "compare; a mismatch fails the load (then recompute or fail, per "
@@ -79,7 +89,8 @@ def kv_config(ns) -> KVTransferConfig:
                             load_failure_policy=ns.load_failure_policy,
                             progress_delay_us=ns.kv_progress_delay_us,
                             expect_transport=ns.kv_expect_transport,
-                            checksum=ns.kv_checksum)
+                            checksum=ns.kv_checksum, mode=ns.kv_mode,
+                            push_ttl_s=ns.kv_push_ttl_s)
 
 
 async def _until_signal(run) -> None:
@@ -243,7 +254,7 @@ def cmd_frontend(ns) -> int:
     cfg = FrontendConfig(model=model, served_model_name=ns.served_model_name or Path(model).name,
                          max_model_len=ns.max_model_len, host=ns.host, port=ns.port,
                          scheduler_address=ns.scheduler, ttft_slo_ms=ns.ttft_slo_ms,
-                         tpot_slo_ms=ns.tpot_slo_ms)
+                         tpot_slo_ms=ns.tpot_slo_ms, kv_mode=ns.kv_mode)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
                 timeout_graceful_shutdown=5)
     return 0
@@ -345,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ttft-slo-ms", type=float, default=2000.0,
                    help="goodput counts requests within this TTFT and the TPOT SLO")
     f.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    f.add_argument("--kv-mode", choices=KV_MODES, default="pull",
+                   help="must match the workers' --kv-mode")
     f.set_defaults(func=cmd_frontend)
 
     m = sub.add_parser("model", help="prepare the bundled model or build the tiny test model")

@@ -40,6 +40,9 @@ class EngineConfig:
         return self.served_model_name or Path(self.model).name
 
 
+KV_MODES = ("pull", "push", "push-whole")
+
+
 @dataclass(frozen=True)
 class KVTransferConfig:
     lease_s: float = 30.0            # how long a producer holds unacknowledged blocks
@@ -51,6 +54,8 @@ class KVTransferConfig:
     # RDMA device), nvlink, rdma, shm, tcp, none; a worse one is a loud warning + metric
     expect_transport: str = "auto"
     checksum: bool = False           # debug: CRC32 of every transfer on both sides, compared
+    mode: str = "pull"               # pull | push (layer-pipelined WRITE) | push-whole
+    push_ttl_s: float = 60.0         # push: how long a decode engine waits for the WRITEs
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,4 @@ class FrontendConfig:
     request_timeout_s: float = 600.0
     ttft_slo_ms: float = 2000.0       # goodput: requests within both SLOs
     tpot_slo_ms: float = 100.0
+    kv_mode: str = "pull"             # the workers' --kv-mode: how a request is handed over

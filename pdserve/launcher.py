@@ -110,6 +110,7 @@ def engine_argv(ns) -> list[str]:
             "--load-failure-policy", ns.load_failure_policy,
             "--kv-progress-delay-us", str(ns.kv_progress_delay_us),
             "--kv-expect-transport", ns.kv_expect_transport,
+            "--kv-mode", ns.kv_mode, "--kv-push-ttl-s", str(ns.kv_push_ttl_s),
             "--drain-timeout-s", str(ns.drain_timeout_s)]
     if ns.served_model_name:
         argv += ["--served-model-name", ns.served_model_name]
@@ -172,7 +173,8 @@ def run_cluster(ns) -> int:
         fe = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", ns.model,
               "--host", ns.host, "--port", str(ns.port), "--scheduler", scheduler,
               "--max-model-len", str(ns.max_model_len),
-              "--ttft-slo-ms", str(ns.ttft_slo_ms), "--tpot-slo-ms", str(ns.tpot_slo_ms)]
+              "--ttft-slo-ms", str(ns.ttft_slo_ms), "--tpot-slo-ms", str(ns.tpot_slo_ms),
+              "--kv-mode", ns.kv_mode]
         if ns.served_model_name:
             fe += ["--served-model-name", ns.served_model_name]
         children.append(Child("frontend", fe))

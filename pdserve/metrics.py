@@ -36,6 +36,12 @@ KV_BYTES = Histogram("pdserve_kv_transfer_bytes", "KV bytes transferred per requ
                      buckets=_BYTES)
 KV_SECONDS = Histogram("pdserve_kv_transfer_seconds", "KV transfer time per request",
                        buckets=_XFER_S)
+KV_PUSH_SECONDS = Histogram("pdserve_kv_push_seconds", "Push mode (prefill worker): first "
+                            "WRITE posted to last WRITE landed, per request", buckets=_XFER_S)
+KV_PUSH_EXPOSED_SECONDS = Histogram(
+    "pdserve_kv_push_exposed_seconds", "Push mode (prefill worker): the part of the WRITEs "
+    "the engine waited for after its forward passes (the rest overlapped compute)",
+    buckets=_XFER_S)
 KV_GBPS = Histogram("pdserve_kv_transfer_gbps", "KV transfer GB/s per request",
                     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 12, 16, 25, 50))
 KV_FAILURES = Counter("pdserve_kv_transfer_failures", "KV transfers that failed, by reason "

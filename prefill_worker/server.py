@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 
@@ -19,6 +20,11 @@ from pdserve.sampling import logprobs_to_wire, params_to_handle, to_vllm
 from pdserve.worker import INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
+
+# Test switch: each prefill waits this long before it reaches the engine, so a decode
+# worker's push offer is outstanding for that long (tests/e2e/test_push.py). Never set
+# in production.
+DEBUG_DELAY_S = float(os.environ.get("PDSERVE_DEBUG_PREFILL_DELAY_S") or 0)
 
 
 class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
@@ -33,7 +39,10 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
         t0 = now()
-        params = to_vllm(sp, max_tokens=1, kv_transfer_params={"pd_remote_decode": True})
+        kvp_in = {"pd_remote_decode": True}
+        if request.push:   # a decode worker offers blocks; our engine WRITEs into them
+            kvp_in.update(pd_push=True, transfer_id=request.request_id)
+        params = to_vllm(sp, max_tokens=1, kv_transfer_params=kvp_in)
         final = None
         first_ids: list[int] = []
         text = ""
@@ -42,6 +51,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         self.rt.prefill_tokens += ntok       # reported as load in heartbeats
         self.rt.inflight += 1
         try:
+            if DEBUG_DELAY_S:   # test switch: a slow prefill (push-mode fault tests)
+                await asyncio.sleep(DEBUG_DELAY_S)
             async for out in self.rt.engine.generate(
                     {"prompt_token_ids": list(request.token_ids)}, params, request.request_id):
                 c = out.outputs[0]
@@ -78,6 +89,10 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             num_cached_tokens=final.num_cached_tokens or 0)
         if sp.logprobs >= 0 and lps:
             resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
+        if request.push:
+            rec = await self._push_record(request.request_id)
+            if rec is not None:
+                resp.push.CopyFrom(rec)
         if kvp:
             handle = params_to_handle(kvp)
             if finish or context.cancelled():
@@ -89,6 +104,23 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "engine kept no KV for the request")
         M.WORKER_REQUESTS.labels("prefill", "ok").inc()
         return resp
+
+    async def _push_record(self, tid: str) -> pd_pb2.KVTransferStats | None:
+        """The engine's record of the WRITEs it pushed for this request (there when the
+        decode worker's offer came before the prompt was complete)."""
+        try:
+            rec = (await self.rt.agent_stats(pop=[tid])).records.get(tid)
+        except grpc.RpcError:
+            return None
+        if rec is None:
+            return None
+        if rec.status == "ok":
+            M.KV_PUSH_SECONDS.observe(rec.read_seconds)
+            M.KV_PUSH_EXPOSED_SECONDS.observe(rec.exposed_seconds)
+            M.KV_BYTES.observe(rec.bytes)
+        else:
+            M.KV_FAILURES.labels(rec.reason or "error").inc()
+        return rec
 
     async def _release(self, handle: pd_pb2.KVHandle) -> None:
         try:

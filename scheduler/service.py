@@ -177,7 +177,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         return resp
 
     def _ref(self, wid: str) -> pd_pb2.WorkerRef:
-        return pd_pb2.WorkerRef(worker_id=wid, address=self.reg.workers[wid].address)
+        w = self.reg.workers[wid]
+        return pd_pb2.WorkerRef(worker_id=wid, address=w.address, agent_address=w.agent_address)
 
     async def Report(self, request, context):
         if request.phase == pd_pb2.PHASE_PREFILL_DONE:

@@ -103,6 +103,7 @@ class NixlBackend:
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None
+        self._notif_buf: list[str] = []
 
     def register(self, spans: Sequence[tuple[int, int]], device_id: int = 0) -> None:
         self._reg = self.agent.register_memory(
@@ -151,6 +152,18 @@ class NixlBackend:
 
     def xfer(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
+        h, prep_s = self.post(op, remote_agent, local, remote)
+        try:
+            self.wait(h, timeout_s, f"{op} with {remote_agent}")
+        finally:
+            self.release(h)
+        return prep_s
+
+    def post(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
+             remote: Sequence[tuple[int, int, int]]):
+        """Post a transfer without waiting: (handle, seconds spent preparing it). Poll it
+        with `done`, and `release` it. Every NIXL UCX transfer ends with an endpoint
+        flush: DONE means the bytes reached the target (for WRITE too)."""
         t0 = time.perf_counter()
         ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
         rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
@@ -158,23 +171,47 @@ class NixlBackend:
         prep_s = time.perf_counter() - t0   # descriptor lists + transfer handle
         try:
             state = self.agent.transfer(handle)
-            deadline = time.monotonic() + timeout_s
-            sleep = 0.0
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise NixlError(f"{op} with {remote_agent} timed out after {timeout_s}s")
-                if sleep:
-                    time.sleep(sleep)
-                sleep = min(max(sleep * 2, 20e-6), 1e-3)
-                state = self.agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise NixlError(f"{op} with {remote_agent} failed: {state}")
-        finally:
-            try:
-                self.agent.release_xfer_handle(handle)
-            except Exception as e:  # noqa: BLE001
-                log.warning("NIXL: release_xfer_handle failed: %s", e)
-        return prep_s
+        except Exception:
+            self.release(handle)
+            raise
+        if state not in ("PROC", "DONE"):
+            self.release(handle)
+            raise NixlError(f"{op} with {remote_agent} failed: {state}")
+        return handle, prep_s
+
+    def done(self, handle) -> bool:
+        """True when the transfer completed; raises when it failed."""
+        state = self.agent.check_xfer_state(handle)
+        if state == "DONE":
+            return True
+        if state != "PROC":
+            raise NixlError(f"transfer failed: {state}")
+        return False
+
+    def wait(self, handle, timeout_s: float, what: str = "transfer") -> None:
+        deadline = time.monotonic() + timeout_s
+        sleep = 0.0
+        while not self.done(handle):
+            if time.monotonic() > deadline:
+                raise NixlError(f"{what} timed out after {timeout_s}s")
+            if sleep:
+                time.sleep(sleep)
+            sleep = min(max(sleep * 2, 20e-6), 1e-3)
+
+    def release(self, handle) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception as e:  # noqa: BLE001
+            log.warning("NIXL: release_xfer_handle failed: %s", e)
+
+    def send_notif(self, remote_agent: str, msg: str) -> None:
+        self.agent.send_notif(remote_agent, msg.encode())
+
+    def notifs(self) -> list[str]:
+        """Notifications received since the last call (this also drives UCX progress)."""
+        self.progress()
+        out, self._notif_buf = self._notif_buf, []
+        return out
 
     def endpoint_configs(self):
         """UCX endpoint configurations logged so far, newest per scope."""
@@ -193,8 +230,10 @@ class NixlBackend:
             return {}
 
     def progress(self) -> None:
-        """Drive UCX progress on the passive side (wire-up of new peers)."""
-        self.agent.get_new_notifs()
+        """Drive UCX progress on the passive side (wire-up of new peers); keeps the
+        notifications that arrive for `notifs`."""
+        for msgs in self.agent.get_new_notifs().values():
+            self._notif_buf += [m.decode() if isinstance(m, bytes) else str(m) for m in msgs]
 
     def close(self) -> None:
         try:

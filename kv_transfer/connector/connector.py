@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import queue
 import socket
@@ -45,11 +46,15 @@ from kv_transfer.agent import (
 )
 from kv_transfer.connector.metadata import (
     P_DONE,
+    P_PUSH,
     P_REMOTE_DECODE,
     P_REMOTE_PREFILL,
     LoadSpec,
+    OfferSpec,
     PDConnectorMetadata,
+    PushChunk,
 )
+from kv_transfer.push import Offer, OfferState, OfferTable, chunk_blocks
 from kv_transfer.state import LeaseTable, TransferState, advance
 from pdserve.rpc import pd_pb2
 
@@ -64,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.pdserve.kv_transfer.connector")
 
 RPC_TIMEOUT_S = 5.0
+PUSH_POLL_S = 0.0005   # consumer: notification / UCX progress poll while a push is awaited
 
 
 class LoadError(RuntimeError):
@@ -123,7 +129,7 @@ class PDConnector(KVConnectorBase_V1):
         self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        return self._sched.build_connector_meta()
+        return self._sched.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
         self._sched.update_connector_output(connector_output)
@@ -148,10 +154,10 @@ class PDConnector(KVConnectorBase_V1):
         return None
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
-        return None  # consumers pull after the request finishes; nothing to push per layer
+        self._worker.save_kv_layer(layer_name)   # push mode: WRITE this layer's blocks now
 
     def wait_for_save(self) -> None:
-        return None
+        self._worker.wait_for_save()
 
     def get_finished(self, finished_req_ids):
         r = self._worker.transfer_results()
@@ -227,6 +233,12 @@ class _SchedulerHalf:
         self._loading: dict[str, tuple[str, str]] = {}  # req id -> (agent address, transfer id)
         self._new_leases: dict[str, int] = {}
         self._releaser = _Releaser(AgentClients())
+        # push mode
+        self._offers: list[OfferSpec] = []
+        self._cancels: list[str] = []
+        self._push_prompt: dict[str, int] = {}        # producer: req id -> prompt tokens
+        self._push_blocks: dict[str, list[int]] = {}  # producer: req id -> blocks so far
+        self._push_tid: dict[str, str] = {}           # producer: req id -> transfer id
 
     @property
     def agent_address(self) -> str:
@@ -242,10 +254,19 @@ class _SchedulerHalf:
     # -- consumer
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
         p = request.kv_transfer_params
+        if p and p.get(P_PUSH) and p.get(P_REMOTE_DECODE) and self.is_producer:
+            self._push_prompt[request.request_id] = request.num_prompt_tokens
+            # the engine adds a suffix to the caller's request id; offers use the caller's
+            self._push_tid[request.request_id] = str(p.get("transfer_id") or
+                                                     request.request_id)
+            return 0, False
         if not p or not p.get(P_REMOTE_PREFILL) or p.get(P_DONE):
             return 0, False
         self._local_hit[request.request_id] = num_computed_tokens
-        count = int(p["num_tokens"]) - num_computed_tokens
+        # pull: the handle's tokens; push: the whole prompt (vLLM recomputes its last
+        # token to sample the first output token here)
+        total = request.num_prompt_tokens if p.get(P_PUSH) else int(p["num_tokens"])
+        count = total - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
@@ -259,8 +280,17 @@ class _SchedulerHalf:
             # everything was in our own prefix cache: the producer's copy is not needed
             self._releaser.release(p["agent_address"], p["transfer_id"])
             return
-        n_blocks = L.blocks_for_tokens(int(p["num_tokens"]), self.block_size)
         first = local_hit // self.block_size
+        if p.get(P_PUSH):
+            n_blocks = L.blocks_for_tokens(request.num_prompt_tokens, self.block_size)
+            self._offers.append(OfferSpec(
+                req_id=request.request_id, transfer_key=str(p.get("transfer_key", "")),
+                transfer_id=p["transfer_id"], agent_address=p["agent_address"],
+                block_ids=list(blocks.get_block_ids()[0][:n_blocks]), skip_blocks=first,
+                num_tokens=num_external_tokens))
+            self._loading[request.request_id] = (p["agent_address"], p["transfer_id"])
+            return
+        n_blocks = L.blocks_for_tokens(int(p["num_tokens"]), self.block_size)
         local_ids = list(blocks.get_block_ids()[0][first:n_blocks])
         remote_ids = [int(b) for b in p["block_ids"][first:n_blocks]]
         self._loads.append(LoadSpec(
@@ -278,10 +308,44 @@ class _SchedulerHalf:
                 self._releaser.release(*src)
 
     # -- both
-    def build_connector_meta(self) -> PDConnectorMetadata:
-        meta = PDConnectorMetadata(loads=self._loads, leases=self._new_leases)
-        self._loads, self._new_leases = [], {}
+    def build_connector_meta(self, so=None) -> PDConnectorMetadata:
+        meta = PDConnectorMetadata(loads=self._loads, leases=self._new_leases,
+                                   offers=self._offers, cancels=self._cancels,
+                                   pushes=self._push_chunks(so) if so is not None else [])
+        self._loads, self._new_leases, self._offers, self._cancels = [], {}, [], []
         return meta
+
+    def _push_chunks(self, so) -> list[PushChunk]:
+        """Producer: the prompt tokens each push request computes in this step."""
+        if not self._push_prompt:
+            return []
+        out = []
+        for r in so.scheduled_new_reqs:
+            n = self._push_prompt.get(r.req_id)
+            if n is None:
+                continue
+            blocks = self._push_blocks[r.req_id] = list(r.block_ids[0])
+            end = r.num_computed_tokens + so.num_scheduled_tokens.get(r.req_id, 0)
+            # from token 0: blocks this engine had cached are pushed in this step too
+            out.append(PushChunk(r.req_id, self._push_tid[r.req_id], list(blocks), 0,
+                                 min(end, n), n))
+        c = so.scheduled_cached_reqs
+        for i, rid in enumerate(c.req_ids):
+            n = self._push_prompt.get(rid)
+            if n is None:
+                continue
+            new = c.new_block_ids[i]
+            if rid in c.resumed_req_ids:
+                self._push_blocks[rid] = list(new[0]) if new else []
+            elif new:
+                self._push_blocks.setdefault(rid, []).extend(new[0])
+            start = c.num_computed_tokens[i]
+            if start >= n:
+                continue
+            end = start + so.num_scheduled_tokens.get(rid, 0)
+            out.append(PushChunk(rid, self._push_tid[rid], list(self._push_blocks.get(rid, [])),
+                                 start, min(end, n), n))
+        return out
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         from vllm.v1.request import RequestStatus
@@ -291,6 +355,11 @@ class _SchedulerHalf:
             return False, None
         if p.get(P_REMOTE_PREFILL):
             self._local_hit.pop(request.request_id, None)
+            if (p.get(P_PUSH) and p.get(P_DONE) and request.request_id in self._loading
+                    and request.status == RequestStatus.FINISHED_ABORTED):
+                # aborted while the producer may still WRITE into its blocks: the worker
+                # half cancels the offer; vLLM keeps the blocks until it reports back
+                self._cancels.append(request.request_id)
             if not p.get(P_DONE):
                 # aborted before it was ever scheduled: free the producer's blocks
                 p[P_DONE] = True
@@ -299,6 +368,9 @@ class _SchedulerHalf:
             return False, None
         if not p.get(P_REMOTE_DECODE) or not self.is_producer:
             return False, None
+        self._push_prompt.pop(request.request_id, None)
+        self._push_blocks.pop(request.request_id, None)
+        self._push_tid.pop(request.request_id, None)
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                   RequestStatus.FINISHED_STOPPED) or not block_ids:
             return False, None  # aborted prefill: nothing to hand over
@@ -329,6 +401,19 @@ class _Load:
 
     def to(self, new: TransferState) -> None:
         self.state = advance(self.state, new)
+
+
+class _PushWait:
+    """Consumer, push mode: an offer sent, waiting for the producer's notification."""
+
+    def __init__(self, spec: OfferSpec) -> None:
+        self.spec = spec
+        self.t0 = time.perf_counter()
+        self.deadline = math.inf
+        self.next_try = 0.0
+        self.cancelled = False
+        self.reason = ""
+        self.rec = pd_pb2.KVTransferStats(mode="push", tokens=spec.num_tokens)
 
 
 class _WorkerHalf:
@@ -380,27 +465,48 @@ class _WorkerHalf:
         self._pending = 0
         self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()
         self.bytes_total = 0
-        self._q: queue.Queue[_Load | None] = queue.Queue()
+        self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        # push mode (kv_transfer/push.py): "push" WRITEs each layer as it is computed,
+        # "push-whole" everything after the last prefill step; "pull": the consumer READs
+        self.kv_mode = str(x.get("kv_mode", "pull"))
+        self.push_ttl_s = float(x.get("push_ttl_s", 60.0))
+        self.offers = OfferTable()
+        self.layer_regions: dict[str, list[int]] = {}
+        self._step: list = []                          # producer: this step's PushChunks
+        self._step_writes: list[tuple[Offer, Any]] = []
+        self._step_layers: dict[str, int] = {}         # transfer id -> layers posted this step
+        self._push_recs: dict[str, pd_pb2.KVTransferStats] = {}
+        self._push_t0: dict[str, float] = {}
+        self._finished_push: dict[str, tuple[list[int], int]] = {}  # awaiting a late offer
+        self._req_of: dict[str, str] = {}              # producer: transfer id -> req id
+        self._awaiting: dict[str, _PushWait] = {}      # consumer: offers sent, no notif yet
+        self._cancelling: dict[str, _PushWait] = {}
+        self.my_address = ""
 
     # -- registration
     def register_kv_caches(self, kv_caches: dict) -> None:
         from kv_transfer.backends.nixl import NixlBackend, lock_memory
 
         num_blocks = self.kv_cache_config.num_blocks
-        seen: set[int] = set()
-        for t in kv_caches.values():
+        seen: dict[tuple, list[int]] = {}
+        for name, t in kv_caches.items():
             tensors = t if isinstance(t, (list, tuple)) else [t]
+            mine: list[int] = []
             for tt in tensors:
                 key = (tt.data_ptr(), tuple(tt.shape))
                 if key in seen:
+                    mine += seen[key]
                     continue
-                seen.add(key)
-                self.regions += L.regions_from_strides(
+                new = L.regions_from_strides(
                     tt.data_ptr(), list(tt.shape), list(tt.stride()), tt.element_size(),
                     num_blocks)
+                seen[key] = list(range(len(self.regions), len(self.regions) + len(new)))
+                mine += seen[key]
+                self.regions += new
                 self.layouts.append(L.describe_layout(list(tt.shape), list(tt.stride()),
                                                       str(tt.dtype), num_blocks))
+            self.layer_regions[name] = mine
         device = next(iter(kv_caches.values()))
         device = (device[0] if isinstance(device, (list, tuple)) else device).device
         mem_type = "VRAM" if device.type == "cuda" else "DRAM"
@@ -433,7 +539,10 @@ class _WorkerHalf:
             st.release = self._release
             if self.checksum:
                 st.checksum = self._checksum
+            st.offer = self._offer
+            st.cancel = self._cancel
         self.server, port = start_agent_server(st, self.agent_host, self.agent_port)
+        self.my_address = f"{self.agent_host}:{port}"
         if self.agent_file:
             write_agent_address(self.agent_file, f"{self.agent_host}:{port}")
         log.info("KV connector (%s) engine=%s: %d layers, %d regions, block %d bytes, "
@@ -479,6 +588,15 @@ class _WorkerHalf:
             with self.lock:
                 self._pending += 1
             self._q.put(_Load(spec))
+        for ospec in meta.offers:
+            with self.lock:
+                self._pending += 1
+            self._q.put(_PushWait(ospec))
+        for req_id in meta.cancels:
+            self._q.put(("cancel", req_id))
+        self._step = list(meta.pushes) if self.kv_mode.startswith("push") else []
+        for ch in self._step:
+            self._req_of[ch.transfer_id] = ch.req_id
 
     def transfer_results(self) -> KVConnectorTransferResults:
         res = KVConnectorTransferResults()
@@ -490,6 +608,14 @@ class _WorkerHalf:
             for tid in expired:
                 log.warning("KV lease %s expired before the consumer released it; "
                             "freeing its blocks", tid)
+            if self._req_of and (released or expired):
+                gone = released | expired
+                with self.lock:
+                    for t in [t for t, r in self._req_of.items() if r in gone]:
+                        del self._req_of[t]
+                        self._finished_push.pop(t, None)
+            if len(self.offers):
+                self._sweep_offers()
             res.finished_sending = released | expired
         else:
             with self.lock:
@@ -503,34 +629,48 @@ class _WorkerHalf:
     # -- consumer: the transfer thread
     def _transfer_loop(self) -> None:
         while True:
-            load = self._q.get()
-            if load is None:
-                return
-            t0 = time.perf_counter()
-            rec = pd_pb2.KVTransferStats(tokens=load.spec.num_tokens)
+            busy = bool(self._awaiting or self._cancelling)
             try:
-                self._load_one(load, rec)
-                load.to(TransferState.DONE)
-            except Exception as e:  # noqa: BLE001 - every failure is reported, never raised
-                load.error = f"{type(e).__name__}: {e}"
-                load.state = TransferState.FAILED
-                rec.reason = getattr(e, "reason", "") or (
-                    "peer_unreachable" if isinstance(e, grpc.RpcError) else "error")
-                log.error("KV load of %s (transfer %s from %s) failed (%s): %s",
-                          load.spec.req_id, load.spec.transfer_id, load.spec.agent_address,
-                          rec.reason, load.error)
-            rec.seconds = time.perf_counter() - t0
-            ok = load.state == TransferState.DONE
-            rec.status = "ok" if ok else "failed"
-            nbytes = rec.bytes if ok else 0
-            with self.lock:
-                self._pending -= 1
-                self.bytes_total += nbytes
-                if load.spec.transfer_key:
-                    self.records[load.spec.transfer_key] = rec
-                    while len(self.records) > self.MAX_RECORDS:
-                        self.records.popitem(last=False)
-                self._done.append((load.spec.req_id, ok))
+                item = self._q.get(timeout=PUSH_POLL_S) if busy else self._q.get()
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if isinstance(item, _PushWait):
+                self._send_offer(item)
+            elif isinstance(item, tuple) and item:
+                self._cancel_push(item[1])
+            elif isinstance(item, _Load):
+                self._pull(item)
+            if self._awaiting or self._cancelling:
+                self._poll_push()
+
+    def _pull(self, load: _Load) -> None:
+        t0 = time.perf_counter()
+        rec = pd_pb2.KVTransferStats(tokens=load.spec.num_tokens, mode="pull")
+        try:
+            self._load_one(load, rec)
+            load.to(TransferState.DONE)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, never raised
+            load.error = f"{type(e).__name__}: {e}"
+            load.state = TransferState.FAILED
+            rec.reason = getattr(e, "reason", "") or (
+                "peer_unreachable" if isinstance(e, grpc.RpcError) else "error")
+            log.error("KV load of %s (transfer %s from %s) failed (%s): %s",
+                      load.spec.req_id, load.spec.transfer_id, load.spec.agent_address,
+                      rec.reason, load.error)
+        rec.seconds = time.perf_counter() - t0
+        ok = load.state == TransferState.DONE
+        rec.status = "ok" if ok else "failed"
+        nbytes = rec.bytes if ok else 0
+        with self.lock:
+            self._pending -= 1
+            self.bytes_total += nbytes
+            if load.spec.transfer_key:
+                self.records[load.spec.transfer_key] = rec
+                while len(self.records) > self.MAX_RECORDS:
+                    self.records.popitem(last=False)
+            self._done.append((load.spec.req_id, ok))
 
     def _load_one(self, load: _Load, rec: pd_pb2.KVTransferStats) -> None:
         """Pin the lease, READ the blocks before the lease could end, optionally checksum.
@@ -602,6 +742,302 @@ class _WorkerHalf:
                 raise LoadError("checksum_mismatch", f"KV of {spec.transfer_id}: CRC32 "
                                 f"{mine:08x} here, {theirs:08x} at the producer")
             rec.checksummed = True
+
+    # ------------------------------------------------------------------ push: producer
+    def _offer(self, req: pd_pb2.OfferRequest) -> tuple[bool, str]:
+        """A consumer offers its blocks (agent gRPC thread). A request that finished
+        before the offer came is pushed whole, here and now."""
+        tid = req.transfer_id
+        if req.compat_hash and req.compat_hash != self.compat_hash:
+            return False, f"incompatible KV: {req.compat_hash} != {self.compat_hash}"
+        eid = req.consumer_engine_id
+        try:
+            peer = self._ensure_peer(eid, req.consumer_agent_address)
+        except Exception as e:  # noqa: BLE001 - refused, with the reason
+            return False, f"handshake with {req.consumer_agent_address} failed: {e}"
+        o = Offer(tid, peer, eid, [int(b) for b in req.block_ids], int(req.skip_blocks),
+                  time.monotonic() + (req.ttl_s or self.push_ttl_s))
+        with self.lock:
+            if not self.offers.add(o):
+                return False, "duplicate or cancelled offer"
+            late = self._finished_push.pop(tid, None)
+        if late is not None:
+            self._push_whole(o, *late)
+            self._complete(o)
+        return True, ""
+
+    def _ensure_peer(self, eid: str, address: str) -> str:
+        if not self.backend.has_remote(eid):
+            info = self.clients.get(address).GetAgentInfo(
+                pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash), timeout=RPC_TIMEOUT_S)
+            if info.engine_id != eid:
+                raise RuntimeError(f"agent at {address} is engine {info.engine_id}, not {eid}")
+            self.remote_regions[eid] = [
+                L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes, x.num_blocks)
+                for i, x in enumerate(info.layers)]
+            self.backend.ensure_remote(eid, info.nixl_metadata)
+        return self.backend._remotes[eid]
+
+    def _cancel(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        with self.lock:
+            cancelled, busy = self.offers.cancel(ids, time.monotonic())
+            for tid in cancelled:
+                if self._finished_push.pop(tid, None) is not None:   # nobody will take them
+                    self.leases.release([self._req_of.get(tid, tid)], time.monotonic())
+        return cancelled, busy
+
+    def _rec(self, tid: str) -> pd_pb2.KVTransferStats:
+        rec = self._push_recs.get(tid)
+        if rec is None:
+            rec = self._push_recs[tid] = pd_pb2.KVTransferStats(mode="push")
+        return rec
+
+    def _post_write(self, o: Offer, blocks: range, src: list[int], regs: list[int]):
+        """Post one WRITE of logical `blocks` of the given regions; returns its handle."""
+        t0 = time.perf_counter()
+        runs = L.block_runs([src[b] for b in blocks], [o.blocks[b] for b in blocks])
+        rremote = self.remote_regions[o.engine_id]
+        ldescs, rdescs = L.transfer_descriptors([self.regions[i] for i in regs],
+                                                [rremote[i] for i in regs], runs,
+                                                self.device_id, self.device_id)
+        h, prep = self.backend.post("WRITE", o.peer, ldescs, rdescs)
+        with self.lock:
+            rec = self._rec(o.transfer_id)
+            self._push_t0.setdefault(o.transfer_id, t0)
+            # posting runs on the engine's thread: it counts as exposed, not hidden
+            rec.exposed_seconds += time.perf_counter() - t0
+            rec.bytes += sum(d[1] for d in ldescs)
+            rec.descriptors += len(ldescs)
+            rec.writes += 1
+            rec.prep_seconds += prep
+        return h
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        """Push mode, forward thread: WRITE this layer's blocks of every push request of
+        the step whose offer is here (and nothing before it was missed)."""
+        if not self._step or self.kv_mode != "push":
+            return
+        regs = self.layer_regions.get(layer_name)
+        if not regs:
+            return
+        now = time.monotonic()
+        for ch in self._step:
+            with self.lock:
+                o = self.offers.writable(ch.transfer_id, now)
+                if o is None or o.written_upto < ch.start:
+                    continue    # no offer yet, or it came late: pushed whole at the end
+                blocks = chunk_blocks(ch.start, ch.end, self.block_size, o.skip, len(o.blocks))
+                if not blocks:
+                    continue
+                self.offers.begin(o)
+            try:
+                self._step_writes.append((o, self._post_write(o, blocks, ch.block_ids, regs)))
+            except Exception as e:  # noqa: BLE001 - never raise into the forward pass
+                log.error("push WRITE of %s (layer %s) failed: %s", ch.transfer_id, layer_name, e)
+                with self.lock:
+                    self.offers.end(o, False, "write_failed")
+                continue
+            self._step_layers[ch.transfer_id] = self._step_layers.get(ch.transfer_id, 0) + 1
+
+    def _wait_writes(self, writes: list) -> None:
+        for o, h in writes:
+            ok, reason = True, ""
+            try:
+                self.backend.wait(h, self.transfer_timeout_s, f"WRITE to {o.engine_id}")
+            except Exception as e:  # noqa: BLE001
+                ok, reason = False, ("timeout" if "timed out" in str(e) else "peer_unreachable")
+                log.error("push WRITE of %s failed: %s", o.transfer_id, e)
+            finally:
+                self.backend.release(h)
+            with self.lock:
+                self.offers.end(o, ok, reason)
+
+    def wait_for_save(self) -> None:
+        """Push mode, end of the step's forward pass: wait for its WRITEs (the exposed part
+        of the transfer); a request whose prompt is complete is pushed whole if its layers
+        were not all written, then the consumer is notified."""
+        if not self._step:
+            return
+        chunks, self._step = self._step, []
+        writes, self._step_writes = self._step_writes, []
+        t0 = time.perf_counter()
+        self._wait_writes(writes)
+        exposed = time.perf_counter() - t0
+        n_layers = len(self.layer_regions)
+        layers, self._step_layers = self._step_layers, {}
+        for ch in chunks:
+            with self.lock:
+                o = self.offers.offers.get(ch.transfer_id)
+                if o is None:
+                    if ch.last:   # the offer may still come: push it then
+                        self._finished_push[ch.transfer_id] = (list(ch.block_ids), ch.num_prompt)
+                    continue
+                if o.state == OfferState.OPEN and o.written_upto >= ch.start and (
+                        layers.get(ch.transfer_id, 0) == n_layers or not chunk_blocks(
+                            ch.start, ch.end, self.block_size, o.skip, len(o.blocks))):
+                    o.written_upto = ch.end
+                if ch.transfer_id in layers:
+                    self._rec(ch.transfer_id).exposed_seconds += exposed
+            if not ch.last or o.state == OfferState.DONE:
+                continue
+            if o.state == OfferState.OPEN and o.written_upto < ch.end:
+                self._push_whole(o, ch.block_ids, ch.num_prompt)
+            self._complete(o)
+
+    def _push_whole(self, o: Offer, block_ids: list[int], num_prompt: int) -> None:
+        """Every layer of every block in one WRITE, waited for (exposed entirely)."""
+        with self.lock:
+            if self.offers.writable(o.transfer_id, time.monotonic()) is None:
+                return
+            self.offers.begin(o)
+        try:
+            blocks = chunk_blocks(0, num_prompt, self.block_size, o.skip, len(o.blocks))
+            h = self._post_write(o, blocks, block_ids, list(range(len(self.regions))))
+        except Exception as e:  # noqa: BLE001
+            log.error("push of %s failed: %s", o.transfer_id, e)
+            with self.lock:
+                self.offers.end(o, False, "write_failed")
+            return
+        t0 = time.perf_counter()
+        self._wait_writes([(o, h)])
+        with self.lock:
+            self._rec(o.transfer_id).exposed_seconds += time.perf_counter() - t0
+            if o.state == OfferState.OPEN:
+                o.written_upto = num_prompt
+
+    def _complete(self, o: Offer) -> None:
+        """The prompt is complete: tell the consumer (ok once every WRITE landed), free our
+        blocks (the consumer never reads them), keep the record for the prefill worker."""
+        with self.lock:
+            ok = self.offers.finish(o)
+            rec = self._push_recs.pop(o.transfer_id, None) or pd_pb2.KVTransferStats(
+                mode="push")
+            t0 = self._push_t0.pop(o.transfer_id, None)
+            if t0 is not None:
+                rec.read_seconds = time.perf_counter() - t0
+            rec.status = "ok" if ok else "failed"
+            rec.reason = "" if ok else (o.reason or "error")
+            self.records[o.transfer_id] = rec
+            while len(self.records) > self.MAX_RECORDS:
+                self.records.popitem(last=False)
+            if ok:
+                self.bytes_total += rec.bytes
+            self.leases.release([self._req_of.get(o.transfer_id, o.transfer_id)],
+                                time.monotonic())
+        if o.state == OfferState.CANCELLED:
+            return
+        try:
+            self.backend.send_notif(o.peer, f"{o.transfer_id}:ok" if ok
+                                    else f"{o.transfer_id}:fail:{rec.reason}")
+        except Exception as e:  # noqa: BLE001 - the consumer's deadline covers it
+            log.warning("push notification for %s failed: %s", o.transfer_id, e)
+
+    def _sweep_offers(self) -> None:
+        with self.lock:
+            failed = self.offers.sweep(time.monotonic())
+        for o in failed:
+            log.warning("push offer %s expired before its prompt was computed", o.transfer_id)
+            try:
+                self.backend.send_notif(o.peer, f"{o.transfer_id}:fail:offer_expired")
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ------------------------------------------------------------------ push: consumer
+    def _send_offer(self, w: "_PushWait") -> None:
+        spec = w.spec
+        try:
+            fut = self.clients.get(spec.agent_address).Offer.future(pd_pb2.OfferRequest(
+                transfer_id=spec.transfer_id, consumer_engine_id=self.engine_id,
+                consumer_agent_address=self.my_address, block_ids=spec.block_ids,
+                skip_blocks=spec.skip_blocks, ttl_s=self.push_ttl_s,
+                compat_hash=self.compat_hash), timeout=RPC_TIMEOUT_S)
+            # the producer's first offer from us makes it connect to us over UCX, which
+            # needs our progress: keep progressing while it answers
+            while not fut.done():
+                self.backend.progress()
+                time.sleep(PUSH_POLL_S)
+            resp = fut.result()
+        except grpc.RpcError as e:
+            return self._push_done(w, False, "peer_unreachable", f"Offer failed: {e.code()}")
+        if not resp.accepted:
+            reason = "incompatible" if "incompatible" in resp.reason else "error"
+            return self._push_done(w, False, reason, f"offer refused: {resp.reason}")
+        # the producer posts no WRITE after t_offer + ttl on its clock (it got the offer
+        # after we sent it, before we got the answer): past this, nothing can land
+        w.deadline = time.monotonic() + self.push_ttl_s
+        self._awaiting[spec.transfer_id] = w
+
+    def _poll_push(self) -> None:
+        """Notifications (this also drives UCX progress for the producer's WRITEs),
+        deadlines, and cancels waiting for the producer."""
+        for msg in self.backend.notifs():
+            tid, _, status = msg.partition(":")
+            w = self._awaiting.pop(tid, None) or self._cancelling.pop(tid, None)
+            if w is None:
+                continue
+            if status == "ok":
+                self._push_done(w, not w.cancelled, "" if not w.cancelled else "aborted", "")
+            else:
+                reason = status.split(":", 1)[1] if ":" in status else "error"
+                self._push_done(w, False, reason, f"producer: {status}")
+        now = time.monotonic()
+        for tid, w in list(self._awaiting.items()):
+            if now >= w.deadline:
+                del self._awaiting[tid]
+                w.reason = "timeout"
+                self._cancelling[tid] = w
+        for tid, w in list(self._cancelling.items()):
+            if now < w.next_try:
+                continue
+            try:
+                r = self.clients.get(w.spec.agent_address).Cancel(
+                    pd_pb2.LeaseRequest(transfer_ids=[tid]), timeout=1.0)
+                if tid in r.cancelled:
+                    del self._cancelling[tid]
+                    self._push_done(w, False, w.reason, "cancelled at the producer")
+                else:
+                    w.next_try = now + 0.02          # WRITEs in flight: ask again
+            except grpc.RpcError as e:
+                # a dead producer (connection refused) writes nothing any more; otherwise
+                # wait until no WRITE of its could still land
+                if (e.code() == grpc.StatusCode.UNAVAILABLE or
+                        now >= w.deadline + self.transfer_timeout_s):
+                    del self._cancelling[tid]
+                    self._push_done(w, False, "peer_unreachable",
+                                    f"Cancel failed ({e.code().name})")
+                else:
+                    w.next_try = now + 0.5
+
+    def _cancel_push(self, req_id: str) -> None:
+        for tid, w in list(self._awaiting.items()):
+            if w.spec.req_id == req_id:
+                del self._awaiting[tid]
+                w.cancelled, w.reason = True, "aborted"
+                self._cancelling[tid] = w
+
+    def _push_done(self, w: "_PushWait", ok: bool, reason: str, error: str) -> None:
+        spec = w.spec
+        rec = w.rec
+        rec.seconds = time.perf_counter() - w.t0
+        rec.status = "ok" if ok else "failed"
+        rec.reason = "" if ok else reason
+        if ok:
+            r0 = self.regions[0]
+            n = len(spec.block_ids) - spec.skip_blocks
+            rec.bytes = n * r0.block_bytes * len(self.regions)
+        elif error:
+            log.log(logging.INFO if w.cancelled else logging.ERROR,
+                    "KV push of %s (transfer %s from %s) %s (%s): %s", spec.req_id,
+                    spec.transfer_id, spec.agent_address,
+                    "given up" if w.cancelled else "failed", reason, error)
+        with self.lock:
+            self._pending -= 1
+            self.bytes_total += rec.bytes
+            if spec.transfer_key and not w.cancelled:   # nobody asks for an aborted one
+                self.records[spec.transfer_key] = rec
+                while len(self.records) > self.MAX_RECORDS:
+                    self.records.popitem(last=False)
+            self._done.append((spec.req_id, ok))
 
     def _note_transport(self, spec: LoadSpec) -> None:
         """After the first READ from a producer: which transport UCX really used for it.

@@ -21,13 +21,44 @@ class LoadSpec:
 
 
 @dataclass
+class OfferSpec:
+    """Consumer, push mode: blocks allocated for a prompt, to offer to the producer."""
+    req_id: str
+    transfer_key: str
+    transfer_id: str
+    agent_address: str
+    block_ids: list[int]       # consumer block of each logical block 0..n-1
+    skip_blocks: int           # cached here already: the producer must not write them
+    num_tokens: int
+
+
+@dataclass
+class PushChunk:
+    """Producer, push mode: the prompt tokens [start, end) this step computes."""
+    req_id: str                # this (producer) engine's request id
+    transfer_id: str           # the id the consumer offers blocks for
+    block_ids: list[int]       # the request's blocks so far
+    start: int
+    end: int
+    num_prompt: int
+
+    @property
+    def last(self) -> bool:
+        return self.end >= self.num_prompt
+
+
+@dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     # producer: transfer id -> number of blocks now held for a consumer
     leases: dict[str, int] = field(default_factory=dict)
+    offers: list[OfferSpec] = field(default_factory=list)      # consumer, push
+    cancels: list[str] = field(default_factory=list)           # consumer, push: req ids
+    pushes: list[PushChunk] = field(default_factory=list)      # producer, push
 
 
 # keys of vLLM's kv_transfer_params that our components exchange
 P_REMOTE_DECODE = "pd_remote_decode"     # set on a prefill request: hold blocks for decode
 P_REMOTE_PREFILL = "pd_remote_prefill"   # set on a decode request: load blocks first
 P_DONE = "_pd_processed"
+P_PUSH = "pd_push"                       # push mode (both sides)

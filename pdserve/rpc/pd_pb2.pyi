@@ -211,12 +211,14 @@ class RouteRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
-    __slots__ = ("worker_id", "address")
+    __slots__ = ("worker_id", "address", "agent_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    agent_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens")
@@ -369,17 +371,19 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling")
+    __slots__ = ("request_id", "token_ids", "sampling", "push")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    push: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_token_text", "first_logprob", "finish_reason", "kv", "num_prompt_tokens", "num_cached_tokens")
+    __slots__ = ("first_token_id", "first_token_text", "first_logprob", "finish_reason", "kv", "num_prompt_tokens", "num_cached_tokens", "push")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +391,7 @@ class PrefillResponse(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_token_text: str
     first_logprob: TokenLogprob
@@ -394,7 +399,8 @@ class PrefillResponse(_message.Message):
     kv: KVHandle
     num_prompt_tokens: int
     num_cached_tokens: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    push: KVTransferStats
+    def __init__(self, first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., finish_reason: _Optional[str] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., push: _Optional[_Union[KVTransferStats, _Mapping]] = ...) -> None: ...
 
 class WorkerStatusRequest(_message.Message):
     __slots__ = ()
@@ -417,23 +423,33 @@ class WorkerStatusResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., agent_address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "kv", "sampling", "local_prefill")
+    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "kv", "sampling", "local_prefill", "push")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
     kv: KVHandle
     sampling: SamplingParams
     local_prefill: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
+    push: KVPush
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., push: _Optional[_Union[KVPush, _Mapping]] = ...) -> None: ...
+
+class KVPush(_message.Message):
+    __slots__ = ("transfer_id", "agent_address")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    agent_address: str
+    def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
@@ -443,6 +459,9 @@ class KVTransferStats(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMMED_FIELD_NUMBER: _ClassVar[int]
     PREP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EXPOSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
@@ -452,7 +471,10 @@ class KVTransferStats(_message.Message):
     reason: str
     checksummed: bool
     prep_seconds: float
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ...) -> None: ...
+    mode: str
+    exposed_seconds: float
+    writes: int
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens", "num_cached_tokens")
@@ -572,6 +594,40 @@ class AgentStats(_message.Message):
     records: _containers.MessageMap[str, KVTransferStats]
     peers: _containers.RepeatedCompositeFieldContainer[PeerTransport]
     def __init__(self, leases_held: _Optional[int] = ..., loads_pending: _Optional[int] = ..., leases_expired_total: _Optional[int] = ..., bytes_total: _Optional[int] = ..., records: _Optional[_Mapping[str, KVTransferStats]] = ..., peers: _Optional[_Iterable[_Union[PeerTransport, _Mapping]]] = ...) -> None: ...
+
+class OfferRequest(_message.Message):
+    __slots__ = ("transfer_id", "consumer_engine_id", "consumer_agent_address", "block_ids", "skip_blocks", "ttl_s", "compat_hash")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    consumer_engine_id: str
+    consumer_agent_address: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    skip_blocks: int
+    ttl_s: float
+    compat_hash: str
+    def __init__(self, transfer_id: _Optional[str] = ..., consumer_engine_id: _Optional[str] = ..., consumer_agent_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., skip_blocks: _Optional[int] = ..., ttl_s: _Optional[float] = ..., compat_hash: _Optional[str] = ...) -> None: ...
+
+class OfferResponse(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("cancelled", "busy")
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    cancelled: _containers.RepeatedScalarFieldContainer[str]
+    busy: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cancelled: _Optional[_Iterable[str]] = ..., busy: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChecksumRequest(_message.Message):
     __slots__ = ("addrs", "lengths")

@@ -749,6 +749,16 @@ class KVAgentStub:
                 request_serializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.SerializeToString,
                 response_deserializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.FromString,
                 _registered_method=True)
+        self.Offer = channel.unary_unary(
+                '/pdserve.v1.KVAgent/Offer',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.OfferRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.OfferResponse.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/pdserve.v1.KVAgent/Cancel',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class KVAgentServicer:
@@ -789,6 +799,24 @@ class KVAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Offer(self, request, context):
+        """Push mode: the consumer offers the blocks it allocated for a transfer; the producer
+        WRITEs the KV into them (as each layer is computed) and sends a NIXL notification
+        "<transfer id>:ok" (or ":fail:<reason>") when every WRITE reached the consumer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Push mode: the consumer gives up on transfers (its request was aborted or timed
+        out). Ids with WRITEs in flight come back `busy`: ask again; the others are
+        `cancelled` and will never be written to, so the consumer may free its blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -816,6 +844,16 @@ def add_KVAgentServicer_to_server(servicer, server):
                     servicer.Checksum,
                     request_deserializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.FromString,
                     response_serializer=pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.SerializeToString,
+            ),
+            'Offer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Offer,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.OfferRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.OfferResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.LeaseRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -953,6 +991,60 @@ class KVAgent:
             '/pdserve.v1.KVAgent/Checksum',
             pdserve_dot_rpc_dot_pd__pb2.ChecksumRequest.SerializeToString,
             pdserve_dot_rpc_dot_pd__pb2.ChecksumResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Offer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVAgent/Offer',
+            pdserve_dot_rpc_dot_pd__pb2.OfferRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.OfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVAgent/Cancel',
+            pdserve_dot_rpc_dot_pd__pb2.LeaseRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,119 @@
+"""Push mode end to end: the decode engine allocates first and offers its blocks, the prefill
+engine WRITEs each layer's KV into them as it computes (chunked prefill: several steps per
+long prompt), the decode engine samples the first token itself.
+
+Real processes: `pdserve serve --kv-mode push` with the tiny model, 512-token prefill
+chunks, and a colocated vLLM engine with the same chunk size for ground truth. A test-only
+switch delays each prefill, so that offers are outstanding when clients hang up or the
+prefill worker is killed.
+"""
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import metric_value, reference, start_cluster, stop_cluster_proc
+from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.test_faults import assert_idle, by_role, pid_of
+
+MAX_TOKENS = 16
+SIZES = (10, 300, 1500)
+CHUNK = 512
+DELAY_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def pc(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push.log",
+                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": str(DELAY_S)},
+                      extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
+                             "--prefill-workers", "1", "--decode-workers", "1",
+                             "--keep-going", "--kv-push-ttl-s", "20"])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+@pytest.fixture(scope="module")
+def truth(pc, tokenizer, tmp_path_factory):
+    prompts = {n: words(n, seed=300 + n) for n in SIZES}
+    ids = [tokenizer.encode(prompts[n]) for n in SIZES]
+    assert [len(x) for x in ids] == list(SIZES)
+    ref = reference(pc.model_dir, ids, MAX_TOKENS, tmp_path_factory.mktemp("ref"),
+                    max_num_batched_tokens=CHUNK)
+    return {"prompts": prompts, "ref": dict(zip(SIZES, ref))}
+
+
+def complete(c, prompt, max_tokens=MAX_TOKENS, timeout=120):
+    return httpx.post(f"{c.url}/v1/completions", timeout=timeout, json={
+        "model": c.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pushed_kv_gives_the_colocated_output(pc, truth, n):
+    decode = by_role(pc, pd_pb2.ROLE_DECODE)[0]
+    before = pc.metrics(decode)
+    r = complete(pc, truth["prompts"][n])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == truth["ref"][n]["text"]
+    assert body["usage"]["completion_tokens"] == len(truth["ref"][n]["token_ids"])
+    kv = body["kv_transfer"]
+    assert kv["mode"] == "push" and kv["status"] == "ok", kv
+    assert kv["tokens"] == n and kv["bytes"] > 0
+    # the prefill worker's record: every layer was written as it was computed, in one
+    # WRITE per layer per prefill step (1500 tokens: three 512-token steps)
+    layers = 4   # the tiny model
+    assert kv["writes"] == layers * -(-n // CHUNK), kv
+    assert 0 <= kv["exposed_seconds"] <= kv["seconds"] and kv["hidden_share"] is not None
+    after = pc.metrics(decode)
+
+    def delta(source):
+        name = "vllm:prompt_tokens_by_source_total"
+        return metric_value(after, name, source=source) - metric_value(before, name,
+                                                                       source=source)
+    # the decode engine's counters: the prompt came by transfer (vLLM recomputes the last
+    # prompt token to sample the first output token, and counts it as transferred)
+    assert delta("external_kv_transfer") == n and delta("local_compute") == 0
+
+
+async def test_clients_hang_up_while_offers_wait(pc):
+    """Hang-ups while the decode engine waits for WRITEs: the decode side cancels its
+    offers at the producer, nothing is written into freed blocks, both sides end idle."""
+    given_up = pc.log_path.read_text().count("given up (aborted)")
+    async with httpx.AsyncClient(timeout=DELAY_S / 2) as client:
+        async def hang_up(i):
+            with pytest.raises(httpx.TimeoutException):
+                await client.post(f"{pc.url}/v1/completions", json={
+                    "model": pc.model_name, "prompt": words(200, seed=50 + i),
+                    "max_tokens": 8, "temperature": 0})
+        await asyncio.gather(*[hang_up(i) for i in range(4)])
+    assert_idle(pc, pc.workers())
+    # each decode request was aborted while its offer was outstanding, and cancelled at
+    # the producer before its blocks were freed
+    assert pc.log_path.read_text().count("given up (aborted)") - given_up == 4
+    for i in range(2):
+        assert complete(pc, words(120, seed=70 + i), 4).status_code == 200
+
+
+async def test_prefill_worker_killed_while_offers_wait(pc):
+    """SIGKILL of the prefill worker with offers outstanding: the frontend sees the prefill
+    fail, the decode side's Cancel finds the producer gone and frees its blocks, and every
+    request ends (served by the decode worker itself, the only worker left)."""
+    pid = pid_of(pc, "prefill-0")
+    async with httpx.AsyncClient(timeout=120) as client:
+        reqs = [asyncio.ensure_future(client.post(f"{pc.url}/v1/completions", json={
+            "model": pc.model_name, "prompt": words(200, seed=80 + i), "max_tokens": 8,
+            "temperature": 0})) for i in range(3)]
+        await asyncio.sleep(DELAY_S / 2)
+        os.killpg(pid, signal.SIGKILL)
+        res = await asyncio.gather(*reqs)
+    for r in res:
+        assert r.status_code == 200 or r.json()["error"]["message"], r.text
+    assert sum(r.status_code == 200 for r in res) >= 1
+    assert_idle(pc, by_role(pc, pd_pb2.ROLE_DECODE))
+    assert complete(pc, words(100, seed=99), 4).status_code == 200
