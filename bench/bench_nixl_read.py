@@ -37,7 +37,11 @@ def _target(q, done, core, reg, delay, mlock):
     b = NixlBackend("bench-target", progress_delay_us=delay)
     b.register([(buf.ctypes.data, reg)])
     q.put((b.metadata, buf.ctypes.data))
+    c0 = time.process_time()
     done.get()
+    # CPU seconds of this process (all threads: UCX progress included) while the
+    # initiator transferred: which side's cores pay for the copy
+    done.put(("target_cpu", time.process_time() - c0))
 
 
 def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ"):
@@ -52,6 +56,7 @@ def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ"):
     name = b.ensure_remote("bench-target", md)
     chunk = n // 30
     times = []
+    c0 = time.process_time()
     try:
         for i in range(reads):
             off = (i * 2 * n) % (reg - n)
@@ -59,10 +64,11 @@ def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ"):
             b.xfer(op, name, [(dst.ctypes.data + off + k * chunk, chunk, 0) for k in range(30)],
                    [(raddr + off + k * chunk, chunk, 0) for k in range(30)], timeout)
             times.append(time.perf_counter() - t0)
+        cpu = time.process_time() - c0
         ok = bool(dst[off:off + 30 * chunk].min() == 1)   # WRITE: the source, unchanged
-        out.put(("ok", times, ok))
+        out.put(("ok", times, ok, cpu))
     except NixlError as e:
-        out.put(("error", str(e), False))
+        out.put(("error", str(e), False, 0.0))
     done.put(1)
 
 
@@ -90,8 +96,9 @@ def main(argv=None) -> int:
                           not ns.no_mlock, ns.op))
     t.start()
     i.start()
-    status, times, ok = out.get()
+    status, times, ok, icpu = out.get()
     i.join()
+    _, tcpu = done.get(timeout=30)
     t.join()
     a, b = np.ones(n, np.uint8), np.zeros(n, np.uint8)
     copies = []
@@ -109,7 +116,8 @@ def main(argv=None) -> int:
     med = statistics.median(times[1:])  # the first READ includes connection wire-up
     print(f"{label}: {ns.op} median {med * 1e3:.2f} ms = {n / med / 1e9:.2f} GB/s "
           f"(first {times[0] * 1e3:.1f} ms); in-process memcpy {memcpy:.1f} GB/s; "
-          f"ratio {n / med / 1e9 / memcpy:.2f}; data ok={ok}")
+          f"ratio {n / med / 1e9 / memcpy:.2f}; data ok={ok}; CPU s over {ns.reads} "
+          f"transfers ({sum(times):.3f} s): initiator {icpu:.3f}, target {tcpu:.3f}")
     return 0
 
 

@@ -249,6 +249,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     "exposed_seconds": round(k.exposed_seconds, 6),
                     "hidden_share": round(1 - k.exposed_seconds / k.read_seconds, 3)
                     if k.read_seconds > 0 else None,
+                    "post_seconds": round(k.post_seconds, 6),
+                    "prep_seconds": round(k.prep_seconds, 6),
                     "writes": k.writes, "descriptors": k.descriptors,
                     "wait_seconds": round(k.seconds, 6),
                     **({"reason": k.reason} if k.reason else {})}

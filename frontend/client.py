@@ -321,6 +321,7 @@ def _merge_push(dec: pd_pb2.KVTransferStats, pf: pd_pb2.PrefillResponse | None
         out.bytes, out.read_seconds, out.prep_seconds = p.bytes, p.read_seconds, p.prep_seconds
         out.descriptors, out.writes, out.exposed_seconds = p.descriptors, p.writes, \
             p.exposed_seconds
+        out.post_seconds = p.post_seconds
     return out
 
 

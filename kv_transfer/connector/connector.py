@@ -480,6 +480,7 @@ class _WorkerHalf:
         self._push_t0: dict[str, float] = {}
         self._finished_push: dict[str, tuple[list[int], int]] = {}  # awaiting a late offer
         self._req_of: dict[str, str] = {}              # producer: transfer id -> req id
+        self._next_sweep = 0.0
         self._awaiting: dict[str, _PushWait] = {}      # consumer: offers sent, no notif yet
         self._cancelling: dict[str, _PushWait] = {}
         self.my_address = ""
@@ -614,7 +615,8 @@ class _WorkerHalf:
                     for t in [t for t, r in self._req_of.items() if r in gone]:
                         del self._req_of[t]
                         self._finished_push.pop(t, None)
-            if len(self.offers):
+            if self.offers.offers and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + 0.5
                 self._sweep_offers()
             res.finished_sending = released | expired
         else:
@@ -806,6 +808,7 @@ class _WorkerHalf:
             self._push_t0.setdefault(o.transfer_id, t0)
             # posting runs on the engine's thread: it counts as exposed, not hidden
             rec.exposed_seconds += time.perf_counter() - t0
+            rec.post_seconds += time.perf_counter() - t0
             rec.bytes += sum(d[1] for d in ldescs)
             rec.descriptors += len(ldescs)
             rec.writes += 1

@@ -449,7 +449,7 @@ class KVPush(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
@@ -462,6 +462,7 @@ class KVTransferStats(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     EXPOSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
+    POST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
@@ -474,7 +475,8 @@ class KVTransferStats(_message.Message):
     mode: str
     exposed_seconds: float
     writes: int
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ...) -> None: ...
+    post_seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ..., post_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens", "num_cached_tokens")

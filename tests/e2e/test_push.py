@@ -39,11 +39,11 @@ def pc(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def truth(pc, tokenizer, tmp_path_factory):
+def truth(tiny_model, tokenizer, tmp_path_factory):
     prompts = {n: words(n, seed=300 + n) for n in SIZES}
     ids = [tokenizer.encode(prompts[n]) for n in SIZES]
     assert [len(x) for x in ids] == list(SIZES)
-    ref = reference(pc.model_dir, ids, MAX_TOKENS, tmp_path_factory.mktemp("ref"),
+    ref = reference(tiny_model, ids, MAX_TOKENS, tmp_path_factory.mktemp("ref"),
                     max_num_batched_tokens=CHUNK)
     return {"prompts": prompts, "ref": dict(zip(SIZES, ref))}
 
@@ -117,3 +117,27 @@ async def test_prefill_worker_killed_while_offers_wait(pc):
     assert sum(r.status_code == 200 for r in res) >= 1
     assert_idle(pc, by_role(pc, pd_pb2.ROLE_DECODE))
     assert complete(pc, words(100, seed=99), 4).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push-whole.log",
+                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5"},
+                      extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK)])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def test_whole_request_push_gives_the_colocated_output(whole, truth):
+    """push-whole: one WRITE of every layer after the last prefill step (the prefill is
+    delayed so the offer is there first; a late offer is pushed whole too, from the
+    agent's thread, and the prefill worker's response then has no record)."""
+    for n in (300, 1500):
+        r = complete(whole, truth["prompts"][n])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == truth["ref"][n]["text"]
+        kv = body["kv_transfer"]
+        assert kv["mode"] == "push" and kv["status"] == "ok" and kv["bytes"] > 0, kv
+        assert kv["writes"] == 1 and kv["exposed_seconds"] > 0, kv

@@ -82,11 +82,23 @@ def test_least_outstanding_picks_the_idlest_and_rotates_ties():
 
 def test_kv_transfer_report_ratios():
     from bench.bench_kv_transfer import report
-    ours = {2048: [{"bytes": 10**8, "read_seconds": 0.01, "seconds": 0.012, "descriptors": 30}
-                   for _ in range(3)]}
+    pull = {2048: [{"bytes": 10**8, "read_seconds": 0.01, "seconds": 0.012, "descriptors": 30,
+                    "ttft": 0.5, "t2": 0.6} for _ in range(3)]}
+    push = {2048: [{"bytes": 10**8, "seconds": 0.4, "exposed_seconds": 0.1, "writes": 30,
+                    "descriptors": 30, "ttft": 0.55, "t2": 0.58} for _ in range(3)]}
+    whole = {2048: [{"bytes": 10**8, "seconds": 0.02, "exposed_seconds": 0.02, "writes": 1,
+                     "descriptors": 30, "ttft": 0.6, "t2": 0.62} for _ in range(3)]}
     theirs = {2048: [{"transfers": 1, "seconds": 0.02, "bytes": 10**8, "descriptors": 480}]}
-    text, (row,) = report(ours, theirs)
+    text, rows = report({"pull": pull, "push": push, "push-whole": whole}, theirs)
+    row = rows[0]
     assert row["read_gbps"] == 10.0                    # 1e8 B in 10 ms
     assert row["b"] == 0.5 and abs(row["b_load"] - 0.6) < 1e-12
     assert 0 < row["a"] and row["copy_gbps"] > 0       # measured here, in this process
     assert row["vllm_descriptors"] == 480 and "2048" in text
+    by_mode = {r["mode"]: r for r in rows[1:]}
+    assert by_mode["pull"]["c"] == 0.0
+    assert abs(by_mode["push"]["c"] - 0.75) < 1e-12    # 0.1 of 0.4 s exposed
+    assert abs(by_mode["push"]["c_net"] - (1 - 0.1 / 0.02)) < 1e-12   # 5x the whole WRITE
+    assert by_mode["push"]["gbps"] != by_mode["push"]["gbps"]   # NaN: spans the forward
+    assert by_mode["push-whole"]["c"] == 0.0 and by_mode["push-whole"]["gbps"] == 5.0
+    assert by_mode["push"]["ttft_s"] == 0.55 and by_mode["pull"]["t2_s"] == 0.6
