@@ -540,8 +540,9 @@ class _WorkerHalf:
             st.release = self._release
             if self.checksum:
                 st.checksum = self._checksum
-            st.offer = self._offer
-            st.cancel = self._cancel
+            if self.kv_mode.startswith("push"):   # a pull engine refuses offers at once
+                st.offer = self._offer
+                st.cancel = self._cancel
         self.server, port = start_agent_server(st, self.agent_host, self.agent_port)
         self.my_address = f"{self.agent_host}:{port}"
         if self.agent_file:
@@ -961,7 +962,9 @@ class _WorkerHalf:
                 time.sleep(PUSH_POLL_S)
             resp = fut.result()
         except grpc.RpcError as e:
-            return self._push_done(w, False, "peer_unreachable", f"Offer failed: {e.code()}")
+            reason = ("incompatible" if e.code() == grpc.StatusCode.FAILED_PRECONDITION
+                      else "peer_unreachable")    # e.g. the producer runs --kv-mode pull
+            return self._push_done(w, False, reason, f"Offer failed: {e.code()} {e.details()}")
         if not resp.accepted:
             reason = "incompatible" if "incompatible" in resp.reason else "error"
             return self._push_done(w, False, reason, f"offer refused: {resp.reason}")
