@@ -481,6 +481,7 @@ class _WorkerHalf:
         self._finished_push: dict[str, tuple[list[int], int]] = {}  # awaiting a late offer
         self._req_of: dict[str, str] = {}              # producer: transfer id -> req id
         self._next_sweep = 0.0
+        self._handshake_lock = threading.Lock()
         self._awaiting: dict[str, _PushWait] = {}      # consumer: offers sent, no notif yet
         self._cancelling: dict[str, _PushWait] = {}
         self.my_address = ""
@@ -770,6 +771,10 @@ class _WorkerHalf:
         return True, ""
 
     def _ensure_peer(self, eid: str, address: str) -> str:
+        with self._handshake_lock:   # first offers from one consumer may come together
+            return self._ensure_peer_locked(eid, address)
+
+    def _ensure_peer_locked(self, eid: str, address: str) -> str:
         if not self.backend.has_remote(eid):
             info = self.clients.get(address).GetAgentInfo(
                 pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash), timeout=RPC_TIMEOUT_S)
@@ -939,6 +944,12 @@ class _WorkerHalf:
     def _sweep_offers(self) -> None:
         with self.lock:
             failed = self.offers.sweep(time.monotonic())
+            # records of pushes whose prefill never completed (aborted on this side)
+            for o in failed:
+                self._push_recs.pop(o.transfer_id, None)
+                self._push_t0.pop(o.transfer_id, None)
+                if o.transfer_id not in self._finished_push:
+                    self._req_of.pop(o.transfer_id, None)
         for o in failed:
             log.warning("push offer %s expired before its prompt was computed", o.transfer_id)
             try:
