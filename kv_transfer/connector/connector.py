@@ -671,10 +671,14 @@ class _WorkerHalf:
             self._pending -= 1
             self.bytes_total += nbytes
             if load.spec.transfer_key:
-                self.records[load.spec.transfer_key] = rec
-                while len(self.records) > self.MAX_RECORDS:
-                    self.records.popitem(last=False)
+                self._keep_record(load.spec.transfer_key, rec)
             self._done.append((load.spec.req_id, ok))
+
+    def _keep_record(self, key: str, rec: pd_pb2.KVTransferStats) -> None:
+        """Under self.lock: keep a transfer's record until its worker pops it (bounded)."""
+        self.records[key] = rec
+        while len(self.records) > self.MAX_RECORDS:
+            self.records.popitem(last=False)
 
     def _load_one(self, load: _Load, rec: pd_pb2.KVTransferStats) -> None:
         """Pin the lease, READ the blocks before the lease could end, optionally checksum.
@@ -685,17 +689,7 @@ class _WorkerHalf:
             raise LoadError("incompatible", f"incompatible KV handle: {spec.compat_hash} != "
                             f"{self.compat_hash}")
         stub = self.clients.get(spec.agent_address)
-        if not self.backend.has_remote(spec.engine_id):
-            info = stub.GetAgentInfo(pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash),
-                                     timeout=RPC_TIMEOUT_S)
-            if info.engine_id != spec.engine_id:
-                raise RuntimeError(f"agent at {spec.agent_address} is engine {info.engine_id}, "
-                                   f"expected {spec.engine_id}")
-            self.remote_regions[spec.engine_id] = [
-                L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes, x.num_blocks)
-                for i, x in enumerate(info.layers)]
-            self.backend.ensure_remote(spec.engine_id, info.nixl_metadata)
-        remote_agent = self.backend._remotes[spec.engine_id]
+        remote_agent = self._ensure_peer(spec.engine_id, spec.agent_address)
         # The lease runs until at least t_pin + acquire_extend_s on the producer's clock
         # (its Acquire starts after t_pin): the READ must be over well before that.
         t_pin = time.monotonic()
@@ -771,20 +765,23 @@ class _WorkerHalf:
         return True, ""
 
     def _ensure_peer(self, eid: str, address: str) -> str:
-        with self._handshake_lock:   # first offers from one consumer may come together
-            return self._ensure_peer_locked(eid, address)
-
-    def _ensure_peer_locked(self, eid: str, address: str) -> str:
-        if not self.backend.has_remote(eid):
-            info = self.clients.get(address).GetAgentInfo(
-                pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash), timeout=RPC_TIMEOUT_S)
-            if info.engine_id != eid:
-                raise RuntimeError(f"agent at {address} is engine {info.engine_id}, not {eid}")
-            self.remote_regions[eid] = [
-                L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes, x.num_blocks)
-                for i, x in enumerate(info.layers)]
-            self.backend.ensure_remote(eid, info.nixl_metadata)
-        return self.backend._remotes[eid]
+        """The NIXL name of the peer engine `eid` (its KV agent at `address`); the first
+        time, the handshake: its metadata and registered regions. Consumers call it before
+        a READ, producers when an offer comes (first offers from one consumer may come
+        together: one handshake at a time)."""
+        with self._handshake_lock:
+            if not self.backend.has_remote(eid):
+                info = self.clients.get(address).GetAgentInfo(
+                    pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash),
+                    timeout=RPC_TIMEOUT_S)
+                if info.engine_id != eid:
+                    raise RuntimeError(f"agent at {address} is engine {info.engine_id}, "
+                                       f"expected {eid}")
+                self.remote_regions[eid] = [
+                    L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes,
+                             x.num_blocks) for i, x in enumerate(info.layers)]
+                self.backend.ensure_remote(eid, info.nixl_metadata)
+            return self.backend._remotes[eid]
 
     def _cancel(self, ids: list[str]) -> tuple[list[str], list[str]]:
         with self.lock:
@@ -813,8 +810,9 @@ class _WorkerHalf:
             rec = self._rec(o.transfer_id)
             self._push_t0.setdefault(o.transfer_id, t0)
             # posting runs on the engine's thread: it counts as exposed, not hidden
-            rec.exposed_seconds += time.perf_counter() - t0
-            rec.post_seconds += time.perf_counter() - t0
+            posting = time.perf_counter() - t0
+            rec.exposed_seconds += posting
+            rec.post_seconds += posting
             rec.bytes += sum(d[1] for d in ldescs)
             rec.descriptors += len(ldescs)
             rec.writes += 1
@@ -926,9 +924,7 @@ class _WorkerHalf:
                 rec.read_seconds = time.perf_counter() - t0
             rec.status = "ok" if ok else "failed"
             rec.reason = "" if ok else (o.reason or "error")
-            self.records[o.transfer_id] = rec
-            while len(self.records) > self.MAX_RECORDS:
-                self.records.popitem(last=False)
+            self._keep_record(o.transfer_id, rec)
             if ok:
                 self.bytes_total += rec.bytes
             self.leases.release([self._req_of.get(o.transfer_id, o.transfer_id)],
@@ -1051,9 +1047,7 @@ class _WorkerHalf:
             self._pending -= 1
             self.bytes_total += rec.bytes
             if spec.transfer_key and not w.cancelled:   # nobody asks for an aborted one
-                self.records[spec.transfer_key] = rec
-                while len(self.records) > self.MAX_RECORDS:
-                    self.records.popitem(last=False)
+                self._keep_record(spec.transfer_key, rec)
             self._done.append((spec.req_id, ok))
 
     def _note_transport(self, spec: LoadSpec) -> None:
