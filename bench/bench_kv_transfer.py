@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--modes", default="pull,push,push-whole",
                     help="our --kv-mode values to measure, each in its own cluster")
+    ap.add_argument("--pdserve-arg", action="append", default=[],
+                    help="extra flag for our clusters, e.g. --pdserve-arg=--kv-ucx-err-mode=peer")
     ap.add_argument("--log-dir", default="/tmp/pdserve-kv-bench")
     ap.add_argument("--out", default="")
     ns = ap.parse_args(argv)
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in ns.tokens.split(",")]
     cfg = argparse.Namespace(model=ns.model, served_name="model", max_model_len=4096,
                              max_num_seqs=32, max_num_batched_tokens=4096, kv_cache_gib=1,
-                             baseline_quiet_wait=False, pdserve_arg=[],
+                             baseline_quiet_wait=False, pdserve_arg=ns.pdserve_arg,
                              variants={f"pdserve-{m}": ["--kv-mode", m]
                                        for m in ns.modes.split(",")},
                              log_dir=Path(ns.log_dir))

@@ -4,6 +4,7 @@ in-process copy.
     .venv/bin/python -m bench.bench_nixl_read                      # siblings, pinned 0/1
     .venv/bin/python -m bench.bench_nixl_read --op WRITE           # push instead of pull
     .venv/bin/python -m bench.bench_nixl_read --unpinned
+    .venv/bin/python -m bench.bench_nixl_read --ucx-err-mode peer  # RMA over TCP AM
     .venv/bin/python -m bench.bench_nixl_read --progress-delay-us 0 # target never progresses
 
 Each READ moves --mib MiB in 30 descriptors (one per "layer") from fresh offsets of a
@@ -28,13 +29,29 @@ def _lock(buf, on: bool) -> None:
         lock_memory([(buf.ctypes.data, buf.nbytes)])
 
 
-def _target(q, done, core, reg, delay, mlock):
+def _alloc(n: int, fill: int, thp: bool) -> np.ndarray:
+    """n bytes filled with `fill`. numpy asks for transparent huge pages for large arrays
+    itself; thp=False advises against them before the first touch (4 KiB pages, as a
+    torch-allocated KV cache gets unless pdserve advises huge pages)."""
+    import ctypes
+    import mmap
+    buf = np.empty(n, dtype=np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = buf.ctypes.data & ~(mmap.PAGESIZE - 1)
+    libc.madvise(start, buf.ctypes.data + n - start,
+                 getattr(mmap, "MADV_HUGEPAGE" if thp else "MADV_NOHUGEPAGE"))
+    buf.fill(fill)
+    return buf
+
+
+def _target(q, done, core, reg, delay, mlock, err_mode="auto", thp=True):
     if core >= 0:
         os.sched_setaffinity(0, {core})
     from kv_transfer.backends.nixl import NixlBackend
-    buf = np.ones(reg, dtype=np.uint8)
+    buf = _alloc(reg, 1, thp)
     _lock(buf, mlock)
-    b = NixlBackend("bench-target", progress_delay_us=delay)
+    b = NixlBackend("bench-target", progress_delay_us=delay, err_mode=err_mode)
     b.register([(buf.ctypes.data, reg)])
     q.put((b.metadata, buf.ctypes.data))
     c0 = time.process_time()
@@ -44,14 +61,15 @@ def _target(q, done, core, reg, delay, mlock):
     done.put(("target_cpu", time.process_time() - c0))
 
 
-def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ"):
+def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ", err_mode="auto",
+               thp=True):
     if core >= 0:
         os.sched_setaffinity(0, {core})
     from kv_transfer.backends.nixl import NixlBackend, NixlError
     md, raddr = q.get()
-    dst = (np.zeros if op == "READ" else np.ones)(reg, dtype=np.uint8)
+    dst = _alloc(reg, 0 if op == "READ" else 1, thp)
     _lock(dst, mlock)
-    b = NixlBackend("bench-initiator")
+    b = NixlBackend("bench-initiator", err_mode=err_mode)
     b.register([(dst.ctypes.data, reg)])
     name = b.ensure_remote("bench-target", md)
     chunk = n // 30
@@ -82,6 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--unpinned", action="store_true")
     ap.add_argument("--progress-delay-us", type=int, default=1000)
     ap.add_argument("--timeout-s", type=float, default=10.0)
+    ap.add_argument("--ucx-err-mode", choices=["auto", "peer", "none"], default="auto",
+                    help="UCX endpoint error handling (auto: none for host memory; peer "
+                         "leaves RMA emulated over TCP active messages on one host)")
+    ap.add_argument("--no-thp", action="store_true",
+                    help="4 KiB pages on both sides (as a KV cache without huge pages)")
     ap.add_argument("--no-mlock", action="store_true",
                     help="leave the registered memory pageable (as before the fix)")
     ns = ap.parse_args(argv)
@@ -90,10 +113,10 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     q, done, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
     t = ctx.Process(target=_target, args=(q, done, cores[0], reg, ns.progress_delay_us,
-                                                  not ns.no_mlock))
+                                          not ns.no_mlock, ns.ucx_err_mode, not ns.no_thp))
     i = ctx.Process(target=_initiator,
                     args=(q, done, out, cores[1], reg, n, ns.reads, ns.timeout_s,
-                          not ns.no_mlock, ns.op))
+                          not ns.no_mlock, ns.op, ns.ucx_err_mode, not ns.no_thp))
     t.start()
     i.start()
     status, times, ok, icpu = out.get()
@@ -108,8 +131,10 @@ def main(argv=None) -> int:
         copies.append(time.perf_counter() - t0)
     memcpy = n / min(copies) / 1e9
     label = (f"siblings {'unpinned' if ns.unpinned else 'pinned 0/1'}, "
-             f"{'pageable' if ns.no_mlock else 'mlocked'} {ns.reg_mib} MiB, "
-             f"progress delay {ns.progress_delay_us} us, {ns.mib} MiB/{ns.op}")
+             f"{'pageable' if ns.no_mlock else 'mlocked'} {ns.reg_mib} MiB "
+             f"{'4 KiB pages' if ns.no_thp else 'huge pages'}, "
+             f"progress delay {ns.progress_delay_us} us, UCX error handling "
+             f"{ns.ucx_err_mode}, {ns.mib} MiB/{ns.op}")
     if status != "ok":
         print(f"{label}: READ failed: {times}; in-process memcpy {memcpy:.1f} GB/s")
         return 1

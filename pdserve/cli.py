@@ -48,6 +48,12 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
                          "KV TRANSPORT FALLBACK warning and counted in "
                          "pdserve_kv_transport_fallback_peers (auto: shm on one host, rdma "
                          "between hosts that have an RDMA device)")
+    ap.add_argument("--kv-ucx-err-mode", choices=["auto", "peer", "none"], default="auto",
+                    help="UCX endpoint error handling of the KV agents. peer: UCX detects "
+                         "dead peers itself, but on one CPU host that leaves only RMA "
+                         "emulated over TCP; none: shared-memory RMA (1.5x faster here), dead "
+                         "peers are still reported by NIXL and bounded by our timeouts and "
+                         "leases. auto: none for KV in host memory, peer for GPU memory")
     ap.add_argument("--kv-mode", choices=KV_MODES, default="pull",
                     help="pull: the decode engine READs the prompt's KV after prefill; push: "
                          "it offers blocks first and the prefill engine WRITEs each layer "
@@ -89,6 +95,7 @@ def kv_config(ns) -> KVTransferConfig:
                             load_failure_policy=ns.load_failure_policy,
                             progress_delay_us=ns.kv_progress_delay_us,
                             expect_transport=ns.kv_expect_transport,
+                            ucx_err_mode=ns.kv_ucx_err_mode,
                             checksum=ns.kv_checksum, mode=ns.kv_mode,
                             push_ttl_s=ns.kv_push_ttl_s)
 

@@ -53,6 +53,9 @@ class KVTransferConfig:
     # transport a peer pair should use: auto (shm on one host, rdma between hosts with an
     # RDMA device), nvlink, rdma, shm, tcp, none; a worse one is a loud warning + metric
     expect_transport: str = "auto"
+    # UCX endpoint error handling: auto (none for KV in host memory: shared-memory RMA;
+    # peer for GPU memory), peer, none (kv_transfer/backends/nixl.py)
+    ucx_err_mode: str = "auto"
     checksum: bool = False           # debug: CRC32 of every transfer on both sides, compared
     mode: str = "pull"               # pull | push (layer-pipelined WRITE) | push-whole
     push_ttl_s: float = 60.0         # push: how long a decode engine waits for the WRITEs

@@ -138,5 +138,6 @@ def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferCon
             "transfer_timeout_s": kv.transfer_timeout_s,
             "load_failure_policy": kv.load_failure_policy,
             "progress_delay_us": kv.progress_delay_us,
-            "expect_transport": kv.expect_transport, "checksum": kv.checksum,
+            "expect_transport": kv.expect_transport, "ucx_err_mode": kv.ucx_err_mode,
+            "checksum": kv.checksum,
             "kv_mode": kv.mode, "push_ttl_s": kv.push_ttl_s}

@@ -110,6 +110,7 @@ def engine_argv(ns) -> list[str]:
             "--load-failure-policy", ns.load_failure_policy,
             "--kv-progress-delay-us", str(ns.kv_progress_delay_us),
             "--kv-expect-transport", ns.kv_expect_transport,
+            "--kv-ucx-err-mode", ns.kv_ucx_err_mode,
             "--kv-mode", ns.kv_mode, "--kv-push-ttl-s", str(ns.kv_push_ttl_s),
             "--drain-timeout-s", str(ns.drain_timeout_s)]
     if ns.served_model_name:

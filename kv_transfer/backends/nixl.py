@@ -25,13 +25,34 @@ def _import_nixl():
     return api
 
 
-def _make_agent(api, name: str, progress_delay_us: int):
-    """nixl_agent with UCX progress thread that sleeps `progress_delay_us` between polls.
+UCX_ERR_MODES = ("peer", "none")
+
+
+def resolve_err_mode(mode: str, mem_type: str) -> str:
+    """UCX endpoint error handling for the agent. `peer` (UCX's failure detection: keepalive,
+    requests fail when the peer dies) admits only transports that can detect a dead peer,
+    which on one CPU host leaves RMA emulated over TCP active messages. `none` admits
+    shared memory RMA (sysv/posix/cma): measured 1.5x the READ bandwidth at half the
+    target's CPU (docs/benchmarks.md). A dead peer is still reported by NIXL
+    (NIXL_ERR_REMOTE_DISCONNECT, measured), and our own timeouts and leases bound every
+    wait. auto: `none` for KV in host memory, `peer` for GPU memory (cuda_ipc and
+    InfiniBand detect peer failure themselves, and UCX's keepalive guards remote hosts)."""
+    if mode == "auto":
+        return "none" if mem_type == "DRAM" else "peer"
+    if mode not in UCX_ERR_MODES:
+        raise ValueError(f"UCX error handling mode must be auto, peer or none, not {mode!r}")
+    return mode
+
+
+def _make_agent(api, name: str, progress_delay_us: int, err_mode: str = "peer"):
+    """nixl_agent with UCX progress thread that sleeps `progress_delay_us` between polls,
+    and a UCX backend with the given endpoint error handling mode.
 
     The Python wrapper hard-codes pthrDelay=0 (a thread spinning at 90-100% of a core);
-    the binding accepts a delay, so we set it on the config the wrapper builds.
+    the binding accepts a delay, so we set it on the config the wrapper builds. The
+    wrapper's config has no backend parameters, so the UCX backend is created after.
     """
-    cfg = api.nixl_agent_config(enable_prog_thread=progress_delay_us > 0, backends=["UCX"],
+    cfg = api.nixl_agent_config(enable_prog_thread=progress_delay_us > 0, backends=[],
                                 sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
     bind = api.nixlBind
     orig = bind.nixlAgent
@@ -42,9 +63,11 @@ def _make_agent(api, name: str, progress_delay_us: int):
 
     bind.nixlAgent = with_delay
     try:
-        return api.nixl_agent(name, cfg)
+        agent = api.nixl_agent(name, cfg)
     finally:
         bind.nixlAgent = orig
+    agent.create_backend("UCX", {"ucx_error_handling_mode": err_mode})
+    return agent
 
 
 def lock_memory(spans: Sequence[tuple[int, int]]) -> bool:
@@ -70,6 +93,49 @@ def lock_memory(spans: Sequence[tuple[int, int]]) -> bool:
     return ok
 
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+
+
+def huge_page_ranges(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The 2 MiB-aligned interiors of `spans` (only those can be huge pages). Pure."""
+    out = []
+    for addr, length in spans:
+        start = -(-addr // HUGE_PAGE) * HUGE_PAGE
+        end = (addr + length) // HUGE_PAGE * HUGE_PAGE
+        if end > start:
+            out.append((start, end - start))
+    return out
+
+
+def advise_huge_pages(spans: Sequence[tuple[int, int]]) -> int:
+    """Back registered host memory with transparent huge pages; returns the bytes advised.
+
+    vLLM allocates the KV cache through torch (4 KiB pages: THP is `madvise`-only on
+    most distributions, this host included). Every shared-memory copy between processes
+    (CMA: the kernel pins and walks the other process's pages) costs per page: measured
+    with bench/bench_nixl_read.py, 45 MiB READs ran at 6.7-6.9 GB/s on 4 KiB pages and
+    8.4-8.8 GB/s on huge pages. MADV_HUGEPAGE makes later faults huge; MADV_COLLAPSE
+    (Linux >= 6.1) rebuilds the pages already there in place, contents kept. Best effort:
+    an older kernel, or THP set to `never`, leaves 4 KiB pages and a log line.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = 0
+    for addr, length in huge_page_ranges(spans):
+        if libc.madvise(addr, length, MADV_HUGEPAGE) != 0:
+            log.info("MADV_HUGEPAGE on %.0f MiB of KV failed (%s): 4 KiB pages",
+                     length / 2**20, os.strerror(ctypes.get_errno()))
+            continue
+        if libc.madvise(addr, length, MADV_COLLAPSE) != 0:
+            log.info("MADV_COLLAPSE on %.0f MiB of KV failed (%s): pages already present "
+                     "stay 4 KiB", length / 2**20, os.strerror(ctypes.get_errno()))
+        done += length
+    return done
+
+
 class NixlError(RuntimeError):
     pass
 
@@ -93,13 +159,14 @@ def enable_endpoint_log(directory: str) -> str | None:
 
 class NixlBackend:
     def __init__(self, name: str, mem_type: str = "DRAM", progress_delay_us: int = 0,
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, err_mode: str = "auto") -> None:
         # UCX picks transports itself (shm/cma on one host, rc/dc over IB, cuda_ipc
         # for NVLink); UCX_TLS and friends override. See docs/deployment.md.
         self.name = name
         self.mem_type = mem_type
         self.ucx_log = enable_endpoint_log(log_dir) if log_dir else None
-        self.agent = _make_agent(_import_nixl(), name, progress_delay_us)
+        self.err_mode = resolve_err_mode(err_mode, mem_type)
+        self.agent = _make_agent(_import_nixl(), name, progress_delay_us, self.err_mode)
         self._reg = None
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None
@@ -109,8 +176,9 @@ class NixlBackend:
         self._reg = self.agent.register_memory(
             [(addr, length, device_id, "") for addr, length in spans], self.mem_type)
         self._metadata = self.agent.get_agent_metadata()
-        log.info("NIXL agent %s registered %d span(s), %.1f MiB, UCX_TLS=%s", self.name,
-                 len(spans), sum(n for _, n in spans) / 2**20, os.environ.get("UCX_TLS", "auto"))
+        log.info("NIXL agent %s registered %d span(s), %.1f MiB, UCX_TLS=%s, UCX error "
+                 "handling %s", self.name, len(spans), sum(n for _, n in spans) / 2**20,
+                 os.environ.get("UCX_TLS", "auto"), self.err_mode)
 
     @property
     def metadata(self) -> bytes:

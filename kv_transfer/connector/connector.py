@@ -70,6 +70,7 @@ log = logging.getLogger("vllm.pdserve.kv_transfer.connector")
 
 RPC_TIMEOUT_S = 5.0
 PUSH_POLL_S = 0.0005   # consumer: notification / UCX progress poll while a push is awaited
+IDLE_STEP_WAIT_S = 0.02  # consumer: an empty step waits this long at most for a transfer
 
 
 class LoadError(RuntimeError):
@@ -311,7 +312,8 @@ class _SchedulerHalf:
     def build_connector_meta(self, so=None) -> PDConnectorMetadata:
         meta = PDConnectorMetadata(loads=self._loads, leases=self._new_leases,
                                    offers=self._offers, cancels=self._cancels,
-                                   pushes=self._push_chunks(so) if so is not None else [])
+                                   pushes=self._push_chunks(so) if so is not None else [],
+                                   idle=so is not None and not so.total_num_scheduled_tokens)
         self._loads, self._new_leases, self._offers, self._cancels = [], {}, [], []
         return meta
 
@@ -461,7 +463,10 @@ class _WorkerHalf:
         # the transport each producer's connection really uses (kv_transfer/transport.py)
         self.peer_transports: dict[str, pd_pb2.PeerTransport] = {}
         self.expect_transport = str(x.get("expect_transport", "auto"))
+        self.ucx_err_mode = str(x.get("ucx_err_mode", "auto"))
         self._done: list[tuple[str, bool]] = []       # consumer: (req id, ok)
+        self._done_evt = threading.Event()             # set when _done gains an entry
+        self._idle_step = False
         self._pending = 0
         self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()
         self.bytes_total = 0
@@ -488,7 +493,7 @@ class _WorkerHalf:
 
     # -- registration
     def register_kv_caches(self, kv_caches: dict) -> None:
-        from kv_transfer.backends.nixl import NixlBackend, lock_memory
+        from kv_transfer.backends.nixl import NixlBackend, advise_huge_pages, lock_memory
 
         num_blocks = self.kv_cache_config.num_blocks
         seen: dict[tuple, list[int]] = {}
@@ -515,11 +520,14 @@ class _WorkerHalf:
         self.device_id = device.index or 0
         spans = self.spans = L.registration_spans(self.regions)
         if mem_type == "DRAM":
+            if os.environ.get("PDSERVE_KV_HUGE_PAGES", "1") == "1":
+                advise_huge_pages(spans)  # fewer pages for CMA to pin and walk per copy
             lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
         log_dir = os.path.dirname(self.agent_file) if self.agent_file else None
         self.backend = NixlBackend(f"{self.engine_id}-{os.getpid()}", mem_type,
                                    progress_delay_us=self.progress_delay_us,
-                                   log_dir=log_dir or tempfile.gettempdir())
+                                   log_dir=log_dir or tempfile.gettempdir(),
+                                   err_mode=self.ucx_err_mode)
         self.backend.register(spans, self.device_id)
 
         r0 = self.regions[0]
@@ -597,6 +605,7 @@ class _WorkerHalf:
             self._q.put(_PushWait(ospec))
         for req_id in meta.cancels:
             self._q.put(("cancel", req_id))
+        self._idle_step = meta.idle
         self._step = list(meta.pushes) if self.kv_mode.startswith("push") else []
         for ch in self._step:
             self._req_of[ch.transfer_id] = ch.req_id
@@ -622,8 +631,16 @@ class _WorkerHalf:
                 self._sweep_offers()
             res.finished_sending = released | expired
         else:
+            if self._idle_step and self._pending and not self._done:
+                # Every request of this engine waits for KV, so vLLM would step again at
+                # once, empty, in a loop: its engine core and this worker's main thread
+                # then share the engine's core with the transfer thread's copy (measured:
+                # the READ's wall time twice its CPU time). Wait for the transfer instead,
+                # a bounded while (new requests and aborts wait at most that long).
+                self._done_evt.wait(IDLE_STEP_WAIT_S)
             with self.lock:
                 done, self._done = self._done, []
+                self._done_evt.clear()
             for req_id, ok in done:
                 res.finished_recving.add(req_id)
                 if not ok:
@@ -673,6 +690,7 @@ class _WorkerHalf:
             if load.spec.transfer_key:
                 self._keep_record(load.spec.transfer_key, rec)
             self._done.append((load.spec.req_id, ok))
+            self._done_evt.set()
 
     def _keep_record(self, key: str, rec: pd_pb2.KVTransferStats) -> None:
         """Under self.lock: keep a transfer's record until its worker pops it (bounded)."""
@@ -847,10 +865,14 @@ class _WorkerHalf:
             self._step_layers[ch.transfer_id] = self._step_layers.get(ch.transfer_id, 0) + 1
 
     def _wait_writes(self, writes: list) -> None:
+        """Wait for a step's WRITEs under one deadline: a consumer that died or hangs costs
+        the step at most one --transfer-timeout-s, however many layers were posted."""
+        deadline = time.monotonic() + self.transfer_timeout_s
         for o, h in writes:
             ok, reason = True, ""
             try:
-                self.backend.wait(h, self.transfer_timeout_s, f"WRITE to {o.engine_id}")
+                self.backend.wait(h, max(deadline - time.monotonic(), 0.001),
+                                  f"WRITE to {o.engine_id}")
             except Exception as e:  # noqa: BLE001
                 ok, reason = False, ("timeout" if "timed out" in str(e) else "peer_unreachable")
                 log.error("push WRITE of %s failed: %s", o.transfer_id, e)
@@ -1049,6 +1071,7 @@ class _WorkerHalf:
             if spec.transfer_key and not w.cancelled:   # nobody asks for an aborted one
                 self._keep_record(spec.transfer_key, rec)
             self._done.append((spec.req_id, ok))
+            self._done_evt.set()
 
     def _note_transport(self, spec: LoadSpec) -> None:
         """After the first READ from a producer: which transport UCX really used for it.

@@ -55,6 +55,9 @@ class PDConnectorMetadata(KVConnectorMetadata):
     offers: list[OfferSpec] = field(default_factory=list)      # consumer, push
     cancels: list[str] = field(default_factory=list)           # consumer, push: req ids
     pushes: list[PushChunk] = field(default_factory=list)      # producer, push
+    # the step computes nothing (every request waits for KV): the worker may wait for a
+    # transfer instead of returning at once into another empty step
+    idle: bool = False
 
 
 # keys of vLLM's kv_transfer_params that our components exchange

@@ -10,6 +10,7 @@ prefill worker is killed.
 
 import asyncio
 import os
+import re
 import signal
 
 import httpx
@@ -24,6 +25,7 @@ MAX_TOKENS = 16
 SIZES = (10, 300, 1500)
 CHUNK = 512
 DELAY_S = 1.0
+KILLED: set[str] = set()   # workers the tests killed (registered until their heartbeat ends)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def pc(tiny_model, tmp_path_factory):
     c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push.log",
                       env={"PDSERVE_DEBUG_PREFILL_DELAY_S": str(DELAY_S)},
                       extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
-                             "--prefill-workers", "1", "--decode-workers", "1",
+                             "--prefill-workers", "1", "--decode-workers", "2",
                              "--keep-going", "--kv-push-ttl-s", "20"])
     yield c
     assert stop_cluster_proc(c.proc) == 0
@@ -55,8 +57,8 @@ def complete(c, prompt, max_tokens=MAX_TOKENS, timeout=120):
 
 @pytest.mark.parametrize("n", SIZES)
 def test_pushed_kv_gives_the_colocated_output(pc, truth, n):
-    decode = by_role(pc, pd_pb2.ROLE_DECODE)[0]
-    before = pc.metrics(decode)
+    decodes = by_role(pc, pd_pb2.ROLE_DECODE)
+    before = [pc.metrics(d) for d in decodes]
     r = complete(pc, truth["prompts"][n])
     assert r.status_code == 200, r.text
     body = r.json()
@@ -70,12 +72,12 @@ def test_pushed_kv_gives_the_colocated_output(pc, truth, n):
     layers = 4   # the tiny model
     assert kv["writes"] == layers * -(-n // CHUNK), kv
     assert 0 <= kv["exposed_seconds"] <= kv["seconds"] and kv["hidden_share"] is not None
-    after = pc.metrics(decode)
+    after = [pc.metrics(d) for d in decodes]
 
-    def delta(source):
+    def delta(source):   # over both decode workers (the request went to one of them)
         name = "vllm:prompt_tokens_by_source_total"
-        return metric_value(after, name, source=source) - metric_value(before, name,
-                                                                       source=source)
+        return sum(metric_value(a, name, source=source) - metric_value(b, name, source=source)
+                   for a, b in zip(after, before))
     # the decode engine's counters: the prompt came by transfer (vLLM recomputes the last
     # prompt token to sample the first output token, and counts it as transferred)
     assert delta("external_kv_transfer") == n and delta("local_compute") == 0
@@ -100,6 +102,40 @@ async def test_clients_hang_up_while_offers_wait(pc):
         assert complete(pc, words(120, seed=70 + i), 4).status_code == 200
 
 
+async def test_decode_worker_killed_while_its_blocks_are_written(pc):
+    """SIGKILL of a decode worker whose offers wait at the producer: when the delayed
+    prefill runs, its WRITEs into the dead process fail inside the producer's step (NIXL
+    reports the peer gone; at worst one --transfer-timeout-s per step). The producer ends
+    those pushes as failed and frees its own blocks, every request ends, the survivors end
+    idle and the next requests succeed."""
+    decodes = by_role(pc, pd_pb2.ROLE_DECODE)
+    assert len(decodes) == 2
+    def push_failures():
+        return len(re.findall(r"push (?:WRITE of|of|notification for) \S+.*failed",
+                              pc.log_path.read_text()))
+    failed_before = push_failures()
+    async with httpx.AsyncClient(timeout=120) as client:
+        reqs = [asyncio.ensure_future(client.post(f"{pc.url}/v1/completions", json={
+            "model": pc.model_name, "prompt": words(200, seed=60 + i), "max_tokens": 8,
+            "temperature": 0})) for i in range(4)]
+        await asyncio.sleep(DELAY_S / 2)
+        busy = [w for w in decodes if pc.status(w).load.kv_usage > 0]
+        assert busy, "no decode worker holds offered blocks"
+        victim = busy[0]
+        os.killpg(pid_of(pc, victim.worker_id), signal.SIGKILL)
+        KILLED.add(victim.worker_id)
+        res = await asyncio.wait_for(asyncio.gather(*reqs), 90)
+    for r in res:
+        assert r.status_code == 200 or r.json()["error"]["message"], r.text
+    # the producer's WRITEs (or its notification) to the dead consumer failed, and it said so
+    assert push_failures() > failed_before
+    survivors = [w for w in pc.workers() if w.worker_id != victim.worker_id]
+    assert {w.role for w in survivors} == {pd_pb2.ROLE_PREFILL, pd_pb2.ROLE_DECODE}
+    assert_idle(pc, survivors)
+    for i in range(2):
+        assert complete(pc, words(150, seed=90 + i), 4).status_code == 200
+
+
 async def test_prefill_worker_killed_while_offers_wait(pc):
     """SIGKILL of the prefill worker with offers outstanding: the frontend sees the prefill
     fail, the decode side's Cancel finds the producer gone and frees its blocks, and every
@@ -115,7 +151,7 @@ async def test_prefill_worker_killed_while_offers_wait(pc):
     for r in res:
         assert r.status_code == 200 or r.json()["error"]["message"], r.text
     assert sum(r.status_code == 200 for r in res) >= 1
-    assert_idle(pc, by_role(pc, pd_pb2.ROLE_DECODE))
+    assert_idle(pc, [w for w in by_role(pc, pd_pb2.ROLE_DECODE) if w.worker_id not in KILLED])
     assert complete(pc, words(100, seed=99), 4).status_code == 200
 
 

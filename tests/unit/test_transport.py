@@ -51,3 +51,35 @@ def test_fallback_against_expectations():
     assert T.default_expectation("intra-node", False) == "shm"
     assert T.default_expectation("inter-node", True) == "rdma"
     assert T.default_expectation("inter-node", False) == "tcp"
+
+
+# the same two processes with UCX error handling "none" (--kv-ucx-err-mode): shared memory RMA
+SHM_RMA = ("[1795430723.957192] [vm:8267 :0]      ucp_worker.c:1997 UCX  INFO    "
+           "bench-initiator intra-node cfg#1 rma(sysv/memory posix/memory)  "
+           "amo(sysv/memory posix/memory)  am(sysv/memory cma/memory)")
+
+
+def test_shared_memory_rma_when_error_handling_is_off():
+    (c,) = T.parse(SHM_RMA)
+    assert c.transport == "shm" and not c.rma_emulated
+    assert c.data_transports == ("sysv", "posix", "cma")
+
+
+def test_ucx_error_handling_mode_resolution():
+    import pytest
+
+    from kv_transfer.backends.nixl import resolve_err_mode
+    assert resolve_err_mode("auto", "DRAM") == "none"      # CPU KV: shared-memory RMA
+    assert resolve_err_mode("auto", "VRAM") == "peer"      # GPU: UCX's failure detection
+    assert resolve_err_mode("peer", "DRAM") == "peer" and resolve_err_mode("none", "VRAM") == "none"
+    with pytest.raises(ValueError, match="auto, peer or none"):
+        resolve_err_mode("off", "DRAM")
+
+
+def test_huge_page_ranges_are_the_aligned_interiors():
+    from kv_transfer.backends.nixl import HUGE_PAGE, huge_page_ranges
+    M = HUGE_PAGE
+    assert huge_page_ranges([(M, 4 * M)]) == [(M, 4 * M)]
+    assert huge_page_ranges([(M + 4096, 4 * M)]) == [(2 * M, 3 * M)]   # head and tail trimmed
+    assert huge_page_ranges([(M + 1, M)]) == []                       # no whole huge page
+    assert huge_page_ranges([(0, 3 * M - 1), (5 * M, M)]) == [(0, 2 * M), (5 * M, M)]
