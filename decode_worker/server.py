@@ -113,6 +113,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             # the bytes and WRITE times are the prefill worker's figures; here the wait
             # covers the prefill itself
             M.KV_EXTERNAL_TOKENS.inc(rec.tokens)
+            if rec.checksummed:
+                M.KV_CHECKSUMS.labels("ok").inc()
         elif rec.status == "ok":
             M.KV_BYTES.observe(rec.bytes)
             M.KV_SECONDS.observe(rec.seconds)

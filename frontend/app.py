@@ -253,7 +253,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     "prep_seconds": round(k.prep_seconds, 6),
                     "writes": k.writes, "descriptors": k.descriptors,
                     "wait_seconds": round(k.seconds, 6),
-                    **({"reason": k.reason} if k.reason else {})}
+                    **({"reason": k.reason} if k.reason else {}),
+                    **({"checksummed": True} if k.checksummed else {})}
         return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
                 "read_seconds": round(k.read_seconds, 6),
                 "prep_seconds": round(k.prep_seconds, 6),

@@ -779,7 +779,7 @@ class _WorkerHalf:
             late = self._finished_push.pop(tid, None)
         if late is not None:
             self._push_whole(o, *late)
-            self._complete(o)
+            self._complete(o, *late)
         return True, ""
 
     def _ensure_peer(self, eid: str, address: str) -> str:
@@ -911,7 +911,7 @@ class _WorkerHalf:
                 continue
             if o.state == OfferState.OPEN and o.written_upto < ch.end:
                 self._push_whole(o, ch.block_ids, ch.num_prompt)
-            self._complete(o)
+            self._complete(o, ch.block_ids, ch.num_prompt)
 
     def _push_whole(self, o: Offer, block_ids: list[int], num_prompt: int) -> None:
         """Every layer of every block in one WRITE, waited for (exposed entirely)."""
@@ -934,9 +934,23 @@ class _WorkerHalf:
             if o.state == OfferState.OPEN:
                 o.written_upto = num_prompt
 
-    def _complete(self, o: Offer) -> None:
+    def _block_spans(self, ids: list[int], blocks: range) -> list[tuple[int, int]]:
+        """(addr, length) of logical `blocks` (physical `ids`) in every region, region-major:
+        the order both sides of a push checksum them in."""
+        return [(r.base_addr + ids[b] * r.block_stride, r.block_bytes)
+                for r in self.regions for b in blocks]
+
+    def _complete(self, o: Offer, src_ids: list[int], num_prompt: int) -> None:
         """The prompt is complete: tell the consumer (ok once every WRITE landed), free our
-        blocks (the consumer never reads them), keep the record for the prefill worker."""
+        blocks (the consumer never reads them), keep the record for the prefill worker.
+        --kv-checksum: the notification carries the CRC32 of the source blocks pushed,
+        computed before they are freed."""
+        crc = ""
+        if self.checksum and o.state == OfferState.OPEN:
+            from kv_transfer.integrity import crc32_of
+            blocks = chunk_blocks(0, num_prompt, self.block_size, o.skip, len(o.blocks))
+            crc = (f":crc={crc32_of(self._block_spans(src_ids, blocks)):08x}"
+                   f":{blocks.start}:{blocks.stop}")
         with self.lock:
             ok = self.offers.finish(o)
             rec = self._push_recs.pop(o.transfer_id, None) or pd_pb2.KVTransferStats(
@@ -954,7 +968,7 @@ class _WorkerHalf:
         if o.state == OfferState.CANCELLED:
             return
         try:
-            self.backend.send_notif(o.peer, f"{o.transfer_id}:ok" if ok
+            self.backend.send_notif(o.peer, f"{o.transfer_id}:ok{crc}" if ok
                                     else f"{o.transfer_id}:fail:{rec.reason}")
         except Exception as e:  # noqa: BLE001 - the consumer's deadline covers it
             log.warning("push notification for %s failed: %s", o.transfer_id, e)
@@ -1010,7 +1024,13 @@ class _WorkerHalf:
             w = self._awaiting.pop(tid, None) or self._cancelling.pop(tid, None)
             if w is None:
                 continue
-            if status == "ok":
+            if status == "ok" or status.startswith("ok:crc="):
+                if self.debug_corrupt == "zero" and not w.cancelled:
+                    for addr, length in self._block_spans(list(w.spec.block_ids), range(
+                            w.spec.skip_blocks, len(w.spec.block_ids))):
+                        ctypes.memset(addr, 0, length)
+                if not w.cancelled and status != "ok" and not self._push_checksum(w, status):
+                    continue
                 self._push_done(w, not w.cancelled, "" if not w.cancelled else "aborted", "")
             else:
                 reason = status.split(":", 1)[1] if ":" in status else "error"
@@ -1042,6 +1062,21 @@ class _WorkerHalf:
                                     f"Cancel failed ({e.code().name})")
                 else:
                     w.next_try = now + 0.5
+
+    def _push_checksum(self, w: "_PushWait", status: str) -> bool:
+        """--kv-checksum on the producer: compare its CRC32 of the pushed blocks with ours
+        (region-major, the same logical blocks). A mismatch fails the push (recompute or
+        fail, per policy); a consumer without --kv-checksum checks anyway: it was asked."""
+        from kv_transfer.integrity import crc32_of
+        _, theirs, start, stop = status.split(":")
+        spans = self._block_spans(list(w.spec.block_ids), range(int(start), int(stop)))
+        mine = crc32_of(spans)
+        if mine != int(theirs.removeprefix("crc="), 16):
+            self._push_done(w, False, "checksum_mismatch", f"KV of {w.spec.transfer_id}: CRC32 "
+                            f"{mine:08x} here, {theirs.removeprefix('crc=')} at the producer")
+            return False
+        w.rec.checksummed = True
+        return True
 
     def _cancel_push(self, req_id: str) -> None:
         for tid, w in list(self._awaiting.items()):

@@ -159,7 +159,8 @@ async def test_prefill_worker_killed_while_offers_wait(pc):
 def whole(tiny_model, tmp_path_factory):
     c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push-whole.log",
                       env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5"},
-                      extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK)])
+                      extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK),
+                             "--kv-checksum"])
     yield c
     assert stop_cluster_proc(c.proc) == 0
     assert_no_orphans(c.log_path)
@@ -177,3 +178,33 @@ def test_whole_request_push_gives_the_colocated_output(whole, truth):
         kv = body["kv_transfer"]
         assert kv["mode"] == "push" and kv["status"] == "ok" and kv["bytes"] > 0, kv
         assert kv["writes"] == 1 and kv["exposed_seconds"] > 0, kv
+        assert kv.get("checksummed") is True    # --kv-checksum: CRC32 equal on both sides
+
+
+@pytest.fixture(scope="module")
+def corrupt_push(tiny_model, tmp_path_factory):
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push-corrupt.log",
+                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5",
+                           "PDSERVE_DEBUG_CORRUPT_KV": "zero"},
+                      extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
+                             "--kv-checksum"])
+    yield c
+    assert stop_cluster_proc(c.proc) == 0
+    assert_no_orphans(c.log_path)
+
+
+def test_push_checksums_catch_corrupted_kv_and_recompute(corrupt_push, truth):
+    """--kv-checksum in push mode: the producer's notification carries the CRC32 of the
+    blocks it pushed; the decode worker zeroes them (test switch) before comparing, so the
+    push fails as checksum_mismatch, the decode engine recomputes, the answer is right."""
+    for n in (300, 1500):
+        r = complete(corrupt_push, truth["prompts"][n])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        kv = body["kv_transfer"]
+        assert kv["status"] == "failed" and kv["reason"] == "checksum_mismatch", kv
+        assert body["choices"][0]["text"] == truth["ref"][n]["text"]
+    decode = by_role(corrupt_push, pd_pb2.ROLE_DECODE)[0]
+    text = corrupt_push.metrics(decode)
+    assert metric_value(text, "pdserve_kv_checksums_total", result="mismatch") == 2
+    assert metric_value(text, "pdserve_kv_recompute_fallbacks_total") == 2
