@@ -62,7 +62,7 @@ def _target(q, done, core, reg, delay, mlock, err_mode="auto", thp=True):
 
 
 def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ", err_mode="auto",
-               thp=True):
+               thp=True, descs="merged", block_kib=96):
     if core >= 0:
         os.sched_setaffinity(0, {core})
     from kv_transfer.backends.nixl import NixlBackend, NixlError
@@ -72,21 +72,38 @@ def _initiator(q, done, out, core, reg, n, reads, timeout, mlock, op="READ", err
     b = NixlBackend("bench-initiator", err_mode=err_mode)
     b.register([(dst.ctypes.data, reg)])
     name = b.ensure_remote("bench-target", md)
-    chunk = n // 30
-    times = []
+    blk = block_kib << 10
+    per_layer = n // 30 // blk           # whole blocks per "layer"
+    chunk = per_layer * blk
+    nblk = reg // blk
+    if descs == "prepped":               # every block of the region, prepared once
+        t0 = time.perf_counter()
+        lh = b.prep_dlist([(dst.ctypes.data + k * blk, blk, 0) for k in range(nblk)])
+        rh = b.prep_dlist([(raddr + k * blk, blk, 0) for k in range(nblk)], name)
+        once = time.perf_counter() - t0
+    times, preps = [], []
     c0 = time.process_time()
     try:
         for i in range(reads):
-            off = (i * 2 * n) % (reg - n)
+            off = (i * 2 * n) % (reg - n) // blk * blk
             t0 = time.perf_counter()
-            b.xfer(op, name, [(dst.ctypes.data + off + k * chunk, chunk, 0) for k in range(30)],
-                   [(raddr + off + k * chunk, chunk, 0) for k in range(30)], timeout)
+            if descs == "prepped":
+                idx = np.array([off // blk + k * per_layer + j for k in range(30)
+                                for j in range(per_layer)], dtype=np.int32)
+                preps.append(b.xfer_prepped(op, name, lh, idx, rh, idx, timeout))
+            else:
+                step = blk if descs == "blocks" else chunk
+                spans = [off + k * chunk + j for k in range(30) for j in range(0, chunk, step)]
+                preps.append(b.xfer(op, name, [(dst.ctypes.data + o, step, 0) for o in spans],
+                                    [(raddr + o, step, 0) for o in spans], timeout))
             times.append(time.perf_counter() - t0)
         cpu = time.process_time() - c0
         ok = bool(dst[off:off + 30 * chunk].min() == 1)   # WRITE: the source, unchanged
-        out.put(("ok", times, ok, cpu))
+        if descs == "prepped":
+            preps.append(once)
+        out.put(("ok", times, ok, cpu, preps))
     except NixlError as e:
-        out.put(("error", str(e), False, 0.0))
+        out.put(("error", str(e), False, 0.0, []))
     done.put(1)
 
 
@@ -105,6 +122,12 @@ def main(argv=None) -> int:
                          "leaves RMA emulated over TCP active messages on one host)")
     ap.add_argument("--no-thp", action="store_true",
                     help="4 KiB pages on both sides (as a KV cache without huge pages)")
+    ap.add_argument("--descs", choices=["merged", "blocks", "prepped"], default="merged",
+                    help="merged: one descriptor per layer, built per transfer; blocks: one "
+                         "per KV block, built per transfer; prepped: one per block of the "
+                         "whole region, prepared once (prep_xfer_dlist), picked by index")
+    ap.add_argument("--block-kib", type=int, default=96,
+                    help="KV block size per layer (SmolLM2: 96 KiB)")
     ap.add_argument("--no-mlock", action="store_true",
                     help="leave the registered memory pageable (as before the fix)")
     ns = ap.parse_args(argv)
@@ -116,10 +139,11 @@ def main(argv=None) -> int:
                                           not ns.no_mlock, ns.ucx_err_mode, not ns.no_thp))
     i = ctx.Process(target=_initiator,
                     args=(q, done, out, cores[1], reg, n, ns.reads, ns.timeout_s,
-                          not ns.no_mlock, ns.op, ns.ucx_err_mode, not ns.no_thp))
+                          not ns.no_mlock, ns.op, ns.ucx_err_mode, not ns.no_thp, ns.descs,
+                          ns.block_kib))
     t.start()
     i.start()
-    status, times, ok, icpu = out.get()
+    status, times, ok, icpu, preps = out.get()
     i.join()
     _, tcpu = done.get(timeout=30)
     t.join()
@@ -134,7 +158,7 @@ def main(argv=None) -> int:
              f"{'pageable' if ns.no_mlock else 'mlocked'} {ns.reg_mib} MiB "
              f"{'4 KiB pages' if ns.no_thp else 'huge pages'}, "
              f"progress delay {ns.progress_delay_us} us, UCX error handling "
-             f"{ns.ucx_err_mode}, {ns.mib} MiB/{ns.op}")
+             f"{ns.ucx_err_mode}, {ns.mib} MiB/{ns.op}, descriptors {ns.descs}")
     if status != "ok":
         print(f"{label}: READ failed: {times}; in-process memcpy {memcpy:.1f} GB/s")
         return 1
@@ -142,7 +166,10 @@ def main(argv=None) -> int:
     print(f"{label}: {ns.op} median {med * 1e3:.2f} ms = {n / med / 1e9:.2f} GB/s "
           f"(first {times[0] * 1e3:.1f} ms); in-process memcpy {memcpy:.1f} GB/s; "
           f"ratio {n / med / 1e9 / memcpy:.2f}; data ok={ok}; CPU s over {ns.reads} "
-          f"transfers ({sum(times):.3f} s): initiator {icpu:.3f}, target {tcpu:.3f}")
+          f"transfers ({sum(times):.3f} s): initiator {icpu:.3f}, target {tcpu:.3f}; "
+          f"preparation per transfer median {statistics.median(preps[1:ns.reads]) * 1e3:.3f} ms"
+          + (f", lists prepared once in {preps[-1] * 1e3:.1f} ms" if ns.descs == "prepped"
+             else ""))
     return 0
 
 

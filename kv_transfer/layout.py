@@ -136,3 +136,38 @@ def registration_spans(regions: Sequence[Region]) -> list[tuple[int, int]]:
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def block_descs(regions: Sequence[Region], device_id: int = 0):
+    """Every block of every region as one descriptor, region-major: descriptor
+    `region_index * num_blocks + block` (see `block_indices`). An N x 3 int64 array of
+    (addr, length, device), prepared once with NIXL (prep_xfer_dlist) and picked from by
+    index per transfer."""
+    import numpy as np
+    out = []
+    for r in regions:
+        a = np.empty((r.num_blocks, 3), dtype=np.int64)
+        a[:, 0] = r.base_addr + np.arange(r.num_blocks, dtype=np.int64) * r.block_stride
+        a[:, 1] = r.block_bytes
+        a[:, 2] = device_id
+        out.append(a)
+    return np.concatenate(out) if out else np.empty((0, 3), dtype=np.int64)
+
+
+def block_indices(regions: Sequence[int], num_blocks: int, ids: Sequence[int]):
+    """Indices into `block_descs` of blocks `ids` of the given region indices, region-major
+    (the order both sides of a transfer list them in). int32, as NIXL takes them."""
+    import numpy as np
+    ids_a = np.asarray(ids, dtype=np.int64)
+    if len(ids_a) and (ids_a.min() < 0 or ids_a.max() >= num_blocks):
+        raise ValueError("block id out of range")
+    regs = np.asarray(regions, dtype=np.int64)
+    return (regs[:, None] * num_blocks + ids_a[None, :]).reshape(-1).astype(np.int32)
+
+
+def merged_count(runs: Sequence[tuple[int, int, int]], regions: Sequence[Region],
+                 remote: Sequence[Region]) -> int:
+    """Spans a transfer of `runs` moves once NIXL merged descriptors adjacent on both sides
+    (one per run per region when blocks are packed back to back, else one per block)."""
+    packed = all(r.block_stride == r.block_bytes for r in (*regions, *remote))
+    return len(regions) * (len(runs) if packed else sum(n for _, _, n in runs))

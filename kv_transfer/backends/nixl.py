@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger("vllm.pdserve." + __name__)
 
@@ -171,6 +171,10 @@ class NixlBackend:
         self._remotes: dict[str, str] = {}  # engine id -> remote agent name
         self._metadata: bytes | None = None
         self._notif_buf: list[str] = []
+        # per-block descriptor lists prepared once (ours; each peer's): transfers pick
+        # blocks by index, and NIXL merges descriptors adjacent on both sides
+        self._local_blocks = None
+        self._remote_blocks: dict[str, Any] = {}
 
     def register(self, spans: Sequence[tuple[int, int]], device_id: int = 0) -> None:
         self._reg = self.agent.register_memory(
@@ -196,7 +200,33 @@ class NixlBackend:
             log.info("NIXL: added remote agent %s for engine %s", name, engine_id)
         return name
 
+    def prep_blocks(self, descs, engine_id: str | None = None) -> None:
+        """Prepare the per-block descriptor list (`layout.block_descs`) of our registered
+        KV (`engine_id` None) or of a peer's, once; `post_blocks` picks from them."""
+        if engine_id is None:
+            self._local_blocks = self.prep_dlist(descs)
+        else:
+            self._remote_blocks[engine_id] = self.prep_dlist(descs, self._remotes[engine_id])
+
+    def has_blocks(self, engine_id: str) -> bool:
+        return engine_id in self._remote_blocks
+
+    def post_blocks(self, op: str, engine_id: str, local_idx, remote_idx):
+        """`post` of blocks picked by index from the prepared lists (`layout.block_indices`)."""
+        if self._local_blocks is None or engine_id not in self._remote_blocks:
+            raise NixlError(f"no prepared block lists for engine {engine_id}")
+        return self.post_prepped(op, self._remotes[engine_id], self._local_blocks, local_idx,
+                                 self._remote_blocks[engine_id], remote_idx)
+
+    def xfer_blocks(self, op: str, engine_id: str, local_idx, remote_idx,
+                    timeout_s: float) -> float:
+        return self._finish(*self.post_blocks(op, engine_id, local_idx, remote_idx),
+                            timeout_s, f"{op} with engine {engine_id}")
+
     def forget_remote(self, engine_id: str) -> None:
+        dl = self._remote_blocks.pop(engine_id, None)
+        if dl is not None:
+            self.release_dlist(dl)
         name = self._remotes.pop(engine_id, None)
         if name is not None:
             try:
@@ -213,18 +243,16 @@ class NixlBackend:
         Returns the seconds spent building the descriptor lists and the handle."""
         return self.xfer("READ", remote_agent, local, remote, timeout_s)
 
-    def write(self, remote_agent: str, local: Sequence[tuple[int, int, int]],
-              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
-        """One-sided WRITE of `local` spans into `remote` spans; blocks until done."""
-        return self.xfer("WRITE", remote_agent, local, remote, timeout_s)
-
     def xfer(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
              remote: Sequence[tuple[int, int, int]], timeout_s: float) -> float:
-        h, prep_s = self.post(op, remote_agent, local, remote)
+        return self._finish(*self.post(op, remote_agent, local, remote), timeout_s,
+                            f"{op} with {remote_agent}")
+
+    def _finish(self, handle, prep_s: float, timeout_s: float, what: str) -> float:
         try:
-            self.wait(h, timeout_s, f"{op} with {remote_agent}")
+            self.wait(handle, timeout_s, what)
         finally:
-            self.release(h)
+            self.release(handle)
         return prep_s
 
     def post(self, op: str, remote_agent: str, local: Sequence[tuple[int, int, int]],
@@ -236,7 +264,37 @@ class NixlBackend:
         ldl = self.agent.get_xfer_descs(list(local), self.mem_type)
         rdl = self.agent.get_xfer_descs(list(remote), self.mem_type)
         handle = self.agent.initialize_xfer(op, ldl, rdl, remote_agent)
-        prep_s = time.perf_counter() - t0   # descriptor lists + transfer handle
+        return self._start(op, remote_agent, handle, time.perf_counter() - t0)
+
+    def prep_dlist(self, descs, remote_agent: str | None = None):
+        """Prepare a descriptor list once (NIXL prep_xfer_dlist), local (`remote_agent`
+        None) or a peer's; transfers then pick descriptors by index (`post_prepped`)
+        without building lists. `descs`: an N x 3 array of (addr, length, device)."""
+        import numpy as np
+        arr = np.ascontiguousarray(np.asarray(descs, dtype=np.int64).reshape(-1, 3))
+        return self.agent.prep_xfer_dlist(remote_agent or "NIXL_INIT_AGENT", arr,
+                                          self.mem_type)
+
+    def release_dlist(self, handle) -> None:
+        try:
+            self.agent.release_dlist_handle(handle)
+        except Exception as e:  # noqa: BLE001
+            log.warning("NIXL: release_dlist_handle failed: %s", e)
+
+    def post_prepped(self, op: str, remote_agent: str, local_h, local_idx, remote_h,
+                     remote_idx):
+        """`post` from prepared lists: descriptors by index (int32 arrays)."""
+        t0 = time.perf_counter()
+        handle = self.agent.make_prepped_xfer(op, local_h, local_idx, remote_h, remote_idx)
+        return self._start(op, remote_agent, handle, time.perf_counter() - t0)
+
+    def xfer_prepped(self, op: str, remote_agent: str, local_h, local_idx, remote_h,
+                     remote_idx, timeout_s: float) -> float:
+        return self._finish(*self.post_prepped(op, remote_agent, local_h, local_idx,
+                                               remote_h, remote_idx), timeout_s,
+                            f"{op} with {remote_agent}")
+
+    def _start(self, op: str, remote_agent: str, handle, prep_s: float):
         try:
             state = self.agent.transfer(handle)
         except Exception:
@@ -307,6 +365,9 @@ class NixlBackend:
         try:
             for eid in list(self._remotes):
                 self.forget_remote(eid)
+            if self._local_blocks is not None:
+                self.release_dlist(self._local_blocks)
+                self._local_blocks = None
             if self._reg is not None:
                 self.agent.deregister_memory(self._reg)
                 self._reg = None

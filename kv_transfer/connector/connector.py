@@ -529,6 +529,8 @@ class _WorkerHalf:
                                    log_dir=log_dir or tempfile.gettempdir(),
                                    err_mode=self.ucx_err_mode)
         self.backend.register(spans, self.device_id)
+        # every block of every layer, prepared once; transfers pick blocks by index
+        self.backend.prep_blocks(L.block_descs(self.regions, self.device_id))
 
         r0 = self.regions[0]
         mc = self.vllm_config.model_config
@@ -720,10 +722,13 @@ class _WorkerHalf:
         if self.debug_load_delay_s:
             time.sleep(self.debug_load_delay_s)
         load.to(TransferState.TRANSFERRING)
+        remote = self.remote_regions[spec.engine_id]
         runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
-        ldescs, rdescs = L.transfer_descriptors(self.regions, self.remote_regions[spec.engine_id],
-                                                runs, self.device_id, self.device_id)
-        rec.bytes, rec.descriptors = sum(d[1] for d in ldescs), len(ldescs)
+        regs = range(len(self.regions))
+        lidx = L.block_indices(regs, self.regions[0].num_blocks, spec.local_block_ids)
+        ridx = L.block_indices(regs, remote[0].num_blocks, spec.remote_block_ids)
+        rec.bytes = len(lidx) * self.regions[0].block_bytes
+        rec.descriptors = L.merged_count(runs, self.regions, remote)
         budget = (t_pin + self.acquire_extend_s - lease_margin_s(self.acquire_extend_s)
                   - time.monotonic())
         if budget <= 0:
@@ -731,8 +736,8 @@ class _WorkerHalf:
                             "READ could finish; not reading")
         t_read = time.perf_counter()
         try:
-            rec.prep_seconds = self.backend.read(remote_agent, ldescs, rdescs,
-                                                 min(self.transfer_timeout_s, budget))
+            rec.prep_seconds = self.backend.xfer_blocks(
+                "READ", spec.engine_id, lidx, ridx, min(self.transfer_timeout_s, budget))
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             self.backend.forget_remote(spec.engine_id)
@@ -745,6 +750,8 @@ class _WorkerHalf:
         rec.read_seconds = time.perf_counter() - t_read
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
+        if self.debug_corrupt or self.checksum:
+            ldescs, rdescs = L.transfer_descriptors(self.regions, remote, runs)
         if self.debug_corrupt == "zero":
             for addr, length, _ in ldescs:
                 ctypes.memset(addr, 0, length)
@@ -795,10 +802,11 @@ class _WorkerHalf:
                 if info.engine_id != eid:
                     raise RuntimeError(f"agent at {address} is engine {info.engine_id}, "
                                        f"expected {eid}")
-                self.remote_regions[eid] = [
+                regions = self.remote_regions[eid] = [
                     L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes,
                              x.num_blocks) for i, x in enumerate(info.layers)]
                 self.backend.ensure_remote(eid, info.nixl_metadata)
+                self.backend.prep_blocks(L.block_descs(regions, self.device_id), eid)
             return self.backend._remotes[eid]
 
     def _cancel(self, ids: list[str]) -> tuple[list[str], list[str]]:
@@ -818,12 +826,11 @@ class _WorkerHalf:
     def _post_write(self, o: Offer, blocks: range, src: list[int], regs: list[int]):
         """Post one WRITE of logical `blocks` of the given regions; returns its handle."""
         t0 = time.perf_counter()
-        runs = L.block_runs([src[b] for b in blocks], [o.blocks[b] for b in blocks])
+        mine, theirs = [src[b] for b in blocks], [o.blocks[b] for b in blocks]
         rremote = self.remote_regions[o.engine_id]
-        ldescs, rdescs = L.transfer_descriptors([self.regions[i] for i in regs],
-                                                [rremote[i] for i in regs], runs,
-                                                self.device_id, self.device_id)
-        h, prep = self.backend.post("WRITE", o.peer, ldescs, rdescs)
+        h, prep = self.backend.post_blocks(
+            "WRITE", o.engine_id, L.block_indices(regs, self.regions[0].num_blocks, mine),
+            L.block_indices(regs, rremote[0].num_blocks, theirs))
         with self.lock:
             rec = self._rec(o.transfer_id)
             self._push_t0.setdefault(o.transfer_id, t0)
@@ -831,8 +838,10 @@ class _WorkerHalf:
             posting = time.perf_counter() - t0
             rec.exposed_seconds += posting
             rec.post_seconds += posting
-            rec.bytes += sum(d[1] for d in ldescs)
-            rec.descriptors += len(ldescs)
+            rec.bytes += len(regs) * len(mine) * self.regions[0].block_bytes
+            rec.descriptors += L.merged_count(L.block_runs(mine, theirs),
+                                              [self.regions[i] for i in regs],
+                                              [rremote[i] for i in regs])
             rec.writes += 1
             rec.prep_seconds += prep
         return h

@@ -102,3 +102,29 @@ def test_compat_hash_depends_on_every_field():
 
 def test_blocks_for_tokens():
     assert [L.blocks_for_tokens(n, 128) for n in (1, 127, 128, 129, 1500)] == [1, 1, 1, 2, 12]
+
+
+def test_block_descs_cover_every_block_region_major():
+    regs = [L.Region(1000, 16, 10, 3), L.Region(5000, 10, 10, 3)]
+    d = L.block_descs(regs, device_id=2)
+    assert d.tolist() == [[1000, 10, 2], [1016, 10, 2], [1032, 10, 2],
+                          [5000, 10, 2], [5010, 10, 2], [5020, 10, 2]]
+
+
+def test_block_indices_pick_the_same_spans_as_the_merged_descriptors():
+    """Prepared per-block lists picked by index move exactly the bytes the merged
+    per-request lists describe, in the same order."""
+    lr = [L.Region(1000, 10, 10, 8), L.Region(5000, 10, 10, 8)]
+    rr = [L.Region(0, 10, 10, 6), L.Region(900, 10, 10, 6)]
+    local, remote = [2, 3, 4, 6], [0, 1, 2, 5]
+    li, ri = L.block_indices([0, 1], 8, local), L.block_indices([0, 1], 6, remote)
+    assert li.dtype.name == "int32" and li.tolist() == [2, 3, 4, 6, 10, 11, 12, 14]
+    assert ri.tolist() == [0, 1, 2, 5, 6, 7, 8, 11]
+    ld, rd = L.block_descs(lr)[li], L.block_descs(rr)[ri]
+    mld, mrd = L.transfer_descriptors(lr, rr, L.block_runs(local, remote))
+    spans = lambda ds: [(a + k, 1) for a, n, *_ in ds for k in range(n)]   # noqa: E731
+    assert spans(ld.tolist()) == spans(mld) and spans(rd.tolist()) == spans(mrd)
+    assert L.merged_count(L.block_runs(local, remote), lr, rr) == len(mld) == 4
+    assert L.block_indices([1], 6, [5]).tolist() == [11]
+    with pytest.raises(ValueError, match="out of range"):
+        L.block_indices([0], 6, [6])
