@@ -263,7 +263,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 if k.read_seconds > 0 else None,
                 "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status,
                 **({"reason": k.reason} if k.reason else {}),
-                **({"checksummed": True} if k.checksummed else {})}
+                **({"checksummed": True} if k.checksummed else {}),
+                **({"relayout_seconds": round(k.relayout_seconds, 6)}
+                   if k.relayout_seconds else {})}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -65,10 +65,11 @@ def describe_layout(shape: Sequence[int], strides: Sequence[int], dtype: str,
     return f"{dtype}[{','.join(dims)}]inner_strides={inner}"
 
 
-def compat_hash(model: str, dtype: str, block_size: int, layouts: Sequence[str]) -> str:
-    """Workers may exchange KV only when this matches: model, dtype, block size, layout."""
-    blob = json.dumps({"model": model, "dtype": dtype, "block_size": block_size,
-                       "layouts": list(layouts)}, sort_keys=True)
+def compat_hash(model: str, dtype: str, layouts: Sequence[str]) -> str:
+    """Workers may exchange KV only when this matches: model, dtype, layout. Not the block
+    size: it travels in the handle and the handshake (kv_transfer/relayout.py)."""
+    blob = json.dumps({"model": model, "dtype": dtype, "layouts": list(layouts)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

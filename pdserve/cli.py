@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler-port", type=int, default=50051)
     s.add_argument("--prefill-workers", type=int, default=1)
     s.add_argument("--decode-workers", type=int, default=1)
+    s.add_argument("--prefill-block-size", type=int, default=0,
+                   help="tokens per KV block of the prefill workers (default: --block-size); "
+                        "decode workers pull and lay out blocks of another size (CPU, pull)")
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
     s.add_argument("--keep-going", action="store_true",

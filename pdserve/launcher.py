@@ -95,8 +95,11 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
 
 
 def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
-    return [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
+    argv = [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
             "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns)]
+    if role == "prefill" and getattr(ns, "prefill_block_size", 0):
+        argv += ["--block-size", str(ns.prefill_block_size)]   # the last one counts
+    return argv
 
 
 def engine_argv(ns) -> list[str]:

@@ -45,7 +45,8 @@ def handle_to_params(kv: pd_pb2.KVHandle, transfer_key: str) -> dict[str, Any]:
     return {"pd_remote_prefill": True, "transfer_key": transfer_key,
             "transfer_id": kv.transfer_id, "engine_id": kv.engine_id,
             "agent_address": kv.agent_address, "block_ids": list(kv.block_ids),
-            "num_tokens": kv.num_tokens, "compat_hash": kv.compat_hash}
+            "num_tokens": kv.num_tokens, "compat_hash": kv.compat_hash,
+            "block_size": kv.block_size}
 
 
 def params_to_handle(p: dict[str, Any]) -> pd_pb2.KVHandle:
@@ -53,4 +54,5 @@ def params_to_handle(p: dict[str, Any]) -> pd_pb2.KVHandle:
         transfer_id=p["transfer_id"], engine_id=p["engine_id"],
         agent_address=p["agent_address"], block_ids=[int(b) for b in p["block_ids"]],
         num_tokens=int(p["num_tokens"]), compat_hash=p["compat_hash"],
-        lease_expires_unix=float(p.get("lease_expires_unix", 0.0)))
+        lease_expires_unix=float(p.get("lease_expires_unix", 0.0)),
+        block_size=int(p.get("block_size", 0)))

@@ -184,6 +184,18 @@ class NixlBackend:
                  "handling %s", self.name, len(spans), sum(n for _, n in spans) / 2**20,
                  os.environ.get("UCX_TLS", "auto"), self.err_mode)
 
+    def register_extra(self, spans: Sequence[tuple[int, int]], device_id: int = 0):
+        """Register more local memory a transfer may land in (not advertised to peers: a
+        READ's destination needs no remote access); returns the handle to deregister."""
+        return self.agent.register_memory(
+            [(addr, length, device_id, "") for addr, length in spans], self.mem_type)
+
+    def deregister_extra(self, handle) -> None:
+        try:
+            self.agent.deregister_memory(handle)
+        except Exception as e:  # noqa: BLE001
+            log.warning("NIXL: deregister_memory failed: %s", e)
+
     @property
     def metadata(self) -> bytes:
         if self._metadata is None:

@@ -98,8 +98,9 @@ def config_compat_hash(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
         s = g.kv_cache_spec
         specs.append(f"{type(s).__name__}:{getattr(s, 'num_kv_heads', '')}x"
                      f"{getattr(s, 'head_size', '')}:{s.dtype}:{len(g.layer_names)}")
-    return L.compat_hash(Path(mc.model).name, str(mc.dtype),
-                         vllm_config.cache_config.block_size, specs)
+    # not the block size: a consumer reads from producers of another block size too
+    # (kv_transfer/relayout.py); the handle and the handshake carry it
+    return L.compat_hash(Path(mc.model).name, str(mc.dtype), specs)
 
 
 def served_name(model_config) -> str:
@@ -291,15 +292,21 @@ class _SchedulerHalf:
                 num_tokens=num_external_tokens))
             self._loading[request.request_id] = (p["agent_address"], p["transfer_id"])
             return
-        n_blocks = L.blocks_for_tokens(int(p["num_tokens"]), self.block_size)
-        local_ids = list(blocks.get_block_ids()[0][first:n_blocks])
-        remote_ids = [int(b) for b in p["block_ids"][first:n_blocks]]
+        num_tokens = int(p["num_tokens"])
+        local_ids = list(blocks.get_block_ids()[0][
+            first:L.blocks_for_tokens(num_tokens, self.block_size)])
+        # the producer's blocks holding tokens [local_hit, num_tokens): the same blocks
+        # when both block sizes agree, else those the relayout reads (kv_transfer/relayout.py)
+        src_bs = int(p.get("block_size") or self.block_size)
+        remote_ids = [int(b) for b in p["block_ids"][
+            local_hit // src_bs:L.blocks_for_tokens(num_tokens, src_bs)]]
         self._loads.append(LoadSpec(
             req_id=request.request_id, transfer_key=str(p.get("transfer_key", "")),
             transfer_id=p["transfer_id"], engine_id=p["engine_id"],
             agent_address=p["agent_address"], compat_hash=p.get("compat_hash", ""),
             local_block_ids=local_ids, remote_block_ids=remote_ids,
-            num_tokens=num_external_tokens))
+            num_tokens=num_external_tokens, src_block_size=src_bs, first_token=local_hit,
+            end_token=num_tokens))
         self._loading[request.request_id] = (p["agent_address"], p["transfer_id"])
 
     def update_connector_output(self, connector_output) -> None:
@@ -384,6 +391,7 @@ class _SchedulerHalf:
             "block_ids": list(block_ids),
             "num_tokens": request.num_computed_tokens,
             "compat_hash": self.compat_hash,
+            "block_size": self.block_size,
             "lease_expires_unix": time.time() + self.lease_s,
         }
 
@@ -460,6 +468,11 @@ class _WorkerHalf:
         self.server = None
         self.clients = AgentClients()
         self.remote_regions: dict[str, list[L.Region]] = {}
+        self.remote_block_size: dict[str, int] = {}
+        # CPU KV tensor behind each region (one region per layer), for the relayout
+        # between block sizes; a staging buffer the relayout READs land in (grows)
+        self.region_tensors: list = []
+        self._staging = None
         # the transport each producer's connection really uses (kv_transfer/transport.py)
         self.peer_transports: dict[str, pd_pb2.PeerTransport] = {}
         self.expect_transport = str(x.get("expect_transport", "auto"))
@@ -511,6 +524,7 @@ class _WorkerHalf:
                 seen[key] = list(range(len(self.regions), len(self.regions) + len(new)))
                 mine += seen[key]
                 self.regions += new
+                self.region_tensors += [tt if len(new) == 1 else None] * len(new)
                 self.layouts.append(L.describe_layout(list(tt.shape), list(tt.stride()),
                                                       str(tt.dtype), num_blocks))
             self.layer_regions[name] = mine
@@ -710,6 +724,13 @@ class _WorkerHalf:
                             f"{self.compat_hash}")
         stub = self.clients.get(spec.agent_address)
         remote_agent = self._ensure_peer(spec.engine_id, spec.agent_address)
+        rbs = self.remote_block_size[spec.engine_id]
+        if spec.src_block_size and spec.src_block_size != rbs:
+            raise LoadError("incompatible", f"handle says block size {spec.src_block_size}, "
+                            f"the producer's agent {rbs}")
+        relayout = rbs != self.block_size
+        if relayout:
+            self._check_relayout(rbs)
         # The lease runs until at least t_pin + acquire_extend_s on the producer's clock
         # (its Acquire starts after t_pin): the READ must be over well before that.
         t_pin = time.monotonic()
@@ -723,12 +744,17 @@ class _WorkerHalf:
             time.sleep(self.debug_load_delay_s)
         load.to(TransferState.TRANSFERRING)
         remote = self.remote_regions[spec.engine_id]
-        runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
-        regs = range(len(self.regions))
-        lidx = L.block_indices(regs, self.regions[0].num_blocks, spec.local_block_ids)
-        ridx = L.block_indices(regs, remote[0].num_blocks, spec.remote_block_ids)
-        rec.bytes = len(lidx) * self.regions[0].block_bytes
-        rec.descriptors = L.merged_count(runs, self.regions, remote)
+        if relayout:   # READ the producer's blocks as they are into staging
+            local = self._staging_regions(len(spec.remote_block_ids), remote[0].block_bytes)
+            runs = L.block_runs(range(len(spec.remote_block_ids)), spec.remote_block_ids)
+        else:
+            local = self.regions
+            runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
+            regs = range(len(self.regions))
+            lidx = L.block_indices(regs, self.regions[0].num_blocks, spec.local_block_ids)
+            ridx = L.block_indices(regs, remote[0].num_blocks, spec.remote_block_ids)
+        rec.bytes = len(remote) * len(spec.remote_block_ids) * remote[0].block_bytes
+        rec.descriptors = L.merged_count(runs, local, remote)
         budget = (t_pin + self.acquire_extend_s - lease_margin_s(self.acquire_extend_s)
                   - time.monotonic())
         if budget <= 0:
@@ -736,8 +762,13 @@ class _WorkerHalf:
                             "READ could finish; not reading")
         t_read = time.perf_counter()
         try:
-            rec.prep_seconds = self.backend.xfer_blocks(
-                "READ", spec.engine_id, lidx, ridx, min(self.transfer_timeout_s, budget))
+            timeout = min(self.transfer_timeout_s, budget)
+            if relayout:
+                rec.prep_seconds = self.backend.read(
+                    remote_agent, *L.transfer_descriptors(local, remote, runs), timeout)
+            else:
+                rec.prep_seconds = self.backend.xfer_blocks(
+                    "READ", spec.engine_id, lidx, ridx, timeout)
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             self.backend.forget_remote(spec.engine_id)
@@ -751,7 +782,7 @@ class _WorkerHalf:
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
         if self.debug_corrupt or self.checksum:
-            ldescs, rdescs = L.transfer_descriptors(self.regions, remote, runs)
+            ldescs, rdescs = L.transfer_descriptors(local, remote, runs)
         if self.debug_corrupt == "zero":
             for addr, length, _ in ldescs:
                 ctypes.memset(addr, 0, length)
@@ -765,6 +796,69 @@ class _WorkerHalf:
                 raise LoadError("checksum_mismatch", f"KV of {spec.transfer_id}: CRC32 "
                                 f"{mine:08x} here, {theirs:08x} at the producer")
             rec.checksummed = True
+        if relayout:
+            t0 = time.perf_counter()
+            self._relayout(spec, rbs)
+            rec.relayout_seconds = time.perf_counter() - t0
+
+    # -- consumer: pull between different block sizes (kv_transfer/relayout.py)
+    def _check_relayout(self, rbs: int) -> None:
+        from kv_transfer.relayout import KNOWN_ISAS
+        shapes_ok = all(t is not None and t.device.type == "cpu" and t.dim() == 4
+                        and t.shape[2] == self.block_size for t in self.region_tensors)
+        if not shapes_ok or self.block_size % 16 or rbs % 16:
+            raise LoadError("incompatible", f"block size {rbs} at the producer, "
+                            f"{self.block_size} here: relayout is implemented for vLLM's CPU "
+                            "KV layout only")
+        t = self.region_tensors[0]
+        isa = self._isa(t, rbs)
+        if isa not in KNOWN_ISAS:
+            raise LoadError("incompatible", f"block size {rbs} at the producer, "
+                            f"{self.block_size} here: CPU attention ISA {isa} packs blocks "
+                            "in a way the relayout does not know")
+
+    @staticmethod
+    def _isa(t, block_size: int) -> str:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        return _get_attn_isa(t.dtype, block_size, t.shape[3] // 2)
+
+    def _staging_regions(self, n: int, block_bytes: int) -> list[L.Region]:
+        """Room for `n` source blocks of every layer, layer-major, in a registered staging
+        buffer (grown by doubling; mlocked; registered with NIXL beside the KV cache)."""
+        import numpy as np
+
+        from kv_transfer.backends.nixl import lock_memory
+        need = len(self.regions) * n * block_bytes
+        if self._staging is None or self._staging.nbytes < need:
+            size = max(need, 2 * (self._staging.nbytes if self._staging is not None else 0),
+                       64 << 20)
+            if self._staging is not None:
+                self.backend.deregister_extra(self._staging_reg)
+            self._staging = np.zeros(size, dtype=np.uint8)
+            lock_memory([(self._staging.ctypes.data, size)])
+            self._staging_reg = self.backend.register_extra(
+                [(self._staging.ctypes.data, size)], self.device_id)
+            log.info("KV relayout staging buffer: %.0f MiB", size / 2**20)
+        base = self._staging.ctypes.data
+        return [L.Region(base + i * n * block_bytes, block_bytes, block_bytes, n)
+                for i in range(len(self.regions))]
+
+    def _relayout(self, spec: LoadSpec, rbs: int) -> None:
+        """Lay the staged source blocks out into this engine's blocks, layer by layer."""
+        import torch
+
+        from kv_transfer.relayout import relayout_layer
+        n = len(spec.remote_block_ids)
+        # the request's logical blocks from 0 (those before first_token are ours already)
+        dst_ids = [-1] * (spec.first_token // self.block_size) + list(spec.local_block_ids)
+        t0 = self.region_tensors[0]
+        src_isa, dst_isa = self._isa(t0, rbs), self._isa(t0, self.block_size)
+        staged = torch.from_numpy(self._staging)
+        per_layer = n * (t0[0].numel() * rbs // self.block_size) * t0.element_size()
+        for i, t in enumerate(self.region_tensors):
+            layer = staged[i * per_layer:(i + 1) * per_layer].view(t.dtype).view(n, t.shape[1], -1)
+            relayout_layer(layer, t, rbs, spec.first_token // rbs, dst_ids, self.block_size,
+                           spec.first_token, spec.end_token, src_isa, dst_isa)
 
     # ------------------------------------------------------------------ push: producer
     def _offer(self, req: pd_pb2.OfferRequest) -> tuple[bool, str]:
@@ -778,6 +872,10 @@ class _WorkerHalf:
             peer = self._ensure_peer(eid, req.consumer_agent_address)
         except Exception as e:  # noqa: BLE001 - refused, with the reason
             return False, f"handshake with {req.consumer_agent_address} failed: {e}"
+        if self.remote_block_size[eid] != self.block_size:
+            # a WRITE lands in the consumer's blocks as they are: no relayout in push
+            return False, (f"incompatible KV: block size {self.remote_block_size[eid]} at "
+                           f"the consumer, {self.block_size} here (pull reads across sizes)")
         o = Offer(tid, peer, eid, [int(b) for b in req.block_ids], int(req.skip_blocks),
                   time.monotonic() + (req.ttl_s or self.push_ttl_s))
         with self.lock:
@@ -802,9 +900,12 @@ class _WorkerHalf:
                 if info.engine_id != eid:
                     raise RuntimeError(f"agent at {address} is engine {info.engine_id}, "
                                        f"expected {eid}")
+                rbs = info.layout.block_size or self.block_size
                 regions = self.remote_regions[eid] = [
-                    L.Region(x.base_addr, x.block_stride, self.regions[i].block_bytes,
+                    L.Region(x.base_addr, x.block_stride,
+                             self.regions[i].block_bytes * rbs // self.block_size,
                              x.num_blocks) for i, x in enumerate(info.layers)]
+                self.remote_block_size[eid] = rbs
                 self.backend.ensure_remote(eid, info.nixl_metadata)
                 self.backend.prep_blocks(L.block_descs(regions, self.device_id), eid)
             return self.backend._remotes[eid]

@@ -18,6 +18,11 @@ class LoadSpec:
     local_block_ids: list[int]
     remote_block_ids: list[int]
     num_tokens: int            # tokens these blocks carry (for stats)
+    # the producer's block size, and the token range [first_token, end_token) the blocks
+    # hold; when the block sizes differ the READ is laid out (kv_transfer/relayout.py)
+    src_block_size: int = 0
+    first_token: int = 0
+    end_token: int = 0
 
 
 @dataclass

@@ -129,7 +129,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("transfer_id", "engine_id", "agent_address", "block_ids", "num_tokens", "compat_hash", "lease_expires_unix")
+    __slots__ = ("transfer_id", "engine_id", "agent_address", "block_ids", "num_tokens", "compat_hash", "lease_expires_unix", "block_size")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class KVHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     engine_id: str
     agent_address: str
@@ -144,7 +145,8 @@ class KVHandle(_message.Message):
     num_tokens: int
     compat_hash: str
     lease_expires_unix: float
-    def __init__(self, transfer_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., agent_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., compat_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ...) -> None: ...
+    block_size: int
+    def __init__(self, transfer_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., agent_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., compat_hash: _Optional[str] = ..., lease_expires_unix: _Optional[float] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker_id", "role", "address", "agent_address", "layout", "load", "metrics_address")
@@ -449,7 +451,7 @@ class KVPush(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds", "relayout_seconds")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +465,7 @@ class KVTransferStats(_message.Message):
     EXPOSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     POST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELAYOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
@@ -476,7 +479,8 @@ class KVTransferStats(_message.Message):
     exposed_seconds: float
     writes: int
     post_seconds: float
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ..., post_seconds: _Optional[float] = ...) -> None: ...
+    relayout_seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ..., post_seconds: _Optional[float] = ..., relayout_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens", "num_cached_tokens")

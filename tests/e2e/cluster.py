@@ -130,12 +130,14 @@ def stop_cluster_proc(proc: subprocess.Popen) -> int:
 
 
 def reference(model_dir: str, prompts: list[list[int]], max_tokens: int, tmp: Path,
-              cores: str = "1", max_num_batched_tokens: int = 0) -> list[dict]:
+              cores: str = "1", max_num_batched_tokens: int = 0,
+              block_size: int = 128) -> list[dict]:
     inp, out = tmp / "ref_in.json", tmp / "ref_out.json"
     inp.write_text(json.dumps({"max_tokens": max_tokens, "prompts": prompts}))
     subprocess.run([sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model",
                     model_dir, "--cores", cores, "--inp", str(inp), "--out", str(out),
-                    "--max-num-batched-tokens", str(max_num_batched_tokens)],
+                    "--max-num-batched-tokens", str(max_num_batched_tokens),
+                    "--block-size", str(block_size)],
                    check=True, cwd=ROOT, timeout=600,
                    stdout=open(tmp / "reference.log", "w"), stderr=subprocess.STDOUT)
     return json.loads(out.read_text())

@@ -17,7 +17,7 @@ async def run(ns) -> None:
 
     req = json.load(open(ns.inp))
     cfg = EngineConfig(model=ns.model, cpu_cores=ns.cores, kv_cache_bytes=256 << 20,
-                       max_model_len=ns.max_model_len,
+                       max_model_len=ns.max_model_len, block_size=ns.block_size,
                        **({"max_num_batched_tokens": ns.max_num_batched_tokens}
                           if ns.max_num_batched_tokens else {}))
     eng = build_engine(cfg, None, None)
@@ -41,6 +41,7 @@ if __name__ == "__main__":
     ap.add_argument("--cores", default="1")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--inp", required=True)
     ap.add_argument("--out", required=True)
     asyncio.run(run(ap.parse_args()))
