@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.config import resolve_dtype
 from pdserve.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
     port = free_port()
     argv = ["taskset", "-c", cores, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", ns.model, "--served-model-name", ns.served_name,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", resolve_dtype("auto"),
             "--max-model-len", str(ns.max_model_len), "--block-size", "128",
             "--max-num-seqs", str(ns.max_num_seqs),
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),

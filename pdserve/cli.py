@@ -29,7 +29,9 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None,
                     help="local Hugging Face model directory (default: the bundled SmolLM2)")
     ap.add_argument("--served-model-name", default="")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto: the model's dtype on GPUs; on CPUs bfloat16 where the CPU "
+                         "computes it natively (AVX512_BF16/AMX), else float32")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0,

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.config import EngineConfig, KVTransferConfig, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def engine_args(cfg: EngineConfig, kv_role: str | None = None,
                              replay_endpoint=rep)
     return AsyncEngineArgs(
         kv_events_config=kve,
-        model=cfg.model, served_model_name=cfg.model_name, dtype=cfg.dtype,
+        model=cfg.model, served_model_name=cfg.model_name, dtype=resolve_dtype(cfg.dtype),
         max_model_len=cfg.max_model_len, block_size=cfg.block_size,
         kv_cache_memory_bytes=cfg.kv_cache_bytes, enforce_eager=True,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -125,7 +125,7 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
     args = engine_args(cfg, kv_role, kv_extra, events_dir)
     loggers = [make_load_logger(snapshot)] if snapshot is not None else None
     log.info("starting vLLM engine: model=%s dtype=%s cores=%s kv=%.2f GiB role=%s",
-             cfg.model, cfg.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30, kv_role)
+             cfg.model, args.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30, kv_role)
     return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
 
 

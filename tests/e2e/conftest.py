@@ -21,13 +21,21 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
 
 
-@pytest.fixture(scope="session")
-def cluster(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "cluster.log")
+def serving(model, tmp_path_factory, name: str, env: dict | None = None,
+            extra: list[str] | None = None):
+    """A fixture body: a cluster `pdserve serve ...extra` logging to `<name>.log`; after its
+    tests, the launcher must exit 0 and leave no process behind. `yield from` it."""
+    c = start_cluster(model, tmp_path_factory.mktemp("logs") / f"{name}.log", env=env,
+                      extra=extra)
     yield c
     rc = stop_cluster_proc(c.proc)
     assert rc == 0, f"launcher exited {rc}; see {c.log_path}"
     assert_no_orphans(c.log_path)
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model, tmp_path_factory):
+    yield from serving(tiny_model, tmp_path_factory, "cluster")
 
 
 def assert_no_orphans(log_path, settle_s: float = 15.0) -> None:

@@ -11,9 +11,10 @@ blocks as they are): the offer is refused as incompatible and the decode engine 
 import httpx
 import pytest
 
+from pdserve.config import resolve_dtype
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, reference, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.cluster import metric_value, reference
+from tests.e2e.conftest import serving, words
 from tests.e2e.test_faults import assert_idle, by_role
 
 MAX_TOKENS = 16
@@ -22,17 +23,14 @@ PREFILL_BS, DECODE_BS = 64, 128
 
 
 def cluster_with(tiny_model, tmp_path_factory, name, *extra):
-    return start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / f"{name}.log",
-                         extra=["--prefill-block-size", str(PREFILL_BS),
-                                "--block-size", str(DECODE_BS), *extra])
+    yield from serving(tiny_model, tmp_path_factory, name,
+                       extra=["--prefill-block-size", str(PREFILL_BS),
+                              "--block-size", str(DECODE_BS), *extra])
 
 
 @pytest.fixture(scope="module")
 def mixed(tiny_model, tmp_path_factory):
-    c = cluster_with(tiny_model, tmp_path_factory, "block-sizes", "--kv-checksum")
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from cluster_with(tiny_model, tmp_path_factory, "block-sizes", "--kv-checksum")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +70,9 @@ def test_relaid_out_kv_gives_the_colocated_output(mixed, truth, n):
     kv = body["kv_transfer"]
     assert kv["status"] == "ok" and kv["tokens"] == n, kv
     assert kv["relayout_seconds"] > 0 and kv["checksummed"] is True, kv
-    # the bytes are the producer's blocks: 64-token blocks of 4 layers x 2 heads x 128
-    per_block = 4 * 2 * PREFILL_BS * 128 * 2
+    # the bytes are the producer's blocks: 64-token blocks of 4 layers x 2 KV heads x
+    # (K + V) x head size 64, in the engines' dtype (pdserve.config.resolve_dtype)
+    per_block = 4 * 2 * PREFILL_BS * 128 * (2 if resolve_dtype("auto") == "bfloat16" else 4)
     assert kv["bytes"] == -(-n // PREFILL_BS) * per_block, kv
     after = mixed.metrics(decode)
     name = "vllm:prompt_tokens_by_source_total"
@@ -89,10 +88,8 @@ def test_relayout_leaves_both_sides_idle(mixed):
 
 @pytest.fixture(scope="module")
 def mixed_push(tiny_model, tmp_path_factory):
-    c = cluster_with(tiny_model, tmp_path_factory, "block-sizes-push", "--kv-mode", "push")
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from cluster_with(tiny_model, tmp_path_factory, "block-sizes-push", "--kv-mode",
+                            "push")
 
 
 def test_push_across_block_sizes_is_refused_and_recomputed(mixed_push, truth):

@@ -10,21 +10,12 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.cluster import start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
-
-
-def cluster_with(tiny_model, tmp_path_factory, name: str, env: dict, extra=None):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / f"{name}.log", env=env,
-                      extra=extra)
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+from tests.e2e.conftest import serving, words
 
 
 @pytest.fixture(scope="module")
 def corrupt_cluster(tiny_model, tmp_path_factory):
-    yield from cluster_with(tiny_model, tmp_path_factory, "corrupt",
+    yield from serving(tiny_model, tmp_path_factory, "corrupt",
                             {"PDSERVE_DEBUG_CORRUPT_KV": "zero"})
 
 
@@ -47,7 +38,7 @@ def test_zeroed_kv_changes_the_output(cluster, corrupt_cluster, n):
 
 @pytest.fixture(scope="module")
 def checked_corrupt_cluster(tiny_model, tmp_path_factory):
-    yield from cluster_with(tiny_model, tmp_path_factory, "checked-corrupt",
+    yield from serving(tiny_model, tmp_path_factory, "checked-corrupt",
                             {"PDSERVE_DEBUG_CORRUPT_KV": "zero"}, ["--kv-checksum"])
 
 
@@ -75,7 +66,7 @@ def test_checksums_catch_corrupted_kv_and_recompute(cluster, checked_corrupt_clu
 @pytest.fixture(scope="module")
 def tcp_cluster(tiny_model, tmp_path_factory):
     # also the integrity check on a healthy path: every transfer compared, all equal
-    yield from cluster_with(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"},
+    yield from serving(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"},
                             ["--kv-checksum"])
 
 

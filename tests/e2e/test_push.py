@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, reference, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.cluster import metric_value, reference
+from tests.e2e.conftest import serving, words
 from tests.e2e.test_faults import assert_idle, by_role, pid_of
 
 MAX_TOKENS = 16
@@ -30,14 +30,11 @@ KILLED: set[str] = set()   # workers the tests killed (registered until their he
 
 @pytest.fixture(scope="module")
 def pc(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push.log",
-                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": str(DELAY_S)},
-                      extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
-                             "--prefill-workers", "1", "--decode-workers", "2",
-                             "--keep-going", "--kv-push-ttl-s", "20"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "push",
+                       env={"PDSERVE_DEBUG_PREFILL_DELAY_S": str(DELAY_S)},
+                       extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
+                              "--prefill-workers", "1", "--decode-workers", "2",
+                              "--keep-going", "--kv-push-ttl-s", "20"])
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +154,10 @@ async def test_prefill_worker_killed_while_offers_wait(pc):
 
 @pytest.fixture(scope="module")
 def whole(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push-whole.log",
-                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5"},
-                      extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK),
-                             "--kv-checksum"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "push-whole",
+                       env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5"},
+                       extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK),
+                              "--kv-checksum"])
 
 
 def test_whole_request_push_gives_the_colocated_output(whole, truth):
@@ -183,14 +177,11 @@ def test_whole_request_push_gives_the_colocated_output(whole, truth):
 
 @pytest.fixture(scope="module")
 def corrupt_push(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "push-corrupt.log",
-                      env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5",
-                           "PDSERVE_DEBUG_CORRUPT_KV": "zero"},
-                      extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
-                             "--kv-checksum"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "push-corrupt",
+                       env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5",
+                            "PDSERVE_DEBUG_CORRUPT_KV": "zero"},
+                       extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
+                              "--kv-checksum"])
 
 
 def test_push_checksums_catch_corrupted_kv_and_recompute(corrupt_push, truth):
