@@ -473,6 +473,7 @@ class _WorkerHalf:
         # between block sizes; a staging buffer the relayout READs land in (grows)
         self.region_tensors: list = []
         self._staging = None
+        self._staging_reg = None
         # the transport each producer's connection really uses (kv_transfer/transport.py)
         self.peer_transports: dict[str, pd_pb2.PeerTransport] = {}
         self.expect_transport = str(x.get("expect_transport", "auto"))
@@ -798,7 +799,7 @@ class _WorkerHalf:
             rec.checksummed = True
         if relayout:
             t0 = time.perf_counter()
-            self._relayout(spec, rbs)
+            self._relayout(spec, rbs, remote[0].block_bytes)
             rec.relayout_seconds = time.perf_counter() - t0
 
     # -- consumer: pull between different block sizes (kv_transfer/relayout.py)
@@ -843,8 +844,9 @@ class _WorkerHalf:
         return [L.Region(base + i * n * block_bytes, block_bytes, block_bytes, n)
                 for i in range(len(self.regions))]
 
-    def _relayout(self, spec: LoadSpec, rbs: int) -> None:
-        """Lay the staged source blocks out into this engine's blocks, layer by layer."""
+    def _relayout(self, spec: LoadSpec, rbs: int, block_bytes: int) -> None:
+        """Lay the staged source blocks (`block_bytes` each, layer-major, as
+        `_staging_regions` placed them) out into this engine's blocks, layer by layer."""
         import torch
 
         from kv_transfer.relayout import relayout_layer
@@ -854,7 +856,7 @@ class _WorkerHalf:
         t0 = self.region_tensors[0]
         src_isa, dst_isa = self._isa(t0, rbs), self._isa(t0, self.block_size)
         staged = torch.from_numpy(self._staging)
-        per_layer = n * (t0[0].numel() * rbs // self.block_size) * t0.element_size()
+        per_layer = n * block_bytes
         for i, t in enumerate(self.region_tensors):
             layer = staged[i * per_layer:(i + 1) * per_layer].view(t.dtype).view(n, t.shape[1], -1)
             relayout_layer(layer, t, rbs, spec.first_token // rbs, dst_ids, self.block_size,
