@@ -220,9 +220,6 @@ class NixlBackend:
         else:
             self._remote_blocks[engine_id] = self.prep_dlist(descs, self._remotes[engine_id])
 
-    def has_blocks(self, engine_id: str) -> bool:
-        return engine_id in self._remote_blocks
-
     def post_blocks(self, op: str, engine_id: str, local_idx, remote_idx):
         """`post` of blocks picked by index from the prepared lists (`layout.block_indices`)."""
         if self._local_blocks is None or engine_id not in self._remote_blocks:
