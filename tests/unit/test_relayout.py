@@ -14,10 +14,10 @@ from kv_transfer import relayout as R
 HEADS, HEAD = 3, 64
 
 
-def packed_cache(num_blocks, block_size, key, value, ids):
+def packed_cache(num_blocks, block_size, key, value, ids, isa="vec"):
     """A CPU KV cache tensor with tokens 0..T-1 written by vLLM's kernel into blocks ids."""
     cache = torch.zeros(num_blocks, HEADS, block_size, 2 * HEAD, dtype=torch.bfloat16)
-    R.write_tokens(cache, key, value, R.slot_mapping(ids, block_size, 0, len(key)))
+    R.write_tokens(cache, key, value, R.slot_mapping(ids, block_size, 0, len(key)), isa)
     return cache
 
 
@@ -27,12 +27,16 @@ def tokens(n, seed=0):
             torch.randn(n, HEADS, HEAD, generator=g).to(torch.bfloat16))
 
 
-def test_unpack_inverts_vllms_kernel():
-    key, value = tokens(200)
+@pytest.mark.parametrize("isa,bs", [("vec", 64), ("vec16", 16)])
+def test_unpack_inverts_vllms_kernel(isa, bs):
+    """Every ISA in KNOWN_ISAS: unpacking what vLLM's kernel packed gives the tokens back."""
+    n = 3 * bs + bs // 2
+    key, value = tokens(n)
     ids = [4, 1, 5, 0]
-    cache = packed_cache(6, 64, key, value, ids)
-    k, v = R.unpack_tokens(cache.view(6, HEADS, -1)[ids], 64)
-    assert torch.equal(k[:200], key) and torch.equal(v[:200], value)
+    cache = packed_cache(6, bs, key, value, ids, isa)
+    k, v = R.unpack_tokens(cache.view(6, HEADS, -1)[ids], bs, isa)
+    assert torch.equal(k[:n], key) and torch.equal(v[:n], value)
+    assert set(R.KNOWN_ISAS) == {"vec", "vec16"}
 
 
 @pytest.mark.parametrize("src_bs,dst_bs,first", [(64, 128, 0), (128, 64, 0), (64, 128, 128),
