@@ -73,6 +73,19 @@ def compat_hash(model: str, dtype: str, layouts: Sequence[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def sort_pairs(local_ids: Sequence[int], remote_ids: Sequence[int]
+               ) -> tuple[list[int], list[int]]:
+    """The same (local, remote) block pairs, in ascending local order. vLLM frees a
+    request's blocks last-first, so once its free queue has wrapped a new request gets
+    descending ids on both sides ([40, 39, ...]): in request order no two pairs merge
+    (one descriptor per block), sorted they are one run again. A transfer moves pairs, so
+    their order is free."""
+    if len(local_ids) != len(remote_ids):
+        raise ValueError(f"block count mismatch: {len(local_ids)} local vs {len(remote_ids)}")
+    pairs = sorted(zip(local_ids, remote_ids))
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Pair blocks and merge stretches consecutive on *both* sides.
 

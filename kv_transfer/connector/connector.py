@@ -750,10 +750,11 @@ class _WorkerHalf:
             runs = L.block_runs(range(len(spec.remote_block_ids)), spec.remote_block_ids)
         else:
             local = self.regions
-            runs = L.block_runs(spec.local_block_ids, spec.remote_block_ids)
+            lids, rids = L.sort_pairs(spec.local_block_ids, spec.remote_block_ids)
+            runs = L.block_runs(lids, rids)
             regs = range(len(self.regions))
-            lidx = L.block_indices(regs, self.regions[0].num_blocks, spec.local_block_ids)
-            ridx = L.block_indices(regs, remote[0].num_blocks, spec.remote_block_ids)
+            lidx = L.block_indices(regs, self.regions[0].num_blocks, lids)
+            ridx = L.block_indices(regs, remote[0].num_blocks, rids)
         rec.bytes = len(remote) * len(spec.remote_block_ids) * remote[0].block_bytes
         rec.descriptors = L.merged_count(runs, local, remote)
         budget = (t_pin + self.acquire_extend_s - lease_margin_s(self.acquire_extend_s)

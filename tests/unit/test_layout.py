@@ -53,6 +53,20 @@ def test_block_runs_merge_only_when_both_sides_consecutive(local, remote, expect
     assert L.block_runs(local, remote) == expect
 
 
+def test_sort_pairs_merges_blocks_vllm_handed_out_last_first():
+    # after vLLM's free queue wrapped: both sides got descending ids
+    local, remote = [8, 7, 6, 5], [40, 39, 38, 37]
+    assert len(L.block_runs(local, remote)) == 4
+    lids, rids = L.sort_pairs(local, remote)
+    assert (lids, rids) == ([5, 6, 7, 8], [37, 38, 39, 40])
+    assert L.block_runs(lids, rids) == [(5, 37, 4)]
+    # pairs are kept, whatever the order
+    lids, rids = L.sort_pairs([3, 1, 2], [10, 30, 20])
+    assert sorted(zip(lids, rids)) == sorted(zip([3, 1, 2], [10, 30, 20]))
+    with pytest.raises(ValueError):
+        L.sort_pairs([1], [])
+
+
 def test_block_runs_count_mismatch():
     with pytest.raises(ValueError):
         L.block_runs([1, 2], [1])
