@@ -119,6 +119,7 @@ class AutoscaleConfig:
     startup_grace_s: float = 300.0    # no planning before every pool reached its minimum
     # local actuator: flags for the `pdserve prefill|decode` processes it starts
     worker_args: str = ""
+    prefill_worker_args: str = ""     # prefill replicas only, after worker_args
     prefill_cores: tuple[str, ...] = ("0",)
     decode_cores: tuple[str, ...] = ("1",)
     base_replicas: tuple[int, int] = (0, 0)   # (prefill, decode) started by the launcher

@@ -26,7 +26,8 @@ log = logging.getLogger("pdserve.launcher")
 
 GRACE_S = 20.0
 # set by the launcher itself from its own view of the cluster
-AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-cores",
+AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-worker-args",
+                            "--autoscale-prefill-cores",
                             "--autoscale-decode-cores", "--autoscale-base")
 
 
@@ -97,9 +98,16 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
 def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
     argv = [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
             "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns)]
-    if role == "prefill" and getattr(ns, "prefill_block_size", 0):
-        argv += ["--block-size", str(ns.prefill_block_size)]   # the last one counts
+    if role == "prefill":
+        argv += prefill_argv(ns)
     return argv
+
+
+def prefill_argv(ns) -> list[str]:
+    """Flags only prefill workers get, after the shared ones (the last one counts)."""
+    if getattr(ns, "prefill_block_size", 0):
+        return ["--block-size", str(ns.prefill_block_size)]
+    return []
 
 
 def engine_argv(ns) -> list[str]:
@@ -164,6 +172,7 @@ def run_cluster(ns) -> int:
         if ns.autoscale == "local":
             # the autoscaler starts workers like ours, on each pool's cores
             sched_argv += ["--autoscale-worker-args", shlex.join(engine_argv(ns)),
+                           "--autoscale-prefill-worker-args", shlex.join(prefill_argv(ns)),
                            "--autoscale-prefill-cores", ",".join(dict.fromkeys(p_cores)),
                            "--autoscale-decode-cores", ",".join(dict.fromkeys(d_cores)),
                            "--autoscale-base", f"{n_p},{n_d}"]

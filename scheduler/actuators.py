@@ -167,6 +167,7 @@ class LocalConfig:
     drain_timeout_s: float = 120.0
     stop_grace_s: float = 30.0
     python: str = sys.executable
+    pool_args: dict[str, str] = field(default_factory=dict)   # pool -> its own extra flags
 
 
 @dataclass
@@ -226,7 +227,8 @@ class LocalActuator:
     def argv(self, pool: str, worker_id: str, core: str) -> list[str]:
         return [self.cfg.python, "-m", "pdserve.cli", pool, "--worker-id", worker_id,
                 "--cores", core, "--scheduler", self.cfg.scheduler_address,
-                "--host", self.cfg.host, *shlex.split(self.cfg.worker_args)]
+                "--host", self.cfg.host, *shlex.split(self.cfg.worker_args),
+                *shlex.split(self.cfg.pool_args.get(pool, ""))]   # the last flag counts
 
     # -- actions
     async def apply(self, pool: str, desired: int, reason: str, reg: Registry) -> None:

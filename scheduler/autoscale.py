@@ -47,7 +47,8 @@ def build_actuator(cfg: AutoscaleConfig, scheduler_address: str, host: str) -> A
             worker_args=cfg.worker_args, scheduler_address=scheduler_address, host=host,
             cores={"prefill": tuple(cfg.prefill_cores), "decode": tuple(cfg.decode_cores)},
             base_replicas={"prefill": cfg.base_replicas[0], "decode": cfg.base_replicas[1]},
-            drain_timeout_s=cfg.drain_timeout_s))
+            drain_timeout_s=cfg.drain_timeout_s,
+            pool_args={"prefill": cfg.prefill_worker_args}))
     raise ValueError(f"no actuator for autoscale mode {cfg.mode!r}")
 
 

@@ -189,3 +189,20 @@ def test_dry_run_replays_a_recorded_trace(tmp_path):
 def test_bad_planner_config(bad):
     with pytest.raises(ValueError):
         PlannerConfig(**bad)
+
+
+def test_local_actuator_gives_prefill_replicas_their_own_flags():
+    """`pdserve serve --prefill-block-size 64`: a prefill replica the autoscaler starts gets
+    --block-size 64 after the shared --block-size, like the launcher's own prefill workers;
+    a decode replica does not."""
+    from pdserve.launcher import prefill_argv
+
+    cfg = LocalConfig(worker_args="--model /m --block-size 128", scheduler_address="s:1",
+                      cores={"prefill": ("0",), "decode": ("1",)},
+                      pool_args={"prefill": " ".join(prefill_argv(
+                          type("NS", (), {"prefill_block_size": 64})()))})
+    act = LocalActuator(cfg, clock=lambda: 0.0, spawn=lambda argv: FakeProc(argv))
+    p, d = act.argv("prefill", "prefill-auto1", "0"), act.argv("decode", "decode-auto1", "1")
+    assert p[-4:] == ["--block-size", "128", "--block-size", "64"]
+    assert d[-2:] == ["--block-size", "128"]
+    assert prefill_argv(type("NS", (), {"prefill_block_size": 0})()) == []
