@@ -33,6 +33,9 @@ def set_engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # engine-core <-> worker queue: a short spin, then sleep (pdserve/vllm_plugin.py)
     os.environ.setdefault("PDSERVE_QUIET_WAIT", "1")
+    # an engine whose requests all wait on KV transfers sleeps until one ends
+    # (kv_transfer/wakeup.py)
+    os.environ.setdefault("PDSERVE_HOLD_WAIT", "1")
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,

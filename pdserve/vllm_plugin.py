@@ -12,11 +12,17 @@ On a 2-core host that is the decode engine's core, the frontend's and any new wo
 With PDSERVE_QUIET_WAIT=1 (set by pdserve for its own engines only; other vLLM uses of this
 virtualenv are untouched), a reader spins for PDSERVE_WAIT_SPIN_US (default 200 us) after a
 read, then polls the notification socket with a timeout of at most PDSERVE_WAIT_POLL_MS
-(default 1 ms). The short timeout also bounds a lost notification (vLLM rechecks only
-every 5 s) to about a millisecond. vLLM loads general plugins in the engine-core and
-worker processes before it creates these queues (vllm/v1/engine/core.py,
-vllm/v1/worker/worker_base.py); plugins may be loaded more than once, so this is
-idempotent.
+(default 1 ms), and PDSERVE_WAIT_IDLE_POLL_MS (default 10 ms) once nothing was read for
+PDSERVE_WAIT_IDLE_AFTER_MS (20 ms). The timeout bounds a lost notification (vLLM
+rechecks only every 5 s); the longer one when idle keeps an idle worker from waking 1,000
+times a second (measured: about 1 ms of every 20 ms on the decode core during a KV READ).
+
+The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
+only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
+
+vLLM loads general plugins in the engine-core and worker processes before it creates these
+queues (vllm/v1/engine/core.py, vllm/v1/worker/worker_base.py); plugins may be loaded more
+than once, so this is idempotent.
 """
 
 from __future__ import annotations
@@ -28,9 +34,15 @@ import time
 log = logging.getLogger("vllm.pdserve.plugin")
 
 _PATCHED = False
+_HOLD_PATCHED = False
 
 
 def register() -> None:
+    _register_quiet_wait()
+    _register_hold_wait()
+
+
+def _register_quiet_wait() -> None:
     global _PATCHED
     if _PATCHED or os.environ.get("PDSERVE_QUIET_WAIT", "0") != "1":
         return
@@ -43,13 +55,19 @@ def register() -> None:
         return
     spin_s = float(os.environ.get("PDSERVE_WAIT_SPIN_US", "200")) / 1e6
     poll_ms = max(1, int(os.environ.get("PDSERVE_WAIT_POLL_MS", "1")))
+    idle_poll_ms = max(poll_ms, int(os.environ.get("PDSERVE_WAIT_IDLE_POLL_MS", "10")))
+    idle_after_s = float(os.environ.get("PDSERVE_WAIT_IDLE_AFTER_MS", "20")) / 1e3
     sched_yield = sb.sched_yield
 
     def wait(self, timeout_ms: int | None = None) -> None:
-        if time.monotonic() <= self.last_read + spin_s:
+        now = time.monotonic()
+        if now <= self.last_read + spin_s:
             sched_yield()
             return
-        t = poll_ms if timeout_ms is None else min(timeout_ms, poll_ms)
+        # idle for a while (an engine core asleep while only KV transfers are pending,
+        # or no requests): poll less often, the notification still wakes us at once
+        p = poll_ms if now <= self.last_read + idle_after_s else idle_poll_ms
+        t = p if timeout_ms is None else min(timeout_ms, p)
         events = dict(self.poller.poll(timeout=t))
         if self.local_notify_socket in events:
             # CONFLATE: one pending notification at most
@@ -58,3 +76,47 @@ def register() -> None:
     cls.wait = wait
     _PATCHED = True
     log.debug("quiet shm wait: spin %.0f us, poll %d ms", spin_s * 1e6, poll_ms)
+
+
+def _register_hold_wait() -> None:
+    """With PDSERVE_HOLD_WAIT=1 (set by pdserve for its engines): an engine core whose
+    requests all wait on KV transfers blocks on its input queue instead of stepping empty
+    in a loop, until a new request, a wakeup from the connector's worker half, or
+    kv_transfer.wakeup.HOLD_WAIT_S (kv_transfer/wakeup.py has the why and the measurements).
+    Only engines whose KV connector answers `pd_quiescent` are affected."""
+    global _HOLD_PATCHED
+    if _HOLD_PATCHED or os.environ.get("PDSERVE_HOLD_WAIT", "0") != "1":
+        return
+    try:
+        from vllm.v1.engine.core import EngineCoreProc
+        from vllm.v1.engine import EngineCoreRequestType
+    except ImportError:
+        return
+    orig = getattr(EngineCoreProc, "_process_input_queue", None)
+    wakeup_type = getattr(EngineCoreRequestType, "WAKEUP", None)
+    if orig is None or wakeup_type is None:
+        return
+    import queue
+
+    from kv_transfer.wakeup import HOLD_WAIT_S, WakeListener
+
+    def _process_input_queue(self) -> None:
+        conn = getattr(getattr(self, "scheduler", None), "connector", None)
+        quiescent = getattr(conn, "pd_quiescent", None)
+        if quiescent is None:
+            return orig(self)
+        if getattr(self, "_pd_wake", None) is None:   # first loop: before any transfer
+            q = self.input_queue
+            self._pd_wake = WakeListener(lambda: q.put_nowait((wakeup_type, None)))
+        if (not getattr(self, "engines_running", False) and not getattr(self, "batch_queue",
+                                                                        None)
+                and self.input_queue.empty() and quiescent(self.scheduler)):
+            try:
+                self._handle_client_request(*self.input_queue.get(timeout=HOLD_WAIT_S))
+            except queue.Empty:
+                pass
+        return orig(self)
+
+    EngineCoreProc._process_input_queue = _process_input_queue
+    _HOLD_PATCHED = True
+    log.debug("hold wait: engine cores block while only KV transfers are pending")

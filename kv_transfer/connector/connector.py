@@ -56,6 +56,7 @@ from kv_transfer.connector.metadata import (
 )
 from kv_transfer.push import Offer, OfferState, OfferTable, chunk_blocks
 from kv_transfer.state import LeaseTable, TransferState, advance
+from kv_transfer.wakeup import Waker
 from pdserve.rpc import pd_pb2
 
 if TYPE_CHECKING:
@@ -112,6 +113,26 @@ def served_name(model_config) -> str:
     return str(name or Path(model_config.model).name)
 
 
+def engine_quiescent(sched, own_work: bool, waiting_for_kv) -> bool:
+    """True when no step of vLLM's scheduler `sched` can make progress until an outside
+    event: the connector has nothing to hand to its worker half (`own_work` False),
+    nothing runs or has just finished, and every waiting request waits on its KV load
+    (status `waiting_for_kv`); other requests left are finished ones whose blocks the
+    producer holds under lease. The engine core may then sleep (pdserve's vLLM plugin)
+    until a new request, a wakeup from the worker half (a transfer ended, a lease was
+    released: kv_transfer/wakeup.py) or a short bound. Conservative: anything unexpected
+    answers False, and vLLM steps as it would without us. Pure."""
+    if own_work:
+        return False
+    try:
+        if sched.running or sched.finished_req_ids or not sched.requests:
+            return False
+        waiting = list(sched.waiting) + list(getattr(sched, "kv_holding_waiting", ()))
+    except (AttributeError, TypeError):   # another vLLM's scheduler: do as it does
+        return False
+    return all(r.status == waiting_for_kv for r in waiting)
+
+
 class PDConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
@@ -138,6 +159,10 @@ class PDConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids):
         return self._sched.request_finished(request, block_ids)
+
+    def pd_quiescent(self, scheduler) -> bool:
+        """pdserve's vLLM plugin: may the engine core sleep until an outside event?"""
+        return self._sched is not None and self._sched.quiescent(scheduler)
 
     # ---------------- worker side
     def register_kv_caches(self, kv_caches) -> None:
@@ -241,6 +266,9 @@ class _SchedulerHalf:
         self._push_prompt: dict[str, int] = {}        # producer: req id -> prompt tokens
         self._push_blocks: dict[str, list[int]] = {}  # producer: req id -> blocks so far
         self._push_tid: dict[str, str] = {}           # producer: req id -> transfer id
+        # set once pdserve's vLLM plugin asks `quiescent`: the engine core then sleeps
+        # while only transfers are pending, and the worker half's idle-step wait is moot
+        self.hold_wait = False
 
     @property
     def agent_address(self) -> str:
@@ -320,7 +348,8 @@ class _SchedulerHalf:
         meta = PDConnectorMetadata(loads=self._loads, leases=self._new_leases,
                                    offers=self._offers, cancels=self._cancels,
                                    pushes=self._push_chunks(so) if so is not None else [],
-                                   idle=so is not None and not so.total_num_scheduled_tokens)
+                                   idle=(so is not None and not self.hold_wait
+                                         and not so.total_num_scheduled_tokens))
         self._loads, self._new_leases, self._offers, self._cancels = [], {}, [], []
         return meta
 
@@ -394,6 +423,15 @@ class _SchedulerHalf:
             "block_size": self.block_size,
             "lease_expires_unix": time.time() + self.lease_s,
         }
+
+    def quiescent(self, sched) -> bool:
+        """May the engine core sleep until an outside event? (engine_quiescent)"""
+        from vllm.v1.request import RequestStatus
+
+        self.hold_wait = True   # the plugin asks: the worker half need not wait in steps
+        own = bool(self._loads or self._new_leases or self._offers or self._cancels
+                   or self._push_prompt)
+        return engine_quiescent(sched, own, RequestStatus.WAITING_FOR_REMOTE_KVS)
 
     def shutdown(self) -> None:
         self._releaser.stop()
@@ -480,6 +518,8 @@ class _WorkerHalf:
         self.ucx_err_mode = str(x.get("ucx_err_mode", "auto"))
         self._done: list[tuple[str, bool]] = []       # consumer: (req id, ok)
         self._done_evt = threading.Event()             # set when _done gains an entry
+        # wakes the engine core when it sleeps while only transfers are pending
+        self._waker = Waker() if os.environ.get("PDSERVE_HOLD_WAIT") == "1" else None
         self._idle_step = False
         self._pending = 0
         self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()
@@ -589,7 +629,16 @@ class _WorkerHalf:
 
     def _release(self, ids: list[str]):
         with self.lock:
-            return self.leases.release(ids, time.monotonic())
+            held, missing = self.leases.release(ids, time.monotonic())
+        if held:
+            self._wake()   # the engine core frees the blocks on its next step
+        return held, missing
+
+    def _wake(self) -> None:
+        """Something the scheduler must see happened: wake its engine core if it sleeps
+        (kv_transfer/wakeup.py)."""
+        if self._waker is not None:
+            self._waker.wake()
 
     def _checksum(self, spans: list[tuple[int, int]]) -> int | None:
         from kv_transfer.integrity import crc32_of, inside
@@ -708,6 +757,7 @@ class _WorkerHalf:
                 self._keep_record(load.spec.transfer_key, rec)
             self._done.append((load.spec.req_id, ok))
             self._done_evt.set()
+        self._wake()
 
     def _keep_record(self, key: str, rec: pd_pb2.KVTransferStats) -> None:
         """Under self.lock: keep a transfer's record until its worker pops it (bounded)."""
@@ -888,6 +938,7 @@ class _WorkerHalf:
         if late is not None:
             self._push_whole(o, *late)
             self._complete(o, *late)
+        self._wake()
         return True, ""
 
     def _ensure_peer(self, eid: str, address: str) -> str:
@@ -919,6 +970,7 @@ class _WorkerHalf:
             for tid in cancelled:
                 if self._finished_push.pop(tid, None) is not None:   # nobody will take them
                     self.leases.release([self._req_of.get(tid, tid)], time.monotonic())
+        self._wake()
         return cancelled, busy
 
     def _rec(self, tid: str) -> pd_pb2.KVTransferStats:
@@ -1220,6 +1272,7 @@ class _WorkerHalf:
                 self._keep_record(spec.transfer_key, rec)
             self._done.append((spec.req_id, ok))
             self._done_evt.set()
+        self._wake()
 
     def _note_transport(self, spec: LoadSpec) -> None:
         """After the first READ from a producer: which transport UCX really used for it.
@@ -1259,5 +1312,7 @@ class _WorkerHalf:
         if self.server is not None:
             self.server.stop(grace=0.5)
         self.clients.close()
+        if self._waker is not None:
+            self._waker.close()
         if self.backend is not None:
             self.backend.close()

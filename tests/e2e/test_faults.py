@@ -21,6 +21,7 @@ import signal
 import time
 
 import httpx
+import psutil
 import pytest
 
 from pdserve.rpc import pd_pb2
@@ -93,6 +94,46 @@ def next_requests_succeed(c, n=3):
     for i in range(n):
         r = httpx.post(f"{c.url}/v1/completions", json=body(c, 500 + i, 120, 4), timeout=60)
         assert r.status_code == 200, r.text
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a worker's process tree (its vLLM engine-core and worker processes)."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def test_engines_sleep_while_only_transfers_are_pending(fc):
+    """While the one request's load waits (the 1.5 s debug delay), the prefill engine
+    holds its blocks under lease and the decode engine waits on the load: neither has a
+    step to take. Both engine cores sleep (kv_transfer/wakeup.py) instead of stepping
+    empty in a loop, which kept a whole core busy on each side. The request still ends
+    right after its load: the worker half wakes the engine core."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        req = asyncio.create_task(send(client, fc, 50))
+        d = await asyncio.to_thread(wait_loading, fc)
+        pids = {"prefill-0": pid_of(fc, "prefill-0"), d.worker_id: pid_of(fc, d.worker_id)}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        t0 = time.monotonic()
+        await asyncio.sleep(0.8)   # inside the 1.5 s between the lease pin and the READ
+        used = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+        wall = time.monotonic() - t0
+        status, js = await req
+        done = time.monotonic() - t0
+    assert status == 200, js
+    # a busy empty-step loop costs most of a core (0.5-1 CPU-s per s here); asleep, the
+    # progress thread, heartbeats and 10 ms polls cost a few percent
+    assert all(u < 0.3 * wall for u in used.values()), (used, wall)
+    # the load ends at about DELAY_S after the pin, and the request right after it
+    assert done < DELAY_S + 3, done
+    assert js["kv_transfer"]["status"] == "ok", js
 
 
 async def test_clients_hang_up_during_kv_loads(fc):

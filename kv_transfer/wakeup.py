@@ -1,0 +1,91 @@
+"""Wake a vLLM engine core that sleeps while its requests wait only on KV transfers.
+
+While every request of an engine waits on a transfer (a decode engine's loads, a prefill
+engine's blocks held under lease), vLLM steps again at once, empty, in a loop: nothing
+can change until a transfer ends, but each empty step wakes the engine-core process, its
+worker process and the API process (per-step stats). Measured on the 2-core host
+(docs/benchmarks.md), those steps took 2-6 ms of every 20-30 ms READ on the reading
+engine's core, and the producer's loop kept its core busy for the whole lease.
+
+pdserve's vLLM plugin (pdserve/vllm_plugin.py) instead lets the engine core block on its
+input queue while the connector says nothing can progress without an outside event, for
+at most `HOLD_WAIT_S`. New requests and aborts arrive on that queue and end the wait at
+once; the worker half of the connector ends it when a transfer finishes or a lease is
+released, by sending a datagram to the engine core's wake socket (this module), which a
+thread there turns into a WAKEUP on the input queue. The bound covers what sends no
+wakeup (a lease that expires on the clock).
+
+The socket is an abstract-namespace Unix datagram socket named after the engine core's
+pid; vLLM's workers are its child processes, so a worker finds it by its parent's pid.
+Nothing is created on disk, and a wake to an engine core that is not listening is a
+no-op (best effort: the bound still holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Callable
+
+log = logging.getLogger("vllm.pdserve.kv_transfer.wakeup")
+
+HOLD_WAIT_S = 0.05
+
+
+def address(pid: int) -> str:
+    return f"\0pdserve-engine-wake-{pid}"
+
+
+class WakeListener:
+    """In the engine-core process: each datagram on our socket calls `on_wake`."""
+
+    def __init__(self, on_wake: Callable[[], None], pid: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address(os.getpid() if pid is None else pid))
+        self._on_wake = on_wake
+        self._stopped = False
+        self.thread = threading.Thread(target=self._run, name="pd-engine-wake", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                self.sock.recv(64)
+            except OSError:
+                return
+            if not self._stopped:
+                self._on_wake()
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class Waker:
+    """In a worker process: wake the engine core (our parent process) now."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.addr = address(os.getppid() if pid is None else pid)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self._lock = threading.Lock()
+        self.sent = 0
+
+    def wake(self) -> bool:
+        """True when the datagram was delivered to a listener."""
+        with self._lock:
+            try:
+                self.sock.sendto(b"w", self.addr)
+            except OSError:   # no listener (plugin off, other executor), or queue full
+                return False
+            self.sent += 1
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
