@@ -31,7 +31,11 @@ from typing import Callable
 
 log = logging.getLogger("vllm.pdserve.kv_transfer.wakeup")
 
-HOLD_WAIT_S = 0.05
+# Nothing that needs a step goes without a wakeup, except a lease expiring on the clock
+# (its blocks are then freed up to this much later) and the sweep of stale push offers.
+# Each timeout is an empty step: about 2-3 ms of the worker's and engine core's CPU,
+# measured, so the bound is not short.
+HOLD_WAIT_S = 0.25
 
 
 def address(pid: int) -> str:
