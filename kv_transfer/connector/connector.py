@@ -116,8 +116,9 @@ def served_name(model_config) -> str:
 def engine_quiescent(sched, own_work: bool, waiting_for_kv) -> bool:
     """True when no step of vLLM's scheduler `sched` can make progress until an outside
     event: the connector has nothing to hand to its worker half (`own_work` False),
-    nothing runs or has just finished, and every waiting request waits on its KV load
-    (status `waiting_for_kv`); other requests left are finished ones whose blocks the
+    nothing runs or has just finished, and every waiting request waits on a KV load that
+    has not finished (status `waiting_for_kv`; a finished load keeps that status until the
+    next step admits the request); other requests left are finished ones whose blocks the
     producer holds under lease. The engine core may then sleep (pdserve's vLLM plugin)
     until a new request, a wakeup from the worker half (a transfer ended, a lease was
     released: kv_transfer/wakeup.py) or a short bound. Conservative: anything unexpected
@@ -125,7 +126,8 @@ def engine_quiescent(sched, own_work: bool, waiting_for_kv) -> bool:
     if own_work:
         return False
     try:
-        if sched.running or sched.finished_req_ids or not sched.requests:
+        if (sched.running or sched.finished_req_ids or not sched.requests
+                or sched.finished_recving_kv_req_ids):   # loaded: the next step admits them
             return False
         waiting = list(sched.waiting) + list(getattr(sched, "kv_holding_waiting", ()))
     except (AttributeError, TypeError):   # another vLLM's scheduler: do as it does

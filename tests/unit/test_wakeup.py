@@ -34,16 +34,20 @@ def test_waker_without_listener_is_a_no_op():
 WAITING_FOR_KV, WAITING, RUNNING = "WAITING_FOR_REMOTE_KVS", "WAITING", "RUNNING"
 
 
-def sched(running=(), waiting=(), finished=(), requests=None, holding=()):
+def sched(running=(), waiting=(), finished=(), requests=None, holding=(), loaded=()):
     reqs = [SimpleNamespace(status=s) for s in waiting]
     return SimpleNamespace(running=list(running), waiting=reqs,
                            kv_holding_waiting=[SimpleNamespace(status=s) for s in holding],
                            finished_req_ids=set(finished),
+                           finished_recving_kv_req_ids=set(loaded),
                            requests=requests if requests is not None else {"r": 1})
 
 
 @pytest.mark.parametrize("s,own_work,want", [
     (sched(waiting=[WAITING_FOR_KV]), False, True),                 # consumer: load pending
+    (sched(holding=[WAITING_FOR_KV]), False, True),                 # (vLLM keeps it here)
+    # the load finished: the status stays until the next step admits the request
+    (sched(holding=[WAITING_FOR_KV], loaded=["r"]), False, False),
     (sched(waiting=[WAITING_FOR_KV, WAITING_FOR_KV]), False, True),
     (sched(), False, True),                                         # producer: leases held
     (sched(waiting=[WAITING_FOR_KV]), True, False),                 # metadata to deliver
