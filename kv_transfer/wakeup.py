@@ -23,13 +23,10 @@ no-op (best effort: the bound still holds).
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
 from typing import Callable
-
-log = logging.getLogger("vllm.pdserve.kv_transfer.wakeup")
 
 # Nothing that needs a step goes without a wakeup, except a lease expiring on the clock
 # (its blocks are then freed up to this much later) and the sweep of stale push offers.
