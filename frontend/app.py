@@ -258,6 +258,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
                 "read_seconds": round(k.read_seconds, 6),
                 "prep_seconds": round(k.prep_seconds, 6),
+                "read_cpu_seconds": round(k.read_cpu_seconds, 6),
                 "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
                 "read_gbps": round(k.bytes / k.read_seconds / 1e9, 3)
                 if k.read_seconds > 0 else None,

@@ -56,7 +56,7 @@ from kv_transfer.connector.metadata import (
 )
 from kv_transfer.push import Offer, OfferState, OfferTable, chunk_blocks
 from kv_transfer.state import LeaseTable, TransferState, advance
-from kv_transfer.wakeup import Waker
+from kv_transfer.wakeup import TRANSFERS, Waker
 from pdserve.rpc import pd_pb2
 
 if TYPE_CHECKING:
@@ -814,15 +814,16 @@ class _WorkerHalf:
         if budget <= 0:
             raise LoadError("lease_expired", f"lease {spec.transfer_id} would end before the "
                             "READ could finish; not reading")
-        t_read = time.perf_counter()
+        t_read, cpu_read = time.perf_counter(), time.thread_time()
         try:
             timeout = min(self.transfer_timeout_s, budget)
-            if relayout:
-                rec.prep_seconds = self.backend.read(
-                    remote_agent, *L.transfer_descriptors(local, remote, runs), timeout)
-            else:
-                rec.prep_seconds = self.backend.xfer_blocks(
-                    "READ", spec.engine_id, lidx, ridx, timeout)
+            with TRANSFERS:   # vLLM's waiting worker thread keeps off our core meanwhile
+                if relayout:
+                    rec.prep_seconds = self.backend.read(
+                        remote_agent, *L.transfer_descriptors(local, remote, runs), timeout)
+                else:
+                    rec.prep_seconds = self.backend.xfer_blocks(
+                        "READ", spec.engine_id, lidx, ridx, timeout)
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             self.backend.forget_remote(spec.engine_id)
@@ -833,6 +834,7 @@ class _WorkerHalf:
                       "error")
             raise LoadError(reason, f"{type(e).__name__}: {e}") from e
         rec.read_seconds = time.perf_counter() - t_read
+        rec.read_cpu_seconds = time.thread_time() - cpu_read
         if spec.engine_id not in self.peer_transports:
             self._note_transport(spec)
         if self.debug_corrupt or self.checksum:

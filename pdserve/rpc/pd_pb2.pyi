@@ -451,7 +451,7 @@ class KVPush(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
-    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds", "relayout_seconds")
+    __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds", "relayout_seconds", "read_cpu_seconds")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +466,7 @@ class KVTransferStats(_message.Message):
     WRITES_FIELD_NUMBER: _ClassVar[int]
     POST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RELAYOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READ_CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
     descriptors: int
@@ -480,7 +481,8 @@ class KVTransferStats(_message.Message):
     writes: int
     post_seconds: float
     relayout_seconds: float
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ..., post_seconds: _Optional[float] = ..., relayout_seconds: _Optional[float] = ...) -> None: ...
+    read_cpu_seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., descriptors: _Optional[int] = ..., tokens: _Optional[int] = ..., status: _Optional[str] = ..., read_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., checksummed: _Optional[bool] = ..., prep_seconds: _Optional[float] = ..., mode: _Optional[str] = ..., exposed_seconds: _Optional[float] = ..., writes: _Optional[int] = ..., post_seconds: _Optional[float] = ..., relayout_seconds: _Optional[float] = ..., read_cpu_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "kv_transfer", "num_external_tokens", "num_cached_tokens")

@@ -53,6 +53,8 @@ def test_completions_equal_colocated_vllm(cluster, ground_truth, n):
                              "prompt_tokens_details": {"cached_tokens": 0}}  # unique prompts
     kv = body["kv_transfer"]
     assert kv["status"] == "ok" and kv["tokens"] == n and kv["bytes"] > 0
+    # the reading thread's CPU time is part of the READ's wall time
+    assert 0 < kv["read_cpu_seconds"] <= kv["read_seconds"] + 1e-3, kv
     assert r.headers["x-request-id"] and body["id"].startswith("cmpl-")
 
 
