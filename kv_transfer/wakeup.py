@@ -90,3 +90,34 @@ class Waker:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class InFlight:
+    """How many transfers this process is copying right now (the consumer's READs).
+
+    On one host UCX copies inline on the reading thread (CMA), so the READ is as fast as
+    that thread keeps its core. vLLM's worker thread in the same process waits for the
+    next step on the core it shares with the reader, polling its notification socket every
+    millisecond for a while after each step (pdserve/vllm_plugin.py). Traced on the 2-core
+    host (docs/benchmarks.md), it preempted a 2,048-token READ 16 times. While a READ is in
+    flight the plugin's wait polls at its idle interval instead: the step notification
+    still wakes it at once."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def __enter__(self) -> "InFlight":
+        with self._lock:
+            self._n += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._n -= 1
+
+
+TRANSFERS = InFlight()

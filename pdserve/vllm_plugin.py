@@ -16,6 +16,8 @@ read, then polls the notification socket with a timeout of at most PDSERVE_WAIT_
 PDSERVE_WAIT_IDLE_AFTER_MS (20 ms). The timeout bounds a lost notification (vLLM
 rechecks only every 5 s); the longer one when idle keeps an idle worker from waking 1,000
 times a second (measured: about 1 ms of every 20 ms on the decode core during a KV READ).
+While this process copies a KV READ (kv_transfer.wakeup.TRANSFERS), a reader neither spins
+nor polls at the short interval: the READ's thread shares its core.
 
 The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
 only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
@@ -58,15 +60,18 @@ def _register_quiet_wait() -> None:
     idle_poll_ms = max(poll_ms, int(os.environ.get("PDSERVE_WAIT_IDLE_POLL_MS", "10")))
     idle_after_s = float(os.environ.get("PDSERVE_WAIT_IDLE_AFTER_MS", "20")) / 1e3
     sched_yield = sb.sched_yield
+    from kv_transfer.wakeup import TRANSFERS
 
     def wait(self, timeout_ms: int | None = None) -> None:
         now = time.monotonic()
-        if now <= self.last_read + spin_s:
+        if now <= self.last_read + spin_s and not TRANSFERS:
             sched_yield()
             return
         # idle for a while (an engine core asleep while only KV transfers are pending,
-        # or no requests): poll less often, the notification still wakes us at once
-        p = poll_ms if now <= self.last_read + idle_after_s else idle_poll_ms
+        # or no requests), or a READ in flight in this process whose thread shares our
+        # core: poll less often, the notification still wakes us at once
+        p = (poll_ms if now <= self.last_read + idle_after_s and not TRANSFERS
+             else idle_poll_ms)
         t = p if timeout_ms is None else min(timeout_ms, p)
         events = dict(self.poller.poll(timeout=t))
         if self.local_notify_socket in events:

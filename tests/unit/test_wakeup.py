@@ -1,6 +1,7 @@
-"""The engine-core wakeup (kv_transfer/wakeup.py) and the plugin's hold wait around vLLM's
-input-queue loop (pdserve/vllm_plugin.py), on a stand-in engine core: real sockets, real
-threads, vLLM's own EngineCoreProc method patched and restored."""
+"""The engine-core wakeup (kv_transfer/wakeup.py), the plugin's hold wait around vLLM's
+input-queue loop and its quiet wait in vLLM's shm queue (pdserve/vllm_plugin.py), on
+stand-ins: real sockets, real threads, vLLM's own EngineCoreProc and SpinCondition methods
+patched and restored."""
 
 import os
 import queue
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from kv_transfer.connector.connector import engine_quiescent
-from kv_transfer.wakeup import HOLD_WAIT_S, WakeListener, Waker
+from kv_transfer.wakeup import HOLD_WAIT_S, TRANSFERS, WakeListener, Waker
 
 
 def test_waker_reaches_listener_of_that_pid():
@@ -127,3 +128,69 @@ def test_hold_wait_steps_at_once_when_not_quiescent(hold_wait):
         assert time.monotonic() - t < HOLD_WAIT_S, "waited although work was pending"
     finally:
         e._pd_wake.stop()
+
+
+class FakePoller:
+    def __init__(self) -> None:
+        self.timeouts: list[int] = []
+
+    def poll(self, timeout=None):
+        self.timeouts.append(timeout)
+        return []
+
+
+@pytest.fixture
+def quiet_wait(monkeypatch):
+    """vLLM's SpinCondition with pdserve's quiet wait, restored afterwards; sched_yield
+    counted."""
+    from vllm.distributed.device_communicators import shm_broadcast as sb
+
+    import pdserve.vllm_plugin as plugin
+
+    orig = sb.SpinCondition.wait
+    yields = []
+    monkeypatch.setattr(sb, "sched_yield", lambda: yields.append(1))
+    monkeypatch.setenv("PDSERVE_QUIET_WAIT", "1")
+    for k, v in {"PDSERVE_WAIT_SPIN_US": "200000", "PDSERVE_WAIT_POLL_MS": "1",
+                 "PDSERVE_WAIT_IDLE_POLL_MS": "10", "PDSERVE_WAIT_IDLE_AFTER_MS": "400"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(plugin, "_PATCHED", False)
+    plugin._register_quiet_wait()
+    cond = sb.SpinCondition.__new__(sb.SpinCondition)   # no sockets: the poller is faked
+    cond.poller = FakePoller()
+    cond.local_notify_socket = object()
+    yield cond, yields
+    sb.SpinCondition.wait = orig
+
+
+def test_quiet_wait_spins_then_polls_then_idles(quiet_wait):
+    cond, yields = quiet_wait
+    now = time.monotonic()
+    cond.last_read = now                    # just read: spin (yield)
+    cond.wait(timeout_ms=5000)
+    assert yields == [1] and cond.poller.timeouts == []
+    cond.last_read = now - 0.3              # past the spin, within idle-after: short poll
+    cond.wait(timeout_ms=5000)
+    assert cond.poller.timeouts == [1]
+    cond.last_read = now - 1.0              # idle: the long poll
+    cond.wait(timeout_ms=5000)
+    assert cond.poller.timeouts == [1, 10]
+    cond.wait(timeout_ms=3)                 # vLLM's own deadline is shorter: it wins
+    assert cond.poller.timeouts[-1] == 3
+
+
+def test_quiet_wait_keeps_off_the_core_while_a_read_is_in_flight(quiet_wait):
+    """A READ in flight in this process: no spinning and no short polls (the reading
+    thread shares the core), whatever the time since the last read."""
+    cond, yields = quiet_wait
+    cond.last_read = time.monotonic()
+    with TRANSFERS:
+        assert TRANSFERS
+        cond.wait(timeout_ms=5000)
+        cond.last_read = time.monotonic() - 0.3
+        cond.wait(timeout_ms=5000)
+    assert not TRANSFERS
+    assert yields == [] and cond.poller.timeouts == [10, 10]
+    cond.last_read = time.monotonic()       # over: spinning again after a read
+    cond.wait(timeout_ms=5000)
+    assert yields == [1]
