@@ -83,7 +83,8 @@ def test_least_outstanding_picks_the_idlest_and_rotates_ties():
 def test_kv_transfer_report_ratios():
     from bench.bench_kv_transfer import report
     pull = {2048: [{"bytes": 10**8, "read_seconds": 0.01, "seconds": 0.012, "descriptors": 30,
-                    "ttft": 0.5, "t2": 0.6} for _ in range(3)]}
+                    "read_cpu_seconds": 0.009, "copy_s": c, "ttft": 0.5, "t2": 0.6}
+                   for c in (0.007, 0.008, 0.012)]}
     push = {2048: [{"bytes": 10**8, "seconds": 0.4, "exposed_seconds": 0.1, "writes": 30,
                     "descriptors": 30, "ttft": 0.55, "t2": 0.58} for _ in range(3)]}
     whole = {2048: [{"bytes": 10**8, "seconds": 0.02, "exposed_seconds": 0.02, "writes": 1,
@@ -93,7 +94,10 @@ def test_kv_transfer_report_ratios():
     row = rows[0]
     assert row["read_gbps"] == 10.0                    # 1e8 B in 10 ms
     assert row["b"] == 0.5 and abs(row["b_load"] - 0.6) < 1e-12
-    assert 0 < row["a"] and row["copy_gbps"] > 0       # measured here, in this process
+    # (a): per request, the copy timed right after it over the READ; the median
+    assert abs(row["a"] - 0.8) < 1e-12 and abs(row["copy_gbps"] - 12.5) < 1e-9
+    assert abs(row["read_cpu_share"] - 0.9) < 1e-12
+    assert 0 < row["a_best"] and row["copy_best_gbps"] > 0   # measured here, in this process
     assert row["vllm_descriptors"] == 480 and "2048" in text
     by_mode = {r["mode"]: r for r in rows[1:]}
     assert by_mode["pull"]["c"] == 0.0
