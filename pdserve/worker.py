@@ -24,6 +24,43 @@ ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE}
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
+SCRATCH_PREFIX = "pdserve-agent-"
+
+
+def sweep_scratch_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the scratch directories (agent address, event sockets, UCX log) of workers
+    that died without cleaning up (kill -9, OOM): their names carry the owner's pid, and
+    a directory whose owner is gone is removed. Returns the directories removed."""
+    import re
+    import shutil
+
+    tmp = tmp or tempfile.gettempdir()
+    gone = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return gone
+    for name in names:
+        m = re.fullmatch(rf"{SCRATCH_PREFIX}(\d+)-\w+", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                      # the owner (or a process with its pid) lives
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                      # someone else's live process
+        path = os.path.join(tmp, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            gone.append(path)
+    if gone:
+        log.info("removed %d scratch director%s of dead workers", len(gone),
+                 "y" if len(gone) == 1 else "ies")
+    return gone
+
+
 class WorkerRuntime:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
@@ -50,7 +87,8 @@ class WorkerRuntime:
         self._resync = asyncio.Event()
 
     async def start_engine(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-agent-")
+        sweep_scratch_dirs()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         addr_file = os.path.join(self._tmp.name, "agent_address")
         self.engine = build_engine(
             self.cfg.engine, KV_ROLE[self.role],
