@@ -25,13 +25,29 @@ KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
 SCRATCH_PREFIX = "pdserve-agent-"
+SCRATCH_LOCK = "owner.lock"
+SCRATCH_MIN_AGE_S = 60.0
 
 
-def sweep_scratch_dirs(tmp: str | None = None) -> list[str]:
+def hold_scratch_dir(path: str) -> int:
+    """Take the scratch directory's owner lock for the life of this process (the fd stays
+    open; the kernel drops the lock when the process dies, however it dies)."""
+    import fcntl
+
+    fd = os.open(os.path.join(path, SCRATCH_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def sweep_scratch_dirs(tmp: str | None = None, min_age_s: float = SCRATCH_MIN_AGE_S
+                       ) -> list[str]:
     """Remove the scratch directories (agent address, event sockets, UCX log) of workers
-    that died without cleaning up (kill -9, OOM): their names carry the owner's pid, and
-    a directory whose owner is gone is removed. Returns the directories removed."""
-    import re
+    that died without cleaning up (kill -9, OOM). A directory goes when its owner lock can
+    be taken (the owner is gone: an flock, so pid namespaces sharing /tmp cannot confuse
+    it), or when it has no lock file (an older pdserve's), and in both cases only once it
+    is `min_age_s` old (a worker that is creating its own is never caught between mkdir
+    and lock). Returns the directories removed."""
+    import fcntl
     import shutil
 
     tmp = tmp or tempfile.gettempdir()
@@ -40,18 +56,27 @@ def sweep_scratch_dirs(tmp: str | None = None) -> list[str]:
         names = os.listdir(tmp)
     except OSError:
         return gone
+    now = time.time()
     for name in names:
-        m = re.fullmatch(rf"{SCRATCH_PREFIX}(\d+)-\w+", name)
-        if not m:
+        path = os.path.join(tmp, name)
+        if not name.startswith(SCRATCH_PREFIX):
             continue
         try:
-            os.kill(int(m.group(1)), 0)
-            continue                      # the owner (or a process with its pid) lives
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue                      # someone else's live process
-        path = os.path.join(tmp, name)
+            if not os.path.isdir(path) or now - os.stat(path).st_mtime < min_age_s:
+                continue
+            fd = os.open(os.path.join(path, SCRATCH_LOCK), os.O_RDWR)
+        except FileNotFoundError:
+            fd = None                       # no lock file: an older pdserve's directory
+        except OSError:
+            continue                        # someone else's, or gone meanwhile
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                        # its owner lives
+        finally:
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.exists(path):
             gone.append(path)
@@ -82,6 +107,7 @@ class WorkerRuntime:
         self.inflight = 0                 # requests in progress in our gRPC servicer
         self.health = None                # grpc.health.v1 servicer, once serving
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp_lock = -1                # fd holding the scratch directory's owner lock
         self.relay: EventRelay | None = None
         self._events_task: asyncio.Task | None = None
         self._resync = asyncio.Event()
@@ -89,6 +115,7 @@ class WorkerRuntime:
     async def start_engine(self) -> None:
         sweep_scratch_dirs()
         self._tmp = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+        self._tmp_lock = hold_scratch_dir(self._tmp.name)
         addr_file = os.path.join(self._tmp.name, "agent_address")
         self.engine = build_engine(
             self.cfg.engine, KV_ROLE[self.role],
@@ -309,6 +336,7 @@ class WorkerRuntime:
         if self.engine is not None:
             self.engine.shutdown()
         if self._tmp is not None:
+            os.close(self._tmp_lock)
             self._tmp.cleanup()
 
 

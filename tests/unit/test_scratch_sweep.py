@@ -1,26 +1,68 @@
-"""Scratch directories of workers that died without cleaning up are swept at start."""
+"""Scratch directories of workers that died without cleaning up are swept at start; a
+live owner's (its flock held, here by another process), a fresh one and anything not
+ours stay."""
 
 import os
 import subprocess
 import sys
+import time
 
-from pdserve.worker import SCRATCH_PREFIX, sweep_scratch_dirs
+from pdserve.worker import SCRATCH_LOCK, SCRATCH_PREFIX, hold_scratch_dir, sweep_scratch_dirs
+
+OLD = time.time() - 3600
+
+
+def _dir(root, name, lock=True, old=True):
+    d = root / name
+    d.mkdir()
+    (d / "ucx.log").write_text("x")
+    if lock:
+        (d / SCRATCH_LOCK).touch()
+    if old:
+        os.utime(d, (OLD, OLD))
+    return d
 
 
 def test_sweep_removes_only_dead_owners_dirs(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    mine = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-abc123"
-    stale = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-x_y9"
-    other = tmp_path / "pdserve-agent-notapid"
-    for d in (mine, stale, other):
-        d.mkdir()
-        (d / "ucx.log").write_text("x")
-    gone = sweep_scratch_dirs(str(tmp_path))
-    assert gone == [str(stale)]
-    assert not stale.exists()
-    assert mine.exists() and other.exists()
-    assert sweep_scratch_dirs(str(tmp_path)) == []
+    live = _dir(tmp_path, f"{SCRATCH_PREFIX}1-live")
+    holder = subprocess.Popen(   # another process holds the owner lock, as a worker does
+        [sys.executable, "-c", "import sys; from pdserve.worker import hold_scratch_dir; "
+         f"hold_scratch_dir({str(live)!r}); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.utime(live, (OLD, OLD))
+        dead = _dir(tmp_path, f"{SCRATCH_PREFIX}2-dead")            # lock file, nobody holds it
+        legacy = _dir(tmp_path, f"{SCRATCH_PREFIX}abc", lock=False)  # an older pdserve's
+        fresh = _dir(tmp_path, f"{SCRATCH_PREFIX}3-new", lock=False, old=False)
+        other = _dir(tmp_path, "not-ours", lock=False)
+        gone = sweep_scratch_dirs(str(tmp_path))
+        assert sorted(gone) == sorted([str(dead), str(legacy)])
+        assert live.exists() and fresh.exists() and other.exists()
+        assert sweep_scratch_dirs(str(tmp_path)) == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # the holder is gone: its lock went with it
+    assert sweep_scratch_dirs(str(tmp_path)) == [str(live)]
+
+
+def test_own_lock_is_exclusive(tmp_path):
+    fd = hold_scratch_dir(str(tmp_path))
+    try:
+        os.utime(tmp_path, (OLD, OLD))
+        import fcntl
+        other = os.open(tmp_path / SCRATCH_LOCK, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                raise AssertionError("a second lock was granted")
+            except BlockingIOError:
+                pass
+        finally:
+            os.close(other)
+    finally:
+        os.close(fd)
 
 
 def test_sweep_of_a_missing_directory_is_empty(tmp_path):
