@@ -64,14 +64,14 @@ def _register_quiet_wait() -> None:
 
     def wait(self, timeout_ms: int | None = None) -> None:
         now = time.monotonic()
-        if now <= self.last_read + spin_s and not TRANSFERS:
+        reading = bool(TRANSFERS)
+        if now <= self.last_read + spin_s and not reading:
             sched_yield()
             return
         # idle for a while (an engine core asleep while only KV transfers are pending,
         # or no requests), or a READ in flight in this process whose thread shares our
         # core: poll less often, the notification still wakes us at once
-        p = (poll_ms if now <= self.last_read + idle_after_s and not TRANSFERS
-             else idle_poll_ms)
+        p = poll_ms if now <= self.last_read + idle_after_s and not reading else idle_poll_ms
         t = p if timeout_ms is None else min(timeout_ms, p)
         events = dict(self.poller.poll(timeout=t))
         if self.local_notify_socket in events:
