@@ -15,7 +15,6 @@ import grpc
 
 from decode_worker.leases import LeaseRenewer
 from pdserve import metrics as M
-from pdserve.config import WorkerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import handle_to_params, logprobs_to_wire, to_vllm
 from pdserve.worker import INPUT_ERRORS, WorkerRuntime, validate_prompt
@@ -141,9 +140,3 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
     async def Status(self, request, context):
         return await self.rt.status()
 
-
-async def serve(cfg: WorkerConfig, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    rt = WorkerRuntime(cfg)
-    await rt.run(lambda s: pd_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(rt), s),
-                 ready, stop)

@@ -38,10 +38,16 @@ class WorkerFailed(Exception):
 
 
 def _route_str(r: pd_pb2.RouteResponse) -> str:
+    """The x-pdserve-route header: the option taken, why, and the latency model's view."""
     mode = "local" if r.mode == pd_pb2.ROUTE_MODE_LOCAL else "disagg"
     p = f" prefill={r.prefill.worker_id}" if r.HasField("prefill") else ""
-    return (f"{mode}:{r.reason}{p} decode={r.decode.worker_id} "
-            f"predicted_cached={r.cached_tokens}")
+    out = f"{mode}:{r.reason}{p} decode={r.decode.worker_id} predicted_cached={r.cached_tokens}"
+    if r.predicted_ttft_ms > 0:
+        out += (f" predicted_ttft_ms={r.predicted_ttft_ms:.0f}"
+                f" predicted_tpot_ms={r.predicted_tpot_ms:.1f} chunk={r.chunk_tokens}")
+    if r.runner_up:
+        out += f"; runner_up: {r.runner_up}"
+    return out
 
 
 def _to_chunk(msg: pd_pb2.GenerateResponse) -> Chunk:
@@ -75,7 +81,7 @@ class ClusterClient:
         self._bg: set[asyncio.Task] = set()
 
     async def route(self, request_id: str, model: str, token_ids: list[int],
-                    exclude: list[str] | None = None):
+                    exclude: list[str] | None = None, max_tokens: int = 0):
         """Route; while the scheduler restarts or no worker is registered (UNAVAILABLE),
         retry with backoff for up to `route_wait_s`."""
         delay = 0.1
@@ -84,7 +90,7 @@ class ClusterClient:
             try:
                 return await self.scheduler.Route(pd_pb2.RouteRequest(
                     request_id=request_id, model=model, token_ids=token_ids,
-                    exclude_workers=exclude or []), timeout=5)
+                    exclude_workers=exclude or [], max_tokens=max_tokens), timeout=5)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_grpc_error(e, "route") from None
@@ -94,14 +100,19 @@ class ClusterClient:
                 delay = min(delay * 2, 1.0)
 
     def report(self, booking_id: str, phase: int, ttft_s: float = 0.0, tpot_s: float = 0.0,
-               output_tokens: int = 0) -> None:
+               output_tokens: int = 0, kv: pd_pb2.KVTransferStats | None = None) -> None:
         """Tell the scheduler (in the background; a lost report expires on its own). The
-        latencies feed the autoscaling planner: what the client saw."""
+        latencies feed the autoscaling planner and the latency model's error; a pull
+        transfer's record feeds its transfer model."""
+        ok = kv is not None and kv.status == "ok" and kv.mode != "push"
+
         async def send():
             try:
                 await self.scheduler.Report(pd_pb2.ReportRequest(
                     booking_id=booking_id, phase=phase, ttft_ms=ttft_s * 1e3,
-                    tpot_ms=tpot_s * 1e3, output_tokens=output_tokens), timeout=5)
+                    tpot_ms=tpot_s * 1e3, output_tokens=output_tokens,
+                    kv_bytes=kv.bytes if ok else 0, kv_seconds=kv.seconds if ok else 0.0),
+                    timeout=5)
             except grpc.RpcError as e:
                 log.debug("report %s failed: %s", booking_id, e.code())
         t = asyncio.get_running_loop().create_task(send())
@@ -127,8 +138,9 @@ class ClusterClient:
         t0 = time.perf_counter()
         t_first = 0.0
         ntok = 0
+        kv = None
         for attempt in range(self.max_attempts):
-            route = await self.route(request_id, model, token_ids, exclude)
+            route = await self.route(request_id, model, token_ids, exclude, sampling.max_tokens)
             phase = pd_pb2.PHASE_FAILED
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
@@ -146,6 +158,7 @@ class ClusterClient:
                     if first is None and route.mode != pd_pb2.ROUTE_MODE_LOCAL:
                         first = c
                     ntok += len(c.token_ids)
+                    kv = c.kv_transfer or kv
                     yield c
                 phase = pd_pb2.PHASE_DONE
                 return
@@ -159,7 +172,7 @@ class ClusterClient:
             finally:
                 done = phase == pd_pb2.PHASE_DONE and ntok > 1
                 tpot = (time.perf_counter() - t_first) / (ntok - 1) if done else 0.0
-                self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok)
+                self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok, kv=kv)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
                      first: Chunk | None):

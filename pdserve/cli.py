@@ -117,13 +117,27 @@ def cmd_worker(ns) -> int:
         role=ns.role, worker_id=ns.worker_id or f"{ns.role}-{ns.port}",
         engine=engine_config(ns, ns.cores), host=ns.host, port=ns.port,
         metrics_port=ns.metrics_port, scheduler_address=ns.scheduler,
-        kv_agent_port=ns.kv_agent_port, kv=kv_config(ns), drain_timeout_s=ns.drain_timeout_s)
-    if ns.role == "prefill":
-        from prefill_worker.server import serve
-    else:
-        from decode_worker.server import serve
-    asyncio.run(_until_signal(lambda stop: serve(cfg, stop=stop)))
+        kv_agent_port=ns.kv_agent_port, kv=kv_config(ns), drain_timeout_s=ns.drain_timeout_s,
+        tpot_slo_ms=ns.tpot_slo_ms)
+    asyncio.run(_until_signal(lambda stop: run_worker(cfg, stop=stop)))
     return 0
+
+
+async def run_worker(cfg: WorkerConfig, ready: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """One worker: its engine produces and consumes KV, and it serves both the prefill and
+    the decode service; its role (scheduler/roles.py) says what the scheduler sends it."""
+    from decode_worker.server import DecodeServicer
+    from pdserve.rpc import pd_pb2_grpc
+    from pdserve.worker import WorkerRuntime
+    from prefill_worker.server import PrefillServicer
+
+    rt = WorkerRuntime(cfg)
+
+    def add(server) -> None:
+        pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), server)
+        pd_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(rt), server)
+    await rt.run(add, ready, stop)
 
 
 PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
@@ -319,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale_args(s)
     s.set_defaults(func=cmd_serve)
 
-    for role in ("prefill", "decode"):
-        w = sub.add_parser(role, help=f"run one {role} worker")
+    for role in ("prefill", "decode", "mixed"):
+        w = sub.add_parser(role, help=f"run one worker, starting as a {role} worker")
         _engine_args(w)
         w.add_argument("--worker-id", default="")
         w.add_argument("--host", default="127.0.0.1")
@@ -330,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV agent (handshake + leases) port; 0 picks a free one")
         w.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for this engine")
         w.add_argument("--scheduler", default="127.0.0.1:50051")
+        w.add_argument("--tpot-slo-ms", type=float, default=100.0,
+                       help="the engine holds prefill chunks beside running streams to what "
+                            "their TPOT allows (pdserve/step_budget.py; 0: no budget)")
         w.set_defaults(func=cmd_worker, role=role)
 
     s = sub.add_parser("scheduler", help="run the scheduler")

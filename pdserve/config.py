@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scheduler.planner import PlannerConfig
 from scheduler.policy import PlacementConfig
+from scheduler.roles import RolePlannerConfig
 
 
 def data_dir() -> Path:
@@ -93,7 +94,7 @@ class KVTransferConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    role: str                         # "prefill" | "decode"
+    role: str                         # "prefill" | "decode" | "mixed": its first role
     worker_id: str
     engine: EngineConfig
     host: str = "127.0.0.1"
@@ -106,6 +107,8 @@ class WorkerConfig:
     # SIGTERM: deregister, then wait up to this long for running requests and the KV
     # blocks held for decode workers to finish before the engine stops
     drain_timeout_s: float = 60.0
+    # the TPOT the engine's step budget protects for running streams (0: no budget)
+    tpot_slo_ms: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class SchedulerConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     seed: int = 0                     # for temperature sampling
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    role_planning: bool = True        # change worker roles as the mix shifts
+    roles: RolePlannerConfig = field(default_factory=RolePlannerConfig)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,20 @@ SCHED_INDEX_EVENTS = Counter("pdserve_scheduler_index_events", "KV block events 
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")
+SCHED_PRED_ERROR = Histogram("pdserve_scheduler_prediction_error",
+                             "Latency model: (predicted - measured) / measured per request, "
+                             "for ttft and tpot", ["kind"],
+                             buckets=(-1, -0.5, -0.3, -0.2, -0.1, -0.05, 0, 0.05, 0.1, 0.2,
+                                      0.3, 0.5, 1, 2, 5))
+SCHED_PREDICTED = Histogram("pdserve_scheduler_predicted_seconds",
+                            "Latency model: predicted TTFT and TPOT of the option taken",
+                            ["kind"], buckets=_LAT)
+SCHED_ROLE_CHANGES = Counter("pdserve_scheduler_role_changes",
+                             "Worker role changes by new role and reason", ["role", "reason"])
+SCHED_ROLE_PENDING = Gauge("pdserve_scheduler_role_changes_pending",
+                           "Role changes waiting for the worker to drain")
+SCHED_MODEL_SAMPLES = Counter("pdserve_scheduler_step_samples",
+                              "Engine steps received for the latency model")
 # -- autoscaling planner (scheduler)
 PLANNER_DESIRED = Gauge("pdserve_planner_desired_replicas",
                         "Replicas the planner wants per pool (HPA/KEDA can scale on this)",

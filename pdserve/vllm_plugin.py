@@ -19,6 +19,9 @@ times a second (measured: about 1 ms of every 20 ms on the decode core during a 
 While this process copies a KV READ (kv_transfer.wakeup.TRANSFERS), a reader neither spins
 nor polls at the short interval: the READ's thread shares its core.
 
+The third (PDSERVE_STEP_HOOK=1, pdserve/step_hook.py) times every step, holds prefill
+chunks to the running streams' TPOT allowance and reports each step to the worker.
+
 The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
 only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
 
@@ -42,6 +45,8 @@ _HOLD_PATCHED = False
 def register() -> None:
     _register_quiet_wait()
     _register_hold_wait()
+    from pdserve.step_hook import install   # PDSERVE_STEP_HOOK=1: step budget and samples
+    install()
 
 
 def _register_quiet_wait() -> None:

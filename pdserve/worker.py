@@ -16,12 +16,17 @@ from kv_transfer.agent import read_agent_address
 from kv_transfer.transport import RANK as TRANSPORT_CLASSES
 from pdserve.engine import LoadSnapshot, build_engine, event_endpoints, kv_extra
 from pdserve.kv_events import EventMirror, EventRelay
+from pdserve.steps import StepReceiver
 from pdserve.rpc import RECONNECT_OPTIONS, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE}
-KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+ROLE_PB = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE,
+           "mixed": pd_pb2.ROLE_MIXED}
+ROLE_OF = {v: k for k, v in ROLE_PB.items()}
+# every engine produces and consumes KV: a role (scheduler/roles.py) can change at runtime
+# without restarting it
+KV_ROLE = "kv_both"
 
 
 SCRATCH_PREFIX = "pdserve-agent-"
@@ -111,14 +116,20 @@ class WorkerRuntime:
         self.relay: EventRelay | None = None
         self._events_task: asyncio.Task | None = None
         self._resync = asyncio.Event()
+        self.steps: StepReceiver | None = None
 
     async def start_engine(self) -> None:
         sweep_scratch_dirs()
         self._tmp = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         self._tmp_lock = hold_scratch_dir(self._tmp.name)
         addr_file = os.path.join(self._tmp.name, "agent_address")
+        # the engine core times its steps, holds prefill chunks to its streams' TPOT
+        # allowance and sends each step here (pdserve/step_hook.py)
+        self.steps = StepReceiver()
+        os.environ.update(PDSERVE_STEP_HOOK="1", PDSERVE_STEP_SOCKET=self.steps.address,
+                          PDSERVE_TPOT_SLO_MS=str(self.cfg.tpot_slo_ms))
         self.engine = build_engine(
-            self.cfg.engine, KV_ROLE[self.role],
+            self.cfg.engine, KV_ROLE,
             kv_extra(self.cfg.worker_id, self.cfg.host, self.cfg.kv_agent_port, self.cfg.kv,
                      addr_file), self.snapshot, events_dir=self._tmp.name)
         self.relay = EventRelay(*event_endpoints(self._tmp.name), EventMirror())
@@ -132,15 +143,20 @@ class WorkerRuntime:
         await self._warmup()
 
     async def _warmup(self) -> None:
-        """One small request before registering: vLLM's first logprobs request costs ~5 s
-        (measured), which the first client would otherwise pay."""
+        """Small requests before registering: vLLM's first logprobs request costs ~5 s
+        (measured), which the first client would otherwise pay; and a longer prompt and a
+        few decode steps, so the scheduler's latency model has this engine's prefill and
+        decode speed from its first heartbeat (pdserve/latency.py)."""
         from vllm import SamplingParams
 
         t0 = now()
-        sp = SamplingParams(max_tokens=2, temperature=0.0, logprobs=2)
-        async for _ in self.engine.generate({"prompt_token_ids": [10, 11, 12, 13]}, sp,
-                                            f"warmup-{self.cfg.worker_id}"):
-            pass
+        n = max(8, min(512, self.cfg.engine.max_model_len // 4))
+        calib = [(7 * j) % 97 + 10 for j in range(n)]
+        for i, (ids, k, lp) in enumerate((([10, 11, 12, 13], 2, 2), (calib, 4, None))):
+            sp = SamplingParams(max_tokens=k, temperature=0.0, logprobs=lp, ignore_eos=True)
+            async for _ in self.engine.generate({"prompt_token_ids": ids}, sp,
+                                                f"warmup-{i}-{self.cfg.worker_id}"):
+                pass
         log.info("engine warm-up took %.2fs", now() - t0)
 
     @property
@@ -163,6 +179,7 @@ class WorkerRuntime:
         await self.server.start()
         self.address = f"{self.cfg.host}:{port}"
         self.metrics_port = M.serve_metrics(self.cfg.metrics_port, self.cfg.host)
+        self.steps.start(asyncio.get_running_loop())
         log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
                  self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
         # a restarted scheduler must see us again within seconds
@@ -182,8 +199,7 @@ class WorkerRuntime:
         try:
             st = await self.agent_stats(timeout=max(0.2, self.cfg.heartbeat_s / 2))
             self.leases_held = self._held(st)
-            if self.role == "prefill":
-                M.KV_LEASES_EXPIRED.set(st.leases_expired_total)
+            M.KV_LEASES_EXPIRED.set(st.leases_expired_total)
             counts = dict.fromkeys(TRANSPORT_CLASSES, 0)
             for p in st.peers:
                 counts[p.transport] = counts.get(p.transport, 0) + 1
@@ -197,11 +213,14 @@ class WorkerRuntime:
         M.WORKER_WAITING.labels(self.role).set(s.waiting)
         M.WORKER_KV_USAGE.labels(self.role).set(s.kv_usage)
         M.KV_LEASES.labels(self.role).set(self.leases_held)
+        allow, budget = self.steps.allowance() if self.steps else (0.0, 0)
         return pd_pb2.WorkerLoad(running=s.running, waiting=s.waiting, kv_usage=s.kv_usage,
                                  kv_leases_held=self.leases_held,
                                  prefill_tokens=self.prefill_tokens, ttft_ms=s.ttft_ms,
                                  tpot_ms=s.tpot_ms, num_blocks=s.num_blocks,
-                                 max_num_seqs=s.max_num_seqs)
+                                 max_num_seqs=s.max_num_seqs, step_allow_ms=allow * 1e3,
+                                 step_budget_tokens=budget,
+                                 max_num_batched_tokens=self.cfg.engine.max_num_batched_tokens)
 
     async def status(self) -> pd_pb2.WorkerStatusResponse:
         return pd_pb2.WorkerStatusResponse(
@@ -227,10 +246,18 @@ class WorkerRuntime:
                     self._resync.set()   # the scheduler may have dropped our index entries
                     log.info("registered with scheduler %s", self.cfg.scheduler_address)
                 else:
+                    steps = self.steps.take() if self.steps else []
                     resp = await stub.Heartbeat(pd_pb2.HeartbeatRequest(
-                        worker_id=self.cfg.worker_id, load=load), timeout=5)
+                        worker_id=self.cfg.worker_id, load=load, steps=steps), timeout=5)
                     if not resp.known:
                         log.warning("scheduler forgot us; registering again")
+                        registered = False
+                        continue
+                    role = ROLE_OF.get(resp.role, self.role)
+                    if role != self.role:   # drained (or only gaining work): take it on
+                        log.info("role %s -> %s (scheduler); registering again", self.role,
+                                 role)
+                        self.role = role
                         registered = False
                         continue
                     if resp.draining != self.draining:
@@ -290,8 +317,9 @@ class WorkerRuntime:
             await self.stop()
 
     def _held(self, st: pd_pb2.AgentStats) -> int:
-        """KV this worker still holds for a peer: a producer's leases, a consumer's loads."""
-        return st.leases_held if self.role == "prefill" else st.loads_pending
+        """KV this worker still holds for a peer or loads from one: its leases as a
+        producer, its loads as a consumer (every engine is both)."""
+        return st.leases_held + st.loads_pending
 
     async def _drain(self) -> None:
         """Wait (up to drain_timeout_s) until no request is in progress here and no KV
@@ -320,6 +348,8 @@ class WorkerRuntime:
                 task.cancel()
         if self.relay is not None:
             self.relay.stop()
+        if self.steps is not None:
+            self.steps.stop()
         if self._sched_channel is not None:
             try:
                 await pd_pb2_grpc.SchedulerStub(self._sched_channel).Deregister(

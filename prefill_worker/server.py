@@ -14,7 +14,6 @@ import os
 import grpc
 
 from pdserve import metrics as M
-from pdserve.config import WorkerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import logprobs_to_wire, params_to_handle, to_vllm
 from pdserve.worker import INPUT_ERRORS, WorkerRuntime, now, validate_prompt
@@ -133,9 +132,3 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
     async def Status(self, request, context):
         return await self.rt.status()
 
-
-async def serve(cfg: WorkerConfig, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    rt = WorkerRuntime(cfg)
-    await rt.run(lambda s: pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), s),
-                 ready, stop)

@@ -28,12 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-POLICIES = ("kv", "least_loaded", "round_robin")
+POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 
 
 @dataclass(frozen=True)
 class PlacementConfig:
-    policy: str = "kv"
+    # adaptive: per-request choice between remote and local prefill from the latency
+    # model (scheduler/adaptive.py), prefill workers ranked by the kv cost below until
+    # the model is warm; kv, least_loaded, round_robin: the cost functions alone
+    policy: str = "adaptive"
     overlap_weight: float = 1.0
     running_weight: float = 8.0
     temperature: float = 0.0
@@ -81,6 +84,12 @@ class Decision:
     cached_tokens: int            # prompt tokens it already holds
     blocks: int                   # KV blocks the request will take on the decode worker
     prompt_tokens: int = 0
+    # the adaptive policy's predictions (scheduler/adaptive.py); 0 / "" without a model
+    prefill_s: float = 0.0        # compute of the prefill, booked as the worker's backlog
+    pred_ttft_s: float = 0.0
+    pred_tpot_s: float = 0.0
+    runner_up: str = ""
+    chunk_tokens: int = 0
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:
@@ -153,6 +162,8 @@ def choose_mode(cfg: PlacementConfig, num_tokens: int, prefill: Candidate | None
             and min(c.queued_prefill_tokens for c in pool) >= cfg.prefill_saturation_tokens
             and has_room(cfg, decode)):
         return local("prefill_saturated")
-    return Decision(prefill.worker_id, decode.worker_id, "disagg", cfg.policy,
+    # adaptive without a warm latency model places by the kv cost: say so
+    why = "kv" if cfg.policy == "adaptive" else cfg.policy
+    return Decision(prefill.worker_id, decode.worker_id, "disagg", why,
                     max(0, num_tokens - prefill.cached_tokens), prefill.cached_tokens, blocks,
                     num_tokens)

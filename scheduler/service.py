@@ -18,26 +18,39 @@ from pdserve import kvhash
 from pdserve import metrics as M
 from pdserve.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.latency import StepSample
+from scheduler.adaptive import SLO
 from scheduler.index import PrefixIndex
+from scheduler.models import LatencyBook
+from scheduler.roles import RolePlanner, Signals
 from scheduler.state import Load, NoPlacement, Registry, Worker, place
 
 log = logging.getLogger(__name__)
 
-ROLE = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode"}
+ROLE = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode",
+        pd_pb2.ROLE_MIXED: "mixed"}
 ROLE_PB = {v: k for k, v in ROLE.items()}
 MODE_PB = {"disagg": pd_pb2.ROUTE_MODE_DISAGG, "local": pd_pb2.ROUTE_MODE_LOCAL}
 
 
 def _load(pb: pd_pb2.WorkerLoad) -> Load:
     return Load(pb.running, pb.waiting, pb.kv_usage, pb.kv_leases_held, pb.prefill_tokens,
-                pb.ttft_ms, pb.tpot_ms, pb.num_blocks, pb.max_num_seqs)
+                pb.ttft_ms, pb.tpot_ms, pb.num_blocks, pb.max_num_seqs, pb.step_allow_ms,
+                pb.step_budget_tokens, pb.max_num_batched_tokens)
 
 
 def _load_pb(ld: Load) -> pd_pb2.WorkerLoad:
     return pd_pb2.WorkerLoad(running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
                              kv_leases_held=ld.kv_leases_held, prefill_tokens=ld.prefill_tokens,
                              ttft_ms=ld.ttft_ms, tpot_ms=ld.tpot_ms, num_blocks=ld.num_blocks,
-                             max_num_seqs=ld.max_num_seqs)
+                             max_num_seqs=ld.max_num_seqs, step_allow_ms=ld.step_allow_ms,
+                             step_budget_tokens=ld.step_budget_tokens,
+                             max_num_batched_tokens=ld.max_num_batched_tokens)
+
+
+def _samples(pbs) -> list[StepSample]:
+    return [StepSample(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs,
+                       s.decode_ctx) for s in pbs if s.seconds > 0]
 
 
 class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
@@ -49,17 +62,23 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.rng = random.Random(cfg.seed)
         self.decisions: dict[str, int] = {}
         self.autoscaler = None           # set by serve() when autoscaling is on
+        self.book = LatencyBook()
+        pl = cfg.autoscale.planner
+        self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
+        self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         M.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
-        for role in ("prefill", "decode"):
-            M.WORKERS.labels(role).set(len(self.reg.live(role)))
+        for role in ("prefill", "decode", "mixed"):
+            M.WORKERS.labels(role).set(sum(w.role == role for w in self.reg.workers.values()))
+        M.SCHED_ROLE_PENDING.set(sum(bool(w.pending_role) for w in self.reg.workers.values()))
         M.SCHED_BOOKINGS.set(len(self.reg.bookings))
         st = self.index.stats()
         M.SCHED_INDEX_BLOCKS.set(st.blocks)
 
     def _forget(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
+        self.book.forget(worker_id)
 
     # ------------------------------------------------------------ membership
     async def Register(self, request, context):
@@ -72,7 +91,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             agent_address=request.agent_address, model=request.layout.model,
             compat_hash=request.layout.compat_hash, last_seen=self.clock(),
             load=_load(request.load), metrics_address=request.metrics_address,
-            block_size=request.layout.block_size))
+            block_size=request.layout.block_size,
+            kv_bytes_per_token=(request.layout.block_bytes * request.layout.num_layers
+                                // max(1, request.layout.block_size)),
+            role_since=self.clock()))
         log.info("registered %s worker %s at %s (model %s, kv %s)", role, request.worker_id,
                  request.address, request.layout.model, request.layout.compat_hash)
         self._gauges()
@@ -80,9 +102,66 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                        heartbeat_timeout_s=self.cfg.heartbeat_timeout_s)
 
     async def Heartbeat(self, request, context):
-        w = self.reg.heartbeat(request.worker_id, _load(request.load), self.clock())
-        return pd_pb2.HeartbeatResponse(known=w is not None,
-                                        draining=bool(w is not None and w.draining))
+        now = self.clock()
+        w = self.reg.heartbeat(request.worker_id, _load(request.load), now)
+        if w is None:
+            return pd_pb2.HeartbeatResponse(known=False)
+        if request.steps:
+            last = request.steps[-1]
+            w.step_decode_seqs, w.step_decode_ctx = last.decode_seqs, last.decode_ctx
+            self.book.observe_steps(w.worker_id, w.model, _samples(request.steps))
+            M.SCHED_MODEL_SAMPLES.inc(len(request.steps))
+        self._settle(now)
+        return pd_pb2.HeartbeatResponse(known=True, draining=w.draining, role=ROLE_PB[w.role])
+
+    def _settle(self, now: float) -> None:
+        for w in self.reg.settle_roles(now):
+            log.info("worker %s drained: role is now %s", w.worker_id, w.role)
+            M.SCHED_ROLE_CHANGES.labels(w.role, "drained").inc()
+
+    def change_role(self, worker_id: str, role: str, reason: str) -> Worker | None:
+        old = self.reg.workers.get(worker_id)
+        before = old.role if old else ""
+        w = self.reg.set_role(worker_id, role, self.clock())
+        if w is None:
+            return None
+        if w.role != before:
+            log.info("worker %s: role %s -> %s (%s)", worker_id, before, w.role, reason)
+            M.SCHED_ROLE_CHANGES.labels(w.role, reason).inc()
+        elif w.pending_role:
+            log.info("worker %s: role %s -> %s once drained (%s)", worker_id, w.role,
+                     w.pending_role, reason)
+        self._gauges()
+        return w
+
+    async def SetRole(self, request, context):
+        role = ROLE.get(request.role)
+        if role is None or not request.worker_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "set-role needs a worker_id and a role (prefill, decode, mixed)")
+        w = self.change_role(request.worker_id, role, "admin")
+        if w is None:
+            return pd_pb2.SetRoleResponse(found=False)
+        return pd_pb2.SetRoleResponse(found=True, role=ROLE_PB[w.role],
+                                      pending_role=ROLE_PB.get(w.pending_role, 0))
+
+    def signals(self, now: float) -> Signals:
+        """The role planner's inputs: the decode side's stream step time over the TPOT
+        allowance, and the prefill backlog over the TTFT SLO (worst worker of each)."""
+        ws = [w for w in self.reg.workers.values() if not w.draining]
+        allow = self.slo.safety * self.slo.tpot_s
+        dp = max((self.book.recent_of(w.worker_id).mean_step_s / allow for w in ws
+                  if w.can("decode") and self.book.recent_of(w.worker_id).stream_steps >= 16),
+                 default=0.0)
+        pp = max((self.reg.backlog(w, now) / self.slo.ttft_s for w in ws), default=0.0)
+        return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role})
+
+    def plan_roles(self, now: float) -> None:
+        if self.roles is None:
+            return
+        for f in self.roles.tick(now, self.signals(now)):
+            log.info("role planner: %s -> %s: %s", f.worker_id, f.role, f.detail)
+            self.change_role(f.worker_id, f.role, f.reason)
 
     async def Deregister(self, request, context):
         if self.reg.remove(request.worker_id):
@@ -153,7 +232,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         ids = list(request.token_ids)
         try:
             d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
-                      frozenset(request.exclude_workers), self.rng)
+                      frozenset(request.exclude_workers), self.rng, self.book, self.slo,
+                      request.max_tokens, self.clock())
         except NoPlacement as e:
             M.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -171,7 +251,12 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             self.autoscaler.observe_route(self.clock(), d.mode, len(ids))
         resp = pd_pb2.RouteResponse(
             decode=self._ref(d.decode), booking_id=b.booking_id, mode=MODE_PB[d.mode],
-            reason=d.reason, cached_tokens=d.cached_tokens)
+            reason=d.reason, cached_tokens=d.cached_tokens,
+            predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
+            runner_up=d.runner_up, chunk_tokens=d.chunk_tokens)
+        if d.pred_ttft_s:
+            M.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
+            M.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
         if d.prefill is not None:
             resp.prefill.CopyFrom(self._ref(d.prefill))
         return resp
@@ -181,10 +266,14 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         return pd_pb2.WorkerRef(worker_id=wid, address=w.address, agent_address=w.agent_address)
 
     async def Report(self, request, context):
+        now = self.clock()
+        b = self.reg.bookings.get(request.booking_id)
+        if b is not None:
+            self._observe_report(b, request)
         if request.phase == pd_pb2.PHASE_PREFILL_DONE:
-            known = self.reg.prefill_done(request.booking_id)
+            known = self.reg.prefill_done(request.booking_id, now)
         elif request.phase in (pd_pb2.PHASE_DONE, pd_pb2.PHASE_FAILED):
-            known = self.reg.finish(request.booking_id) is not None
+            known = self.reg.finish(request.booking_id, now) is not None
             if request.phase == pd_pb2.PHASE_FAILED:
                 M.SCHED_FAILED_REQUESTS.inc()
         else:
@@ -193,7 +282,17 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             self.autoscaler.observe_report(self.clock(), request.ttft_ms, request.tpot_ms,
                                            request.output_tokens)
         M.SCHED_BOOKINGS.set(len(self.reg.bookings))
+        self._settle(now)
         return pd_pb2.ReportResponse(known=known)
+
+    def _observe_report(self, b, r) -> None:
+        """Measured against predicted (the model's error), and KV transfer samples."""
+        if r.ttft_ms > 0 and b.pred_ttft_s > 0:
+            M.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
+        if r.tpot_ms > 0 and b.pred_tpot_s > 0:
+            M.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
+        if r.kv_bytes and r.kv_seconds > 0:
+            self.book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)
 
     # ------------------------------------------------------------ introspection
     async def ListWorkers(self, request, context):
@@ -208,8 +307,15 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 load=_load_pb(w.load), last_heartbeat_age_s=now - w.last_seen,
                 inflight=w.booked_requests, metrics_address=w.metrics_address,
                 draining=w.draining, blocks_indexed=self.index.held_by(w.worker_id),
-                booked_prefill_tokens=w.booked_prefill_tokens))
+                booked_prefill_tokens=w.booked_prefill_tokens,
+                pending_role=ROLE_PB.get(w.pending_role, 0), role_age_s=now - w.role_since,
+                role_changes=w.role_changes, step_coef=self._coef(w),
+                step_samples=self.book.samples(w.worker_id)))
         return pd_pb2.ListWorkersResponse(workers=out)
+
+    def _coef(self, w: Worker) -> list[float]:
+        c = self.book.coef(w.worker_id, w.model)
+        return c.as_list() if c is not None else []
 
     async def IndexStats(self, request, context):
         st = self.index.stats()
@@ -231,6 +337,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             for b in self.reg.expire_bookings(now):
                 log.warning("booking %s expired without a report (frontend gone?)",
                             b.booking_id)
+            self._settle(now)
+            self.plan_roles(now)
             self._gauges()
 
 

@@ -16,10 +16,14 @@ cached prompt to the wrong worker).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
+from scheduler import adaptive as A
+from scheduler.models import LatencyBook
 from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementConfig,
                               choose_decode, choose_mode, choose_prefill)
+from scheduler.roles import KINDS, kinds
 
 
 @dataclass
@@ -33,12 +37,15 @@ class Load:
     tpot_ms: float = 0.0          # EWMA of the worker's inter-token latency
     num_blocks: int = 0           # KV blocks of the engine
     max_num_seqs: int = 0
+    step_allow_ms: float = 0.0    # the streams' step allowance (0: no stream running)
+    step_budget_tokens: int = 0
+    max_num_batched_tokens: int = 0
 
 
 @dataclass
 class Worker:
     worker_id: str
-    role: str                 # "prefill" | "decode"
+    role: str                 # "prefill" | "decode" | "mixed" (scheduler/roles.py)
     address: str
     agent_address: str
     model: str
@@ -47,11 +54,24 @@ class Worker:
     load: Load = field(default_factory=Load)
     metrics_address: str = ""
     block_size: int = 0
+    kv_bytes_per_token: int = 0   # all layers (from its KV layout), for transfer predictions
     draining: bool = False
     # booked by this scheduler and not yet reported done
     booked_requests: int = 0
     booked_prefill_tokens: int = 0
     booked_blocks: int = 0
+    booked_streams: int = 0       # bookings that decode here
+    booked_ctx: int = 0           # their prompt tokens
+    busy_until: float = 0.0       # predicted end of the prefill work booked here
+    pending_role: str = ""        # a role change waiting for its drain
+    role_since: float = 0.0
+    role_changes: int = 0
+    # the engine's streams at its last reported step (ground truth, other frontends too)
+    step_decode_seqs: int = 0
+    step_decode_ctx: int = 0
+
+    def can(self, kind: str) -> bool:
+        return kind in kinds(self.role, self.pending_role)
 
     def running(self) -> int:
         return max(self.load.running + self.load.waiting, self.booked_requests)
@@ -75,6 +95,9 @@ class Booking:
     created: float
     prompt_tokens: int = 0
     prefill_done: bool = False
+    prefill_s: float = 0.0        # predicted compute of the prefill, on `prefill or decode`
+    pred_ttft_s: float = 0.0
+    pred_tpot_s: float = 0.0
 
 
 class NoPlacement(Exception):
@@ -98,6 +121,11 @@ class Registry:
             w.booked_prefill_tokens = old.booked_prefill_tokens
             w.booked_blocks = old.booked_blocks
             w.draining = w.draining or old.draining
+            w.booked_streams, w.booked_ctx = old.booked_streams, old.booked_ctx
+            w.busy_until = old.busy_until
+            w.role = old.role           # the scheduler gives roles; a change in progress
+            w.pending_role = old.pending_role            # survives a re-registration
+            w.role_since, w.role_changes = old.role_since, old.role_changes
         self.workers[w.worker_id] = w
 
     def heartbeat(self, worker_id: str, load: Load, now: float) -> Worker | None:
@@ -117,14 +145,51 @@ class Registry:
         return dead
 
     def live(self, role: str, model: str | None = None, routable: bool = False) -> list[Worker]:
+        """Workers whose role includes `role`'s work (a mixed worker is in both pools)."""
+        need = KINDS[role]
         return [w for w in self.workers.values()
-                if w.role == role and (not model or w.model == model)
-                and not (routable and w.draining)]
+                if need <= KINDS[w.role] and (not model or w.model == model) and not (routable and w.draining)]
+
+    # ------------------------------------------------------------ roles
+    def set_role(self, worker_id: str, role: str, now: float) -> Worker | None:
+        """Change a worker's role: at once when the new role only adds work, else once
+        what the old role holds has drained (`settle_roles`)."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return None
+        if role == w.role:
+            w.pending_role = ""
+        elif KINDS[w.role] <= KINDS[role]:
+            self._flip(w, role, now)
+        else:
+            w.pending_role = role
+            self.settle_roles(now)
+        return w
+
+    def _flip(self, w: Worker, role: str, now: float) -> None:
+        w.role, w.pending_role = role, ""
+        w.role_since, w.role_changes = now, w.role_changes + 1
+
+    def settle_roles(self, now: float) -> list[Worker]:
+        """Flip the workers whose pending change has drained; returns them."""
+        flipped = []
+        for w in self.workers.values():
+            if not w.pending_role:
+                continue
+            lost = KINDS[w.role] - KINDS[w.pending_role]
+            busy = any(("prefill" in lost and b.prefill == w.worker_id and not b.prefill_done)
+                       or ({"decode", "local"} & lost and b.decode == w.worker_id)
+                       for b in self.bookings.values())
+            if not busy:
+                self._flip(w, w.pending_role, now)
+                flipped.append(w)
+        return flipped
 
     # ------------------------------------------------------------ bookings
     def book(self, d: Decision, now: float) -> Booking:
         b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now,
-                    prompt_tokens=d.prompt_tokens)
+                    prompt_tokens=d.prompt_tokens, prefill_s=d.prefill_s,
+                    pred_ttft_s=d.pred_ttft_s, pred_tpot_s=d.pred_tpot_s)
         self.route_seq += 1
         if b.prefill is not None:
             p = self.workers[b.prefill]
@@ -133,12 +198,27 @@ class Registry:
         dw = self.workers[b.decode]
         dw.booked_requests += 1
         dw.booked_blocks += b.blocks
+        dw.booked_streams += 1
+        dw.booked_ctx += b.prompt_tokens
+        w = self.workers[b.prefill or b.decode]
+        w.busy_until = max(now, w.busy_until) + b.prefill_s
         self.bookings[b.booking_id] = b
         return b
 
-    def _release_prefill(self, b: Booking) -> None:
+    def backlog(self, w: Worker, now: float) -> float:
+        """Predicted seconds of prefill work booked on `w` and not yet done."""
+        return max(0.0, w.busy_until - now)
+
+    def _release_prefill(self, b: Booking, now: float) -> None:
         done, b.prefill_done = b.prefill_done, True
-        if done or b.prefill is None:
+        if done:
+            return
+        w = self.workers.get(b.prefill or b.decode)
+        if w is not None:   # what is still booked on it has not started: it ends after it
+            left = sum(o.prefill_s for o in self.bookings.values()
+                       if not o.prefill_done and (o.prefill or o.decode) == w.worker_id)
+            w.busy_until = now + left
+        if b.prefill is None:
             return
         p = self.workers.get(b.prefill)
         if p is not None:
@@ -147,51 +227,61 @@ class Registry:
             p.load.prefill_tokens = max(0, p.load.prefill_tokens - b.prompt_tokens)
             p.load.running = max(0, p.load.running - 1)
 
-    def prefill_done(self, booking_id: str) -> bool:
+    def prefill_done(self, booking_id: str, now: float = 0.0) -> bool:
         b = self.bookings.get(booking_id)
         if b is None:
             return False
-        self._release_prefill(b)
+        self._release_prefill(b, now)
         return True
 
-    def finish(self, booking_id: str) -> Booking | None:
+    def finish(self, booking_id: str, now: float = 0.0) -> Booking | None:
         """The request ended (done, failed or cancelled): release, or roll back, all of it."""
         b = self.bookings.pop(booking_id, None)
         if b is None:
             return None
-        self._release_prefill(b)
+        self._release_prefill(b, now)
         dw = self.workers.get(b.decode)
         if dw is not None:
             dw.booked_requests = max(0, dw.booked_requests - 1)
             dw.booked_blocks = max(0, dw.booked_blocks - b.blocks)
+            dw.booked_streams = max(0, dw.booked_streams - 1)
+            dw.booked_ctx = max(0, dw.booked_ctx - b.prompt_tokens)
             dw.load.running = max(0, dw.load.running - 1)
         return b
 
     def expire_bookings(self, now: float) -> list[Booking]:
         old = [b for b in self.bookings.values() if now - b.created > self.booking_ttl]
-        return [self.finish(b.booking_id) for b in old]
+        return [self.finish(b.booking_id, now) for b in old]
 
 
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
-          overlap_of, exclude: frozenset[str] = frozenset(), rng=None) -> Decision:
+          overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
+          book: LatencyBook | None = None, slo: A.SLO | None = None, max_tokens: int = 0,
+          now: float = 0.0) -> Decision:
     """Choose the decode worker, the mode (disaggregated or local prefill) and the prefill
     worker. `overlap_of(workers) -> {worker_id: cached tokens}` looks up the prefix index.
-    Mutates nothing."""
-    decodes = [w for w in reg.live("decode", model, routable=True) if w.worker_id not in exclude]
+    With the adaptive policy and a warm latency model (`book`), by predicted SLO
+    attainment (scheduler/adaptive.py); otherwise by the cost functions. Mutates nothing."""
+    decodes = [w for w in reg.live("decode", model, routable=True)
+               if w.worker_id not in exclude and w.can("decode")]
     if not decodes:
         raise NoPlacement(f"no decode worker serves model {model!r}")
     prefills = [w for w in reg.live("prefill", model, routable=True)
-                if w.worker_id not in exclude]
+                if w.worker_id not in exclude and w.can("prefill")]
     compat = {w.compat_hash for w in decodes}
     prefills = [p for p in prefills if p.compat_hash in compat]
-
-    cached = overlap_of(prefills + decodes)
+    cached = overlap_of(list({w.worker_id: w for w in prefills + decodes}.values()))
+    if cfg.policy == "adaptive" and book is not None and slo is not None:
+        d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
+                            max_tokens, now)
+        if d is not None:
+            return d
     pcands = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
                         p.running()) for p in prefills]
     prefill = choose_prefill(cfg, pcands, num_tokens, rng, reg.route_seq)
     if prefill is not None:   # decode must be able to read that prefill worker's blocks
         ph = reg.workers[prefill.worker_id].compat_hash
-        decodes = [d for d in decodes if d.compat_hash == ph]
+        decodes = [d for d in decodes if d.compat_hash == ph and d.worker_id != prefill.worker_id]
     dcands = [DecodeCandidate(d.worker_id, d.kv_usage(), d.running(),
                               d.load.max_num_seqs, d.load.tpot_ms,
                               cached.get(d.worker_id, 0)) for d in decodes]
@@ -203,3 +293,50 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
         return choose_mode(cfg, num_tokens, prefill, pcands, decode, block)
     except LookupError as e:
         raise NoPlacement(f"{e} for model {model!r}") from None
+
+
+def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
+          transfer_s: float = 0.0) -> A.Node | None:
+    coef = book.coef(w.worker_id, w.model)
+    if coef is None:
+        return None
+    streams = max(w.step_decode_seqs, w.booked_streams) if w.can("decode") else 0
+    ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
+    allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
+    return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
+                  w.load.max_num_batched_tokens, cached,
+                  book.recent_of(w.worker_id).prefill_frac, transfer_s)
+
+
+def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
+                    decodes: list[Worker], cached: dict[str, int], num_tokens: int,
+                    max_tokens: int, now: float) -> Decision | None:
+    """None when some candidate has no model yet (the caller falls back to the costs)."""
+    pn, dn = [], []
+    for p in prefills:
+        n = _node(reg, book, p, cached.get(p.worker_id, 0), now)
+        if n is None:
+            return None
+        pn.append(n)
+    for d in decodes:
+        n = _node(reg, book, d, cached.get(d.worker_id, 0), now,
+                  book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens))
+        if n is None:
+            return None
+        dn.append(n)
+    hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
+    local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
+    opts = A.options(pn, dn, num_tokens, max_tokens, slo, local_ok,
+                     lambda p, d: hashes[p] == hashes[d])
+    if not opts:
+        return None
+    best = opts[0]
+    dw = reg.workers[best.decode]
+    blocks = -(-num_tokens // (dw.block_size or 1)) + 1
+    local = best.kind == "local"
+    return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
+                    A.reason(best), max(0, num_tokens - best.cached), best.cached, blocks,
+                    num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
+                    pred_tpot_s=best.tpot_s,
+                    runner_up=opts[1].describe() if len(opts) > 1 else "",
+                    chunk_tokens=best.chunk)

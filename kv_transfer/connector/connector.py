@@ -473,7 +473,9 @@ class _WorkerHalf:
         x = _extra(vllm_config)
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
+        # kv_both (pdserve's engines): both halves; a role can change without a restart
         self.is_producer = vllm_config.kv_transfer_config.is_kv_producer
+        self.is_consumer = vllm_config.kv_transfer_config.is_kv_consumer
         self.engine_id = str(x.get("engine_id") or vllm_config.kv_transfer_config.engine_id)
         self.agent_host = str(x.get("agent_host", "127.0.0.1"))
         self.agent_port = int(x.get("agent_port", 0))
@@ -616,10 +618,12 @@ class _WorkerHalf:
         if self.agent_file:
             write_agent_address(self.agent_file, f"{self.agent_host}:{port}")
         log.info("KV connector (%s) engine=%s: %d layers, %d regions, block %d bytes, "
-                 "layout %s, compat %s", "producer" if self.is_producer else "consumer",
+                 "layout %s, compat %s",
+                 "+".join(r for r, on in (("producer", self.is_producer),
+                                          ("consumer", self.is_consumer)) if on),
                  self.engine_id, len(kv_caches), len(self.regions), r0.block_bytes,
                  self.layouts[0], self.compat_hash)
-        if not self.is_producer:
+        if self.is_consumer:
             self._thread = threading.Thread(target=self._transfer_loop, name="pd-kv-load",
                                             daemon=True)
             self._thread.start()
@@ -698,7 +702,7 @@ class _WorkerHalf:
                 self._next_sweep = time.monotonic() + 0.5
                 self._sweep_offers()
             res.finished_sending = released | expired
-        else:
+        if self.is_consumer:
             if self._idle_step and self._pending and not self._done:
                 # Every request of this engine waits for KV, so vLLM would step again at
                 # once, empty, in a loop: its engine core and this worker's main thread

@@ -12,6 +12,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
+    ROLE_MIXED: _ClassVar[Role]
 
 class RouteMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
+ROLE_MIXED: Role
 ROUTE_MODE_UNSPECIFIED: RouteMode
 ROUTE_MODE_DISAGG: RouteMode
 ROUTE_MODE_LOCAL: RouteMode
@@ -55,7 +57,7 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_bytes: _Optional[int] = ..., layout: _Optional[str] = ..., compat_hash: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "kv_usage", "kv_leases_held", "prefill_tokens", "ttft_ms", "tpot_ms", "num_blocks", "max_num_seqs")
+    __slots__ = ("running", "waiting", "kv_usage", "kv_leases_held", "prefill_tokens", "ttft_ms", "tpot_ms", "num_blocks", "max_num_seqs", "step_allow_ms", "step_budget_tokens", "max_num_batched_tokens")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,9 @@ class WorkerLoad(_message.Message):
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ALLOW_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_usage: float
@@ -74,7 +79,24 @@ class WorkerLoad(_message.Message):
     tpot_ms: float
     num_blocks: int
     max_num_seqs: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., kv_leases_held: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    step_allow_ms: float
+    step_budget_tokens: int
+    max_num_batched_tokens: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., kv_leases_held: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., step_allow_ms: _Optional[float] = ..., step_budget_tokens: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+
+class StepSample(_message.Message):
+    __slots__ = ("seconds", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx")
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ATTN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SEQS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CTX_FIELD_NUMBER: _ClassVar[int]
+    seconds: float
+    prefill_tokens: int
+    prefill_attn: float
+    decode_seqs: int
+    decode_ctx: int
+    def __init__(self, seconds: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., prefill_attn: _Optional[float] = ..., decode_seqs: _Optional[int] = ..., decode_ctx: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "stop_token_ids", "repetition_penalty", "min_tokens")
@@ -175,20 +197,24 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load")
+    __slots__ = ("worker_id", "load", "steps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepSample]
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "draining")
+    __slots__ = ("known", "draining", "role")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     known: bool
     draining: bool
-    def __init__(self, known: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
+    role: Role
+    def __init__(self, known: _Optional[bool] = ..., draining: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -201,16 +227,18 @@ class DeregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "token_ids", "exclude_workers")
+    __slots__ = ("request_id", "model", "token_ids", "exclude_workers", "max_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
     __slots__ = ("worker_id", "address", "agent_address")
@@ -223,36 +251,48 @@ class WorkerRef(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens")
+    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerRef
     decode: WorkerRef
     booking_id: str
     mode: RouteMode
     reason: str
     cached_tokens: int
-    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    predicted_ttft_ms: float
+    predicted_tpot_ms: float
+    runner_up: str
+    chunk_tokens: int
+    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens")
+    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds")
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FAILED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_SECONDS_FIELD_NUMBER: _ClassVar[int]
     booking_id: str
     phase: Phase
     failed_worker_id: str
     ttft_ms: float
     tpot_ms: float
     output_tokens: int
-    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    kv_seconds: float
+    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("known",)
@@ -339,7 +379,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "agent_address", "layout", "load", "last_heartbeat_age_s", "inflight", "metrics_address", "draining", "blocks_indexed", "booked_prefill_tokens")
+    __slots__ = ("worker_id", "role", "address", "agent_address", "layout", "load", "last_heartbeat_age_s", "inflight", "metrics_address", "draining", "blocks_indexed", "booked_prefill_tokens", "pending_role", "role_age_s", "role_changes", "step_coef", "step_samples")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +392,11 @@ class WorkerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_INDEXED_FIELD_NUMBER: _ClassVar[int]
     BOOKED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ROLE_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    STEP_COEF_FIELD_NUMBER: _ClassVar[int]
+    STEP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -364,13 +409,36 @@ class WorkerInfo(_message.Message):
     draining: bool
     blocks_indexed: int
     booked_prefill_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., last_heartbeat_age_s: _Optional[float] = ..., inflight: _Optional[int] = ..., metrics_address: _Optional[str] = ..., draining: _Optional[bool] = ..., blocks_indexed: _Optional[int] = ..., booked_prefill_tokens: _Optional[int] = ...) -> None: ...
+    pending_role: Role
+    role_age_s: float
+    role_changes: int
+    step_coef: _containers.RepeatedScalarFieldContainer[float]
+    step_samples: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., last_heartbeat_age_s: _Optional[float] = ..., inflight: _Optional[int] = ..., metrics_address: _Optional[str] = ..., draining: _Optional[bool] = ..., blocks_indexed: _Optional[int] = ..., booked_prefill_tokens: _Optional[int] = ..., pending_role: _Optional[_Union[Role, str]] = ..., role_age_s: _Optional[float] = ..., role_changes: _Optional[int] = ..., step_coef: _Optional[_Iterable[float]] = ..., step_samples: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("worker_id", "role")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: Role
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("found", "role", "pending_role")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROLE_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    role: Role
+    pending_role: Role
+    def __init__(self, found: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., pending_role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "push")

@@ -79,6 +79,11 @@ class SchedulerStub:
                 request_serializer=pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.SerializeToString,
                 response_deserializer=pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdserve.v1.Scheduler/SetRole',
+                request_serializer=pdserve_dot_rpc_dot_pd__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_rpc_dot_pd__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -139,6 +144,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Admin: change a worker's role (drain what the old role holds, then flip).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +198,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.KVEvents,
                     request_deserializer=pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.FromString,
                     response_serializer=pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=pdserve_dot_rpc_dot_pd__pb2.SetRoleRequest.FromString,
+                    response_serializer=pdserve_dot_rpc_dot_pd__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +448,33 @@ class Scheduler:
             '/pdserve.v1.Scheduler/KVEvents',
             pdserve_dot_rpc_dot_pd__pb2.KVEventBatch.SerializeToString,
             pdserve_dot_rpc_dot_pd__pb2.KVEventsAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Scheduler/SetRole',
+            pdserve_dot_rpc_dot_pd__pb2.SetRoleRequest.SerializeToString,
+            pdserve_dot_rpc_dot_pd__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

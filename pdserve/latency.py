@@ -1,0 +1,250 @@
+"""Latency model of an engine, fitted online. Pure: no I/O, no clock, no vLLM.
+
+One engine step (a forward pass over every scheduled token) takes
+
+    t = c0 + c1 * P/1e3 + c2 * A/1e6 + c3 * D + c4 * C/1e4
+
+  P  prompt tokens computed in the step (prefill chunks)
+  A  their attention work: sum over chunks of chunk * (tokens before it + chunk / 2)
+  D  decode sequences in the step (one token each)
+  C  context tokens those sequences attend to
+
+c0 is the per-step part, c1 and c2 the per-token parts of prefill, c3 and c4 the decode
+parts. The same five numbers describe a prefill engine (D = 0), a decode engine and a
+mixed one, on a CPU or a GPU: nothing here is tuned to a machine, the coefficients are
+what the engine's own steps say. `OnlineLinear` fits them by exponentially weighted,
+non-negative least squares: old steps fade (half-life in samples), so a model follows an
+engine whose speed changes. A KV transfer is the same kind of fit with two features
+(`TRANSFER_FEATURES`: per transfer and per byte).
+
+Everything that predicts (prefill time, decode step, chunked prefill under a per-step
+time allowance) is a function of the coefficients, so the scheduler, the benchmark and the
+engine's own step budget (pdserve/vllm_plugin.py) share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "decode_ctx_10ktok")
+TRANSFER_FEATURES = ("transfer", "gbytes")
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One engine step as the engine saw it."""
+    seconds: float
+    prefill_tokens: int = 0
+    prefill_attn: float = 0.0     # sum of chunk * (computed before + chunk / 2), tokens^2
+    decode_seqs: int = 0
+    decode_ctx: int = 0           # context tokens of the decode sequences
+
+    def features(self) -> list[float]:
+        return step_features(self.prefill_tokens, self.prefill_attn, self.decode_seqs,
+                             self.decode_ctx)
+
+
+def step_features(prefill_tokens: float, prefill_attn: float, decode_seqs: float,
+                  decode_ctx: float) -> list[float]:
+    return [1.0, prefill_tokens / 1e3, prefill_attn / 1e6, float(decode_seqs), decode_ctx / 1e4]
+
+
+def chunk_attn(chunk: int, before: int) -> float:
+    """Attention work of computing `chunk` prompt tokens after `before` computed ones."""
+    return chunk * (before + chunk / 2.0)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-300:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            if f:
+                for c in range(col, n + 1):
+                    m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
+class OnlineLinear:
+    """y ~ coef . x with coef >= 0, by exponentially weighted least squares.
+
+    Keeps the weighted sufficient statistics (A = sum w x x^T, b = sum w x y), so one
+    sample costs O(n^2) and a solve O(n^3) for a handful of features. `half_life` is in
+    samples. A feature no sample has exercised gets coefficient 0 and counts as unknown
+    (`known`), so a caller can borrow it from another fit (a pool-mate's)."""
+
+    def __init__(self, n: int, half_life: float = 500.0, ridge: float = 1e-6) -> None:
+        self.n = n
+        self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
+        self.ridge = ridge
+        self.a = [[0.0] * n for _ in range(n)]
+        self.b = [0.0] * n
+        self.seen = [0.0] * n          # weighted count of samples with feature j != 0
+        self.samples = 0
+        self._coef: list[float] | None = None
+
+    def observe(self, x: list[float], y: float, weight: float = 1.0) -> None:
+        if len(x) != self.n or not math.isfinite(y) or y < 0 or weight <= 0:
+            return
+        g = self.decay
+        for i in range(self.n):
+            self.b[i] = g * self.b[i] + weight * x[i] * y
+            self.seen[i] = g * self.seen[i] + (weight if x[i] else 0.0)
+            row = self.a[i]
+            for j in range(self.n):
+                row[j] = g * row[j] + weight * x[i] * x[j]
+        self.samples += 1
+        self._coef = None
+
+    def known(self, j: int, min_weight: float = 2.0) -> bool:
+        return self.seen[j] >= min_weight
+
+    def coef(self) -> list[float]:
+        """Non-negative least squares over the features seen so far (active set: a
+        feature whose coefficient comes out negative is dropped and the rest refitted)."""
+        if self._coef is not None:
+            return self._coef
+        active = [j for j in range(self.n) if self.seen[j] > 0]
+        out = [0.0] * self.n
+        while active:
+            scale = sum(self.a[j][j] for j in active) / len(active)
+            lam = self.ridge * scale + 1e-12
+            a = [[self.a[i][j] + (lam if i == j else 0.0) for j in active] for i in active]
+            x = _solve(a, [self.b[i] for i in active])
+            if x is None:
+                break
+            neg = [k for k, v in enumerate(x) if v < 0]
+            if not neg:
+                for k, j in enumerate(active):
+                    out[j] = x[k]
+                break
+            worst = min(neg, key=lambda k: x[k])
+            active.pop(worst)
+        self._coef = out
+        return out
+
+    def predict(self, x: list[float]) -> float:
+        return sum(c * v for c, v in zip(self.coef(), x))
+
+
+class StepModel:
+    """An engine's step time: `OnlineLinear` over STEP_FEATURES, with the predictions the
+    scheduler and the engine's step budget need."""
+
+    def __init__(self, half_life: float = 500.0) -> None:
+        self.fit = OnlineLinear(len(STEP_FEATURES), half_life)
+
+    def observe(self, s: StepSample) -> None:
+        # relative error is what matters (steps span milliseconds to seconds, and a decode
+        # step's few milliseconds must not drown in a long prefill's noise): weight 1/t^2
+        self.fit.observe(s.features(), s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2)
+
+    @property
+    def samples(self) -> int:
+        return self.fit.samples
+
+    def warm(self) -> bool:
+        """Enough steps to say anything: some with prompt tokens, some with decodes."""
+        return self.fit.known(1) and self.fit.known(3)
+
+    def coef(self) -> list[float]:
+        return self.fit.coef()
+
+
+@dataclass(frozen=True)
+class Coef:
+    """A frozen set of step coefficients (seconds), what predictions are made from."""
+    step: float = 0.0
+    prefill_ktok: float = 0.0
+    prefill_attn_mtok2: float = 0.0
+    decode_seq: float = 0.0
+    decode_ctx_10ktok: float = 0.0
+
+    @classmethod
+    def of(cls, c: list[float]) -> "Coef":
+        return cls(*c[:5])
+
+    def merged(self, fallback: "Coef", known: list[bool]) -> "Coef":
+        """Our coefficients where we know the feature, the fallback's elsewhere."""
+        mine, other = self.as_list(), fallback.as_list()
+        return Coef.of([m if k else o for m, o, k in zip(mine, other, known)])
+
+    def as_list(self) -> list[float]:
+        return [self.step, self.prefill_ktok, self.prefill_attn_mtok2, self.decode_seq,
+                self.decode_ctx_10ktok]
+
+    def step_time(self, prefill_tokens: float = 0, prefill_attn: float = 0.0,
+                  decode_seqs: float = 0, decode_ctx: float = 0) -> float:
+        x = step_features(prefill_tokens, prefill_attn, decode_seqs, decode_ctx)
+        return sum(c * v for c, v in zip(self.as_list(), x))
+
+    def per_token(self, before: float = 0.0) -> float:
+        """Marginal cost of one more prompt token after `before` tokens of context."""
+        return self.prefill_ktok / 1e3 + self.prefill_attn_mtok2 * before / 1e6
+
+    def decode_step(self, seqs: float, ctx: float) -> float:
+        return self.step_time(decode_seqs=seqs, decode_ctx=ctx) if seqs else 0.0
+
+    def prefill_time(self, tokens: int, cached: int = 0, max_step_tokens: int = 0) -> float:
+        """Prefill of `tokens` uncached tokens (after `cached`) on an engine with no decode
+        streams: whole steps of up to `max_step_tokens` (0: one step)."""
+        if tokens <= 0:
+            return 0.0
+        per = max_step_tokens if max_step_tokens > 0 else tokens
+        t, done = 0.0, 0
+        while done < tokens:
+            ch = min(per, tokens - done)
+            t += self.step_time(ch, chunk_attn(ch, cached + done))
+            done += ch
+        return t
+
+    def chunk_budget(self, allow_s: float, seqs: float, ctx: float, before: float = 0.0) -> int:
+        """Prompt tokens one step may add to `seqs` decode streams and stay within `allow_s`."""
+        spare = allow_s - self.step_time(decode_seqs=seqs, decode_ctx=ctx)
+        per = self.per_token(before)
+        if spare <= 0:
+            return 0
+        if per <= 0:
+            return 1 << 30
+        return int(spare / per)
+
+    def chunked_prefill_time(self, tokens: int, allow_s: float, seqs: float, ctx: float,
+                             min_chunk: int = 1, cached: int = 0) -> tuple[float, int]:
+        """Prefill of `tokens` beside `seqs` decode streams, each step held to `allow_s`
+        (the streams' TPOT allowance): (seconds, chunk tokens per step)."""
+        if tokens <= 0:
+            return 0.0, 0
+        chunk = max(min_chunk, self.chunk_budget(allow_s, seqs, ctx, cached + tokens / 2))
+        chunk = min(chunk, tokens)
+        t, done = 0.0, 0
+        while done < tokens:
+            ch = min(chunk, tokens - done)
+            t += self.step_time(ch, chunk_attn(ch, cached + done), seqs, ctx)
+            done += ch
+        return t, chunk
+
+
+class TransferModel:
+    """KV transfer seconds ~ per transfer + per byte, from the decode side's records."""
+
+    def __init__(self, half_life: float = 200.0) -> None:
+        self.fit = OnlineLinear(len(TRANSFER_FEATURES), half_life)
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0:
+            self.fit.observe([1.0, nbytes / 1e9], seconds)
+
+    def predict(self, nbytes: int) -> float:
+        if nbytes <= 0 or not self.fit.samples:
+            return 0.0
+        return self.fit.predict([1.0, nbytes / 1e9])

@@ -1,0 +1,61 @@
+"""The prompt tokens an engine step may compute beside running decode streams. Pure.
+
+A client's TPOT is a mean: (time of the last token - time of the first) / (tokens - 1).
+A stream that has run fast so far has slack, and one that is behind has none. So the
+time a step may take is not the SLO itself but what every running stream can afford for
+the rest of its life and still end within the SLO:
+
+    allow = min over streams of (safety * SLO * (target - 1) - elapsed) / (target - produced)
+
+where `elapsed` is the time since the stream's first token, `produced` its tokens so far
+and `target` its max_tokens. The step's prompt-token budget is what the engine's fitted
+step model (pdserve/latency.py) says fits in `allow` beside the decode work. With no
+stream running there is nothing to protect and prefill runs unchunked. A floor
+(`min_chunk`) keeps prompts moving when a stream is already behind: TTFT would otherwise
+be unbounded while streams run.
+
+pdserve/vllm_plugin.py applies the budget inside vLLM's engine core before each schedule
+(`max_num_scheduled_tokens` and `long_prefill_token_threshold`), on every pdserve engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.latency import Coef
+
+
+@dataclass(frozen=True)
+class Stream:
+    elapsed_s: float     # since its first output token
+    produced: int        # output tokens so far
+    target: int          # max_tokens
+
+
+@dataclass(frozen=True)
+class Budget:
+    allow_s: float       # step time the streams can afford (inf: no streams)
+    tokens: int          # prompt tokens this step may compute (0: no limit)
+
+
+def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = 0.9) -> float:
+    best = float("inf")
+    for s in streams:
+        left = s.target - s.produced
+        if left <= 0 or s.target < 2:
+            continue
+        best = min(best, (safety * tpot_slo_s * (s.target - 1) - s.elapsed_s) / left)
+    return best
+
+
+def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
+           max_tokens: int, min_chunk: int = 16, safety: float = 0.9) -> Budget:
+    """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap."""
+    if not streams or tpot_slo_s <= 0:
+        return Budget(float("inf"), 0)
+    allow = allowance(streams, tpot_slo_s, safety)
+    if coef is None or allow == float("inf"):
+        return Budget(allow, 0)
+    tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
+    tok = max(min_chunk, min(tok, max_tokens))
+    return Budget(allow, tok)

@@ -1,0 +1,143 @@
+"""Adaptive disaggregation: for each request, predict TTFT and TPOT for every way to serve
+it and take the one most likely to meet both SLOs. Pure: no I/O, no clock.
+
+Options (the workers' roles say which exist, scheduler/roles.py):
+- remote: a prefill-capable worker P computes the prompt, the KV moves to a
+  decode-capable worker D, which decodes;
+- local: D computes the prompt itself, chunked beside its running streams under the
+  per-step budget its engine enforces (pdserve/step_budget.py), then decodes.
+
+Predictions, from each worker's fitted step model (pdserve/latency.py) and what is booked
+on it:
+- TTFT = backlog(W) + prefill(W), where W is the worker that computes the prompt, the
+  backlog is the prefill work booked on W and not yet done (predicted seconds), and the
+  prefill runs unchunked on an engine without streams, or in chunks that fit the streams'
+  step allowance on one with streams;
+- TPOT = decode step of D with one more stream and its context
+  + the share of D's stream steps that also prefill (recently seen, or D's own backlog,
+    whichever is larger) times what such a step adds
+  + for remote, the KV transfer spread over the output tokens (the client waits for it
+    between the first token and the second).
+
+Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
+predicted met, larger with more headroom on the tighter one. The best option wins
+(`rank`: comfortable headroom is enough, near-ties go to remote); the next best is
+reported as the runner-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pdserve.latency import Coef
+
+COMFORT = 0.3             # predicted latencies at or below 70% of the SLOs are all fine
+SCORE_STEP = 0.05         # scores this close are a tie (the model is not more exact)
+MIN_CHUNK = 16            # the engine's floor (pdserve/step_budget.py budget(min_chunk))
+DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    tpot_s: float
+    safety: float = 0.9   # engines hold stream steps to safety * TPOT SLO on average
+
+
+@dataclass(frozen=True)
+class Node:
+    """A worker as the chooser sees it."""
+    worker_id: str
+    coef: Coef
+    backlog_s: float = 0.0       # booked prefill work not yet done (predicted seconds)
+    streams: int = 0             # decode sequences running or booked
+    ctx: int = 0                 # their context tokens
+    allow_s: float = math.inf    # step time its streams afford (inf: none running)
+    max_step_tokens: int = 0     # vLLM's max_num_batched_tokens (0: unknown)
+    cached: int = 0              # prompt tokens of this request it holds
+    prefill_frac: float = 0.0    # recent share of its stream steps that also prefilled
+    transfer_s: float = 0.0      # KV of this prompt into it (decode side)
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: str                    # "remote" | "local"
+    prefill: str                 # the worker that computes the prompt
+    decode: str
+    ttft_s: float
+    tpot_s: float
+    prefill_s: float             # the prefill's own compute time (booked as backlog)
+    chunk: int                   # prompt tokens per step beside streams (0: unchunked)
+    score: float = field(default=-math.inf)
+    cached: int = 0
+
+    def describe(self) -> str:
+        p = f" prefill={self.prefill}" if self.kind == "remote" else ""
+        return (f"{self.kind}{p} decode={self.decode} ttft_ms={self.ttft_s * 1e3:.0f} "
+                f"tpot_ms={self.tpot_s * 1e3:.1f}")
+
+
+def prefill_on(n: Node, tokens: int, slo: SLO) -> tuple[float, int]:
+    """(seconds, chunk) to compute the request's uncached prompt on `n`."""
+    cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
+    todo = tokens - cached
+    if n.streams <= 0:
+        return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
+    allow = n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+    return n.coef.chunked_prefill_time(todo, allow, n.streams, n.ctx, MIN_CHUNK, cached)
+
+
+def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:
+    base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
+    allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
+    bump = max(0.0, allow - base)
+    frac = d.prefill_frac
+    if d.backlog_s > 0 and allow > 0:     # the booked prefills stall it for their steps
+        frac = max(frac, min(1.0, d.backlog_s / allow / max(1, out - 1)))
+    return base + frac * bump + extra_s / max(1, out - 1)
+
+
+def score(ttft_s: float, tpot_s: float, slo: SLO) -> float:
+    return min(1.0 - ttft_s / slo.ttft_s, 1.0 - tpot_s / slo.tpot_s)
+
+
+def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
+    t, chunk = prefill_on(p, tokens, slo)
+    ttft = p.backlog_s + t
+    tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
+    return Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
+                  score(ttft, tpot, slo), min(p.cached, tokens))
+
+
+def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
+    t, chunk = prefill_on(d, tokens, slo)
+    ttft = d.backlog_s + t
+    tpot = tpot_on(d, tokens, out, slo)
+    return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk,
+                  score(ttft, tpot, slo), min(d.cached, tokens))
+
+
+def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
+            slo: SLO, local_ok: set[str], pairs_ok=lambda p, d: True) -> list[Option]:
+    """Every remote (P, D) pair that `pairs_ok` allows and every local option on the
+    decode-capable workers in `local_ok`; best first."""
+    out = max_tokens or DEFAULT_OUTPUT
+    opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
+            if p.worker_id != d.worker_id and pairs_ok(p.worker_id, d.worker_id)]
+    opts += [local(d, tokens, out, slo) for d in decodes if d.worker_id in local_ok]
+    opts.sort(key=rank)
+    return opts
+
+
+def rank(o: Option) -> tuple:
+    """Best first. Headroom beyond COMFORT buys nothing, and options within SCORE_STEP of
+    each other are equal: then remote first (disaggregation keeps decode engines for
+    decoding; local prefill is the relief valve when remote cannot do as well), then the
+    higher score."""
+    s = min(o.score, COMFORT)
+    return (-math.floor(s / SCORE_STEP + 1e-9), o.kind != "remote", -o.score, o.tpot_s)
+
+
+def reason(best: Option) -> str:
+    return "slo" if best.score >= 0 else "best_effort"

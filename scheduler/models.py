@@ -1,0 +1,85 @@
+"""The scheduler's latency models: one step model per worker, fitted from the engine steps
+its heartbeats carry, a pooled one per model (a new worker borrows from its pool-mates
+until its own steps say enough), and a KV transfer model per decode worker, fitted from
+the frontend's reports. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.latency import Coef, StepModel, StepSample, TransferModel
+
+RECENT = 256                 # steps kept per worker for the recent-interference figures
+
+
+@dataclass(frozen=True)
+class Recent:
+    """What a worker's streams saw over its last steps."""
+    stream_steps: int = 0          # steps with at least one decode sequence
+    prefill_frac: float = 0.0      # of those, the share that also computed prompt tokens
+    mean_step_s: float = 0.0       # mean step time of those
+
+
+class LatencyBook:
+    def __init__(self, half_life: float = 500.0) -> None:
+        self.half_life = half_life
+        self.workers: dict[str, StepModel] = {}
+        self.pools: dict[str, StepModel] = {}
+        self.pool_of: dict[str, str] = {}
+        self.recent: dict[str, deque] = {}
+        self.transfers: dict[str, TransferModel] = {}
+        self.pooled_transfer = TransferModel()
+
+    def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample]) -> None:
+        m = self.workers.setdefault(worker_id, StepModel(self.half_life))
+        p = self.pools.setdefault(pool, StepModel(self.half_life))
+        self.pool_of[worker_id] = pool
+        r = self.recent.setdefault(worker_id, deque(maxlen=RECENT))
+        for s in samples:
+            m.observe(s)
+            p.observe(s)
+            if s.decode_seqs:
+                r.append((s.seconds, s.prefill_tokens > 0))
+
+    def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.transfers.setdefault(decode_worker, TransferModel()).observe(nbytes, seconds)
+            self.pooled_transfer.observe(nbytes, seconds)
+
+    def forget(self, worker_id: str) -> None:
+        for d in (self.workers, self.recent, self.transfers, self.pool_of):
+            d.pop(worker_id, None)
+
+    def coef(self, worker_id: str, pool: str = "") -> Coef | None:
+        """The worker's coefficients, each feature it has not seen yet from its pool's fit;
+        None when neither knows prefill and decode (no prediction then)."""
+        pool = pool or self.pool_of.get(worker_id, "")
+        mine, shared = self.workers.get(worker_id), self.pools.get(pool)
+        if shared is None or not shared.warm():
+            if mine is None or not mine.warm():
+                return None
+            return Coef.of(mine.coef())
+        base = Coef.of(shared.coef())
+        if mine is None:
+            return base
+        known = [mine.fit.known(j) for j in range(mine.fit.n)]
+        return Coef.of(mine.coef()).merged(base, known)
+
+    def samples(self, worker_id: str) -> int:
+        m = self.workers.get(worker_id)
+        return m.samples if m is not None else 0
+
+    def transfer_s(self, decode_worker: str, nbytes: int) -> float:
+        m = self.transfers.get(decode_worker)
+        if m is not None and m.fit.samples >= 2:
+            return max(0.0, m.predict(nbytes))
+        return max(0.0, self.pooled_transfer.predict(nbytes))
+
+    def recent_of(self, worker_id: str) -> Recent:
+        r = self.recent.get(worker_id)
+        if not r:
+            return Recent()
+        n = len(r)
+        return Recent(n, sum(1 for _, p in r if p) / n, sum(s for s, _ in r) / n)

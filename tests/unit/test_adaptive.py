@@ -1,0 +1,194 @@
+"""Adaptive placement (scheduler/adaptive.py through scheduler/state.py) and worker roles
+(scheduler/roles.py): predictions, the choice, role changes and the role planner.
+Pure: no network, no engines, time passed in."""
+
+import math
+
+import pytest
+
+from pdserve.latency import Coef, StepSample, chunk_attn
+from scheduler import adaptive as A
+from scheduler.models import LatencyBook
+from scheduler.policy import PlacementConfig
+from scheduler.roles import RolePlanner, RolePlannerConfig, Signals, kinds
+from scheduler.state import Load, Registry, Worker, place
+
+# an engine: 4 ms per step, 1 s per 1,000 prompt tokens, 2 ms per decode sequence
+C = Coef(step=0.004, prefill_ktok=1.0, prefill_attn_mtok2=0.0, decode_seq=0.002,
+         decode_ctx_10ktok=0.001)
+SLO = A.SLO(ttft_s=3.0, tpot_s=0.1)
+CFG = PlacementConfig()
+
+
+def W(wid, role, **load):
+    load.setdefault("num_blocks", 1000)
+    load.setdefault("max_num_seqs", 32)
+    load.setdefault("max_num_batched_tokens", 4096)
+    return Worker(wid, role, f"a-{wid}", f"g-{wid}", "m", "h", 0.0, Load(**load),
+                  block_size=16, kv_bytes_per_token=1000)
+
+
+def warm_book(*ids, coef=C):
+    """A latency book whose workers' engines ran the steps `coef` describes."""
+    b = LatencyBook()
+    for wid in ids:
+        steps = [StepSample(coef.step_time(p, chunk_attn(p, 0), d, d * 500), p,
+                            chunk_attn(p, 0), d, d * 500)
+                 for p, d in ((512, 0), (1024, 0), (0, 1), (0, 4), (0, 8), (256, 4),
+                              (128, 0), (0, 2))]
+        b.observe_steps(wid, "m", steps * 3)
+    return b
+
+
+def no_cache(ws):
+    return {}
+
+
+def test_idle_cluster_disaggregates_and_predicts_ttft_from_the_fit():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    book = warm_book("p", "d")
+    d = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=10.0)
+    assert (d.mode, d.prefill, d.decode) == ("disagg", "p", "d")
+    assert d.reason == "slo"
+    assert d.pred_ttft_s == pytest.approx(C.prefill_time(1000), rel=0.05)
+    # a decode step with one stream, plus the interference its engine's history shows:
+    # one stream step in five also prefilled, and such a step may take the allowance
+    base = C.decode_step(1, 1000 + 32)
+    assert book.recent_of("d").prefill_frac == pytest.approx(1 / 5)
+    assert d.pred_tpot_s == pytest.approx(base + (0.09 - base) / 5, rel=0.1)
+    assert d.runner_up.startswith("local decode=d")
+
+
+def test_long_prefill_queue_sends_the_next_prompt_to_the_idle_decode_engine():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    book = warm_book("p", "d")
+    now = 10.0
+    for _ in range(3):   # three 1,000-token prompts queue on the prefill worker (3 s)
+        d = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=now)
+        r.book(d, now)
+    assert r.backlog(r.workers["p"], now) > 1.5
+    modes = [b.prefill for b in r.bookings.values()]
+    assert None in modes                        # at least one went local...
+    d = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=now)
+    assert d.pred_ttft_s < 3.0                  # ...and the next one is predicted in SLO
+    # the prefill worker reports one done: its backlog is what is left of the rest
+    b0 = next(b for b in r.bookings.values() if b.prefill == "p")
+    r.prefill_done(b0.booking_id, now + 1.0)
+    left = sum(b.prefill_s for b in r.bookings.values() if b.prefill == "p" and not b.prefill_done)
+    assert r.backlog(r.workers["p"], now + 1.0) == pytest.approx(left)
+
+
+def test_local_prefill_beside_streams_is_chunked_and_slower():
+    book = warm_book("d")
+    coef = book.coef("d", "m")
+    quiet = A.Node("d", coef)
+    busy = A.Node("d", coef, streams=8, ctx=8000, allow_s=0.09)
+    t0, ch0 = A.prefill_on(quiet, 1000, SLO)
+    t1, ch1 = A.prefill_on(busy, 1000, SLO)
+    assert ch0 == 0 and 0 < ch1 < 1000 and t1 > t0
+    # each chunked step stays within the streams' allowance
+    assert coef.step_time(ch1, 0, 8, 8000) <= 0.09 * 1.001
+
+
+def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_up():
+    p = A.Node("p", C, backlog_s=10.0)
+    d = A.Node("d", C, backlog_s=9.0)
+    opts = A.options([p], [d], 1000, 64, SLO, {"d"})
+    assert opts[0].score < 0 and A.reason(opts[0]) == "best_effort"
+    assert opts[0].kind == "local"              # 9 s of backlog beats 10 s
+    assert "remote prefill=p" in opts[1].describe()
+
+
+def test_near_ties_go_to_remote():
+    p, d = A.Node("p", C), A.Node("d", C, transfer_s=0.001)
+    opts = A.options([p], [d], 500, 64, SLO, {"d"})
+    assert [o.kind for o in opts] == ["remote", "local"]
+    assert opts[1].score >= opts[0].score       # local is no worse, but not better enough
+
+
+def test_cold_model_falls_back_to_the_costs():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    d = place(r, CFG, "m", 1000, no_cache, book=LatencyBook(), slo=SLO, now=1.0)
+    assert (d.mode, d.reason, d.pred_ttft_s) == ("disagg", "kv", 0.0)
+
+
+def test_new_worker_borrows_its_pools_fit():
+    book = warm_book("old")
+    assert book.coef("new", "m") is not None   # same model: the pool's coefficients
+    assert book.coef("new", "other-model") is None
+
+
+# ---------------------------------------------------------------------- roles
+
+def test_role_kinds():
+    assert kinds("prefill") == {"prefill"}
+    assert kinds("mixed") == {"prefill", "decode", "local"}
+    assert kinds("mixed", "prefill") == {"prefill"}          # draining decode work
+
+
+def test_gaining_work_flips_at_once_losing_work_drains_first():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode"), W("d2", "decode")):
+        r.register(w)
+    book = warm_book("p", "d", "d2")
+    assert r.set_role("p", "mixed", 1.0).role == "mixed"      # gains work: no drain
+    assert r.workers["p"].role_changes == 1
+    # a request decodes on d; then d is asked to become a prefill worker
+    dec = place(r, CFG, "m", 100, no_cache, book=book, slo=SLO, exclude=frozenset({"p", "d2"}),
+                now=2.0)
+    b = r.book(dec, 2.0)
+    assert b.decode == "d"
+    w = r.set_role("d", "prefill", 3.0)
+    assert (w.role, w.pending_role) == ("decode", "prefill")
+    # while it drains it gets no new decode work
+    for _ in range(5):
+        dd = place(r, CFG, "m", 100, no_cache, book=book, slo=SLO, now=3.0)
+        assert dd.decode != "d"
+    assert r.settle_roles(4.0) == []                           # still decoding b
+    r.finish(b.booking_id, 5.0)
+    assert [x.worker_id for x in r.settle_roles(5.0)] == ["d"]
+    assert (r.workers["d"].role, r.workers["d"].pending_role) == ("prefill", "")
+    # a re-registration (the worker heard its new role) keeps the scheduler's role
+    r.register(W("d", "prefill"))
+    assert r.workers["d"].role == "prefill" and r.workers["d"].role_changes == 1
+    assert {w.worker_id for w in r.live("prefill")} == {"p", "d"}
+    assert {w.worker_id for w in r.live("decode")} == {"p", "d2"}
+
+
+def test_role_planner_flips_only_after_a_sustained_shift():
+    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
+    roles = {"p": "prefill", "d": "decode"}
+    decode_heavy = Signals(decode_pressure=1.2, prefill_pressure=0.0, roles=roles)
+    assert pl.tick(0.0, decode_heavy) == []
+    assert pl.tick(20.0, decode_heavy) == []
+    flips = pl.tick(31.0, decode_heavy)
+    assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "mixed",
+                                                                 "decode_pressure")]
+    roles = {"p": "mixed", "d": "decode"}
+    prefill_heavy = Signals(0.2, 0.9, roles)
+    assert pl.tick(40.0, prefill_heavy) == []
+    assert pl.tick(80.0, prefill_heavy) == []         # 40 s of it, but inside the dwell
+    assert [f.role for f in pl.tick(92.0, prefill_heavy)] == ["prefill"]
+
+
+def test_role_planner_does_not_flap_on_a_noisy_trace():
+    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
+    roles = {"p": "prefill", "d": "decode"}
+    flips = []
+    for i in range(600):          # pressure flickers above and below the thresholds
+        t = i * 1.0
+        dp = 1.0 if (i // 7) % 2 else 0.3
+        pp = 0.6 if (i // 11) % 2 else 0.1
+        flips += pl.tick(t, Signals(dp, pp, roles))
+    assert flips == []
+
+
+def test_node_allowance_is_infinite_without_streams():
+    n = A.Node("d", C)
+    assert math.isinf(n.allow_s) and A.prefill_on(n, 100, SLO)[1] == 0

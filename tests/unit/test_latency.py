@@ -1,0 +1,125 @@
+"""The latency model's fit and predictions (pdserve/latency.py), and the engine's step
+budget (pdserve/step_budget.py). Pure: no engines, no sockets."""
+
+import math
+import random
+
+import pytest
+
+from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
+                             chunk_attn)
+from pdserve.step_budget import Stream, allowance, budget
+
+TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
+            decode_ctx_10ktok=0.01)
+
+
+def engine_steps(coef: Coef, n: int, rng: random.Random, noise: float = 0.03):
+    """Steps of an engine that serves a mix: prompts in chunks, 0-16 streams."""
+    for _ in range(n):
+        p = rng.choice([0, 0, 0, 64, 256, 1024])
+        before = rng.choice([0, 512])
+        d = rng.randint(0 if p else 1, 16)
+        c = d * rng.randint(100, 1500)
+        a = chunk_attn(p, before) if p else 0.0
+        t = coef.step_time(p, a, d, c) * (1 + rng.uniform(-noise, noise))
+        yield StepSample(t, p, a, d, c)
+
+
+def test_fit_recovers_the_engine_coefficients():
+    m = StepModel()
+    for s in engine_steps(TRUE, 400, random.Random(1)):
+        m.observe(s)
+    assert m.warm()
+    got = Coef.of(m.coef())
+    # predictions, not the coefficients themselves, are what is used: within 5%
+    for p, d, c in ((1024, 0, 0), (0, 1, 500), (0, 16, 16000), (256, 8, 8000)):
+        want = TRUE.step_time(p, chunk_attn(p, 0), d, c)
+        assert got.step_time(p, chunk_attn(p, 0), d, c) == pytest.approx(want, rel=0.05)
+
+
+def test_fit_is_non_negative_and_unseen_features_are_unknown():
+    m = StepModel()
+    rng = random.Random(2)
+    for _ in range(50):                 # a prefill-only engine: no decode steps ever
+        p = rng.choice([128, 512, 2048])
+        m.observe(StepSample(0.002 + p * 1e-3 * rng.uniform(0.98, 1.02), p, chunk_attn(p, 0)))
+    assert all(c >= 0 for c in m.coef())
+    assert not m.warm() and not m.fit.known(3) and m.fit.known(1)
+    assert m.coef()[3] == 0.0
+
+
+def test_old_steps_fade_when_the_engine_changes_speed():
+    m = StepModel(half_life=50)
+    rng = random.Random(3)
+    for s in engine_steps(TRUE, 300, rng):
+        m.observe(s)
+    slower = Coef.of([2 * c for c in TRUE.as_list()])
+    for s in engine_steps(slower, 400, rng):
+        m.observe(s)
+    assert Coef.of(m.coef()).prefill_time(1000) == pytest.approx(slower.prefill_time(1000),
+                                                                 rel=0.1)
+
+
+def test_merged_takes_the_fallback_where_unknown():
+    mine = Coef(0.001, 2.0, 0.0, 0.0, 0.0)
+    pool = Coef(0.005, 1.0, 0.1, 0.002, 0.02)
+    got = mine.merged(pool, [True, True, False, False, False])
+    assert got.as_list() == [0.001, 2.0, 0.1, 0.002, 0.02]
+
+
+def test_prefill_time_in_whole_steps_and_chunked_beside_streams():
+    c = TRUE
+    one = c.prefill_time(1000)
+    assert one == pytest.approx(c.step_time(1000, chunk_attn(1000, 0)))
+    two = c.prefill_time(1000, max_step_tokens=500)   # two steps: one more per-step part,
+    assert two == pytest.approx(one + c.step, rel=1e-9)   # the same attention work
+    allow = 0.05
+    t, chunk = c.chunked_prefill_time(1000, allow, seqs=8, ctx=8000)
+    assert 0 < chunk < 1000
+    # every step fits the allowance (the chunk is sized at mid-prompt attention)
+    assert c.step_time(chunk, chunk_attn(chunk, 500), 8, 8000) <= allow * 1.0001
+    assert c.step_time(chunk, chunk_attn(chunk, 1000 - chunk), 8, 8000) <= allow * 1.02
+    assert t > one                                   # chunking costs TTFT, never saves it
+    assert c.chunk_budget(c.decode_step(8, 8000) * 0.5, 8, 8000) == 0   # no room at all
+
+
+def test_online_linear_ignores_bad_samples():
+    f = OnlineLinear(2)
+    for y in (math.nan, -1.0, math.inf):
+        f.observe([1.0, 1.0], y)
+    assert f.samples == 0
+    f.observe([1.0, 2.0], 3.0)
+    assert f.samples == 1
+
+
+def test_transfer_model():
+    t = TransferModel()
+    assert t.predict(10**8) == 0.0                   # nothing measured: no guess
+    for gb in (0.01, 0.05, 0.1, 0.2):
+        t.observe(int(gb * 1e9), 0.001 + gb / 5.0)   # 5 GB/s and 1 ms per transfer
+    assert t.predict(int(0.1e9)) == pytest.approx(0.021, rel=0.02)
+
+
+def test_allowance_spends_slack_evenly_over_the_rest_of_each_stream():
+    slo = 0.1
+    fresh = Stream(elapsed_s=0.0, produced=1, target=65)
+    assert allowance([fresh], slo, safety=1.0) == pytest.approx(slo * 64 / 64)
+    fast = Stream(elapsed_s=32 * 0.04, produced=33, target=65)   # ran at 40 ms so far
+    assert allowance([fast], slo, safety=1.0) == pytest.approx((6.4 - 1.28) / 32)
+    behind = Stream(elapsed_s=32 * 0.22, produced=33, target=65)
+    assert allowance([fast, behind], slo, 1.0) < 0         # the tightest stream decides
+    assert allowance([Stream(0.0, 5, 5)], slo) == math.inf  # finished: nothing to protect
+
+
+def test_budget():
+    slo = 0.1
+    assert budget([], TRUE, slo, 0, 4096) .tokens == 0      # no streams: unchunked
+    s = [Stream(0.0, 1, 65)] * 4
+    b = budget(s, TRUE, slo, 4000, 4096)
+    assert b.allow_s == pytest.approx(0.09)
+    want = TRUE.chunk_budget(0.09, 4, 4000)
+    assert b.tokens == want and 16 < want < 4096
+    behind = [Stream(6.0, 33, 65)]                         # no slack: the floor keeps
+    assert budget(behind, TRUE, slo, 1000, 4096).tokens == 16   # prompts moving
+    assert budget(s, None, slo, 4000, 4096).tokens == 0    # no model yet: vLLM's own
