@@ -9,6 +9,8 @@ Setups (`--setups`, comma list; all by default):
   vllm-1          one colocated vLLM OpenAI server on both cores
   vllm-2x         two colocated vLLM servers, core 0 and core 1, behind a least-outstanding
                   proxy (bench/proxy.py)
+  vllm-2x-chunked the same with --max-num-batched-tokens 256 (vLLM's chunked prefill, small
+                  chunks: TPOT protected at some TTFT cost)
   vllm-nixl-pd    vLLM's own NixlConnector: prefill server on core 0, decode server on core 1,
                   and the minimal P/D proxy (bench/proxy.py)
   pdserve         ours, `pdserve serve`: 1 prefill (core 0) / 1 decode (core 1)
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {
     "vllm-1": "1 colocated vLLM, cores 0-1",
     "vllm-2x": "2 colocated vLLM (core 0, core 1) + least-outstanding proxy",
+    "vllm-2x-chunked": "the same, each with --max-num-batched-tokens 256 (small chunks)",
     "vllm-nixl-pd": "vLLM NixlConnector 1P (core 0) / 1D (core 1) + proxy",
     "pdserve": "pdserve 1P (core 0) / 1D (core 1)",
 }
@@ -136,9 +139,10 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
         url = vllm_server(procs, ns, "vllm-1", "0-1")
         wait_ready(url, procs)
         return url
-    if setup == "vllm-2x":
-        a = vllm_server(procs, ns, "vllm-core0", "0")
-        b = vllm_server(procs, ns, "vllm-core1", "1")
+    if setup in ("vllm-2x", "vllm-2x-chunked"):
+        small = ["--max-num-batched-tokens", "256"] if setup == "vllm-2x-chunked" else []
+        a = vllm_server(procs, ns, "vllm-core0", "0", small)
+        b = vllm_server(procs, ns, "vllm-core1", "1", small)
         for u in (a, b):
             wait_ready(u, procs)
         url = proxy(procs, "proxy-lo", ["--mode", "least-outstanding", "--backend", a,
@@ -180,7 +184,8 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
     raise ValueError(f"unknown setup {setup!r}; known: {', '.join(SETUPS)}")
 
 
-def run_setup(setup: str, ns) -> list[dict]:
+def run_setup(setup: str, ns, body=None):
+    """Start `setup`, warm it up, run `body(url)` (default: the sweep of ns), stop it."""
     from bench.serve import sweep
 
     procs = Procs(ns.log_dir)
@@ -194,6 +199,8 @@ def run_setup(setup: str, ns) -> list[dict]:
             warm = argparse.Namespace(**{**vars(ns), "num_requests": ns.warmup,
                                          "rates": "0", "concurrency": 1, "seed": 999_999})
             asyncio.run(sweep(url, warm, f"{setup} warm-up"))
+        if body is not None:
+            return body(url)
         return asyncio.run(sweep(url, ns, setup))
     finally:
         procs.stop()

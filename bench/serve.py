@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.stats import Result, result_dict, summarize
+from bench.stats import Result, parse_route, result_dict, summarize
 from bench.workload import Request, WorkloadSpec, build
 
 
@@ -39,6 +39,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
+            res.route, res.pred_ttft, res.pred_tpot = parse_route(
+                r.headers.get("x-pdserve-route", ""))
             n_chunks = 0
             usage = None
             async for line in r.aiter_lines():

@@ -26,6 +26,10 @@ class Result:
     e2e: float = math.nan
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    # pdserve's x-pdserve-route header: the option taken and the latency model's forecast
+    route: str = ""
+    pred_ttft: float = math.nan
+    pred_tpot: float = math.nan
 
     @property
     def tpot(self) -> float:
@@ -51,6 +55,33 @@ def within_slo(r: Result, ttft_slo: float, tpot_slo: float) -> bool:
     return r.output_tokens < 2 or r.tpot <= tpot_slo
 
 
+def parse_route(header: str) -> tuple[str, float, float]:
+    """(mode, predicted TTFT s, predicted TPOT s) from an x-pdserve-route header."""
+    mode = header.split(":", 1)[0] if header else ""
+    got = {}
+    for part in header.split(";", 1)[0].split():
+        k, _, v = part.partition("=")
+        if k in ("predicted_ttft_ms", "predicted_tpot_ms"):
+            try:
+                got[k] = float(v) / 1e3
+            except ValueError:
+                pass
+    return mode, got.get("predicted_ttft_ms", math.nan), got.get("predicted_tpot_ms", math.nan)
+
+
+def model_error(results: list[Result]) -> dict:
+    """Median absolute relative error of the predicted TTFT and TPOT, over the completed
+    requests that carried a prediction; and how many did."""
+    out: dict = {}
+    for name, pairs in (("ttft", [(r.pred_ttft, r.ttft) for r in results if r.ok]),
+                        ("tpot", [(r.pred_tpot, r.tpot) for r in results if r.ok])):
+        errs = [abs(p - m) / m for p, m in pairs
+                if not math.isnan(p) and not math.isnan(m) and m > 0]
+        out[name] = percentile(errs, 50)
+        out[f"{name}_n"] = len(errs)
+    return out
+
+
 def summarize(results: list[Result], duration_s: float, ttft_slo_s: float,
               tpot_slo_s: float) -> dict:
     ok = [r for r in results if r.ok]
@@ -70,6 +101,12 @@ def summarize(results: list[Result], duration_s: float, ttft_slo_s: float,
         out[f"{name}_ms"] = {f"p{q}": percentile(xs, q) * 1e3 for q in (50, 90, 99)}
         vals = [x for x in xs if not math.isnan(x)]
         out[f"{name}_ms"]["mean"] = (sum(vals) / len(vals) * 1e3) if vals else math.nan
+    out["model_error"] = model_error(results)
+    routes: dict[str, int] = {}
+    for r in results:
+        if r.route:
+            routes[r.route] = routes.get(r.route, 0) + 1
+    out["routes"] = routes
     return out
 
 

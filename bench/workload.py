@@ -9,8 +9,10 @@ Arrivals (`--arrival`):
   = 1 is Poisson), same mean rate (vLLM's `--burstiness` is the gamma shape, 1/cv^2);
 * `concurrency`: no schedule; the client keeps `concurrency` requests in flight.
 
-Lengths (`--input`, `--output`): `fixed:N`, `uniform:A:B`, or `mix:P:LONG:SHORT` (a
-fraction P of requests LONG tokens, the rest SHORT: the long-prompt mix).
+Lengths (`--input`, `--output`): `fixed:N`, `uniform:A:B`, `mix:P:LONG:SHORT` (a
+fraction P of requests LONG tokens, the rest SHORT: the long-prompt mix), or
+`shift:FIRST~SECOND` (the first half of the requests from FIRST, the rest from SECOND,
+each one of the forms above: a mix whose balance changes mid-run).
 
 Prompts are token-id lists drawn from [200, vocab) (no special tokens), so the length is
 exact for any tokenizer. `shared_prefix` puts one of `prefix_groups` fixed prefixes of that
@@ -61,6 +63,13 @@ class WorkloadSpec:
 
 def parse_dist(spec: str) -> tuple[str, tuple[float, ...]]:
     kind, _, rest = spec.partition(":")
+    if kind == "shift":
+        parts = rest.split("~")
+        if len(parts) != 2 or any(p.startswith("shift") for p in parts):
+            raise ValueError(f"bad shift {spec!r}: shift:FIRST~SECOND")
+        for p in parts:
+            parse_dist(p)
+        return kind, ()
     try:
         args = tuple(float(x) for x in rest.split(":")) if rest else ()
     except ValueError:
@@ -78,8 +87,12 @@ def parse_dist(spec: str) -> tuple[str, tuple[float, ...]]:
     return kind, args
 
 
-def draw_length(spec: str, rng: random.Random) -> int:
+def draw_length(spec: str, rng: random.Random, frac: float = 0.0) -> int:
+    """`frac`: where the request falls in the run, 0..1 (for `shift`)."""
     kind, a = parse_dist(spec)
+    if kind == "shift":
+        first, second = spec.partition(":")[2].split("~")
+        return draw_length(first if frac < 0.5 else second, rng)
     if kind == "fixed":
         return int(a[0])
     if kind == "uniform":
@@ -111,8 +124,9 @@ def build(spec: WorkloadSpec) -> list[Request]:
     if spec.turns <= 1:
         for i in range(spec.num_requests):
             t += offsets[i] if i else 0.0
-            prompt = prefixes[i % len(prefixes)] + tokens(draw_length(spec.input, rng))
-            reqs.append(Request(i, t, prompt, draw_length(spec.output, rng)))
+            frac = i / spec.num_requests
+            prompt = prefixes[i % len(prefixes)] + tokens(draw_length(spec.input, rng, frac))
+            reqs.append(Request(i, t, prompt, draw_length(spec.output, rng, frac)))
         return reqs
     # multi-turn: conversations interleave; turn k of a conversation follows turn k-1
     n_conv = math.ceil(spec.num_requests / spec.turns)

@@ -1,0 +1,237 @@
+"""The adaptive-disaggregation matrix: every setup on the same 2 cores against several
+traffic mixes, three rates each, in one run.
+
+    .venv/bin/python -m bench.matrix                              # everything, bundled SmolLM2
+    .venv/bin/python -m bench.matrix --mixes prefill,shift --num-requests 12 \\
+        --out results/matrix.json --plot results/matrix
+
+Setups (bench/compare.py): vllm-1 (one colocated server on both cores), vllm-2x (two
+replicas, one core each, least-outstanding proxy), vllm-2x-chunked (the same with
+--max-num-batched-tokens 256) and pdserve with its defaults. Each starts once and serves
+every mix.
+
+Mixes (`MIXES`): prefill-dominated (uniform long prompts, short outputs), decode-dominated
+(short prompts, long outputs), the long-prompt mix (a quarter long prompts) and a
+shifting mix (prefill-dominated for the first half of each run, decode-dominated after).
+
+The matrix means the same on a fast or a slow host: before it, each mix's requests are
+sent one at a time to the calibration setup (the first in --setups; by default vllm-2x, one
+engine per core, the per-engine hardware pdserve's workers get). The SLOs are multiples of
+that unloaded latency (TTFT: --ttft-scale x the slowest unloaded TTFT of the mix; TPOT:
+--tpot-scale x the median unloaded TPOT), and the rates multiples (--rate-mult) of one
+engine's serial capacity for the mix (1 / its mean unloaded end-to-end latency).
+
+Prints per mix the table of goodput and latencies, per cell pdserve's goodput over the
+best peer's, the targets (at least the best peer in every cell; 1.5x the best peer's peak
+where a peer's TPOT p99 breaks the SLO; TPOT p99 of pdserve's locally prefilled requests
+within the SLO) and the latency model's median absolute error of TTFT and TPOT per mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+from bench import compare as C
+from bench.stats import Result, percentile
+
+MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
+    "prefill": ("uniform:384:640", "fixed:8"),
+    "decode": ("uniform:16:64", "fixed:48"),
+    "long-mix": ("mix:0.25:1024:128", "fixed:16"),
+    "shift": ("shift:uniform:384:640~uniform:16:64", "shift:fixed:8~fixed:48"),
+}
+SETUP_ORDER = ("vllm-2x", "vllm-1", "vllm-2x-chunked", "pdserve")
+
+
+def calibrate(results: list[Result], ttft_scale: float, tpot_scale: float,
+              mults: list[float]) -> dict:
+    """SLOs and rates from requests served one at a time. Pure."""
+    ok = [r for r in results if r.ok]
+    if not ok:
+        raise RuntimeError("calibration: no request completed")
+    tpots = [r.tpot for r in ok if not math.isnan(r.tpot)]
+    e2e = sum(r.e2e for r in ok) / len(ok)
+    return {"ttft_ms": ttft_scale * max(r.ttft for r in ok) * 1e3,
+            "tpot_ms": tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3,
+            "unloaded_e2e_s": e2e,
+            "rates": [round(m / e2e, 4) for m in mults]}
+
+
+def mix_ns(ns, mix: str, cal: dict | None = None, idx: int = 0) -> argparse.Namespace:
+    inp, out = MIXES[mix]
+    d = {**vars(ns), "input": inp, "output": out, "seed": ns.seed + 100_000 * idx}
+    if cal is not None:
+        d.update(slo_ttft_ms=cal["ttft_ms"], slo_tpot_ms=cal["tpot_ms"],
+                 rates=",".join(f"{r:g}" for r in cal["rates"]))
+    return argparse.Namespace(**d)
+
+
+async def _calibrate_mix(url: str, ns, mix: str, idx: int) -> dict:
+    from bench.serve import run_once, served_model, spec_for
+    from bench.workload import build
+
+    m = mix_ns(ns, mix, idx=idx)
+    m.num_requests = ns.calibration_requests
+    spec = spec_for(m, 1.0, seed=m.seed + 99_999)
+    reqs = build(spec)
+    results, _ = await run_once(url, await served_model(url), reqs, 1, f"calibrate {mix}",
+                                ns.timeout_s)
+    cal = calibrate(results, ns.ttft_scale, ns.tpot_scale,
+                    [float(x) for x in ns.rate_mult.split(",")])
+    print(f"calibration {mix}: SLO TTFT {cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms, "
+          f"rates {cal['rates']} req/s (unloaded e2e {cal['unloaded_e2e_s']:.2f} s)",
+          flush=True)
+    return cal
+
+
+def run_matrix(ns) -> tuple[dict, dict]:
+    """{mix: {setup: runs}}, {mix: calibration}."""
+    from bench.serve import sweep
+
+    mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
+    setups = [s.strip() for s in ns.setups.split(",") if s.strip()]
+    results: dict[str, dict[str, list]] = {m: {} for m in mixes}
+    cals: dict[str, dict] = {}
+
+    def body_for(setup: str):
+        def body(url: str):
+            for i, mix in enumerate(mixes):
+                if mix not in cals:
+                    cals[mix] = asyncio.run(_calibrate_mix(url, ns, mix, i))
+                results[mix][setup] = asyncio.run(sweep(url, mix_ns(ns, mix, cals[mix], i),
+                                                        f"{setup} {mix}"))
+        return body
+
+    for s in setups:
+        C.run_setup(s, ns, body_for(s))
+    return results, cals
+
+
+# ---------------------------------------------------------------------- report (pure)
+
+def _local_tpot_p99(runs: list[dict]) -> float:
+    xs = [r["tpot"] for run in runs for r in run["requests"]
+          if r["ok"] and r.get("route") == "local" and not math.isnan(r["tpot"])]
+    return percentile(xs, 99) * 1e3 if xs else math.nan
+
+
+def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS) -> tuple[str,
+                                                                                          dict]:
+    lines = [f"=== mix {mix}: input {MIXES[mix][0]}, output {MIXES[mix][1]}; SLO TTFT "
+             f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms", C.table(res)]
+    peers = [s for s in res if s != ours]
+    out: dict = {"cells": [], "mix": mix}
+    if ours not in res or not peers:
+        return "\n".join(lines), out
+    mine = C.by_rate(res[ours])
+    lines.append(f"\n{'rate':>8} {'pdserve':>8} {'best peer':>16} {'ratio':>6}")
+    all_ok = True
+    for rate, s in sorted(mine.items()):
+        best = max(peers, key=lambda p: C.by_rate(res[p]).get(rate, {}).get("goodput", -1))
+        b = C.by_rate(res[best]).get(rate, {}).get("goodput", math.nan)
+        r = C.ratio(s["goodput"], b)
+        ok = s["goodput"] >= b - 1e-9
+        all_ok &= ok
+        out["cells"].append({"rate": rate, "ours": s["goodput"], "best": best, "peer": b,
+                             "ratio": r, "met": ok})
+        lines.append(f"{rate:>8g} {s['goodput']:>8.3f} {best:>9} {b:>6.3f} "
+                     f"{C._cell(r, '6.2f')}{'' if ok else '  MISSED'}")
+
+    def peak(runs):
+        return max((x["summary"]["goodput"] for x in runs), default=math.nan)
+
+    best_peak = max(peak(res[p]) for p in peers)
+    tpot_breaks = any(x["summary"]["tpot_ms"]["p99"] > cal["tpot_ms"]
+                      for p in peers for x in res[p])
+    pr = C.ratio(peak(res[ours]), best_peak)
+    local_p99 = _local_tpot_p99(res[ours])
+    errs = [x["summary"].get("model_error", {}) for x in res[ours]]
+    med = {k: percentile([e[k] for e in errs if not math.isnan(e.get(k, math.nan))], 50)
+           for k in ("ttft", "tpot")}
+    out.update(every_cell=all_ok, peak_ratio=pr, peer_tpot_breaks=tpot_breaks,
+               local_tpot_p99_ms=local_p99, model_error=med,
+               routes=[x["summary"].get("routes", {}) for x in res[ours]])
+    lines.append(f"  [{'MET ' if all_ok else 'MISSED'}] goodput >= the best peer in every cell")
+    if tpot_breaks:
+        lines.append(f"  [{'MET ' if pr >= 1.5 else 'MISSED'}] peak goodput >= 1.5x the best "
+                     f"peer's peak (a peer's TPOT p99 breaks the SLO): {pr:.2f}x")
+    else:
+        lines.append(f"  [n/a ] no peer's TPOT p99 breaks the SLO; peak ratio {pr:.2f}x")
+    lines.append(f"  [{'MET ' if not local_p99 > cal['tpot_ms'] else 'MISSED'}] TPOT p99 of "
+                 f"locally prefilled requests within the SLO: {C._cell(local_p99, '.1f')} ms")
+    ok_err = all(not v > 0.2 for v in med.values())
+    lines.append(f"  [{'MET ' if ok_err else 'MISSED'}] latency model median |error| <= 20%: "
+                 f"TTFT {C._cell(med['ttft'] * 100, '.0f')}%, TPOT "
+                 f"{C._cell(med['tpot'] * 100, '.0f')}%")
+    lines.append(f"  pdserve routes per rate: {out['routes']}")
+    return "\n".join(lines), out
+
+
+def main(argv=None) -> int:
+    from bench.serve import add_workload_args, plot_goodput
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--served-name", default="model")
+    ap.add_argument("--setups", default=",".join(SETUP_ORDER),
+                    help="the first one also calibrates SLOs and rates")
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--ttft-scale", type=float, default=4.0)
+    ap.add_argument("--tpot-scale", type=float, default=1.5)
+    ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
+    ap.add_argument("--calibration-requests", type=int, default=4)
+    ap.add_argument("--kv-cache-gib", type=int, default=1)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--baseline-quiet-wait", action="store_true")
+    ap.add_argument("--pdserve-arg", action="append", default=[])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--log-dir", default="/tmp/pdserve-matrix")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--plot", default="")
+    add_workload_args(ap)
+    ap.set_defaults(num_requests=10, input="fixed:128", output="fixed:8")
+    ns = ap.parse_args(argv)
+    if not ns.model:
+        from pdserve.models import ensure_bundled_model
+        ns.model = str(ensure_bundled_model())
+    ns.log_dir = Path(ns.log_dir)
+    ns.log_dir.mkdir(parents=True, exist_ok=True)
+    ns.variants = {}
+    for m in ns.mixes.split(","):
+        if m.strip() and m.strip() not in MIXES:
+            ap.error(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
+    results, cals = run_matrix(ns)
+    texts, summary = [], []
+    for mix, res in results.items():
+        text, out = mix_report(mix, res, cals[mix])
+        texts.append(text)
+        summary.append(out)
+    print("\n\n".join(texts), flush=True)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
+                                            "calibration": cals, "summary": summary,
+                                            "report": "\n\n".join(texts),
+                                            "results": results}, indent=1))
+    if ns.plot:
+        Path(ns.plot).parent.mkdir(parents=True, exist_ok=True)
+        for mix, res in results.items():
+            path = f"{ns.plot}-{mix}-goodput.png"
+            plot_goodput({s: [(r["summary"]["rate"], r["summary"]["goodput"]) for r in runs]
+                          for s, runs in res.items()}, path)
+            print(f"wrote {path}", flush=True)
+    failed = sum(r["summary"]["failed"] for res in results.values() for runs in res.values()
+                 for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The matrix benchmark's arithmetic (bench/matrix.py), the route header parser, the model
+error and the shifting mix (bench/stats.py, bench/workload.py). Pure."""
+
+import math
+
+import pytest
+
+from bench import matrix as MX
+from bench.stats import Result, model_error, parse_route, summarize
+from bench.workload import WorkloadSpec, build, parse_dist
+
+
+def test_parse_route():
+    h = ("disagg:slo prefill=p decode=d predicted_cached=0 predicted_ttft_ms=2500 "
+         "predicted_tpot_ms=45.5 chunk=0; runner_up: local decode=d ttft_ms=3000 tpot_ms=40")
+    assert parse_route(h) == ("disagg", 2.5, 0.0455)
+    mode, t, p = parse_route("local:kv decode=d predicted_cached=0")
+    assert mode == "local" and math.isnan(t) and math.isnan(p)
+    assert parse_route("")[0] == ""
+
+
+def R(i, ttft, e2e, n, pred_ttft=math.nan, pred_tpot=math.nan, route="disagg"):
+    return Result(i, True, 100, n, ttft, e2e, route=route, pred_ttft=pred_ttft,
+                  pred_tpot=pred_tpot)
+
+
+def test_model_error_is_the_median_absolute_relative_error():
+    rs = [R(0, 1.0, 2.0, 11, pred_ttft=1.1, pred_tpot=0.1),      # 10%, 0%
+          R(1, 2.0, 3.0, 11, pred_ttft=1.0, pred_tpot=0.05),     # 50%, 50%
+          R(2, 1.0, 2.0, 11, pred_ttft=0.8, pred_tpot=0.12),     # 20%, 20%
+          R(3, 1.0, 2.0, 11)]                                    # no prediction
+    e = model_error(rs)
+    assert e["ttft"] == pytest.approx(0.2) and e["ttft_n"] == 3
+    assert e["tpot"] == pytest.approx(0.2)
+    s = summarize(rs, 10.0, 5.0, 1.0)
+    assert s["routes"] == {"disagg": 4} and s["model_error"]["tpot_n"] == 3
+
+
+def test_shifting_mix_changes_balance_mid_run():
+    parse_dist("shift:fixed:500~fixed:20")
+    with pytest.raises(ValueError):
+        parse_dist("shift:fixed:500")
+    reqs = build(WorkloadSpec(num_requests=10, input="shift:fixed:500~fixed:20",
+                              output="shift:fixed:4~fixed:64", rate=1.0))
+    assert [len(r.prompt) for r in reqs] == [500] * 5 + [20] * 5
+    assert [r.max_tokens for r in reqs] == [4] * 5 + [64] * 5
+
+
+def test_calibration_scales_slos_and_rates_from_unloaded_latency():
+    rs = [R(0, 0.5, 1.5, 11), R(1, 1.0, 3.0, 11), R(2, 0.2, 0.7, 6)]
+    cal = MX.calibrate(rs, ttft_scale=4, tpot_scale=1.5, mults=[0.5, 1.0])
+    assert cal["ttft_ms"] == pytest.approx(4000)               # 4 x the slowest TTFT
+    assert cal["tpot_ms"] == pytest.approx(1.5 * 100)          # 1.5 x the median TPOT
+    e2e = (1.5 + 3.0 + 0.7) / 3
+    assert cal["rates"] == [round(0.5 / e2e, 4), round(1.0 / e2e, 4)]
+
+
+def run(rate, goodput, tpot_p99, local_tpots=()):
+    reqs = [{"ok": True, "route": "local", "tpot": t} for t in local_tpots]
+    return {"summary": {"rate": rate, "goodput": goodput, "completed": 10, "requests": 10,
+                        "ttft_ms": {"p50": 1, "p99": 1}, "tpot_ms": {"p50": 1, "p99": tpot_p99},
+                        "itl_ms": {"p99": 1}, "model_error": {"ttft": 0.1, "tpot": 0.3}},
+            "requests": reqs}
+
+
+def test_mix_report_compares_each_cell_with_the_best_peer():
+    res = {"vllm-2x": [run(0.1, 0.10, 90), run(0.2, 0.15, 200)],
+           "vllm-1": [run(0.1, 0.08, 300), run(0.2, 0.05, 400)],
+           "pdserve": [run(0.1, 0.10, 50, [0.04, 0.05]), run(0.2, 0.18, 60)]}
+    cal = {"ttft_ms": 3000, "tpot_ms": 100}
+    text, out = MX.mix_report("prefill", res, cal)
+    assert [c["best"] for c in out["cells"]] == ["vllm-2x", "vllm-2x"]
+    assert [c["met"] for c in out["cells"]] == [True, True] and out["every_cell"]
+    assert out["peer_tpot_breaks"] and out["peak_ratio"] == pytest.approx(0.18 / 0.15)
+    assert "MISSED] peak goodput >= 1.5x" in text
+    assert out["local_tpot_p99_ms"] == pytest.approx(49.9, rel=0.01)
+    assert out["model_error"] == {"ttft": pytest.approx(0.1), "tpot": pytest.approx(0.3)}
+    assert "MISSED] latency model" in text
+    res["pdserve"][1] = run(0.2, 0.1, 60)
+    text, out = MX.mix_report("prefill", res, cal)
+    assert not out["every_cell"] and "MISSED" in text.splitlines()[-6]
