@@ -155,6 +155,32 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                                     "every prefill worker has this many tokens queued and the "
                                     "decode worker has room (0: never)"),
 }
+# either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
+
+ROLE_FLAGS = {  # flag -> (RolePlannerConfig field or None for the switch, type, help)
+    "--role-planner": (None, str, "on: change worker roles (prefill <-> mixed) when the mix "
+                       "shifts for longer than --role-window-s; off: only SetRole changes them"),
+    "--role-window-s": ("window_s", float, "a shift must last this long before a role flips"),
+    "--role-dwell-s": ("dwell_s", float, "no role flip sooner than this after the last one"),
+}
+
+
+def role_args(p: argparse.ArgumentParser) -> None:
+    from scheduler.roles import RolePlannerConfig
+    d = RolePlannerConfig()
+    for flag, (name, typ, hlp) in ROLE_FLAGS.items():
+        p.add_argument(flag, type=typ, default="on" if name is None else getattr(d, name),
+                       help=hlp, **({"choices": ["on", "off"]} if name is None else {}))
+
+
+def role_argv(ns) -> list[str]:
+    return [x for flag in ROLE_FLAGS
+            for x in (flag, str(getattr(ns, flag[2:].replace("-", "_"))))]
+
+
+def role_config(ns):
+    from scheduler.roles import RolePlannerConfig
+    return RolePlannerConfig(window_s=ns.role_window_s, dwell_s=ns.role_dwell_s)
 
 
 def placement_args(p: argparse.ArgumentParser) -> None:
@@ -266,7 +292,8 @@ def cmd_scheduler(ns) -> int:
     cfg = SchedulerConfig(host=ns.host, port=ns.port, metrics_port=ns.metrics_port,
                           heartbeat_interval_s=ns.heartbeat_s,
                           heartbeat_timeout_s=ns.heartbeat_timeout_s, placement=placement,
-                          autoscale=autoscale_config(ns))
+                          autoscale=autoscale_config(ns),
+                          role_planning=ns.role_planner == "on", roles=role_config(ns))
     asyncio.run(_until_signal(lambda stop: serve(cfg, stop=stop)))
     return 0
 
@@ -297,6 +324,25 @@ def cmd_serve(ns) -> int:
 def cmd_dryrun(ns) -> int:
     from scheduler.dryrun import main as dryrun_main
     return dryrun_main(ns, planner_config(ns))
+
+
+def cmd_set_role(ns) -> int:
+    """Admin: change a worker's role (it drains first when the new role drops work)."""
+    import grpc
+
+    from pdserve.rpc import pd_pb2, pd_pb2_grpc
+    role = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE,
+            "mixed": pd_pb2.ROLE_MIXED}[ns.role]
+    with grpc.insecure_channel(ns.scheduler) as ch:
+        r = pd_pb2_grpc.SchedulerStub(ch).SetRole(
+            pd_pb2.SetRoleRequest(worker_id=ns.worker_id, role=role), timeout=10)
+    if not r.found:
+        print(f"no worker {ns.worker_id!r}", file=sys.stderr)
+        return 1
+    name = pd_pb2.Role.Name
+    print(f"{ns.worker_id}: role {name(r.role)}" +
+          (f", {name(r.pending_role)} once drained" if r.pending_role else ""))
+    return 0
 
 
 def cmd_model(ns) -> int:
@@ -331,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it); a scheduler that exits is restarted")
     placement_args(s)
     autoscale_args(s)
+    role_args(s)
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode", "mixed"):
@@ -357,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat-timeout-s", type=float, default=5.0)
     placement_args(s)
     autoscale_args(s)
+    role_args(s)
     s.set_defaults(func=cmd_scheduler)
 
     d = sub.add_parser("planner-dryrun", help="replay a load trace through the autoscaling "
@@ -393,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--kv-mode", choices=KV_MODES, default="pull",
                    help="must match the workers' --kv-mode")
     f.set_defaults(func=cmd_frontend)
+
+    r = sub.add_parser("set-role", help="change a worker's role at runtime (admin)")
+    r.add_argument("worker_id")
+    r.add_argument("role", choices=["prefill", "decode", "mixed"])
+    r.add_argument("--scheduler", default="127.0.0.1:50051")
+    r.set_defaults(func=cmd_set_role)
 
     m = sub.add_parser("model", help="prepare the bundled model or build the tiny test model")
     m.add_argument("what", choices=["prepare", "tiny"])

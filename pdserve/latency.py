@@ -89,7 +89,7 @@ class OnlineLinear:
         self.ridge = ridge
         self.a = [[0.0] * n for _ in range(n)]
         self.b = [0.0] * n
-        self.seen = [0.0] * n          # weighted count of samples with feature j != 0
+        self.seen = [0.0] * n          # (faded) count of samples with feature j != 0
         self.samples = 0
         self._coef: list[float] | None = None
 
@@ -99,15 +99,16 @@ class OnlineLinear:
         g = self.decay
         for i in range(self.n):
             self.b[i] = g * self.b[i] + weight * x[i] * y
-            self.seen[i] = g * self.seen[i] + (weight if x[i] else 0.0)
+            self.seen[i] = g * self.seen[i] + (1.0 if x[i] else 0.0)   # samples, not weight
             row = self.a[i]
             for j in range(self.n):
                 row[j] = g * row[j] + weight * x[i] * x[j]
         self.samples += 1
         self._coef = None
 
-    def known(self, j: int, min_weight: float = 2.0) -> bool:
-        return self.seen[j] >= min_weight
+    def known(self, j: int, min_samples: float = 1.5) -> bool:
+        """At least two samples exercised feature j (a faded count: 1.5)."""
+        return self.seen[j] >= min_samples
 
     def coef(self) -> list[float]:
         """Non-negative least squares over the features seen so far (active set: a

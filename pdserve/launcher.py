@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from pdserve.cli import autoscale_argv, placement_argv
+from pdserve.cli import autoscale_argv, placement_argv, role_argv
 from pdserve.procs import spawn
 
 log = logging.getLogger("pdserve.launcher")
@@ -168,7 +168,7 @@ def run_cluster(ns) -> int:
         n_p, n_d = ns.prefill_workers, ns.decode_workers
         p_cores, d_cores = assign_cores(cores, n_p, n_d)
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
-                      "--port", str(ns.scheduler_port)] + placement_argv(ns)
+                      "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)
         if ns.autoscale == "local":
             # the autoscaler starts workers like ours, on each pool's cores

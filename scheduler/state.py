@@ -271,7 +271,9 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     compat = {w.compat_hash for w in decodes}
     prefills = [p for p in prefills if p.compat_hash in compat]
     cached = overlap_of(list({w.worker_id: w for w in prefills + decodes}.values()))
-    if cfg.policy == "adaptive" and book is not None and slo is not None:
+    # the conditional-disaggregation thresholds, when set, pin the fixed rules
+    pinned = cfg.local_prefill_max_tokens or cfg.prefill_saturation_tokens
+    if cfg.policy == "adaptive" and book is not None and slo is not None and not pinned:
         d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
                             max_tokens, now)
         if d is not None:
@@ -281,7 +283,11 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     prefill = choose_prefill(cfg, pcands, num_tokens, rng, reg.route_seq)
     if prefill is not None:   # decode must be able to read that prefill worker's blocks
         ph = reg.workers[prefill.worker_id].compat_hash
-        decodes = [d for d in decodes if d.compat_hash == ph and d.worker_id != prefill.worker_id]
+        others = [d for d in decodes if d.compat_hash == ph and d.worker_id != prefill.worker_id]
+        if not others:        # a mixed worker that is the only decoder: it does it all
+            prefill = None
+        else:
+            decodes = others
     dcands = [DecodeCandidate(d.worker_id, d.kv_usage(), d.running(),
                               d.load.max_num_seqs, d.load.tpot_ms,
                               cached.get(d.worker_id, 0)) for d in decodes]

@@ -47,6 +47,11 @@ def test_fit_is_non_negative_and_unseen_features_are_unknown():
     assert all(c >= 0 for c in m.coef())
     assert not m.warm() and not m.fit.known(3) and m.fit.known(1)
     assert m.coef()[3] == 0.0
+    one = StepModel()          # known means seen in samples, whatever their weight
+    one.observe(StepSample(0.001, 0, 0.0, 1, 10))
+    assert not one.fit.known(3)
+    one.observe(StepSample(0.001, 0, 0.0, 2, 20))
+    assert one.fit.known(3)
 
 
 def test_old_steps_fade_when_the_engine_changes_speed():

@@ -1,0 +1,181 @@
+"""Adaptive disaggregation with real engines: chunked local prefill beside a running stream
+equals colocated vLLM; the latency model predicts from real steps; roles change under
+load with no request lost and no KV block leaked; the role planner flips a role when the
+mix shifts, and not before."""
+
+import concurrent.futures as cf
+import time
+
+import grpc
+import httpx
+import pytest
+
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from tests.e2e.cluster import reference
+from tests.e2e.conftest import serving, words
+
+
+def sched(c):
+    return pd_pb2_grpc.SchedulerStub(grpc.insecure_channel(c.scheduler))
+
+
+def complete(c, prompt, max_tokens, **kw):
+    r = httpx.post(f"{c.url}/v1/completions", timeout=300, json={
+        "model": c.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        **kw})
+    assert r.status_code == 200, r.text
+    return r.json(), r.headers.get("x-pdserve-route", "")
+
+
+def wait_until(cond, timeout=60.0, step=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny_model, tmp_path_factory):
+    """Every request prefills on the decode worker (the fixed rule, pinned by its flag) and
+    the engines protect a 1 ms TPOT: beside a running stream, prompts go in 16-token
+    chunks (the budget's floor). Every step is traced to `c.trace`."""
+    trace = tmp_path_factory.mktemp("steps") / "steps.txt"
+    for c in serving(tiny_model, tmp_path_factory, "chunked",
+                     env={"PDSERVE_STEP_TRACE": str(trace)},
+                     extra=["--local-prefill-max-tokens", "100000", "--tpot-slo-ms", "1"]):
+        c.trace = trace
+        yield c
+
+
+def steps(trace, start=0):
+    """Traced steps: (seconds, prompt tokens, attention, decode seqs, ctx, allow, budget)."""
+    if not trace.exists():
+        return []
+    return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) == 7]
+
+
+def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, tokenizer,
+                                                                    tmp_path_factory):
+    c = chunked
+    long_stream = words(40, seed=901)
+    prompts = [words(n, seed=900 + n) for n in (300, 700)]
+    ids = [tokenizer.encode(p) for p in [long_stream] + prompts]
+    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"))
+    ref += reference(c.model_dir, ids[1:], 16, tmp_path_factory.mktemp("ref2"))
+    start = len(steps(c.trace))
+    with cf.ThreadPoolExecutor(2) as ex:
+        stream = ex.submit(complete, c, long_stream, 400, ignore_eos=True)
+        wait_until(lambda: any(int(s[3]) >= 1 for s in steps(c.trace, start)))
+        mark = len(steps(c.trace))
+        outs = [complete(c, p, 16) for p in prompts]
+        body, route = stream.result()
+    assert body["choices"][0]["text"] == ref[0]["text"]
+    for (out, route), want in zip(outs, ref[1:]):
+        assert route.startswith("local:short_prompt"), route
+        assert out["choices"][0]["text"] == want["text"]
+    # the prompts went in 16-token chunks beside the stream
+    beside = [s for s in steps(c.trace, mark) if int(s[1]) > 0 and int(s[3]) >= 1]
+    assert beside and all(int(s[1]) <= 16 for s in beside), beside[:5]
+    assert sum(int(s[1]) for s in beside) >= 300 - 16
+    loads = c.wait_idle()
+    assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
+
+
+@pytest.fixture(scope="module")
+def roles_cluster(tiny_model, tmp_path_factory):
+    """1P1D, adaptive defaults; the role planner off (this test changes roles itself)."""
+    yield from serving(tiny_model, tmp_path_factory, "roles",
+                       extra=["--role-planner", "off"])
+
+
+def test_latency_model_predicts_from_real_steps(roles_cluster):
+    c = roles_cluster
+    for i in range(6):
+        complete(c, words(200 + 50 * i, seed=950 + i), 8)
+    w = wait_until(lambda: [w for w in c.workers() if w.step_samples > 0 and w.step_coef]
+                   if len(c.workers()) == 2 else None)
+    assert len(w) == 2 and all(x.step_coef[1] > 0 for x in w)    # per-token prefill cost
+    body, route = complete(c, words(300, seed=999), 8)
+    assert " predicted_ttft_ms=" in route and "runner_up: " in route, route
+    assert route.split(":")[1].split()[0] in ("slo", "best_effort")
+
+
+def test_role_changes_under_load_lose_nothing_and_leak_nothing(roles_cluster):
+    c = roles_cluster
+    s = sched(c)
+    ids = {w.role: w.worker_id for w in c.workers()}
+    p, d = ids[pd_pb2.ROLE_PREFILL], ids[pd_pb2.ROLE_DECODE]
+    prompts = [words(60 + 37 * i, seed=1000 + i) for i in range(24)]
+    want = {i: complete(c, prompts[i], 24, ignore_eos=True)[0]["choices"][0]["text"]
+            for i in (0, 1)}
+
+    def one(i):
+        time.sleep(0.1 * i)
+        return i, complete(c, prompts[i], 24, ignore_eos=True)
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        futs = [ex.submit(one, i) for i in range(len(prompts))]
+        time.sleep(0.5)
+        # the prefill worker gains decode work at once...
+        r = s.SetRole(pd_pb2.SetRoleRequest(worker_id=p, role=pd_pb2.ROLE_MIXED))
+        assert r.found and r.role == pd_pb2.ROLE_MIXED and not r.pending_role
+        # ...and the decode worker becomes a prefill worker once its decodes are done
+        r = s.SetRole(pd_pb2.SetRoleRequest(worker_id=d, role=pd_pb2.ROLE_PREFILL))
+        assert r.found
+        results = [f.result() for f in futs]
+    for i, (body, route) in results:
+        assert body["usage"]["completion_tokens"] == 24
+        if i in want:
+            assert body["choices"][0]["text"] == want[i]
+    roles = wait_until(lambda: (lambda ws: ws if ws[d].role == pd_pb2.ROLE_PREFILL and
+                                not ws[d].pending_role else None)(
+        {w.worker_id: w for w in c.workers()}))
+    assert roles[p].role == pd_pb2.ROLE_MIXED and roles[d].role_changes == 1
+    # the flipped worker now prefills for the mixed one, which decodes: greedy text holds
+    for i in (0, 1):
+        body, route = complete(c, prompts[i], 24, ignore_eos=True)
+        assert body["choices"][0]["text"] == want[i]
+        assert f"decode={p}" in route, route
+    # the worker heard its role and registered under it
+    wait_until(lambda: f"role decode -> prefill (scheduler)" in c.log_path.read_text())
+    loads = c.wait_idle()
+    assert all(not (v.running or v.waiting or v.kv_usage or v.kv_leases_held)
+               for v in loads.values()), loads
+    # back to the start: decode first (gains work), then the mixed one drains to prefill
+    s.SetRole(pd_pb2.SetRoleRequest(worker_id=d, role=pd_pb2.ROLE_DECODE))
+    s.SetRole(pd_pb2.SetRoleRequest(worker_id=p, role=pd_pb2.ROLE_PREFILL))
+    wait_until(lambda: {w.worker_id: w.role for w in c.workers()} ==
+               {p: pd_pb2.ROLE_PREFILL, d: pd_pb2.ROLE_DECODE})
+
+
+@pytest.fixture(scope="module")
+def planner_cluster(tiny_model, tmp_path_factory):
+    """A role planner with a short window, and a TPOT SLO a decode-heavy load presses."""
+    yield from serving(tiny_model, tmp_path_factory, "planner",
+                       extra=["--role-window-s", "4", "--role-dwell-s", "5",
+                              "--tpot-slo-ms", "6"])
+
+
+def test_planner_flips_a_role_when_the_mix_shifts_and_only_then(planner_cluster):
+    c = planner_cluster
+    p = next(w.worker_id for w in c.workers() if w.role == pd_pb2.ROLE_PREFILL)
+    # prompts only (one output token: no decode stream) for twice the window: no flip
+    t_end = time.monotonic() + 8
+    i = 0
+    while time.monotonic() < t_end:
+        complete(c, words(400, seed=2000 + i), 1)
+        i += 1
+    assert all(w.role_changes == 0 for w in c.workers())
+    # decode-heavy: many concurrent long streams on the decode worker
+    with cf.ThreadPoolExecutor(12) as ex:
+        futs = [ex.submit(complete, c, words(8, seed=3000 + j), 600, ignore_eos=True)
+                for j in range(48)]
+        flipped = wait_until(lambda: next((w for w in c.workers() if w.worker_id == p and
+                                           w.role == pd_pb2.ROLE_MIXED), None), timeout=120)
+        for f in futs:
+            assert f.result()[0]["usage"]["completion_tokens"] == 600
+    assert flipped.role_changes == 1
+    assert "role planner: " in c.log_path.read_text()
