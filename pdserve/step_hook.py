@@ -38,6 +38,7 @@ _PATCHED = False
 # an engine's first steps pay lazy initialisation (measured on CPU: 2.8-3.5 s for a
 # 4-token prompt, 0.16 s for the next one): they would teach the model nothing true
 SKIP_FIRST = 2
+REFIT = 16
 
 
 def unix_address(name: str) -> str:
@@ -66,11 +67,18 @@ class _State:
         self.address = unix_address(address)
         self.allow, self.tokens = float("inf"), 0
         self.skip = SKIP_FIRST
+        self.coef: Coef | None = None     # refitted every REFIT steps, not every step
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.setblocking(False)
         trace = os.environ.get("PDSERVE_STEP_TRACE", "")
         self.trace = open(trace, "a", buffering=1) if trace else None
+
+    def current(self) -> Coef | None:
+        m = self.model
+        if m.samples % REFIT == 0 or (self.coef is None and m.warm()):
+            self.coef = Coef.of(m.coef()) if m.warm() else None
+        return self.coef
 
     def send(self, sample: StepSample, allow: float, tokens: int) -> None:
         if self.trace is not None:
@@ -114,8 +122,7 @@ def install() -> bool:
         if not hasattr(self, "_pd_base_threshold"):
             self._pd_base_threshold = self.scheduler_config.long_prefill_token_threshold
         streams, ctx = _streams(self, st, now)
-        coef = Coef.of(st.model.coef()) if st.model.warm() else None
-        b = budget(streams, coef, st.slo_s, ctx, cap)
+        b = budget(streams, st.current(), st.slo_s, ctx, cap)
         st.allow, st.tokens = b.allow_s, b.tokens
         if b.tokens:
             self.max_num_scheduled_tokens = min(cap, len(streams) + b.tokens)

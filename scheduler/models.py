@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pdserve.latency import Coef, StepModel, StepSample, TransferModel
 
 RECENT = 256                 # steps kept per worker for the recent-interference figures
+RECENT_S = 30.0              # ...and only those that arrived this recently count
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class LatencyBook:
         self.transfers: dict[str, TransferModel] = {}
         self.pooled_transfer = TransferModel()
 
-    def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample]) -> None:
+    def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
+                      now: float = 0.0) -> None:
+        """`now`: when they arrived (the recent figures forget old steps)."""
         m = self.workers.setdefault(worker_id, StepModel(self.half_life))
         p = self.pools.setdefault(pool, StepModel(self.half_life))
         self.pool_of[worker_id] = pool
@@ -41,7 +44,7 @@ class LatencyBook:
             m.observe(s)
             p.observe(s)
             if s.decode_seqs:
-                r.append((s.seconds, s.prefill_tokens > 0))
+                r.append((now, s.seconds, s.prefill_tokens > 0))
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -77,9 +80,9 @@ class LatencyBook:
             return max(0.0, m.predict(nbytes))
         return max(0.0, self.pooled_transfer.predict(nbytes))
 
-    def recent_of(self, worker_id: str) -> Recent:
-        r = self.recent.get(worker_id)
+    def recent_of(self, worker_id: str, now: float = 0.0, window_s: float = RECENT_S) -> Recent:
+        r = [x for x in self.recent.get(worker_id, ()) if now - x[0] <= window_s]
         if not r:
             return Recent()
         n = len(r)
-        return Recent(n, sum(1 for _, p in r if p) / n, sum(s for s, _ in r) / n)
+        return Recent(n, sum(1 for *_, p in r if p) / n, sum(s for _, s, _ in r) / n)

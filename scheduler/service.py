@@ -109,7 +109,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         if request.steps:
             last = request.steps[-1]
             w.step_decode_seqs, w.step_decode_ctx = last.decode_seqs, last.decode_ctx
-            self.book.observe_steps(w.worker_id, w.model, _samples(request.steps))
+            self.book.observe_steps(w.worker_id, w.model, _samples(request.steps), now)
             M.SCHED_MODEL_SAMPLES.inc(len(request.steps))
         self._settle(now)
         return pd_pb2.HeartbeatResponse(known=True, draining=w.draining, role=ROLE_PB[w.role])
@@ -150,9 +150,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         allowance, and the prefill backlog over the TTFT SLO (worst worker of each)."""
         ws = [w for w in self.reg.workers.values() if not w.draining]
         allow = self.slo.safety * self.slo.tpot_s
-        dp = max((self.book.recent_of(w.worker_id).mean_step_s / allow for w in ws
-                  if w.can("decode") and self.book.recent_of(w.worker_id).stream_steps >= 16),
-                 default=0.0)
+        recent = {w.worker_id: self.book.recent_of(w.worker_id, now) for w in ws}
+        dp = max((recent[w.worker_id].mean_step_s / allow for w in ws
+                  if w.can("decode") and recent[w.worker_id].stream_steps >= 16), default=0.0)
         pp = max((self.reg.backlog(w, now) / self.slo.ttft_s for w in ws), default=0.0)
         return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role})
 

@@ -36,7 +36,7 @@ def warm_book(*ids, coef=C):
                             chunk_attn(p, 0), d, d * 500)
                  for p, d in ((512, 0), (1024, 0), (0, 1), (0, 4), (0, 8), (256, 4),
                               (128, 0), (0, 2))]
-        b.observe_steps(wid, "m", steps * 3)
+        b.observe_steps(wid, "m", steps * 3, now=10.0)
     return b
 
 
@@ -56,7 +56,8 @@ def test_idle_cluster_disaggregates_and_predicts_ttft_from_the_fit():
     # a decode step with one stream, plus the interference its engine's history shows:
     # one stream step in five also prefilled, and such a step may take the allowance
     base = C.decode_step(1, 1000 + 32)
-    assert book.recent_of("d").prefill_frac == pytest.approx(1 / 5)
+    assert book.recent_of("d", 10.0).prefill_frac == pytest.approx(1 / 5)
+    assert book.recent_of("d", 100.0).stream_steps == 0     # old steps are forgotten
     assert d.pred_tpot_s == pytest.approx(base + (0.09 - base) / 5, rel=0.1)
     assert d.runner_up.startswith("local decode=d")
 
