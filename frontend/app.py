@@ -154,13 +154,13 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             ws = await state["client"].list_workers()
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"status": "unhealthy", "reason": f"scheduler: {e}"}, 503)
-        roles = {pd_pb2.ROLE_PREFILL: 0, pd_pb2.ROLE_DECODE: 0}
-        for w in ws.workers:
-            roles[w.role] = roles.get(w.role, 0) + 1
-        ok = roles[pd_pb2.ROLE_PREFILL] > 0 and roles[pd_pb2.ROLE_DECODE] > 0
-        body = {"status": "ok" if ok else "unhealthy",
-                "prefill_workers": roles[pd_pb2.ROLE_PREFILL],
-                "decode_workers": roles[pd_pb2.ROLE_DECODE]}
+        roles = [w.role for w in ws.workers]
+        mixed = roles.count(pd_pb2.ROLE_MIXED)          # a mixed worker does both
+        prefill, decode = roles.count(pd_pb2.ROLE_PREFILL) + mixed, \
+            roles.count(pd_pb2.ROLE_DECODE) + mixed
+        ok = prefill > 0 and decode > 0
+        body = {"status": "ok" if ok else "unhealthy", "prefill_workers": prefill,
+                "decode_workers": decode, "mixed_workers": mixed}
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")
@@ -175,7 +175,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             ws = await state["client"].list_workers()
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"error": f"scheduler: {e}"}, 503)
-        roles = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode"}
+        roles = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode",
+                 pd_pb2.ROLE_MIXED: "mixed"}
         return [{"targets": [w.metrics_address],
                  "labels": {"pdserve_role": roles.get(w.role, "unknown"),
                             "pdserve_worker": w.worker_id}}
