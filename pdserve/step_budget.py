@@ -9,8 +9,14 @@ the rest of its life and still end within the SLO:
 
 where `elapsed` is the time since the stream's first token, `produced` its tokens so far
 and `target` its max_tokens. The step's prompt-token budget is what the engine's fitted
-step model (pdserve/latency.py) says fits in `allow` beside the decode work. With no
-stream running there is nothing to protect and prefill runs unchunked. A floor
+step model (pdserve/latency.py) says fits in `allow` beside the decode work.
+
+With no stream running, a prompt that will itself decode here (a local prefill: max_tokens
+> 1) still goes in steps of at most safety * SLO: a stream that arrives meanwhile (a
+remote prefill's KV landing) waits for the step in progress, and one whole long prompt
+would take its slack at once. Chunking costs one per-step part per chunk (a few ms
+against steps of the SLO's size). Remote prefills alone (max_tokens 1, nobody decodes
+here) run unchunked. A floor
 (`min_chunk`) keeps prompts moving when a stream is already behind: TTFT would otherwise
 be unbounded while streams run.
 
@@ -49,11 +55,13 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = 0.9) -> 
 
 
 def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
-           max_tokens: int, min_chunk: int = 16, safety: float = 0.9) -> Budget:
-    """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap."""
-    if not streams or tpot_slo_s <= 0:
+           max_tokens: int, min_chunk: int = 16, safety: float = 0.9,
+           local_prefill: bool = False) -> Budget:
+    """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap;
+    `local_prefill`: a prompt being computed will decode here."""
+    if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
-    allow = allowance(streams, tpot_slo_s, safety)
+    allow = allowance(streams, tpot_slo_s, safety) if streams else safety * tpot_slo_s
     if coef is None or allow == float("inf"):
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)

@@ -93,15 +93,21 @@ class _State:
             pass   # the worker is not reading (yet): the sample is lost, never the step
 
 
-def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int]:
-    out, ctx = [], 0
+def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
+    """The decode streams, their context, and whether a prompt being computed will
+    decode here (a local prefill)."""
+    out, ctx, local = [], 0, False
     for r in sched.running:
-        if r.num_computed_tokens < r.num_prompt_tokens:
-            continue                                # still prefilling: not a stream yet
+        if r.num_computed_tokens < r.num_prompt_tokens:   # still prefilling
+            local = local or (r.max_tokens or 0) > 1
+            continue
         t0 = st.first.setdefault(r.request_id, now)
         out.append(Stream(now - t0, r.num_output_tokens, int(r.max_tokens or 0)))
         ctx += r.num_computed_tokens
-    return out, ctx
+    if not local:
+        local = any((r.max_tokens or 0) > 1 and r.num_computed_tokens < r.num_prompt_tokens
+                    for r in sched.waiting)
+    return out, ctx, local
 
 
 def install() -> bool:
@@ -121,8 +127,8 @@ def install() -> bool:
         cap = self.scheduler_config.max_num_batched_tokens
         if not hasattr(self, "_pd_base_threshold"):
             self._pd_base_threshold = self.scheduler_config.long_prefill_token_threshold
-        streams, ctx = _streams(self, st, now)
-        b = budget(streams, st.current(), st.slo_s, ctx, cap)
+        streams, ctx, local = _streams(self, st, now)
+        b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local)
         st.allow, st.tokens = b.allow_s, b.tokens
         if b.tokens:
             self.max_num_scheduled_tokens = min(cap, len(streams) + b.tokens)

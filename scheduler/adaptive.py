@@ -11,8 +11,8 @@ Predictions, from each worker's fitted step model (pdserve/latency.py) and what 
 on it:
 - TTFT = backlog(W) + prefill(W), where W is the worker that computes the prompt, the
   backlog is the prefill work booked on W and not yet done (predicted seconds), and the
-  prefill runs unchunked on an engine without streams, or in chunks that fit the streams'
-  step allowance on one with streams;
+  prefill runs in chunks that fit the streams' step allowance on an engine with streams,
+  in SLO-sized steps for a local prefill on one without, unchunked otherwise;
 - TPOT = decode step of D with one more stream and its context
   + the share of D's stream steps that also prefill (recently seen, or D's own backlog,
     whichever is larger) times what such a step adds
@@ -78,13 +78,17 @@ class Option:
                 f"tpot_ms={self.tpot_s * 1e3:.1f}")
 
 
-def prefill_on(n: Node, tokens: int, slo: SLO) -> tuple[float, int]:
-    """(seconds, chunk) to compute the request's uncached prompt on `n`."""
+def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
+    """(seconds, chunk) to compute the request's uncached prompt on `n`; `local`: it
+    decodes there too (the engine then keeps steps within the SLO even with no stream:
+    pdserve/step_budget.py)."""
     cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
     todo = tokens - cached
-    if n.streams <= 0:
+    if n.streams <= 0 and not local:
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
-    allow = n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+    allow = slo.safety * slo.tpot_s
+    if n.streams > 0 and math.isfinite(n.allow_s):
+        allow = n.allow_s
     return n.coef.chunked_prefill_time(todo, allow, n.streams, n.ctx, MIN_CHUNK, cached)
 
 
@@ -111,7 +115,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 
 def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
-    t, chunk = prefill_on(d, tokens, slo)
+    t, chunk = prefill_on(d, tokens, slo, local=True)
     ttft = d.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk,

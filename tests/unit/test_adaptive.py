@@ -91,6 +91,9 @@ def test_local_prefill_beside_streams_is_chunked_and_slower():
     t0, ch0 = A.prefill_on(quiet, 1000, SLO)
     t1, ch1 = A.prefill_on(busy, 1000, SLO)
     assert ch0 == 0 and 0 < ch1 < 1000 and t1 > t0
+    # a local prefill with no stream still goes in SLO-sized steps, at little cost
+    tl, chl = A.prefill_on(quiet, 1000, SLO, local=True)
+    assert 0 < chl < 1000 and t0 < tl < t0 * 1.05
     # each chunked step stays within the streams' allowance
     assert coef.step_time(ch1, 0, 8, 8000) <= 0.09 * 1.001
 
@@ -105,7 +108,7 @@ def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_
 
 
 def test_near_ties_go_to_remote():
-    p, d = A.Node("p", C), A.Node("d", C, transfer_s=0.001)
+    p, d = A.Node("p", C, backlog_s=0.03), A.Node("d", C, transfer_s=0.001)
     opts = A.options([p], [d], 500, 64, SLO, {"d"})
     assert [o.kind for o in opts] == ["remote", "local"]
     assert opts[1].score >= opts[0].score       # local is no worse, but not better enough

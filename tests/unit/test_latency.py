@@ -119,7 +119,10 @@ def test_allowance_spends_slack_evenly_over_the_rest_of_each_stream():
 
 def test_budget():
     slo = 0.1
-    assert budget([], TRUE, slo, 0, 4096) .tokens == 0      # no streams: unchunked
+    assert budget([], TRUE, slo, 0, 4096).tokens == 0       # no streams: unchunked...
+    alone = budget([], TRUE, slo, 0, 4096, local_prefill=True)   # ...unless the prompt
+    assert alone.allow_s == pytest.approx(0.09)                  # decodes here: SLO-sized
+    assert alone.tokens == TRUE.chunk_budget(0.09, 0, 0) > 16    # steps
     s = [Stream(0.0, 1, 65)] * 4
     b = budget(s, TRUE, slo, 4000, 4096)
     assert b.allow_s == pytest.approx(0.09)
