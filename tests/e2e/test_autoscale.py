@@ -47,7 +47,9 @@ def scaled(tiny_model, tmp_path_factory):
         "--planner-interval-s", "1", "--planner-window-s", "6",
         "--scale-up-cooldown-s", "60", "--scale-down-cooldown-s", "5",
         "--scale-down-ticks", "3", "--warmup-grace-s", "5",
-        "--planner-record", str(record)])
+        "--planner-record", str(record),
+        # pools scale here, roles stay put (the role planner has its own tests)
+        "--role-planner", "off"])
     c.record = record
     yield c
     assert stop_cluster_proc(c.proc) == 0
