@@ -16,10 +16,12 @@ shifting mix (prefill-dominated for the first half of each run, decode-dominated
 
 The matrix means the same on a fast or a slow host: before it, each mix's requests are
 sent one at a time to the calibration setup (the first in --setups; by default vllm-2x, one
-engine per core, the per-engine hardware pdserve's workers get). The SLOs are multiples of
-that unloaded latency (TTFT: --ttft-scale x the slowest unloaded TTFT of the mix; TPOT:
---tpot-scale x the median unloaded TPOT), and the rates multiples (--rate-mult) of one
-engine's serial capacity for the mix (1 / its mean unloaded end-to-end latency).
+engine per core, the per-engine hardware pdserve's workers get). One pair of SLOs holds for
+every mix, as a user states them once: multiples of that unloaded latency (TTFT:
+--ttft-scale x the slowest unloaded TTFT of any mix; TPOT: --tpot-scale x the median
+unloaded TPOT), given to pdserve as its --ttft-slo-ms/--tpot-slo-ms. The rates are
+multiples (--rate-mult) of one engine's serial capacity for each mix (1 / its mean
+unloaded end-to-end latency).
 
 Prints per mix the table of goodput and latencies, per cell pdserve's goodput over the
 best peer's, the targets (at least the best peer in every cell; 1.5x the best peer's peak
@@ -48,18 +50,24 @@ MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
 SETUP_ORDER = ("vllm-2x", "vllm-1", "vllm-2x-chunked", "pdserve")
 
 
-def calibrate(results: list[Result], ttft_scale: float, tpot_scale: float,
-              mults: list[float]) -> dict:
-    """SLOs and rates from requests served one at a time. Pure."""
-    ok = [r for r in results if r.ok]
-    if not ok:
-        raise RuntimeError("calibration: no request completed")
-    tpots = [r.tpot for r in ok if not math.isnan(r.tpot)]
-    e2e = sum(r.e2e for r in ok) / len(ok)
-    return {"ttft_ms": ttft_scale * max(r.ttft for r in ok) * 1e3,
-            "tpot_ms": tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3,
-            "unloaded_e2e_s": e2e,
-            "rates": [round(m / e2e, 4) for m in mults]}
+def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: float,
+              mults: list[float]) -> dict[str, dict]:
+    """One pair of SLOs for every mix, and each mix's rates, from requests served one at
+    a time. Pure."""
+    out, ttfts, tpots = {}, [], []
+    for mix, results in by_mix.items():
+        ok = [r for r in results if r.ok]
+        if not ok:
+            raise RuntimeError(f"calibration of {mix}: no request completed")
+        ttfts += [r.ttft for r in ok]
+        tpots += [r.tpot for r in ok if not math.isnan(r.tpot)]
+        e2e = sum(r.e2e for r in ok) / len(ok)
+        out[mix] = {"unloaded_e2e_s": e2e, "rates": [round(m / e2e, 4) for m in mults]}
+    slo = {"ttft_ms": ttft_scale * max(ttfts) * 1e3,
+           "tpot_ms": tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3}
+    for c in out.values():
+        c.update(slo)
+    return out
 
 
 def mix_ns(ns, mix: str, cal: dict | None = None, idx: int = 0) -> argparse.Namespace:
@@ -71,22 +79,24 @@ def mix_ns(ns, mix: str, cal: dict | None = None, idx: int = 0) -> argparse.Name
     return argparse.Namespace(**d)
 
 
-async def _calibrate_mix(url: str, ns, mix: str, idx: int) -> dict:
+async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
     from bench.serve import run_once, served_model, spec_for
     from bench.workload import build
 
-    m = mix_ns(ns, mix, idx=idx)
-    m.num_requests = ns.calibration_requests
-    spec = spec_for(m, 1.0, seed=m.seed + 99_999)
-    reqs = build(spec)
-    results, _ = await run_once(url, await served_model(url), reqs, 1, f"calibrate {mix}",
-                                ns.timeout_s)
-    cal = calibrate(results, ns.ttft_scale, ns.tpot_scale,
-                    [float(x) for x in ns.rate_mult.split(",")])
-    print(f"calibration {mix}: SLO TTFT {cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms, "
-          f"rates {cal['rates']} req/s (unloaded e2e {cal['unloaded_e2e_s']:.2f} s)",
-          flush=True)
-    return cal
+    by_mix = {}
+    for i, mix in enumerate(mixes):
+        m = mix_ns(ns, mix, idx=i)
+        m.num_requests = ns.calibration_requests
+        reqs = build(spec_for(m, 1.0, seed=m.seed + 99_999))
+        by_mix[mix], _ = await run_once(url, await served_model(url), reqs, 1,
+                                        f"calibrate {mix}", ns.timeout_s)
+    cals = calibrate(by_mix, ns.ttft_scale, ns.tpot_scale,
+                     [float(x) for x in ns.rate_mult.split(",")])
+    for mix, cal in cals.items():
+        print(f"calibration {mix}: SLO TTFT {cal['ttft_ms']:.0f} ms, TPOT "
+              f"{cal['tpot_ms']:.1f} ms, rates {cal['rates']} req/s (unloaded e2e "
+              f"{cal['unloaded_e2e_s']:.2f} s)", flush=True)
+    return cals
 
 
 def run_matrix(ns) -> tuple[dict, dict]:
@@ -100,13 +110,20 @@ def run_matrix(ns) -> tuple[dict, dict]:
 
     def body_for(setup: str):
         def body(url: str):
+            if not cals:
+                cals.update(asyncio.run(_calibrate(url, ns, mixes)))
+                slo = next(iter(cals.values()))
+                # pdserve is told the SLOs, as a user states them once
+                ns.pdserve_arg += ["--ttft-slo-ms", f"{slo['ttft_ms']:.0f}",
+                                   "--tpot-slo-ms", f"{slo['tpot_ms']:.1f}"]
             for i, mix in enumerate(mixes):
-                if mix not in cals:
-                    cals[mix] = asyncio.run(_calibrate_mix(url, ns, mix, i))
                 results[mix][setup] = asyncio.run(sweep(url, mix_ns(ns, mix, cals[mix], i),
                                                         f"{setup} {mix}"))
         return body
 
+    if setups and setups[0] == C.OURS:
+        raise SystemExit("the first setup calibrates the SLOs pdserve is given: put a "
+                         "vLLM setup first")
     for s in setups:
         C.run_setup(s, ns, body_for(s))
     return results, cals

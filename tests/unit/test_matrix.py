@@ -47,12 +47,15 @@ def test_shifting_mix_changes_balance_mid_run():
 
 
 def test_calibration_scales_slos_and_rates_from_unloaded_latency():
-    rs = [R(0, 0.5, 1.5, 11), R(1, 1.0, 3.0, 11), R(2, 0.2, 0.7, 6)]
-    cal = MX.calibrate(rs, ttft_scale=4, tpot_scale=1.5, mults=[0.5, 1.0])
-    assert cal["ttft_ms"] == pytest.approx(4000)               # 4 x the slowest TTFT
-    assert cal["tpot_ms"] == pytest.approx(1.5 * 100)          # 1.5 x the median TPOT
-    e2e = (1.5 + 3.0 + 0.7) / 3
-    assert cal["rates"] == [round(0.5 / e2e, 4), round(1.0 / e2e, 4)]
+    a = [R(0, 0.5, 1.5, 11), R(1, 1.0, 3.0, 11)]          # TPOT 0.1 and 0.2
+    b = [R(2, 0.2, 0.7, 6), R(3, 0.1, 1.1, 11)]           # TPOT 0.1 and 0.1
+    cal = MX.calibrate({"a": a, "b": b}, ttft_scale=4, tpot_scale=1.5, mults=[0.5, 1.0])
+    for c in cal.values():                                # one pair of SLOs for all mixes
+        assert c["ttft_ms"] == pytest.approx(4000)        # 4 x the slowest TTFT of any
+        assert c["tpot_ms"] == pytest.approx(1.5 * 100)   # 1.5 x the median TPOT
+    e2e = (1.5 + 3.0) / 2                                 # rates per mix
+    assert cal["a"]["rates"] == [round(0.5 / e2e, 4), round(1.0 / e2e, 4)]
+    assert cal["b"]["rates"][1] == round(1.0 / 0.9, 4)
 
 
 def run(rate, goodput, tpot_p99, local_tpots=()):
