@@ -323,7 +323,8 @@ def cmd_serve(ns) -> int:
 
 def cmd_dryrun(ns) -> int:
     from scheduler.dryrun import main as dryrun_main
-    return dryrun_main(ns, planner_config(ns))
+    return dryrun_main(ns, planner_config(ns),
+                       role_config(ns) if ns.role_planner == "on" else None)
 
 
 def cmd_set_role(ns) -> int:
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--start-decode", type=int, default=1)
     d.add_argument("--seed", type=int, default=0)
     autoscale_args(d, planner_only=True)
+    role_args(d)
     d.set_defaults(func=cmd_dryrun)
 
     f = sub.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend")

@@ -15,6 +15,10 @@ Two sources:
     decode_step_ms + decode_step_ms_per_seq x running, so
     TPOT = step / (1 - per_seq x rate x OSL / replicas), and 10x the SLO when saturated.
   New replicas serve one tick after the planner asks for them.
+  The role planner (scheduler/roles.py) runs in the loop too: decode pressure is the TPOT
+  p90 over 0.9 x the TPOT SLO, prefill pressure the TTFT p90's queueing part over the TTFT
+  SLO; a mixed worker counts as half a prefill and half a decode replica. Its flips are in
+  the timeline ("roles: ...").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import random
 from dataclasses import dataclass
 
 from scheduler.planner import POOLS, Planner, PlannerConfig, PlannerInput, PoolMetrics
+from scheduler.roles import RolePlanner, RolePlannerConfig, Signals
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Step:
     replicas: dict[str, int]
     desired: dict[str, int]
     reasons: dict[str, str]
+    mixed: int = 0                # prefill workers in the mixed role
+    role_change: str = ""
 
 
 def synthetic_load(shape: str, t: float, duration: float, rng: random.Random):
@@ -76,29 +83,51 @@ def model_latency(pool: str, rate: float, isl: float, osl: float, replicas: int,
     return ns.decode_step_ms / (1 - load)
 
 
-def simulate(ns, cfg: PlannerConfig) -> list[Step]:
+def simulate(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None) -> list[Step]:
     planner = Planner(cfg)
+    roles = RolePlanner(roles_cfg) if roles_cfg is not None else None
     rng = random.Random(ns.seed)
     replicas = {"prefill": ns.start_prefill, "decode": ns.start_decode}
     born = {p: -math.inf for p in POOLS}
+    mixed = 0
     steps = []
     t = 0.0
     while t <= ns.duration_s:
         rate, isl, osl = synthetic_load(ns.synthetic, t, ns.duration_s, rng)
-        lat = {p: model_latency(p, rate, isl, osl, replicas[p], ns,
+        share = {"prefill": replicas["prefill"] - 0.5 * mixed,
+                 "decode": replicas["decode"] + 0.5 * mixed}
+        lat = {p: model_latency(p, rate, isl, osl, share[p], ns,
                                 getattr(cfg, p).target_ms) for p in POOLS}
+        change = ""
+        if roles is not None:
+            mixed, change = _roles_tick(roles, t, lat, isl, ns, cfg, replicas["prefill"], mixed)
         metrics = {p: PoolMetrics(latency_p90_ms=lat[p], request_rate=rate,
                                   mean_input_tokens=isl, mean_output_tokens=osl)
                    for p in POOLS}
         d = planner.tick(PlannerInput(t, dict(replicas), metrics,
                                       {p: t - born[p] for p in POOLS}))
-        steps.append(Step(t, rate, isl, osl, lat, dict(replicas), d.desired, d.reasons))
+        steps.append(Step(t, rate, isl, osl, lat, dict(replicas), d.desired, d.reasons, mixed,
+                          change))
         for p in POOLS:
             if d.desired[p] > replicas[p]:
                 born[p] = t
             replicas[p] = d.desired[p]
+        mixed = min(mixed, replicas["prefill"])
         t += ns.tick_s
     return steps
+
+
+def _roles_tick(roles: RolePlanner, t: float, lat: dict, isl: float, ns, cfg: PlannerConfig,
+                n_prefill: int, mixed: int) -> tuple[int, str]:
+    tpot, ttft = lat["decode"] or 0.0, lat["prefill"] or 0.0
+    queueing = max(0.0, ttft - isl / ns.prefill_tok_s * 1e3)
+    sig = Signals(tpot / (0.9 * cfg.decode.target_ms), queueing / cfg.prefill.target_ms,
+                  {f"prefill-{i}": "mixed" if i < mixed else "prefill"
+                   for i in range(n_prefill)})
+    for f in roles.tick(t, sig):
+        mixed += 1 if f.role == "mixed" else -1
+        return mixed, f"{f.worker_id} -> {f.role} ({f.reason})"
+    return mixed, ""
 
 
 def replay(path: str, cfg: PlannerConfig) -> list[Step]:
@@ -145,6 +174,8 @@ def print_timeline(steps: list[Step], out=None) -> None:
     for s in steps:
         change = [f"{p} {s.replicas[p]}->{s.desired[p]} ({s.reasons[p]})" for p in POOLS
                   if s.desired[p] != s.replicas[p]]
+        if s.role_change:
+            change.append(f"roles: {s.role_change}")
         row = (s.replicas["prefill"], s.replicas["decode"])
         if change or row != last or s is steps[-1]:
             f = lambda v: "-" if v is None else f"{v:.0f} ms"  # noqa: E731
@@ -184,18 +215,21 @@ def plot(steps: list[Step], cfg: PlannerConfig, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(ns, cfg: PlannerConfig) -> int:
+def main(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None) -> int:
     if ns.trace:
         steps = replay(ns.trace, cfg)
         title = f"replay of {ns.trace}"
     else:
-        steps = simulate(ns, cfg)
+        steps = simulate(ns, cfg, roles_cfg)
         title = f"synthetic '{ns.synthetic}' load"
     print_timeline(steps)
     for p in POOLS:
         counts = [s.replicas[p] for s in steps]
         print(f"{p}: replicas min {min(counts)} max {max(counts)}, "
               f"{sum(1 for a, b in zip(counts, counts[1:]) if b != a)} changes")
+    if roles_cfg is not None and not ns.trace:
+        print(f"roles: {sum(1 for s in steps if s.role_change)} changes, at most "
+              f"{max(s.mixed for s in steps)} mixed")
     if ns.plot:
         plot(steps, cfg, ns.plot, title)
         print(f"plot: {ns.plot}")

@@ -156,6 +156,20 @@ def test_dry_run_decode_heavy_scales_decode_only():
     assert {s.replicas["prefill"] for s in steps} == {1}
 
 
+def test_dry_run_flips_a_role_when_decode_cannot_scale():
+    from scheduler.dryrun import simulate
+    from scheduler.roles import RolePlannerConfig
+    capped = PlannerConfig(prefill=PoolPolicy(3000, 1, 1), decode=PoolPolicy(100, 1, 1))
+    steps = simulate(dry_ns(synthetic="decode-heavy"), capped, RolePlannerConfig())
+    flips = [s for s in steps if s.role_change]
+    assert [s.role_change for s in flips] == ["prefill-0 -> mixed (decode_pressure)"]
+    assert 600 <= flips[0].t <= 1200 + 30      # the heavy middle third, after its window
+    assert steps[-1].mixed == 1
+    # and with replicas to add, the autoscaler fixes it first: no flip
+    assert not any(s.role_change for s in simulate(dry_ns(synthetic="decode-heavy"), CFG,
+                                                   RolePlannerConfig()))
+
+
 def test_dry_run_command_prints_a_timeline_and_writes_a_png(tmp_path):
     png = tmp_path / "timeline.png"
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "planner-dryrun",
