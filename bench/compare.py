@@ -332,14 +332,11 @@ def plots(results: dict[str, list[dict]], prefix: str) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    from bench.serve import add_workload_args
-
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> None:
+    """The flags every comparison shares: model, setups, engine settings, outputs."""
     ap.add_argument("--model", default=None, help="HF model directory (default: bundled)")
     ap.add_argument("--served-name", default="model")
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--setups", default=setups)
     ap.add_argument("--kv-cache-gib", type=int, default=1, help="per engine (whole GiB)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=32)
@@ -348,24 +345,37 @@ def main(argv=None) -> int:
                     help="give vLLM's servers pdserve's quiet-wait plugin too")
     ap.add_argument("--pdserve-arg", action="append", default=[],
                     help="extra `pdserve serve` argument (repeat; use --pdserve-arg=--flag)")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
-                         "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
-                         "must start with pdserve; add it to --setups or it runs last)")
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring")
-    ap.add_argument("--log-dir", default="/tmp/pdserve-compare")
+    ap.add_argument("--log-dir", default=log_dir)
     ap.add_argument("--out", default="")
     ap.add_argument("--plot", default="")
-    add_workload_args(ap)
-    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:1536:256",
-                    output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
-    ns = ap.parse_args(argv)
+
+
+def finish_args(ns):
+    """The bundled model when none is named; the log directory made; no variants yet."""
     if not ns.model:
         from pdserve.models import ensure_bundled_model
         ns.model = str(ensure_bundled_model())
     ns.log_dir = Path(ns.log_dir)
     ns.log_dir.mkdir(parents=True, exist_ok=True)
     ns.variants = {}
+    return ns
+
+
+def main(argv=None) -> int:
+    from bench.serve import add_workload_args
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(ap, ",".join(SETUPS), "/tmp/pdserve-compare")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
+                         "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
+                         "must start with pdserve; add it to --setups or it runs last)")
+    add_workload_args(ap)
+    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:1536:256",
+                    output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
+    ns = finish_args(ap.parse_args(argv))
     for v in ns.variant:
         label, _, args = v.partition("=")
         if not label.startswith(OURS) or label == OURS:

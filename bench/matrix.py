@@ -194,34 +194,15 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--served-name", default="model")
-    ap.add_argument("--setups", default=",".join(SETUP_ORDER),
-                    help="the first one also calibrates SLOs and rates")
+    C.add_setup_args(ap, ",".join(SETUP_ORDER), "/tmp/pdserve-matrix")
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--ttft-scale", type=float, default=4.0)
     ap.add_argument("--tpot-scale", type=float, default=1.5)
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
     ap.add_argument("--calibration-requests", type=int, default=4)
-    ap.add_argument("--kv-cache-gib", type=int, default=1)
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--baseline-quiet-wait", action="store_true")
-    ap.add_argument("--pdserve-arg", action="append", default=[])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--log-dir", default="/tmp/pdserve-matrix")
-    ap.add_argument("--out", default="")
-    ap.add_argument("--plot", default="")
     add_workload_args(ap)
     ap.set_defaults(num_requests=10, input="fixed:128", output="fixed:8")
-    ns = ap.parse_args(argv)
-    if not ns.model:
-        from pdserve.models import ensure_bundled_model
-        ns.model = str(ensure_bundled_model())
-    ns.log_dir = Path(ns.log_dir)
-    ns.log_dir.mkdir(parents=True, exist_ok=True)
-    ns.variants = {}
+    ns = C.finish_args(ap.parse_args(argv))
     for m in ns.mixes.split(","):
         if m.strip() and m.strip() not in MIXES:
             ap.error(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
