@@ -5,7 +5,7 @@ four setups started and stopped in turn.
     .venv/bin/python -m bench.compare --rates 0.2,0.4 --num-requests 16 \\
         --out results/compare.json --plot results/compare
 
-Setups (`--setups`, comma list; all by default):
+Setups (`--setups`, comma list; all but vllm-2x-chunked by default):
   vllm-1          one colocated vLLM OpenAI server on both cores
   vllm-2x         two colocated vLLM servers, core 0 and core 1, behind a least-outstanding
                   proxy (bench/proxy.py)
@@ -367,7 +367,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setup_args(ap, ",".join(SETUPS), "/tmp/pdserve-compare")
+    add_setup_args(ap, ",".join(s for s in SETUPS if s != "vllm-2x-chunked"),
+                   "/tmp/pdserve-compare")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
                     help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
                          "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
