@@ -38,7 +38,10 @@ def fc(tiny_model, tmp_path_factory):
     c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "faults.log",
                       env={"PDSERVE_DEBUG_KV_LOAD_DELAY_S": str(DELAY_S)},
                       extra=["--prefill-workers", "1", "--decode-workers", "2", "--keep-going",
-                             "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3"])
+                             "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3",
+                             # transfers must happen here: the adaptive policy would
+                             # learn the injected 1.5 s loads and prefill locally instead
+                             "--policy", "kv"])
     yield c
     assert stop_cluster_proc(c.proc) == 0
     assert_no_orphans(c.log_path)
