@@ -103,7 +103,8 @@ class ClusterClient:
                output_tokens: int = 0, kv: pd_pb2.KVTransferStats | None = None) -> None:
         """Tell the scheduler (in the background; a lost report expires on its own). The
         latencies feed the autoscaling planner and the latency model's error; a pull
-        transfer's record feeds its transfer model."""
+        transfer's READ time feeds its transfer model (not the whole load: that includes
+        a first-time handshake)."""
         ok = kv is not None and kv.status == "ok" and kv.mode != "push"
 
         async def send():
@@ -111,7 +112,8 @@ class ClusterClient:
                 await self.scheduler.Report(pd_pb2.ReportRequest(
                     booking_id=booking_id, phase=phase, ttft_ms=ttft_s * 1e3,
                     tpot_ms=tpot_s * 1e3, output_tokens=output_tokens,
-                    kv_bytes=kv.bytes if ok else 0, kv_seconds=kv.seconds if ok else 0.0),
+                    kv_bytes=kv.bytes if ok else 0,
+                    kv_seconds=(kv.read_seconds or kv.seconds) if ok else 0.0),
                     timeout=5)
             except grpc.RpcError as e:
                 log.debug("report %s failed: %s", booking_id, e.code())

@@ -242,8 +242,8 @@ class TransferModel:
         self.fit = OnlineLinear(len(TRANSFER_FEATURES), half_life)
 
     def observe(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0:
-            self.fit.observe([1.0, nbytes / 1e9], seconds)
+        if nbytes > 0:     # relative error, as for steps
+            self.fit.observe([1.0, nbytes / 1e9], seconds, 1.0 / max(seconds, 1e-4) ** 2)
 
     def predict(self, nbytes: int) -> float:
         if nbytes <= 0 or not self.fit.samples:
