@@ -138,9 +138,10 @@ def rank(o: Option) -> tuple:
     """Best first. Headroom beyond COMFORT buys nothing, and options within SCORE_STEP of
     each other are equal: then remote first (disaggregation keeps decode engines for
     decoding; local prefill is the relief valve when remote cannot do as well), then the
-    higher score."""
+    lower TTFT (equally good prefill workers share the load), then the higher score."""
     s = min(o.score, COMFORT)
-    return (-math.floor(s / SCORE_STEP + 1e-9), o.kind != "remote", -o.score, o.tpot_s)
+    return (-math.floor(s / SCORE_STEP + 1e-9), o.kind != "remote", round(o.ttft_s, 4),
+            -o.score, o.tpot_s)
 
 
 def reason(best: Option) -> str:

@@ -114,6 +114,19 @@ def test_near_ties_go_to_remote():
     assert opts[1].score >= opts[0].score       # local is no worse, but not better enough
 
 
+def test_equally_good_prefill_workers_share_the_load():
+    r = Registry(5.0)
+    for w in (W("p1", "prefill"), W("p2", "prefill"), W("d", "decode")):
+        r.register(w)
+    book = warm_book("p1", "p2", "d")
+    got = []
+    for i in range(6):
+        d = place(r, CFG, "m", 200, no_cache, book=book, slo=SLO, max_tokens=16, now=1.0)
+        r.book(d, 1.0)
+        got.append(d.prefill)
+    assert got.count("p1") == got.count("p2") == 3
+
+
 def test_cold_model_falls_back_to_the_costs():
     r = Registry(5.0)
     for w in (W("p", "prefill"), W("d", "decode")):
