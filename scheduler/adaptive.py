@@ -21,7 +21,7 @@ on it:
 
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. The best option wins
-(`rank`: comfortable headroom is enough, near-ties go to remote); the next best is
+(`ranked`: comfortable headroom is enough, near-ties go to remote); the next best is
 reported as the runner-up.
 """
 
@@ -130,18 +130,23 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
             if p.worker_id != d.worker_id and pairs_ok(p.worker_id, d.worker_id)]
     opts += [local(d, tokens, out, slo) for d in decodes if d.worker_id in local_ok]
-    opts.sort(key=rank)
-    return opts
+    return ranked(opts)
 
 
-def rank(o: Option) -> tuple:
+def ranked(opts: list[Option]) -> list[Option]:
     """Best first. Headroom beyond COMFORT buys nothing, and options within SCORE_STEP of
-    each other are equal: then remote first (disaggregation keeps decode engines for
-    decoding; local prefill is the relief valve when remote cannot do as well), then the
-    lower TTFT (equally good prefill workers share the load), then the higher score."""
-    s = min(o.score, COMFORT)
-    return (-math.floor(s / SCORE_STEP + 1e-9), o.kind != "remote", round(o.ttft_s, 4),
-            -o.score, o.tpot_s)
+    the best are equally good: among those, remote first (disaggregation keeps decode
+    engines for decoding; local prefill is the relief valve when remote cannot do as
+    well), then the lower predicted TTFT (equally good prefill workers share the load),
+    then the higher score. The rest follow by score."""
+    if not opts:
+        return []
+    top = max(min(o.score, COMFORT) for o in opts)
+    tied = [o for o in opts if min(o.score, COMFORT) >= top - SCORE_STEP]
+    rest = [o for o in opts if min(o.score, COMFORT) < top - SCORE_STEP]
+    tied.sort(key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score, o.tpot_s))
+    rest.sort(key=lambda o: (-o.score, o.tpot_s))
+    return tied + rest
 
 
 def reason(best: Option) -> str:

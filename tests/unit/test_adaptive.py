@@ -114,6 +114,21 @@ def test_near_ties_go_to_remote():
     assert opts[1].score >= opts[0].score       # local is no worse, but not better enough
 
 
+def test_ties_have_no_bucket_edges():
+    def opt(kind, score, ttft=0.1):
+        return A.Option(kind, "p" if kind == "remote" else "d", "d", ttft, 0.01, ttft, 0,
+                        score)
+    # 0.305 and 0.295 straddle the comfort cap: still a tie, so remote first
+    got = A.ranked([opt("local", 0.305), opt("remote", 0.295)])
+    assert [o.kind for o in got] == ["remote", "local"]
+    # a real difference is not a tie
+    got = A.ranked([opt("local", 0.2), opt("remote", 0.1)])
+    assert [o.kind for o in got] == ["local", "remote"]
+    # among tied remotes, the lower TTFT
+    got = A.ranked([opt("remote", 0.5, ttft=0.3), opt("remote", 0.4, ttft=0.2)])
+    assert [o.ttft_s for o in got] == [0.2, 0.3]
+
+
 def test_equally_good_prefill_workers_share_the_load():
     r = Registry(5.0)
     for w in (W("p1", "prefill"), W("p2", "prefill"), W("d", "decode")):
