@@ -126,6 +126,10 @@ def run_matrix(ns) -> tuple[dict, dict]:
                          "vLLM setup first")
     for s in setups:
         C.run_setup(s, ns, body_for(s))
+        if ns.out:      # what is measured so far survives a later failure
+            Path(f"{ns.out}.partial").parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{ns.out}.partial").write_text(json.dumps(
+                {"calibration": cals, "results": results}))
     return results, cals
 
 
