@@ -13,6 +13,10 @@ from pdserve.latency import Coef, StepModel, StepSample, TransferModel
 
 RECENT = 256                 # steps kept per worker for the recent-interference figures
 RECENT_S = 30.0              # ...and only those that arrived this recently count
+# a worker's own fit counts from this many steps on; before, its pool's (its first steps
+# are its warm-up's, slower than it will be: measured, an autoscaled replica that kept its
+# own warm-up fit looked slower than its busy peer and was never sent a request)
+OWN_MIN_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class LatencyBook:
             d.pop(worker_id, None)
 
     def coef(self, worker_id: str, pool: str = "") -> Coef | None:
-        """The worker's coefficients, each feature it has not seen yet from its pool's fit;
-        None when neither knows prefill and decode (no prediction then)."""
+        """The worker's coefficients, each feature it has not seen yet from its pool's fit
+        (all of them until it has OWN_MIN_STEPS steps); None when neither knows prefill and
+        decode (no prediction then)."""
         pool = pool or self.pool_of.get(worker_id, "")
         mine, shared = self.workers.get(worker_id), self.pools.get(pool)
         if shared is None or not shared.warm():
@@ -65,7 +70,7 @@ class LatencyBook:
                 return None
             return Coef.of(mine.coef())
         base = Coef.of(shared.coef())
-        if mine is None:
+        if mine is None or mine.samples < OWN_MIN_STEPS:
             return base
         known = [mine.fit.known(j) for j in range(mine.fit.n)]
         return Coef.of(mine.coef()).merged(base, known)

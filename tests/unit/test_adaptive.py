@@ -154,6 +154,11 @@ def test_new_worker_borrows_its_pools_fit():
     book = warm_book("old")
     assert book.coef("new", "m") is not None   # same model: the pool's coefficients
     assert book.coef("new", "other-model") is None
+    # a new worker's few slow warm-up steps do not count until it has enough of its own
+    slow = Coef.of([3 * c for c in C.as_list()])
+    book.observe_steps("new", "m", [StepSample(slow.decode_step(1, 500), 0, 0.0, 1, 500)] * 5)
+    assert book.coef("new", "m").decode_step(1, 500) == pytest.approx(
+        book.coef("old", "m").decode_step(1, 500), rel=0.05)
 
 
 # ---------------------------------------------------------------------- roles
