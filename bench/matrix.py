@@ -200,12 +200,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_setup_args(ap, ",".join(SETUP_ORDER), "/tmp/pdserve-matrix")
     ap.add_argument("--mixes", default=",".join(MIXES))
-    ap.add_argument("--ttft-scale", type=float, default=4.0)
+    ap.add_argument("--ttft-scale", type=float, default=2.0)
     ap.add_argument("--tpot-scale", type=float, default=1.5)
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
     ap.add_argument("--calibration-requests", type=int, default=4)
     add_workload_args(ap)
-    ap.set_defaults(num_requests=10, input="fixed:128", output="fixed:8")
+    ap.set_defaults(num_requests=8, input="fixed:128", output="fixed:8")
     ns = C.finish_args(ap.parse_args(argv))
     for m in ns.mixes.split(","):
         if m.strip() and m.strip() not in MIXES:
