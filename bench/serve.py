@@ -52,6 +52,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
                     return res
                 if ev.get("usage"):
                     usage = ev["usage"]
+                if ev.get("pdserve_route") and not res.route:   # pdserve, streamed
+                    res.route, res.pred_ttft, res.pred_tpot = parse_route(ev["pdserve_route"])
                 if ev.get("choices") and ev["choices"][0].get("text"):
                     now = time.perf_counter()
                     if last is None:

@@ -441,7 +441,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     n_gen += len(ch.token_ids)
                     cached += ch.cached_tokens
                     finish = ch.finish_reason or None
-                    extra = {"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None else None
+                    extra = {"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None else {}
+                    if ch.route:     # streamed: the x-pdserve-route header, in the first chunk
+                        extra["pdserve_route"] = ch.route
                     if chat:
                         c = {"index": 0, "delta": {"content": ch.text} if ch.text else {},
                              "logprobs": _chat_logprobs([ch], tok) if body.logprobs else None,
