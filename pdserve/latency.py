@@ -201,11 +201,15 @@ class Coef:
         streams: whole steps of up to `max_step_tokens` (0: one step)."""
         if tokens <= 0:
             return 0.0
-        per = max_step_tokens if max_step_tokens > 0 else tokens
+        return self._steps(tokens, max_step_tokens if max_step_tokens > 0 else tokens, cached)
+
+    def _steps(self, tokens: int, chunk: int, cached: int, seqs: float = 0,
+               ctx: float = 0) -> float:
+        """Seconds to compute `tokens` prompt tokens in steps of `chunk` beside `seqs`."""
         t, done = 0.0, 0
         while done < tokens:
-            ch = min(per, tokens - done)
-            t += self.step_time(ch, chunk_attn(ch, cached + done))
+            ch = min(chunk, tokens - done)
+            t += self.step_time(ch, chunk_attn(ch, cached + done), seqs, ctx)
             done += ch
         return t
 
@@ -227,12 +231,7 @@ class Coef:
             return 0.0, 0
         chunk = max(min_chunk, self.chunk_budget(allow_s, seqs, ctx, cached + tokens / 2))
         chunk = min(chunk, tokens)
-        t, done = 0.0, 0
-        while done < tokens:
-            ch = min(chunk, tokens - done)
-            t += self.step_time(ch, chunk_attn(ch, cached + done), seqs, ctx)
-            done += ch
-        return t, chunk
+        return self._steps(tokens, chunk, cached, seqs, ctx), chunk
 
 
 class TransferModel:

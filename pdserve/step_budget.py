@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pdserve.latency import Coef
 
 
+MIN_CHUNK = 16       # prompt tokens per step, at least (prompts keep moving)
+SAFETY = 0.9         # streams are held to SAFETY * SLO on average
+
+
 @dataclass(frozen=True)
 class Stream:
     elapsed_s: float     # since its first output token
@@ -44,7 +48,7 @@ class Budget:
     tokens: int          # prompt tokens this step may compute (0: no limit)
 
 
-def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = 0.9) -> float:
+def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY) -> float:
     best = float("inf")
     for s in streams:
         left = s.target - s.produced
@@ -55,7 +59,7 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = 0.9) -> 
 
 
 def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
-           max_tokens: int, min_chunk: int = 16, safety: float = 0.9,
+           max_tokens: int, min_chunk: int = MIN_CHUNK, safety: float = SAFETY,
            local_prefill: bool = False) -> Budget:
     """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap;
     `local_prefill`: a prompt being computed will decode here."""

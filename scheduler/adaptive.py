@@ -31,10 +31,10 @@ import math
 from dataclasses import dataclass, field
 
 from pdserve.latency import Coef
+from pdserve.step_budget import MIN_CHUNK, SAFETY
 
 COMFORT = 0.3             # predicted latencies at or below 70% of the SLOs are all fine
 SCORE_STEP = 0.05         # scores this close are a tie (the model is not more exact)
-MIN_CHUNK = 16            # the engine's floor (pdserve/step_budget.py budget(min_chunk))
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 
 
@@ -42,7 +42,7 @@ DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 class SLO:
     ttft_s: float
     tpot_s: float
-    safety: float = 0.9   # engines hold stream steps to safety * TPOT SLO on average
+    safety: float = SAFETY   # engines hold stream steps to safety * TPOT SLO on average
 
 
 @dataclass(frozen=True)
