@@ -33,6 +33,7 @@ from pdserve.latency import Coef
 
 MIN_CHUNK = 16       # prompt tokens per step, at least (prompts keep moving)
 SAFETY = 0.9         # streams are held to SAFETY * SLO on average
+OVERHEAD = 0.05      # a step's fixed part may cost this share of it (fcfs_tokens)
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,23 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
     tok = max(min_chunk, min(tok, max_tokens))
     return Budget(allow, tok)
+
+
+def fcfs_tokens(head_left: int, coef: Coef | None, max_tokens: int,
+                overhead: float = OVERHEAD) -> int:
+    """Step budget for an engine with no decode stream and queued prompts: the head
+    prompt's remaining tokens, so prompts finish one after another in arrival order.
+
+    vLLM packs every waiting prompt into one step up to its batched-token cap; each then
+    gets its first token when the whole batch is done, so a prompt waits for the ones
+    that arrived after it too (three 1,024-token prompts arriving together: all three
+    wait for 3,072 tokens, a mean of 3 units where one at a time gives 2). Packing pays
+    only the step's fixed part, so a step still takes at least the tokens whose
+    per-token cost makes that fixed part `overhead` of it (the fitted model's, so it
+    packs small prompts on a GPU and hardly at all on a CPU). 0: no limit."""
+    if head_left <= 0 or coef is None or max_tokens <= 0:
+        return 0
+    per = coef.per_token()
+    floor = max_tokens if per <= 0 else int(coef.step * (1 - overhead) / overhead / per)
+    tok = max(head_left, floor, MIN_CHUNK)
+    return 0 if tok >= max_tokens else tok

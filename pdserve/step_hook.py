@@ -7,7 +7,10 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
 - `schedule`: first the budget (pdserve/step_budget.py): with decode streams running, the
   step's token budget becomes streams + the prompt tokens their allowance leaves
   (`max_num_scheduled_tokens`), and no prompt takes more than that in one step
-  (`long_prefill_token_threshold`); vLLM's own chunked prefill does the rest. Then what
+  (`long_prefill_token_threshold`); vLLM's own chunked prefill does the rest. With no
+  stream and several prompts queued, the budget is the head prompt's remaining tokens
+  (`fcfs_tokens`): prompts end in arrival order instead of all at the end of one packed
+  step. Then what
   the step computes: prompt tokens and their attention work, decode sequences and their
   context (pdserve/latency.py's features).
 - `update_from_output`: the step is over; its wall time since `schedule` began becomes a
@@ -28,7 +31,7 @@ import struct
 import time
 
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.step_budget import Stream, budget
+from pdserve.step_budget import Stream, budget, fcfs_tokens
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -110,6 +113,18 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
     return out, ctx, local
 
 
+def _head(sched) -> tuple[int, int]:
+    """The first queued prompt's uncomputed tokens (running before waiting: the order
+    vLLM schedules in) and how many prompts are queued."""
+    head, n = 0, 0
+    for q in (sched.running, sched.waiting):
+        for r in q:
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                n += 1
+                head = head or r.num_prompt_tokens - r.num_computed_tokens
+    return head, n
+
+
 def install() -> bool:
     global _PATCHED
     if _PATCHED or os.environ.get("PDSERVE_STEP_HOOK", "0") != "1":
@@ -130,9 +145,16 @@ def install() -> bool:
         streams, ctx, local = _streams(self, st, now)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local)
         st.allow, st.tokens = b.allow_s, b.tokens
+        fcfs = 0
+        if not b.tokens and not streams:
+            head, queued = _head(self)
+            fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
         if b.tokens:
             self.max_num_scheduled_tokens = min(cap, len(streams) + b.tokens)
             self.scheduler_config.long_prefill_token_threshold = b.tokens
+        elif fcfs:      # prompts one after another (step_budget.fcfs_tokens)
+            self.max_num_scheduled_tokens = fcfs
+            self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
         else:
             self.max_num_scheduled_tokens = cap
             self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold

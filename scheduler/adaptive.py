@@ -19,10 +19,15 @@ on it:
   + for remote, the KV transfer spread over the output tokens (the client waits for it
     between the first token and the second).
 
+A local prefill also costs the streams already running on D: each of its steps is held
+to their allowance (the engine enforces it), but the chunk floor can exceed it; a local
+option's score is at most 1 - safety * step / allowance (0.1 for a step that uses the
+allowance exactly, as a stream held to safety * SLO scores against its SLO).
+
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
-predicted met, larger with more headroom on the tighter one. The best option wins
-(`ranked`: comfortable headroom is enough, near-ties go to remote); the next best is
-reported as the runner-up.
+predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
+predicted TTFT among the options that meet both with a margin (near-ties go to remote),
+else the best score; the next one is reported as the runner-up.
 """
 
 from __future__ import annotations
@@ -30,11 +35,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pdserve.latency import Coef
+from pdserve.latency import Coef, chunk_attn
 from pdserve.step_budget import MIN_CHUNK, SAFETY
 
-COMFORT = 0.3             # predicted latencies at or below 70% of the SLOs are all fine
-SCORE_STEP = 0.05         # scores this close are a tie (the model is not more exact)
+MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
+TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 
 
@@ -118,8 +123,13 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     t, chunk = prefill_on(d, tokens, slo, local=True)
     ttft = d.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo)
-    return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk,
-                  score(ttft, tpot, slo), min(d.cached, tokens))
+    s = score(ttft, tpot, slo)
+    if d.streams > 0 and chunk:    # what one of its steps costs the streams already there
+        step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
+        allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
+        s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
+    return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
+                  min(d.cached, tokens))
 
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
@@ -130,23 +140,28 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
             if p.worker_id != d.worker_id and pairs_ok(p.worker_id, d.worker_id)]
     opts += [local(d, tokens, out, slo) for d in decodes if d.worker_id in local_ok]
-    return ranked(opts)
+    return ranked(opts, slo)
 
 
-def ranked(opts: list[Option]) -> list[Option]:
-    """Best first. Headroom beyond COMFORT buys nothing, and options within SCORE_STEP of
-    the best are equally good: among those, remote first (disaggregation keeps decode
-    engines for decoding; local prefill is the relief valve when remote cannot do as
-    well), then the lower predicted TTFT (equally good prefill workers share the load),
-    then the higher score. The rest follow by score."""
-    if not opts:
-        return []
-    top = max(min(o.score, COMFORT) for o in opts)
-    tied = [o for o in opts if min(o.score, COMFORT) >= top - SCORE_STEP]
-    rest = [o for o in opts if min(o.score, COMFORT) < top - SCORE_STEP]
-    tied.sort(key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score, o.tpot_s))
-    rest.sort(key=lambda o: (-o.score, o.tpot_s))
-    return tied + rest
+def ranked(opts: list[Option], slo: SLO) -> list[Option]:
+    """Best first. Options predicted to meet both SLOs with MARGIN to spare come first,
+    the lowest predicted TTFT first: goodput counts requests within the SLOs, and among
+    those the work finishes soonest where it waits least (what a least-outstanding proxy
+    does for replicas, here with predicted seconds instead of counts), so a queue on the
+    prefill workers overflows onto decode engines whose streams can afford it. TTFTs
+    within TIE of the SLO of the lowest are a tie: remote first (disaggregation keeps
+    decode engines for decoding), then the lower TTFT. When no option is predicted to
+    make it, the best score first (the least-missed SLO)."""
+    ok = [o for o in opts if o.score >= MARGIN]
+    if not ok:
+        return sorted(opts, key=lambda o: (-o.score, o.tpot_s))
+    fastest = min(o.ttft_s for o in ok)
+    tie = fastest + TIE * slo.ttft_s
+    tied = sorted((o for o in ok if o.ttft_s <= tie),
+                  key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score))
+    rest = sorted((o for o in ok if o.ttft_s > tie), key=lambda o: (o.ttft_s, -o.score))
+    miss = sorted((o for o in opts if o.score < MARGIN), key=lambda o: (-o.score, o.tpot_s))
+    return tied + rest + miss
 
 
 def reason(best: Option) -> str:

@@ -111,21 +111,40 @@ def test_near_ties_go_to_remote():
     p, d = A.Node("p", C, backlog_s=0.03), A.Node("d", C, transfer_s=0.001)
     opts = A.options([p], [d], 500, 64, SLO, {"d"})
     assert [o.kind for o in opts] == ["remote", "local"]
-    assert opts[1].score >= opts[0].score       # local is no worse, but not better enough
+    assert opts[1].ttft_s < opts[0].ttft_s      # local is a little faster, not enough
 
 
-def test_ties_have_no_bucket_edges():
-    def opt(kind, score, ttft=0.1):
+def test_a_prefill_queue_overflows_to_the_decode_engine_while_its_streams_afford_it():
+    # 2 s queued on the prefill worker: the idle decode engine starts the prompt at once
+    p, d = A.Node("p", C, backlog_s=2.0), A.Node("d", C)
+    opts = A.options([p], [d], 500, 64, SLO, {"d"})
+    assert [o.kind for o in opts] == ["local", "remote"] and opts[0].score > 0
+    # the same queue with eight streams on the decode engine and no slack left in them:
+    # even the smallest chunk would push their steps past the allowance, so remote
+    busy = A.Node("d", C, streams=8, ctx=8000, allow_s=C.decode_step(8, 8000))
+    opts = A.options([p], [busy], 500, 64, SLO, {"d"})
+    assert [o.kind for o in opts] == ["remote", "local"] and opts[1].score < A.MARGIN
+
+
+def test_ranking_meets_slos_first_then_lowest_ttft():
+    def opt(kind, score, ttft):
         return A.Option(kind, "p" if kind == "remote" else "d", "d", ttft, 0.01, ttft, 0,
                         score)
-    # 0.305 and 0.295 straddle the comfort cap: still a tie, so remote first
-    got = A.ranked([opt("local", 0.305), opt("remote", 0.295)])
-    assert [o.kind for o in got] == ["remote", "local"]
-    # a real difference is not a tie
-    got = A.ranked([opt("local", 0.2), opt("remote", 0.1)])
+    # both meet the SLOs: the lower TTFT, whatever the headroom on TPOT says
+    got = A.ranked([opt("remote", 0.6, 2.0), opt("local", 0.2, 1.0)], SLO)
     assert [o.kind for o in got] == ["local", "remote"]
-    # among tied remotes, the lower TTFT
-    got = A.ranked([opt("remote", 0.5, ttft=0.3), opt("remote", 0.4, ttft=0.2)])
+    # TTFTs within TIE of the SLO of each other: remote first
+    near = 1.0 + A.TIE * SLO.ttft_s * 0.9
+    got = A.ranked([opt("local", 0.2, 1.0), opt("remote", 0.2, near)], SLO)
+    assert [o.kind for o in got] == ["remote", "local"]
+    # an option predicted to miss comes after every one predicted to meet, however fast
+    got = A.ranked([opt("local", -0.1, 0.1), opt("remote", 0.1, 2.5)], SLO)
+    assert [o.kind for o in got] == ["remote", "local"]
+    # nothing meets: the least-missed first
+    got = A.ranked([opt("local", -0.5, 0.1), opt("remote", -0.2, 4.0)], SLO)
+    assert [o.kind for o in got] == ["remote", "local"]
+    # among remotes that tie, the lower TTFT
+    got = A.ranked([opt("remote", 0.5, 0.3), opt("remote", 0.4, 0.2)], SLO)
     assert [o.ttft_s for o in got] == [0.2, 0.3]
 
 
@@ -139,7 +158,7 @@ def test_equally_good_prefill_workers_share_the_load():
         d = place(r, CFG, "m", 200, no_cache, book=book, slo=SLO, max_tokens=16, now=1.0)
         r.book(d, 1.0)
         got.append(d.prefill)
-    assert got.count("p1") == got.count("p2") == 3
+    assert abs(got.count("p1") - got.count("p2")) <= 1 and got.count("p1") >= 2
 
 
 def test_cold_model_falls_back_to_the_costs():

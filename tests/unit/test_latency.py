@@ -8,7 +8,7 @@ import pytest
 
 from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
                              chunk_attn)
-from pdserve.step_budget import Stream, allowance, budget
+from pdserve.step_budget import MIN_CHUNK, Stream, allowance, budget, fcfs_tokens
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01)
@@ -131,3 +131,17 @@ def test_budget():
     behind = [Stream(6.0, 33, 65)]                         # no slack: the floor keeps
     assert budget(behind, TRUE, slo, 1000, 4096).tokens == 16   # prompts moving
     assert budget(s, None, slo, 4000, 4096).tokens == 0    # no model yet: vLLM's own
+
+
+def test_fcfs_budget_ends_prompts_in_arrival_order():
+    # the fixed part is 4 ms and a token 0.9 ms: packing pays only below ~84 tokens
+    floor = int(TRUE.step * 0.95 / 0.05 / TRUE.per_token())
+    assert 60 < floor < 100
+    assert fcfs_tokens(1000, TRUE, 4096) == 1000       # the head prompt alone
+    assert fcfs_tokens(10, TRUE, 4096) == floor         # small prompts still pack
+    assert fcfs_tokens(5000, TRUE, 4096) == 0           # past the cap: vLLM's own
+    assert fcfs_tokens(1000, None, 4096) == 0           # no model yet: vLLM's own
+    # a GPU-like engine (big fixed part, cheap tokens) packs up to its cap: no limit
+    gpu = Coef(step=0.015, prefill_ktok=0.02)
+    assert fcfs_tokens(1000, gpu, 8192) == 0
+    assert fcfs_tokens(1, TRUE, 4096) >= MIN_CHUNK
