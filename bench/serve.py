@@ -39,8 +39,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
-            res.route, res.pred_ttft, res.pred_tpot = parse_route(
-                r.headers.get("x-pdserve-route", ""))
+            res.route_text = r.headers.get("x-pdserve-route", "")
+            res.route, res.pred_ttft, res.pred_tpot = parse_route(res.route_text)
             n_chunks = 0
             usage = None
             async for line in r.aiter_lines():
@@ -53,7 +53,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
                 if ev.get("usage"):
                     usage = ev["usage"]
                 if ev.get("pdserve_route") and not res.route:   # pdserve, streamed
-                    res.route, res.pred_ttft, res.pred_tpot = parse_route(ev["pdserve_route"])
+                    res.route_text = ev["pdserve_route"]
+                    res.route, res.pred_ttft, res.pred_tpot = parse_route(res.route_text)
                 if ev.get("choices") and ev["choices"][0].get("text"):
                     now = time.perf_counter()
                     if last is None:

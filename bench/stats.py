@@ -30,6 +30,7 @@ class Result:
     route: str = ""
     pred_ttft: float = math.nan
     pred_tpot: float = math.nan
+    route_text: str = ""      # the whole route (the runner-up's forecast too)
 
     @property
     def tpot(self) -> float:

@@ -201,9 +201,9 @@ class Coef:
         streams: whole steps of up to `max_step_tokens` (0: one step)."""
         if tokens <= 0:
             return 0.0
-        return self._steps(tokens, max_step_tokens if max_step_tokens > 0 else tokens, cached)
+        return self.steps_time(tokens, max_step_tokens if max_step_tokens > 0 else tokens, cached)
 
-    def _steps(self, tokens: int, chunk: int, cached: int, seqs: float = 0,
+    def steps_time(self, tokens: int, chunk: int, cached: int, seqs: float = 0,
                ctx: float = 0) -> float:
         """Seconds to compute `tokens` prompt tokens in steps of `chunk` beside `seqs`."""
         t, done = 0.0, 0
@@ -231,7 +231,7 @@ class Coef:
             return 0.0, 0
         chunk = max(min_chunk, self.chunk_budget(allow_s, seqs, ctx, cached + tokens / 2))
         chunk = min(chunk, tokens)
-        return self._steps(tokens, chunk, cached, seqs, ctx), chunk
+        return self.steps_time(tokens, chunk, cached, seqs, ctx), chunk
 
 
 class TransferModel:

@@ -12,11 +12,12 @@ and `target` its max_tokens. The step's prompt-token budget is what the engine's
 step model (pdserve/latency.py) says fits in `allow` beside the decode work.
 
 With no stream running, a prompt that will itself decode here (a local prefill: max_tokens
-> 1) still goes in steps of at most safety * SLO: a stream that arrives meanwhile (a
-remote prefill's KV landing) waits for the step in progress, and one whole long prompt
-would take its slack at once. Chunking costs one per-step part per chunk (a few ms
-against steps of the SLO's size). Remote prefills alone (max_tokens 1, nobody decodes
-here) run unchunked. A floor
+> 1) still goes in chunks (`alone`): a stream that arrives meanwhile (a remote prefill's
+KV landing) waits for the step in progress, and one whole long prompt would take its
+slack at once. Chunking costs one fixed per-step part per chunk, so the chunks are
+SLO-sized where that part is small (a GPU) and larger where it is not (a CPU whose
+step's fixed part is most of the SLO). Remote prefills alone (max_tokens 1, nobody
+decodes here) run unchunked. A floor
 (`min_chunk`) keeps prompts moving when a stream is already behind: TTFT would otherwise
 be unbounded while streams run.
 
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.latency import Coef
+from pdserve.latency import Coef, chunk_attn
 
 
 MIN_CHUNK = 16       # prompt tokens per step, at least (prompts keep moving)
 SAFETY = 0.9         # streams are held to SAFETY * SLO on average
 OVERHEAD = 0.05      # a step's fixed part may cost this share of it (fcfs_tokens)
+ALONE_OVERHEAD = 0.25  # ...of a local prefill's step with no stream (alone)
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,31 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     `local_prefill`: a prompt being computed will decode here."""
     if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
-    allow = allowance(streams, tpot_slo_s, safety) if streams else safety * tpot_slo_s
+    if not streams:       # a stream that lands will be held to safety * SLO
+        if coef is None:
+            return Budget(safety * tpot_slo_s, 0)
+        return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
+    allow = allowance(streams, tpot_slo_s, safety)
     if coef is None or allow == float("inf"):
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
     tok = max(min_chunk, min(tok, max_tokens))
     return Budget(allow, tok)
+
+
+def alone(coef: Coef, tpot_slo_s: float, safety: float = SAFETY,
+          overhead: float = ALONE_OVERHEAD) -> tuple[float, int]:
+    """(step seconds, prompt tokens per step) for a local prefill on an engine with no
+    stream: steps of safety * SLO, or longer where the step's fixed part would otherwise
+    take more than `overhead` of it (on a host where one step's fixed part is most of
+    the SLO, SLO-sized steps would compute the prompt at a fraction of its speed). A
+    stream that lands meanwhile waits for the step in progress."""
+    allow = safety * tpot_slo_s
+    tok = max(MIN_CHUNK, coef.chunk_budget(allow, 0, 0))
+    per = coef.per_token()
+    if per > 0:
+        tok = max(tok, int(coef.step * (1 - overhead) / overhead / per))
+    return max(allow, coef.step_time(tok, chunk_attn(tok, 0))), tok
 
 
 def fcfs_tokens(head_left: int, coef: Coef | None, max_tokens: int,

@@ -19,7 +19,8 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
   forwards samples to the scheduler's latency model in its heartbeats.
 
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
-PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis).
+PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
+name becomes the engine core's pid, one file per engine).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _State:
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.setblocking(False)
-        trace = os.environ.get("PDSERVE_STEP_TRACE", "")
+        trace = os.environ.get("PDSERVE_STEP_TRACE", "").replace("%p", str(os.getpid()))
         self.trace = open(trace, "a", buffering=1) if trace else None
 
     def current(self) -> Coef | None:
@@ -87,7 +88,8 @@ class _State:
         if self.trace is not None:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
-                             f"{sample.decode_ctx} {allow:.4f} {tokens}\n")
+                             f"{sample.decode_ctx} {allow:.4f} {tokens} "
+                             f"{time.monotonic():.3f}\n")
         if self.sock is None:
             return
         try:

@@ -12,7 +12,8 @@ on it:
 - TTFT = backlog(W) + prefill(W), where W is the worker that computes the prompt, the
   backlog is the prefill work booked on W and not yet done (predicted seconds), and the
   prefill runs in chunks that fit the streams' step allowance on an engine with streams,
-  in SLO-sized steps for a local prefill on one without, unchunked otherwise;
+  in the engine's chunks for a local prefill on one without (step_budget.alone),
+  unchunked otherwise;
 - TPOT = decode step of D with one more stream and its context
   + the share of D's stream steps that also prefill (recently seen, or D's own backlog,
     whichever is larger) times what such a step adds
@@ -36,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 from pdserve.latency import Coef, chunk_attn
-from pdserve.step_budget import MIN_CHUNK, SAFETY
+from pdserve.step_budget import MIN_CHUNK, SAFETY, alone
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
@@ -91,6 +92,10 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     todo = tokens - cached
     if n.streams <= 0 and not local:
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
+    if n.streams <= 0:          # the engine's own rule (pdserve/step_budget.py)
+        _, chunk = alone(n.coef, slo.tpot_s, slo.safety)
+        chunk = min(chunk, todo)
+        return n.coef.steps_time(todo, chunk, cached), chunk
     allow = slo.safety * slo.tpot_s
     if n.streams > 0 and math.isfinite(n.allow_s):
         allow = n.allow_s
@@ -104,7 +109,14 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> f
     frac = d.prefill_frac
     if d.backlog_s > 0 and allow > 0:     # the booked prefills stall it for their steps
         frac = max(frac, min(1.0, d.backlog_s / allow / max(1, out - 1)))
+    if d.backlog_s > 0 and d.streams <= 0:  # it lands during a local prefill's long step
+        extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return base + frac * bump + extra_s / max(1, out - 1)
+
+
+def alone_step(coef: Coef, slo: SLO) -> float:
+    tok = alone(coef, slo.tpot_s, slo.safety)[1]
+    return coef.step_time(tok, chunk_attn(tok, 0))
 
 
 def score(ttft_s: float, tpot_s: float, slo: SLO) -> float:
@@ -151,10 +163,15 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
     prefill workers overflows onto decode engines whose streams can afford it. TTFTs
     within TIE of the SLO of the lowest are a tie: remote first (disaggregation keeps
     decode engines for decoding), then the lower TTFT. When no option is predicted to
-    make it, the best score first (the least-missed SLO)."""
+    make it, the best score first (the least-missed SLO; within MARGIN of it, the lower
+    TTFT)."""
     ok = [o for o in opts if o.score >= MARGIN]
-    if not ok:
-        return sorted(opts, key=lambda o: (-o.score, o.tpot_s))
+    if not ok:      # the least-missed; as good as it within MARGIN: the sooner first
+        best = max(o.score for o in opts)
+        near = sorted((o for o in opts if o.score >= best - MARGIN),
+                      key=lambda o: (round(o.ttft_s, 4), -o.score))
+        return near + sorted((o for o in opts if o.score < best - MARGIN),
+                             key=lambda o: (-o.score, o.tpot_s))
     fastest = min(o.ttft_s for o in ok)
     tie = fastest + TIE * slo.ttft_s
     tied = sorted((o for o in ok if o.ttft_s <= tie),

@@ -143,6 +143,9 @@ def test_ranking_meets_slos_first_then_lowest_ttft():
     # nothing meets: the least-missed first
     got = A.ranked([opt("local", -0.5, 0.1), opt("remote", -0.2, 4.0)], SLO)
     assert [o.kind for o in got] == ["remote", "local"]
+    # ...and as good as it within MARGIN: the sooner (both miss the TPOT SLO alike)
+    got = A.ranked([opt("local", -0.20, 2.9), opt("remote", -0.22, 1.0)], SLO)
+    assert [o.kind for o in got] == ["remote", "local"]
     # among remotes that tie, the lower TTFT
     got = A.ranked([opt("remote", 0.5, 0.3), opt("remote", 0.4, 0.2)], SLO)
     assert [o.ttft_s for o in got] == [0.2, 0.3]

@@ -8,7 +8,8 @@ import pytest
 
 from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
                              chunk_attn)
-from pdserve.step_budget import MIN_CHUNK, Stream, allowance, budget, fcfs_tokens
+from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, Stream, allowance, budget,
+                                 fcfs_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01)
@@ -145,3 +146,17 @@ def test_fcfs_budget_ends_prompts_in_arrival_order():
     gpu = Coef(step=0.015, prefill_ktok=0.02)
     assert fcfs_tokens(1000, gpu, 8192) == 0
     assert fcfs_tokens(1, TRUE, 4096) >= MIN_CHUNK
+
+
+def test_local_prefill_alone_keeps_the_fixed_part_a_small_share_of_each_step():
+    # a CPU whose step's fixed part is 110 ms of a 189 ms SLO-sized step: SLO-sized
+    # steps would hold ~15 prompt tokens and run the prompt at a third of its speed
+    cpu = Coef(step=0.11, prefill_ktok=5.0)
+    b = budget([], cpu, 0.21, 0, 4096, local_prefill=True)
+    assert cpu.chunk_budget(0.9 * 0.21, 0, 0) < 20 < b.tokens
+    step = cpu.step_time(b.tokens)
+    assert cpu.step / step == pytest.approx(ALONE_OVERHEAD, rel=0.05)
+    assert b.allow_s == pytest.approx(0.9 * 0.21)      # what a landing stream is held to
+    # streams running: their allowance rules, whatever the fixed part
+    s = [Stream(0.0, 1, 17)]
+    assert budget(s, cpu, 0.21, 100, 4096).tokens == MIN_CHUNK
