@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "decode_ctx_10ktok")
 TRANSFER_FEATURES = ("transfer", "gbytes")
+IDENTIFY_TOKENS = 16      # prompt tokens a step needs for its prefill terms to count as known
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,22 @@ class OnlineLinear:
         self.a = [[0.0] * n for _ in range(n)]
         self.b = [0.0] * n
         self.seen = [0.0] * n          # (faded) count of samples with feature j != 0
+        self.solid = [0.0] * n         # ...of those that identify it (`observe`'s `counts`)
         self.samples = 0
         self._coef: list[float] | None = None
 
-    def observe(self, x: list[float], y: float, weight: float = 1.0) -> None:
+    def observe(self, x: list[float], y: float, weight: float = 1.0,
+                counts: list[bool] | None = None) -> None:
+        """`counts[j]`: this sample identifies feature j (default: x[j] != 0); `known`
+        counts only those."""
         if len(x) != self.n or not math.isfinite(y) or y < 0 or weight <= 0:
             return
         g = self.decay
         for i in range(self.n):
             self.b[i] = g * self.b[i] + weight * x[i] * y
             self.seen[i] = g * self.seen[i] + (1.0 if x[i] else 0.0)   # samples, not weight
+            ok = bool(x[i]) if counts is None else counts[i]
+            self.solid[i] = g * self.solid[i] + (1.0 if ok else 0.0)
             row = self.a[i]
             for j in range(self.n):
                 row[j] = g * row[j] + weight * x[i] * x[j]
@@ -107,7 +114,11 @@ class OnlineLinear:
         self._coef = None
 
     def known(self, j: int, min_samples: float = 1.5) -> bool:
-        """At least two samples exercised feature j (a faded count: 1.5)."""
+        """At least two samples identified feature j (a faded count: 1.5)."""
+        return self.solid[j] >= min_samples
+
+    def exercised(self, j: int, min_samples: float = 1.5) -> bool:
+        """At least two samples had feature j at all."""
         return self.seen[j] >= min_samples
 
     def coef(self) -> list[float]:
@@ -148,7 +159,13 @@ class StepModel:
     def observe(self, s: StepSample) -> None:
         # relative error is what matters (steps span milliseconds to seconds, and a decode
         # step's few milliseconds must not drown in a long prefill's noise): weight 1/t^2
-        self.fit.observe(s.features(), s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2)
+        # a decode engine's one-token "prefills" (the token a remote prefill sampled) do
+        # not tell a prompt token's cost from the step's fixed part: the prefill terms
+        # count as known from chunks of IDENTIFY_TOKENS on
+        x = s.features()
+        big = s.prefill_tokens >= IDENTIFY_TOKENS
+        self.fit.observe(x, s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2,
+                         [bool(x[0]), big, big and bool(x[2]), bool(x[3]), bool(x[4])])
 
     @property
     def samples(self) -> int:
@@ -156,7 +173,7 @@ class StepModel:
 
     def warm(self) -> bool:
         """Enough steps to say anything: some with prompt tokens, some with decodes."""
-        return self.fit.known(1) and self.fit.known(3)
+        return self.fit.exercised(1) and self.fit.exercised(3)
 
     def coef(self) -> list[float]:
         return self.fit.coef()

@@ -2,14 +2,20 @@
 
 A client's TPOT is a mean: (time of the last token - time of the first) / (tokens - 1).
 A stream that has run fast so far has slack, and one that is behind has none. So the
-time a step may take is not the SLO itself but what every running stream can afford for
-the rest of its life and still end within the SLO:
+time a step may take is not the SLO itself but what every running stream can afford
+and still end within the SLO if its later steps are plain decode steps:
 
-    allow = min over streams of (safety * SLO * (target - 1) - elapsed) / (target - produced)
+    allow = min over streams of
+            safety * SLO * (target - 1) - elapsed - (target - produced - 1) * base / safety
 
-where `elapsed` is the time since the stream's first token, `produced` its tokens so far
-and `target` its max_tokens. The step's prompt-token budget is what the engine's fitted
-step model (pdserve/latency.py) says fits in `allow` beside the decode work.
+where `elapsed` is the time since the stream's first token, `produced` its tokens so far,
+`target` its max_tokens and `base` the decode step the engine's fitted step model
+(pdserve/latency.py) predicts (divided by the safety: a margin for a slower step). The
+slack goes to the prompt that needs it now, first come first served: spread evenly over
+every remaining step instead, each step holds only a few prompt tokens where one decode
+step is most of the SLO (a CPU), and a prompt crawls through dozens of steps whose
+fixed part it pays again each time. The step's prompt-token budget is what the model
+says fits in `allow` beside the decode work.
 
 With no stream running, a prompt that will itself decode here (a local prefill: max_tokens
 > 1) still goes in chunks (`alone`): a stream that arrives meanwhile (a remote prefill's
@@ -51,13 +57,17 @@ class Budget:
     tokens: int          # prompt tokens this step may compute (0: no limit)
 
 
-def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY) -> float:
+def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
+              base_s: float = 0.0) -> float:
+    """The longest this step may take with every stream still ending within safety * SLO,
+    when each of its later steps takes `base_s / safety` (a decode step, with margin)."""
     best = float("inf")
+    rest = base_s / safety if safety > 0 else base_s
     for s in streams:
         left = s.target - s.produced
         if left <= 0 or s.target < 2:
             continue
-        best = min(best, (safety * tpot_slo_s * (s.target - 1) - s.elapsed_s) / left)
+        best = min(best, safety * tpot_slo_s * (s.target - 1) - s.elapsed_s - (left - 1) * rest)
     return best
 
 
@@ -72,8 +82,10 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
-    allow = allowance(streams, tpot_slo_s, safety)
-    if coef is None or allow == float("inf"):
+    if coef is None:
+        return Budget(allowance(streams, tpot_slo_s, safety), 0)
+    allow = allowance(streams, tpot_slo_s, safety, coef.decode_step(len(streams), ctx_tokens))
+    if allow == float("inf"):
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
     tok = max(min_chunk, min(tok, max_tokens))

@@ -11,17 +11,17 @@ Predictions, from each worker's fitted step model (pdserve/latency.py) and what 
 on it:
 - TTFT = backlog(W) + prefill(W), where W is the worker that computes the prompt, the
   backlog is the prefill work booked on W and not yet done (predicted seconds), and the
-  prefill runs in chunks that fit the streams' step allowance on an engine with streams,
-  in the engine's chunks for a local prefill on one without (step_budget.alone),
-  unchunked otherwise;
-- TPOT = decode step of D with one more stream and its context
-  + the share of D's stream steps that also prefill (recently seen, or D's own backlog,
-    whichever is larger) times what such a step adds
+  prefill follows the engine's rules (`prefill_on`);
+- TPOT = the decode step of D with one more stream and its context
+  + what D's streams' steps took lately beyond plain decode steps (prompt chunks beside
+    them, contention), on average
+  + the prefill work booked on D spread over the output tokens, up to what the engine
+    lets a stream absorb
   + for remote, the KV transfer spread over the output tokens (the client waits for it
     between the first token and the second).
 
-A local prefill also costs the streams already running on D: each of its steps is held
-to their allowance (the engine enforces it), but the chunk floor can exceed it; a local
+A local prefill also costs the streams already running on D: its first step takes their
+slack (the engine enforces the allowance), but the chunk floor can exceed it; a local
 option's score is at most 1 - safety * step / allowance (0.1 for a step that uses the
 allowance exactly, as a stream held to safety * SLO scores against its SLO).
 
@@ -62,7 +62,7 @@ class Node:
     allow_s: float = math.inf    # step time its streams afford (inf: none running)
     max_step_tokens: int = 0     # vLLM's max_num_batched_tokens (0: unknown)
     cached: int = 0              # prompt tokens of this request it holds
-    prefill_frac: float = 0.0    # recent share of its stream steps that also prefilled
+    excess_s: float = 0.0        # its streams' recent steps beyond plain decode steps
     transfer_s: float = 0.0      # KV of this prompt into it (decode side)
 
 
@@ -86,32 +86,40 @@ class Option:
 
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
     """(seconds, chunk) to compute the request's uncached prompt on `n`; `local`: it
-    decodes there too (the engine then keeps steps within the SLO even with no stream:
-    pdserve/step_budget.py)."""
+    decodes there too. The engine's rules (pdserve/step_budget.py): with no stream,
+    unchunked, or in `alone` chunks for a local prefill; beside streams, the first step
+    takes the slack they have now (`allow_s`) and the rest go at the floor."""
     cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
     todo = tokens - cached
     if n.streams <= 0 and not local:
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
-    if n.streams <= 0:          # the engine's own rule (pdserve/step_budget.py)
+    if n.streams <= 0:
         _, chunk = alone(n.coef, slo.tpot_s, slo.safety)
         chunk = min(chunk, todo)
         return n.coef.steps_time(todo, chunk, cached), chunk
-    allow = slo.safety * slo.tpot_s
-    if n.streams > 0 and math.isfinite(n.allow_s):
-        allow = n.allow_s
-    return n.coef.chunked_prefill_time(todo, allow, n.streams, n.ctx, MIN_CHUNK, cached)
+    allow = n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+    first = max(MIN_CHUNK, n.coef.chunk_budget(allow, n.streams, n.ctx, cached))
+    first = min(first, todo, n.max_step_tokens or todo)
+    t = n.coef.steps_time(first, first, cached, n.streams, n.ctx)
+    if first < todo:
+        t += n.coef.steps_time(todo - first, MIN_CHUNK, cached + first, n.streams, n.ctx)
+    return t, first
 
 
 def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:
-    base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
-    allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
-    bump = max(0.0, allow - base)
-    frac = d.prefill_frac
-    if d.backlog_s > 0 and allow > 0:     # the booked prefills stall it for their steps
-        frac = max(frac, min(1.0, d.backlog_s / allow / max(1, out - 1)))
-    if d.backlog_s > 0 and d.streams <= 0:  # it lands during a local prefill's long step
-        extra_s += min(d.backlog_s, alone_step(d.coef, slo))
-    return base + frac * bump + extra_s / max(1, out - 1)
+    """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
+    streams there took beyond plain decode steps lately (prompt chunks beside them, a
+    busy memory bus), plus the prefill
+    work booked on `d` as far as the engine lets streams absorb it, plus `extra_s` (a KV
+    transfer) and, when it lands during a local prefill alone, that step."""
+    per = max(1, out - 1)
+    est = (d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
+           + max(0.0, d.excess_s))
+    if d.backlog_s > 0:
+        est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
+        if d.streams <= 0:
+            extra_s += min(d.backlog_s, alone_step(d.coef, slo))
+    return est + extra_s / per
 
 
 def alone_step(coef: Coef, slo: SLO) -> float:

@@ -25,6 +25,8 @@ class Recent:
     stream_steps: int = 0          # steps with at least one decode sequence
     prefill_frac: float = 0.0      # of those, the share that also computed prompt tokens
     mean_step_s: float = 0.0       # mean step time of those
+    excess_s: float = 0.0          # their mean time beyond the fit's plain decode step
+                                   # (prompt chunks beside them, a busy memory bus)
 
 
 class LatencyBook:
@@ -47,8 +49,11 @@ class LatencyBook:
         for s in samples:
             m.observe(s)
             p.observe(s)
+        c = self.coef(worker_id, pool)
+        for s in samples:
             if s.decode_seqs:
-                r.append((now, s.seconds, s.prefill_tokens > 0))
+                plain = c.decode_step(s.decode_seqs, s.decode_ctx) if c is not None else s.seconds
+                r.append((now, s.seconds, s.prefill_tokens > 0, s.seconds - plain))
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -90,4 +95,5 @@ class LatencyBook:
         if not r:
             return Recent()
         n = len(r)
-        return Recent(n, sum(1 for *_, p in r if p) / n, sum(s for _, s, _ in r) / n)
+        return Recent(n, sum(1 for x in r if x[2]) / n, sum(x[1] for x in r) / n,
+                      sum(x[3] for x in r) / n)

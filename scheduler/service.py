@@ -111,6 +111,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             w.step_decode_seqs, w.step_decode_ctx = last.decode_seqs, last.decode_ctx
             self.book.observe_steps(w.worker_id, w.model, _samples(request.steps), now)
             M.SCHED_MODEL_SAMPLES.inc(len(request.steps))
+        else:       # no step since the last heartbeat: nothing decodes there
+            w.step_decode_seqs, w.step_decode_ctx = 0, 0
         self._settle(now)
         return pd_pb2.HeartbeatResponse(known=True, draining=w.draining, role=ROLE_PB[w.role])
 

@@ -311,7 +311,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
-                  book.recent_of(w.worker_id, now).prefill_frac, transfer_s)
+                  book.recent_of(w.worker_id, now).excess_s, transfer_s)
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],

@@ -149,3 +149,36 @@ async def test_kv_events_without_worker_id_is_invalid(sched):
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await sched.KVEvents(bad())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def steps(n, prefill=0, decode=0, ctx=0, seconds=0.1):
+    return [pd_pb2.StepSample(seconds=seconds, prefill_tokens=prefill,
+                              prefill_attn=prefill * prefill / 2, decode_seqs=decode,
+                              decode_ctx=ctx) for _ in range(n)]
+
+
+async def test_an_engine_that_stopped_stepping_has_no_streams(sched):
+    """The streams a decode worker's last step had are over once its heartbeats carry no
+    steps: a local prefill there is then predicted alone, not beside them."""
+    await sched.Register(reg("p", pd_pb2.ROLE_PREFILL))
+    await sched.Register(reg("d", pd_pb2.ROLE_DECODE))
+    warm = (steps(20, prefill=512, seconds=0.6) + steps(20, prefill=64, seconds=0.1)
+            + steps(20, decode=1, ctx=500, seconds=0.03))
+    await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="p", steps=warm))
+    busy = steps(40, decode=8, ctx=8000, seconds=0.05)
+    await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="d", steps=warm + busy))
+
+    async def local_ttft():
+        r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=list(range(600)),
+                                                  max_tokens=32))
+        await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                                phase=pd_pb2.PHASE_FAILED))
+        if r.mode == pd_pb2.ROUTE_MODE_LOCAL:
+            return r.predicted_ttft_ms
+        assert r.runner_up.startswith("local"), r.runner_up
+        return float(r.runner_up.split("ttft_ms=")[1].split()[0])
+
+    beside = await local_ttft()
+    await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="d"))    # idle since
+    alone = await local_ttft()
+    assert alone < beside

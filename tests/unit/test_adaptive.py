@@ -54,11 +54,14 @@ def test_idle_cluster_disaggregates_and_predicts_ttft_from_the_fit():
     assert d.reason == "slo"
     assert d.pred_ttft_s == pytest.approx(C.prefill_time(1000), rel=0.05)
     # a decode step with one stream, plus the interference its engine's history shows:
-    # one stream step in five also prefilled, and such a step may take the allowance
+    # one stream step in five also computed 256 prompt tokens
     base = C.decode_step(1, 1000 + 32)
-    assert book.recent_of("d", 10.0).prefill_frac == pytest.approx(1 / 5)
+    rec = book.recent_of("d", 10.0)
+    assert rec.prefill_frac == pytest.approx(1 / 5)
+    assert rec.excess_s == pytest.approx(C.step_time(256, chunk_attn(256, 0)) / 5 - C.step / 5,
+                                         rel=0.05)
     assert book.recent_of("d", 100.0).stream_steps == 0     # old steps are forgotten
-    assert d.pred_tpot_s == pytest.approx(base + (0.09 - base) / 5, rel=0.1)
+    assert d.pred_tpot_s == pytest.approx(base + rec.excess_s, rel=0.05)
     assert d.runner_up.startswith("local decode=d")
 
 

@@ -107,15 +107,20 @@ def test_transfer_model():
     assert t.predict(int(0.1e9)) == pytest.approx(0.021, rel=0.02)
 
 
-def test_allowance_spends_slack_evenly_over_the_rest_of_each_stream():
-    slo = 0.1
+def test_allowance_is_the_slack_each_stream_keeps_after_plain_decode_steps():
+    slo, base = 0.1, 0.04
     fresh = Stream(elapsed_s=0.0, produced=1, target=65)
-    assert allowance([fresh], slo, safety=1.0) == pytest.approx(slo * 64 / 64)
+    # 64 more tokens within 6.4 s; 63 of them at 40 ms leave 3.88 s for this step
+    assert allowance([fresh], slo, 1.0, base) == pytest.approx(6.4 - 63 * base)
+    # with no decode step known, all that is left
+    assert allowance([fresh], slo, safety=1.0) == pytest.approx(6.4)
     fast = Stream(elapsed_s=32 * 0.04, produced=33, target=65)   # ran at 40 ms so far
-    assert allowance([fast], slo, safety=1.0) == pytest.approx((6.4 - 1.28) / 32)
+    assert allowance([fast], slo, 1.0, base) == pytest.approx(6.4 - 1.28 - 31 * base)
     behind = Stream(elapsed_s=32 * 0.22, produced=33, target=65)
-    assert allowance([fast, behind], slo, 1.0) < 0         # the tightest stream decides
+    assert allowance([fast, behind], slo, 1.0, base) < 0   # the tightest stream decides
     assert allowance([Stream(0.0, 5, 5)], slo) == math.inf  # finished: nothing to protect
+    # the safety holds the stream to 0.9 x SLO and reserves base / 0.9 per later step
+    assert allowance([fresh], slo, 0.9, base) == pytest.approx(0.9 * 6.4 - 63 * base / 0.9)
 
 
 def test_budget():
@@ -126,9 +131,14 @@ def test_budget():
     assert alone.tokens == TRUE.chunk_budget(0.09, 0, 0) > 16    # steps
     s = [Stream(0.0, 1, 65)] * 4
     b = budget(s, TRUE, slo, 4000, 4096)
-    assert b.allow_s == pytest.approx(0.09)
-    want = TRUE.chunk_budget(0.09, 4, 4000)
-    assert b.tokens == want and 16 < want < 4096
+    base = TRUE.decode_step(4, 4000)
+    assert b.allow_s == pytest.approx(0.09 * 64 - 63 * base / 0.9)
+    want = TRUE.chunk_budget(b.allow_s, 4, 4000)
+    assert want > 4096 and b.tokens == 4096                # up to the engine's own cap
+    # a stream near its end has little slack left: it rules
+    late = Stream(elapsed_s=60 * 0.085, produced=61, target=65)
+    got = budget(s + [late], TRUE, slo, 4000, 4096).tokens
+    assert 16 < got < 4096
     behind = [Stream(6.0, 33, 65)]                         # no slack: the floor keeps
     assert budget(behind, TRUE, slo, 1000, 4096).tokens == 16   # prompts moving
     assert budget(s, None, slo, 4000, 4096).tokens == 0    # no model yet: vLLM's own
@@ -157,6 +167,26 @@ def test_local_prefill_alone_keeps_the_fixed_part_a_small_share_of_each_step():
     step = cpu.step_time(b.tokens)
     assert cpu.step / step == pytest.approx(ALONE_OVERHEAD, rel=0.05)
     assert b.allow_s == pytest.approx(0.9 * 0.21)      # what a landing stream is held to
-    # streams running: their allowance rules, whatever the fixed part
+    # streams running: their allowance rules, whatever the fixed part: a fresh stream of
+    # 17 tokens affords one step of 16 x 0.189 - 15 x 0.11 / 0.9 = 1.19 s
     s = [Stream(0.0, 1, 17)]
-    assert budget(s, cpu, 0.21, 100, 4096).tokens == MIN_CHUNK
+    b = budget(s, cpu, 0.21, 100, 4096)
+    assert b.allow_s == pytest.approx(16 * 0.189 - 15 * 0.11 / 0.9)
+    assert b.tokens == cpu.chunk_budget(b.allow_s, 1, 100)
+    # a stream that used its slack already: the floor
+    used = Stream(elapsed_s=b.allow_s, produced=2, target=17)
+    assert budget([used], cpu, 0.21, 100, 4096).tokens == MIN_CHUNK
+
+
+def test_one_token_prefills_leave_the_prompt_cost_unknown():
+    """A decode engine computes one token per remote prefill: that says nothing about a
+    prompt token's cost, so its fit borrows those terms (known() stays False)."""
+    m = StepModel()
+    for i in range(40):
+        m.observe(StepSample(TRUE.step_time(1, 1000, 0, 0) * 1.0, 1, 1000.0, 0, 0))
+        m.observe(StepSample(TRUE.decode_step(2, 2000), 0, 0.0, 2, 2000))
+    assert m.warm()                                  # the engine's own budget may use it
+    assert not m.fit.known(1) and not m.fit.known(2) and m.fit.known(3)
+    m.observe(StepSample(TRUE.step_time(64, chunk_attn(64, 0)), 64, chunk_attn(64, 0), 0, 0))
+    m.observe(StepSample(TRUE.step_time(64, chunk_attn(64, 0)), 64, chunk_attn(64, 0), 0, 0))
+    assert m.fit.known(1) and m.fit.known(2)
