@@ -113,8 +113,9 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> f
     work booked on `d` as far as the engine lets streams absorb it, plus `extra_s` (a KV
     transfer) and, when it lands during a local prefill alone, that step."""
     per = max(1, out - 1)
-    est = (d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
-           + max(0.0, d.excess_s))
+    base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
+    # the engine holds prompt chunks to what its streams afford (safety * SLO)
+    est = min(base + max(0.0, d.excess_s), max(base, slo.safety * slo.tpot_s))
     if d.backlog_s > 0:
         est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
         if d.streams <= 0:
