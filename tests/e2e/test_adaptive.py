@@ -51,10 +51,11 @@ def chunked(tiny_model, tmp_path_factory):
 
 
 def steps(trace, start=0):
-    """Traced steps: (seconds, prompt tokens, attention, decode seqs, ctx, allow, budget)."""
+    """Traced steps: (seconds, prompt tokens, attention, decode seqs, ctx, allow, budget,
+    monotonic end)."""
     if not trace.exists():
         return []
-    return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) == 7]
+    return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) >= 7]
 
 
 def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, tokenizer,
