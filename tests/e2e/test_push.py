@@ -32,7 +32,11 @@ KILLED: set[str] = set()   # workers the tests killed (registered until their he
 def pc(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "push",
                        env={"PDSERVE_DEBUG_PREFILL_DELAY_S": str(DELAY_S)},
+                       # every request disaggregated (these tests are about the push
+                       # path: the adaptive choice would prefill some of the concurrent
+                       # ones on an idle decode worker)
                        extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
+                              "--policy", "kv",
                               "--prefill-workers", "1", "--decode-workers", "2",
                               "--keep-going", "--kv-push-ttl-s", "20"])
 

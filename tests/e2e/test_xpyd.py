@@ -38,4 +38,8 @@ async def test_two_prefill_workers_share_load_and_agree_with_1p1d(cluster, two_p
                                         outcome="ok")
               for w in two_prefill.workers() if w.role == pd_pb2.ROLE_PREFILL}
     assert len(served) == 2 and all(n > 0 for n in served.values()), served
-    assert sum(served.values()) >= len(prompts)
+    # the adaptive choice may prefill some of the 12 concurrent prompts on the decode
+    # worker while both prefill workers have a queue (scheduler/adaptive.py)
+    decode = next(w for w in two_prefill.workers() if w.role == pd_pb2.ROLE_DECODE)
+    local = metric_value(two_prefill.metrics(decode), "pdserve_decode_local_prefills_total")
+    assert sum(served.values()) + local >= len(prompts), (served, local)
