@@ -18,7 +18,7 @@ Setups (`--setups`, comma list; all but vllm-2x-chunked by default):
 Every vLLM server runs with the same engine settings as ours (bf16, eager, block 128, max
 seqs, batched tokens, an explicit KV cache size), its threads bound by
 VLLM_CPU_OMP_THREADS_BIND and the whole process tree confined with `taskset` to its cores
-(without that, stock NIXL threads drift onto the other engine's core: ../shared/FACTS.md).
+(without that, stock NIXL threads drift onto the other engine's core: `ps -L -o psr`).
 vLLM's servers run stock: pdserve's quiet-wait plugin stays off for them unless
 `--baseline-quiet-wait`. Each rate of the sweep gets its own seeded prompts, the same for
 every setup. Prints one table of goodput, TTFT p99 and TPOT p99 per setup and rate, the

