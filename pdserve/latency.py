@@ -240,16 +240,6 @@ class Coef:
             return 1 << 30
         return int(spare / per)
 
-    def chunked_prefill_time(self, tokens: int, allow_s: float, seqs: float, ctx: float,
-                             min_chunk: int = 1, cached: int = 0) -> tuple[float, int]:
-        """Prefill of `tokens` beside `seqs` decode streams, each step held to `allow_s`
-        (the streams' TPOT allowance): (seconds, chunk tokens per step)."""
-        if tokens <= 0:
-            return 0.0, 0
-        chunk = max(min_chunk, self.chunk_budget(allow_s, seqs, ctx, cached + tokens / 2))
-        chunk = min(chunk, tokens)
-        return self.steps_time(tokens, chunk, cached, seqs, ctx), chunk
-
 
 class TransferModel:
     """KV transfer seconds ~ per transfer + per byte, from the decode side's records."""

@@ -92,6 +92,13 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     return Budget(allow, tok)
 
 
+def packing_floor(coef: Coef, overhead: float, no_cost: int) -> int:
+    """The prompt tokens a step needs for its fixed part to be `overhead` of it
+    (`no_cost` when a prompt token costs nothing in the fit)."""
+    per = coef.per_token()
+    return no_cost if per <= 0 else int(coef.step * (1 - overhead) / overhead / per)
+
+
 def alone(coef: Coef, tpot_slo_s: float, safety: float = SAFETY,
           overhead: float = ALONE_OVERHEAD) -> tuple[float, int]:
     """(step seconds, prompt tokens per step) for a local prefill on an engine with no
@@ -101,9 +108,7 @@ def alone(coef: Coef, tpot_slo_s: float, safety: float = SAFETY,
     stream that lands meanwhile waits for the step in progress."""
     allow = safety * tpot_slo_s
     tok = max(MIN_CHUNK, coef.chunk_budget(allow, 0, 0))
-    per = coef.per_token()
-    if per > 0:
-        tok = max(tok, int(coef.step * (1 - overhead) / overhead / per))
+    tok = max(tok, packing_floor(coef, overhead, tok))
     return max(allow, coef.step_time(tok, chunk_attn(tok, 0))), tok
 
 
@@ -121,7 +126,5 @@ def fcfs_tokens(head_left: int, coef: Coef | None, max_tokens: int,
     packs small prompts on a GPU and hardly at all on a CPU). 0: no limit."""
     if head_left <= 0 or coef is None or max_tokens <= 0:
         return 0
-    per = coef.per_token()
-    floor = max_tokens if per <= 0 else int(coef.step * (1 - overhead) / overhead / per)
-    tok = max(head_left, floor, MIN_CHUNK)
+    tok = max(head_left, packing_floor(coef, overhead, max_tokens), MIN_CHUNK)
     return 0 if tok >= max_tokens else tok

@@ -84,6 +84,11 @@ class Option:
                 f"tpot_ms={self.tpot_s * 1e3:.1f}")
 
 
+def allowance(n: Node, slo: SLO) -> float:
+    """The step time `n`'s streams afford (what its engine reported), or the SLO's."""
+    return n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+
+
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
     """(seconds, chunk) to compute the request's uncached prompt on `n`; `local`: it
     decodes there too. The engine's rules (pdserve/step_budget.py): with no stream,
@@ -97,7 +102,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         _, chunk = alone(n.coef, slo.tpot_s, slo.safety)
         chunk = min(chunk, todo)
         return n.coef.steps_time(todo, chunk, cached), chunk
-    allow = n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+    allow = allowance(n, slo)
     first = max(MIN_CHUNK, n.coef.chunk_budget(allow, n.streams, n.ctx, cached))
     first = min(first, todo, n.max_step_tokens or todo)
     t = n.coef.steps_time(first, first, cached, n.streams, n.ctx)
@@ -109,9 +114,9 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
 def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:
     """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
     streams there took beyond plain decode steps lately (prompt chunks beside them, a
-    busy memory bus), plus the prefill
-    work booked on `d` as far as the engine lets streams absorb it, plus `extra_s` (a KV
-    transfer) and, when it lands during a local prefill alone, that step."""
+    busy memory bus), plus the prefill work booked on `d` as far as the engine lets
+    streams absorb it, plus `extra_s` (a KV transfer) and, when it lands during a local
+    prefill alone, that step."""
     per = max(1, out - 1)
     base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
@@ -147,7 +152,7 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     s = score(ttft, tpot, slo)
     if d.streams > 0 and chunk:    # what one of its steps costs the streams already there
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
-        allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
+        allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens))

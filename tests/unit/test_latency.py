@@ -81,7 +81,8 @@ def test_prefill_time_in_whole_steps_and_chunked_beside_streams():
     two = c.prefill_time(1000, max_step_tokens=500)   # two steps: one more per-step part,
     assert two == pytest.approx(one + c.step, rel=1e-9)   # the same attention work
     allow = 0.05
-    t, chunk = c.chunked_prefill_time(1000, allow, seqs=8, ctx=8000)
+    chunk = c.chunk_budget(allow, 8, 8000, before=500)
+    t = c.steps_time(1000, chunk, 0, 8, 8000)
     assert 0 < chunk < 1000
     # every step fits the allowance (the chunk is sized at mid-prompt attention)
     assert c.step_time(chunk, chunk_attn(chunk, 500), 8, 8000) <= allow * 1.0001
