@@ -21,6 +21,9 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
 
 
+KV = ["--policy", "kv"]      # prefill on a prefill worker, every request
+
+
 def serving(model, tmp_path_factory, name: str, env: dict | None = None,
             extra: list[str] | None = None):
     """A fixture body: a cluster `pdserve serve ...extra` logging to `<name>.log`; after its
@@ -35,7 +38,10 @@ def serving(model, tmp_path_factory, name: str, env: dict | None = None,
 
 @pytest.fixture(scope="session")
 def cluster(tiny_model, tmp_path_factory):
-    yield from serving(tiny_model, tmp_path_factory, "cluster")
+    # every request disaggregated: the tests sharing this cluster check the transfer path,
+    # and the adaptive choice may prefill a prompt on an idle decode worker instead (its
+    # own tests are in test_adaptive.py)
+    yield from serving(tiny_model, tmp_path_factory, "cluster", extra=KV)
 
 
 def assert_no_orphans(log_path, settle_s: float = 15.0) -> None:

@@ -14,7 +14,7 @@ import pytest
 from pdserve.config import resolve_dtype
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import metric_value, reference
-from tests.e2e.conftest import serving, words
+from tests.e2e.conftest import KV, serving, words
 from tests.e2e.test_faults import assert_idle, by_role
 
 MAX_TOKENS = 16
@@ -25,7 +25,7 @@ PREFILL_BS, DECODE_BS = 64, 128
 def cluster_with(tiny_model, tmp_path_factory, name, *extra):
     yield from serving(tiny_model, tmp_path_factory, name,
                        extra=["--prefill-block-size", str(PREFILL_BS),
-                              "--block-size", str(DECODE_BS), *extra])
+                              "--block-size", str(DECODE_BS), *KV, *extra])
 
 
 @pytest.fixture(scope="module")

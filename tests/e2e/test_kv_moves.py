@@ -10,13 +10,13 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import serving, words
+from tests.e2e.conftest import KV, serving, words
 
 
 @pytest.fixture(scope="module")
 def corrupt_cluster(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "corrupt",
-                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"})
+                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"}, KV)
 
 
 def complete(c, prompt, status="ok", full=False):
@@ -39,7 +39,7 @@ def test_zeroed_kv_changes_the_output(cluster, corrupt_cluster, n):
 @pytest.fixture(scope="module")
 def checked_corrupt_cluster(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "checked-corrupt",
-                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"}, ["--kv-checksum"])
+                            {"PDSERVE_DEBUG_CORRUPT_KV": "zero"}, ["--kv-checksum", *KV])
 
 
 def test_checksums_catch_corrupted_kv_and_recompute(cluster, checked_corrupt_cluster):
@@ -67,7 +67,7 @@ def test_checksums_catch_corrupted_kv_and_recompute(cluster, checked_corrupt_clu
 def tcp_cluster(tiny_model, tmp_path_factory):
     # also the integrity check on a healthy path: every transfer compared, all equal
     yield from serving(tiny_model, tmp_path_factory, "tcp", {"UCX_TLS": "tcp,self"},
-                            ["--kv-checksum"])
+                            ["--kv-checksum", *KV])
 
 
 def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):

@@ -18,7 +18,7 @@ import pytest
 
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import metric_value, reference
-from tests.e2e.conftest import serving, words
+from tests.e2e.conftest import KV, serving, words
 from tests.e2e.test_faults import assert_idle, by_role, pid_of
 
 MAX_TOKENS = 16
@@ -161,7 +161,7 @@ def whole(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "push-whole",
                        env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5"},
                        extra=["--kv-mode", "push-whole", "--max-num-batched-tokens", str(CHUNK),
-                              "--kv-checksum"])
+                              "--kv-checksum", *KV])
 
 
 def test_whole_request_push_gives_the_colocated_output(whole, truth):
@@ -185,7 +185,7 @@ def corrupt_push(tiny_model, tmp_path_factory):
                        env={"PDSERVE_DEBUG_PREFILL_DELAY_S": "0.5",
                             "PDSERVE_DEBUG_CORRUPT_KV": "zero"},
                        extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
-                              "--kv-checksum"])
+                              "--kv-checksum", *KV])
 
 
 def test_push_checksums_catch_corrupted_kv_and_recompute(corrupt_push, truth):
