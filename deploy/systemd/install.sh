@@ -16,7 +16,14 @@ tar -C "$SRC" --exclude=.git --exclude=.venv -cf - . | tar -C "$PREFIX" -xf -
 (cd "$PREFIX" && PDSERVE_EXTRA="${PDSERVE_EXTRA:-cpu}" scripts/setup.sh)
 # the bundled model, converted once into the service's data dir
 sudo -u pdserve PDSERVE_DATA_DIR=/var/lib/pdserve "$PREFIX/.venv/bin/pdserve" model prepare
-[ -f /etc/pdserve/pdserve.env ] || install -m 0644 "$SRC/deploy/systemd/pdserve.env" /etc/pdserve/
+# the environment may hold API keys (PDSERVE_API_KEY): readable by the service only
+[ -f /etc/pdserve/pdserve.env ] || install -m 0640 -g pdserve "$SRC/deploy/systemd/pdserve.env" /etc/pdserve/
+# the cluster secret: every unit gets it as a systemd credential (LoadCredential=); for
+# several hosts, copy this one file to each (docs/security.md)
+if [ ! -f /etc/pdserve/cluster-secret ]; then
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/pdserve/cluster-secret)
+fi
+chmod 0600 /etc/pdserve/cluster-secret
 install -m 0644 "$SRC"/deploy/systemd/*.service /etc/systemd/system/
 systemctl daemon-reload
 echo "installed; edit /etc/pdserve/pdserve.env, then e.g.:"

@@ -101,6 +101,26 @@ def test_objects_fit_together(overlay):
         sel = pdb["spec"]["selector"]["matchLabels"]
         assert any(sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
                    for d in deps.values())
+    for name, dep in deps.items():
+        # hardened pods, each with the cluster secret from a Secret (never a literal)
+        spec = dep["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        c = spec["containers"][0]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+        assert set(c["securityContext"]["capabilities"].get("add", [])) <= {"IPC_LOCK"}, name
+        secret = {e["name"]: e for e in c["env"]}["PDSERVE_CLUSTER_SECRET"]
+        assert secret["valueFrom"]["secretKeyRef"]["name"] == "pdserve-cluster", name
+    # the internal ports are for pdserve's pods only; the API port for anyone
+    pols = by["NetworkPolicy"]
+    assert pols["pdserve-default-deny"]["spec"] == {"podSelector": {},
+                                                    "policyTypes": ["Ingress"]}
+    (internal,) = pols["pdserve-internal"]["spec"]["ingress"]
+    assert internal["from"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "pdserve"}}}] and "ports" not in internal
+    (api,) = pols["pdserve-frontend-api"]["spec"]["ingress"]
+    assert api == {"ports": [{"port": 8000, "protocol": "TCP"}]}
     role = by["Role"]["pdserve-scheduler"]["rules"][0]
     assert role["resources"] == ["deployments/scale"]
     assert set(role["resourceNames"]) == {"pdserve-prefill", "pdserve-decode"}
@@ -150,6 +170,7 @@ def test_systemd_units_verify(tmp_path):
         assert "User=pdserve" in text and "Restart=" in text and "LimitNOFILE=" in text
         for var in re.findall(r"\$\{(\w+)\}", text):
             assert var in env, (u.name, var)
+        assert "LoadCredential=cluster-secret:" in text, u.name     # internal auth
         stop = int(re.search(r"TimeoutStopSec=(\d+)", text).group(1))
         if "@" in u.name:        # workers drain before they stop
             assert stop > float(env["PDSERVE_DRAIN_TIMEOUT_S"])
@@ -184,6 +205,9 @@ def test_compose_file():
     for s in ("prefill", "decode"):
         assert svcs[s]["ulimits"]["memlock"] == -1 and svcs[s]["ipc"] == "host"
     assert svcs["prefill"]["cpuset"] != svcs["decode"]["cpuset"]
+    # internal auth: the secret from the caller's environment, never a literal
+    assert c["x-common"]["environment"]["PDSERVE_CLUSTER_SECRET"].startswith(
+        "${PDSERVE_CLUSTER_SECRET:?")
     build = svcs["frontend"]["build"]
     assert (DEPLOY / "docker" / build["context"] / build["dockerfile"]).exists()
     for s in ("prometheus", "grafana"):
@@ -271,3 +295,14 @@ def test_grafana_dashboard_loads_and_every_query_parses():
         assert topic in titles, topic
     for e in dashboard_exprs():
         assert metric_names(e), e
+
+
+def test_systemd_units_expose_at_most_medium():
+    """`systemd-analyze security` scores each unit's sandbox; MEDIUM is below 7.0."""
+    analyze = need("systemd-analyze")
+    for u in sorted((DEPLOY / "systemd").glob("*.service")):
+        out = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(u)],
+                             capture_output=True, text=True, timeout=60)
+        m = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", out.stdout)
+        assert m, out.stdout[-2000:] + out.stderr
+        assert float(m.group(1)) < 7.0 and m.group(2) in ("OK", "MEDIUM"), (u.name, m.group(0))
