@@ -169,7 +169,9 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
             "--served-model-name", ns.served_name, "--port", str(port),
             "--scheduler-port", str(sport), "--kv-cache-gib", str(ns.kv_cache_gib),
             "--max-model-len", str(ns.max_model_len), "--max-num-seqs", str(ns.max_num_seqs),
-            "--max-num-batched-tokens", str(ns.max_num_batched_tokens), *ns.pdserve_arg,
+            "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
+            "--expose-routing",      # the x-pdserve-route header: options taken, forecasts
+            *ns.pdserve_arg,
             *ns.variants.get(setup, [])])
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 400

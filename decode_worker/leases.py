@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class LeaseRenewer:
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, creds=None) -> None:
         self.extend_s = lease_s
         self.every_s = max(0.2, lease_s / 3)
-        self.channels = Channels()
+        self.channels = Channels(creds)
 
     async def hold(self, kv: pd_pb2.KVHandle, done: asyncio.Event) -> None:
         """Renew `kv`'s lease until `done` is set (or the lease is found gone)."""

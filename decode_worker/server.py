@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
 from decode_worker.leases import LeaseRenewer
-from pdserve import metrics as M
+from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from pdserve.sampling import handle_to_params, logprobs_to_wire, to_vllm
+from pdserve.sampling import engine_prompt, handle_to_params, logprobs_to_wire, to_vllm
 from pdserve.worker import INPUT_ERRORS, WorkerRuntime, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
         self.active: dict[str, asyncio.Task] = {}
-        self.renewer = LeaseRenewer(rt.cfg.kv.lease_s)
+        self.renewer = LeaseRenewer(rt.cfg.kv.lease_s, rt.creds)
 
     async def Generate(self, request, context):
         sp = request.sampling
@@ -44,6 +45,15 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         if err:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        if not local and not push:
+            # a handle a producer of this cluster signed, for this prompt, used once: no
+            # caller makes us load KV from an address or blocks of its choosing
+            why = auth.check_handle(self.rt.creds, request.kv, request.prompt_token_ids,
+                                    self.rt.handles_used, time.time(), sp.cache_salt)
+            if why:
+                M.WORKER_REQUESTS.labels("decode", "refused").inc()
+                log.warning("request %s: %s", request.request_id, why)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         rid = request.request_id
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
@@ -67,7 +77,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         renew = (None if local or push else
                  asyncio.create_task(self.renewer.hold(request.kv, loaded)))
         try:
-            async for out in self.rt.engine.generate({"prompt_token_ids": ids}, params, rid):
+            async for out in self.rt.engine.generate(engine_prompt(ids, sp), params, rid):
                 loaded.set()
                 c = out.outputs[0]
                 msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)

@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
+from frontend import security
 from frontend.protocol import ChatRequest, CompletionRequest
-from pdserve import metrics as M
+from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
     ContextLengthExceeded,
@@ -91,6 +92,7 @@ class _Timing:
 def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                tokenizer: Tokenizer | None = None) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0")
+    security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins)
     state: dict[str, Any] = {"client": client, "tok": tokenizer}
     slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
     M.SLO_SECONDS.labels("ttft").set(slo[0])
@@ -99,7 +101,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.on_event("startup")
     async def _startup() -> None:
         if state["client"] is None:
-            state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode)
+            state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode,
+                                            creds=auth.from_env(auth.FRONTEND))
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model)
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
@@ -198,6 +201,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             min_tokens=req.min_tokens)
         if req.seed is not None:
             sp.seed = req.seed
+        if req.cache_salt:
+            sp.cache_salt = req.cache_salt
         return sp
 
     def _budget(req, prompt_ids: list[int], default: int | None) -> int:
@@ -293,7 +298,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         max_tokens = _budget(body, ids, 16)
         lp = body.logprobs if body.logprobs is not None else -1
         sp = _sampling(body, max_tokens, lp)
-        rid = f"cmpl-{request.state.rid}"
+        rid = f"cmpl-{uuid.uuid4().hex}"     # ours: never the client's x-request-id
         created = int(time.time())
         M.PROMPT_TOKENS.inc(len(ids))
         if body.stream:
@@ -311,7 +316,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         max_tokens = _budget(body, ids, None)
         k = body.top_logprobs or 0
         sp = _sampling(body, max_tokens, k if body.logprobs else -1)
-        rid = f"chatcmpl-{request.state.rid}"
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         M.PROMPT_TOKENS.inc(len(ids))
         if body.stream:
@@ -331,9 +336,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         return {"content": content}
 
     def _usage(n_prompt: int, n_gen: int, cached: int = 0) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                "total_tokens": n_prompt + n_gen,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        u = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+             "total_tokens": n_prompt + n_gen}
+        if cfg.enable_prompt_tokens_details:   # as vLLM: off by default (says what others sent)
+            u["prompt_tokens_details"] = {"cached_tokens": cached}
+        return u
 
     async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
         timing = _Timing(slo)
@@ -374,11 +381,12 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         resp = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
                 "choices": [choice],
                 "usage": _usage(len(ids), n_gen, sum(c.cached_tokens for c in chunks))}
-        kv = _kv_info(last)
+        # internal routing details only when the operator asked for them (--expose-routing)
+        kv = _kv_info(last) if cfg.expose_routing else None
         if kv:
             resp["kv_transfer"] = kv
         headers = {"x-request-id": request.state.rid}
-        route = next((c.route for c in chunks if c.route), "")
+        route = next((c.route for c in chunks if c.route), "") if cfg.expose_routing else ""
         if route:
             headers["x-pdserve-route"] = route
         if kv:
@@ -441,8 +449,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     n_gen += len(ch.token_ids)
                     cached += ch.cached_tokens
                     finish = ch.finish_reason or None
-                    extra = {"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None else {}
-                    if ch.route:     # streamed: the x-pdserve-route header, in the first chunk
+                    extra = ({"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None
+                             and cfg.expose_routing else {})
+                    if ch.route and cfg.expose_routing:   # streamed: x-pdserve-route's text
                         extra["pdserve_route"] = ch.route
                     if chat:
                         c = {"index": 0, "delta": {"content": ch.text} if ch.text else {},

@@ -72,9 +72,9 @@ class ClusterClient:
     dies mid-stream ends the request with an error (no silent duplicate tokens)."""
 
     def __init__(self, scheduler_address: str, route_wait_s: float = 15.0,
-                 max_attempts: int = 3, kv_mode: str = "pull") -> None:
+                 max_attempts: int = 3, kv_mode: str = "pull", creds=None) -> None:
         self.push = kv_mode.startswith("push")
-        self.channels = Channels()
+        self.channels = Channels(creds)     # the frontend's token on every internal call
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
         self.route_wait_s = route_wait_s
         self.max_attempts = max_attempts

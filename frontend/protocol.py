@@ -28,6 +28,8 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # vLLM extension
+    # vLLM extension: a tenant's prefix cache is hit only by requests with its salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
     min_tokens: StrictInt = Field(0, ge=0)               # vLLM extension
     n: StrictInt = 1
     stream: StrictBool = False

@@ -17,9 +17,20 @@ from typing import Callable
 
 import grpc
 
+from pdserve import auth
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger("vllm.pdserve." + __name__)
+
+
+# no caller holds our blocks longer than this per call, whatever it asks for
+MAX_HOLD_S = 300.0
+
+
+def _seconds(context, value: float, cap: float, what: str) -> float:
+    if not 0 <= value < float("inf"):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be >= 0, got {value}")
+    return min(value, cap)
 
 
 class AgentState:
@@ -37,6 +48,9 @@ class AgentState:
         # push mode (producer): a consumer's offer -> (accepted, reason); cancels
         self.offer: Callable[[pd_pb2.OfferRequest], tuple[bool, str]] | None = None
         self.cancel: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
+        # what a caller may ask for: a lease extension, an offer's life (seconds)
+        self.max_extend_s = MAX_HOLD_S
+        self.max_ttl_s = MAX_HOLD_S
 
 
 class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
@@ -58,11 +72,12 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
         if self.state.acquire is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine holds no KV leases")
         ids = list(request.transfer_ids)
+        extend_s = _seconds(context, request.extend_s, self.state.max_extend_s, "extend_s")
         # A lease is added one engine step after the prefill output left; tolerate
         # a consumer that is faster than that.
         deadline = time.monotonic() + 1.0
         while True:
-            held, missing = self.state.acquire(ids, request.extend_s)
+            held, missing = self.state.acquire(ids, extend_s)
             if not missing or time.monotonic() > deadline:
                 return pd_pb2.LeaseResponse(held=held, missing=missing)
             time.sleep(0.002)
@@ -92,6 +107,7 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "offer needs a transfer id and blocks")
         if request.skip_blocks > len(request.block_ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "skip_blocks exceeds the blocks")
+        request.ttl_s = _seconds(context, request.ttl_s, self.state.max_ttl_s, "ttl_s")
         ok, reason = self.state.offer(request)
         return pd_pb2.OfferResponse(accepted=ok, reason=reason)
 
@@ -109,7 +125,9 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
 
 def start_agent_server(state: AgentState, host: str, port: int) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvagent"),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 0)],
+                         interceptors=auth.server_interceptors(auth.from_env(auth.WORKER),
+                                                               aio=False))
     pd_pb2_grpc.add_KVAgentServicer_to_server(KVAgentServicer(state), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -148,12 +166,13 @@ class AgentClients:
         self._lock = threading.Lock()
         self._stubs: dict[str, pd_pb2_grpc.KVAgentStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        self.creds = auth.from_env(auth.WORKER)
 
     def get(self, address: str) -> pd_pb2_grpc.KVAgentStub:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                ch = grpc.insecure_channel(address)
+                ch = auth.channel(address, self.creds)
                 self._channels[address] = ch
                 stub = self._stubs[address] = pd_pb2_grpc.KVAgentStub(ch)
             return stub

@@ -17,6 +17,7 @@ from pdserve.config import (
     SchedulerConfig,
     WorkerConfig,
 )
+from pdserve import auth
 from pdserve.logs import setup_logging
 from pdserve.procs import die_with_parent
 from scheduler.planner import PlannerConfig, PoolPolicy
@@ -302,6 +303,7 @@ def cmd_frontend(ns) -> int:
     setup_logging("frontend")
     import uvicorn
 
+    from frontend import security
     from frontend.app import create_app
 
     model = resolve_model(ns.model)
@@ -309,9 +311,19 @@ def cmd_frontend(ns) -> int:
     cfg = FrontendConfig(model=model, served_model_name=ns.served_model_name or Path(model).name,
                          max_model_len=ns.max_model_len, host=ns.host, port=ns.port,
                          scheduler_address=ns.scheduler, ttft_slo_ms=ns.ttft_slo_ms,
-                         tpot_slo_ms=ns.tpot_slo_ms, kv_mode=ns.kv_mode)
+                         tpot_slo_ms=ns.tpot_slo_ms, kv_mode=ns.kv_mode,
+                         api_keys=security.load_keys(ns.api_key, ns.api_key_file),
+                         protect_metrics=ns.protect_metrics,
+                         allowed_origins=security.parse_origins(ns.allowed_origins),
+                         expose_routing=ns.expose_routing,
+                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
+    if not cfg.api_keys:
+        logging.getLogger("pdserve.frontend").warning(
+            "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,
+            cfg.port)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ssl_certfile=ns.ssl_certfile or None,
+                ssl_keyfile=ns.ssl_keyfile or None)
     return 0
 
 
@@ -329,12 +341,11 @@ def cmd_dryrun(ns) -> int:
 
 def cmd_set_role(ns) -> int:
     """Admin: change a worker's role (it drains first when the new role drops work)."""
-    import grpc
-
     from pdserve.rpc import pd_pb2, pd_pb2_grpc
     role = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE,
             "mixed": pd_pb2.ROLE_MIXED}[ns.role]
-    with grpc.insecure_channel(ns.scheduler) as ch:
+    from pdserve import auth
+    with auth.channel(ns.scheduler, auth.from_env(auth.ADMIN)) as ch:
         r = pd_pb2_grpc.SchedulerStub(ch).SetRole(
             pd_pb2.SetRoleRequest(worker_id=ns.worker_id, role=role), timeout=10)
     if not r.found:
@@ -379,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     placement_args(s)
     autoscale_args(s)
     role_args(s)
+    auth.secret_arg(s)
+    auth.http_args(s)
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode", "mixed"):
@@ -395,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--tpot-slo-ms", type=float, default=100.0,
                        help="the engine holds prefill chunks beside running streams to what "
                             "their TPOT allows (pdserve/step_budget.py; 0: no budget)")
+        auth.secret_arg(w)
         w.set_defaults(func=cmd_worker, role=role)
 
     s = sub.add_parser("scheduler", help="run the scheduler")
@@ -406,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     placement_args(s)
     autoscale_args(s)
     role_args(s)
+    auth.secret_arg(s)
     s.set_defaults(func=cmd_scheduler)
 
     d = sub.add_parser("planner-dryrun", help="replay a load trace through the autoscaling "
@@ -442,12 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tpot-slo-ms", type=float, default=100.0)
     f.add_argument("--kv-mode", choices=KV_MODES, default="pull",
                    help="must match the workers' --kv-mode")
+    auth.secret_arg(f)
+    auth.http_args(f)
     f.set_defaults(func=cmd_frontend)
 
     r = sub.add_parser("set-role", help="change a worker's role at runtime (admin)")
     r.add_argument("worker_id")
     r.add_argument("role", choices=["prefill", "decode", "mixed"])
     r.add_argument("--scheduler", default="127.0.0.1:50051")
+    auth.secret_arg(r)
     r.set_defaults(func=cmd_set_role)
 
     m = sub.add_parser("model", help="prepare the bundled model or build the tiny test model")
@@ -461,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()       # started by the launcher or the local actuator: die with it
     ns = build_parser().parse_args(argv)
+    err = auth.check_credentials(ns)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
     return ns.func(ns)
 
 

@@ -166,3 +166,8 @@ class FrontendConfig:
     ttft_slo_ms: float = 2000.0       # goodput: requests within both SLOs
     tpot_slo_ms: float = 100.0
     kv_mode: str = "pull"             # the workers' --kv-mode: how a request is handed over
+    api_keys: tuple[str, ...] = ()    # Bearer keys for /v1 (frontend/security.py); none: open
+    protect_metrics: bool = False     # /metrics and /sd/targets need a key too
+    allowed_origins: tuple[str, ...] = ()   # CORS
+    expose_routing: bool = False      # x-pdserve-route, kv_transfer in responses (debugging)
+    enable_prompt_tokens_details: bool = False   # usage.prompt_tokens_details, as vLLM's flag

@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -84,7 +85,9 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
         if any(not c.alive() for c in children):
             return False
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            # our own frontend on our own host: its certificate may be self-signed
+            ctx = ssl._create_unverified_context() if url.startswith("https") else None
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                 body = json.loads(r.read() or b"{}")
                 if (r.status == 200 and body.get("prefill_workers", 0) >= n_prefill
                         and body.get("decode_workers", 0) >= n_decode):
@@ -150,10 +153,47 @@ def assign_cores(cores: list[str], n_p: int, n_d: int) -> tuple[list[str], list[
     return [pc[i % len(pc)] for i in range(n_p)], [dc[i % len(dc)] for i in range(n_d)]
 
 
+def cluster_credentials() -> dict[str, str | None]:
+    """Internal auth with no setup: a new secret for this cluster unless one is given.
+
+    The scheduler and the workers (and those the autoscaler starts) inherit the secret from
+    our environment; the frontend, the process facing HTTP clients, gets the returned
+    environment: its own role's token and no secret (it cannot register as a worker or
+    sign KV handles)."""
+    from pdserve import auth
+
+    if auth.from_env(auth.FRONTEND) is None and os.environ.get(auth.ENV_OFF, "") == "off":
+        log.warning("internal auth is off (%s=off): anyone who reaches a port is trusted",
+                    auth.ENV_OFF)
+        return {}
+    if not (os.environ.get(auth.ENV_SECRET) or os.environ.get(auth.ENV_SECRET_FILE)):
+        os.environ[auth.ENV_SECRET] = auth.new_secret()
+    fe = auth.from_env(auth.FRONTEND, required=True)
+    return {auth.ENV_SECRET: None, auth.ENV_SECRET_FILE: None, auth.ENV_TOKEN: fe.token}
+
+
+def http_argv(ns) -> list[str]:
+    argv = [f"--{f.replace('_', '-')}" for f in ("protect_metrics", "expose_routing",
+                                                 "enable_prompt_tokens_details")
+            if getattr(ns, f)]
+    for flag in ("ssl_certfile", "ssl_keyfile", "allowed_origins"):
+        if getattr(ns, flag):
+            argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
+    return argv
+
+
+def api_key_env(ns) -> dict[str, str]:
+    """The frontend's API keys go by environment, not argv (which `ps` shows anyone)."""
+    from frontend.security import ENV_KEY, load_keys
+    keys = load_keys(ns.api_key, ns.api_key_file)
+    return {ENV_KEY: ",".join(keys)} if keys else {}
+
+
 def run_cluster(ns) -> int:
     from pdserve.cli import resolve_model
 
     ns.model = resolve_model(ns.model)
+    fe_env = cluster_credentials()
     cores = _cores(ns.cores)
     scheduler = f"{ns.host}:{ns.scheduler_port}"
     children: list[Child] = []
@@ -191,8 +231,10 @@ def run_cluster(ns) -> int:
               "--kv-mode", ns.kv_mode]
         if ns.served_model_name:
             fe += ["--served-model-name", ns.served_model_name]
-        children.append(Child("frontend", fe))
-        url = f"http://{ns.host}:{ns.port}"
+        fe += http_argv(ns)
+        fe_env.update(api_key_env(ns))
+        children.append(Child("frontend", fe, fe_env))
+        url = f"{'https' if ns.ssl_certfile else 'http'}://{ns.host}:{ns.port}"
         ok = False
         deadline = time.monotonic() + 600
         while not stopping["flag"] and time.monotonic() < deadline:

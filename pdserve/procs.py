@@ -19,9 +19,11 @@ import sys
 PARENT_ENV = "PDSERVE_PARENT_PID"
 
 
-def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], env: dict[str, str | None] | None = None) -> subprocess.Popen:
+    """`argv` with our environment updated by `env` (a None value removes a variable)."""
+    full = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.Popen(argv, start_new_session=True,
-                            env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())})
+                            env={**full, PARENT_ENV: str(os.getpid())})
 
 
 def die_with_parent() -> None:

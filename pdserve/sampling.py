@@ -56,3 +56,9 @@ def params_to_handle(p: dict[str, Any]) -> pd_pb2.KVHandle:
         num_tokens=int(p["num_tokens"]), compat_hash=p["compat_hash"],
         lease_expires_unix=float(p.get("lease_expires_unix", 0.0)),
         block_size=int(p.get("block_size", 0)))
+
+
+def engine_prompt(ids: list[int], sp: pd_pb2.SamplingParams) -> dict:
+    """vLLM's prompt for these token ids, with the request's cache salt if it has one."""
+    return ({"prompt_token_ids": ids, "cache_salt": sp.cache_salt} if sp.cache_salt
+            else {"prompt_token_ids": ids})

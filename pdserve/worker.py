@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from pdserve import metrics as M
+from pdserve import auth, metrics as M
 from pdserve.config import WorkerConfig
 from kv_transfer.agent import read_agent_address
 from kv_transfer.transport import RANK as TRANSPORT_CLASSES
@@ -117,6 +117,10 @@ class WorkerRuntime:
         self._events_task: asyncio.Task | None = None
         self._resync = asyncio.Event()
         self.steps: StepReceiver | None = None
+        # the cluster secret (from the environment, which the engine process inherits: its
+        # KV agent checks callers and its connector calls peers with the same standing)
+        self.creds = auth.from_env(auth.WORKER)
+        self.handles_used = auth.OnceOnly()
 
     async def start_engine(self) -> None:
         sweep_scratch_dirs()
@@ -136,7 +140,7 @@ class WorkerRuntime:
         self.relay.start()
         # the engine is initialised, so its connector has bound and published the address
         self.agent_address = read_agent_address(addr_file, timeout_s=30)
-        self._agent_channel = grpc.aio.insecure_channel(self.agent_address)
+        self._agent_channel = auth.aio_channel(self.agent_address, self.creds)
         self._agent = pd_pb2_grpc.KVAgentStub(self._agent_channel)
         info = await self._agent.GetAgentInfo(pd_pb2.AgentInfoRequest(), timeout=30)
         self.layout = info.layout
@@ -166,7 +170,8 @@ class WorkerRuntime:
     async def start_server(self, add_servicer) -> int:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                      interceptors=auth.server_interceptors(self.creds))
         add_servicer(self.server)
         # grpc.health.v1 for Kubernetes probes: SERVING once the engine is up and warm
         # (it is, by now); NOT_SERVING from the moment a drain starts
@@ -183,8 +188,8 @@ class WorkerRuntime:
         log.info("%s worker %s serving gRPC on %s, metrics on :%d, KV agent %s", self.role,
                  self.cfg.worker_id, self.address, self.metrics_port, self.agent_address)
         # a restarted scheduler must see us again within seconds
-        self._sched_channel = grpc.aio.insecure_channel(self.cfg.scheduler_address,
-                                                        options=RECONNECT_OPTIONS)
+        self._sched_channel = auth.aio_channel(self.cfg.scheduler_address, self.creds,
+                                               options=RECONNECT_OPTIONS)
         self._hb_task = asyncio.create_task(self._heartbeat_loop())
         self._events_task = asyncio.create_task(self._events_loop())
         return port

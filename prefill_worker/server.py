@@ -13,9 +13,9 @@ import os
 
 import grpc
 
-from pdserve import metrics as M
+from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from pdserve.sampling import logprobs_to_wire, params_to_handle, to_vllm
+from pdserve.sampling import engine_prompt, logprobs_to_wire, params_to_handle, to_vllm
 from pdserve.worker import INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             if DEBUG_DELAY_S:   # test switch: a slow prefill (push-mode fault tests)
                 await asyncio.sleep(DEBUG_DELAY_S)
             async for out in self.rt.engine.generate(
-                    {"prompt_token_ids": list(request.token_ids)}, params, request.request_id):
+                    engine_prompt(list(request.token_ids), sp), params, request.request_id):
                 c = out.outputs[0]
                 first_ids += c.token_ids
                 text += c.text
@@ -98,6 +98,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
                 await self._release(handle)  # nobody will read these blocks
             else:
                 resp.kv.CopyFrom(handle)
+                # only this cluster's producers make handles a decode worker loads from
+                auth.sign_handle(self.rt.creds, resp.kv, request.token_ids, sp.cache_salt)
         elif not finish:
             M.WORKER_REQUESTS.labels("prefill", "error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "engine kept no KV for the request")

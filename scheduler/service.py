@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from pdserve import kvhash
+from pdserve import auth, kvhash
 from pdserve import metrics as M
 from pdserve.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
@@ -86,7 +86,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         if role is None or not request.worker_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "register needs worker_id, address and a role")
-        self.reg.register(Worker(
+        w = Worker(
             worker_id=request.worker_id, role=role, address=request.address,
             agent_address=request.agent_address, model=request.layout.model,
             compat_hash=request.layout.compat_hash, last_seen=self.clock(),
@@ -94,7 +94,12 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             block_size=request.layout.block_size,
             kv_bytes_per_token=(request.layout.block_bytes * request.layout.num_layers
                                 // max(1, request.layout.block_size)),
-            role_since=self.clock()))
+            role_since=self.clock())
+        why = self.reg.hijack(w, self.clock())
+        if why:
+            log.warning("refused a registration from %s: %s", context.peer(), why)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, why)
+        self.reg.register(w)
         log.info("registered %s worker %s at %s (model %s, kv %s)", role, request.worker_id,
                  request.address, request.layout.model, request.layout.compat_hash)
         self._gauges()
@@ -280,7 +285,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 M.SCHED_FAILED_REQUESTS.inc()
         else:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report needs a phase")
-        if self.autoscaler is not None and (request.ttft_ms > 0 or request.tpot_ms > 0):
+        # a report for no booking of ours feeds nothing (no fake latencies for the planner)
+        if b is not None and self.autoscaler is not None and (request.ttft_ms > 0 or
+                                                              request.tpot_ms > 0):
             self.autoscaler.observe_report(self.clock(), request.ttft_ms, request.tpot_ms,
                                            request.output_tokens)
         M.SCHED_BOOKINGS.set(len(self.reg.bookings))
@@ -347,7 +354,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
 async def create_server(cfg: SchedulerConfig) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
     from grpc_health.v1 import health, health_pb2_grpc
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # every call but health checks carries a worker's, the frontend's or an admin's token
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=auth.server_interceptors(auth.from_env(auth.ADMIN)))
     svc = SchedulerServicer(cfg)
     pd_pb2_grpc.add_SchedulerServicer_to_server(svc, server)
     # grpc.health.v1 (Kubernetes gRPC probes): serving as soon as it listens

@@ -128,6 +128,18 @@ class Registry:
             w.role_since, w.role_changes = old.role_since, old.role_changes
         self.workers[w.worker_id] = w
 
+    def hijack(self, w: Worker, now: float) -> str:
+        """Why `w` may not register: its id belongs to a live worker at another address
+        (whoever registers a live id would otherwise get its prompts while the real
+        worker's heartbeats keep the record alive). "" when it may."""
+        old = self.workers.get(w.worker_id)
+        if old is None or now - old.last_seen > self.timeout:
+            return ""
+        if (old.address, old.agent_address) == (w.address, w.agent_address):
+            return ""
+        return (f"worker id {w.worker_id!r} is live at {old.address}; another address can "
+                f"take it only after {self.timeout:.0f}s without heartbeats")
+
     def heartbeat(self, worker_id: str, load: Load, now: float) -> Worker | None:
         w = self.workers.get(worker_id)
         if w is None:

@@ -9,17 +9,19 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
 
 
 class Channels:
-    """Cached asyncio channels to peers, one per address, with RECONNECT_OPTIONS."""
+    """Cached asyncio channels to peers, one per address, with RECONNECT_OPTIONS; each
+    call carries `creds`' token (pdserve/auth.py; None: internal auth is off)."""
 
-    def __init__(self) -> None:
+    def __init__(self, creds=None) -> None:
         self._ch: dict = {}
+        self.creds = creds
 
     def get(self, address: str):
-        import grpc
+        from pdserve import auth
         ch = self._ch.get(address)
         if ch is None:
-            ch = self._ch[address] = grpc.aio.insecure_channel(address,
-                                                               options=RECONNECT_OPTIONS)
+            ch = self._ch[address] = auth.aio_channel(address, self.creds,
+                                                      options=RECONNECT_OPTIONS)
         return ch
 
     async def close(self) -> None:

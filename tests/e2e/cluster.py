@@ -12,13 +12,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
 
+from pdserve import auth
 from pdserve.engine import free_port
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+# every test cluster runs authenticated with this secret (`pdserve serve` would make its own;
+# giving it one lets the tests call the internal plane as any role)
+TEST_SECRET = auth.new_secret()
+
+
+def creds(role: str = auth.ADMIN) -> auth.Credentials:
+    ring = auth.Keyring(TEST_SECRET)
+    return auth.Credentials(ring.token(role), ring)
+
+
+def channel(address: str, role: str = auth.ADMIN):
+    """A blocking channel to a test cluster's gRPC service, as `role`."""
+    return auth.channel(address, creds(role))
 
 
 @dataclass
@@ -31,12 +44,12 @@ class Cluster:
     log_path: Path
 
     def workers(self) -> list[pd_pb2.WorkerInfo]:
-        with grpc.insecure_channel(self.scheduler) as ch:
+        with channel(self.scheduler) as ch:
             return list(pd_pb2_grpc.SchedulerStub(ch).ListWorkers(
                 pd_pb2.ListWorkersRequest(), timeout=5).workers)
 
     def status(self, w: pd_pb2.WorkerInfo) -> pd_pb2.WorkerStatusResponse:
-        with grpc.insecure_channel(w.address) as ch:
+        with channel(w.address) as ch:
             stub = (pd_pb2_grpc.PrefillWorkerStub(ch) if w.role == pd_pb2.ROLE_PREFILL
                     else pd_pb2_grpc.DecodeWorkerStub(ch))
             return stub.Status(pd_pb2.WorkerStatusRequest(), timeout=5)
@@ -92,10 +105,12 @@ def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
     port, sport = free_port(), free_port()
     argv = [sys.executable, "-m", "pdserve.cli", "serve", "--model", model_dir,
             "--port", str(port), "--scheduler-port", str(sport), "--kv-cache-gib", "0.25",
-            *(extra or [])]
+            # the tests check routes, transfers and cache hits in responses
+            "--expose-routing", "--enable-prompt-tokens-details", *(extra or [])]
     logf = open(log_path, "w")
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, auth.ENV_SECRET: TEST_SECRET, **(env or {})},
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,7 +123,10 @@ def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
             # the launcher logs "ready:" once every configured worker has registered
             if "pdserve.launcher: ready:" in log_path.read_text() and \
                     httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                name = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+                key = (extra or [])[(extra or []).index("--api-key") + 1] \
+                    if "--api-key" in (extra or []) else ""
+                name = httpx.get(f"{url}/v1/models", timeout=5, headers={
+                    "Authorization": f"Bearer {key}"} if key else {}).json()["data"][0]["id"]
                 return Cluster(proc, url, f"127.0.0.1:{sport}", model_dir, name, log_path)
         except httpx.HTTPError:
             pass

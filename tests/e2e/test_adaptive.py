@@ -6,17 +6,16 @@ mix shifts, and not before."""
 import concurrent.futures as cf
 import time
 
-import grpc
 import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from tests.e2e.cluster import reference
+from tests.e2e.cluster import channel, reference
 from tests.e2e.conftest import serving, words
 
 
 def sched(c):
-    return pd_pb2_grpc.SchedulerStub(grpc.insecure_channel(c.scheduler))
+    return pd_pb2_grpc.SchedulerStub(channel(c.scheduler))
 
 
 def complete(c, prompt, max_tokens, **kw):

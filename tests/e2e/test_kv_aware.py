@@ -13,12 +13,11 @@ import re
 import signal
 import time
 
-import grpc
 import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
+from tests.e2e.cluster import channel, metric_value, start_cluster, stop_cluster_proc
 from tests.e2e.conftest import assert_no_orphans, words
 
 BS = 128
@@ -35,7 +34,7 @@ def kv_cluster(tiny_model, tmp_path_factory):
 
 
 def sched(c):
-    return pd_pb2_grpc.SchedulerStub(grpc.insecure_channel(c.scheduler))
+    return pd_pb2_grpc.SchedulerStub(channel(c.scheduler))
 
 
 def complete(c, prompt, max_tokens=4):

@@ -1,0 +1,75 @@
+"""The HTTP plane's locks: API keys the way vLLM's server checks them, and CORS.
+
+`Authorization: Bearer <key>` on every /v1 route (and on /metrics and /sd/targets with
+`protect_metrics`); a missing or wrong key gets 401 with an OpenAI error body. /health stays
+open for load balancers and probes. Keys come from `--api-key` (repeatable),
+PDSERVE_API_KEY (comma-separated) or `--api-key-file` (one per line); no key configured
+means the API is open, as with vLLM, and the frontend says so in its log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+ENV_KEY = "PDSERVE_API_KEY"
+
+
+def load_keys(flag_keys: list[str] | None, key_file: str = "", environ=None) -> tuple[str, ...]:
+    env = os.environ if environ is None else environ
+    keys = list(flag_keys or [])
+    keys += [k.strip() for k in env.get(ENV_KEY, "").split(",")]
+    if key_file:
+        with open(key_file) as f:
+            keys += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def key_ok(header: str | None, keys: tuple[str, ...]) -> bool:
+    if not header or not header.startswith("Bearer "):
+        return False
+    given = header[7:].strip().encode()
+    # every key compared, in constant time each: no early exit tells which one was near
+    return sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
+
+
+def guarded(path: str, protect_metrics: bool) -> bool:
+    if path.startswith("/v1/") or path == "/v1":
+        return True
+    return protect_metrics and path in ("/metrics", "/sd/targets")
+
+
+def unauthorized() -> JSONResponse:
+    return JSONResponse({"error": {
+        "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def install(app: FastAPI, keys: tuple[str, ...], protect_metrics: bool = False,
+            allowed_origins: tuple[str, ...] = ()) -> None:
+    if keys:
+        @app.middleware("http")
+        async def _api_key(request: Request, call_next):
+            if (request.method != "OPTIONS" and guarded(request.url.path, protect_metrics)
+                    and not key_ok(request.headers.get("authorization"), keys)):
+                return unauthorized()
+            return await call_next(request)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["authorization", "content-type", "x-request-id"])
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """`--allowed-origins`: a JSON list as vLLM takes it, or a comma-separated list."""
+    value = value.strip()
+    if not value:
+        return ()
+    items = json.loads(value) if value.startswith("[") else value.split(",")
+    return tuple(str(o).strip() for o in items if str(o).strip())
