@@ -141,3 +141,34 @@ def test_api_keys():
     assert not security.guarded("/metrics", False) and security.guarded("/metrics", True)
     assert security.parse_origins('["https://a.example"]') == ("https://a.example",)
     assert security.parse_origins("a,b") == ("a", "b") and security.parse_origins("") == ()
+
+
+def test_serve_makes_a_secret_and_gives_the_frontend_only_its_token(monkeypatch):
+    from pdserve.launcher import cluster_credentials
+    for var in (auth.ENV_SECRET, auth.ENV_SECRET_FILE, auth.ENV_TOKEN, auth.ENV_OFF):
+        monkeypatch.delenv(var, raising=False)
+    fe = cluster_credentials()
+    import os
+    secret = os.environ[auth.ENV_SECRET]            # the children inherit it
+    assert len(secret) == 64
+    ring = auth.Keyring(secret)
+    assert fe == {auth.ENV_SECRET: None, auth.ENV_SECRET_FILE: None,
+                  auth.ENV_TOKEN: ring.token(auth.FRONTEND)}
+    assert cluster_credentials()[auth.ENV_TOKEN] == fe[auth.ENV_TOKEN]   # a given one stays
+    monkeypatch.delenv(auth.ENV_SECRET)
+    monkeypatch.setenv(auth.ENV_OFF, "off")
+    assert cluster_credentials() == {} and auth.ENV_SECRET not in os.environ
+
+
+def test_commands_without_a_credential_refuse_to_start(monkeypatch, tmp_path):
+    from types import SimpleNamespace as NS
+    for var in (auth.ENV_SECRET, auth.ENV_SECRET_FILE, auth.ENV_TOKEN, auth.ENV_OFF):
+        monkeypatch.delenv(var, raising=False)
+    assert "no cluster credential" in auth.check_credentials(NS(cmd="scheduler"))
+    assert auth.check_credentials(NS(cmd="planner-dryrun")) == ""
+    monkeypatch.setenv(auth.ENV_TOKEN, "frontend.x")
+    assert auth.check_credentials(NS(cmd="frontend")) == ""
+    assert "needs the cluster secret" in auth.check_credentials(NS(cmd="decode"))
+    f = tmp_path / "s"
+    f.write_text(SECRET)
+    assert auth.check_credentials(NS(cmd="decode", cluster_secret_file=str(f))) == ""

@@ -1,0 +1,72 @@
+"""The frontend's HTTP locks on a real uvicorn server on loopback: HTTPS with a certificate,
+API keys, and CORS. No cluster behind it: /v1/models needs none."""
+
+import ssl
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from frontend.app import create_app
+from pdserve.config import FrontendConfig
+
+KEY = "sk-" + "t" * 30
+ORIGIN = "https://app.example"
+
+
+class NoCluster:
+    async def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True, timeout=60)
+    app = create_app(FrontendConfig(model="unused", served_model_name="m", api_keys=(KEY,),
+                                    allowed_origins=(ORIGIN,)),
+                     client=NoCluster(), tokenizer=object())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and t.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(cert))
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+def test_https_with_an_api_key(https):
+    url, cert = https
+    ok = httpx.get(f"{url}/v1/models", verify=cert, timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "m"
+    r = httpx.get(f"{url}/v1/models", verify=cert, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(httpx.HTTPError):       # plain HTTP on the TLS port gets nowhere
+        httpx.get(url.replace("https", "http") + "/v1/models", timeout=10)
+
+
+def test_cors_for_allowed_origins_only(https):
+    url, cert = https
+    pre = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{url}/v1/completions", headers=pre, verify=cert, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.options(f"{url}/v1/completions", verify=cert, timeout=10,
+                      headers={**pre, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(f"{url}/v1/models", verify=cert, timeout=10,
+                  headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
