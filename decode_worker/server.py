@@ -45,6 +45,10 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         if err:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        why = auth.check_push(self.rt.creds, request.push) if push else ""
+        if why:
+            M.WORKER_REQUESTS.labels("decode", "refused").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if not local and not push:
             # a handle a producer of this cluster signed, for this prompt, used once: no
             # caller makes us load KV from an address or blocks of its choosing

@@ -265,7 +265,8 @@ class ClusterClient:
         stream = decode.Generate(pd_pb2.GenerateRequest(
             request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
             push=pd_pb2.KVPush(transfer_id=request_id,
-                               agent_address=route.prefill.agent_address)),
+                               agent_address=route.prefill.agent_address,
+                               ticket=route.push_ticket)),
             timeout=timeout_s)
         pf_call = prefill.Prefill(pd_pb2.PrefillRequest(
             request_id=request_id, token_ids=token_ids, sampling=sampling, push=True),

@@ -140,6 +140,27 @@ def sign_handle(creds: Credentials | None, handle, prompt_ids, cache_salt: str =
         handle.signature = creds.keyring.sign(handle_payload(handle, prompt_ids, cache_salt))
 
 
+def _ticket(transfer_id: str, agent_address: str) -> bytes:
+    return b"push\0" + transfer_id.encode() + b"\0" + agent_address.encode()
+
+
+def push_ticket(creds: Credentials | None, transfer_id: str, agent_address: str) -> bytes:
+    """The scheduler's word that `agent_address` is a producer of this cluster, for one
+    request: a push-mode decode worker contacts no other (it would hand its token over)."""
+    if creds is None or creds.keyring is None:
+        return b""
+    return creds.keyring.sign(_ticket(transfer_id, agent_address))
+
+
+def check_push(creds: Credentials | None, push) -> str:
+    if creds is None:
+        return ""
+    if creds.keyring is None or not push.ticket or not creds.keyring.verify(
+            _ticket(push.transfer_id, push.agent_address), push.ticket):
+        return "push offer without a valid scheduler ticket for that producer"
+    return ""
+
+
 class OnceOnly:
     """Transfer ids already loaded, kept until their lease would have expired (a replayed
     handle after that finds no blocks to read)."""

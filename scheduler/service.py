@@ -57,6 +57,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerConfig, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.creds = auth.from_env(auth.ADMIN)     # signs push tickets
         self.reg = Registry(cfg.heartbeat_timeout_s, cfg.booking_ttl_s)
         self.index = PrefixIndex()
         self.rng = random.Random(cfg.seed)
@@ -266,6 +267,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             M.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
         if d.prefill is not None:
             resp.prefill.CopyFrom(self._ref(d.prefill))
+            resp.push_ticket = auth.push_ticket(self.creds, request.request_id,
+                                                resp.prefill.agent_address)
         return resp
 
     def _ref(self, wid: str) -> pd_pb2.WorkerRef:

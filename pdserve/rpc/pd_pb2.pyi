@@ -255,7 +255,7 @@ class WorkerRef(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens")
+    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens", "push_ticket")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class RouteResponse(_message.Message):
     PREDICTED_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     RUNNER_UP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TICKET_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerRef
     decode: WorkerRef
     booking_id: str
@@ -276,7 +277,8 @@ class RouteResponse(_message.Message):
     predicted_tpot_ms: float
     runner_up: str
     chunk_tokens: int
-    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+    push_ticket: bytes
+    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds")
@@ -515,12 +517,14 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., push: _Optional[_Union[KVPush, _Mapping]] = ...) -> None: ...
 
 class KVPush(_message.Message):
-    __slots__ = ("transfer_id", "agent_address")
+    __slots__ = ("transfer_id", "agent_address", "ticket")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     agent_address: str
-    def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
+    ticket: bytes
+    def __init__(self, transfer_id: _Optional[str] = ..., agent_address: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class KVTransferStats(_message.Message):
     __slots__ = ("bytes", "seconds", "descriptors", "tokens", "status", "read_seconds", "reason", "checksummed", "prep_seconds", "mode", "exposed_seconds", "writes", "post_seconds", "relayout_seconds", "read_cpu_seconds")

@@ -183,4 +183,15 @@ def test_api_key_guards_every_v1_route_and_the_openai_client_works_with_it(keyed
 
 def test_one_client_request_id_for_concurrent_requests_push(keyed):
     same_request_id(keyed, {"Authorization": f"Bearer {KEY}"})
+    # a push offer goes only where the scheduler's ticket says: never to a caller's address
+    (d,) = by_role(keyed, pd_pb2.ROLE_DECODE)
+    with channel(d.address, auth.FRONTEND) as ch:
+        for ticket in (b"", b"x" * 32):
+            with pytest.raises(grpc.RpcError) as e:
+                list(pd_pb2_grpc.DecodeWorkerStub(ch).Generate(pd_pb2.GenerateRequest(
+                    request_id="p1", prompt_token_ids=[5, 6, 7],
+                    sampling=pd_pb2.SamplingParams(max_tokens=4, logprobs=-1),
+                    push=pd_pb2.KVPush(transfer_id="p1", agent_address="127.0.0.1:9",
+                                       ticket=ticket)), timeout=30))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert_idle(keyed, keyed.workers())

@@ -122,6 +122,19 @@ def test_signed_handles_verify_once_and_only_for_their_prompt():
     assert auth.check_handle(None, pd_pb2.KVHandle(), prompt, once, 0) == ""    # auth off
 
 
+def test_push_tickets_bind_a_request_to_its_producer():
+    sched = auth.Credentials("admin.x", auth.Keyring(SECRET))
+    worker = auth.Credentials("worker.x", auth.Keyring(SECRET))
+    t = auth.push_ticket(sched, "r1", "10.0.0.1:5")
+    ok = pd_pb2.KVPush(transfer_id="r1", agent_address="10.0.0.1:5", ticket=t)
+    assert auth.check_push(worker, ok) == ""
+    for bad in (pd_pb2.KVPush(transfer_id="r1", agent_address="10.6.6.6:5", ticket=t),
+                pd_pb2.KVPush(transfer_id="r2", agent_address="10.0.0.1:5", ticket=t),
+                pd_pb2.KVPush(transfer_id="r1", agent_address="10.0.0.1:5")):
+        assert "ticket" in auth.check_push(worker, bad)
+    assert auth.push_ticket(None, "r1", "a") == b"" and auth.check_push(None, ok) == ""
+
+
 def test_once_only_forgets_expired_ids_and_refuses_when_full_of_live_ones():
     once = auth.OnceOnly(max_ids=2)
     assert once.admit("a", 10.0, 0.0) and once.admit("b", 10.0, 0.0)
