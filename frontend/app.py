@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from frontend.client import Chunk, ClusterClient, to_error
 from frontend import security
 from frontend.protocol import ChatRequest, CompletionRequest
+from frontend.tokens import Tokenizer
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
@@ -31,24 +32,12 @@ from pdserve.rpc import pd_pb2
 log = logging.getLogger(__name__)
 
 
-class Tokenizer:
-    def __init__(self, model_dir: str) -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.vocab_size = len(self.tok)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=True)["input_ids"]
-
-    def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self.tok.chat_template:
-            raise InvalidRequest("this model has no chat template; use /v1/completions")
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def token_bytes(self, token: str) -> list[int]:
-        return list(token.encode("utf-8"))
+def _public(err: PDError, rid: str) -> dict:
+    """The error body a client sees: a 500's detail stays in the log, under the request id."""
+    if err.mapping.http_status != 500:
+        return err.openai_body()
+    log.error("request %s: internal error: %s", rid, err.message)
+    return PDError(f"internal server error (request id {rid})", kind=err.kind).openai_body()
 
 
 def _sse(obj: Any) -> str:
@@ -92,7 +81,8 @@ class _Timing:
 def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                tokenizer: Tokenizer | None = None) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0")
-    security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins)
+    security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins,
+                     cfg.max_body_bytes)
     state: dict[str, Any] = {"client": client, "tok": tokenizer}
     slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
     M.SLO_SECONDS.labels("ttft").set(slo[0])
@@ -123,8 +113,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
 
     def _error(request: Request, err: PDError, endpoint: str) -> JSONResponse:
         M.REQUESTS.labels(endpoint, str(err.mapping.http_status)).inc()
-        return JSONResponse(err.openai_body(), status_code=err.mapping.http_status,
-                            headers={"x-request-id": getattr(request.state, "rid", "")})
+        rid = getattr(request.state, "rid", "")
+        return JSONResponse(_public(err, rid), status_code=err.mapping.http_status,
+                            headers={"x-request-id": rid})
 
     @app.exception_handler(PDError)
     async def _pd_error(request: Request, exc: PDError):
@@ -192,6 +183,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "max_model_len": cfg.max_model_len}]}
 
     def _sampling(req, max_tokens: int, logprobs: int) -> pd_pb2.SamplingParams:
+        vocab = state["tok"].vocab_size
+        bad = [t for t in req.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is out of vocabulary (size {vocab})",
+                                 param="stop_token_ids")
         sp = pd_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), stop=req.stop_list,
@@ -280,11 +276,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         tok: Tokenizer = state["tok"]
         p = body.prompt
         if isinstance(p, str):
-            ids = tok.encode(p)
+            ids = await tok.encode_async(p, cfg.max_model_len)
         elif p and isinstance(p[0], str):
             if len(p) != 1:
                 raise UnsupportedParameter("only one prompt per request", param="prompt")
-            ids = tok.encode(p[0])
+            ids = await tok.encode_async(p[0], cfg.max_model_len)
         elif p and isinstance(p[0], list):
             if len(p) != 1:
                 raise UnsupportedParameter("only one prompt per request", param="prompt")
@@ -311,8 +307,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     async def chat(body: ChatRequest, request: Request):
         body.check()
         tok: Tokenizer = state["tok"]
-        ids = tok.chat([{"role": m.role if m.role != "developer" else "system",
-                         "content": m.text()} for m in body.messages])
+        ids = await tok.chat_async([{"role": m.role if m.role != "developer" else "system",
+                                     "content": m.text()} for m in body.messages],
+                                   cfg.max_model_len)
         max_tokens = _budget(body, ids, None)
         k = body.top_logprobs or 0
         sp = _sampling(body, max_tokens, k if body.logprobs else -1)
@@ -476,7 +473,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 err = to_error(e)
                 status = str(err.mapping.http_status)
                 log.warning("stream %s failed: %s", rid, err.message)
-                yield _sse(err.openai_body())
+                yield _sse(_public(err, request.state.rid))
                 yield "data: [DONE]\n\n"
             finally:
                 M.INFLIGHT.dec()

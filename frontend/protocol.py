@@ -1,12 +1,21 @@
-"""OpenAI request bodies. Unknown fields are refused (400), never silently ignored."""
+"""OpenAI request bodies. Unknown fields are refused (400), never silently ignored, and every
+number and list is bounded here, so nothing overflows a wire field later (a 400, never a
+500)."""
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, conint, constr
 
 from pdserve.errors import InvalidRequest, UnsupportedParameter
+
+
+U32 = 2**32 - 1           # the wire's uint32 fields: token ids, token counts
+I32 = 2**31 - 1
+TokenId = conint(strict=True, ge=0, le=U32)
+MAX_STOPS = 64            # stop strings and stop token ids per request
+Stop = constr(max_length=4096)    # empty ones: refused by stop_list, with a message
 
 
 class StreamOptions(BaseModel):
@@ -18,25 +27,25 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    max_tokens: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(None, le=I32)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1)                   # vLLM extension; 0/-1 = off
-    seed: StrictInt | None = None
-    stop: Union[str, list[str], None] = None
-    stop_token_ids: list[StrictInt] | None = None        # vLLM extension
+    top_k: StrictInt = Field(0, ge=-1, le=I32)           # vLLM extension; 0/-1 = off
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)
+    stop: Union[Stop, list[Stop], None] = Field(None, max_length=MAX_STOPS)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOPS)  # vLLM extension
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # vLLM extension
     # vLLM extension: a tenant's prefix cache is hit only by requests with its salt
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    min_tokens: StrictInt = Field(0, ge=0)               # vLLM extension
+    min_tokens: StrictInt = Field(0, ge=0, le=I32)       # vLLM extension
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None                              # accepted: opaque client metadata
+    user: str | None = Field(None, max_length=256)       # accepted: opaque client metadata
     ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=1)   # refused below
 
     def check_common(self) -> None:
         if self.n != 1:
@@ -64,7 +73,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
     best_of: StrictInt | None = None
@@ -102,7 +111,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = Field(None, le=I32)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 

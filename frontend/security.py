@@ -50,8 +50,49 @@ def unauthorized() -> JSONResponse:
         status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
+class BodyLimit:
+    """413 for a request body over `limit` bytes, before anything parses it: by
+    Content-Length when the client sends one, else counted as the body streams in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        await JSONResponse({"error": {
+            "message": f"request body larger than {self.limit} bytes",
+            "type": "invalid_request_error", "param": None, "code": "payload_too_large"}},
+            status_code=413)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def install(app: FastAPI, keys: tuple[str, ...], protect_metrics: bool = False,
-            allowed_origins: tuple[str, ...] = ()) -> None:
+            allowed_origins: tuple[str, ...] = (), max_body_bytes: int = 0) -> None:
+    if max_body_bytes:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
     if keys:
         @app.middleware("http")
         async def _api_key(request: Request, call_next):

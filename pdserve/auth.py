@@ -361,6 +361,8 @@ def http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default="", help="API keys, one per line")
     p.add_argument("--protect-metrics", action="store_true",
                    help="/metrics and /sd/targets need an API key too")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help="413 for a larger request body, before it is parsed (0: no limit)")
     p.add_argument("--ssl-certfile", default="", help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default="", help="... and this private key")
     p.add_argument("--expose-routing", action="store_true",

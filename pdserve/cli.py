@@ -315,7 +315,7 @@ def cmd_frontend(ns) -> int:
                          api_keys=security.load_keys(ns.api_key, ns.api_key_file),
                          protect_metrics=ns.protect_metrics,
                          allowed_origins=security.parse_origins(ns.allowed_origins),
-                         expose_routing=ns.expose_routing,
+                         expose_routing=ns.expose_routing, max_body_bytes=ns.max_body_bytes,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
     if not cfg.api_keys:
         logging.getLogger("pdserve.frontend").warning(

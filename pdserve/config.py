@@ -169,5 +169,6 @@ class FrontendConfig:
     api_keys: tuple[str, ...] = ()    # Bearer keys for /v1 (frontend/security.py); none: open
     protect_metrics: bool = False     # /metrics and /sd/targets need a key too
     allowed_origins: tuple[str, ...] = ()   # CORS
+    max_body_bytes: int = 8 << 20     # 413 past this, before parsing (0: no limit)
     expose_routing: bool = False      # x-pdserve-route, kv_transfer in responses (debugging)
     enable_prompt_tokens_details: bool = False   # usage.prompt_tokens_details, as vLLM's flag

@@ -176,6 +176,7 @@ def http_argv(ns) -> list[str]:
     argv = [f"--{f.replace('_', '-')}" for f in ("protect_metrics", "expose_routing",
                                                  "enable_prompt_tokens_details")
             if getattr(ns, f)]
+    argv += ["--max-body-bytes", str(ns.max_body_bytes)]
     for flag in ("ssl_certfile", "ssl_keyfile", "allowed_origins"):
         if getattr(ns, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]

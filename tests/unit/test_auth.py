@@ -159,7 +159,8 @@ def test_api_keys():
 def test_serve_makes_a_secret_and_gives_the_frontend_only_its_token(monkeypatch):
     from pdserve.launcher import cluster_credentials
     for var in (auth.ENV_SECRET, auth.ENV_SECRET_FILE, auth.ENV_TOKEN, auth.ENV_OFF):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "x")      # recorded: whatever the test sets is undone after
+        monkeypatch.delenv(var)
     fe = cluster_credentials()
     import os
     secret = os.environ[auth.ENV_SECRET]            # the children inherit it
@@ -176,7 +177,8 @@ def test_serve_makes_a_secret_and_gives_the_frontend_only_its_token(monkeypatch)
 def test_commands_without_a_credential_refuse_to_start(monkeypatch, tmp_path):
     from types import SimpleNamespace as NS
     for var in (auth.ENV_SECRET, auth.ENV_SECRET_FILE, auth.ENV_TOKEN, auth.ENV_OFF):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "x")      # recorded: whatever the test sets is undone after
+        monkeypatch.delenv(var)
     assert "no cluster credential" in auth.check_credentials(NS(cmd="scheduler"))
     assert auth.check_credentials(NS(cmd="planner-dryrun")) == ""
     monkeypatch.setenv(auth.ENV_TOKEN, "frontend.x")

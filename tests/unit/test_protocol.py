@@ -48,3 +48,14 @@ def test_stop_list():
     assert CompletionRequest(model="m", prompt="x", stop=["a", "b"]).stop_list == ["a", "b"]
     with pytest.raises(InvalidRequest):
         _ = CompletionRequest(model="m", prompt="x", stop=[""]).stop_list
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 2**31), ("seed", 2**63), ("seed", -2**63 - 1), ("stop_token_ids", [2**32]),
+    ("stop_token_ids", [-1]), ("min_tokens", 2**40), ("max_tokens", 2**40),
+    ("stop", ["x"] * 65), ("stop", "x" * 5000), ("prompt", [2**33]), ("prompt", [[1, -2]]),
+    ("user", "u" * 300), ("stop_token_ids", list(range(65)))])
+def test_numbers_and_lists_are_bounded_before_they_reach_a_wire_field(field, value):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError):        # the app answers these with a 400
+        CompletionRequest(**{"model": "m", "prompt": "x", field: value})
