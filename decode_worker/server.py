@@ -18,7 +18,7 @@ from decode_worker.leases import LeaseRenewer
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import engine_prompt, handle_to_params, logprobs_to_wire, to_vllm
-from pdserve.worker import INPUT_ERRORS, WorkerRuntime, validate_prompt
+from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                     finished = True
                 yield msg
             M.WORKER_REQUESTS.labels("decode", "ok").inc()
+        except ENGINE_DEAD:
+            M.WORKER_REQUESTS.labels("decode", "engine_dead").inc()
+            self.rt.engine_died()
+            # UNAVAILABLE: the frontend places the request again elsewhere if nothing was
+            # streamed yet
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
         except INPUT_ERRORS as e:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from frontend.client import Chunk, ClusterClient, to_error
 from frontend import security
 from frontend.protocol import ChatRequest, CompletionRequest
+from frontend.timing import Timing
 from frontend.tokens import Tokenizer
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
@@ -24,6 +25,7 @@ from pdserve.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
     PDError,
     UnsupportedParameter,
 )
@@ -44,45 +46,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-class _Timing:
-    def __init__(self, slo: tuple[float, float] = (0.0, 0.0)) -> None:
-        self.slo = slo                     # (TTFT, TPOT) in seconds; 0: no SLO
-        self.t0 = time.perf_counter()
-        self.first: float | None = None
-        self.last: float | None = None
-        self.n = 0
-
-    def tokens(self, n: int) -> None:
-        if n <= 0:
-            return
-        t = time.perf_counter()
-        if self.first is None:
-            self.first = t
-            M.TTFT.observe(t - self.t0)
-        elif self.last is not None:
-            M.ITL.observe(t - self.last)
-        self.last = t
-        self.n += n
-
-    def done(self) -> None:
-        t = time.perf_counter()
-        M.E2E.observe(t - self.t0)
-        tpot = 0.0
-        if self.first is not None and self.n > 1:
-            tpot = (t - self.first) / (self.n - 1)
-            M.TPOT.observe(tpot)
-        M.GEN_TOKENS.inc(self.n)
-        ttft_slo, tpot_slo = self.slo
-        if self.first is not None and (not ttft_slo or self.first - self.t0 <= ttft_slo) \
-                and (not tpot_slo or tpot <= tpot_slo):
-            M.GOODPUT.inc()           # within both SLOs: counts toward goodput
-
-
 def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                tokenizer: Tokenizer | None = None) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0")
     security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins,
-                     cfg.max_body_bytes)
+                     cfg.max_body_bytes, cfg.max_inflight)
     state: dict[str, Any] = {"client": client, "tok": tokenizer}
     slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
     M.SLO_SECONDS.labels("ttft").set(slo[0])
@@ -114,8 +82,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     def _error(request: Request, err: PDError, endpoint: str) -> JSONResponse:
         M.REQUESTS.labels(endpoint, str(err.mapping.http_status)).inc()
         rid = getattr(request.state, "rid", "")
+        headers = {"x-request-id": rid}
+        if isinstance(err, Overloaded):
+            headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
         return JSONResponse(_public(err, rid), status_code=err.mapping.http_status,
-                            headers={"x-request-id": rid})
+                            headers=headers)
 
     @app.exception_handler(PDError)
     async def _pd_error(request: Request, exc: PDError):
@@ -298,7 +269,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         created = int(time.time())
         M.PROMPT_TOKENS.inc(len(ids))
         if body.stream:
-            return _stream(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
+            return await _stream(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
         return await _unary(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
 
     # ------------------------------------------------------------------ chat
@@ -317,7 +288,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         created = int(time.time())
         M.PROMPT_TOKENS.inc(len(ids))
         if body.stream:
-            return _stream(request, "/v1/chat/completions", rid, ids, sp, body, created,
+            return await _stream(request, "/v1/chat/completions", rid, ids, sp, body, created,
                            chat=True)
         return await _unary(request, "/v1/chat/completions", rid, ids, sp, body, created,
                             chat=True)
@@ -340,7 +311,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         return u
 
     async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
-        timing = _Timing(slo)
+        timing = Timing(slo)
         M.INFLIGHT.inc()
         chunks: list[Chunk] = []
 
@@ -416,7 +387,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         task.result()    # re-raise what the work raised
         return True
 
-    def _stream(request, endpoint, rid, ids, sp, body, created, chat: bool):
+    async def _stream(request, endpoint, rid, ids, sp, body, created, chat: bool):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         obj = "chat.completion.chunk" if chat else "text_completion"
         tok: Tokenizer = state["tok"]
@@ -430,8 +401,23 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 d.update(extra)
             return _sse(d)
 
+        timing = Timing(slo)
+        src = _run(rid, ids, sp).__aiter__()
+        try:    # the first chunk before any byte: a refusal gets its real status (429, 503)
+            head = [await src.__anext__()]
+        except StopAsyncIteration:
+            head = []
+
+        async def chunks():
+            try:
+                for ch in head:
+                    yield ch
+                async for ch in src:
+                    yield ch
+            finally:
+                await src.aclose()
+
         async def gen():
-            timing = _Timing(slo)
             n_gen = 0
             cached = 0
             offset = 0
@@ -441,7 +427,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 if chat:
                     yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": None})
-                async for ch in _run(rid, ids, sp):
+                async for ch in chunks():
                     timing.tokens(len(ch.token_ids))
                     n_gen += len(ch.token_ids)
                     cached += ch.cached_tokens

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import grpc
 
 from pdserve import metrics as M
-from pdserve.errors import ErrorKind, NoWorkers, PDError, from_grpc_error
+from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class ClusterClient:
                     request_id=request_id, model=model, token_ids=token_ids,
                     exclude_workers=exclude or [], max_tokens=max_tokens), timeout=5)
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:    # admission control
+                    after = dict(e.trailing_metadata() or ()).get("retry-after", "1")
+                    raise Overloaded(e.details(), retry_after_s=float(after)) from None
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_grpc_error(e, "route") from None
                 if time.monotonic() + delay > deadline:
@@ -141,7 +144,12 @@ class ClusterClient:
         t_first = 0.0
         ntok = 0
         kv = None
+        deadline = time.monotonic() + timeout_s     # the whole request's, over every attempt
         for attempt in range(self.max_attempts):
+            timeout_s = deadline - time.monotonic()
+            if timeout_s <= 0:
+                raise PDError(f"request deadline passed after {attempt} placements",
+                              kind=ErrorKind.TIMEOUT)
             route = await self.route(request_id, model, token_ids, exclude, sampling.max_tokens)
             phase = pd_pb2.PHASE_FAILED
             try:

@@ -52,7 +52,8 @@ def unauthorized() -> JSONResponse:
 
 class BodyLimit:
     """413 for a request body over `limit` bytes, before anything parses it: by
-    Content-Length when the client sends one, else counted as the body streams in."""
+    Content-Length when the client sends one, else counted as the body streams in (and
+    replayed to the app once complete)."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -61,22 +62,29 @@ class BodyLimit:
         if scope["type"] != "http" or not self.limit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if length.isdigit():
+            if int(length) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # no length given (chunked): read the body here, up to the limit, then replay it
+        body, more = b"", True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+            if msg["type"] != "http.request":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
         await JSONResponse({"error": {
@@ -85,12 +93,40 @@ class BodyLimit:
             status_code=413)(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+
+
+class InflightLimit:
+    """429 with Retry-After past `limit` generation requests in progress here (a stream
+    counts until its last byte): a burst is refused at once, not queued until it times
+    out. The scheduler's admission control refuses, by the same 429, what the workers
+    could not serve in time."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit, self.inflight = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in GENERATE or not self.limit:
+            return await self.app(scope, receive, send)
+        if self.inflight >= self.limit:
+            from pdserve import metrics as M
+            M.REJECTED.labels("frontend_inflight").inc()
+            return await JSONResponse({"error": {
+                "message": f"too many requests in progress ({self.limit}); retry shortly",
+                "type": "rate_limit_error", "param": None, "code": "overloaded"}},
+                status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
 
 
 def install(app: FastAPI, keys: tuple[str, ...], protect_metrics: bool = False,
-            allowed_origins: tuple[str, ...] = (), max_body_bytes: int = 0) -> None:
+            allowed_origins: tuple[str, ...] = (), max_body_bytes: int = 0,
+            max_inflight: int = 0) -> None:
+    if max_inflight:
+        app.add_middleware(InflightLimit, limit=max_inflight)
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     if keys:

@@ -160,21 +160,27 @@ def read_agent_address(path: str | None, timeout_s: float = 60.0) -> str:
 
 
 class AgentClients:
-    """Cached channels to peers' KV agents (thread-safe)."""
+    """Cached channels to peers' KV agents (thread-safe), the least recently used closed
+    past `max_channels` (a restarted peer comes back on a new port)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_channels: int = 256) -> None:
         self._lock = threading.Lock()
         self._stubs: dict[str, pd_pb2_grpc.KVAgentStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        self.max = max_channels
         self.creds = auth.from_env(auth.WORKER)
 
     def get(self, address: str) -> pd_pb2_grpc.KVAgentStub:
         with self._lock:
-            stub = self._stubs.get(address)
+            stub = self._stubs.pop(address, None)
             if stub is None:
-                ch = auth.channel(address, self.creds)
-                self._channels[address] = ch
-                stub = self._stubs[address] = pd_pb2_grpc.KVAgentStub(ch)
+                while len(self._stubs) >= self.max:
+                    old = next(iter(self._stubs))
+                    del self._stubs[old]
+                    self._channels.pop(old).close()
+                self._channels[address] = auth.channel(address, self.creds)
+                stub = pd_pb2_grpc.KVAgentStub(self._channels[address])
+            self._stubs[address] = stub     # most recently used last
             return stub
 
     def close(self) -> None:

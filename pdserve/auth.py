@@ -363,6 +363,13 @@ def http_args(p: argparse.ArgumentParser) -> None:
                    help="/metrics and /sd/targets need an API key too")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20,
                    help="413 for a larger request body, before it is parsed (0: no limit)")
+    p.add_argument("--max-inflight", type=int, default=512,
+                   help="429 with Retry-After past this many generation requests in "
+                        "progress at the frontend (0: no limit)")
+    p.add_argument("--request-timeout-s", type=float, default=600.0,
+                   help="a request's whole deadline, over every placement it takes (504)")
+    p.add_argument("--shutdown-grace-s", type=float, default=60.0,
+                   help="on SIGTERM, streams in progress get this long to finish")
     p.add_argument("--ssl-certfile", default="", help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default="", help="... and this private key")
     p.add_argument("--expose-routing", action="store_true",

@@ -10,7 +10,6 @@ import sys
 
 from pdserve.config import (
     KV_MODES,
-    AutoscaleConfig,
     EngineConfig,
     FrontendConfig,
     KVTransferConfig,
@@ -18,9 +17,10 @@ from pdserve.config import (
     WorkerConfig,
 )
 from pdserve import auth
+from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, placement_args,
+                           planner_config, role_args, role_config)
 from pdserve.logs import setup_logging
 from pdserve.procs import die_with_parent
-from scheduler.planner import PlannerConfig, PoolPolicy
 from scheduler.policy import PlacementConfig
 
 log = logging.getLogger("pdserve")
@@ -120,7 +120,11 @@ def cmd_worker(ns) -> int:
         metrics_port=ns.metrics_port, scheduler_address=ns.scheduler,
         kv_agent_port=ns.kv_agent_port, kv=kv_config(ns), drain_timeout_s=ns.drain_timeout_s,
         tpot_slo_ms=ns.tpot_slo_ms)
-    asyncio.run(_until_signal(lambda stop: run_worker(cfg, stop=stop)))
+    from pdserve.worker import EXIT_ENGINE_DEAD, EngineDied
+    try:
+        asyncio.run(_until_signal(lambda stop: run_worker(cfg, stop=stop)))
+    except EngineDied:
+        return EXIT_ENGINE_DEAD
     return 0
 
 
@@ -139,149 +143,6 @@ async def run_worker(cfg: WorkerConfig, ready: asyncio.Event | None = None,
         pd_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(rt), server)
         pd_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(rt), server)
     await rt.run(add, ready, stop)
-
-
-PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
-    "--policy": ("policy", str, "prefill placement: kv (prefix-cache aware), least_loaded, "
-                 "round_robin"),
-    "--overlap-weight": ("overlap_weight", float, "weight of uncached prompt tokens in the "
-                         "prefill cost (>1 favours cache hits over balance)"),
-    "--running-weight": ("running_weight", float, "prefill cost of a running request, in "
-                         "tokens"),
-    "--temperature": ("temperature", float, "0: cheapest worker; >0: sample by cost"),
-    "--local-prefill-max-tokens": ("local_prefill_max_tokens", int, "conditional "
-                                   "disaggregation: prefill on the decode worker when at most "
-                                   "this many prompt tokens are uncached there (0: never)"),
-    "--prefill-saturation-tokens": ("prefill_saturation_tokens", int, "prefill locally when "
-                                    "every prefill worker has this many tokens queued and the "
-                                    "decode worker has room (0: never)"),
-}
-# either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
-
-ROLE_FLAGS = {  # flag -> (RolePlannerConfig field or None for the switch, type, help)
-    "--role-planner": (None, str, "on: change worker roles (prefill <-> mixed) when the mix "
-                       "shifts for longer than --role-window-s; off: only SetRole changes them"),
-    "--role-window-s": ("window_s", float, "a shift must last this long before a role flips"),
-    "--role-dwell-s": ("dwell_s", float, "no role flip sooner than this after the last one"),
-}
-
-
-def role_args(p: argparse.ArgumentParser) -> None:
-    from scheduler.roles import RolePlannerConfig
-    d = RolePlannerConfig()
-    for flag, (name, typ, hlp) in ROLE_FLAGS.items():
-        p.add_argument(flag, type=typ, default="on" if name is None else getattr(d, name),
-                       help=hlp, **({"choices": ["on", "off"]} if name is None else {}))
-
-
-def role_argv(ns) -> list[str]:
-    return [x for flag in ROLE_FLAGS
-            for x in (flag, str(getattr(ns, flag[2:].replace("-", "_"))))]
-
-
-def role_config(ns):
-    from scheduler.roles import RolePlannerConfig
-    return RolePlannerConfig(window_s=ns.role_window_s, dwell_s=ns.role_dwell_s)
-
-
-def placement_args(p: argparse.ArgumentParser) -> None:
-    d = PlacementConfig()
-    for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
-        p.add_argument(flag, type=typ, default=getattr(d, name), help=hlp)
-
-
-def placement_argv(ns) -> list[str]:
-    out = []
-    for flag, (name, _t, _h) in PLACEMENT_FLAGS.items():
-        out += [flag, str(getattr(ns, name))]
-    return out
-
-
-AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
-    "--autoscale": ("autoscale", str, "off", "off | metrics (export desired replicas for "
-                    "HPA/KEDA) | local (start/stop worker processes here) | kubernetes "
-                    "(patch the Deployments' scale)"),
-    "--ttft-slo-ms": ("ttft_slo_ms", float, 2000.0, "prefill pool SLO: TTFT p90"),
-    "--tpot-slo-ms": ("tpot_slo_ms", float, 100.0, "decode pool SLO: TPOT p90"),
-    "--prefill-min": ("prefill_min", int, 1, "prefill replicas, at least"),
-    "--prefill-max": ("prefill_max", int, 4, "prefill replicas, at most"),
-    "--decode-min": ("decode_min", int, 1, "decode replicas, at least"),
-    "--decode-max": ("decode_max", int, 4, "decode replicas, at most"),
-    "--planner-interval-s": ("planner_interval_s", float, 10.0, "planner tick"),
-    "--planner-window-s": ("planner_window_s", float, 60.0, "latency/rate window"),
-    "--scale-up-cooldown-s": ("scale_up_cooldown_s", float, 30.0, "after a scale-up"),
-    "--scale-down-cooldown-s": ("scale_down_cooldown_s", float, 120.0, "after any change"),
-    "--scale-up-min-samples": ("scale_up_min_samples", int, 3, "latency samples in the "
-                               "window before a breach can scale up"),
-    "--scale-down-ticks": ("scale_down_ticks", int, 3, "consecutive low ticks before a "
-                           "scale-down"),
-    "--warmup-grace-s": ("warmup_grace_s", float, 120.0, "never remove a replica younger "
-                         "than this"),
-    "--planner-startup-grace-s": ("planner_startup_grace_s", float, 300.0, "no planning "
-                                  "until every pool reached its minimum, or this long"),
-    "--planner-record": ("planner_record", str, "", "append every tick to this JSON-lines "
-                         "file (`pdserve planner-dryrun --trace` replays it)"),
-    "--autoscale-worker-args": ("autoscale_worker_args", str, "", "local: engine flags for "
-                                "the workers it starts (`pdserve serve` fills this in)"),
-    "--autoscale-prefill-worker-args": ("autoscale_prefill_worker_args", str, "", "local: "
-                                        "extra flags for the prefill workers it starts "
-                                        "(after the shared ones; `pdserve serve` puts "
-                                        "--prefill-block-size here)"),
-    "--autoscale-prefill-cores": ("autoscale_prefill_cores", str, "0", "local: the prefill "
-                                  "pool's cores (comma list)"),
-    "--autoscale-decode-cores": ("autoscale_decode_cores", str, "1", "local: the decode "
-                                 "pool's cores (comma list)"),
-    "--autoscale-base": ("autoscale_base", str, "0,0", "local: prefill,decode replicas "
-                         "started by others on those cores"),
-    "--autoscale-drain-timeout-s": ("autoscale_drain_timeout_s", float, 120.0, "local: stop "
-                                    "a draining replica after this even if busy"),
-    "--k8s-namespace": ("k8s_namespace", str, "default", "kubernetes: namespace"),
-    "--k8s-prefill-deployment": ("k8s_prefill_deployment", str, "pdserve-prefill",
-                                 "kubernetes: the prefill Deployment"),
-    "--k8s-decode-deployment": ("k8s_decode_deployment", str, "pdserve-decode",
-                                "kubernetes: the decode Deployment"),
-}
-
-
-def autoscale_args(p: argparse.ArgumentParser, planner_only: bool = False) -> None:
-    for flag, (name, typ, default, hlp) in AUTOSCALE_FLAGS.items():
-        if planner_only and (flag.startswith(("--autoscale", "--k8s")) or
-                             flag in ("--planner-record", "--planner-startup-grace-s")):
-            continue
-        p.add_argument(flag, dest=name, type=typ, default=default, help=hlp)
-
-
-def autoscale_argv(ns, skip: tuple[str, ...] = ()) -> list[str]:
-    out = []
-    for flag, (name, _t, _d, _h) in AUTOSCALE_FLAGS.items():
-        if flag not in skip:
-            out += [flag, str(getattr(ns, name))]
-    return out
-
-
-def planner_config(ns) -> PlannerConfig:
-    return PlannerConfig(
-        prefill=PoolPolicy(ns.ttft_slo_ms, ns.prefill_min, ns.prefill_max),
-        decode=PoolPolicy(ns.tpot_slo_ms, ns.decode_min, ns.decode_max),
-        up_cooldown_s=ns.scale_up_cooldown_s, down_cooldown_s=ns.scale_down_cooldown_s,
-        down_ticks=ns.scale_down_ticks, warmup_grace_s=ns.warmup_grace_s,
-        min_samples_up=ns.scale_up_min_samples)
-
-
-def autoscale_config(ns) -> AutoscaleConfig:
-    cores = lambda v: tuple(c.strip() for c in v.split(",") if c.strip())  # noqa: E731
-    base = [int(x) for x in ns.autoscale_base.split(",")]
-    return AutoscaleConfig(
-        mode=ns.autoscale, planner=planner_config(ns), interval_s=ns.planner_interval_s,
-        window_s=ns.planner_window_s, record_path=ns.planner_record,
-        startup_grace_s=ns.planner_startup_grace_s,
-        worker_args=ns.autoscale_worker_args,
-        prefill_worker_args=ns.autoscale_prefill_worker_args,
-        prefill_cores=cores(ns.autoscale_prefill_cores),
-        decode_cores=cores(ns.autoscale_decode_cores), base_replicas=(base[0], base[1]),
-        drain_timeout_s=ns.autoscale_drain_timeout_s, k8s_namespace=ns.k8s_namespace,
-        k8s_prefill_deployment=ns.k8s_prefill_deployment,
-        k8s_decode_deployment=ns.k8s_decode_deployment)
 
 
 def cmd_scheduler(ns) -> int:
@@ -316,13 +177,15 @@ def cmd_frontend(ns) -> int:
                          protect_metrics=ns.protect_metrics,
                          allowed_origins=security.parse_origins(ns.allowed_origins),
                          expose_routing=ns.expose_routing, max_body_bytes=ns.max_body_bytes,
+                         max_inflight=ns.max_inflight, request_timeout_s=ns.request_timeout_s,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
     if not cfg.api_keys:
         logging.getLogger("pdserve.frontend").warning(
             "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,
             cfg.port)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=5, ssl_certfile=ns.ssl_certfile or None,
+                timeout_graceful_shutdown=ns.shutdown_grace_s,
+                ssl_certfile=ns.ssl_certfile or None,
                 ssl_keyfile=ns.ssl_keyfile or None)
     return 0
 
@@ -385,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
     s.add_argument("--keep-going", action="store_true",
-                   help="a worker that exits does not stop the cluster (the scheduler drops "
-                        "it); a scheduler that exits is restarted")
+                   help="a worker that exits (after its restarts) does not stop the cluster "
+                        "(the scheduler drops it); a scheduler that exits is restarted")
+    s.add_argument("--worker-restarts", type=int, default=3,
+                   help="start a worker that exited (its engine died, it crashed) again, "
+                        "at most this many times each (0: never)")
     placement_args(s)
     autoscale_args(s)
     role_args(s)

@@ -170,5 +170,6 @@ class FrontendConfig:
     protect_metrics: bool = False     # /metrics and /sd/targets need a key too
     allowed_origins: tuple[str, ...] = ()   # CORS
     max_body_bytes: int = 8 << 20     # 413 past this, before parsing (0: no limit)
+    max_inflight: int = 512           # 429 past this many generation requests in progress
     expose_routing: bool = False      # x-pdserve-route, kv_transfer in responses (debugging)
     enable_prompt_tokens_details: bool = False   # usage.prompt_tokens_details, as vLLM's flag

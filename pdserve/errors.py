@@ -26,6 +26,8 @@ class ErrorKind(enum.Enum):
     WORKER_UNAVAILABLE = "worker_unavailable"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    OVERLOADED = "overloaded"              # admission control refused: retry later (429)
+    PAYLOAD_TOO_LARGE = "payload_too_large"   # the frontend's body limit (413; never on gRPC)
     INTERNAL = "internal"
 
 
@@ -59,12 +61,17 @@ ERROR_TABLE: dict[ErrorKind, ErrorMapping] = {
         grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
     ErrorKind.CANCELLED: ErrorMapping(
         grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    ErrorKind.OVERLOADED: ErrorMapping(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    ErrorKind.PAYLOAD_TOO_LARGE: ErrorMapping(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
     ErrorKind.INTERNAL: ErrorMapping(
         grpc.StatusCode.UNKNOWN, 500, "server_error"),
 }
 
 # gRPC codes that several kinds would share are resolved to one kind here.
 _BY_GRPC: dict[grpc.StatusCode, ErrorKind] = {m.grpc_code: k for k, m in ERROR_TABLE.items()}
+_BY_GRPC[grpc.StatusCode.RESOURCE_EXHAUSTED] = ErrorKind.OVERLOADED   # 413 stays at the edge
 
 
 class PDError(Exception):
@@ -105,6 +112,15 @@ class ModelNotFound(PDError):
 
 class NoWorkers(PDError):
     kind = ErrorKind.NO_WORKERS
+
+
+class Overloaded(PDError):
+    """Refused by admission control; `retry_after_s` goes out as Retry-After."""
+    kind = ErrorKind.OVERLOADED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, **kw) -> None:
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
 
 
 def from_grpc_error(err: grpc.RpcError, what: str) -> PDError:

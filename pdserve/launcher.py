@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 
-from pdserve.cli import autoscale_argv, placement_argv, role_argv
+from pdserve.flags import autoscale_argv, placement_argv, role_argv
 from pdserve.procs import spawn
 
 log = logging.getLogger("pdserve.launcher")
@@ -34,7 +34,7 @@ AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-work
 
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.name = name
+        self.name, self.argv, self.env = name, argv, env
         self.proc = spawn(argv, env)      # own process group, dies with us
         log.info("started %s (pid %d)", name, self.proc.pid)
 
@@ -176,7 +176,9 @@ def http_argv(ns) -> list[str]:
     argv = [f"--{f.replace('_', '-')}" for f in ("protect_metrics", "expose_routing",
                                                  "enable_prompt_tokens_details")
             if getattr(ns, f)]
-    argv += ["--max-body-bytes", str(ns.max_body_bytes)]
+    argv += ["--max-body-bytes", str(ns.max_body_bytes), "--max-inflight", str(ns.max_inflight),
+             "--request-timeout-s", str(ns.request_timeout_s),
+             "--shutdown-grace-s", str(ns.shutdown_grace_s)]
     for flag in ("ssl_certfile", "ssl_keyfile", "allowed_origins"):
         if getattr(ns, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
@@ -249,6 +251,7 @@ def run_cluster(ns) -> int:
             log.error("cluster did not become healthy")
             return 1
         gone: set[str] = set()
+        restarts: dict[str, int] = {}
         while not stopping["flag"]:
             dead = [c for c in children if not c.alive() and c.name not in gone]
             for c in dead:
@@ -260,6 +263,15 @@ def run_cluster(ns) -> int:
                     children[0] = Child("scheduler", sched_argv)
                     continue
                 worker = c.name.startswith(("prefill-", "decode-"))
+                if (worker and c.proc.returncode != 0
+                        and restarts.get(c.name, 0) < ns.worker_restarts):
+                    # as systemd or Kubernetes would: a worker whose engine died (or that
+                    # crashed) comes back with the same id and cores
+                    restarts[c.name] = restarts.get(c.name, 0) + 1
+                    log.warning("%s exited with code %s; restarting it (%d of %d)", c.name,
+                                c.proc.returncode, restarts[c.name], ns.worker_restarts)
+                    children[children.index(c)] = Child(c.name, c.argv, c.env)
+                    continue
                 if not (worker and ns.keep_going):
                     log.error("%s exited with code %s; stopping the cluster", c.name,
                               c.proc.returncode)
@@ -271,4 +283,5 @@ def run_cluster(ns) -> int:
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stop_all(children)
+        # the frontend lets streams finish for its grace period before it is killed
+        stop_all(children, max(GRACE_S, ns.shutdown_grace_s + 5))

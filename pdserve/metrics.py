@@ -87,6 +87,8 @@ PREFILL_SECONDS = Histogram("pdserve_prefill_seconds", "Prefill time per request
                             buckets=_LAT)
 
 # -- scheduler
+REJECTED = Counter("pdserve_rejected_requests", "Requests refused by admission control",
+                   ["reason"])
 ROUTES = Counter("pdserve_scheduler_routes", "Route decisions", ["outcome"])
 ROUTE_SECONDS = Histogram("pdserve_scheduler_route_seconds", "Routing decision latency",
                           buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01))

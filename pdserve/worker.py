@@ -121,6 +121,8 @@ class WorkerRuntime:
         # KV agent checks callers and its connector calls peers with the same standing)
         self.creds = auth.from_env(auth.WORKER)
         self.handles_used = auth.OnceOnly()
+        self.engine_dead = False
+        self._stop: asyncio.Event | None = None
 
     async def start_engine(self) -> None:
         sweep_scratch_dirs()
@@ -316,10 +318,30 @@ class WorkerRuntime:
         await self.start_server(add_servicer)
         if ready:
             ready.set()
+        self._stop = stop = stop or asyncio.Event()
+        watch = asyncio.create_task(self._watch_engine())
         try:
-            await (stop.wait() if stop else asyncio.Event().wait())
+            await stop.wait()
         finally:
+            watch.cancel()
             await self.stop()
+        if self.engine_dead:
+            raise EngineDied("the vLLM engine died")
+
+    def engine_died(self) -> None:
+        """The engine core is gone (killed, crashed): stop serving now. The worker then
+        says NOT_SERVING, deregisters and exits non-zero; its supervisor (the launcher,
+        systemd, Kubernetes) starts a new one."""
+        if not self.engine_dead:
+            log.error("the vLLM engine died; deregistering and exiting")
+        self.engine_dead = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _watch_engine(self, every_s: float = 0.5) -> None:
+        while not self.engine.errored:    # vLLM's engine-core monitor sets this
+            await asyncio.sleep(every_s)
+        self.engine_died()
 
     def _held(self, st: pd_pb2.AgentStats) -> int:
         """KV this worker still holds for a peer or loads from one: its leases as a
@@ -362,8 +384,8 @@ class WorkerRuntime:
             except grpc.RpcError:
                 pass
             await self._sched_channel.close()
-        if self.engine is not None and self._agent is not None:
-            await self._drain()
+        if self.engine is not None and self._agent is not None and not self.engine_dead:
+            await self._drain()             # a dead engine holds nothing to wait for
         if self.server is not None:
             await self.server.stop(grace)
         if self._agent_channel is not None:
@@ -384,6 +406,22 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 INPUT_ERRORS = _input_errors()
+
+
+def _engine_dead_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+        return (EngineDeadError,)
+    except ImportError:
+        return ()
+
+
+ENGINE_DEAD = _engine_dead_errors()
+EXIT_ENGINE_DEAD = 3          # the worker's exit code when its engine died under it
+
+
+class EngineDied(RuntimeError):
+    pass
 
 
 def validate_prompt(token_ids, max_model_len: int, max_tokens: int) -> str | None:

@@ -16,7 +16,7 @@ import grpc
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import engine_prompt, logprobs_to_wire, params_to_handle, to_vllm
-from pdserve.worker import INPUT_ERRORS, WorkerRuntime, now, validate_prompt
+from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
                 if c.logprobs:
                     lps += c.logprobs
                 final = out
+        except ENGINE_DEAD:
+            M.WORKER_REQUESTS.labels("prefill", "engine_dead").inc()
+            self.rt.engine_died()
+            # UNAVAILABLE: the frontend places the request again elsewhere if nothing was
+            # streamed yet
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
         except INPUT_ERRORS as e:  # vLLM input validation (token ids out of range, ...)
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

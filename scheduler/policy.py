@@ -48,6 +48,9 @@ class PlacementConfig:
     decode_room_kv: float = 0.7
     decode_room_running: float = 0.8
     local_fallback: bool = True      # no prefill worker at all: prefill on the decode worker
+    # admission (scheduler/admission.py): refuse when the best option's forecast TTFT is
+    # over this many TTFT SLOs (0: admit everything)
+    admit_ttft_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

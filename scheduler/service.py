@@ -20,6 +20,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.latency import StepSample
 from scheduler.adaptive import SLO
+from scheduler.admission import retry_after_s
 from scheduler.index import PrefixIndex
 from scheduler.models import LatencyBook
 from scheduler.roles import RolePlanner, Signals
@@ -245,6 +246,15 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         except NoPlacement as e:
             M.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor)
+        if wait:
+            M.ROUTES.labels("overloaded").inc()
+            M.REJECTED.labels("forecast_ttft").inc()
+            context.set_trailing_metadata((("retry-after", f"{wait:.0f}"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"overloaded: the forecast TTFT is {d.pred_ttft_s:.1f}s, over "
+                                f"{self.cfg.placement.admit_ttft_factor:g}x the "
+                                f"{self.slo.ttft_s:.1f}s TTFT SLO")
         b = self.reg.book(d, self.clock())
         prefiller = self.reg.workers[d.prefill or d.decode]
         self.index.hit_blocks += d.cached_tokens // max(1, prefiller.block_size)

@@ -12,16 +12,28 @@ class Channels:
     """Cached asyncio channels to peers, one per address, with RECONNECT_OPTIONS; each
     call carries `creds`' token (pdserve/auth.py; None: internal auth is off)."""
 
-    def __init__(self, creds=None) -> None:
-        self._ch: dict = {}
+    MAX = 256              # peers come and go (a restarted worker has a new port)
+    EVICT_GRACE_S = 600.0  # an evicted channel's calls in progress get this long to end
+
+    def __init__(self, creds=None, max_channels: int = MAX) -> None:
+        self._ch: dict = {}              # address -> channel, least recently used first
         self.creds = creds
+        self.max = max_channels
+        self._closing: set = set()
 
     def get(self, address: str):
+        import asyncio
+
         from pdserve import auth
-        ch = self._ch.get(address)
+        ch = self._ch.pop(address, None)
         if ch is None:
-            ch = self._ch[address] = auth.aio_channel(address, self.creds,
-                                                      options=RECONNECT_OPTIONS)
+            ch = auth.aio_channel(address, self.creds, options=RECONNECT_OPTIONS)
+            while len(self._ch) >= self.max:
+                old = self._ch.pop(next(iter(self._ch)))
+                t = asyncio.ensure_future(old.close(grace=self.EVICT_GRACE_S))
+                self._closing.add(t)
+                t.add_done_callback(self._closing.discard)
+        self._ch[address] = ch
         return ch
 
     async def close(self) -> None:

@@ -106,7 +106,8 @@ def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
     argv = [sys.executable, "-m", "pdserve.cli", "serve", "--model", model_dir,
             "--port", str(port), "--scheduler-port", str(sport), "--kv-cache-gib", "0.25",
             # the tests check routes, transfers and cache hits in responses
-            "--expose-routing", "--enable-prompt-tokens-details", *(extra or [])]
+            "--expose-routing", "--enable-prompt-tokens-details",
+            "--shutdown-grace-s", "10", *(extra or [])]
     logf = open(log_path, "w")
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, auth.ENV_SECRET: TEST_SECRET, **(env or {})},
@@ -130,6 +131,9 @@ def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
                 return Cluster(proc, url, f"127.0.0.1:{sport}", model_dir, name, log_path)
         except httpx.HTTPError:
             pass
+        except Exception:
+            stop_cluster_proc(proc)      # never leave a cluster behind a failed start
+            raise
         time.sleep(1)
     stop_cluster_proc(proc)
     raise RuntimeError(f"cluster not healthy in {timeout}s; see {log_path}")

@@ -38,6 +38,7 @@ def fc(tiny_model, tmp_path_factory):
     c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "faults.log",
                       env={"PDSERVE_DEBUG_KV_LOAD_DELAY_S": str(DELAY_S)},
                       extra=["--prefill-workers", "1", "--decode-workers", "2", "--keep-going",
+                             "--worker-restarts", "0",   # killed workers stay dead here
                              "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3",
                              # transfers must happen here: the adaptive policy would
                              # learn the injected 1.5 s loads and prefill locally instead

@@ -27,7 +27,7 @@ BS = 128
 def kv_cluster(tiny_model, tmp_path_factory):
     c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "kv_aware.log",
                       extra=["--prefill-workers", "2", "--decode-workers", "1", "--policy", "kv",
-                             "--keep-going"])
+                             "--keep-going", "--worker-restarts", "0"])
     yield c
     assert stop_cluster_proc(c.proc) == 0
     assert_no_orphans(c.log_path)

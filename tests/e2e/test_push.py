@@ -38,7 +38,8 @@ def pc(tiny_model, tmp_path_factory):
                        extra=["--kv-mode", "push", "--max-num-batched-tokens", str(CHUNK),
                               "--policy", "kv",
                               "--prefill-workers", "1", "--decode-workers", "2",
-                              "--keep-going", "--kv-push-ttl-s", "20"])
+                              "--keep-going", "--worker-restarts", "0",
+                              "--kv-push-ttl-s", "20"])
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ def test_table_is_total_and_statuses_are_errors():
 
 def test_grpc_codes_round_trip_to_the_same_kind():
     for kind, m in ERROR_TABLE.items():
-        if kind == ErrorKind.WORKER_UNAVAILABLE:
-            continue
+        if kind in (ErrorKind.WORKER_UNAVAILABLE, ErrorKind.PAYLOAD_TOO_LARGE):
+            continue      # from a peer these read as "unavailable" / "overloaded"
         back = from_grpc_error(FakeRpcError(m.grpc_code, "no x"), "op")
         assert back.kind == kind, kind
 

@@ -1,0 +1,107 @@
+"""The frontend's bounds, in-process (ASGI) with a fake cluster behind it: the body limit
+(413 before parsing), the in-flight limit (429), admission refusals from the scheduler (429
+with Retry-After, streamed or not), and 500 bodies that say nothing but the request id."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from frontend.app import create_app
+from frontend.client import Chunk
+from pdserve.config import FrontendConfig
+from pdserve.errors import Overloaded
+from scheduler.admission import retry_after_s
+
+
+class Tok:
+    vocab_size = 1000
+    max_token_chars = 4
+
+    async def encode_async(self, text, max_tokens=0):
+        return [1, 2, 3]
+
+    async def chat_async(self, messages, max_tokens=0):
+        return [1, 2, 3]
+
+
+class Cluster:
+    def __init__(self, fail=None):
+        self.fail, self.gate = fail, asyncio.Event()
+        self.gate.set()
+
+    async def generate(self, rid, model, ids, sp, timeout_s):
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        yield Chunk([7], "x", finish_reason="length")
+
+    async def close(self):
+        pass
+
+
+def app(cluster, **kw):
+    return create_app(FrontendConfig(model="unused", served_model_name="m", **kw),
+                      client=cluster, tokenizer=Tok())
+
+
+def client(a):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=a, raise_app_exceptions=False),
+                             base_url="http://t")
+
+
+BODY = {"model": "m", "prompt": "hi", "max_tokens": 1}
+
+
+async def test_bodies_over_the_limit_get_413_before_parsing():
+    async with client(app(Cluster(), max_body_bytes=1000)) as c:
+        r = await c.post("/v1/completions", json={**BODY, "prompt": "w " * 2000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+        async def chunked():               # no Content-Length: counted as it streams in
+            for _ in range(20):
+                yield b"x" * 100
+        r = await c.post("/v1/completions", content=chunked(),
+                         headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == 200, r.text
+
+
+async def test_past_the_inflight_limit_requests_get_429_and_the_held_ones_finish():
+    cl = Cluster()
+    cl.gate.clear()
+    async with client(app(cl, max_inflight=2)) as c:
+        held = [asyncio.create_task(c.post("/v1/completions", json=BODY)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+        assert (await c.get("/v1/models")).status_code == 200    # only generation counts
+        cl.gate.set()
+        assert [h.status_code for h in await asyncio.gather(*held)] == [200, 200]
+        assert (await c.post("/v1/completions", json=BODY)).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_admission_refusal_is_a_429_with_retry_after(stream):
+    async with client(app(Cluster(Overloaded("overloaded: forecast", retry_after_s=7.4)))) as c:
+        r = await c.post("/v1/completions", json={**BODY, "stream": stream})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "overloaded"
+
+
+async def test_a_500_says_only_the_request_id():
+    async with client(app(Cluster(RuntimeError("secret /internal/path detail")))) as c:
+        r = await c.post("/v1/completions", json=BODY, headers={"x-request-id": "abc"})
+        assert r.status_code == 500
+        msg = r.json()["error"]["message"]
+        assert "abc" in msg and "secret" not in msg and "RuntimeError" not in msg
+
+
+def test_admission_refuses_only_forecasts_over_the_factor():
+    assert retry_after_s(0.0, 2.0, 4.0) == 0.0         # a cold model forecasts nothing
+    assert retry_after_s(7.9, 2.0, 4.0) == 0.0
+    assert retry_after_s(8.5, 2.0, 4.0) == 1.0         # at least a second
+    assert retry_after_s(20.0, 2.0, 4.0) == 12.0
+    assert retry_after_s(1e9, 2.0, 0.0) == 0.0         # off
