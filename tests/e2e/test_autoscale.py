@@ -49,7 +49,10 @@ def scaled(tiny_model, tmp_path_factory):
         "--scale-down-ticks", "3", "--warmup-grace-s", "5",
         "--planner-record", str(record),
         # pools scale here, roles stay put (the role planner has its own tests)
-        "--role-planner", "off"])
+        "--role-planner", "off",
+        # the bursts must breach the SLO and be served late, not refused (429): the
+        # autoscaler reacts to the latency admission control would cut off
+        "--admit-ttft-factor", "0"])
     c.record = record
     yield c
     assert stop_cluster_proc(c.proc) == 0
