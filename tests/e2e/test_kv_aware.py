@@ -172,12 +172,16 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
     import subprocess
     import sys
 
-    from tests.e2e.cluster import ROOT
+    from tests.e2e.cluster import ROOT, TEST_SECRET
     c = kv_cluster
     log = open(tmp_path / "extra.log", "w")
+    # joining takes the cluster's secret, as on another host: here by file
+    secret = tmp_path / "cluster-secret"
+    secret.write_text(TEST_SECRET)
     p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "prefill", "--worker-id",
                           "prefill-extra", "--cores", "0", "--scheduler", c.scheduler,
-                          "--model", c.model_dir, "--kv-cache-gib", "0.25"],
+                          "--model", c.model_dir, "--kv-cache-gib", "0.25",
+                          "--cluster-secret-file", str(secret)],
                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
