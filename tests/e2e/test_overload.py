@@ -33,7 +33,9 @@ async def test_a_burst_is_served_or_refused_with_retry_after_and_nothing_leaks(o
     statuses = [s for s, _, _ in results]
     assert set(statuses) <= {200, 429}, [r for r in results if r[0] not in (200, 429)][:3]
     refused = [r for r in results if r[0] == 429]
-    assert refused and statuses.count(200) >= 12, statuses
+    # past 12 in flight the frontend refuses; of those 12, the scheduler refuses the ones
+    # forecast to start too late; the rest are served in full
+    assert refused and statuses.count(200) >= 3, statuses
     for _, after, text in refused:
         assert after and int(after) >= 1 and '"code":"overloaded"' in text.replace(" ", "")
     m = httpx.get(f"{oc.url}/metrics", timeout=10).text
