@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
@@ -107,6 +108,17 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                 param=".".join(loc) or None)
         return _error(request, err, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals (a body that is not UTF-8 JSON, an unknown path, a
+        wrong method) in OpenAI's error shape too, never `{"detail": ...}`."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind,
+                                       "param": None, "code": None}},
+                            status_code=exc.status_code,
+                            headers={**(exc.headers or {}),
+                                     "x-request-id": getattr(request.state, "rid", "")})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

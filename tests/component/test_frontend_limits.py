@@ -105,3 +105,12 @@ def test_admission_refuses_only_forecasts_over_the_factor():
     assert retry_after_s(8.5, 2.0, 4.0) == 1.0         # at least a second
     assert retry_after_s(20.0, 2.0, 4.0) == 12.0
     assert retry_after_s(1e9, 2.0, 0.0) == 0.0         # off
+
+
+async def test_starlettes_own_refusals_are_openai_errors_too():
+    async with client(app(Cluster())) as c:
+        for r in (await c.post("/v1/completions", content=b'{"model": "m", "prompt": "\xff"}',
+                               headers={"content-type": "application/json"}),
+                  await c.get("/v1/nothing-here"), await c.get("/v1/completions")):
+            assert r.status_code in (400, 404, 405), r.text
+            assert r.json()["error"]["message"] and r.headers["x-request-id"]

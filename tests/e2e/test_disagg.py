@@ -167,6 +167,18 @@ BAD = [
     ("n > 1", "/v1/completions", {"prompt": "a", "n": 2}, 400),
     ("empty prompt", "/v1/completions", {"prompt": "", "max_tokens": 2}, 400),
     ("token id out of vocab", "/v1/completions", {"prompt": [10, 999999], "max_tokens": 2}, 400),
+    # numbers and lists past their wire fields: 400, never an overflow and a 500
+    ("top_k overflow", "/v1/completions", {"prompt": "a", "top_k": 2**31}, 400),
+    ("seed overflow", "/v1/completions", {"prompt": "a", "seed": 2**63}, 400),
+    ("stop id overflow", "/v1/completions", {"prompt": "a", "stop_token_ids": [2**32]}, 400),
+    ("stop id out of vocab", "/v1/completions", {"prompt": "a", "stop_token_ids": [999999]},
+     400),
+    ("min_tokens huge", "/v1/completions", {"prompt": "a", "min_tokens": 2**40}, 400),
+    ("stop list unbounded", "/v1/completions", {"prompt": "a", "stop": ["x"] * 100}, 400),
+    # sizes: refused before parsing (413), or before tokenizing (400)
+    ("body over the limit", "/v1/completions", {"prompt": "w1 " * 3_000_000}, 413),
+    ("text that cannot fit", "/v1/completions", {"prompt": "w1 " * 500_000}, 400),
+    ("invalid utf-8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400),
 ]
 
 
