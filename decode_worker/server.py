@@ -45,19 +45,16 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         if err:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
-        why = auth.check_push(self.rt.creds, request.push) if push else ""
+        # no caller makes us load KV from, or offer blocks to, an address of its choosing:
+        # push needs the scheduler's ticket for the producer, pull a handle a producer of
+        # this cluster signed for this prompt, used once
+        why = ("" if local else auth.check_push(self.rt.creds, request.push) if push else
+               auth.check_handle(self.rt.creds, request.kv, request.prompt_token_ids,
+                                 self.rt.handles_used, time.time(), sp.cache_salt))
         if why:
             M.WORKER_REQUESTS.labels("decode", "refused").inc()
+            log.warning("request %s: %s", request.request_id, why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-        if not local and not push:
-            # a handle a producer of this cluster signed, for this prompt, used once: no
-            # caller makes us load KV from an address or blocks of its choosing
-            why = auth.check_handle(self.rt.creds, request.kv, request.prompt_token_ids,
-                                    self.rt.handles_used, time.time(), sp.cache_salt)
-            if why:
-                M.WORKER_REQUESTS.labels("decode", "refused").inc()
-                log.warning("request %s: %s", request.request_id, why)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         rid = request.request_id
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
@@ -100,11 +97,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                 yield msg
             M.WORKER_REQUESTS.labels("decode", "ok").inc()
         except ENGINE_DEAD:
-            M.WORKER_REQUESTS.labels("decode", "engine_dead").inc()
-            self.rt.engine_died()
-            # UNAVAILABLE: the frontend places the request again elsewhere if nothing was
-            # streamed yet
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
+            await self.rt.abort_engine_dead(context, "decode")
         except INPUT_ERRORS as e:
             M.WORKER_REQUESTS.labels("decode", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

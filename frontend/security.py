@@ -16,6 +16,9 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from pdserve import metrics as M
+from pdserve.errors import ErrorKind, Overloaded, PDError
+
 ENV_KEY = "PDSERVE_API_KEY"
 
 
@@ -87,10 +90,10 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        await JSONResponse({"error": {
-            "message": f"request body larger than {self.limit} bytes",
-            "type": "invalid_request_error", "param": None, "code": "payload_too_large"}},
-            status_code=413)(scope, receive, send)
+        err = PDError(f"request body larger than {self.limit} bytes",
+                      kind=ErrorKind.PAYLOAD_TOO_LARGE)
+        await JSONResponse(err.openai_body(), status_code=err.mapping.http_status)(
+            scope, receive, send)
 
 
 GENERATE = ("/v1/completions", "/v1/chat/completions")
@@ -109,12 +112,11 @@ class InflightLimit:
         if scope["type"] != "http" or scope["path"] not in GENERATE or not self.limit:
             return await self.app(scope, receive, send)
         if self.inflight >= self.limit:
-            from pdserve import metrics as M
             M.REJECTED.labels("frontend_inflight").inc()
-            return await JSONResponse({"error": {
-                "message": f"too many requests in progress ({self.limit}); retry shortly",
-                "type": "rate_limit_error", "param": None, "code": "overloaded"}},
-                status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
+            err = Overloaded(f"too many requests in progress ({self.limit}); retry shortly")
+            return await JSONResponse(
+                err.openai_body(), status_code=err.mapping.http_status,
+                headers={"Retry-After": f"{err.retry_after_s:.0f}"})(scope, receive, send)
         self.inflight += 1
         try:
             await self.app(scope, receive, send)

@@ -99,6 +99,12 @@ class Credentials:
     keyring: Keyring | None = None
 
 
+def off(environ=None) -> bool:
+    """Internal auth turned off, explicitly (PDSERVE_INTERNAL_AUTH=off)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_OFF, "").lower() == "off"
+
+
 def from_env(role: str, required: bool = False, environ=None) -> Credentials | None:
     """Credentials from the environment; None when internal auth is off on purpose, or
     when none is configured and not `required`.
@@ -106,7 +112,7 @@ def from_env(role: str, required: bool = False, environ=None) -> Credentials | N
     The command-line entry points require one (they exit with this error otherwise), so a
     process never falls back to accepting anyone unless told to in so many words."""
     env = os.environ if environ is None else environ
-    if env.get(ENV_OFF, "").lower() == "off":
+    if off(env):
         return None
     secret = env.get(ENV_SECRET, "")
     if not secret and env.get(ENV_SECRET_FILE):

@@ -162,7 +162,7 @@ def cluster_credentials() -> dict[str, str | None]:
     sign KV handles)."""
     from pdserve import auth
 
-    if auth.from_env(auth.FRONTEND) is None and os.environ.get(auth.ENV_OFF, "") == "off":
+    if auth.off():
         log.warning("internal auth is off (%s=off): anyone who reaches a port is trusted",
                     auth.ENV_OFF)
         return {}

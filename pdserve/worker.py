@@ -338,6 +338,13 @@ class WorkerRuntime:
         if self._stop is not None:
             self._stop.set()
 
+    async def abort_engine_dead(self, context, role: str) -> None:
+        """A request met the dead engine: stop the worker, and end the call UNAVAILABLE
+        (the frontend places it again elsewhere if nothing was streamed yet)."""
+        M.WORKER_REQUESTS.labels(role, "engine_dead").inc()
+        self.engine_died()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
+
     async def _watch_engine(self, every_s: float = 0.5) -> None:
         while not self.engine.errored:    # vLLM's engine-core monitor sets this
             await asyncio.sleep(every_s)

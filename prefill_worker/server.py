@@ -61,11 +61,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
                     lps += c.logprobs
                 final = out
         except ENGINE_DEAD:
-            M.WORKER_REQUESTS.labels("prefill", "engine_dead").inc()
-            self.rt.engine_died()
-            # UNAVAILABLE: the frontend places the request again elsewhere if nothing was
-            # streamed yet
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
+            await self.rt.abort_engine_dead(context, "prefill")
         except INPUT_ERRORS as e:  # vLLM input validation (token ids out of range, ...)
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -58,7 +58,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerConfig, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.creds = auth.from_env(auth.ADMIN)     # signs push tickets
+        self.creds = auth.from_env(auth.ADMIN)     # checks callers, signs push tickets
         self.reg = Registry(cfg.heartbeat_timeout_s, cfg.booking_ttl_s)
         self.index = PrefixIndex()
         self.rng = random.Random(cfg.seed)
@@ -367,10 +367,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
 async def create_server(cfg: SchedulerConfig) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
     from grpc_health.v1 import health, health_pb2_grpc
 
+    svc = SchedulerServicer(cfg)
     # every call but health checks carries a worker's, the frontend's or an admin's token
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
-                             interceptors=auth.server_interceptors(auth.from_env(auth.ADMIN)))
-    svc = SchedulerServicer(cfg)
+                             interceptors=auth.server_interceptors(svc.creds))
     pd_pb2_grpc.add_SchedulerServicer_to_server(svc, server)
     # grpc.health.v1 (Kubernetes gRPC probes): serving as soon as it listens
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
