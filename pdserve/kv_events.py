@@ -103,9 +103,18 @@ class EventRelay:
     Gaps in the publisher's sequence numbers are filled from its replay socket. If the
     replay buffer no longer has them, the relay asks the consumer for a resync (the
     mirror may then hold entries whose removal was lost; they only cost a wrong guess,
-    and vLLM's buffer of 10,000 batches makes this rare)."""
+    and vLLM's buffer of 10,000 batches makes this rare).
 
-    def __init__(self, endpoint: str, replay_endpoint: str | None, mirror: EventMirror) -> None:
+    The queue is bounded (`max_pending` deltas): while nobody takes them (the scheduler is
+    down, the stream is reconnecting) it would otherwise grow with every block the engine
+    stores. Past the bound the queue is dropped and a snapshot asked for instead, which
+    the consumer sends on reconnect anyway."""
+
+    MAX_PENDING = 4096
+
+    def __init__(self, endpoint: str, replay_endpoint: str | None, mirror: EventMirror,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.max_pending = max_pending
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
         self.mirror = mirror
@@ -141,7 +150,12 @@ class EventRelay:
         batch = decoder.decode(payload)
         with self.lock:
             d = self.mirror.apply(batch.events)
-            if d:
+            if not d:
+                return
+            if len(self.pending) >= self.max_pending:
+                self.pending.clear()        # a snapshot will replace them
+                self.resync_needed = True
+            else:
                 self.pending.append(d)
 
     def _replay(self, ctx, zmq, start: int, decoder) -> int | None:

@@ -54,6 +54,7 @@ from kv_transfer.connector.metadata import (
     PDConnectorMetadata,
     PushChunk,
 )
+from kv_transfer.peers import PeerLRU
 from kv_transfer.push import Offer, OfferState, OfferTable, chunk_blocks
 from kv_transfer.state import LeaseTable, TransferState, advance
 from kv_transfer.wakeup import TRANSFERS, Waker
@@ -511,6 +512,9 @@ class _WorkerHalf:
         self.clients = AgentClients()
         self.remote_regions: dict[str, list[L.Region]] = {}
         self.remote_block_size: dict[str, int] = {}
+        # bounded: peers idle past any lease (MAX_HOLD_S) and transfer are forgotten
+        self.peers = PeerLRU(max_peers=int(x.get("max_peers", 64)),
+                             idle_s=max(600.0, 2 * self.transfer_timeout_s))
         # CPU KV tensor behind each region (one region per layer), for the relayout
         # between block sizes; a staging buffer the relayout READs land in (grows)
         self.region_tensors: list = []
@@ -830,8 +834,8 @@ class _WorkerHalf:
                         "READ", spec.engine_id, lidx, ridx, timeout)
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
-            self.backend.forget_remote(spec.engine_id)
-            self.remote_regions.pop(spec.engine_id, None)
+            with self._handshake_lock:
+                self._forget_peer(spec.engine_id)
             what = f"{type(e).__name__} {e}".lower()
             reason = ("timeout" if "timed out" in what else
                       "peer_unreachable" if "disconnect" in what or "remote" in what else
@@ -955,6 +959,10 @@ class _WorkerHalf:
         a READ, producers when an offer comes (first offers from one consumer may come
         together: one handshake at a time)."""
         with self._handshake_lock:
+            for old in self.peers.touch(eid, time.monotonic()):
+                log.info("forgetting peer engine %s (idle; %d peers known)", old,
+                         len(self.peers))
+                self._forget_peer(old)
             if not self.backend.has_remote(eid):
                 info = self.clients.get(address).GetAgentInfo(
                     pd_pb2.AgentInfoRequest(peer_compat_hash=self.compat_hash),
@@ -971,6 +979,14 @@ class _WorkerHalf:
                 self.backend.ensure_remote(eid, info.nixl_metadata)
                 self.backend.prep_blocks(L.block_descs(regions, self.device_id), eid)
             return self.backend._remotes[eid]
+
+    def _forget_peer(self, eid: str) -> None:
+        """Drop what we know of peer engine `eid` (under the handshake lock): the next
+        transfer with it shakes hands again."""
+        self.peers.forget(eid)
+        self.backend.forget_remote(eid)
+        self.remote_regions.pop(eid, None)
+        self.remote_block_size.pop(eid, None)
 
     def _cancel(self, ids: list[str]) -> tuple[list[str], list[str]]:
         with self.lock:

@@ -40,3 +40,23 @@ def test_lora_chains_are_separate():
     a = EventMirror().apply([stored([1], None, toks)]).stored
     b = EventMirror().apply([stored([1], None, toks, lora=2)]).stored
     assert a != b and a == kvhash.block_hashes(toks, 4)
+
+
+def test_relay_queue_is_bounded_while_nobody_takes_it():
+    """The scheduler is down: deltas pile up to the bound, then give way to one snapshot."""
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    from pdserve.kv_events import EventRelay
+
+    relay = EventRelay("ipc:///nonexistent", None, EventMirror(), max_pending=8)
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(type=KVEventBatch)
+    for i in range(20):
+        batch = KVEventBatch(ts=0.0, events=[stored([i], None, [i, i, i, i])])
+        relay._apply(enc.encode(batch), dec)
+        assert len(relay.pending) <= 8
+    deltas, resync = relay.take()
+    assert resync and len(deltas) < 8      # what came after the drop is still there
+    assert sorted(relay.snapshot()) == sorted(EventMirror().apply(
+        [stored([i], None, [i] * 4) for i in range(20)]).stored)
+    assert relay.take() == ([], False)
