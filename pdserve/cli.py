@@ -16,7 +16,7 @@ from pdserve.config import (
     SchedulerConfig,
     WorkerConfig,
 )
-from pdserve import auth
+from pdserve import auth, vllm_args
 from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, placement_args,
                            planner_config, role_args, role_config)
 from pdserve.logs import setup_logging
@@ -25,8 +25,15 @@ from scheduler.policy import PlacementConfig
 
 log = logging.getLogger("pdserve")
 
+# commands that run engines: they also take vLLM's engine arguments
+ENGINE_CMDS = ("serve", "prefill", "decode", "mixed")
+
 
 def _engine_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", default="",
+                    help="YAML file of flags (pdserve's and vLLM's, by name); for serve, "
+                         "`prefill:` and `decode:` sections apply to one pool. The command "
+                         "line wins")
     ap.add_argument("--model", default=None,
                     help="local Hugging Face model directory (default: the bundled SmolLM2)")
     ap.add_argument("--served-model-name", default="")
@@ -88,7 +95,8 @@ def engine_config(ns, cores: str) -> EngineConfig:
         max_model_len=ns.max_model_len, block_size=ns.block_size,
         kv_cache_bytes=int(ns.kv_cache_gib * 2**30), cpu_cores=cores,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        enable_prefix_caching=not ns.no_prefix_caching)
+        enable_prefix_caching=not ns.no_prefix_caching,
+        vllm=getattr(ns, "vllm", None) or {})
 
 
 def kv_config(ns) -> KVTransferConfig:
@@ -207,7 +215,7 @@ def cmd_set_role(ns) -> int:
     from pdserve.rpc import pd_pb2, pd_pb2_grpc
     role = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE,
             "mixed": pd_pb2.ROLE_MIXED}[ns.role]
-    from pdserve import auth
+    from pdserve import auth, vllm_args
     with auth.channel(ns.scheduler, auth.from_env(auth.ADMIN)) as ch:
         r = pd_pb2_grpc.SchedulerStub(ch).SetRole(
             pd_pb2.SetRoleRequest(worker_id=ns.worker_id, role=role), timeout=10)
@@ -235,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run a local cluster: scheduler, workers, frontend")
+    s = sub.add_parser("serve", help="run a local cluster: scheduler, workers, frontend "
+                       "(also takes vLLM's engine arguments, e.g. --max-logprobs 5)",
+                       allow_abbrev=False)
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="OpenAI API port")
@@ -250,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-going", action="store_true",
                    help="a worker that exits (after its restarts) does not stop the cluster "
                         "(the scheduler drops it); a scheduler that exits is restarted")
+    s.add_argument("--prefill-args", default="",
+                   help="flags for the prefill workers only, pdserve's or vLLM's, after the "
+                        "shared ones (e.g. \"--block-size 64 --max-num-seqs 8\")")
+    s.add_argument("--decode-args", default="", help="the same, for the decode workers")
+    s.add_argument("--prefill-gpus", default="",
+                   help="CUDA devices of the prefill workers: one entry per worker, in order, "
+                        "comma-separated; '+' joins devices of one worker (\"0,1\", \"0+1\")")
+    s.add_argument("--decode-gpus", default="", help="the same, for the decode workers")
     s.add_argument("--worker-restarts", type=int, default=3,
                    help="start a worker that exited (its engine died, it crashed) again, "
                         "at most this many times each (0: never)")
@@ -261,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode", "mixed"):
-        w = sub.add_parser(role, help=f"run one worker, starting as a {role} worker")
+        w = sub.add_parser(role, help=f"run one worker, starting as a {role} worker (also "
+                           "takes vLLM's engine arguments)", allow_abbrev=False)
         _engine_args(w)
         w.add_argument("--worker-id", default="")
         w.add_argument("--host", default="127.0.0.1")
@@ -342,9 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """pdserve's flags, and for the engine commands vLLM's own engine arguments (checked by
+    vLLM's parser: pdserve/vllm_args.py) in `ns.vllm` (parsed) and `ns.vllm_argv` (as given,
+    for the launcher to hand on)."""
+    argv = vllm_args.with_config(list(sys.argv[1:] if argv is None else argv))
+    ap = build_parser()
+    ns, rest = ap.parse_known_args(argv)
+    if rest and ns.cmd not in ENGINE_CMDS:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    ns.vllm_argv = rest
+    ns.vllm = vllm_args.parse(rest) if ns.cmd in ENGINE_CMDS else {}
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()       # started by the launcher or the local actuator: die with it
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     err = auth.check_credentials(ns)
     if err:
         print(err, file=sys.stderr)

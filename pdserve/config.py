@@ -65,6 +65,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     enable_prefix_caching: bool = True
     seed: int = 0
+    # vLLM engine arguments the user gave by vLLM's names (pdserve/vllm_args.py):
+    # AsyncEngineArgs field -> value, applied over the settings above
+    vllm: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def model_name(self) -> str:

@@ -58,14 +58,26 @@ def engine_args(cfg: EngineConfig, kv_role: str | None = None,
         ep, rep = event_endpoints(events_dir)
         kve = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=ep,
                              replay_endpoint=rep)
-    return AsyncEngineArgs(
-        kv_events_config=kve,
+    base = dict(
         model=cfg.model, served_model_name=cfg.model_name, dtype=resolve_dtype(cfg.dtype),
         max_model_len=cfg.max_model_len, block_size=cfg.block_size,
-        kv_cache_memory_bytes=cfg.kv_cache_bytes, enforce_eager=True,
+        kv_cache_memory_bytes=cfg.kv_cache_bytes, enforce_eager=default_eager(),
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-        kv_transfer_config=kvt, disable_log_stats=False)
+        disable_log_stats=False)
+    # what the user gave by vLLM's names wins; the connector and event stream are ours
+    return AsyncEngineArgs(**{**base, **cfg.vllm, "kv_transfer_config": kvt,
+                              "kv_events_config": kve})
+
+
+def default_eager() -> bool:
+    """Eager on CPU (torch.compile costs about a minute at start there and was no faster),
+    CUDA graphs on GPU. `--enforce-eager` / `--no-enforce-eager` override it."""
+    try:
+        import torch
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
 
 
 def event_endpoints(events_dir: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 
+from pdserve import vllm_args
 from pdserve.flags import autoscale_argv, placement_argv, role_argv
 from pdserve.procs import spawn
 
@@ -99,18 +100,42 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
 
 
 def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
-    argv = [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
-            "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns)]
-    if role == "prefill":
-        argv += prefill_argv(ns)
-    return argv
+    return [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
+            "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns), *pool_argv(ns, role)]
+
+
+def pool_argv(ns, role: str) -> list[str]:
+    """Flags only one pool's workers get, after the shared ones (the last one counts): the
+    config file's section for the pool, then `--prefill-args` / `--decode-args`."""
+    argv = []
+    if role == "prefill" and getattr(ns, "prefill_block_size", 0):
+        argv += ["--block-size", str(ns.prefill_block_size)]
+    if getattr(ns, "config", ""):
+        argv += vllm_args.config_argv(ns.config, role)
+    return argv + vllm_args.split(getattr(ns, f"{role}_args", ""))
 
 
 def prefill_argv(ns) -> list[str]:
-    """Flags only prefill workers get, after the shared ones (the last one counts)."""
-    if getattr(ns, "prefill_block_size", 0):
-        return ["--block-size", str(ns.prefill_block_size)]
-    return []
+    return pool_argv(ns, "prefill")
+
+
+def check_pool_args(ns) -> None:
+    """Refuse bad per-pool flags now, not when a worker starts (exits 2 with a message)."""
+    from pdserve.cli import parse_args
+    for role in ("prefill", "decode"):
+        parse_args([role, *engine_argv(ns), *pool_argv(ns, role)])
+
+
+def gpu_env(spec: str, i: int, pool: str) -> dict[str, str] | None:
+    """CUDA_VISIBLE_DEVICES of a pool's i-th worker from `--prefill-gpus`/`--decode-gpus`
+    ("0,1": one device each; "0+1,2+3": two each). None: inherit."""
+    if not spec:
+        return None
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if i >= len(entries):
+        raise SystemExit(f"pdserve: error: --{pool}-gpus names {len(entries)} worker(s) "
+                         f"but the pool has more")
+    return {"CUDA_VISIBLE_DEVICES": entries[i].replace("+", ",")}
 
 
 def engine_argv(ns) -> list[str]:
@@ -134,7 +159,8 @@ def engine_argv(ns) -> list[str]:
         argv.append("--no-prefix-caching")
     if ns.kv_checksum:
         argv.append("--kv-checksum")
-    return argv
+    # vLLM's own engine arguments, as the user gave them (checked by vLLM's parser already)
+    return argv + list(getattr(ns, "vllm_argv", []))
 
 
 def assign_cores(cores: list[str], n_p: int, n_d: int) -> tuple[list[str], list[str]]:
@@ -196,6 +222,7 @@ def run_cluster(ns) -> int:
     from pdserve.cli import resolve_model
 
     ns.model = resolve_model(ns.model)
+    check_pool_args(ns)
     fe_env = cluster_credentials()
     cores = _cores(ns.cores)
     scheduler = f"{ns.host}:{ns.scheduler_port}"
@@ -223,10 +250,12 @@ def run_cluster(ns) -> int:
         children.append(Child("scheduler", sched_argv))
         for i, c in enumerate(p_cores):
             children.append(Child(f"prefill-{i}", worker_argv(ns, "prefill", f"prefill-{i}", c,
-                                                              scheduler)))
+                                                              scheduler),
+                                  gpu_env(ns.prefill_gpus, i, "prefill")))
         for i, c in enumerate(d_cores):
             children.append(Child(f"decode-{i}", worker_argv(ns, "decode", f"decode-{i}", c,
-                                                            scheduler)))
+                                                            scheduler),
+                                  gpu_env(ns.decode_gpus, i, "decode")))
         fe = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", ns.model,
               "--host", ns.host, "--port", str(ns.port), "--scheduler", scheduler,
               "--max-model-len", str(ns.max_model_len),

@@ -1,0 +1,112 @@
+"""vLLM's own engine arguments, by vLLM's names, from vLLM's own parser; and config files.
+
+`pdserve serve|prefill|decode|mixed` take every argument of `vllm serve`'s engine
+(`AsyncEngineArgs.add_cli_args`) beside their own: a flag pdserve does not define goes to
+vLLM's parser, which checks and types it exactly as `vllm serve` would. Only what the user
+gave reaches the engine (`parse`), on top of pdserve's engine settings, so a vLLM release
+that adds an argument adds it here too, with nothing to keep in step.
+
+A few are pdserve's to set, because pdserve builds them (the KV connector and its event
+stream) or names them its own way (`--kv-cache-gib`); those are refused with a pointer.
+Tensor and pipeline parallelism are refused too until each rank has its own KV agent.
+
+`--config FILE` (YAML) holds the same keys as the flags (dashes or underscores), and for
+`serve` a `prefill:` and a `decode:` section whose keys apply to that pool only. Flags on
+the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+# vLLM arguments pdserve sets itself: the reason, shown to the user
+OWNED = {
+    "kv_transfer_config": "pdserve attaches its own KV connector",
+    "kv_events_config": "pdserve subscribes to the engine's KV events itself",
+    "kv_cache_memory_bytes": "use --kv-cache-gib",
+    "tensor_parallel_size": "tensor parallelism is not supported yet (one KV agent per "
+                            "engine)",
+    "pipeline_parallel_size": "pipeline parallelism is not supported yet",
+    "data_parallel_size": "run more workers instead (--prefill-workers, --decode-workers)",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def parser() -> argparse.ArgumentParser:
+    """vLLM's engine-argument parser, every default suppressed: it yields only what the
+    user gave."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    p = FlexibleArgumentParser(prog="pdserve", add_help=False,
+                               usage="pdserve COMMAND [pdserve flags] [vLLM engine arguments]")
+    AsyncEngineArgs.add_cli_args(p)
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    return p
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+    """vLLM engine arguments given in `argv` -> {AsyncEngineArgs field: value}. An unknown
+    flag, a bad value or an argument pdserve owns exits with status 2 and a message, as
+    argparse does."""
+    if not argv:
+        return {}
+    p = parser()
+    given = vars(p.parse_args(argv))
+    for k in given:
+        if k in OWNED:
+            p.error(f"--{k.replace('_', '-')} cannot be set here: {OWNED[k]}")
+    return given
+
+
+def config_argv(path: str, section: str | None = None) -> list[str]:
+    """The flags a YAML config file stands for: its top-level keys, or one section's."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"pdserve: error: {path}: a config file is a mapping of flags")
+    if section is not None:
+        data = data.get(section) or {}
+        if not isinstance(data, dict):
+            raise SystemExit(f"pdserve: error: {path}: `{section}:` must be a mapping")
+    out: list[str] = []
+    for key, value in data.items():
+        if key in ("prefill", "decode") and section is None:
+            continue
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def with_config(argv: list[str]) -> list[str]:
+    """`argv` (a command and its flags) with `--config FILE`'s flags put first, so the
+    command line wins: the file's top-level keys, and for `prefill` and `decode` their
+    section. `serve` keeps `--config` and hands each pool its section."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise SystemExit("pdserve: error: --config needs a file")
+    path = argv[i + 1]
+    pool = config_argv(path, argv[0]) if argv[:1] in (["prefill"], ["decode"]) else []
+    return [*argv[:1], *config_argv(path), *pool, *argv[1:]]
+
+
+def split(text: str) -> list[str]:
+    return shlex.split(text) if text else []

@@ -1,0 +1,99 @@
+"""vLLM's own engine arguments through pdserve (pdserve/vllm_args.py): parsed by vLLM's
+parser, only what was given, onto the engine's AsyncEngineArgs; per-pool flags and config
+files for `serve`; GPU assignment per worker."""
+
+import pytest
+
+from pdserve import vllm_args
+from pdserve.cli import engine_config, parse_args
+from pdserve.engine import default_eager, engine_args
+from pdserve.launcher import engine_argv, gpu_env, pool_argv
+
+M = ["--model", "/models/m"]
+
+
+def test_vllm_arguments_by_their_names_reach_the_engine_args():
+    ns = parse_args(["decode", *M, "--max-logprobs", "5", "--no-enforce-eager",
+                     "--long-prefill-token-threshold", "64", "--max-num-seqs", "7",
+                     "--generation-config", "vllm"])
+    # pdserve's own flags stay pdserve's; the rest is exactly what the user gave
+    assert ns.vllm == {"max_logprobs": 5, "enforce_eager": False,
+                       "long_prefill_token_threshold": 64, "generation_config": "vllm"}
+    a = engine_args(engine_config(ns, "0"), kv_role="kv_both", kv_extra={"engine_id": "e"})
+    assert (a.max_logprobs, a.enforce_eager, a.long_prefill_token_threshold,
+            a.max_num_seqs) == (5, False, 64, 7)
+    assert a.kv_transfer_config.kv_connector == "PDConnector"   # the connector stays ours
+
+
+def test_defaults_are_pdserves_and_eager_only_without_a_gpu():
+    a = engine_args(engine_config(parse_args(["prefill", *M]), "0"))
+    assert a.enforce_eager == default_eager() and a.max_num_batched_tokens == 4096
+    import torch
+    assert default_eager() is (not torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--kv-transfer-config", "{}"], "own KV connector"),
+    (["--kv-cache-memory-bytes", "100"], "--kv-cache-gib"),
+    (["--tensor-parallel-size", "2"], "not supported yet"),
+    (["--no-such-flag"], "unrecognized"),
+    (["--max-logprobs", "many"], "invalid int"),
+])
+def test_bad_or_owned_vllm_arguments_exit_2_with_a_message(argv, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["serve", *M, *argv])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_commands_without_engines_take_no_vllm_arguments(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["scheduler", "--max-logprobs", "3"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_serve_hands_vllm_arguments_to_every_worker_and_pool_flags_to_one_pool(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_num_seqs: 16\nmax-logprobs: 4\nenforce_eager: true\n"
+                   "prefill:\n  block_size: 64\n  long_prefill_token_threshold: 256\n"
+                   "decode:\n  max_num_seqs: 8\n")
+    ns = parse_args(["serve", *M, "--config", str(cfg), "--max-logprobs", "6",
+                     "--decode-args", "--max-num-seqs 4"])
+    assert ns.max_num_seqs == 16 and ns.vllm == {"max_logprobs": 6, "enforce_eager": True}
+    shared = engine_argv(ns)
+    # vLLM's arguments go on as given (the file's first, so the command line wins)
+    assert shared[-5:] == ["--max-logprobs", "4", "--enforce-eager", "--max-logprobs", "6"]
+    for role, want in (("prefill", {"block_size": 64, "max_num_seqs": 16,
+                                    "long_prefill_token_threshold": 256}),
+                       ("decode", {"block_size": 128, "max_num_seqs": 4})):
+        w = parse_args([role, *shared, *pool_argv(ns, role)])
+        a = engine_args(engine_config(w, "0"))
+        # the command line wins over the file: max_logprobs 6 on both pools
+        assert a.max_logprobs == 6 and a.enforce_eager is True
+        for k, v in want.items():
+            assert getattr(a, k) == v, (role, k)
+
+
+def test_a_worker_reads_its_own_section_of_the_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_num_seqs: 16\ndecode:\n  max_num_seqs: 8\n  max_logprobs: 3\n")
+    ns = parse_args(["decode", *M, "--config", str(cfg)])
+    assert ns.max_num_seqs == 8 and ns.vllm == {"max_logprobs": 3}
+    assert parse_args(["prefill", *M, "--config", str(cfg)]).max_num_seqs == 16
+
+
+def test_config_values_become_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("a_b: 1\nflag: true\nquiet: false\nnothing: null\n"
+                   "obj: {x: 1}\nprefill: {y: 2}\n")
+    assert vllm_args.config_argv(str(cfg)) == ["--a-b", "1", "--flag", "--no-quiet",
+                                               "--obj", '{"x": 1}']
+    assert vllm_args.config_argv(str(cfg), "prefill") == ["--y", "2"]
+    assert vllm_args.config_argv(str(cfg), "decode") == []
+
+
+def test_gpus_per_worker():
+    assert gpu_env("", 0, "prefill") is None
+    assert gpu_env("0,1", 1, "prefill") == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert gpu_env("0+1, 2+3", 1, "decode") == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    with pytest.raises(SystemExit, match="names 2 worker"):
+        gpu_env("0,1", 2, "decode")
