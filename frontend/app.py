@@ -103,6 +103,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                                 param=".".join(loc))
         elif first.get("type") == "json_invalid":
             err = InvalidRequest(f"malformed JSON body: {first.get('msg', '')}")
+        elif loc[:1] == ["prompt"] and len(loc) > 1 and not loc[1].isdigit():
+            # every shape of the union failed; pydantic names the first (`prompt.str`)
+            err = InvalidRequest("prompt must be a string, a list of strings, a list of token "
+                                 "ids or a list of lists of token ids (ids: integers from 0)",
+                                 param="prompt")
         else:
             err = InvalidRequest(
                 f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",

@@ -4,16 +4,31 @@ number and list is bounded here, so nothing overflows a wire field later (a 400,
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, conint, constr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
 
 from pdserve.errors import InvalidRequest, UnsupportedParameter
 
 
 U32 = 2**32 - 1           # the wire's uint32 fields: token ids, token counts
 I32 = 2**31 - 1
-TokenId = conint(strict=True, ge=0, le=U32)
+
+
+def _integral(v: object) -> object:
+    """An integer as JSON Schema means it: 5 or 5.0, never 5.5, "5" or true (our OpenAPI
+    document says `integer`, and vLLM's server takes 5.0 too)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError("Input should be a valid integer, got a non-integral number")
+        return int(v)
+    return v
+
+
+StrictInt = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=U32)]
 MAX_STOPS = 64            # stop strings and stop token ids per request
 Stop = constr(max_length=4096)    # empty ones: refused by stop_list, with a message
 

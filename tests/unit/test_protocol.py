@@ -59,3 +59,16 @@ def test_numbers_and_lists_are_bounded_before_they_reach_a_wire_field(field, val
     from pydantic import ValidationError
     with pytest.raises(ValidationError):        # the app answers these with a 400
         CompletionRequest(**{"model": "m", "prompt": "x", field: value})
+
+
+@pytest.mark.parametrize("value,ok", [(5, 5), (5.0, 5), ("5", None), (True, None),
+                                      (5.5, None), (float("inf"), None), (1e300, None)])
+def test_integers_as_json_schema_means_them(value, ok):
+    """The OpenAPI document says `integer`: 5.0 is one (as in vLLM's server); 5.5, "5" and
+    true are not, and a huge one is past the bound (400s, never a 500)."""
+    if ok is None:
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt=[1], max_tokens=value)
+    else:
+        r = CompletionRequest(model="m", prompt=[1.0, 2], max_tokens=value)
+        assert r.max_tokens == ok and r.prompt == [1, 2] and type(r.prompt[0]) is int
