@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import security
+from frontend import security, tokenize_api
 from frontend.protocol import ChatRequest, CompletionRequest
 from frontend.timing import Timing
 from frontend.tokens import Tokenizer
@@ -144,6 +144,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         body = {"status": "ok" if ok else "unhealthy", "prefill_workers": prefill,
                 "decode_workers": decode, "mixed_workers": mixed}
         return JSONResponse(body, 200 if ok else 503)
+
+    tokenize_api.install(app, cfg, state, health)
 
     @app.get("/metrics")
     async def metrics():

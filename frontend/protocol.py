@@ -138,3 +138,27 @@ class ChatRequest(_Common):
             raise InvalidRequest("messages must not be empty", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+
+
+class TokenizeRequest(BaseModel):
+    """/tokenize, as vLLM's server takes it: a `prompt`, or chat `messages` rendered by the
+    model's chat template."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = None    # default: true for a prompt, false for chat
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give either prompt or messages", param="prompt")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[TokenId] = Field(max_length=1 << 20)

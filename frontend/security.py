@@ -41,7 +41,7 @@ def key_ok(header: str | None, keys: tuple[str, ...]) -> bool:
 
 
 def guarded(path: str, protect_metrics: bool) -> bool:
-    if path.startswith("/v1/") or path == "/v1":
+    if path.startswith("/v1/") or path in ("/v1", "/tokenize", "/detokenize"):
         return True
     return protect_metrics and path in ("/metrics", "/sd/targets")
 

@@ -25,19 +25,30 @@ class Tokenizer:
         self.max_token_chars = max((len(t) for t in self.tok.get_vocab()), default=1) + 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+             add_special_tokens: bool = False) -> list[int]:
         if not self.tok.chat_template:
             raise InvalidRequest("this model has no chat template; use /v1/completions")
         try:
             text = self.tok.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
+                                                add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 (jinja2's errors, the template's raise_exception)
             raise InvalidRequest(f"the chat template refused these messages: {e}",
                                  param="messages") from None
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self.tok.convert_ids_to_tokens(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on the tokenizer's thread (the event loop never tokenizes)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def token_bytes(self, token: str) -> list[int]:
         return list(token.encode("utf-8"))
@@ -48,12 +59,13 @@ class Tokenizer:
                 f"the prompt ({chars} characters) cannot fit this model's maximum context "
                 f"length of {max_tokens} tokens", param=param)
 
-    async def encode_async(self, text: str, max_tokens: int = 0) -> list[int]:
+    async def encode_async(self, text: str, max_tokens: int = 0,
+                           add_special_tokens: bool = True) -> list[int]:
         self._fits(len(text), max_tokens, "prompt")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode, text)
+        return await self.run(self.encode, text, add_special_tokens)
 
-    async def chat_async(self, messages: list[dict[str, str]], max_tokens: int = 0
-                         ) -> list[int]:
+    async def chat_async(self, messages: list[dict[str, str]], max_tokens: int = 0,
+                         add_generation_prompt: bool = True,
+                         add_special_tokens: bool = False) -> list[int]:
         self._fits(sum(len(m["content"]) for m in messages), max_tokens, "messages")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.chat,
-                                                                messages)
+        return await self.run(self.chat, messages, add_generation_prompt, add_special_tokens)

