@@ -4,12 +4,15 @@ number and list is bounded here, so nothing overflows a wire field later (a 400,
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
 
 from pdserve.errors import InvalidRequest, UnsupportedParameter
 
+
+log = logging.getLogger(__name__)
 
 U32 = 2**32 - 1           # the wire's uint32 fields: token ids, token counts
 I32 = 2**31 - 1
@@ -39,8 +42,23 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
+# Fields of OpenAI's or vLLM's API that change what is generated and that pdserve does not
+# implement yet: refused (400), never ignored, so a client never gets output that silently
+# disregards them. Any other unknown field is ignored with a warning, as vLLM does.
+REFUSED = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "structured_outputs", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "prompt_logprobs", "allowed_token_ids",
+    "bad_words", "min_p", "length_penalty", "use_beam_search", "prompt_embeds",
+    "truncate_prompt_tokens", "priority", "logits_processors", "spaces_between_special_tokens",
+    "skip_special_tokens", "include_stop_str_in_output", "continue_final_message",
+    "add_generation_prompt", "chat_template", "chat_template_kwargs", "documents",
+    "reasoning_effort", "modalities", "audio", "prediction", "web_search_options",
+})
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: StrictInt | None = Field(None, le=I32)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -62,7 +80,21 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
     logit_bias: dict[str, float] | None = Field(None, max_length=1)   # refused below
 
+    def unknown_fields(self) -> list[str]:
+        """Fields the request carried that pdserve does not know (the caller logs them);
+        a field in REFUSED is a 400 instead."""
+        extra = sorted(self.model_extra or {})
+        refused = [k for k in extra if k in REFUSED]
+        if refused:
+            raise UnsupportedParameter(f"unsupported parameter: {refused[0]}",
+                                       param=refused[0])
+        return extra
+
     def check_common(self) -> None:
+        ignored = self.unknown_fields()
+        if ignored:
+            log.warning("the following fields were present in the request but ignored: %s",
+                        ignored)
         if self.n != 1:
             raise UnsupportedParameter("only n=1 is supported", param="n")
         if self.logit_bias:
@@ -143,7 +175,7 @@ class ChatRequest(_Common):
 class TokenizeRequest(BaseModel):
     """/tokenize, as vLLM's server takes it: a `prompt`, or chat `messages` rendered by the
     model's chat template."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -159,6 +191,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[TokenId] = Field(max_length=1 << 20)

@@ -7,10 +7,19 @@ from frontend.protocol import ChatRequest, CompletionRequest
 from pdserve.errors import InvalidRequest, UnsupportedParameter
 
 
-def test_unknown_fields_are_refused():
-    with pytest.raises(ValidationError) as e:
-        CompletionRequest(model="m", prompt="x", frobnicate=1)
-    assert e.value.errors()[0]["type"] == "extra_forbidden"
+def test_unknown_fields_are_ignored_with_a_warning(caplog):
+    r = CompletionRequest(model="m", prompt="x", frobnicate=1, metadata={"a": "b"})
+    r.check()
+    assert "frobnicate" in caplog.text and "metadata" in caplog.text
+
+
+@pytest.mark.parametrize("field", ["tools", "response_format", "prompt_logprobs", "min_p"])
+def test_fields_that_would_change_the_output_are_refused(field):
+    """Never silently ignored: the output would not be what the client asked for."""
+    with pytest.raises(UnsupportedParameter) as e:
+        ChatRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                    **{field: {}}).check()
+    assert e.value.param == field
 
 
 @pytest.mark.parametrize("kw,exc", [
