@@ -17,7 +17,8 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                          "prefill cost (>1 favours cache hits over balance)"),
     "--running-weight": ("running_weight", float, "prefill cost of a running request, in "
                          "tokens"),
-    "--temperature": ("temperature", float, "0: cheapest worker; >0: sample by cost"),
+    "--placement-temperature": ("temperature", float, "0: the cheapest worker; >0: sample "
+                                "workers by cost (--temperature: the old name)"),
     "--local-prefill-max-tokens": ("local_prefill_max_tokens", int, "conditional "
                                    "disaggregation: prefill on the decode worker when at most "
                                    "this many prompt tokens are uncached there (0: never)"),
@@ -56,10 +57,15 @@ def role_config(ns):
     return RolePlannerConfig(window_s=ns.role_window_s, dwell_s=ns.role_dwell_s)
 
 
+# old names still accepted (the placement temperature is not a sampling temperature)
+PLACEMENT_ALIASES = {"--placement-temperature": ("--temperature",)}
+
+
 def placement_args(p: argparse.ArgumentParser) -> None:
     d = PlacementConfig()
     for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
-        p.add_argument(flag, type=typ, default=getattr(d, name), help=hlp)
+        p.add_argument(flag, *PLACEMENT_ALIASES.get(flag, ()), dest=name, type=typ,
+                       default=getattr(d, name), help=hlp)
 
 
 def placement_argv(ns) -> list[str]:
