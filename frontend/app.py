@@ -17,15 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
 from frontend import security, tokenize_api
-from frontend.protocol import ChatRequest, CompletionRequest
+from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
-from frontend.tokens import Tokenizer
+from frontend.tokens import Tokenizer, check_ids
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
     ContextLengthExceeded,
     InvalidRequest,
-    ModelNotFound,
     Overloaded,
     PDError,
     UnsupportedParameter,
@@ -173,11 +172,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "max_model_len": cfg.max_model_len}]}
 
     def _sampling(req, max_tokens: int, logprobs: int) -> pd_pb2.SamplingParams:
-        vocab = state["tok"].vocab_size
-        bad = [t for t in req.stop_token_ids or () if t >= vocab]
-        if bad:
-            raise InvalidRequest(f"stop token id {bad[0]} is out of vocabulary (size {vocab})",
-                                 param="stop_token_ids")
+        check_ids(req.stop_token_ids or (), state["tok"].vocab_size, "stop_token_ids",
+                  "stop token id")
         sp = pd_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), stop=req.stop_list,
@@ -192,9 +188,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         return sp
 
     def _budget(req, prompt_ids: list[int], default: int | None) -> int:
-        if req.model != cfg.served_model_name:
-            raise ModelNotFound(f"the model {req.model!r} does not exist; "
-                                f"this server serves {cfg.served_model_name!r}", param="model")
+        check_model(req.model, cfg.served_model_name)
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -277,10 +271,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             ids = list(p[0])
         else:
             ids = list(p)
-        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of vocabulary "
-                                 f"(size {tok.vocab_size})", param="prompt")
+        check_ids(ids, tok.vocab_size, "prompt")
         max_tokens = _budget(body, ids, 16)
         lp = body.logprobs if body.logprobs is not None else -1
         sp = _sampling(body, max_tokens, lp)
@@ -297,8 +288,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     async def chat(body: ChatRequest, request: Request):
         body.check()
         tok: Tokenizer = state["tok"]
-        ids = await tok.chat_async([{"role": m.role if m.role != "developer" else "system",
-                                     "content": m.text()} for m in body.messages],
+        ids = await tok.chat_async([m.for_template() for m in body.messages],
                                    cfg.max_model_len)
         max_tokens = _budget(body, ids, None)
         k = body.top_logprobs or 0

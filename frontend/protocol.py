@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
 
-from pdserve.errors import InvalidRequest, UnsupportedParameter
+from pdserve.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ StrictInt = Annotated[int, BeforeValidator(_integral)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=U32)]
 MAX_STOPS = 64            # stop strings and stop token ids per request
 Stop = constr(max_length=4096)    # empty ones: refused by stop_list, with a message
+
+
+def check_model(name: str | None, served: str) -> None:
+    """The request names the served model (None: names none, as the utility endpoints
+    allow)."""
+    if name is not None and name != served:
+        raise ModelNotFound(f"the model {name!r} does not exist; this server serves "
+                            f"{served!r}", param="model")
 
 
 class StreamOptions(BaseModel):
@@ -141,6 +149,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The message as the chat template takes it (`developer` is OpenAI's new name for
+        `system`)."""
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.text()}
 
     def text(self) -> str:
         if self.content is None:

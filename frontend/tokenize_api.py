@@ -13,8 +13,8 @@ from importlib import metadata
 from fastapi import APIRouter, FastAPI, Request, Response
 
 import pdserve
-from frontend.protocol import DetokenizeRequest, TokenizeRequest
-from pdserve.errors import InvalidRequest, ModelNotFound
+from frontend.protocol import DetokenizeRequest, TokenizeRequest, check_model
+from frontend.tokens import check_ids
 
 
 TOKENIZE_CONTEXTS = 8
@@ -31,24 +31,17 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
     """`health`: the frontend's /health handler (/ping answers with its status code)."""
     r = APIRouter()
 
-    def _model(name: str | None) -> None:
-        if name is not None and name != cfg.served_model_name:
-            raise ModelNotFound(f"the model {name!r} does not exist; this server serves "
-                                f"{cfg.served_model_name!r}", param="model")
-
     @r.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         body.check()
-        _model(body.model)
+        check_model(body.model, cfg.served_model_name)
         tok = state["tok"]
         most = TOKENIZE_CONTEXTS * cfg.max_model_len
         if body.prompt is not None:
             ids = await tok.encode_async(body.prompt, most, body.add_special_tokens is not False)
         else:
-            ids = await tok.chat_async(
-                [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                 for m in body.messages], most, body.add_generation_prompt,
-                bool(body.add_special_tokens))
+            ids = await tok.chat_async([m.for_template() for m in body.messages], most,
+                                       body.add_generation_prompt, bool(body.add_special_tokens))
         out = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids}
         if body.return_token_strs:
             out["token_strs"] = await tok.run(tok.token_strs, ids)
@@ -56,12 +49,9 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
 
     @r.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        _model(body.model)
+        check_model(body.model, cfg.served_model_name)
         tok = state["tok"]
-        bad = [t for t in body.tokens if t >= tok.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of vocabulary "
-                                 f"(size {tok.vocab_size})", param="tokens")
+        check_ids(body.tokens, tok.vocab_size, "tokens")
         return {"prompt": await tok.run(tok.decode, body.tokens)}
 
     @r.get("/version")

@@ -15,6 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pdserve.errors import ContextLengthExceeded, InvalidRequest
 
 
+def check_ids(ids, vocab_size: int, param: str, what: str = "token id") -> None:
+    """Every id a token of the model's vocabulary, or a 400 naming the first that is not."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"{what} {bad[0]} is out of vocabulary (size {vocab_size})",
+                             param=param)
+
+
 class Tokenizer:
     def __init__(self, model_dir: str) -> None:
         from transformers import AutoTokenizer

@@ -215,7 +215,6 @@ def cmd_set_role(ns) -> int:
     from pdserve.rpc import pd_pb2, pd_pb2_grpc
     role = {"prefill": pd_pb2.ROLE_PREFILL, "decode": pd_pb2.ROLE_DECODE,
             "mixed": pd_pb2.ROLE_MIXED}[ns.role]
-    from pdserve import auth, vllm_args
     with auth.channel(ns.scheduler, auth.from_env(auth.ADMIN)) as ch:
         r = pd_pb2_grpc.SchedulerStub(ch).SetRole(
             pd_pb2.SetRoleRequest(worker_id=ns.worker_id, role=role), timeout=10)

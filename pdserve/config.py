@@ -126,6 +126,7 @@ class AutoscaleConfig:
     # local actuator: flags for the `pdserve prefill|decode` processes it starts
     worker_args: str = ""
     prefill_worker_args: str = ""     # prefill replicas only, after worker_args
+    decode_worker_args: str = ""      # decode replicas only, after worker_args
     prefill_cores: tuple[str, ...] = ("0",)
     decode_cores: tuple[str, ...] = ("1",)
     base_replicas: tuple[int, int] = (0, 0)   # (prefill, decode) started by the launcher

@@ -105,6 +105,9 @@ AUTOSCALE_FLAGS = {  # flag -> (namespace attr, type, default, help)
                                         "extra flags for the prefill workers it starts "
                                         "(after the shared ones; `pdserve serve` puts "
                                         "--prefill-block-size here)"),
+    "--autoscale-decode-worker-args": ("autoscale_decode_worker_args", str, "", "local: "
+                                       "extra flags for the decode workers it starts (after "
+                                       "the shared ones)"),
     "--autoscale-prefill-cores": ("autoscale_prefill_cores", str, "0", "local: the prefill "
                                   "pool's cores (comma list)"),
     "--autoscale-decode-cores": ("autoscale_decode_cores", str, "1", "local: the decode "
@@ -155,6 +158,7 @@ def autoscale_config(ns) -> AutoscaleConfig:
         startup_grace_s=ns.planner_startup_grace_s,
         worker_args=ns.autoscale_worker_args,
         prefill_worker_args=ns.autoscale_prefill_worker_args,
+        decode_worker_args=ns.autoscale_decode_worker_args,
         prefill_cores=cores(ns.autoscale_prefill_cores),
         decode_cores=cores(ns.autoscale_decode_cores), base_replicas=(base[0], base[1]),
         drain_timeout_s=ns.autoscale_drain_timeout_s, k8s_namespace=ns.k8s_namespace,

@@ -29,6 +29,7 @@ log = logging.getLogger("pdserve.launcher")
 GRACE_S = 20.0
 # set by the launcher itself from its own view of the cluster
 AUTOSCALE_LAUNCHER_FLAGS = ("--autoscale-worker-args", "--autoscale-prefill-worker-args",
+                            "--autoscale-decode-worker-args",
                             "--autoscale-prefill-cores",
                             "--autoscale-decode-cores", "--autoscale-base")
 
@@ -112,11 +113,7 @@ def pool_argv(ns, role: str) -> list[str]:
         argv += ["--block-size", str(ns.prefill_block_size)]
     if getattr(ns, "config", ""):
         argv += vllm_args.config_argv(ns.config, role)
-    return argv + vllm_args.split(getattr(ns, f"{role}_args", ""))
-
-
-def prefill_argv(ns) -> list[str]:
-    return pool_argv(ns, "prefill")
+    return argv + shlex.split(getattr(ns, f"{role}_args", ""))
 
 
 def check_pool_args(ns) -> None:
@@ -243,7 +240,9 @@ def run_cluster(ns) -> int:
         if ns.autoscale == "local":
             # the autoscaler starts workers like ours, on each pool's cores
             sched_argv += ["--autoscale-worker-args", shlex.join(engine_argv(ns)),
-                           "--autoscale-prefill-worker-args", shlex.join(prefill_argv(ns)),
+                           "--autoscale-prefill-worker-args",
+                           shlex.join(pool_argv(ns, "prefill")),
+                           "--autoscale-decode-worker-args", shlex.join(pool_argv(ns, "decode")),
                            "--autoscale-prefill-cores", ",".join(dict.fromkeys(p_cores)),
                            "--autoscale-decode-cores", ",".join(dict.fromkeys(d_cores)),
                            "--autoscale-base", f"{n_p},{n_d}"]

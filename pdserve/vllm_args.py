@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +106,3 @@ def with_config(argv: list[str]) -> list[str]:
     pool = config_argv(path, argv[0]) if argv[:1] in (["prefill"], ["decode"]) else []
     return [*argv[:1], *config_argv(path), *pool, *argv[1:]]
 
-
-def split(text: str) -> list[str]:
-    return shlex.split(text) if text else []

@@ -48,7 +48,8 @@ def build_actuator(cfg: AutoscaleConfig, scheduler_address: str, host: str) -> A
             cores={"prefill": tuple(cfg.prefill_cores), "decode": tuple(cfg.decode_cores)},
             base_replicas={"prefill": cfg.base_replicas[0], "decode": cfg.base_replicas[1]},
             drain_timeout_s=cfg.drain_timeout_s,
-            pool_args={"prefill": cfg.prefill_worker_args}))
+            pool_args={"prefill": cfg.prefill_worker_args,
+                       "decode": cfg.decode_worker_args}))
     raise ValueError(f"no actuator for autoscale mode {cfg.mode!r}")
 
 

@@ -209,14 +209,33 @@ def test_local_actuator_gives_prefill_replicas_their_own_flags():
     """`pdserve serve --prefill-block-size 64`: a prefill replica the autoscaler starts gets
     --block-size 64 after the shared --block-size, like the launcher's own prefill workers;
     a decode replica does not."""
-    from pdserve.launcher import prefill_argv
+    from pdserve.launcher import pool_argv
 
     cfg = LocalConfig(worker_args="--model /m --block-size 128", scheduler_address="s:1",
                       cores={"prefill": ("0",), "decode": ("1",)},
-                      pool_args={"prefill": " ".join(prefill_argv(
-                          type("NS", (), {"prefill_block_size": 64})()))})
+                      pool_args={"prefill": " ".join(pool_argv(
+                          type("NS", (), {"prefill_block_size": 64})(), "prefill"))})
     act = LocalActuator(cfg, clock=lambda: 0.0, spawn=lambda argv: FakeProc(argv))
     p, d = act.argv("prefill", "prefill-auto1", "0"), act.argv("decode", "decode-auto1", "1")
     assert p[-4:] == ["--block-size", "128", "--block-size", "64"]
     assert d[-2:] == ["--block-size", "128"]
-    assert prefill_argv(type("NS", (), {"prefill_block_size": 0})()) == []
+    assert pool_argv(type("NS", (), {"prefill_block_size": 0})(), "prefill") == []
+
+
+def test_autoscaled_replicas_get_their_pools_flags():
+    """`pdserve serve --prefill-args ... --decode-args ...` with `--autoscale local`: the
+    replicas the scheduler starts get their pool's flags, as the launcher's own workers do."""
+    from pdserve.cli import parse_args
+    from pdserve.flags import autoscale_config
+    from pdserve.launcher import pool_argv
+    from scheduler.autoscale import build_actuator
+
+    serve = parse_args(["serve", "--model", "/m", "--prefill-args", "--max-num-seqs 8",
+                        "--decode-args", "--max-num-seqs 4"])
+    ns = parse_args(["scheduler", "--autoscale", "local", "--autoscale-worker-args",
+                     "--model /m", "--autoscale-prefill-worker-args",
+                     " ".join(pool_argv(serve, "prefill")), "--autoscale-decode-worker-args",
+                     " ".join(pool_argv(serve, "decode"))])
+    act = build_actuator(autoscale_config(ns), "s:1", "127.0.0.1")
+    assert act.argv("prefill", "p1", "0")[-2:] == ["--max-num-seqs", "8"]
+    assert act.argv("decode", "d1", "1")[-2:] == ["--max-num-seqs", "4"]
