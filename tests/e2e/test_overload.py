@@ -74,15 +74,29 @@ async def test_three_times_capacity_is_served_or_refused_and_nothing_leaks(oc):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("logprobs,status", [(3, 200), (4, 400), (5, 400)])
-def test_vllm_engine_arguments_reach_the_engines(oc, logprobs, status):
-    """`--max-logprobs 3` for every engine and 4 for the decode pool: the prefill engine,
-    which samples the first token, refuses more than 3, with vLLM's own message."""
+@pytest.mark.parametrize("logprobs", [3, 4, 5])
+def test_vllm_engine_arguments_reach_the_engines(oc, logprobs):
+    """`--max-logprobs 3` for every engine and 4 for the decode pool. Whichever engine samples
+    (the prefill engine's first token when prefilled remotely, the decode engine when the
+    adaptive choice prefills locally) enforces its own pool's limit, with vLLM's message."""
+    limits = {"prefill": 3, "decode": 4}
     r = httpx.post(f"{oc.url}/v1/completions", timeout=60, json={
         "model": oc.model_name, "prompt": words(8, seed=3), "max_tokens": 3,
         "temperature": 0, "logprobs": logprobs})
-    assert r.status_code == status, r.text
-    if status == 400:
-        assert "3" in r.json()["error"]["message"], r.text
+    if r.status_code == 400:
+        msg = r.json()["error"]["message"]
+        pool = msg.split(" on ")[0]
+        assert pool in limits and logprobs > limits[pool], r.text
+        assert f"max allowed: {limits[pool]}" in msg, r.text
     else:
-        assert all(len(t) == 3 for t in r.json()["choices"][0]["logprobs"]["top_logprobs"])
+        assert r.status_code == 200, r.text
+        # served: within the limit of the engine that sampled the first token
+        local = r.headers["x-pdserve-route"].startswith("local")
+        assert logprobs <= limits["decode" if local else "prefill"], r.headers
+        assert all(len(t) == logprobs
+                   for t in r.json()["choices"][0]["logprobs"]["top_logprobs"])
+    # within every pool's limit is always served, past every pool's always refused
+    if logprobs <= min(limits.values()):
+        assert r.status_code == 200, r.text
+    if logprobs > max(limits.values()):
+        assert r.status_code == 400, r.text
