@@ -1,0 +1,351 @@
+"""The connector's worker half (runs in vLLM's worker process, beside the model runner):
+registers the KV cache with NIXL and serves it through the KV agent (kv_transfer/agent.py);
+holds the producer's leases; runs the consumer's transfer thread; reports finished and
+failed transfers to vLLM each step. Loads by READ (pull.py) and both sides of push
+(push_producer.py, push_consumer.py) are mixins sharing this state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+from kv_transfer import layout as L
+from kv_transfer.agent import AgentClients, AgentState, start_agent_server, write_agent_address
+from kv_transfer.connector.config import (
+    IDLE_STEP_WAIT_S,
+    PUSH_POLL_S,
+    RPC_TIMEOUT_S,
+    ConnectorConfig,
+    served_name,
+)
+from kv_transfer.connector.metadata import PDConnectorMetadata
+from kv_transfer.connector.pull import PullConsumer, _Load
+from kv_transfer.connector.push_consumer import PushConsumer, _PushWait
+from kv_transfer.connector.push_producer import PushProducer
+from kv_transfer.peers import PeerLRU
+from kv_transfer.push import Offer, OfferTable
+from kv_transfer.state import LeaseTable
+from kv_transfer.wakeup import Waker
+from pdserve.rpc import pd_pb2
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = logging.getLogger("vllm.pdserve.kv_transfer.connector")
+
+
+class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
+    MAX_RECORDS = 10000
+
+    def __init__(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> None:
+        self.cfg = cfg = ConnectorConfig.from_vllm(vllm_config, kv_cache_config)
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        if cfg.debug_corrupt:
+            log.warning("PDSERVE_DEBUG_CORRUPT_KV=%s: loaded KV blocks will be destroyed",
+                        cfg.debug_corrupt)
+        self.lock = threading.Lock()
+        self.leases = LeaseTable()
+        self.regions: list[L.Region] = []
+        self.layouts: list[str] = []
+        self.backend = None
+        self.server = None
+        self.clients = AgentClients()
+        self.remote_regions: dict[str, list[L.Region]] = {}
+        self.remote_block_size: dict[str, int] = {}
+        # bounded: peers idle past any lease (MAX_HOLD_S) and transfer are forgotten
+        self.peers = PeerLRU(max_peers=self.cfg.max_peers,
+                             idle_s=max(600.0, 2 * self.cfg.transfer_timeout_s))
+        # CPU KV tensor behind each region (one region per layer), for the relayout
+        # between block sizes; a staging buffer the relayout READs land in (grows)
+        self.region_tensors: list = []
+        self._staging = None
+        self._staging_reg = None
+        # the transport each producer's connection really uses (kv_transfer/transport.py)
+        self.peer_transports: dict[str, pd_pb2.PeerTransport] = {}
+        self._done: list[tuple[str, bool]] = []       # consumer: (req id, ok)
+        self._done_evt = threading.Event()             # set when _done gains an entry
+        # wakes the engine core when it sleeps while only transfers are pending
+        self._waker = Waker() if self.cfg.hold_wait else None
+        self._idle_step = False
+        self._pending = 0
+        self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()
+        self.bytes_total = 0
+        self._q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        # push mode (kv_transfer/push.py)
+        self.offers = OfferTable()
+        self.layer_regions: dict[str, list[int]] = {}
+        self._step: list = []                          # producer: this step's PushChunks
+        self._step_writes: list[tuple[Offer, Any]] = []
+        self._step_layers: dict[str, int] = {}         # transfer id -> layers posted this step
+        self._push_recs: dict[str, pd_pb2.KVTransferStats] = {}
+        self._push_t0: dict[str, float] = {}
+        self._finished_push: dict[str, tuple[list[int], int]] = {}  # awaiting a late offer
+        self._req_of: dict[str, str] = {}              # producer: transfer id -> req id
+        self._next_sweep = 0.0
+        self._handshake_lock = threading.Lock()
+        self._awaiting: dict[str, _PushWait] = {}      # consumer: offers sent, no notif yet
+        self._cancelling: dict[str, _PushWait] = {}
+        self.my_address = ""
+
+
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        from kv_transfer.backends.nixl import NixlBackend, advise_huge_pages, lock_memory
+
+        num_blocks = self.kv_cache_config.num_blocks
+        seen: dict[tuple, list[int]] = {}
+        for name, t in kv_caches.items():
+            tensors = t if isinstance(t, (list, tuple)) else [t]
+            mine: list[int] = []
+            for tt in tensors:
+                key = (tt.data_ptr(), tuple(tt.shape))
+                if key in seen:
+                    mine += seen[key]
+                    continue
+                new = L.regions_from_strides(
+                    tt.data_ptr(), list(tt.shape), list(tt.stride()), tt.element_size(),
+                    num_blocks)
+                seen[key] = list(range(len(self.regions), len(self.regions) + len(new)))
+                mine += seen[key]
+                self.regions += new
+                self.region_tensors += [tt if len(new) == 1 else None] * len(new)
+                self.layouts.append(L.describe_layout(list(tt.shape), list(tt.stride()),
+                                                      str(tt.dtype), num_blocks))
+            self.layer_regions[name] = mine
+        device = next(iter(kv_caches.values()))
+        device = (device[0] if isinstance(device, (list, tuple)) else device).device
+        mem_type = "VRAM" if device.type == "cuda" else "DRAM"
+        self.device_id = device.index or 0
+        spans = self.spans = L.registration_spans(self.regions)
+        if mem_type == "DRAM":
+            if self.cfg.huge_pages:
+                advise_huge_pages(spans)  # fewer pages for CMA to pin and walk per copy
+            lock_memory(spans)  # resident KV: READs never fault (docs/benchmarks.md)
+        log_dir = os.path.dirname(self.cfg.agent_file) if self.cfg.agent_file else None
+        backend = NixlBackend
+        if self.cfg.backend == "loopback":   # in-process, for tests of the logic only
+            from kv_transfer.backends.loopback import LoopbackBackend as backend
+        self.backend = backend(f"{self.cfg.engine_id}-{os.getpid()}", mem_type,
+                               progress_delay_us=self.cfg.progress_delay_us,
+                               log_dir=log_dir or tempfile.gettempdir(),
+                               err_mode=self.cfg.ucx_err_mode)
+        self.backend.register(spans, self.device_id)
+        # every block of every layer, prepared once; transfers pick blocks by index
+        self.backend.prep_blocks(L.block_descs(self.regions, self.device_id))
+
+        r0 = self.regions[0]
+        mc = self.vllm_config.model_config
+        info = pd_pb2.AgentInfo(
+            engine_id=self.cfg.engine_id, agent_name=self.backend.name,
+            nixl_metadata=self.backend.metadata,
+            layout=pd_pb2.KVLayout(
+                model=served_name(mc), dtype=str(mc.dtype), block_size=self.cfg.block_size,
+                num_layers=len(kv_caches), block_bytes=r0.block_bytes,
+                layout=self.layouts[0], compat_hash=self.cfg.compat_hash),
+            layers=[pd_pb2.LayerRegion(base_addr=r.base_addr, block_stride=r.block_stride,
+                                       num_blocks=r.num_blocks) for r in self.regions])
+        st = AgentState()
+        st.info, st.compat_hash = info, self.cfg.compat_hash
+        st.stats = self._stats
+        if self.cfg.is_producer:
+            st.acquire = self._acquire
+            st.release = self._release
+            if self.cfg.checksum:
+                st.checksum = self._checksum
+            if self.cfg.kv_mode.startswith("push"):   # a pull engine refuses offers at once
+                st.offer = self._offer
+                st.cancel = self._cancel
+        self.server, port = start_agent_server(st, self.cfg.agent_host, self.cfg.agent_port)
+        self.my_address = f"{self.cfg.agent_host}:{port}"
+        if self.cfg.agent_file:
+            write_agent_address(self.cfg.agent_file, f"{self.cfg.agent_host}:{port}")
+        log.info("KV connector (%s) engine=%s: %d layers, %d regions, block %d bytes, "
+                 "layout %s, compat %s",
+                 "+".join(r for r, on in (("producer", self.cfg.is_producer),
+                                          ("consumer", self.cfg.is_consumer)) if on),
+                 self.cfg.engine_id, len(kv_caches), len(self.regions), r0.block_bytes,
+                 self.layouts[0], self.cfg.compat_hash)
+        if self.cfg.is_consumer:
+            self._thread = threading.Thread(target=self._transfer_loop, name="pd-kv-load",
+                                            daemon=True)
+            self._thread.start()
+
+
+    # -- producer: lease protocol (called on the agent's gRPC threads)
+    def _acquire(self, ids: list[str], extend_s: float):
+        with self.lock:
+            return self.leases.acquire(ids, time.monotonic(), extend_s or self.cfg.acquire_extend_s)
+
+    def _release(self, ids: list[str]):
+        with self.lock:
+            held, missing = self.leases.release(ids, time.monotonic())
+        if held:
+            self._wake()   # the engine core frees the blocks on its next step
+        return held, missing
+
+    def _wake(self) -> None:
+        """Something the scheduler must see happened: wake its engine core if it sleeps
+        (kv_transfer/wakeup.py)."""
+        if self._waker is not None:
+            self._waker.wake()
+
+    def _checksum(self, spans: list[tuple[int, int]]) -> int | None:
+        from kv_transfer.integrity import crc32_of, inside
+        return crc32_of(spans) if inside(spans, self.spans) else None
+
+    def _stats(self, pop: list[str]) -> pd_pb2.AgentStats:
+        with self.lock:
+            records = {k: self.records.pop(k) for k in pop if k in self.records}
+            return pd_pb2.AgentStats(
+                leases_held=len(self.leases), loads_pending=self._pending,
+                leases_expired_total=self.leases.expired_total, bytes_total=self.bytes_total,
+                records=records, peers=list(self.peer_transports.values()))
+
+    # -- every step
+    def start_load_kv(self, meta: PDConnectorMetadata) -> None:
+        if not isinstance(meta, PDConnectorMetadata):
+            return
+        if meta.leases:
+            now = time.monotonic()
+            with self.lock:
+                for tid, n in meta.leases.items():
+                    self.leases.add(tid, now, self.cfg.lease_s, n)
+        for spec in meta.loads:
+            with self.lock:
+                self._pending += 1
+            self._q.put(_Load(spec))
+        for ospec in meta.offers:
+            with self.lock:
+                self._pending += 1
+            self._q.put(_PushWait(ospec))
+        for req_id in meta.cancels:
+            self._q.put(("cancel", req_id))
+        self._idle_step = meta.idle
+        self._step = list(meta.pushes) if self.cfg.kv_mode.startswith("push") else []
+        for ch in self._step:
+            self._req_of[ch.transfer_id] = ch.req_id
+
+    def transfer_results(self) -> KVConnectorTransferResults:
+        res = KVConnectorTransferResults()
+        if self.cfg.is_producer:
+            if self.backend is not None and not self.cfg.progress_delay_us and len(self.leases):
+                self.backend.progress()  # no progress thread: progress from the step loop
+            with self.lock:
+                released, expired = self.leases.take_finished(time.monotonic())
+            for tid in expired:
+                log.warning("KV lease %s expired before the consumer released it; "
+                            "freeing its blocks", tid)
+            if self._req_of and (released or expired):
+                gone = released | expired
+                with self.lock:
+                    for t in [t for t, r in self._req_of.items() if r in gone]:
+                        del self._req_of[t]
+                        self._finished_push.pop(t, None)
+            if self.offers.offers and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + 0.5
+                self._sweep_offers()
+            res.finished_sending = released | expired
+        if self.cfg.is_consumer:
+            if self._idle_step and self._pending and not self._done:
+                # Every request of this engine waits for KV, so vLLM would step again at
+                # once, empty, in a loop: its engine core and this worker's main thread
+                # then share the engine's core with the transfer thread's copy (measured:
+                # the READ's wall time twice its CPU time). Wait for the transfer instead,
+                # a bounded while (new requests and aborts wait at most that long).
+                self._done_evt.wait(IDLE_STEP_WAIT_S)
+            with self.lock:
+                done, self._done = self._done, []
+                self._done_evt.clear()
+            for req_id, ok in done:
+                res.finished_recving.add(req_id)
+                if not ok:
+                    res.failed_recving.add(req_id)
+        return res
+
+    # -- consumer: the transfer thread
+    def _transfer_loop(self) -> None:
+        while True:
+            busy = bool(self._awaiting or self._cancelling)
+            try:
+                item = self._q.get(timeout=PUSH_POLL_S) if busy else self._q.get()
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if isinstance(item, _PushWait):
+                self._send_offer(item)
+            elif isinstance(item, tuple) and item:
+                self._cancel_push(item[1])
+            elif isinstance(item, _Load):
+                self._pull(item)
+            if self._awaiting or self._cancelling:
+                self._poll_push()
+
+    def _keep_record(self, key: str, rec: pd_pb2.KVTransferStats) -> None:
+        """Under self.lock: keep a transfer's record until its worker pops it (bounded)."""
+        self.records[key] = rec
+        while len(self.records) > self.MAX_RECORDS:
+            self.records.popitem(last=False)
+
+    def _ensure_peer(self, eid: str, address: str) -> str:
+        """The NIXL name of the peer engine `eid` (its KV agent at `address`); the first
+        time, the handshake: its metadata and registered regions. Consumers call it before
+        a READ, producers when an offer comes (first offers from one consumer may come
+        together: one handshake at a time)."""
+        with self._handshake_lock:
+            for old in self.peers.touch(eid, time.monotonic()):
+                log.info("forgetting peer engine %s (idle; %d peers known)", old,
+                         len(self.peers))
+                self._forget_peer(old)
+            if not self.backend.has_remote(eid):
+                info = self.clients.get(address).GetAgentInfo(
+                    pd_pb2.AgentInfoRequest(peer_compat_hash=self.cfg.compat_hash),
+                    timeout=RPC_TIMEOUT_S)
+                if info.engine_id != eid:
+                    raise RuntimeError(f"agent at {address} is engine {info.engine_id}, "
+                                       f"expected {eid}")
+                rbs = info.layout.block_size or self.cfg.block_size
+                regions = self.remote_regions[eid] = [
+                    L.Region(x.base_addr, x.block_stride,
+                             self.regions[i].block_bytes * rbs // self.cfg.block_size,
+                             x.num_blocks) for i, x in enumerate(info.layers)]
+                self.remote_block_size[eid] = rbs
+                self.backend.ensure_remote(eid, info.nixl_metadata)
+                self.backend.prep_blocks(L.block_descs(regions, self.device_id), eid)
+            return self.backend._remotes[eid]
+
+    def _forget_peer(self, eid: str) -> None:
+        """Drop what we know of peer engine `eid` (under the handshake lock): the next
+        transfer with it shakes hands again."""
+        self.peers.forget(eid)
+        self.backend.forget_remote(eid)
+        self.remote_regions.pop(eid, None)
+        self.remote_block_size.pop(eid, None)
+
+    def _block_spans(self, ids: list[int], blocks: range) -> list[tuple[int, int]]:
+        """(addr, length) of logical `blocks` (physical `ids`) in every region, region-major:
+        the order both sides of a push checksum them in."""
+        return [(r.base_addr + ids[b] * r.block_stride, r.block_bytes)
+                for r in self.regions for b in blocks]
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=5)
+        if self.server is not None:
+            self.server.stop(grace=0.5)
+        self.clients.close()
+        if self._waker is not None:
+            self._waker.close()
+        if self.backend is not None:
+            self.backend.close()
