@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import security, tokenize_api
+from frontend import choices, render, security, tokenize_api
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import Tokenizer, check_ids
@@ -172,8 +172,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "max_model_len": cfg.max_model_len}]}
 
     def _sampling(req, max_tokens: int, logprobs: int) -> pd_pb2.SamplingParams:
-        check_ids(req.stop_token_ids or (), state["tok"].vocab_size, "stop_token_ids",
-                  "stop token id")
+        vocab = state["tok"].vocab_size
+        check_ids(req.stop_token_ids or (), vocab, "stop_token_ids", "stop token id")
         sp = pd_pb2.SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), stop=req.stop_list,
@@ -185,6 +185,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             sp.seed = req.seed
         if req.cache_salt:
             sp.cache_salt = req.cache_salt
+        if req.logit_bias:
+            bias = req.logit_bias_ids()
+            check_ids(list(bias), vocab, "logit_bias")
+            sp.logit_bias.update(bias)
         return sp
 
     def _budget(req, prompt_ids: list[int], default: int | None) -> int:
@@ -204,83 +208,54 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds it", param="max_tokens")
         return max_tokens
 
-    async def _run(rid: str, prompt_ids: list[int], sp: pd_pb2.SamplingParams
-                   ) -> AsyncIterator[Chunk]:
-        client: ClusterClient = state["client"]
-        async for ch in client.generate(rid, cfg.served_model_name, prompt_ids, sp,
-                                        cfg.request_timeout_s):
-            yield ch
+    def _run(rid: str, prompt_ids: list[int], sp: pd_pb2.SamplingParams
+             ) -> AsyncIterator[Chunk]:
+        return state["client"].generate(rid, cfg.served_model_name, prompt_ids, sp,
+                                        cfg.request_timeout_s)
+
+    def _jobs(rid: str, prompts: list[list[int]], body, default: int | None,
+              logprobs: int) -> list[choices.Job]:
+        if len(prompts) * body.n > choices.MAX_CHOICES:
+            raise InvalidRequest(f"{len(prompts)} prompt(s) x n={body.n} choices; at most "
+                                 f"{choices.MAX_CHOICES} per request", param="n")
+        jobs = choices.plan(rid, [(ids, _sampling(body, _budget(body, ids, default), logprobs))
+                                  for ids in prompts], body.n)
+        M.PROMPT_TOKENS.inc(sum(len(ids) for ids in prompts))
+        return jobs
 
     # ------------------------------------------------------------------ completions
-
-    def _cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int) -> dict | None:
-        toks, lps, tops, offs = [], [], [], []
-        off = offset0
-        for ch in chunks:
-            for lp in ch.logprobs:
-                toks.append(lp.token)
-                lps.append(lp.logprob)
-                tops.append({t.token: t.logprob for t in lp.top} if k > 0 else None)
-                offs.append(off)
-                off += len(lp.token)
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-    def _kv_info(ch: Chunk | None) -> dict | None:
-        if ch is None or ch.kv_transfer is None:
-            return None
-        k = ch.kv_transfer
-        if k.mode == "push":
-            return {"mode": "push", "bytes": k.bytes, "status": k.status, "tokens": k.tokens,
-                    "seconds": round(k.read_seconds, 6),    # first WRITE -> last landed
-                    "exposed_seconds": round(k.exposed_seconds, 6),
-                    "hidden_share": round(1 - k.exposed_seconds / k.read_seconds, 3)
-                    if k.read_seconds > 0 else None,
-                    "post_seconds": round(k.post_seconds, 6),
-                    "prep_seconds": round(k.prep_seconds, 6),
-                    "writes": k.writes, "descriptors": k.descriptors,
-                    "wait_seconds": round(k.seconds, 6),
-                    **({"reason": k.reason} if k.reason else {}),
-                    **({"checksummed": True} if k.checksummed else {})}
-        return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
-                "read_seconds": round(k.read_seconds, 6),
-                "prep_seconds": round(k.prep_seconds, 6),
-                "read_cpu_seconds": round(k.read_cpu_seconds, 6),
-                "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
-                "read_gbps": round(k.bytes / k.read_seconds / 1e9, 3)
-                if k.read_seconds > 0 else None,
-                "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status,
-                **({"reason": k.reason} if k.reason else {}),
-                **({"checksummed": True} if k.checksummed else {}),
-                **({"relayout_seconds": round(k.relayout_seconds, 6)}
-                   if k.relayout_seconds else {})}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check()
         tok: Tokenizer = state["tok"]
         p = body.prompt
+        texts: list[str] | None = None
         if isinstance(p, str):
-            ids = await tok.encode_async(p, cfg.max_model_len)
+            texts = [p]
         elif p and isinstance(p[0], str):
-            if len(p) != 1:
-                raise UnsupportedParameter("only one prompt per request", param="prompt")
-            ids = await tok.encode_async(p[0], cfg.max_model_len)
+            texts = list(p)
+        if texts is not None:
+            prompts = [await tok.encode_async(t, cfg.max_model_len) for t in texts]
         elif p and isinstance(p[0], list):
-            if len(p) != 1:
-                raise UnsupportedParameter("only one prompt per request", param="prompt")
-            ids = list(p[0])
+            prompts = [list(x) for x in p]
         else:
-            ids = list(p)
-        check_ids(ids, tok.vocab_size, "prompt")
-        max_tokens = _budget(body, ids, 16)
-        lp = body.logprobs if body.logprobs is not None else -1
-        sp = _sampling(body, max_tokens, lp)
+            prompts = [list(p)]
+        if not prompts:
+            raise InvalidRequest("the prompt list is empty", param="prompt")
+        for ids in prompts:
+            check_ids(ids, tok.vocab_size, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"     # ours: never the client's x-request-id
-        created = int(time.time())
-        M.PROMPT_TOKENS.inc(len(ids))
+        jobs = _jobs(rid, prompts, body, 16,
+                     body.logprobs if body.logprobs is not None else -1)
+        echo = None
+        if body.echo:    # the prompt's text ahead of each choice's, as vLLM does
+            echo = texts or [await tok.run(tok.decode, ids) for ids in prompts]
+        out = Out(rid, int(time.time()), "/v1/completions", body, prompts, chat=False,
+                  echo=echo)
         if body.stream:
-            return await _stream(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
-        return await _unary(request, "/v1/completions", rid, ids, sp, body, created, chat=False)
+            return await _stream(request, out, jobs)
+        return await _unary(request, out, jobs)
 
     # ------------------------------------------------------------------ chat
 
@@ -290,80 +265,86 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         tok: Tokenizer = state["tok"]
         ids = await tok.chat_async([m.for_template() for m in body.messages],
                                    cfg.max_model_len)
-        max_tokens = _budget(body, ids, None)
         k = body.top_logprobs or 0
-        sp = _sampling(body, max_tokens, k if body.logprobs else -1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        M.PROMPT_TOKENS.inc(len(ids))
+        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1)
+        out = Out(rid, int(time.time()), "/v1/chat/completions", body, [ids], chat=True)
         if body.stream:
-            return await _stream(request, "/v1/chat/completions", rid, ids, sp, body, created,
-                           chat=True)
-        return await _unary(request, "/v1/chat/completions", rid, ids, sp, body, created,
-                            chat=True)
+            return await _stream(request, out, jobs)
+        return await _unary(request, out, jobs)
 
-    def _chat_logprobs(chunks: list[Chunk], tok: Tokenizer) -> dict:
-        content = []
-        for ch in chunks:
-            for lp in ch.logprobs:
-                content.append({
-                    "token": lp.token, "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token),
-                    "top_logprobs": [{"token": t.token, "logprob": t.logprob,
-                                      "bytes": tok.token_bytes(t.token)} for t in lp.top]})
-        return {"content": content}
+    class Out:
+        """What the response of one request needs besides its chunks."""
 
-    def _usage(n_prompt: int, n_gen: int, cached: int = 0) -> dict:
-        u = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-             "total_tokens": n_prompt + n_gen}
-        if cfg.enable_prompt_tokens_details:   # as vLLM: off by default (says what others sent)
-            u["prompt_tokens_details"] = {"cached_tokens": cached}
-        return u
+        def __init__(self, rid, created, endpoint, body, prompts, chat: bool,
+                     echo: list[str] | None = None) -> None:
+            self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
+            self.prompts, self.chat, self.echo = prompts, chat, echo
+            self.obj = ("chat.completion" if chat else "text_completion")
 
-    async def _unary(request, endpoint, rid, ids, sp, body, created, chat: bool):
-        timing = Timing(slo)
+        def logprobs(self, chunks: list[Chunk], offset: int) -> dict | None:
+            b = self.body
+            if self.chat:
+                return render.chat_logprobs(chunks, state["tok"]) if b.logprobs else None
+            return (render.cmpl_logprobs(chunks, offset, b.logprobs or 0)
+                    if b.logprobs is not None else None)
+
+        def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset=0,
+                   delta: bool = False) -> dict:
+            lp = self.logprobs(chunks, offset)
+            if not self.chat:
+                return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+            if delta:
+                return {"index": index, "delta": {"content": text} if text else {},
+                        "logprobs": lp, "finish_reason": finish}
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": lp, "finish_reason": finish}
+
+        def usage(self, n_gen: int, cached: int) -> dict:
+            return render.usage(sum(len(p) for p in self.prompts), n_gen, cached,
+                                cfg.enable_prompt_tokens_details)
+
+    async def _unary(request, out: Out, jobs: list[choices.Job]):
+        timings = {j.index: Timing(slo) for j in jobs}
+        got: dict[int, list[Chunk]] = {j.index: [] for j in jobs}
         M.INFLIGHT.inc()
-        chunks: list[Chunk] = []
 
         async def collect():
-            async for ch in _run(rid, ids, sp):
-                timing.tokens(len(ch.token_ids))
-                chunks.append(ch)
+            async for job, ch in choices.run_jobs(jobs, _run):
+                timings[job.index].tokens(len(ch.token_ids))
+                got[job.index].append(ch)
 
         try:
             # a client that hangs up cancels the work (the workers abort and free their
             # KV), as a streaming client does: the body is read, so the next message
             # from the server is the disconnect
             if not await _unless_disconnected(request, collect()):
-                log.info("%s: client disconnected, request cancelled", rid)
+                log.info("%s: client disconnected, request cancelled", out.rid)
                 return Response(status_code=499)
         finally:
             M.INFLIGHT.dec()
-        timing.done()
-        text = "".join(c.text for c in chunks)
-        n_gen = sum(len(c.token_ids) for c in chunks)
-        finish = chunks[-1].finish_reason if chunks else "stop"
-        last = chunks[-1] if chunks else None
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": _chat_logprobs(chunks, state["tok"]) if body.logprobs else None,
-                      "finish_reason": finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text,
-                      "logprobs": _cmpl_logprobs(chunks, 0, body.logprobs or 0)
-                      if body.logprobs is not None else None,
-                      "finish_reason": finish}
-            obj = "text_completion"
-        M.REQUESTS.labels(endpoint, "200").inc()
-        resp = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
-                "choices": [choice],
-                "usage": _usage(len(ids), n_gen, sum(c.cached_tokens for c in chunks))}
+        cs = []
+        for job in jobs:
+            chunks = got[job.index]
+            timings[job.index].done()
+            text = "".join(c.text for c in chunks)
+            if out.echo is not None:
+                text = out.echo[job.prompt] + text
+            cs.append(out.choice(job.index, text, chunks,
+                                 chunks[-1].finish_reason if chunks else "stop"))
+        every = [c for job in jobs for c in got[job.index]]
+        M.REQUESTS.labels(out.endpoint, "200").inc()
+        resp = {"id": out.rid, "object": out.obj, "created": out.created,
+                "model": cfg.served_model_name, "choices": cs,
+                "usage": out.usage(sum(len(c.token_ids) for c in every),
+                                   sum(c.cached_tokens for c in every))}
         # internal routing details only when the operator asked for them (--expose-routing)
-        kv = _kv_info(last) if cfg.expose_routing else None
+        first = got[jobs[0].index]
+        kv = render.kv_info(first[-1] if first else None) if cfg.expose_routing else None
         if kv:
             resp["kv_transfer"] = kv
         headers = {"x-request-id": request.state.rid}
-        route = next((c.route for c in chunks if c.route), "") if cfg.expose_routing else ""
+        route = next((c.route for c in first if c.route), "") if cfg.expose_routing else ""
         if route:
             headers["x-pdserve-route"] = route
         if kv:
@@ -396,13 +377,14 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         task.result()    # re-raise what the work raised
         return True
 
-    async def _stream(request, endpoint, rid, ids, sp, body, created, chat: bool):
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        tok: Tokenizer = state["tok"]
+    async def _stream(request, out: Out, jobs: list[choices.Job]):
+        b = out.body
+        include_usage = bool(b.stream_options and b.stream_options.include_usage)
+        obj = "chat.completion.chunk" if out.chat else "text_completion"
 
         def chunk(choice: dict | None, usage: dict | None = None, extra: dict | None = None):
-            d = {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
+            d = {"id": out.rid, "object": obj, "created": out.created,
+                 "model": cfg.served_model_name,
                  "choices": [choice] if choice is not None else []}
             if usage is not None:
                 d["usage"] = usage
@@ -410,69 +392,69 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 d.update(extra)
             return _sse(d)
 
-        timing = Timing(slo)
-        src = _run(rid, ids, sp).__aiter__()
+        timings = {j.index: Timing(slo) for j in jobs}
+        src = choices.run_jobs(jobs, _run).__aiter__()
         try:    # the first chunk before any byte: a refusal gets its real status (429, 503)
             head = [await src.__anext__()]
         except StopAsyncIteration:
             head = []
 
-        async def chunks():
+        async def items():
             try:
-                for ch in head:
-                    yield ch
-                async for ch in src:
-                    yield ch
+                for it in head:
+                    yield it
+                async for it in src:
+                    yield it
             finally:
                 await src.aclose()
 
         async def gen():
-            n_gen = 0
-            cached = 0
-            offset = 0
+            n_gen = cached = 0
+            offset = {j.index: 0 for j in jobs}
+            echoed: set[int] = set()
             M.INFLIGHT.inc()
             status = "200"
             try:
-                if chat:
-                    yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None})
-                async for ch in chunks():
-                    timing.tokens(len(ch.token_ids))
+                if out.chat:
+                    for j in jobs:
+                        yield chunk({"index": j.index,
+                                     "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None})
+                async for job, ch in items():
+                    timings[job.index].tokens(len(ch.token_ids))
                     n_gen += len(ch.token_ids)
                     cached += ch.cached_tokens
                     finish = ch.finish_reason or None
-                    extra = ({"kv_transfer": _kv_info(ch)} if ch.kv_transfer is not None
+                    extra = ({"kv_transfer": render.kv_info(ch)} if ch.kv_transfer is not None
                              and cfg.expose_routing else {})
                     if ch.route and cfg.expose_routing:   # streamed: x-pdserve-route's text
                         extra["pdserve_route"] = ch.route
-                    if chat:
-                        c = {"index": 0, "delta": {"content": ch.text} if ch.text else {},
-                             "logprobs": _chat_logprobs([ch], tok) if body.logprobs else None,
-                             "finish_reason": finish}
-                    else:
-                        c = {"index": 0, "text": ch.text,
-                             "logprobs": _cmpl_logprobs([ch], offset, body.logprobs or 0)
-                             if body.logprobs is not None else None,
-                             "finish_reason": finish}
-                        offset += len(ch.text)
-                    if ch.text or finish or ch.logprobs:
+                    text = ch.text
+                    if out.echo is not None and job.index not in echoed:
+                        echoed.add(job.index)
+                        text = out.echo[job.prompt] + text
+                    c = out.choice(job.index, text, [ch], finish, offset[job.index],
+                                   delta=True)
+                    offset[job.index] += len(text)
+                    if text or finish or ch.logprobs:
                         yield chunk(c, extra=extra)
                 if include_usage:
-                    yield chunk(None, usage=_usage(len(ids), n_gen, cached))
+                    yield chunk(None, usage=out.usage(n_gen, cached))
                 yield "data: [DONE]\n\n"
-                timing.done()
+                for t in timings.values():
+                    t.done()
             except asyncio.CancelledError:
                 status = "499"
                 raise
             except Exception as e:  # noqa: BLE001 - reported in-band; headers are already sent
                 err = to_error(e)
                 status = str(err.mapping.http_status)
-                log.warning("stream %s failed: %s", rid, err.message)
+                log.warning("stream %s failed: %s", out.rid, err.message)
                 yield _sse(_public(err, request.state.rid))
                 yield "data: [DONE]\n\n"
             finally:
                 M.INFLIGHT.dec()
-                M.REQUESTS.labels(endpoint, status).inc()
+                M.REQUESTS.labels(out.endpoint, status).inc()
 
         return StreamingResponse(gen(), media_type="text/event-stream",
                                  headers={"x-request-id": request.state.rid,

@@ -81,12 +81,13 @@ class _Common(BaseModel):
     # vLLM extension: a tenant's prefix cache is hit only by requests with its salt
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
     min_tokens: StrictInt = Field(0, ge=0, le=I32)       # vLLM extension
-    n: StrictInt = 1
+    n: StrictInt = Field(1, ge=1, le=64)                 # choices per prompt
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)       # accepted: opaque client metadata
     ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
-    logit_bias: dict[str, float] | None = Field(None, max_length=1)   # refused below
+    # token id (a string, as JSON keys are) -> bias added to its logit, -100..100
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
@@ -103,10 +104,6 @@ class _Common(BaseModel):
         if ignored:
             log.warning("the following fields were present in the request but ignored: %s",
                         ignored)
-        if self.n != 1:
-            raise UnsupportedParameter("only n=1 is supported", param="n")
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true",
                                  param="stream_options")
@@ -116,6 +113,18 @@ class _Common(BaseModel):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                  f"({self.max_tokens})", param="min_tokens")
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        out = {}
+        for k, v in (self.logit_bias or {}).items():
+            if not k.isdigit() or int(k) > U32:
+                raise InvalidRequest(f"logit_bias keys are token ids, got {k[:32]!r}",
+                                     param="logit_bias")
+            if not -100.0 <= v <= 100.0:
+                raise InvalidRequest(f"logit_bias values are from -100 to 100, got {v}",
+                                     param="logit_bias")
+            out[int(k)] = float(v)
+        return out
 
     @property
     def stop_list(self) -> list[str]:
@@ -136,10 +145,13 @@ class CompletionRequest(_Common):
 
     def check(self) -> None:
         self.check_common()
-        if self.echo:
-            raise UnsupportedParameter("echo is not supported", param="echo")
-        if self.best_of not in (None, 1):
-            raise UnsupportedParameter("only best_of=1 is supported", param="best_of")
+        if self.echo and self.logprobs is not None:
+            # the prompt's own logprobs would be needed (prompt_logprobs)
+            raise UnsupportedParameter("echo with logprobs is not supported",
+                                       param="echo")
+        if self.best_of not in (None, 1, self.n):
+            raise UnsupportedParameter("best_of other than n is not supported",
+                                       param="best_of")
         if self.suffix:
             raise UnsupportedParameter("suffix is not supported", param="suffix")
 

@@ -22,6 +22,7 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
         repetition_penalty=sp.repetition_penalty or 1.0,
         min_tokens=min(max(sp.min_tokens - generated, 0), max_tokens),
         logprobs=sp.logprobs if sp.logprobs >= 0 else None, ignore_eos=sp.ignore_eos,
+        logit_bias=dict(sp.logit_bias) or None,
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
 

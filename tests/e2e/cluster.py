@@ -153,9 +153,12 @@ def stop_cluster_proc(proc: subprocess.Popen) -> int:
 
 def reference(model_dir: str, prompts: list[list[int]], max_tokens: int, tmp: Path,
               cores: str = "1", max_num_batched_tokens: int = 0,
-              block_size: int = 128) -> list[dict]:
+              block_size: int = 128, sampling: list[dict] | None = None) -> list[dict]:
+    """Greedy outputs of a colocated vLLM engine; `sampling`: more SamplingParams per
+    prompt."""
     inp, out = tmp / "ref_in.json", tmp / "ref_out.json"
-    inp.write_text(json.dumps({"max_tokens": max_tokens, "prompts": prompts}))
+    inp.write_text(json.dumps({"max_tokens": max_tokens, "prompts": prompts,
+                               "sampling": sampling}))
     subprocess.run([sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model",
                     model_dir, "--cores", cores, "--inp", str(inp), "--out", str(out),
                     "--max-num-batched-tokens", str(max_num_batched_tokens),

@@ -1,7 +1,8 @@
 """Ground truth: one colocated vLLM engine (no connector), same model, dtype, thread count.
 
     python tests/e2e/reference_gen.py --model DIR --cores 1 --inp req.json --out out.json
-req.json: {"max_tokens": N, "prompts": [[token ids], ...]}
+req.json: {"max_tokens": N, "prompts": [[token ids], ...], "sampling": [{...}, ...]}
+("sampling", optional: more vLLM SamplingParams per prompt, e.g. a logit_bias)
 """
 
 import argparse
@@ -23,8 +24,12 @@ async def run(ns) -> None:
     eng = build_engine(cfg, None, None)
     out = []
     try:
+        extra = req.get("sampling") or [{}] * len(req["prompts"])
         for i, ids in enumerate(req["prompts"]):
-            sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0)
+            kw = dict(extra[i])
+            if kw.get("logit_bias"):      # JSON keys are strings
+                kw["logit_bias"] = {int(k): v for k, v in kw["logit_bias"].items()}
+            sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, **kw)
             final_ids, text = [], ""
             async for o in eng.generate({"prompt_token_ids": ids}, sp, f"ref-{i}"):
                 final_ids = list(o.outputs[0].token_ids)

@@ -23,14 +23,33 @@ def test_fields_that_would_change_the_output_are_refused(field):
 
 
 @pytest.mark.parametrize("kw,exc", [
-    ({"n": 2}, UnsupportedParameter), ({"echo": True}, UnsupportedParameter),
-    ({"best_of": 3}, UnsupportedParameter), ({"logit_bias": {"1": 2.0}}, UnsupportedParameter),
+    ({"echo": True, "logprobs": 1}, UnsupportedParameter),
+    ({"best_of": 3}, UnsupportedParameter), ({"best_of": 3, "n": 2}, UnsupportedParameter),
     ({"max_tokens": 0}, InvalidRequest), ({"max_tokens": -5}, InvalidRequest),
     ({"stream_options": {"include_usage": True}}, InvalidRequest),
 ])
 def test_completion_checks(kw, exc):
     with pytest.raises(exc):
         CompletionRequest(model="m", prompt="x", **kw).check()
+
+
+def test_n_echo_and_best_of_equal_to_n_are_accepted():
+    CompletionRequest(model="m", prompt="x", n=3, best_of=3, echo=True).check()
+    for n in (0, 65):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt="x", n=n)
+
+
+def test_logit_bias_is_token_ids_to_bounded_biases():
+    r = CompletionRequest(model="m", prompt="x", logit_bias={"7": -100, "12": 2.5})
+    r.check()
+    assert r.logit_bias_ids() == {7: -100.0, 12: 2.5}
+    for bad in ({"x": 1.0}, {"-1": 1.0}, {"7": 100.5}, {str(2**33): 1.0}):
+        with pytest.raises(InvalidRequest) as e:
+            CompletionRequest(model="m", prompt="x", logit_bias=bad).logit_bias_ids()
+        assert e.value.param == "logit_bias"
+    with pytest.raises(ValidationError):        # bounded before anything else
+        CompletionRequest(model="m", prompt="x", logit_bias={str(i): 1 for i in range(1025)})
 
 
 def test_wrong_types_fail_validation():

@@ -1,0 +1,69 @@
+"""OpenAI response pieces from the cluster's chunks: logprobs in the completions and chat
+shapes, usage, and the KV transfer record shown with --expose-routing. Pure."""
+
+from __future__ import annotations
+
+from frontend.client import Chunk
+from frontend.tokens import Tokenizer
+
+
+def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int) -> dict | None:
+    toks, lps, tops, offs = [], [], [], []
+    off = offset0
+    for ch in chunks:
+        for lp in ch.logprobs:
+            toks.append(lp.token)
+            lps.append(lp.logprob)
+            tops.append({t.token: t.logprob for t in lp.top} if k > 0 else None)
+            offs.append(off)
+            off += len(lp.token)
+    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def chat_logprobs(chunks: list[Chunk], tok: Tokenizer) -> dict:
+    content = []
+    for ch in chunks:
+        for lp in ch.logprobs:
+            content.append({
+                "token": lp.token, "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token),
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob,
+                                  "bytes": tok.token_bytes(t.token)} for t in lp.top]})
+    return {"content": content}
+
+
+def usage(n_prompt: int, n_gen: int, cached: int = 0, details: bool = False) -> dict:
+    u = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+         "total_tokens": n_prompt + n_gen}
+    if details:   # as vLLM: off by default (it says what other tenants sent)
+        u["prompt_tokens_details"] = {"cached_tokens": cached}
+    return u
+
+
+def kv_info(ch: Chunk | None) -> dict | None:
+    if ch is None or ch.kv_transfer is None:
+        return None
+    k = ch.kv_transfer
+    if k.mode == "push":
+        return {"mode": "push", "bytes": k.bytes, "status": k.status, "tokens": k.tokens,
+                "seconds": round(k.read_seconds, 6),    # first WRITE -> last landed
+                "exposed_seconds": round(k.exposed_seconds, 6),
+                "hidden_share": round(1 - k.exposed_seconds / k.read_seconds, 3)
+                if k.read_seconds > 0 else None,
+                "post_seconds": round(k.post_seconds, 6),
+                "prep_seconds": round(k.prep_seconds, 6),
+                "writes": k.writes, "descriptors": k.descriptors,
+                "wait_seconds": round(k.seconds, 6),
+                **({"reason": k.reason} if k.reason else {}),
+                **({"checksummed": True} if k.checksummed else {})}
+    return {"bytes": k.bytes, "seconds": round(k.seconds, 6),
+            "read_seconds": round(k.read_seconds, 6),
+            "prep_seconds": round(k.prep_seconds, 6),
+            "read_cpu_seconds": round(k.read_cpu_seconds, 6),
+            "gbps": round(k.bytes / k.seconds / 1e9, 3) if k.seconds > 0 else None,
+            "read_gbps": round(k.bytes / k.read_seconds / 1e9, 3)
+            if k.read_seconds > 0 else None,
+            "descriptors": k.descriptors, "tokens": k.tokens, "status": k.status,
+            **({"reason": k.reason} if k.reason else {}),
+            **({"checksummed": True} if k.checksummed else {}),
+            **({"relayout_seconds": round(k.relayout_seconds, 6)}
+               if k.relayout_seconds else {})}

@@ -1,0 +1,105 @@
+"""OpenAI features through the disaggregated path, against a colocated vLLM engine: `n`
+samples of a prompt, a batch of prompts, `echo`, `logit_bias`; streamed and not."""
+
+import json
+
+import httpx
+import pytest
+
+from tests.e2e.cluster import reference
+from tests.e2e.conftest import words
+
+MAX_TOKENS = 12
+# a bias that changes this model's greedy choices; both engines must apply it (the
+# prefill engine samples the first token, the decode engine the rest)
+BIAS = {"42": 6.0, "1000": 5.0, "2024": 4.0, "77": -100.0}
+
+
+@pytest.fixture(scope="module")
+def truth(cluster, tokenizer, tmp_path_factory):
+    prompts = [words(40, seed=71), words(200, seed=72)]
+    ids = [tokenizer.encode(p) for p in prompts]
+    ref = reference(cluster.model_dir, ids + [ids[1]], MAX_TOKENS,
+                    tmp_path_factory.mktemp("parity"),
+                    sampling=[{}, {}, {"logit_bias": BIAS}])
+    return {"prompts": prompts, "ids": ids, "ref": ref[:2], "biased": ref[2]}
+
+
+def post(c, body):
+    r = httpx.post(f"{c.url}/v1/completions", timeout=120, json={
+        "model": c.model_name, "max_tokens": MAX_TOKENS, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(c, body) -> tuple[dict[int, str], dict[int, str], dict]:
+    """(text by choice index, finish reason by index, usage)."""
+    text: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = {}
+    with httpx.stream("POST", f"{c.url}/v1/completions", timeout=120, json={
+            "model": c.model_name, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **body}) as s:
+        assert s.status_code == 200
+        for line in s.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            assert "error" not in d, d
+            for ch in d["choices"]:
+                text[ch["index"]] = text.get(ch["index"], "") + ch["text"]
+                if ch["finish_reason"]:
+                    finish[ch["index"]] = ch["finish_reason"]
+            usage = d.get("usage") or usage
+    return text, finish, usage
+
+
+def test_n_samples_of_one_prompt(cluster, truth):
+    """Greedy: every sample is colocated vLLM's output; the prompt is counted once."""
+    body = post(cluster, {"prompt": truth["prompts"][1], "n": 3})
+    ref = truth["ref"][1]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["text"] == ref["text"] for c in body["choices"]), body["choices"]
+    n_prompt = len(truth["ids"][1])
+    assert body["usage"]["prompt_tokens"] == n_prompt
+    assert body["usage"]["completion_tokens"] == 3 * len(ref["token_ids"])
+
+
+def test_a_batch_of_prompts_with_n_streamed_and_not(cluster, truth):
+    """Choice j of prompt i is index i * n + j, as in vLLM's server."""
+    refs = [r["text"] for r in truth["ref"]]
+    body = post(cluster, {"prompt": truth["prompts"], "n": 2})
+    assert [c["text"] for c in body["choices"]] == [refs[0], refs[0], refs[1], refs[1]]
+    assert body["usage"]["prompt_tokens"] == sum(len(i) for i in truth["ids"])
+    text, finish, usage = stream(cluster, {"prompt": truth["ids"], "n": 2})
+    assert text == {0: refs[0], 1: refs[0], 2: refs[1], 3: refs[1]}
+    assert set(finish) == {0, 1, 2, 3}
+    assert usage["completion_tokens"] == 2 * sum(len(r["token_ids"]) for r in truth["ref"])
+
+
+def test_echo_puts_the_prompt_ahead(cluster, truth):
+    p, ref = truth["prompts"][0], truth["ref"][0]["text"]
+    assert post(cluster, {"prompt": p, "echo": True})["choices"][0]["text"] == p + ref
+    text, _, _ = stream(cluster, {"prompt": p, "echo": True})
+    assert text == {0: p + ref}
+
+
+def test_logit_bias_reaches_both_engines(cluster, truth):
+    biased = truth["biased"]
+    assert biased["token_ids"] != truth["ref"][1]["token_ids"]   # the bias matters here
+    body = post(cluster, {"prompt": truth["prompts"][1], "logit_bias": BIAS})
+    assert body["choices"][0]["text"] == biased["text"]
+    assert body["kv_transfer"]["status"] == "ok"                  # really disaggregated
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"n": 65}, "n"), ({"prompt": ["a"] * 33, "n": 2}, "n"),
+    ({"logit_bias": {"999999999": 1.0}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"echo": True, "logprobs": 1}, "echo"), ({"prompt": []}, "prompt")])
+def test_bad_choices_get_400s(cluster, body, param):
+    r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
+        "model": cluster.model_name, "prompt": "hello", "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] in (param, None) and param in (err["param"] or "") + err["message"]
