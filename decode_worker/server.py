@@ -17,7 +17,13 @@ import grpc
 from decode_worker.leases import LeaseRenewer
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from pdserve.sampling import engine_prompt, handle_to_params, logprobs_to_wire, to_vllm
+from pdserve.sampling import (
+    engine_prompt,
+    handle_to_params,
+    logprobs_to_wire,
+    prompt_logprobs_to_wire,
+    to_vllm,
+)
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         rid = request.request_id
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
-            params = to_vllm(sp, max_tokens=sp.max_tokens)
+            params = to_vllm(sp, max_tokens=sp.max_tokens, computes_prompt=True)
             M.LOCAL_PREFILLS.inc()
         elif push:   # the prompt's KV is written into our blocks; the first token is ours
             ids = list(request.prompt_token_ids)
@@ -84,6 +90,9 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                 msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
                 if first and local:
                     msg.num_cached_tokens = out.num_cached_tokens or 0
+                    if sp.HasField("prompt_logprobs"):
+                        msg.prompt_logprobs.extend(prompt_logprobs_to_wire(
+                            ids, out.prompt_logprobs, sp.prompt_logprobs))
                 first = False
                 if sp.logprobs >= 0 and c.logprobs:
                     msg.logprobs.extend(logprobs_to_wire(c.token_ids, c.logprobs, sp.logprobs))

@@ -185,6 +185,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             sp.seed = req.seed
         if req.cache_salt:
             sp.cache_salt = req.cache_salt
+        if req.prompt_logprobs_k() is not None:
+            sp.prompt_logprobs = req.prompt_logprobs_k()
         if req.logit_bias:
             bias = req.logit_bias_ids()
             check_ids(list(bias), vocab, "logit_bias")
@@ -251,8 +253,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         echo = None
         if body.echo:    # the prompt's text ahead of each choice's, as vLLM does
             echo = texts or [await tok.run(tok.decode, ids) for ids in prompts]
+        firsts = None
+        if body.echo and body.logprobs is not None:    # the first prompt token's text
+            firsts = [await tok.run(tok.decode, ids[:1]) for ids in prompts]
         out = Out(rid, int(time.time()), "/v1/completions", body, prompts, chat=False,
-                  echo=echo)
+                  echo=echo, firsts=firsts)
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
@@ -277,23 +282,31 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         """What the response of one request needs besides its chunks."""
 
         def __init__(self, rid, created, endpoint, body, prompts, chat: bool,
-                     echo: list[str] | None = None) -> None:
+                     echo: list[str] | None = None, firsts: list[str] | None = None) -> None:
             self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
-            self.prompts, self.chat, self.echo = prompts, chat, echo
+            self.prompts, self.chat, self.echo, self.firsts = prompts, chat, echo, firsts
             self.obj = ("chat.completion" if chat else "text_completion")
 
-        def logprobs(self, chunks: list[Chunk], offset: int) -> dict | None:
+        def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
+            """`prompt`: with echo, the index of the prompt whose logprobs come first."""
             b = self.body
             if self.chat:
                 return render.chat_logprobs(chunks, state["tok"]) if b.logprobs else None
-            return (render.cmpl_logprobs(chunks, offset, b.logprobs or 0)
-                    if b.logprobs is not None else None)
+            if b.logprobs is None:
+                return None
+            head = None
+            if prompt is not None and self.firsts is not None and chunks:
+                head = (self.firsts[prompt], chunks[0].prompt_logprobs)
+            return render.cmpl_logprobs(chunks, offset, b.logprobs or 0, head)
 
         def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset=0,
-                   delta: bool = False) -> dict:
-            lp = self.logprobs(chunks, offset)
+                   delta: bool = False, echo_of: int | None = None) -> dict:
+            lp = self.logprobs(chunks, offset, echo_of)
             if not self.chat:
-                return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+                c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+                if self.body.prompt_logprobs is not None and chunks:
+                    c["prompt_logprobs"] = render.prompt_logprobs(chunks[0].prompt_logprobs)
+                return c
             if delta:
                 return {"index": index, "delta": {"content": text} if text else {},
                         "logprobs": lp, "finish_reason": finish}
@@ -331,7 +344,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             if out.echo is not None:
                 text = out.echo[job.prompt] + text
             cs.append(out.choice(job.index, text, chunks,
-                                 chunks[-1].finish_reason if chunks else "stop"))
+                                 chunks[-1].finish_reason if chunks else "stop",
+                                 echo_of=job.prompt if out.echo is not None else None))
         every = [c for job in jobs for c in got[job.index]]
         M.REQUESTS.labels(out.endpoint, "200").inc()
         resp = {"id": out.rid, "object": out.obj, "created": out.created,
@@ -341,6 +355,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         # internal routing details only when the operator asked for them (--expose-routing)
         first = got[jobs[0].index]
         kv = render.kv_info(first[-1] if first else None) if cfg.expose_routing else None
+        if out.chat and out.body.prompt_logprobs is not None and first:
+            resp["prompt_logprobs"] = render.prompt_logprobs(first[0].prompt_logprobs)
         if kv:
             resp["kv_transfer"] = kv
         headers = {"x-request-id": request.state.rid}
@@ -430,11 +446,13 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     if ch.route and cfg.expose_routing:   # streamed: x-pdserve-route's text
                         extra["pdserve_route"] = ch.route
                     text = ch.text
+                    echo_of = None
                     if out.echo is not None and job.index not in echoed:
                         echoed.add(job.index)
                         text = out.echo[job.prompt] + text
+                        echo_of = job.prompt
                     c = out.choice(job.index, text, [ch], finish, offset[job.index],
-                                   delta=True)
+                                   delta=True, echo_of=echo_of)
                     offset[job.index] += len(text)
                     if text or finish or ch.logprobs:
                         yield chunk(c, extra=extra)

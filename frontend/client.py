@@ -27,6 +27,8 @@ class Chunk:
     num_external_tokens: int = 0
     cached_tokens: int = 0       # prompt tokens the prefilling engine found in its cache
     route: str = ""              # on the first chunk: "<mode>:<reason> prefill=.. decode=.."
+    # on the first chunk, when asked: the prompt's logprobs, tokens 1..n-1
+    prompt_logprobs: list[pd_pb2.TokenLogprob] = field(default_factory=list)
 
 
 class WorkerFailed(Exception):
@@ -53,7 +55,8 @@ def _route_str(r: pd_pb2.RouteResponse) -> str:
 def _to_chunk(msg: pd_pb2.GenerateResponse) -> Chunk:
     return Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
                  msg.kv_transfer if msg.HasField("kv_transfer") else None,
-                 msg.num_external_tokens, cached_tokens=msg.num_cached_tokens)
+                 msg.num_external_tokens, cached_tokens=msg.num_cached_tokens,
+                 prompt_logprobs=list(msg.prompt_logprobs))
 
 
 def _worker_down(e: grpc.RpcError) -> bool:
@@ -155,7 +158,10 @@ class ClusterClient:
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
                     gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
-                elif self.push and first is None and sampling.max_tokens >= 2:
+                elif (self.push and first is None and sampling.max_tokens >= 2
+                      and not sampling.HasField("prompt_logprobs")):
+                    # (push: the decode engine samples the first token; the prompt's
+                    # logprobs come from the prefill engine's answer, by pull)
                     gen = self._disagg_push(route, request_id, token_ids, sampling,
                                             timeout_s)
                 else:
@@ -193,6 +199,7 @@ class ClusterClient:
             rest = pd_pb2.SamplingParams()
             rest.CopyFrom(sampling)
             rest.max_tokens -= 1
+            rest.ClearField("prompt_logprobs")      # the client has them already
             sampling = rest
         decode = pd_pb2_grpc.DecodeWorkerStub(self.channels.get(route.decode.address))
         stream = decode.Generate(pd_pb2.GenerateRequest(
@@ -232,7 +239,7 @@ class ClusterClient:
             first = Chunk([pf.first_token_id], pf.first_token_text,
                           [pf.first_logprob] if pf.HasField("first_logprob") else [],
                           finish_reason=pf.finish_reason, cached_tokens=pf.num_cached_tokens,
-                          route=_route_str(route))
+                          route=_route_str(route), prompt_logprobs=list(pf.prompt_logprobs))
             if pf.finish_reason:
                 yield first
                 return

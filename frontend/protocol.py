@@ -56,7 +56,7 @@ class StreamOptions(BaseModel):
 REFUSED = frozenset({
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
     "response_format", "structured_outputs", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "prompt_logprobs", "allowed_token_ids",
+    "guided_choice", "guided_grammar", "allowed_token_ids",
     "bad_words", "min_p", "length_penalty", "use_beam_search", "prompt_embeds",
     "truncate_prompt_tokens", "priority", "logits_processors", "spaces_between_special_tokens",
     "skip_special_tokens", "include_stop_str_in_output", "continue_final_message",
@@ -88,6 +88,8 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
     # token id (a string, as JSON keys are) -> bias added to its logit, -100..100
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # vLLM extension: the prompt's own logprobs, each token's plus the top k
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
@@ -104,6 +106,9 @@ class _Common(BaseModel):
         if ignored:
             log.warning("the following fields were present in the request but ignored: %s",
                         ignored)
+        if self.prompt_logprobs and self.stream:     # as vLLM's server
+            raise InvalidRequest("prompt_logprobs are not available when stream=true",
+                                 param="prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true",
                                  param="stream_options")
@@ -126,6 +131,10 @@ class _Common(BaseModel):
             out[int(k)] = float(v)
         return out
 
+    def prompt_logprobs_k(self) -> int | None:
+        """How many top logprobs each prompt token needs (None: no prompt logprobs)."""
+        return self.prompt_logprobs
+
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -137,6 +146,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
+    """`echo` with `logprobs` returns the prompt's logprobs ahead of the output's, as vLLM
+    and lm-eval's loglikelihood tasks expect."""
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
@@ -145,15 +156,17 @@ class CompletionRequest(_Common):
 
     def check(self) -> None:
         self.check_common()
-        if self.echo and self.logprobs is not None:
-            # the prompt's own logprobs would be needed (prompt_logprobs)
-            raise UnsupportedParameter("echo with logprobs is not supported",
-                                       param="echo")
         if self.best_of not in (None, 1, self.n):
             raise UnsupportedParameter("best_of other than n is not supported",
                                        param="best_of")
         if self.suffix:
             raise UnsupportedParameter("suffix is not supported", param="suffix")
+
+    def prompt_logprobs_k(self) -> int | None:
+        """With echo and logprobs the prompt's logprobs come first, as vLLM gives them."""
+        if self.prompt_logprobs is None and self.echo and self.logprobs is not None:
+            return self.logprobs
+        return self.prompt_logprobs
 
 
 class ChatMessage(BaseModel):

@@ -7,17 +7,55 @@ from frontend.client import Chunk
 from frontend.tokens import Tokenizer
 
 
-def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int) -> dict | None:
-    toks, lps, tops, offs = [], [], [], []
+def _lp(x: float) -> float:
+    return max(x, -9999.0)      # -inf is not JSON; OpenAI and vLLM answer -9999
+
+
+def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
+                  prompt: tuple[str, list] | None = None) -> dict | None:
+    """Completions logprobs; `prompt` (echo: the first prompt token's text, the logprobs
+    of the others) puts the prompt's ahead, the first token's logprob None, as vLLM."""
+    toks: list = []
+    lps: list = []
+    tops: list = []
+    offs: list = []
     off = offset0
+    if prompt is not None:
+        first, plps = prompt
+        toks.append(first)
+        lps.append(None)
+        tops.append(None)
+        offs.append(off)
+        off += len(first)
+        for lp in plps:
+            toks.append(lp.token)
+            lps.append(_lp(lp.logprob))
+            tops.append({lp.token: _lp(lp.logprob), **{t.token: _lp(t.logprob)
+                                                       for t in lp.top}} if k > 0 else None)
+            offs.append(off)
+            off += len(lp.token)
     for ch in chunks:
         for lp in ch.logprobs:
             toks.append(lp.token)
-            lps.append(lp.logprob)
-            tops.append({t.token: t.logprob for t in lp.top} if k > 0 else None)
+            lps.append(_lp(lp.logprob))
+            tops.append({t.token: _lp(t.logprob) for t in lp.top} if k > 0 else None)
             offs.append(off)
             off += len(lp.token)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def prompt_logprobs(plps: list) -> list:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token
+    {token id: {logprob, rank, decoded_token}} for it and the top k."""
+    out: list = [None]
+    for lp in plps:
+        d = {str(lp.token_id): {"logprob": _lp(lp.logprob), "rank": lp.rank,
+                                "decoded_token": lp.token}}
+        for rank, t in enumerate(lp.top, 1):
+            d.setdefault(str(t.token_id), {"logprob": _lp(t.logprob), "rank": rank,
+                                           "decoded_token": t.token})
+        out.append(d)
+    return out
 
 
 def chat_logprobs(chunks: list[Chunk], tok: Tokenizer) -> dict:

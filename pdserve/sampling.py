@@ -8,9 +8,11 @@ from pdserve.rpc import pd_pb2
 
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
-            kv_transfer_params: dict[str, Any] | None = None):
+            kv_transfer_params: dict[str, Any] | None = None, computes_prompt: bool = False):
     """`generated`: tokens of this request already produced elsewhere (the prefill
-    worker's first token), which count towards `min_tokens`."""
+    worker's first token), which count towards `min_tokens`. `computes_prompt`: this
+    engine computes the prompt (prefill, local prefill), so it returns the prompt's
+    logprobs when asked."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -23,6 +25,8 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
         min_tokens=min(max(sp.min_tokens - generated, 0), max_tokens),
         logprobs=sp.logprobs if sp.logprobs >= 0 else None, ignore_eos=sp.ignore_eos,
         logit_bias=dict(sp.logit_bias) or None,
+        prompt_logprobs=(sp.prompt_logprobs if computes_prompt
+                         and sp.HasField("prompt_logprobs") else None),
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
 
@@ -37,9 +41,19 @@ def logprobs_to_wire(token_ids, logprobs, k: int) -> list[pd_pb2.TokenLogprob]:
         out.append(pd_pb2.TokenLogprob(
             token_id=tid, token=(chosen.decoded_token or "") if chosen else "",
             logprob=chosen.logprob if chosen else float("-inf"),
+            rank=(chosen.rank or 0) if chosen else 0,
             top=[pd_pb2.TopLogprob(token_id=t, token=lp.decoded_token or "", logprob=lp.logprob)
                  for t, lp in top]))
     return out
+
+
+def prompt_logprobs_to_wire(prompt_ids, prompt_logprobs, k: int
+                            ) -> list[pd_pb2.TokenLogprob]:
+    """vLLM's RequestOutput.prompt_logprobs (None for token 0, then one dict per token) ->
+    TokenLogprob for prompt tokens 1..n-1."""
+    if not prompt_logprobs:
+        return []
+    return logprobs_to_wire(list(prompt_ids)[1:], list(prompt_logprobs)[1:], k)
 
 
 def handle_to_params(kv: pd_pb2.KVHandle, transfer_key: str) -> dict[str, Any]:

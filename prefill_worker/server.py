@@ -15,7 +15,13 @@ import grpc
 
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from pdserve.sampling import engine_prompt, logprobs_to_wire, params_to_handle, to_vllm
+from pdserve.sampling import (
+    engine_prompt,
+    logprobs_to_wire,
+    params_to_handle,
+    prompt_logprobs_to_wire,
+    to_vllm,
+)
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -41,11 +47,12 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         kvp_in = {"pd_remote_decode": True}
         if request.push:   # a decode worker offers blocks; our engine WRITEs into them
             kvp_in.update(pd_push=True, transfer_id=request.request_id)
-        params = to_vllm(sp, max_tokens=1, kv_transfer_params=kvp_in)
+        params = to_vllm(sp, max_tokens=1, kv_transfer_params=kvp_in, computes_prompt=True)
         final = None
         first_ids: list[int] = []
         text = ""
         lps: list = []
+        plps = None
         ntok = len(request.token_ids)
         self.rt.prefill_tokens += ntok       # reported as load in heartbeats
         self.rt.inflight += 1
@@ -59,6 +66,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
                 text += c.text
                 if c.logprobs:
                     lps += c.logprobs
+                plps = plps or out.prompt_logprobs
                 final = out
         except ENGINE_DEAD:
             await self.rt.abort_engine_dead(context, "prefill")
@@ -90,6 +98,9 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             num_cached_tokens=final.num_cached_tokens or 0)
         if sp.logprobs >= 0 and lps:
             resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
+        if sp.HasField("prompt_logprobs"):
+            resp.prompt_logprobs.extend(prompt_logprobs_to_wire(
+                request.token_ids, plps, sp.prompt_logprobs))
         if request.push:
             rec = await self._push_record(request.request_id)
             if rec is not None:

@@ -30,11 +30,19 @@ async def run(ns) -> None:
             if kw.get("logit_bias"):      # JSON keys are strings
                 kw["logit_bias"] = {int(k): v for k, v in kw["logit_bias"].items()}
             sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, **kw)
-            final_ids, text = [], ""
+            final_ids, text, plps = [], "", None
             async for o in eng.generate({"prompt_token_ids": ids}, sp, f"ref-{i}"):
                 final_ids = list(o.outputs[0].token_ids)
                 text = o.outputs[0].text
-            out.append({"token_ids": final_ids, "text": text})
+                plps = plps or o.prompt_logprobs
+            res = {"token_ids": final_ids, "text": text}
+            if plps:   # per prompt token: its logprob and the top ids by rank
+                res["prompt_logprobs"] = [None] + [
+                    {"logprob": d[t].logprob,
+                     "top": [k for k, v in sorted(d.items(), key=lambda kv: kv[1].rank)
+                             if v.rank <= kw["prompt_logprobs"]]}
+                    for t, d in zip(ids[1:], plps[1:])]
+            out.append(res)
     finally:
         eng.shutdown()
     json.dump(out, open(ns.out, "w"))

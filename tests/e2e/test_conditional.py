@@ -59,3 +59,26 @@ def test_short_prompts_prefill_locally_with_the_same_output(cond_cluster, cluste
     assert st.decisions["disagg:kv"] >= len(long)
     loads = c.wait_idle()
     assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
+
+
+def test_a_local_prefill_returns_the_prompts_logprobs_too(cond_cluster, cluster):
+    """The decode engine computes the prompt here: the same prompt logprobs as the prefill
+    engine's on the disaggregated path (tests/e2e/test_parity.py checks those against a
+    colocated engine)."""
+    def plps(c):
+        r = httpx.post(f"{c.url}/v1/completions", timeout=120, json={
+            "model": c.model_name, "prompt": words(30, seed=97), "max_tokens": 2,
+            "temperature": 0, "prompt_logprobs": 1, "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        return ch["prompt_logprobs"], ch["logprobs"]["token_logprobs"], \
+            r.headers["x-pdserve-route"]
+    local, local_lp, route = plps(cond_cluster)
+    assert route.startswith("local:"), route
+    remote, remote_lp, route = plps(cluster)
+    assert route.startswith("disagg:"), route
+    assert len(local) == len(remote) > 20 and local[0] is None
+    for a, b in zip(local[1:], remote[1:]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[k]["logprob"] - b[k]["logprob"]) < 1e-3 for k in a)
+    assert local_lp[0] is None and len(local_lp) == len(remote_lp)

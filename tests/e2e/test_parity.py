@@ -1,5 +1,7 @@
 """OpenAI features through the disaggregated path, against a colocated vLLM engine: `n`
-samples of a prompt, a batch of prompts, `echo`, `logit_bias`; streamed and not."""
+samples of a prompt, a batch of prompts, `echo`, `logit_bias`, the prompt's logprobs
+(`prompt_logprobs`, and `echo` with `logprobs` as lm-eval's loglikelihood tasks send it);
+streamed and not."""
 
 import json
 
@@ -12,17 +14,18 @@ from tests.e2e.conftest import words
 MAX_TOKENS = 12
 # a bias that changes this model's greedy choices; both engines must apply it (the
 # prefill engine samples the first token, the decode engine the rest)
-BIAS = {"42": 6.0, "1000": 5.0, "2024": 4.0, "77": -100.0}
+BIAS = {"42": 6.0, "500": 5.0, "900": 4.0, "77": -100.0}   # tiny vocab: 1,001
 
 
 @pytest.fixture(scope="module")
 def truth(cluster, tokenizer, tmp_path_factory):
     prompts = [words(40, seed=71), words(200, seed=72)]
     ids = [tokenizer.encode(p) for p in prompts]
-    ref = reference(cluster.model_dir, ids + [ids[1]], MAX_TOKENS,
+    ref = reference(cluster.model_dir, ids + [ids[1], ids[0]], MAX_TOKENS,
                     tmp_path_factory.mktemp("parity"),
-                    sampling=[{}, {}, {"logit_bias": BIAS}])
-    return {"prompts": prompts, "ids": ids, "ref": ref[:2], "biased": ref[2]}
+                    sampling=[{}, {}, {"logit_bias": BIAS}, {"prompt_logprobs": 2}])
+    return {"prompts": prompts, "ids": ids, "ref": ref[:2], "biased": ref[2],
+            "plp": ref[3]["prompt_logprobs"]}
 
 
 def post(c, body):
@@ -92,10 +95,41 @@ def test_logit_bias_reaches_both_engines(cluster, truth):
     assert body["kv_transfer"]["status"] == "ok"                  # really disaggregated
 
 
+def test_prompt_logprobs_equal_colocated_vllm(cluster, truth):
+    """Computed by the prefill engine (the decode engine never sees the prompt)."""
+    ids, ref = truth["ids"][0], truth["plp"]
+    body = post(cluster, {"prompt": truth["prompts"][0], "prompt_logprobs": 2,
+                          "max_tokens": 2})
+    got = body["choices"][0]["prompt_logprobs"]
+    assert body["kv_transfer"]["status"] == "ok"
+    assert len(got) == len(ids) and got[0] is None and ref[0] is None
+    for tid, g, r in zip(ids[1:], got[1:], ref[1:]):
+        assert abs(g[str(tid)]["logprob"] - r["logprob"]) < 1e-3, (g, r)
+        top = sorted((v["rank"], int(k)) for k, v in g.items() if v["rank"] <= 2)
+        assert [k for _, k in top] == r["top"], (g, r)
+
+
+def test_echo_with_logprobs_as_lm_eval_sends_it(cluster, truth):
+    """A loglikelihood request: echo, logprobs=1, max_tokens=1; the prompt's tokens with
+    their logprobs (the first None), then the one generated token's."""
+    ids, ref, p = truth["ids"][0], truth["plp"], truth["prompts"][0]
+    body = post(cluster, {"prompt": p, "echo": True, "logprobs": 1, "max_tokens": 1})
+    c = body["choices"][0]
+    assert c["text"].startswith(p) and len(c["text"]) > len(p)
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for g, r in zip(lp["token_logprobs"][1:len(ids)], ref[1:]):
+        assert abs(g - r["logprob"]) < 1e-3
+    assert "".join(lp["tokens"]) == c["text"]
+    assert lp["text_offset"][1] == len(lp["tokens"][0])
+
+
 @pytest.mark.parametrize("body,param", [
     ({"n": 65}, "n"), ({"prompt": ["a"] * 33, "n": 2}, "n"),
     ({"logit_bias": {"999999999": 1.0}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"echo": True, "logprobs": 1}, "echo"), ({"prompt": []}, "prompt")])
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt": []}, "prompt")])
 def test_bad_choices_get_400s(cluster, body, param):
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
         "model": cluster.model_name, "prompt": "hello", "max_tokens": 2, **body})

@@ -13,7 +13,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
     assert "frobnicate" in caplog.text and "metadata" in caplog.text
 
 
-@pytest.mark.parametrize("field", ["tools", "response_format", "prompt_logprobs", "min_p"])
+@pytest.mark.parametrize("field", ["tools", "response_format", "min_p"])
 def test_fields_that_would_change_the_output_are_refused(field):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
@@ -23,7 +23,7 @@ def test_fields_that_would_change_the_output_are_refused(field):
 
 
 @pytest.mark.parametrize("kw,exc", [
-    ({"echo": True, "logprobs": 1}, UnsupportedParameter),
+    ({"prompt_logprobs": 2, "stream": True}, InvalidRequest),
     ({"best_of": 3}, UnsupportedParameter), ({"best_of": 3, "n": 2}, UnsupportedParameter),
     ({"max_tokens": 0}, InvalidRequest), ({"max_tokens": -5}, InvalidRequest),
     ({"stream_options": {"include_usage": True}}, InvalidRequest),
@@ -35,6 +35,12 @@ def test_completion_checks(kw, exc):
 
 def test_n_echo_and_best_of_equal_to_n_are_accepted():
     CompletionRequest(model="m", prompt="x", n=3, best_of=3, echo=True).check()
+    # echo with logprobs: the prompt's logprobs (as many top ones), as vLLM and lm-eval
+    r = CompletionRequest(model="m", prompt="x", echo=True, logprobs=2, stream=True)
+    r.check()
+    assert r.prompt_logprobs_k() == 2
+    assert CompletionRequest(model="m", prompt="x", logprobs=2).prompt_logprobs_k() is None
+    assert CompletionRequest(model="m", prompt="x", prompt_logprobs=0).prompt_logprobs_k() == 0
     for n in (0, 65):
         with pytest.raises(ValidationError):
             CompletionRequest(model="m", prompt="x", n=n)
