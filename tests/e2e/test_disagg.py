@@ -164,7 +164,7 @@ BAD = [
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
     ("unsupported param", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "a"}], "tools": []}, 400),
-    ("n > 1", "/v1/completions", {"prompt": "a", "n": 2}, 400),
+    ("n past the bound", "/v1/completions", {"prompt": "a", "n": 65}, 400),
     ("empty prompt", "/v1/completions", {"prompt": "", "max_tokens": 2}, 400),
     ("token id out of vocab", "/v1/completions", {"prompt": [10, 999999], "max_tokens": 2}, 400),
     # numbers and lists past their wire fields: 400, never an overflow and a 500
