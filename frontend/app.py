@@ -187,6 +187,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             sp.cache_salt = req.cache_salt
         if req.prompt_logprobs_k() is not None:
             sp.prompt_logprobs = req.prompt_logprobs_k()
+        so = req.constraint()
+        if so is not None:
+            sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**so))
         if req.logit_bias:
             bias = req.logit_bias_ids()
             check_ids(list(bias), vocab, "logit_bias")

@@ -55,7 +55,7 @@ class StreamOptions(BaseModel):
 # disregards them. Any other unknown field is ignored with a warning, as vLLM does.
 REFUSED = frozenset({
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-    "response_format", "structured_outputs", "guided_json", "guided_regex",
+    "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "allowed_token_ids",
     "bad_words", "min_p", "length_penalty", "use_beam_search", "prompt_embeds",
     "truncate_prompt_tokens", "priority", "logits_processors", "spaces_between_special_tokens",
@@ -63,6 +63,34 @@ REFUSED = frozenset({
     "add_generation_prompt", "chat_template", "chat_template_kwargs", "documents",
     "reasoning_effort", "modalities", "audio", "prediction", "web_search_options",
 })
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", max_length=256)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON under a schema."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+    model_config = ConfigDict(extra="forbid")
+    json_: Union[dict, str, None] = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=4096)
+    choice: list[constr(min_length=1, max_length=1024)] | None = Field(
+        None, min_length=1, max_length=256)
+    grammar: str | None = Field(None, min_length=1, max_length=65536)
+    json_object: StrictBool | None = None
+
+
+MAX_SCHEMA_CHARS = 65536
 
 
 class _Common(BaseModel):
@@ -90,6 +118,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     # vLLM extension: the prompt's own logprobs, each token's plus the top k
     prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None    # vLLM extension
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
@@ -134,6 +164,56 @@ class _Common(BaseModel):
     def prompt_logprobs_k(self) -> int | None:
         """How many top logprobs each prompt token needs (None: no prompt logprobs)."""
         return self.prompt_logprobs
+
+    def constraint(self) -> dict | None:
+        """The one structured-output constraint, as the wire's StructuredOutputs fields
+        (None: unconstrained); from `structured_outputs` or `response_format`, not both."""
+        import json
+        so, rf = self.structured_outputs, self.response_format
+        if so is not None and rf is not None and rf.type != "text":
+            raise InvalidRequest("give structured_outputs or response_format, not both",
+                                 param="response_format")
+        out: dict = {}
+        if so is not None:
+            if so.json_ is not None:
+                out["json"] = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
+            if so.regex is not None:
+                out["regex"] = so.regex
+            if so.choice is not None:
+                out["choice"] = list(so.choice)
+            if so.grammar is not None:
+                out["grammar"] = so.grammar
+            if so.json_object:
+                out["json_object"] = True
+            if len(out) != 1:
+                raise InvalidRequest("structured_outputs takes exactly one of json, regex, "
+                                     "choice, grammar and json_object",
+                                     param="structured_outputs")
+        elif rf is not None and rf.type == "json_object":
+            out["json_object"] = True
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequest("response_format json_schema needs json_schema.schema",
+                                     param="response_format")
+            out["json"] = json.dumps(rf.json_schema.schema_)
+        if "json" in out:
+            if len(out["json"]) > MAX_SCHEMA_CHARS:
+                raise InvalidRequest(f"the JSON schema is over {MAX_SCHEMA_CHARS} characters",
+                                     param="response_format")
+            try:
+                if not isinstance(json.loads(out["json"]), dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                raise InvalidRequest(f"the JSON schema is not a JSON object: {e}",
+                                     param="response_format") from None
+        if "regex" in out:
+            import re
+            try:
+                re.compile(out["regex"])
+            except re.error as e:
+                raise InvalidRequest(f"invalid regex: {e}",
+                                     param="structured_outputs") from None
+        return out or None
 
     @property
     def stop_list(self) -> list[str]:

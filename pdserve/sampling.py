@@ -27,8 +27,23 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
         logit_bias=dict(sp.logit_bias) or None,
         prompt_logprobs=(sp.prompt_logprobs if computes_prompt
                          and sp.HasField("prompt_logprobs") else None),
+        structured_outputs=structured(sp),
         output_kind=RequestOutputKind.DELTA,
         extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
+
+
+def structured(sp: pd_pb2.SamplingParams):
+    """The wire's StructuredOutputs -> vLLM's StructuredOutputsParams (None: unset)."""
+    if not sp.HasField("structured"):
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+    s = sp.structured
+    return StructuredOutputsParams(
+        json=json.loads(s.json) if s.json else None, regex=s.regex or None,
+        choice=list(s.choice) or None, grammar=s.grammar or None,
+        json_object=True if s.json_object else None)
 
 
 def logprobs_to_wire(token_ids, logprobs, k: int) -> list[pd_pb2.TokenLogprob]:

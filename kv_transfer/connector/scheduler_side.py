@@ -59,6 +59,25 @@ def engine_quiescent(sched, own_work: bool, waiting_for_kv) -> bool:
     return all(r.status == waiting_for_kv for r in waiting)
 
 
+def advance_grammar(request) -> bool:
+    """Pull: the decode engine's request is the prompt plus the first token, which the
+    prefill engine sampled under the same constraint. vLLM's grammar for the request starts
+    at the beginning of the output: advance it past that token, or the second token would
+    be constrained as if it were the first. The grammar is compiled by now (vLLM promotes
+    a request waiting for its grammar before asking the connector). False: nothing to do,
+    or the token does not fit the grammar (then vLLM's own checks end the request)."""
+    so = getattr(request, "structured_output_request", None)
+    grammar = so.grammar if so is not None else None
+    if grammar is None or isinstance(grammar, Exception):
+        return False
+    first = request.prompt_token_ids[-1]
+    if grammar.accept_tokens(request.request_id, [first]):
+        return True
+    log.warning("request %s: the first token %d (from the prefill engine) does not fit its "
+                "structured-output grammar", request.request_id, first)
+    return False
+
+
 class _Releaser:
     """Sends Release to producers off the scheduler's thread; never blocks a step."""
 
@@ -154,6 +173,8 @@ class SchedulerHalf:
         if not p or not p.get(P_REMOTE_PREFILL) or p.get(P_DONE):
             return
         p[P_DONE] = True
+        if not p.get(P_PUSH):
+            advance_grammar(request)
         local_hit = self._local_hit.pop(request.request_id, 0)
         if num_external_tokens <= 0:
             # everything was in our own prefix cache: the producer's copy is not needed

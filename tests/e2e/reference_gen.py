@@ -29,6 +29,9 @@ async def run(ns) -> None:
             kw = dict(extra[i])
             if kw.get("logit_bias"):      # JSON keys are strings
                 kw["logit_bias"] = {int(k): v for k, v in kw["logit_bias"].items()}
+            if kw.get("structured_outputs"):
+                from vllm.sampling_params import StructuredOutputsParams
+                kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
             sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, **kw)
             final_ids, text, plps = [], "", None
             async for o in eng.generate({"prompt_token_ids": ids}, sp, f"ref-{i}"):

@@ -14,6 +14,11 @@ from tests.e2e.conftest import words
 MAX_TOKENS = 12
 # a bias that changes this model's greedy choices; both engines must apply it (the
 # prefill engine samples the first token, the decode engine the rest)
+# constraints where the position matters (the tiny model's tokens are whole words, which
+# the grammar sees without spaces): had the decode engine's grammar restarted after the
+# prefill engine's first token, it would force "fox" again as the second
+STRUCTURED = [{"regex": "fox(dog|lazy)(brown|jumps)(a|and)"},
+              {"choice": ["foxdoglazy", "browncache"]}]
 BIAS = {"42": 6.0, "500": 5.0, "900": 4.0, "77": -100.0}   # tiny vocab: 1,001
 
 
@@ -21,11 +26,12 @@ BIAS = {"42": 6.0, "500": 5.0, "900": 4.0, "77": -100.0}   # tiny vocab: 1,001
 def truth(cluster, tokenizer, tmp_path_factory):
     prompts = [words(40, seed=71), words(200, seed=72)]
     ids = [tokenizer.encode(p) for p in prompts]
-    ref = reference(cluster.model_dir, ids + [ids[1], ids[0]], MAX_TOKENS,
-                    tmp_path_factory.mktemp("parity"),
-                    sampling=[{}, {}, {"logit_bias": BIAS}, {"prompt_logprobs": 2}])
+    ref = reference(cluster.model_dir, ids + [ids[1], ids[0]] + [ids[0]] * len(STRUCTURED),
+                    MAX_TOKENS, tmp_path_factory.mktemp("parity"),
+                    sampling=[{}, {}, {"logit_bias": BIAS}, {"prompt_logprobs": 2}]
+                    + [{"structured_outputs": so} for so in STRUCTURED])
     return {"prompts": prompts, "ids": ids, "ref": ref[:2], "biased": ref[2],
-            "plp": ref[3]["prompt_logprobs"]}
+            "plp": ref[3]["prompt_logprobs"], "structured": ref[4:]}
 
 
 def post(c, body):
@@ -125,11 +131,30 @@ def test_echo_with_logprobs_as_lm_eval_sends_it(cluster, truth):
     assert lp["text_offset"][1] == len(lp["tokens"][0])
 
 
+@pytest.mark.parametrize("i", range(len(STRUCTURED)))
+def test_structured_outputs_continue_from_the_first_token(cluster, truth, i):
+    ref = truth["structured"][i]
+    assert ref["text"].split()[0] == "fox" and len(ref["token_ids"]) > 2
+    body = post(cluster, {"prompt": truth["prompts"][0], "structured_outputs": STRUCTURED[i]})
+    assert body["kv_transfer"]["status"] == "ok"                  # really disaggregated
+    assert body["choices"][0]["text"] == ref["text"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    chat = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=120, json={
+        "model": cluster.model_name, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "messages": [{"role": "user", "content": truth["prompts"][0]}],
+        "response_format": {"type": "text"}, "structured_outputs": STRUCTURED[i]})
+    assert chat.status_code == 200, chat.text
+    words_out = chat.json()["choices"][0]["message"]["content"].split()
+    assert words_out[0] in ("fox", "brown") and words_out.count("fox") <= 1
+
+
 @pytest.mark.parametrize("body,param", [
     ({"n": 65}, "n"), ({"prompt": ["a"] * 33, "n": 2}, "n"),
     ({"logit_bias": {"999999999": 1.0}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt": []}, "prompt")])
+    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt": []}, "prompt"),
+    ({"structured_outputs": {"regex": "(", }}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema"}}, "response_format")])
 def test_bad_choices_get_400s(cluster, body, param):
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=60, json={
         "model": cluster.model_name, "prompt": "hello", "max_tokens": 2, **body})

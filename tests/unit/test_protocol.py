@@ -13,7 +13,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
     assert "frobnicate" in caplog.text and "metadata" in caplog.text
 
 
-@pytest.mark.parametrize("field", ["tools", "response_format", "min_p"])
+@pytest.mark.parametrize("field", ["tools", "min_p", "guided_json"])
 def test_fields_that_would_change_the_output_are_refused(field):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
@@ -106,3 +106,30 @@ def test_integers_as_json_schema_means_them(value, ok):
     else:
         r = CompletionRequest(model="m", prompt=[1.0, 2], max_tokens=value)
         assert r.max_tokens == ok and r.prompt == [1, 2] and type(r.prompt[0]) is int
+
+
+def test_structured_output_constraints():
+    def c(**kw):
+        return CompletionRequest(model="m", prompt="x", **kw).constraint()
+    assert c() is None and c(response_format={"type": "text"}) is None
+    assert c(response_format={"type": "json_object"}) == {"json_object": True}
+    assert c(response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object"}}}) == {"json": '{"type": "object"}'}
+    assert c(structured_outputs={"regex": "[a-z]+"}) == {"regex": "[a-z]+"}
+    assert c(structured_outputs={"choice": ["yes", "no"]}) == {"choice": ["yes", "no"]}
+    assert c(structured_outputs={"json": '{"type": "object"}'}) == {"json": '{"type": "object"}'}
+    for bad in ({"structured_outputs": {"regex": "a", "choice": ["b"]}},
+                {"structured_outputs": {}},
+                {"structured_outputs": {"regex": "("}},
+                {"structured_outputs": {"json": "[1, 2]"}},
+                {"structured_outputs": {"json": "{not json"}},
+                {"response_format": {"type": "json_schema"}},
+                {"response_format": {"type": "json_object"},
+                 "structured_outputs": {"regex": "a"}}):
+        with pytest.raises(InvalidRequest):
+            c(**bad)
+    for bad in ({"structured_outputs": {"choice": []}},
+                {"structured_outputs": {"whitespace_pattern": " "}},
+                {"response_format": {"type": "xml"}}):
+        with pytest.raises(ValidationError):
+            c(**bad)
