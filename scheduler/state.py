@@ -160,7 +160,8 @@ class Registry:
         """Workers whose role includes `role`'s work (a mixed worker is in both pools)."""
         need = KINDS[role]
         return [w for w in self.workers.values()
-                if need <= KINDS[w.role] and (not model or w.model == model) and not (routable and w.draining)]
+                if need <= KINDS[w.role] and (not model or w.model == model)
+                and not (routable and w.draining)]
 
     # ------------------------------------------------------------ roles
     def set_role(self, worker_id: str, role: str, now: float) -> Worker | None:

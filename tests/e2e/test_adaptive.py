@@ -126,7 +126,7 @@ def test_role_changes_under_load_lose_nothing_and_leak_nothing(roles_cluster):
         r = s.SetRole(pd_pb2.SetRoleRequest(worker_id=d, role=pd_pb2.ROLE_PREFILL))
         assert r.found
         results = [f.result() for f in futs]
-    for i, (body, route) in results:
+    for i, (body, _route) in results:
         assert body["usage"]["completion_tokens"] == 24
         if i in want:
             assert body["choices"][0]["text"] == want[i]
@@ -140,7 +140,7 @@ def test_role_changes_under_load_lose_nothing_and_leak_nothing(roles_cluster):
         assert body["choices"][0]["text"] == want[i]
         assert f"decode={p}" in route, route
     # the worker heard its role and registered under it
-    wait_until(lambda: f"role decode -> prefill (scheduler)" in c.log_path.read_text())
+    wait_until(lambda: "role decode -> prefill (scheduler)" in c.log_path.read_text())
     loads = c.wait_idle()
     assert all(not (v.running or v.waiting or v.kv_usage or v.kv_leases_held)
                for v in loads.values()), loads

@@ -10,7 +10,6 @@ output length is capped: what is fuzzed is the input, not the length of the answ
 from collections import Counter
 
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode

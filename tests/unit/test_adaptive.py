@@ -160,7 +160,7 @@ def test_equally_good_prefill_workers_share_the_load():
         r.register(w)
     book = warm_book("p1", "p2", "d")
     got = []
-    for i in range(6):
+    for _ in range(6):
         d = place(r, CFG, "m", 200, no_cache, book=book, slo=SLO, max_tokens=16, now=1.0)
         r.book(d, 1.0)
         got.append(d.prefill)

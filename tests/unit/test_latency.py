@@ -183,7 +183,7 @@ def test_one_token_prefills_leave_the_prompt_cost_unknown():
     """A decode engine computes one token per remote prefill: that says nothing about a
     prompt token's cost, so its fit borrows those terms (known() stays False)."""
     m = StepModel()
-    for i in range(40):
+    for _ in range(40):
         m.observe(StepSample(TRUE.step_time(1, 1000, 0, 0) * 1.0, 1, 1000.0, 0, 0))
         m.observe(StepSample(TRUE.decode_step(2, 2000), 0, 0.0, 2, 2000))
     assert m.warm()                                  # the engine's own budget may use it
