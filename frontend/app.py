@@ -171,11 +171,12 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": cfg.max_model_len}]}
 
-    def _sampling(req, max_tokens: int, logprobs: int) -> pd_pb2.SamplingParams:
+    def _sampling(req, logprobs: int) -> pd_pb2.SamplingParams:
+        """The request's sampling, checked once; each prompt's copy gets its max_tokens."""
         vocab = state["tok"].vocab_size
         check_ids(req.stop_token_ids or (), vocab, "stop_token_ids", "stop token id")
         sp = pd_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), stop=req.stop_list,
             stop_token_ids=req.stop_token_ids or [], presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logprobs=logprobs,
@@ -185,8 +186,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             sp.seed = req.seed
         if req.cache_salt:
             sp.cache_salt = req.cache_salt
-        if req.prompt_logprobs_k() is not None:
-            sp.prompt_logprobs = req.prompt_logprobs_k()
+        k = req.prompt_logprobs_k()
+        if k is not None:
+            sp.prompt_logprobs = k
         so = req.constraint()
         if so is not None:
             sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**so))
@@ -218,15 +220,24 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         return state["client"].generate(rid, cfg.served_model_name, prompt_ids, sp,
                                         cfg.request_timeout_s)
 
+    def _check_choices(num_prompts: int, n: int) -> None:
+        """Before any prompt is tokenized: each choice is a request through the cluster."""
+        if num_prompts * n > choices.MAX_CHOICES:
+            raise InvalidRequest(f"{num_prompts} prompt(s) x n={n} choices; at most "
+                                 f"{choices.MAX_CHOICES} per request", param="n")
+
     def _jobs(rid: str, prompts: list[list[int]], body, default: int | None,
               logprobs: int) -> list[choices.Job]:
-        if len(prompts) * body.n > choices.MAX_CHOICES:
-            raise InvalidRequest(f"{len(prompts)} prompt(s) x n={body.n} choices; at most "
-                                 f"{choices.MAX_CHOICES} per request", param="n")
-        jobs = choices.plan(rid, [(ids, _sampling(body, _budget(body, ids, default), logprobs))
-                                  for ids in prompts], body.n)
+        budgets = [_budget(body, ids, default) for ids in prompts]
+        base = _sampling(body, logprobs)
+        pairs = []
+        for ids, max_tokens in zip(prompts, budgets):
+            sp = pd_pb2.SamplingParams()
+            sp.CopyFrom(base)
+            sp.max_tokens = max_tokens
+            pairs.append((ids, sp))
         M.PROMPT_TOKENS.inc(sum(len(ids) for ids in prompts))
-        return jobs
+        return choices.plan(rid, pairs, body.n)
 
     # ------------------------------------------------------------------ completions
 
@@ -236,6 +247,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         tok: Tokenizer = state["tok"]
         p = body.prompt
         texts: list[str] | None = None
+        _check_choices(len(p) if isinstance(p, list) and p and isinstance(p[0], (str, list))
+                       else 1, body.n)
         if isinstance(p, str):
             texts = [p]
         elif p and isinstance(p[0], str):
@@ -259,8 +272,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         firsts = None
         if body.echo and body.logprobs is not None:    # the first prompt token's text
             firsts = [await tok.run(tok.decode, ids[:1]) for ids in prompts]
-        out = Out(rid, int(time.time()), "/v1/completions", body, prompts, chat=False,
-                  echo=echo, firsts=firsts)
+        out = render.Reply(rid, int(time.time()), "/v1/completions", body, prompts, tok,
+                           chat=False, details=cfg.enable_prompt_tokens_details, echo=echo,
+                           firsts=firsts)
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
@@ -270,57 +284,20 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         body.check()
+        _check_choices(1, body.n)
         tok: Tokenizer = state["tok"]
         ids = await tok.chat_async([m.for_template() for m in body.messages],
                                    cfg.max_model_len)
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1)
-        out = Out(rid, int(time.time()), "/v1/chat/completions", body, [ids], chat=True)
+        out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
+                           chat=True, details=cfg.enable_prompt_tokens_details)
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
 
-    class Out:
-        """What the response of one request needs besides its chunks."""
-
-        def __init__(self, rid, created, endpoint, body, prompts, chat: bool,
-                     echo: list[str] | None = None, firsts: list[str] | None = None) -> None:
-            self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
-            self.prompts, self.chat, self.echo, self.firsts = prompts, chat, echo, firsts
-            self.obj = ("chat.completion" if chat else "text_completion")
-
-        def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
-            """`prompt`: with echo, the index of the prompt whose logprobs come first."""
-            b = self.body
-            if self.chat:
-                return render.chat_logprobs(chunks, state["tok"]) if b.logprobs else None
-            if b.logprobs is None:
-                return None
-            head = None
-            if prompt is not None and self.firsts is not None and chunks:
-                head = (self.firsts[prompt], chunks[0].prompt_logprobs)
-            return render.cmpl_logprobs(chunks, offset, b.logprobs or 0, head)
-
-        def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset=0,
-                   delta: bool = False, echo_of: int | None = None) -> dict:
-            lp = self.logprobs(chunks, offset, echo_of)
-            if not self.chat:
-                c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
-                if self.body.prompt_logprobs is not None and chunks:
-                    c["prompt_logprobs"] = render.prompt_logprobs(chunks[0].prompt_logprobs)
-                return c
-            if delta:
-                return {"index": index, "delta": {"content": text} if text else {},
-                        "logprobs": lp, "finish_reason": finish}
-            return {"index": index, "message": {"role": "assistant", "content": text},
-                    "logprobs": lp, "finish_reason": finish}
-
-        def usage(self, n_gen: int, cached: int) -> dict:
-            return render.usage(sum(len(p) for p in self.prompts), n_gen, cached,
-                                cfg.enable_prompt_tokens_details)
-
-    async def _unary(request, out: Out, jobs: list[choices.Job]):
+    async def _unary(request, out: render.Reply, jobs: list[choices.Job]):
         timings = {j.index: Timing(slo) for j in jobs}
         got: dict[int, list[Chunk]] = {j.index: [] for j in jobs}
         M.INFLIGHT.inc()
@@ -396,7 +373,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         task.result()    # re-raise what the work raised
         return True
 
-    async def _stream(request, out: Out, jobs: list[choices.Job]):
+    async def _stream(request, out: render.Reply, jobs: list[choices.Job]):
         b = out.body
         include_usage = bool(b.stream_options and b.stream_options.include_usage)
         obj = "chat.completion.chunk" if out.chat else "text_completion"

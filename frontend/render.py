@@ -105,3 +105,45 @@ def kv_info(ch: Chunk | None) -> dict | None:
             **({"checksummed": True} if k.checksummed else {}),
             **({"relayout_seconds": round(k.relayout_seconds, 6)}
                if k.relayout_seconds else {})}
+
+
+class Reply:
+    """What the response of one request needs besides its chunks: the OpenAI shapes of
+    its choices (message, delta or text), logprobs and usage."""
+
+    def __init__(self, rid: str, created: int, endpoint: str, body, prompts: list[list[int]],
+                 tok: Tokenizer, chat: bool, details: bool = False,
+                 echo: list[str] | None = None, firsts: list[str] | None = None) -> None:
+        self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
+        self.prompts, self.tok, self.chat, self.details = prompts, tok, chat, details
+        self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
+        self.obj = "chat.completion" if chat else "text_completion"
+
+    def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
+        """`prompt`: with echo, the index of the prompt whose logprobs come first."""
+        b = self.body
+        if self.chat:
+            return chat_logprobs(chunks, self.tok) if b.logprobs else None
+        if b.logprobs is None:
+            return None
+        head = None
+        if prompt is not None and self.firsts is not None and chunks:
+            head = (self.firsts[prompt], chunks[0].prompt_logprobs)
+        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head)
+
+    def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
+               delta: bool = False, echo_of: int | None = None) -> dict:
+        lp = self.logprobs(chunks, offset, echo_of)
+        if not self.chat:
+            c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+            if self.body.prompt_logprobs is not None and chunks:
+                c["prompt_logprobs"] = prompt_logprobs(chunks[0].prompt_logprobs)
+            return c
+        if delta:
+            return {"index": index, "delta": {"content": text} if text else {},
+                    "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": lp, "finish_reason": finish}
+
+    def usage(self, n_gen: int, cached: int) -> dict:
+        return usage(sum(len(p) for p in self.prompts), n_gen, cached, self.details)

@@ -179,19 +179,31 @@ def offer(p: WorkerHalf, req: str, tid: str, blocks) -> OfferSpec:
                      num_tokens=len(blocks) * BS)
 
 
-def test_push_layer_by_layer_then_notify(make):
-    p, c = make("p", kv_mode="push"), make("c", kv_mode="push")
+def offered(p: WorkerHalf, c: WorkerHalf) -> None:
+    """The consumer offers blocks 7, 8 for transfer t1; wait until the producer has it."""
     c.start_load_kv(PDConnectorMetadata(offers=[offer(p, "cr", "t1", [7, 8])]))
     deadline = time.monotonic() + 5
     while "t1" not in p.offers.offers and time.monotonic() < deadline:
         time.sleep(0.005)
-    # the producer's step computes the whole 2-block prompt: each layer is written as
-    # the forward pass finishes it, then the step waits for the WRITEs and notifies
+    assert "t1" in p.offers.offers
+
+
+def prefill_step(p: WorkerHalf, forward: bool = True) -> None:
+    """The producer's step computes the whole 2-block prompt of request pr (transfer t1)
+    into its blocks 2, 4; `forward`: each layer is saved as the forward pass finishes it,
+    then the step waits for its WRITEs."""
     p.start_load_kv(PDConnectorMetadata(leases={"pr": 2}, pushes=[
         PushChunk("pr", "t1", [2, 4], 0, 2 * BS, 2 * BS)]))
-    for name in p.caches:
-        p.save_kv_layer(name)
+    if forward:
+        for name in p.caches:
+            p.save_kv_layer(name)
     p.wait_for_save()
+
+
+def test_push_layer_by_layer_then_notify(make):
+    p, c = make("p", kv_mode="push"), make("c", kv_mode="push")
+    offered(p, c)
+    prefill_step(p)          # each layer written as computed, then the consumer notified
     assert p.backend.transfers == LAYERS
     assert results_until(c, "cr")
     assert same_blocks(c, [7, 8], p, [2, 4])
@@ -202,9 +214,7 @@ def test_push_layer_by_layer_then_notify(make):
 
 def test_a_prompt_finished_before_its_offer_is_pushed_whole(make):
     p, c = make("p", kv_mode="push"), make("c", kv_mode="push")
-    p.start_load_kv(PDConnectorMetadata(leases={"pr": 2}, pushes=[
-        PushChunk("pr", "t1", [2, 4], 0, 2 * BS, 2 * BS)]))
-    p.wait_for_save()                             # no offer yet: kept for a late one
+    prefill_step(p, forward=False)                # no offer yet: kept for a late one
     assert "t1" in p._finished_push
     c.start_load_kv(PDConnectorMetadata(offers=[offer(p, "cr", "t1", [7, 8])]))
     assert results_until(c, "cr")
@@ -216,19 +226,12 @@ def test_a_prompt_finished_before_its_offer_is_pushed_whole(make):
 
 def test_an_aborted_push_is_cancelled_at_the_producer(make):
     p, c = make("p", kv_mode="push"), make("c", kv_mode="push")
-    c.start_load_kv(PDConnectorMetadata(offers=[offer(p, "cr", "t1", [7, 8])]))
-    deadline = time.monotonic() + 5
-    while "t1" not in p.offers.offers and time.monotonic() < deadline:
-        time.sleep(0.005)
+    offered(p, c)
     c.start_load_kv(PDConnectorMetadata(cancels=["cr"]))     # the request was aborted
     assert not results_until(c, "cr")
     assert p.offers.offers["t1"].state.name == "CANCELLED"
     # the producer's prefill of it finishes later: nothing is written, the lease is freed
-    p.start_load_kv(PDConnectorMetadata(leases={"pr": 2}, pushes=[
-        PushChunk("pr", "t1", [2, 4], 0, 2 * BS, 2 * BS)]))
-    for name in p.caches:
-        p.save_kv_layer(name)
-    p.wait_for_save()
+    prefill_step(p)
     assert p.backend.transfers == 0
     # nobody will read the blocks: the producer frees them itself, at once
     assert p.transfer_results().finished_sending == {"pr"}
