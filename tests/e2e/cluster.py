@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -151,18 +152,75 @@ def stop_cluster_proc(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+class ReferenceEngine:
+    """A colocated vLLM engine kept for the session (`reference_gen.py`), one per
+    configuration: starting one costs three generations of vLLM imports."""
+
+    def __init__(self, argv: list[str], log: Path, timeout: float = 600) -> None:
+        self.proc = subprocess.Popen([*argv, "--log", str(log)], cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=True)
+        self.log = log
+        if "ready" not in self._answer(timeout):
+            raise RuntimeError(f"reference engine did not start; see {log}")
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"reference engine gave no answer in {timeout:.0f}s or "
+                               f"exited; see {self.log}:\n" + self.log.read_text()[-3000:])
+        return json.loads(line)
+
+    def run(self, req: dict, timeout: float = 600) -> list[dict]:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        ans = self._answer(timeout)
+        if "error" in ans:
+            raise RuntimeError(f"reference engine: {ans['error']}")
+        return ans["outputs"]
+
+    def close(self) -> None:
+        """EOF on stdin stops it; its process group is killed if it lingers."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)    # engine-core grandchildren
+        except ProcessLookupError:
+            pass
+
+
+_REFERENCES: dict[tuple, ReferenceEngine] = {}
+
+
+def close_references() -> None:
+    while _REFERENCES:
+        _REFERENCES.popitem()[1].close()
+
+
 def reference(model_dir: str, prompts: list[list[int]], max_tokens: int, tmp: Path,
               cores: str = "1", max_num_batched_tokens: int = 0,
-              block_size: int = 128, sampling: list[dict] | None = None) -> list[dict]:
+              block_size: int = 128, sampling: list[dict] | None = None,
+              keep: bool = True) -> list[dict]:
     """Greedy outputs of a colocated vLLM engine; `sampling`: more SamplingParams per
-    prompt."""
-    inp, out = tmp / "ref_in.json", tmp / "ref_out.json"
-    inp.write_text(json.dumps({"max_tokens": max_tokens, "prompts": prompts,
-                               "sampling": sampling}))
-    subprocess.run([sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model",
-                    model_dir, "--cores", cores, "--inp", str(inp), "--out", str(out),
-                    "--max-num-batched-tokens", str(max_num_batched_tokens),
-                    "--block-size", str(block_size)],
-                   check=True, cwd=ROOT, timeout=600,
-                   stdout=open(tmp / "reference.log", "w"), stderr=subprocess.STDOUT)
-    return json.loads(out.read_text())
+    prompt. The engine for this configuration is started on first use (its log in `tmp`)
+    and kept until `close_references()`, or stopped at once if not `keep` (an idle
+    engine still polls: a few % of a core)."""
+    key = (model_dir, cores, max_num_batched_tokens, block_size)
+    if key not in _REFERENCES or _REFERENCES[key].proc.poll() is not None:
+        _REFERENCES[key] = ReferenceEngine(
+            [sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model", model_dir,
+             "--cores", cores, "--max-num-batched-tokens", str(max_num_batched_tokens),
+             "--block-size", str(block_size)], tmp / "reference.log")
+    try:
+        return _REFERENCES[key].run({"max_tokens": max_tokens, "prompts": prompts,
+                                     "sampling": sampling})
+    finally:
+        if not keep:
+            _REFERENCES.pop(key).close()

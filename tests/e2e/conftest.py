@@ -7,13 +7,20 @@ import time
 import pytest
 
 from pdserve.models import build_tiny_model
-from tests.e2e.cluster import start_cluster, stop_cluster_proc
+from tests.e2e.cluster import close_references, start_cluster, stop_cluster_proc
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reference_engines():
+    """The ground-truth engines `reference()` starts live for the session; stop them."""
+    yield
+    close_references()
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,8 @@ def truth(tiny_model, tokenizer, tmp_path_factory):
     ids = [tokenizer.encode(prompts[n]) for n in SIZES]
     assert [len(x) for x in ids] == list(SIZES)
     refs = {bs: reference(tiny_model, ids, MAX_TOKENS, tmp_path_factory.mktemp(f"ref{bs}"),
-                          block_size=bs) for bs in (PREFILL_BS, DECODE_BS)}
+                          block_size=bs, keep=bs == DECODE_BS)
+            for bs in (PREFILL_BS, DECODE_BS)}
     # the ground truth is block-size independent for this model (else nothing to compare)
     assert refs[PREFILL_BS] == refs[DECODE_BS]
     return {"prompts": prompts, "ref": dict(zip(SIZES, refs[DECODE_BS]))}

@@ -1,5 +1,7 @@
 """KV-aware placement with real engines: 2 prefill workers + 1 decode worker (tiny model).
 
+First, that worker counts are options: the 2P1D cluster gives the 1P1D one's answers.
+
 vLLM's KV events travel worker -> scheduler; the scheduler's prediction of cached tokens
 must equal what the prefill engine then really finds in its cache, requests sharing a
 system prompt must land where it is cached, and the prefill engines' own counters must
@@ -91,6 +93,37 @@ def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
     assert hits == expected_hits and all(v == 4 * 5 * BS for v in hits.values()), hits
     st = s.IndexStats(pd_pb2.IndexStatsRequest())
     assert st.hit_blocks >= 8 * 5 and st.decisions["disagg:kv"] >= 8
+
+
+async def test_two_prefill_workers_share_load_and_agree_with_1p1d(cluster, kv_cluster):
+    """Worker counts are options: 2 prefill workers + 1 decode worker, each its own
+    process, give the 1P1D cluster's answers and both prefill workers take a share."""
+    c = kv_cluster
+    roles = sorted(w.role for w in c.workers())
+    assert roles == [pd_pb2.ROLE_PREFILL, pd_pb2.ROLE_PREFILL, pd_pb2.ROLE_DECODE]
+    prompts = [words(120 + 10 * i, seed=900 + i) for i in range(12)]
+
+    def served():
+        return {w.worker_id: metric_value(c.metrics(w), "pdserve_worker_requests_total",
+                                          outcome="ok")
+                for w in c.workers() if w.role == pd_pb2.ROLE_PREFILL}
+
+    async def texts(c):
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(p):
+                r = await client.post(f"{c.url}/v1/completions", json={
+                    "model": c.model_name, "prompt": p, "max_tokens": 8, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*[one(p) for p in prompts])
+
+    before = served()
+    assert await texts(c) == await texts(cluster)
+    after = served()
+    share = {w: after[w] - before.get(w, 0) for w in after}
+    # every prompt prefilled remotely (--policy kv), on both workers
+    assert len(share) == 2 and all(n > 0 for n in share.values()), share
+    assert sum(share.values()) == len(prompts), share
 
 
 def wait_sched_idle(c, timeout=10.0):

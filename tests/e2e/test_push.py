@@ -48,7 +48,7 @@ def truth(tiny_model, tokenizer, tmp_path_factory):
     ids = [tokenizer.encode(prompts[n]) for n in SIZES]
     assert [len(x) for x in ids] == list(SIZES)
     ref = reference(tiny_model, ids, MAX_TOKENS, tmp_path_factory.mktemp("ref"),
-                    max_num_batched_tokens=CHUNK)
+                    max_num_batched_tokens=CHUNK, keep=False)
     return {"prompts": prompts, "ref": dict(zip(SIZES, ref))}
 
 

@@ -33,7 +33,8 @@ def smol_ref(smol, tmp_path_factory):
     ids = {k: tok.encode(v) for k, v in prompts.items()}
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     order = list(ids.values()) + [tok.chat(chat)]
-    ref = reference(smol.model_dir, order, 24, tmp_path_factory.mktemp("smolref"))
+    ref = reference(smol.model_dir, order, 24, tmp_path_factory.mktemp("smolref"),
+                    keep=False)
     return prompts, ids, chat, ref
 
 
