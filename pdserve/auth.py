@@ -365,7 +365,8 @@ def http_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer <key>' on /v1 (repeatable; also "
                         "PDSERVE_API_KEY, comma-separated, and --api-key-file)")
     p.add_argument("--api-key-file", default="", help="API keys, one per line")
-    p.add_argument("--protect-metrics", action="store_true",
+    p.add_argument("--protect-metrics", default=False,
+                   action=argparse.BooleanOptionalAction,
                    help="/metrics and /sd/targets need an API key too")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20,
                    help="413 for a larger request body, before it is parsed (0: no limit)")
@@ -378,11 +379,13 @@ def http_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, streams in progress get this long to finish")
     p.add_argument("--ssl-certfile", default="", help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default="", help="... and this private key")
-    p.add_argument("--expose-routing", action="store_true",
+    p.add_argument("--expose-routing", default=False,
+                   action=argparse.BooleanOptionalAction,
                    help="responses carry internal routing details: the x-pdserve-route "
                         "header and the KV transfer's figures (they tell a client about "
                         "other clients' prefixes: for debugging and benchmarks)")
-    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+    p.add_argument("--enable-prompt-tokens-details", default=False,
+                   action=argparse.BooleanOptionalAction,
                    help="usage.prompt_tokens_details.cached_tokens, as vLLM's flag")
     p.add_argument("--allowed-origins", default="",
                    help='CORS origins, a JSON list (\'["https://a.example"]\') or commas')

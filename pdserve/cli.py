@@ -29,11 +29,16 @@ log = logging.getLogger("pdserve")
 ENGINE_CMDS = ("serve", "prefill", "decode", "mixed")
 
 
-def _engine_args(ap: argparse.ArgumentParser) -> None:
+def _config_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default="",
                     help="YAML file of flags (pdserve's and vLLM's, by name); for serve, "
-                         "`prefill:` and `decode:` sections apply to one pool. The command "
-                         "line wins")
+                         "`prefill:` and `decode:` sections apply to one pool. One file "
+                         "serves every command: each skips the keys another one takes. "
+                         "The command line wins")
+
+
+def _engine_args(ap: argparse.ArgumentParser) -> None:
+    _config_arg(ap)
     ap.add_argument("--model", default=None,
                     help="local Hugging Face model directory (default: the bundled SmolLM2)")
     ap.add_argument("--served-model-name", default="")
@@ -46,7 +51,8 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
                     help="KV cache size per engine (explicit: never let vLLM take 90%%)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--no-prefix-caching", default=False,
+                    action=argparse.BooleanOptionalAction)
     ap.add_argument("--lease-s", type=float, default=30.0)
     ap.add_argument("--transfer-timeout-s", type=float, default=20.0)
     ap.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute")
@@ -73,7 +79,8 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
                     help="push: a decode engine waits this long for the prefill engine's "
                          "WRITEs (queueing and prefill included), then cancels and "
                          "recomputes or fails")
-    ap.add_argument("--kv-checksum", action="store_true",
+    ap.add_argument("--kv-checksum", default=False,
+                    action=argparse.BooleanOptionalAction,
                     help="debug: CRC32 every transferred KV block range on both sides and "
                          "compare; a mismatch fails the load (then recompute or fail, per "
                          "--load-failure-policy). Costs a read of the bytes on each side")
@@ -256,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode workers pull and lay out blocks of another size (CPU, pull)")
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
-    s.add_argument("--keep-going", action="store_true",
+    s.add_argument("--keep-going", default=False,
+                   action=argparse.BooleanOptionalAction,
                    help="a worker that exits (after its restarts) does not stop the cluster "
                         "(the scheduler drops it); a scheduler that exits is restarted")
     s.add_argument("--prefill-args", default="",
@@ -296,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.set_defaults(func=cmd_worker, role=role)
 
     s = sub.add_parser("scheduler", help="run the scheduler")
+    _config_arg(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=0)
@@ -330,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dryrun)
 
     f = sub.add_parser("frontend", help="run the OpenAI-compatible HTTP frontend")
+    _config_arg(f)
     f.add_argument("--model", default=None)
     f.add_argument("--served-model-name", default="")
     f.add_argument("--max-model-len", type=int, default=2048)
@@ -360,12 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def command_flags(ap: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """Each command's own option strings."""
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    return {cmd: set(p._option_string_actions) for cmd, p in sub.choices.items()}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """pdserve's flags, and for the engine commands vLLM's own engine arguments (checked by
     vLLM's parser: pdserve/vllm_args.py) in `ns.vllm` (parsed) and `ns.vllm_argv` (as given,
     for the launcher to hand on)."""
-    argv = vllm_args.with_config(list(sys.argv[1:] if argv is None else argv))
     ap = build_parser()
+    argv = vllm_args.with_config(list(sys.argv[1:] if argv is None else argv),
+                                 command_flags(ap), ENGINE_CMDS)
     ns, rest = ap.parse_known_args(argv)
     if rest and ns.cmd not in ENGINE_CMDS:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -12,7 +12,8 @@ Tensor and pipeline parallelism are refused too until each rank has its own KV a
 
 `--config FILE` (YAML) holds the same keys as the flags (dashes or underscores), and for
 `serve` a `prefill:` and a `decode:` section whose keys apply to that pool only. Flags on
-the command line win over the file.
+the command line win over the file. `pdserve scheduler` and `pdserve frontend` read the same file: each command
+skips the keys another command takes (`with_config`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def parse(argv: list[str]) -> dict[str, Any]:
     return given
 
 
-def config_argv(path: str, section: str | None = None) -> list[str]:
-    """The flags a YAML config file stands for: its top-level keys, or one section's."""
+def config_flags(path: str, section: str | None = None) -> list[list[str]]:
+    """The flags a YAML config file stands for, one [flag, values...] per key: its
+    top-level keys, or one section's. `false` is `--no-FLAG`, as argparse's
+    BooleanOptionalAction (pdserve's own switches) and vLLM's boolean arguments take it."""
     import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -75,34 +78,49 @@ def config_argv(path: str, section: str | None = None) -> list[str]:
         data = data.get(section) or {}
         if not isinstance(data, dict):
             raise SystemExit(f"pdserve: error: {path}: `{section}:` must be a mapping")
-    out: list[str] = []
+    out: list[list[str]] = []
     for key, value in data.items():
         if key in ("prefill", "decode") and section is None:
             continue
         flag = "--" + str(key).replace("_", "-")
         if value is True:
-            out.append(flag)
+            out.append([flag])
         elif value is False:
-            out.append("--no-" + flag[2:])
+            out.append(["--no-" + flag[2:]])
         elif value is None:
             continue
         elif isinstance(value, (dict, list)):
-            out += [flag, json.dumps(value)]
+            out.append([flag, json.dumps(value)])
         else:
-            out += [flag, str(value)]
+            out.append([flag, str(value)])
     return out
 
 
-def with_config(argv: list[str]) -> list[str]:
+def config_argv(path: str, section: str | None = None) -> list[str]:
+    return [tok for group in config_flags(path, section) for tok in group]
+
+
+def with_config(argv: list[str], flags: dict[str, set[str]] | None = None,
+                engine_cmds: tuple[str, ...] = ()) -> list[str]:
     """`argv` (a command and its flags) with `--config FILE`'s flags put first, so the
     command line wins: the file's top-level keys, and for `prefill` and `decode` their
-    section. `serve` keeps `--config` and hands each pool its section."""
+    section. `serve` keeps `--config` and hands each pool its section.
+
+    One file can serve every command (`flags`: each command's own option strings): a key
+    another command takes is skipped here (`expose_routing` for a decode worker); so is any
+    key this command does not know unless it runs an engine, where vLLM's parser checks it
+    (a typo is an error there)."""
     if "--config" not in argv:
         return argv
     i = argv.index("--config")
     if i + 1 >= len(argv):
         raise SystemExit("pdserve: error: --config needs a file")
-    path = argv[i + 1]
-    pool = config_argv(path, argv[0]) if argv[:1] in (["prefill"], ["decode"]) else []
-    return [*argv[:1], *config_argv(path), *pool, *argv[1:]]
-
+    path, cmd = argv[i + 1], argv[0] if argv else ""
+    groups = config_flags(path)
+    if cmd in ("prefill", "decode"):
+        groups += config_flags(path, cmd)
+    if flags and cmd in flags:
+        others = set().union(*(v for k, v in flags.items() if k != cmd))
+        groups = [g for g in groups if g[0] in flags[cmd] or
+                  (cmd in engine_cmds and g[0] not in others)]
+    return [*argv[:1], *(tok for g in groups for tok in g), *argv[1:]]

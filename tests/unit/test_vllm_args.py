@@ -97,3 +97,29 @@ def test_gpus_per_worker():
     assert gpu_env("0+1, 2+3", 1, "decode") == {"CUDA_VISIBLE_DEVICES": "2,3"}
     with pytest.raises(SystemExit, match="names 2 worker"):
         gpu_env("0,1", 2, "decode")
+
+
+def test_false_in_the_config_turns_off_pdserves_own_flags_and_vllms(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kv_checksum: true\nexpose_routing: true\nkeep_going: false\n"
+                   "enable_prefix_caching: false\n")
+    ns = parse_args(["serve", *M, "--config", str(cfg), "--no-expose-routing"])
+    # the file's true holds; the command line's --no- wins over the file's true
+    assert ns.kv_checksum is True and ns.expose_routing is False and ns.keep_going is False
+    assert ns.vllm == {"enable_prefix_caching": False}
+    assert parse_args(["decode", *M, "--config", str(cfg)]).kv_checksum is True
+
+
+def test_one_config_file_serves_every_command_and_typos_still_fail(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("expose_routing: true\nmax_logprobs: 3\nmax_num_seqs: 8\n"
+                   "policy: kv\n")
+    # the frontend skips the engines' keys (pdserve's and vLLM's), the scheduler too
+    assert parse_args(["frontend", *M, "--config", str(cfg)]).expose_routing is True
+    assert parse_args(["scheduler", "--config", str(cfg)]).policy == "kv"
+    ns = parse_args(["decode", *M, "--config", str(cfg)])
+    assert ns.max_num_seqs == 8 and ns.vllm == {"max_logprobs": 3}
+    cfg.write_text("max_num_seqz: 8\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["decode", *M, "--config", str(cfg)])
+    assert e.value.code == 2 and "max-num-seqz" in capsys.readouterr().err
