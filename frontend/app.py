@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import choices, render, security, tokenize_api
+from frontend import choices, render, security, tokenize_api, tools
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import Tokenizer, check_ids
@@ -52,6 +52,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins,
                      cfg.max_body_bytes, cfg.max_inflight)
     state: dict[str, Any] = {"client": client, "tok": tokenizer}
+    if cfg.enable_auto_tool_choice:     # vLLM's parser for the model's own call format
+        state["tool_parser"] = tools.load_parser(cfg.tool_call_parser)
     slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
     M.SLO_SECONDS.labels("ttft").set(slo[0])
     M.SLO_SECONDS.labels("tpot").set(slo[1])
@@ -171,8 +173,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": cfg.max_model_len}]}
 
-    def _sampling(req, logprobs: int) -> pd_pb2.SamplingParams:
-        """The request's sampling, checked once; each prompt's copy gets its max_tokens."""
+    def _sampling(req, logprobs: int, constraint: dict | None = None
+                  ) -> pd_pb2.SamplingParams:
+        """The request's sampling, checked once; each prompt's copy gets its max_tokens.
+        `constraint`: the structured-output constraint when the caller made it (tools)."""
         vocab = state["tok"].vocab_size
         check_ids(req.stop_token_ids or (), vocab, "stop_token_ids", "stop token id")
         sp = pd_pb2.SamplingParams(
@@ -189,7 +193,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         k = req.prompt_logprobs_k()
         if k is not None:
             sp.prompt_logprobs = k
-        so = req.constraint()
+        so = constraint if constraint is not None else req.constraint()
         if so is not None:
             sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**so))
         if req.logit_bias:
@@ -227,9 +231,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                  f"{choices.MAX_CHOICES} per request", param="n")
 
     def _jobs(rid: str, prompts: list[list[int]], body, default: int | None,
-              logprobs: int) -> list[choices.Job]:
+              logprobs: int, constraint: dict | None = None) -> list[choices.Job]:
         budgets = [_budget(body, ids, default) for ids in prompts]
-        base = _sampling(body, logprobs)
+        base = _sampling(body, logprobs, constraint)
         pairs = []
         for ids, max_tokens in zip(prompts, budgets):
             sp = pd_pb2.SamplingParams()
@@ -286,13 +290,17 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         body.check()
         _check_choices(1, body.n)
         tok: Tokenizer = state["tok"]
+        plan = tools.plan(body.tools_json(), body.tool_choice_json(), body.parallel_tool_calls,
+                          state.get("tool_parser"))
         ids = await tok.chat_async([m.for_template() for m in body.messages],
-                                   cfg.max_model_len)
+                                   cfg.max_model_len, tools=plan.tools or None)
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1)
+        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1,
+                     body.constraint(plan.schema))
         out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
-                           chat=True, details=cfg.enable_prompt_tokens_details)
+                           chat=True, details=cfg.enable_prompt_tokens_details,
+                           tools=plan if plan.active else None)
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)

@@ -1,11 +1,12 @@
-"""OpenAI request bodies. Unknown fields are refused (400), never silently ignored, and every
-number and list is bounded here, so nothing overflows a wire field later (a 400, never a
-500)."""
+"""OpenAI request bodies. Unknown fields are ignored with a warning, as vLLM does, except the
+ones in REFUSED, which would change the output (400). Every number and list is bounded
+here, so nothing overflows a wire field later (a 400, never a 500)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal, Union
+import json
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
 
@@ -54,7 +55,7 @@ class StreamOptions(BaseModel):
 # implement yet: refused (400), never ignored, so a client never gets output that silently
 # disregards them. Any other unknown field is ignored with a warning, as vLLM does.
 REFUSED = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "functions", "function_call",
     "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "allowed_token_ids",
     "bad_words", "min_p", "length_penalty", "use_beam_search", "prompt_embeds",
@@ -249,17 +250,68 @@ class CompletionRequest(_Common):
         return self.prompt_logprobs
 
 
+MAX_TOOLS = 128
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = Field(None, max_length=16384)
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=256)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(max_length=256)
+    arguments: str = Field("", max_length=1 << 20)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field("", max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
+    tool_call_id: str | None = Field(None, max_length=256)       # role tool: what it answers
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)   # assistant
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         """The message as the chat template takes it (`developer` is OpenAI's new name for
-        `system`)."""
-        return {"role": "system" if self.role == "developer" else self.role,
-                "content": self.text()}
+        `system`). A call's arguments go to the template as an object, as vLLM hands
+        them."""
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                             "content": self.text()}
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            m["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in self.tool_calls]
+        return m
 
     def text(self) -> str:
         if self.content is None:
@@ -275,11 +327,21 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = Field(None, le=I32)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: StrictBool | None = None
 
     def check(self) -> None:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -289,6 +351,31 @@ class ChatRequest(_Common):
             raise InvalidRequest("messages must not be empty", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.tools and len(json.dumps([t.function.parameters for t in self.tools])) \
+                > MAX_SCHEMA_CHARS:
+            raise InvalidRequest(f"the tools' schemas are over {MAX_SCHEMA_CHARS} characters",
+                                 param="tools")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tool names must be unique", param="tools")
+
+    def tools_json(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def tool_choice_json(self) -> Any:
+        tc = self.tool_choice
+        return tc.model_dump() if isinstance(tc, NamedToolChoice) else tc
+
+    def constraint(self, tool_schema: dict | None = None) -> dict | None:
+        """A named or required tool choice constrains the output to its JSON schema, and
+        then no other constraint may be given."""
+        if tool_schema is None:
+            return super().constraint()
+        rf = self.response_format
+        if self.structured_outputs is not None or (rf is not None and rf.type != "text"):
+            raise InvalidRequest("a named or required tool_choice cannot be combined with "
+                                 "response_format or structured_outputs", param="tool_choice")
+        return {"json": json.dumps(tool_schema)}
 
 
 class TokenizeRequest(BaseModel):

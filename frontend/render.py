@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from frontend.client import Chunk
 from frontend.tokens import Tokenizer
+from frontend.tools import Streamer, ToolPlan, message
 
 
 def _lp(x: float) -> float:
@@ -113,11 +114,14 @@ class Reply:
 
     def __init__(self, rid: str, created: int, endpoint: str, body, prompts: list[list[int]],
                  tok: Tokenizer, chat: bool, details: bool = False,
-                 echo: list[str] | None = None, firsts: list[str] | None = None) -> None:
+                 echo: list[str] | None = None, firsts: list[str] | None = None,
+                 tools: ToolPlan | None = None) -> None:
         self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
         self.prompts, self.tok, self.chat, self.details = prompts, tok, chat, details
         self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
         self.obj = "chat.completion" if chat else "text_completion"
+        self.tools = tools                         # chat: the request's tool calls to make
+        self._streams: dict[int, Streamer] = {}
 
     def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
         """`prompt`: with echo, the index of the prompt whose logprobs come first."""
@@ -140,10 +144,19 @@ class Reply:
                 c["prompt_logprobs"] = prompt_logprobs(chunks[0].prompt_logprobs)
             return c
         if delta:
-            return {"index": index, "delta": {"content": text} if text else {},
-                    "logprobs": lp, "finish_reason": finish}
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": lp, "finish_reason": finish}
+            d = {"content": text} if text else {}
+            if self.tools is not None:
+                st = self._streams.get(index)
+                if st is None:
+                    st = self._streams[index] = Streamer(
+                        self.tools, getattr(self.tok, "tok", None), self.body.model)
+                d, finish = st.feed(text, [t for c in chunks for t in c.token_ids], finish)
+            return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+        msg = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            msg, finish = message(self.tools, text, finish, getattr(self.tok, "tok", None),
+                                  self.body.model)
+        return {"index": index, "message": msg, "logprobs": lp, "finish_reason": finish}
 
     def usage(self, n_gen: int, cached: int) -> dict:
         return usage(sum(len(p) for p in self.prompts), n_gen, cached, self.details)

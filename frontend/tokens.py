@@ -36,12 +36,13 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-             add_special_tokens: bool = False) -> list[int]:
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+             add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+        """`tools`: OpenAI's tool definitions, for templates that show them to the model."""
         if not self.tok.chat_template:
             raise InvalidRequest("this model has no chat template; use /v1/completions")
         try:
-            text = self.tok.apply_chat_template(messages, tokenize=False,
+            text = self.tok.apply_chat_template(messages, tokenize=False, tools=tools,
                                                 add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 (jinja2's errors, the template's raise_exception)
             raise InvalidRequest(f"the chat template refused these messages: {e}",
@@ -72,8 +73,10 @@ class Tokenizer:
         self._fits(len(text), max_tokens, "prompt")
         return await self.run(self.encode, text, add_special_tokens)
 
-    async def chat_async(self, messages: list[dict[str, str]], max_tokens: int = 0,
+    async def chat_async(self, messages: list[dict], max_tokens: int = 0,
                          add_generation_prompt: bool = True,
-                         add_special_tokens: bool = False) -> list[int]:
+                         add_special_tokens: bool = False,
+                         tools: list[dict] | None = None) -> list[int]:
         self._fits(sum(len(m["content"]) for m in messages), max_tokens, "messages")
-        return await self.run(self.chat, messages, add_generation_prompt, add_special_tokens)
+        return await self.run(self.chat, messages, add_generation_prompt, add_special_tokens,
+                              tools)

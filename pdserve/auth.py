@@ -387,6 +387,13 @@ def http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prompt-tokens-details", default=False,
                    action=argparse.BooleanOptionalAction,
                    help="usage.prompt_tokens_details.cached_tokens, as vLLM's flag")
+    p.add_argument("--enable-auto-tool-choice", default=False,
+                   action=argparse.BooleanOptionalAction,
+                   help='tool_choice "auto": the model\'s own tool calls, found by '
+                        "--tool-call-parser (as vLLM's flags)")
+    p.add_argument("--tool-call-parser", default="",
+                   help="vLLM's tool parser for the model's call format (e.g. hermes, "
+                        "llama3_json, mistral)")
     p.add_argument("--allowed-origins", default="",
                    help='CORS origins, a JSON list (\'["https://a.example"]\') or commas')
 

@@ -193,7 +193,9 @@ def cmd_frontend(ns) -> int:
                          allowed_origins=security.parse_origins(ns.allowed_origins),
                          expose_routing=ns.expose_routing, max_body_bytes=ns.max_body_bytes,
                          max_inflight=ns.max_inflight, request_timeout_s=ns.request_timeout_s,
-                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
+                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                         enable_auto_tool_choice=ns.enable_auto_tool_choice,
+                         tool_call_parser=ns.tool_call_parser)
     if not cfg.api_keys:
         logging.getLogger("pdserve.frontend").warning(
             "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,
@@ -386,6 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ns, rest = ap.parse_known_args(argv)
     if rest and ns.cmd not in ENGINE_CMDS:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(ns, "enable_auto_tool_choice", False) and not ns.tool_call_parser:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser (as vLLM)")
     ns.vllm_argv = rest
     ns.vllm = vllm_args.parse(rest) if ns.cmd in ENGINE_CMDS else {}
     return ns

@@ -12,8 +12,8 @@ Tensor and pipeline parallelism are refused too until each rank has its own KV a
 
 `--config FILE` (YAML) holds the same keys as the flags (dashes or underscores), and for
 `serve` a `prefill:` and a `decode:` section whose keys apply to that pool only. Flags on
-the command line win over the file. `pdserve scheduler` and `pdserve frontend` read the same file: each command
-skips the keys another command takes (`with_config`).
+the command line win over the file. `pdserve scheduler` and `pdserve frontend` read the
+same file: each command skips the keys another command takes (`with_config`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class Tok:
     async def encode_async(self, text, max_tokens=0):
         return [1, 2, 3]
 
-    async def chat_async(self, messages, max_tokens=0):
+    async def chat_async(self, messages, max_tokens=0, **kw):
         return [1, 2, 3]
 
 

