@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if ns.start:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from pdserve.models import ensure_bundled_model
-        from tests.e2e.cluster import start_cluster, stop_cluster_proc
+        from bench.local_cluster import start_cluster, stop_cluster_proc
 
         model = ns.model or str(ensure_bundled_model())
         c = start_cluster(model, Path("/tmp/pdserve-bench-cluster.log"),

@@ -103,7 +103,7 @@ def measure_ours(url: str, model: str, lengths: list[int], repeat: int, vocab: i
 
 def measure_vllm(url: str, decode_url: str, model: str, lengths: list[int], repeat: int,
                  vocab: int) -> dict:
-    from tests.e2e.cluster import metric_value
+    from bench.local_cluster import metric_value
     rng = random.Random(1)
     out: dict[int, list[dict]] = {}
     with httpx.Client(timeout=300) as c:

@@ -233,7 +233,7 @@ async def run_workload(url: str, model: str, rounds, concurrency: int, out_token
 
 def engine_hits(c) -> tuple[float, float]:
     from pdserve.rpc import pd_pb2
-    from tests.e2e.cluster import metric_value
+    from bench.local_cluster import metric_value
 
     hits = queries = 0.0
     for w in c.workers():
@@ -246,7 +246,7 @@ def engine_hits(c) -> tuple[float, float]:
 
 def cmd_workload(ns) -> dict:
     from pdserve.models import ensure_bundled_model
-    from tests.e2e.cluster import start_cluster, stop_cluster_proc
+    from bench.local_cluster import start_cluster, stop_cluster_proc
 
     model = ns.model or str(ensure_bundled_model())
     rounds = shared_prefix_workload(ns.vocab, ns.system_prompts, ns.system_tokens,

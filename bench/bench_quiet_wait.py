@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.serve import add_workload_args, sweep
     from pdserve.models import ensure_bundled_model
-    from tests.e2e.cluster import start_cluster, stop_cluster_proc
+    from bench.local_cluster import start_cluster, stop_cluster_proc
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

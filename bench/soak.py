@@ -208,7 +208,7 @@ def plot(series: list[dict], path: str, warmup: float) -> None:
 async def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from pdserve.models import build_tiny_model, ensure_bundled_model
-    from tests.e2e.cluster import start_cluster, stop_cluster_proc
+    from bench.local_cluster import start_cluster, stop_cluster_proc
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     model = args.model or (str(build_tiny_model(tmp / "tiny")) if args.tiny

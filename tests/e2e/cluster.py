@@ -1,155 +1,27 @@
-"""Start and stop a real local cluster (`pdserve serve`) for tests; query its workers."""
+"""The e2e tests' cluster harness (bench/local_cluster.py, shared with the benchmarks) and
+their ground truth: colocated vLLM engines (`reference`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from pdserve import auth
-from pdserve.engine import free_port
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
-# every test cluster runs authenticated with this secret (`pdserve serve` would make its own;
-# giving it one lets the tests call the internal plane as any role)
-TEST_SECRET = auth.new_secret()
-
-
-def creds(role: str = auth.ADMIN) -> auth.Credentials:
-    ring = auth.Keyring(TEST_SECRET)
-    return auth.Credentials(ring.token(role), ring)
-
-
-def channel(address: str, role: str = auth.ADMIN):
-    """A blocking channel to a test cluster's gRPC service, as `role`."""
-    return auth.channel(address, creds(role))
-
-
-@dataclass
-class Cluster:
-    proc: subprocess.Popen
-    url: str
-    scheduler: str
-    model_dir: str
-    model_name: str
-    log_path: Path
-
-    def workers(self) -> list[pd_pb2.WorkerInfo]:
-        with channel(self.scheduler) as ch:
-            return list(pd_pb2_grpc.SchedulerStub(ch).ListWorkers(
-                pd_pb2.ListWorkersRequest(), timeout=5).workers)
-
-    def status(self, w: pd_pb2.WorkerInfo) -> pd_pb2.WorkerStatusResponse:
-        with channel(w.address) as ch:
-            stub = (pd_pb2_grpc.PrefillWorkerStub(ch) if w.role == pd_pb2.ROLE_PREFILL
-                    else pd_pb2_grpc.DecodeWorkerStub(ch))
-            return stub.Status(pd_pb2.WorkerStatusRequest(), timeout=5)
-
-    def metrics(self, w: pd_pb2.WorkerInfo) -> str:
-        return httpx.get(f"http://{w.metrics_address}/metrics", timeout=5).text
-
-    def wait_idle(self, timeout: float = 30.0) -> dict[str, pd_pb2.WorkerLoad]:
-        """Until every worker reports no running/waiting requests, no KV in use, no leases."""
-        deadline = time.monotonic() + timeout
-        while True:
-            loads = {w.worker_id: self.status(w).load for w in self.workers()}
-            busy = {k: v for k, v in loads.items()
-                    if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
-            if not busy or time.monotonic() > deadline:
-                return loads
-            time.sleep(0.25)
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample's values whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+([-+eE\d.naif]+)", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
-
-
-class PortTaken(RuntimeError):
-    pass
-
-
-def start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None = None,
-                  extra: list[str] | None = None, timeout: float = 400) -> Cluster:
-    """The launcher needs fixed frontend/scheduler ports; retry if one was taken meanwhile."""
-    for attempt in range(3):
-        try:
-            return _start_cluster(model_dir, log_path, env, extra, timeout)
-        except PortTaken:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
-                   extra: list[str] | None, timeout: float) -> Cluster:
-    port, sport = free_port(), free_port()
-    argv = [sys.executable, "-m", "pdserve.cli", "serve", "--model", model_dir,
-            "--port", str(port), "--scheduler-port", str(sport), "--kv-cache-gib", "0.25",
-            # the tests check routes, transfers and cache hits in responses
-            "--expose-routing", "--enable-prompt-tokens-details",
-            "--shutdown-grace-s", "10", *(extra or [])]
-    logf = open(log_path, "w")
-    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, auth.ENV_SECRET: TEST_SECRET, **(env or {})},
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            text = log_path.read_text()
-            if "address already in use" in text.lower():
-                raise PortTaken(f"a port was taken before the cluster bound it ({log_path})")
-            raise RuntimeError(f"cluster exited early; see {log_path}:\n" + text[-4000:])
-        try:
-            # the launcher logs "ready:" once every configured worker has registered
-            if "pdserve.launcher: ready:" in log_path.read_text() and \
-                    httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                key = (extra or [])[(extra or []).index("--api-key") + 1] \
-                    if "--api-key" in (extra or []) else ""
-                name = httpx.get(f"{url}/v1/models", timeout=5, headers={
-                    "Authorization": f"Bearer {key}"} if key else {}).json()["data"][0]["id"]
-                return Cluster(proc, url, f"127.0.0.1:{sport}", model_dir, name, log_path)
-        except httpx.HTTPError:
-            pass
-        except Exception:
-            stop_cluster_proc(proc)      # never leave a cluster behind a failed start
-            raise
-        time.sleep(1)
-    stop_cluster_proc(proc)
-    raise RuntimeError(f"cluster not healthy in {timeout}s; see {log_path}")
-
-
-def stop_cluster_proc(proc: subprocess.Popen) -> int:
-    """Ctrl-C the launcher (by PID); it stops its children. Kill the group if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    return proc.returncode
+from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exported
+    ROOT,
+    SECRET as TEST_SECRET,
+    Cluster,
+    PortTaken,
+    channel,
+    creds,
+    metric_value,
+    start_cluster,
+    stop_cluster_proc,
+)
 
 
 class ReferenceEngine:

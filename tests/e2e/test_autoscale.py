@@ -30,8 +30,7 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans
+from tests.e2e.conftest import serving
 
 PHASE_LIMIT_S = 240
 
@@ -40,7 +39,7 @@ PHASE_LIMIT_S = 240
 def scaled(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("autoscale")
     record = d / "planner.jsonl"
-    c = start_cluster(tiny_model, d / "cluster.log", extra=[
+    for c in serving(tiny_model, tmp_path_factory, "autoscale", extra=[
         "--max-num-seqs", "2", "--autoscale", "local",
         "--ttft-slo-ms", "600", "--tpot-slo-ms", "20",
         "--prefill-max", "2", "--decode-max", "2",
@@ -52,11 +51,11 @@ def scaled(tiny_model, tmp_path_factory):
         "--role-planner", "off",
         # the bursts must breach the SLO and be served late, not refused (429): the
         # autoscaler reacts to the latency admission control would cut off
-        "--admit-ttft-factor", "0"])
-    c.record = record
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)     # the workers the autoscaler started included
+        "--admit-ttft-factor", "0"]):
+        c.record = record
+        # serving() then checks that no process is left, the workers the autoscaler
+        # started included
+        yield c
 
 
 def workers(c, role):

@@ -4,18 +4,15 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.cluster import metric_value
+from tests.e2e.conftest import serving, words
 from tests.e2e.test_kv_aware import sched
 
 
 @pytest.fixture(scope="module")
 def cond_cluster(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "conditional.log",
-                      extra=["--local-prefill-max-tokens", "64"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "conditional",
+                       extra=["--local-prefill-max-tokens", "64"])
 
 
 def run(c, prompt, stream=False):

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.cluster import metric_value
+from tests.e2e.conftest import serving, words
 
 LEASE_S = 4.0
 DELAY_S = 1.5
@@ -35,17 +35,15 @@ DELAY_S = 1.5
 
 @pytest.fixture(scope="module")
 def fc(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "faults.log",
-                      env={"PDSERVE_DEBUG_KV_LOAD_DELAY_S": str(DELAY_S)},
-                      extra=["--prefill-workers", "1", "--decode-workers", "2", "--keep-going",
-                             "--worker-restarts", "0",   # killed workers stay dead here
-                             "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3",
-                             # transfers must happen here: the adaptive policy would
-                             # learn the injected 1.5 s loads and prefill locally instead
-                             "--policy", "kv"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "faults",
+                       env={"PDSERVE_DEBUG_KV_LOAD_DELAY_S": str(DELAY_S)},
+                       extra=["--prefill-workers", "1", "--decode-workers", "2",
+                              "--keep-going",
+                              "--worker-restarts", "0",   # killed workers stay dead here
+                              "--lease-s", str(LEASE_S), "--transfer-timeout-s", "3",
+                              # transfers must happen here: the adaptive policy would
+                              # learn the injected 1.5 s loads and prefill locally instead
+                              "--policy", "kv"])
 
 
 def pid_of(c, name: str) -> int:

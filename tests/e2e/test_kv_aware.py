@@ -19,20 +19,17 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from tests.e2e.cluster import channel, metric_value, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans, words
+from tests.e2e.cluster import channel, metric_value
+from tests.e2e.conftest import serving, words
 
 BS = 128
 
 
 @pytest.fixture(scope="module")
 def kv_cluster(tiny_model, tmp_path_factory):
-    c = start_cluster(tiny_model, tmp_path_factory.mktemp("logs") / "kv_aware.log",
-                      extra=["--prefill-workers", "2", "--decode-workers", "1", "--policy", "kv",
-                             "--keep-going", "--worker-restarts", "0"])
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(tiny_model, tmp_path_factory, "kv_aware",
+                       extra=["--prefill-workers", "2", "--decode-workers", "1", "--policy",
+                              "kv", "--keep-going", "--worker-restarts", "0"])
 
 
 def sched(c):

@@ -7,8 +7,8 @@ import pytest
 
 from frontend import tools
 from pdserve.models import ensure_bundled_model
-from tests.e2e.cluster import reference, start_cluster, stop_cluster_proc
-from tests.e2e.conftest import assert_no_orphans
+from tests.e2e.cluster import reference
+from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,7 @@ TOOL_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    model = str(ensure_bundled_model())
-    c = start_cluster(model, tmp_path_factory.mktemp("logs") / "smol.log")
-    yield c
-    assert stop_cluster_proc(c.proc) == 0
-    assert_no_orphans(c.log_path)
+    yield from serving(str(ensure_bundled_model()), tmp_path_factory, "smol")
 
 
 @pytest.fixture(scope="module")
