@@ -15,11 +15,11 @@ import time
 import grpc
 
 from decode_worker.leases import LeaseRenewer
+from kv_transfer.handle import KVHandle, push_params
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import (
     engine_prompt,
-    handle_to_params,
     logprobs_to_wire,
     prompt_logprobs_to_wire,
     to_vllm,
@@ -68,14 +68,12 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             M.LOCAL_PREFILLS.inc()
         elif push:   # the prompt's KV is written into our blocks; the first token is ours
             ids = list(request.prompt_token_ids)
-            params = to_vllm(sp, max_tokens=sp.max_tokens, kv_transfer_params={
-                "pd_remote_prefill": True, "pd_push": True, "transfer_key": rid,
-                "transfer_id": request.push.transfer_id,
-                "agent_address": request.push.agent_address})
+            params = to_vllm(sp, max_tokens=sp.max_tokens, kv_transfer_params=push_params(
+                rid, request.push.transfer_id, request.push.agent_address))
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
-                             kv_transfer_params=handle_to_params(request.kv, rid))
+                             kv_transfer_params=KVHandle.from_proto(request.kv).load_params(rid))
         self.active[rid] = asyncio.current_task()
         self.rt.inflight += 1
         finished = False

@@ -71,23 +71,6 @@ def prompt_logprobs_to_wire(prompt_ids, prompt_logprobs, k: int
     return logprobs_to_wire(list(prompt_ids)[1:], list(prompt_logprobs)[1:], k)
 
 
-def handle_to_params(kv: pd_pb2.KVHandle, transfer_key: str) -> dict[str, Any]:
-    return {"pd_remote_prefill": True, "transfer_key": transfer_key,
-            "transfer_id": kv.transfer_id, "engine_id": kv.engine_id,
-            "agent_address": kv.agent_address, "block_ids": list(kv.block_ids),
-            "num_tokens": kv.num_tokens, "compat_hash": kv.compat_hash,
-            "block_size": kv.block_size}
-
-
-def params_to_handle(p: dict[str, Any]) -> pd_pb2.KVHandle:
-    return pd_pb2.KVHandle(
-        transfer_id=p["transfer_id"], engine_id=p["engine_id"],
-        agent_address=p["agent_address"], block_ids=[int(b) for b in p["block_ids"]],
-        num_tokens=int(p["num_tokens"]), compat_hash=p["compat_hash"],
-        lease_expires_unix=float(p.get("lease_expires_unix", 0.0)),
-        block_size=int(p.get("block_size", 0)))
-
-
 def engine_prompt(ids: list[int], sp: pd_pb2.SamplingParams) -> dict:
     """vLLM's prompt for these token ids, with the request's cache salt if it has one."""
     return ({"prompt_token_ids": ids, "cache_salt": sp.cache_salt} if sp.cache_salt

@@ -13,12 +13,12 @@ import os
 
 import grpc
 
+from kv_transfer.handle import KVHandle, prefill_params
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.sampling import (
     engine_prompt,
     logprobs_to_wire,
-    params_to_handle,
     prompt_logprobs_to_wire,
     to_vllm,
 )
@@ -44,9 +44,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             M.WORKER_REQUESTS.labels("prefill", "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
         t0 = now()
-        kvp_in = {"pd_remote_decode": True}
-        if request.push:   # a decode worker offers blocks; our engine WRITEs into them
-            kvp_in.update(pd_push=True, transfer_id=request.request_id)
+        # push: a decode worker offers blocks; our engine WRITEs into them
+        kvp_in = prefill_params(request.request_id if request.push else "")
         params = to_vllm(sp, max_tokens=1, kv_transfer_params=kvp_in, computes_prompt=True)
         final = None
         first_ids: list[int] = []
@@ -78,7 +77,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             # for a decode worker that will never come: free them now, not at lease expiry
             M.WORKER_REQUESTS.labels("prefill", "cancelled").inc()
             if final is not None and final.finished and final.kv_transfer_params:
-                await asyncio.shield(self._release(params_to_handle(final.kv_transfer_params)))
+                await asyncio.shield(self._release(
+                    KVHandle.from_params(final.kv_transfer_params)))
             raise
         finally:
             self.rt.prefill_tokens -= ntok
@@ -106,11 +106,11 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             if rec is not None:
                 resp.push.CopyFrom(rec)
         if kvp:
-            handle = params_to_handle(kvp)
+            handle = KVHandle.from_params(kvp)
             if finish or context.cancelled():
                 await self._release(handle)  # nobody will read these blocks
             else:
-                resp.kv.CopyFrom(handle)
+                resp.kv.CopyFrom(handle.to_proto())
                 # only this cluster's producers make handles a decode worker loads from
                 auth.sign_handle(self.rt.creds, resp.kv, request.token_ids, sp.cache_salt)
         elif not finish:
@@ -136,7 +136,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             M.KV_FAILURES.labels(rec.reason or "error").inc()
         return rec
 
-    async def _release(self, handle: pd_pb2.KVHandle) -> None:
+    async def _release(self, handle: KVHandle) -> None:
         try:
             await self.rt._agent.Release(pd_pb2.LeaseRequest(transfer_ids=[handle.transfer_id]),
                                          timeout=5)

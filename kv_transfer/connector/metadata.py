@@ -63,10 +63,3 @@ class PDConnectorMetadata(KVConnectorMetadata):
     # the step computes nothing (every request waits for KV): the worker may wait for a
     # transfer instead of returning at once into another empty step
     idle: bool = False
-
-
-# keys of vLLM's kv_transfer_params that our components exchange
-P_REMOTE_DECODE = "pd_remote_decode"     # set on a prefill request: hold blocks for decode
-P_REMOTE_PREFILL = "pd_remote_prefill"   # set on a decode request: load blocks first
-P_DONE = "_pd_processed"
-P_PUSH = "pd_push"                       # push mode (both sides)

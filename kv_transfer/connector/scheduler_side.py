@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -16,15 +15,15 @@ import grpc
 from kv_transfer import layout as L
 from kv_transfer.agent import AgentClients, read_agent_address
 from kv_transfer.connector.config import RPC_TIMEOUT_S, ConnectorConfig
-from kv_transfer.connector.metadata import (
+from kv_transfer.connector.metadata import LoadSpec, OfferSpec, PDConnectorMetadata, PushChunk
+from kv_transfer.handle import (
     P_DONE,
+    P_KEY,
     P_PUSH,
     P_REMOTE_DECODE,
     P_REMOTE_PREFILL,
-    LoadSpec,
-    OfferSpec,
-    PDConnectorMetadata,
-    PushChunk,
+    KVHandle,
+    source,
 )
 from pdserve.rpc import pd_pb2
 
@@ -163,7 +162,8 @@ class SchedulerHalf:
         self._local_hit[request.request_id] = num_computed_tokens
         # pull: the handle's tokens; push: the whole prompt (vLLM recomputes its last
         # token to sample the first output token here)
-        total = request.num_prompt_tokens if p.get(P_PUSH) else int(p["num_tokens"])
+        total = (request.num_prompt_tokens if p.get(P_PUSH)
+                 else KVHandle.from_params(p).num_tokens)
         count = total - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
@@ -178,34 +178,35 @@ class SchedulerHalf:
         local_hit = self._local_hit.pop(request.request_id, 0)
         if num_external_tokens <= 0:
             # everything was in our own prefix cache: the producer's copy is not needed
-            self._releaser.release(p["agent_address"], p["transfer_id"])
+            self._releaser.release(*source(p))
             return
         first = local_hit // self.cfg.block_size
         if p.get(P_PUSH):
             n_blocks = L.blocks_for_tokens(request.num_prompt_tokens, self.cfg.block_size)
+            address, tid = source(p)
             self._offers.append(OfferSpec(
-                req_id=request.request_id, transfer_key=str(p.get("transfer_key", "")),
-                transfer_id=p["transfer_id"], agent_address=p["agent_address"],
+                req_id=request.request_id, transfer_key=str(p.get(P_KEY, "")),
+                transfer_id=tid, agent_address=address,
                 block_ids=list(blocks.get_block_ids()[0][:n_blocks]), skip_blocks=first,
                 num_tokens=num_external_tokens))
-            self._loading[request.request_id] = (p["agent_address"], p["transfer_id"])
+            self._loading[request.request_id] = (address, tid)
             return
-        num_tokens = int(p["num_tokens"])
+        h = KVHandle.from_params(p)
+        num_tokens = h.num_tokens
         local_ids = list(blocks.get_block_ids()[0][
             first:L.blocks_for_tokens(num_tokens, self.cfg.block_size)])
         # the producer's blocks holding tokens [local_hit, num_tokens): the same blocks
         # when both block sizes agree, else those the relayout reads (kv_transfer/relayout.py)
-        src_bs = int(p.get("block_size") or self.cfg.block_size)
-        remote_ids = [int(b) for b in p["block_ids"][
-            local_hit // src_bs:L.blocks_for_tokens(num_tokens, src_bs)]]
+        src_bs = h.block_size or self.cfg.block_size
+        remote_ids = list(h.block_ids[local_hit // src_bs:L.blocks_for_tokens(num_tokens, src_bs)])
         self._loads.append(LoadSpec(
-            req_id=request.request_id, transfer_key=str(p.get("transfer_key", "")),
-            transfer_id=p["transfer_id"], engine_id=p["engine_id"],
-            agent_address=p["agent_address"], compat_hash=p.get("compat_hash", ""),
+            req_id=request.request_id, transfer_key=str(p.get(P_KEY, "")),
+            transfer_id=h.transfer_id, engine_id=h.engine_id,
+            agent_address=h.agent_address, compat_hash=h.compat_hash,
             local_block_ids=local_ids, remote_block_ids=remote_ids,
             num_tokens=num_external_tokens, src_block_size=src_bs, first_token=local_hit,
             end_token=num_tokens))
-        self._loading[request.request_id] = (p["agent_address"], p["transfer_id"])
+        self._loading[request.request_id] = (h.agent_address, h.transfer_id)
 
     def update_connector_output(self, connector_output) -> None:
         for req_id in connector_output.finished_recving or ():
@@ -271,7 +272,7 @@ class SchedulerHalf:
             if not p.get(P_DONE):
                 # aborted before it was ever scheduled: free the producer's blocks
                 p[P_DONE] = True
-                self._releaser.release(p["agent_address"], p["transfer_id"])
+                self._releaser.release(*source(p))
             # else: release follows finished_recving (vLLM delays our free until then)
             return False, None
         if not p.get(P_REMOTE_DECODE) or not self.cfg.is_producer:
@@ -283,16 +284,10 @@ class SchedulerHalf:
                                   RequestStatus.FINISHED_STOPPED) or not block_ids:
             return False, None  # aborted prefill: nothing to hand over
         self._new_leases[request.request_id] = len(block_ids)
-        return True, {
-            "transfer_id": request.request_id,
-            "engine_id": self.cfg.engine_id,
-            "agent_address": self.agent_address,
-            "block_ids": list(block_ids),
-            "num_tokens": request.num_computed_tokens,
-            "compat_hash": self.cfg.compat_hash,
-            "block_size": self.cfg.block_size,
-            "lease_expires_unix": time.time() + self.cfg.lease_s,
-        }
+        return True, KVHandle.made(
+            request.request_id, self.cfg.engine_id, self.agent_address, block_ids,
+            request.num_computed_tokens, self.cfg.compat_hash, self.cfg.block_size,
+            self.cfg.lease_s).to_params()
 
     def quiescent(self, sched) -> bool:
         """May the engine core sleep until an outside event? (engine_quiescent)"""
