@@ -43,7 +43,7 @@ def set_auth(on: bool) -> None:
 
 
 async def routing(on: bool, calls: int) -> list[float]:
-    from pdserve.config import SchedulerConfig
+    from scheduler.config import SchedulerConfig
     from scheduler.service import create_server
 
     set_auth(on)

@@ -40,7 +40,7 @@ def build_scheduler(n_workers: int, n_blocks: int, block_size: int, prompt_token
     """A SchedulerServicer with n_workers (half prefill, half decode) and n_blocks indexed:
     chains of shared system prompts and per-conversation tails, as a fleet would hold."""
     from pdserve import kvhash
-    from pdserve.config import SchedulerConfig
+    from scheduler.config import SchedulerConfig
     from scheduler.service import SchedulerServicer
     from scheduler.state import Load, Worker
 
@@ -135,7 +135,7 @@ async def micro_grpc_ingest(ns) -> dict:
     """Scheduler side: KVEvents gRPC stream on loopback into the real servicer."""
     import grpc
 
-    from pdserve.config import SchedulerConfig
+    from scheduler.config import SchedulerConfig
     from pdserve.rpc import pd_pb2, pd_pb2_grpc
     from scheduler.service import create_server
 

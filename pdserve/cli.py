@@ -13,14 +13,15 @@ from pdserve.config import (
     EngineConfig,
     FrontendConfig,
     KVTransferConfig,
-    SchedulerConfig,
     WorkerConfig,
 )
 from pdserve import auth, vllm_args
 from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, placement_args,
                            planner_config, role_args, role_config)
 from pdserve.logs import setup_logging
+from pdserve.models import resolve_model
 from pdserve.procs import die_with_parent
+from scheduler.config import SchedulerConfig
 from scheduler.policy import PlacementConfig
 
 log = logging.getLogger("pdserve")
@@ -87,13 +88,6 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--drain-timeout-s", type=float, default=60.0,
                     help="on SIGTERM a worker deregisters, then waits up to this long for its "
                          "requests (and KV held for decode workers) to finish")
-
-
-def resolve_model(model: str | None) -> str:
-    if model:
-        return model
-    from pdserve.models import ensure_bundled_model
-    return str(ensure_bundled_model())
 
 
 def engine_config(ns, cores: str) -> EngineConfig:
@@ -210,7 +204,7 @@ def cmd_frontend(ns) -> int:
 def cmd_serve(ns) -> int:
     setup_logging("launcher")
     from pdserve.launcher import run_cluster
-    return run_cluster(ns)
+    return run_cluster(ns, parse_args)
 
 
 def cmd_dryrun(ns) -> int:

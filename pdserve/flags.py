@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pdserve.config import AutoscaleConfig
+from scheduler.config import AutoscaleConfig
 from scheduler.planner import PlannerConfig, PoolPolicy
 from scheduler.policy import PlacementConfig
 

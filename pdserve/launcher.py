@@ -116,9 +116,9 @@ def pool_argv(ns, role: str) -> list[str]:
     return argv + shlex.split(getattr(ns, f"{role}_args", ""))
 
 
-def check_pool_args(ns) -> None:
-    """Refuse bad per-pool flags now, not when a worker starts (exits 2 with a message)."""
-    from pdserve.cli import parse_args
+def check_pool_args(ns, parse_args) -> None:
+    """Refuse bad per-pool flags now, not when a worker starts (exits 2 with a message).
+    `parse_args`: the command line's parser (pdserve/cli.py, which calls us)."""
     for role in ("prefill", "decode"):
         parse_args([role, *engine_argv(ns), *pool_argv(ns, role)])
 
@@ -216,11 +216,13 @@ def api_key_env(ns) -> dict[str, str]:
     return {ENV_KEY: ",".join(keys)} if keys else {}
 
 
-def run_cluster(ns) -> int:
-    from pdserve.cli import resolve_model
+def run_cluster(ns, parse_args) -> int:
+    """`pdserve serve`; `parse_args`: the command line's parser, to check each pool's
+    flags before anything starts."""
+    from pdserve.models import resolve_model
 
     ns.model = resolve_model(ns.model)
-    check_pool_args(ns)
+    check_pool_args(ns, parse_args)
     fe_env = cluster_credentials()
     cores = _cores(ns.cores)
     scheduler = f"{ns.host}:{ns.scheduler_port}"

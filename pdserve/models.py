@@ -29,6 +29,14 @@ def bundled_model_dir() -> Path:
     return data_dir() / "models" / BUNDLED_NAME
 
 
+def resolve_model(model: str | None) -> str:
+    """The model directory a command was given, or the bundled model's (prepared on first
+    use)."""
+    if model:
+        return model
+    return str(ensure_bundled_model())
+
+
 def ensure_bundled_model() -> Path:
     out = bundled_model_dir()
     if (out / _READY).exists():

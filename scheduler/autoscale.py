@@ -22,8 +22,8 @@ import math
 from dataclasses import asdict
 from typing import Callable
 
-from pdserve import metrics as M
-from pdserve.config import AutoscaleConfig
+from scheduler import metrics as SM
+from scheduler.config import AutoscaleConfig
 from scheduler.actuators import (Actuator, KubernetesActuator, KubernetesTarget, LocalActuator,
                                  LocalConfig, MetricsOnlyActuator)
 from scheduler.planner import POOLS, Decision, Planner, PlannerInput, PoolMetrics, SlidingWindow
@@ -72,7 +72,7 @@ class Autoscaler:
         self._record = open(cfg.record_path, "a") if cfg.record_path else None
         for pool in POOLS:
             pol = getattr(cfg.planner, pool)
-            M.PLANNER_SLO.labels(pool).set(pol.target_ms / 1e3)
+            SM.PLANNER_SLO.labels(pool).set(pol.target_ms / 1e3)
 
     # ------------------------------------------------------------ observations
     def observe_route(self, now: float, mode: str, prompt_tokens: int) -> None:
@@ -128,14 +128,14 @@ class Autoscaler:
         d = self.planner.tick(inp)
         self.last = d
         for pool in POOLS:
-            M.PLANNER_DESIRED.labels(pool).set(d.desired[pool])
-            M.PLANNER_ACTUAL.labels(pool).set(len(self.reg.live(pool, routable=True)))
-            M.PLANNER_DECISIONS.labels(pool, d.actions[pool]).inc()
-            M.PLANNER_REASON.labels(pool).state(d.codes[pool])
+            SM.PLANNER_DESIRED.labels(pool).set(d.desired[pool])
+            SM.PLANNER_ACTUAL.labels(pool).set(len(self.reg.live(pool, routable=True)))
+            SM.PLANNER_DECISIONS.labels(pool, d.actions[pool]).inc()
+            SM.PLANNER_REASON.labels(pool).state(d.codes[pool])
             m = inp.metrics[pool]
             if m is not None and m.latency_p90_ms is not None:
-                M.PLANNER_LATENCY.labels(pool).set(m.latency_p90_ms / 1e3)
-            M.PLANNER_RATE.labels(pool).set(m.request_rate if m else 0.0)
+                SM.PLANNER_LATENCY.labels(pool).set(m.latency_p90_ms / 1e3)
+            SM.PLANNER_RATE.labels(pool).set(m.request_rate if m else 0.0)
         # every decision that differs from the last one is logged (a scale action, or a
         # new reason); the full tick-by-tick record goes to record_path
         prev = self._last_codes

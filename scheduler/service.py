@@ -14,9 +14,10 @@ import time
 
 import grpc
 
+from scheduler import metrics as SM
 from pdserve import auth, kvhash
 from pdserve import metrics as M
-from pdserve.config import SchedulerConfig
+from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.latency import StepSample
 from scheduler.adaptive import SLO
@@ -68,15 +69,15 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
-        M.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
+        SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
         for role in ("prefill", "decode", "mixed"):
-            M.WORKERS.labels(role).set(sum(w.role == role for w in self.reg.workers.values()))
-        M.SCHED_ROLE_PENDING.set(sum(bool(w.pending_role) for w in self.reg.workers.values()))
-        M.SCHED_BOOKINGS.set(len(self.reg.bookings))
+            SM.WORKERS.labels(role).set(sum(w.role == role for w in self.reg.workers.values()))
+        SM.SCHED_ROLE_PENDING.set(sum(bool(w.pending_role) for w in self.reg.workers.values()))
+        SM.SCHED_BOOKINGS.set(len(self.reg.bookings))
         st = self.index.stats()
-        M.SCHED_INDEX_BLOCKS.set(st.blocks)
+        SM.SCHED_INDEX_BLOCKS.set(st.blocks)
 
     def _forget(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
@@ -117,7 +118,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             last = request.steps[-1]
             w.step_decode_seqs, w.step_decode_ctx = last.decode_seqs, last.decode_ctx
             self.book.observe_steps(w.worker_id, w.model, _samples(request.steps), now)
-            M.SCHED_MODEL_SAMPLES.inc(len(request.steps))
+            SM.SCHED_MODEL_SAMPLES.inc(len(request.steps))
         else:       # no step since the last heartbeat: nothing decodes there
             w.step_decode_seqs, w.step_decode_ctx = 0, 0
         self._settle(now)
@@ -126,7 +127,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def _settle(self, now: float) -> None:
         for w in self.reg.settle_roles(now):
             log.info("worker %s drained: role is now %s", w.worker_id, w.role)
-            M.SCHED_ROLE_CHANGES.labels(w.role, "drained").inc()
+            SM.SCHED_ROLE_CHANGES.labels(w.role, "drained").inc()
 
     def change_role(self, worker_id: str, role: str, reason: str) -> Worker | None:
         old = self.reg.workers.get(worker_id)
@@ -136,7 +137,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             return None
         if w.role != before:
             log.info("worker %s: role %s -> %s (%s)", worker_id, before, w.role, reason)
-            M.SCHED_ROLE_CHANGES.labels(w.role, reason).inc()
+            SM.SCHED_ROLE_CHANGES.labels(w.role, reason).inc()
         elif w.pending_role:
             log.info("worker %s: role %s -> %s once drained (%s)", worker_id, w.role,
                      w.pending_role, reason)
@@ -209,7 +210,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                         self.index.stored(worker_id, batch.stored)
                     if batch.removed:
                         self.index.removed(worker_id, batch.removed)
-                M.SCHED_INDEX_EVENTS.inc(len(batch.stored) + len(batch.removed))
+                SM.SCHED_INDEX_EVENTS.inc(len(batch.stored) + len(batch.removed))
                 n += 1
         finally:
             if worker_id and worker_id not in self.reg.workers:
@@ -244,11 +245,11 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                       frozenset(request.exclude_workers), self.rng, self.book, self.slo,
                       request.max_tokens, self.clock())
         except NoPlacement as e:
-            M.ROUTES.labels("no_workers").inc()
+            SM.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor)
         if wait:
-            M.ROUTES.labels("overloaded").inc()
+            SM.ROUTES.labels("overloaded").inc()
             M.REJECTED.labels("forecast_ttft").inc()
             context.set_trailing_metadata((("retry-after", f"{wait:.0f}"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -260,11 +261,11 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.index.hit_blocks += d.cached_tokens // max(1, prefiller.block_size)
         key = f"{d.mode}:{d.reason}"
         self.decisions[key] = self.decisions.get(key, 0) + 1
-        M.SCHED_DECISIONS.labels(d.mode, d.reason).inc()
-        M.SCHED_PROMPT_TOKENS.inc(len(ids))
-        M.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
-        M.ROUTES.labels("ok").inc()
-        M.ROUTE_SECONDS.observe(time.perf_counter() - t0)
+        SM.SCHED_DECISIONS.labels(d.mode, d.reason).inc()
+        SM.SCHED_PROMPT_TOKENS.inc(len(ids))
+        SM.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
+        SM.ROUTES.labels("ok").inc()
+        SM.ROUTE_SECONDS.observe(time.perf_counter() - t0)
         if self.autoscaler is not None:
             self.autoscaler.observe_route(self.clock(), d.mode, len(ids))
         resp = pd_pb2.RouteResponse(
@@ -273,8 +274,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
             runner_up=d.runner_up, chunk_tokens=d.chunk_tokens)
         if d.pred_ttft_s:
-            M.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
-            M.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
+            SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
+            SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
         if d.prefill is not None:
             resp.prefill.CopyFrom(self._ref(d.prefill))
             resp.push_ticket = auth.push_ticket(self.creds, request.request_id,
@@ -295,7 +296,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         elif request.phase in (pd_pb2.PHASE_DONE, pd_pb2.PHASE_FAILED):
             known = self.reg.finish(request.booking_id, now) is not None
             if request.phase == pd_pb2.PHASE_FAILED:
-                M.SCHED_FAILED_REQUESTS.inc()
+                SM.SCHED_FAILED_REQUESTS.inc()
         else:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report needs a phase")
         # a report for no booking of ours feeds nothing (no fake latencies for the planner)
@@ -303,16 +304,16 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                                               request.tpot_ms > 0):
             self.autoscaler.observe_report(self.clock(), request.ttft_ms, request.tpot_ms,
                                            request.output_tokens)
-        M.SCHED_BOOKINGS.set(len(self.reg.bookings))
+        SM.SCHED_BOOKINGS.set(len(self.reg.bookings))
         self._settle(now)
         return pd_pb2.ReportResponse(known=known)
 
     def _observe_report(self, b, r) -> None:
         """Measured against predicted (the model's error), and KV transfer samples."""
         if r.ttft_ms > 0 and b.pred_ttft_s > 0:
-            M.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
+            SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0:
-            M.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
+            SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
         if r.kv_bytes and r.kv_seconds > 0:
             self.book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)
 
@@ -352,7 +353,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             await asyncio.sleep(self.cfg.heartbeat_interval_s / 2)
             now = self.clock()
             for w in self.reg.expire(now):
-                M.WORKERS_EXPIRED.inc()
+                SM.WORKERS_EXPIRED.inc()
                 self._forget(w.worker_id)
                 log.warning("dropped %s worker %s: no heartbeat for %.1fs", w.role, w.worker_id,
                             self.cfg.heartbeat_timeout_s)

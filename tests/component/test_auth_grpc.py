@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kv_transfer.agent import MAX_HOLD_S, AgentState, start_agent_server
 from pdserve import auth
-from pdserve.config import SchedulerConfig
+from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.service import create_server
 

@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 
-from pdserve.config import SchedulerConfig
+from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.service import create_server
 
