@@ -29,7 +29,9 @@ TOOL_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    yield from serving(str(ensure_bundled_model()), tmp_path_factory, "smol")
+    # tool_choice "auto" through vLLM's hermes parser (the frontend loads it at start)
+    yield from serving(str(ensure_bundled_model()), tmp_path_factory, "smol",
+                       extra=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,21 @@ def test_tool_calls_through_the_disaggregated_path_equal_colocated_vllm(smol, sm
                  "parameters": json.loads(c["function"]["arguments"])} for c in calls]
         else:                           # cut short: content, as vLLM
             assert not calls
+
+
+def test_auto_tool_choice_reaches_vllms_parser_in_the_frontend(smol):
+    """The launcher hands the flags on, the frontend runs vLLM's hermes parser over the
+    answer: this model writes no <tool_call>, so the answer is content, as vLLM's server
+    gives it; a named choice still makes a call, and `none` never does."""
+    body = {"model": smol.model_name, "messages": TOOL_CHAT, "tools": TOOLS,
+            "max_tokens": 16, "temperature": 0}
+    r = httpx.post(f"{smol.url}/v1/chat/completions", timeout=180, json=body)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    if ch["message"].get("tool_calls"):
+        assert ch["finish_reason"] == "tool_calls"
+    else:
+        assert ch["message"]["content"] and ch["finish_reason"] in ("stop", "length")
+    r = httpx.post(f"{smol.url}/v1/chat/completions", timeout=180,
+                   json={**body, "tool_choice": "none"})
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
