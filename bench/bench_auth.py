@@ -21,8 +21,7 @@ import json
 import os
 import time
 
-import numpy as np
-
+from bench.stats import percentile
 from pdserve import auth
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 
@@ -110,9 +109,8 @@ def handles(calls: int) -> list[float]:
 
 
 def summary(xs) -> dict:
-    a = np.array(xs) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "n": len(xs)}
+    ms = [x * 1e3 for x in xs]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "n": len(xs)}
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.stats import percentile
+
 
 def pct(xs, q):
-    return float(np.percentile(xs, q)) if xs else float("nan")
+    return percentile(list(xs), q)
 
 
 async def one(client, url, model, ids, out_tokens):

@@ -24,14 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from bench.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def pct(xs, q):
-    return float(np.percentile(xs, q)) if xs else float("nan")
+    return percentile(list(xs), q)
 
 
 # ---------------------------------------------------------------- micro

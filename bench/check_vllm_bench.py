@@ -1,6 +1,7 @@
 """Does vLLM's own client agree with ours? Run `vllm bench serve` (the installed package,
-through `python -m bench.vllm_cli`) and `bench.serve` against the same endpoint, the same
-lengths and the same concurrency, one after the other, and print both side by side.
+through `python -m bench.vllm_cli`) and `bench.serve` with the same command line (vLLM's
+flags: random prompts from the tokenizer, or a ShareGPT file) against the same endpoint,
+one after the other, and print their result files' fields side by side.
 
     .venv/bin/python -m bench.check_vllm_bench --url http://127.0.0.1:8000 \\
         --tokenizer <model dir> --input-len 512 --output-len 32 --num-requests 16
@@ -24,46 +25,48 @@ METRICS = ("completed", "total_output_tokens", "median_ttft_ms", "p99_ttft_ms",
            "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "request_goodput")
 
 
-def run_vllm_bench(url: str, model: str, tokenizer: str, ns, out_dir: Path) -> dict:
-    argv = [sys.executable, "-m", "bench.vllm_cli", "bench", "serve", "--backend", "openai",
-            "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
-            "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", str(ns.input_len), "--random-output-len", str(ns.output_len),
-            "--random-range-ratio", "0", "--num-prompts", str(ns.num_requests),
+def common_argv(url: str, model: str, tokenizer: str, ns) -> list[str]:
+    """`vllm bench serve` flags both clients take, with the same meaning."""
+    argv = ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+            "--model", model, "--tokenizer", tokenizer, "--num-prompts", str(ns.num_requests),
             "--max-concurrency", str(ns.concurrency), "--request-rate", "inf",
             "--ignore-eos", "--seed", str(ns.seed), "--num-warmups", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-            "--goodput", f"ttft:{ns.slo_ttft_ms:g}", f"tpot:{ns.slo_tpot_ms:g}",
-            "--save-result", "--result-dir", str(out_dir), "--result-filename", "vllm.json"]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=ns.timeout_s)
+            "--goodput", f"ttft:{ns.slo_ttft_ms:g}", f"tpot:{ns.slo_tpot_ms:g}"]
+    if getattr(ns, "dataset_path", ""):
+        return argv + ["--dataset-name", "sharegpt", "--dataset-path", ns.dataset_path]
+    return argv + ["--dataset-name", "random", "--random-input-len", str(ns.input_len),
+                   "--random-output-len", str(ns.output_len), "--random-range-ratio", "0"]
+
+
+def run_vllm_bench(argv: list[str], out_dir: Path, timeout_s: float) -> dict:
+    p = subprocess.run([sys.executable, "-m", "bench.vllm_cli", "bench", "serve", *argv,
+                        "--save-result", "--result-dir", str(out_dir),
+                        "--result-filename", "vllm.json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     if p.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({p.returncode}):\n"
                            f"{(p.stdout + p.stderr)[-3000:]}")
     return json.loads((out_dir / "vllm.json").read_text())
 
 
-def run_ours(url: str, ns) -> dict:
-    from bench.serve import sweep
+def run_ours(argv: list[str], out_dir: Path) -> dict:
+    from bench.serve import main as serve
 
-    args = argparse.Namespace(
-        num_requests=ns.num_requests, arrival="poisson", burstiness=1.0, rates="0",
-        concurrency=ns.concurrency, input=f"fixed:{ns.input_len}",
-        output=f"fixed:{ns.output_len}", shared_prefix=0, prefix_groups=1, turns=1,
-        vocab=ns.vocab, seed=ns.seed, slo_ttft_ms=ns.slo_ttft_ms, slo_tpot_ms=ns.slo_tpot_ms,
-        timeout_s=ns.timeout_s)
-    (run,) = asyncio.run(sweep(url, args, "bench.serve"))
-    s = run["summary"]
-    return {"completed": s["completed"],
-            "total_output_tokens": sum(r["output_tokens"] for r in run["requests"] if r["ok"]),
-            "median_ttft_ms": s["ttft_ms"]["p50"], "p99_ttft_ms": s["ttft_ms"]["p99"],
-            "median_tpot_ms": s["tpot_ms"]["p50"], "p99_tpot_ms": s["tpot_ms"]["p99"],
-            "median_itl_ms": s["itl_ms"]["p50"], "request_goodput": s["goodput"]}
+    rc = serve([*argv, "--label", "bench.serve", "--disable-tqdm", "--save-result",
+                "--result-dir", str(out_dir), "--result-filename", "ours.json"])
+    if rc != 0:
+        raise RuntimeError(f"bench.serve exited {rc}")
+    return json.loads((out_dir / "ours.json").read_text())
 
 
 def compare(url: str, model: str, tokenizer: str, ns) -> dict[str, tuple[float, float]]:
+    """The same `vllm bench serve` command line through both clients, one after the
+    other; the fields of their result files side by side."""
+    argv = common_argv(url, model, tokenizer, ns)
     with tempfile.TemporaryDirectory() as d:
-        theirs = run_vllm_bench(url, model, tokenizer, ns, Path(d))
-    ours = run_ours(url, ns)
+        theirs = run_vllm_bench(argv, Path(d), ns.timeout_s)
+        ours = run_ours(argv, Path(d))
     return {k: (float(ours[k]), float(theirs.get(k, float("nan")))) for k in METRICS}
 
 
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=3000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--timeout-s", type=float, default=900.0)
+    ap.add_argument("--dataset-path", default="",
+                    help="a ShareGPT-format JSON file instead of random prompts")
     ap.add_argument("--out", default="")
     ns = ap.parse_args(argv)
     if not ns.model:

@@ -87,6 +87,7 @@ async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
     for i, mix in enumerate(mixes):
         m = mix_ns(ns, mix, idx=i)
         m.num_requests = ns.calibration_requests
+        m.concurrency = 1          # one at a time, back to back
         reqs = build(spec_for(m, 1.0, seed=m.seed + 99_999))
         by_mix[mix], _ = await run_once(url, await served_model(url), reqs, 1,
                                         f"calibrate {mix}", ns.timeout_s)

@@ -4,11 +4,18 @@
         --num-requests 24 --input mix:0.25:2048:256 --output fixed:64 \\
         --slo-ttft-ms 3000 --slo-tpot-ms 100 --out results/run.json --plot results/run
 
-Streams every request (`/v1/completions`, token-id prompts, `ignore_eos`), measures TTFT,
-TPOT, every inter-token gap and end-to-end latency, and reports p50/p90/p99, requests/s,
-tokens/s and goodput (requests/s within both SLOs). One run per rate (or per
-`--concurrency`), same seeded workload in each. Writes JSON (summary + every request) and
-PNG plots: latency CDFs, and goodput against request rate.
+or with `vllm bench serve`'s flags and datasets (bench/serve_args.py), e.g.
+
+    .venv/bin/python -m bench.serve --base-url http://127.0.0.1:8000 --backend openai-chat \\
+        --dataset-name sharegpt --dataset-path sharegpt.json --tokenizer MODEL_DIR \\
+        --num-prompts 100 --request-rate 2 --goodput ttft:3000 tpot:100 --save-result
+
+Streams every request (`/v1/completions` or `/v1/chat/completions`), measures TTFT, TPOT,
+every inter-token gap and end-to-end latency, and reports p50/p90/p99, requests/s,
+tokens/s and goodput (requests/s within both SLOs), with a tqdm bar while it runs. One run
+per rate, same seeded workload in each. Writes our JSON (summary + every request), vLLM's
+result file (`--save-result`) and PNG plots: latency CDFs, and goodput against request
+rate.
 """
 
 from __future__ import annotations
@@ -19,23 +26,46 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from bench.stats import Result, parse_route, result_dict, summarize
-from bench.workload import Request, WorkloadSpec, build
+from bench.workload import Request, WorkloadSpec, build, from_samples
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> Result:
-    res = Result(req.index, False, len(req.prompt))
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def body(model: str, req: Request, endpoint: str, ignore_eos: bool) -> dict:
+    """The request as `vllm bench serve`'s openai and openai-chat backends send it; a
+    synthetic prompt goes as token ids, a dataset's as text."""
+    b: dict = {"model": model, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        b["ignore_eos"] = True
+    if endpoint == CHAT:
+        if not req.text:
+            raise ValueError("chat needs text prompts: give --dataset-name (and --tokenizer)")
+        return {**b, "messages": [{"role": "user", "content": req.text}],
+                "max_completion_tokens": req.max_tokens}
+    return {**b, "prompt": req.text or req.prompt, "max_tokens": req.max_tokens}
+
+
+def _piece(ev: dict) -> str:
+    c = ev["choices"][0]
+    return c.get("text") or (c.get("delta") or {}).get("content") or ""
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, req: Request,
+              endpoint: str = COMPLETIONS, ignore_eos: bool = True) -> Result:
+    res = Result(req.index, False, req.prompt_tokens)
     t0 = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json={
-                "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}) as r:
+        async with client.stream("POST", f"{url}{endpoint}",
+                                 json=body(model, req, endpoint, ignore_eos)) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
@@ -55,7 +85,9 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
                 if ev.get("pdserve_route") and not res.route:   # pdserve, streamed
                     res.route_text = ev["pdserve_route"]
                     res.route, res.pred_ttft, res.pred_tpot = parse_route(res.route_text)
-                if ev.get("choices") and ev["choices"][0].get("text"):
+                piece = _piece(ev) if ev.get("choices") else ""
+                if piece:
+                    res.text += piece
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - t0
@@ -73,46 +105,33 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request) -> 
     return res
 
 
-class Progress:
-    def __init__(self, total: int, label: str, stream=sys.stderr) -> None:
-        self.total, self.label, self.stream = total, label, stream
-        self.done = self.failed = 0
-        self.t0 = time.monotonic()
-        self._last = 0.0
-
-    def tick(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += not ok
-        now = time.monotonic()
-        if now - self._last > 2 or self.done == self.total:
-            self._last = now
-            print(f"  [{self.label}] {self.done}/{self.total} done, {self.failed} failed, "
-                  f"{now - self.t0:.0f}s", file=self.stream, flush=True)
-
-
 async def run_once(url: str, model: str, reqs: list[Request], concurrency: int,
-                   label: str, timeout_s: float) -> tuple[list[Result], float]:
-    """Send `reqs` at their offsets (or `concurrency` at a time when > 0)."""
-    prog = Progress(len(reqs), label)
+                   label: str, timeout_s: float, endpoint: str = COMPLETIONS,
+                   ignore_eos: bool = True, tqdm_off: bool = False
+                   ) -> tuple[list[Result], float]:
+    """Send `reqs` at their offsets, at most `concurrency` in flight when > 0 (vLLM's
+    `--request-rate` with `--max-concurrency`); a tqdm bar counts them done."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(reqs), desc=label, disable=tqdm_off, file=sys.stderr)
     limits = httpx.Limits(max_connections=max(64, concurrency * 2))
+    sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
-        if concurrency > 0:
-            sem = asyncio.Semaphore(concurrency)
 
-            async def bounded(r):
+        async def send(r):
+            await asyncio.sleep(max(0.0, r.at - (time.perf_counter() - t0)))
+            if sem is None:
+                res = await one(client, url, model, r, endpoint, ignore_eos)
+            else:
                 async with sem:
-                    res = await one(client, url, model, r)
-                    prog.tick(res.ok)
-                    return res
-            results = await asyncio.gather(*[bounded(r) for r in reqs])
-        else:
-            async def timed(r):
-                await asyncio.sleep(max(0.0, r.at - (time.perf_counter() - t0)))
-                res = await one(client, url, model, r)
-                prog.tick(res.ok)
-                return res
-            results = await asyncio.gather(*[timed(r) for r in reqs])
+                    res = await one(client, url, model, r, endpoint, ignore_eos)
+            bar.update(1)
+            return res
+        try:
+            results = await asyncio.gather(*[send(r) for r in reqs])
+        finally:
+            bar.close()
         return list(results), time.perf_counter() - t0
 
 
@@ -165,14 +184,17 @@ def plot_goodput(series: dict[str, list[tuple[float, float]]], path: str) -> Non
     plt.close(fig)
 
 
-def add_workload_args(ap: argparse.ArgumentParser) -> None:
+def add_workload_args(ap: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The synthetic workload's flags (`seed`: also --seed, which vLLM's dataset flags
+    bring themselves)."""
     ap.add_argument("--num-requests", type=int, default=24)
     ap.add_argument("--arrival", choices=["poisson", "bursty"], default="poisson")
-    ap.add_argument("--burstiness", type=float, default=2.0,
-                    help="bursty: coefficient of variation of the gaps")
-    ap.add_argument("--rates", default="0.5", help="comma list of request rates (req/s)")
+    ap.add_argument("--burstiness", type=float, default=1.0,
+                    help="bursty: the gaps' gamma shape, as vLLM's flag (< 1 bursts)")
+    ap.add_argument("--rates", default="0.5",
+                    help="comma list of request rates (req/s; inf: all at once)")
     ap.add_argument("--concurrency", type=int, default=0,
-                    help="> 0: a fixed number in flight instead of a rate")
+                    help="> 0: at most this many in flight (alone: all sent at once)")
     ap.add_argument("--input", default="fixed:1024",
                     help="prompt tokens: fixed:N, uniform:A:B, mix:P:LONG:SHORT")
     ap.add_argument("--output", default="fixed:64", help="output tokens, same forms")
@@ -180,34 +202,68 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefix-groups", type=int, default=1)
     ap.add_argument("--turns", type=int, default=1, help="> 1: multi-turn conversations")
     ap.add_argument("--vocab", type=int, default=40000)
-    ap.add_argument("--seed", type=int, default=0)
+    if seed:
+        ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-ms", type=float, default=3000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--timeout-s", type=float, default=600.0)
 
 
 def spec_for(ns, rate: float, seed: int | None = None) -> WorkloadSpec:
+    at_once = rate <= 0 or not math.isfinite(rate)      # vLLM's --request-rate inf
     return WorkloadSpec(
-        num_requests=ns.num_requests,
-        arrival="concurrency" if ns.concurrency > 0 else ns.arrival, rate=rate,
+        num_requests=ns.num_requests, arrival="concurrency" if at_once else ns.arrival,
+        rate=rate if math.isfinite(rate) and rate > 0 else 1.0,
         burstiness=ns.burstiness, input=ns.input, output=ns.output,
         shared_prefix=ns.shared_prefix, prefix_groups=ns.prefix_groups, turns=ns.turns,
         vocab=ns.vocab, seed=ns.seed if seed is None else seed)
 
 
+def rates_of(ns) -> list[float]:
+    """`--rates` (or vLLM's `--request-rate`); with `--concurrency` alone, all at once."""
+    if ns.concurrency > 0 and not getattr(ns, "rates_given", False):
+        return [math.inf]
+    return [float(x) for x in str(ns.rates).split(",")]
+
+
+def requests_for(ns, spec: WorkloadSpec, tok) -> list[Request]:
+    """The synthetic workload's requests, or a vLLM dataset's (`--dataset-name`) sampled by
+    vLLM's own code, at the spec's arrivals."""
+    if getattr(ns, "dataset_name", None) is None:
+        return build(spec)
+    from vllm.benchmarks.datasets import get_samples
+
+    vns = argparse.Namespace(**{**vars(ns), "num_prompts": ns.num_requests,
+                                "seed": spec.seed})
+    return from_samples(get_samples(vns, tok), spec)
+
+
 async def sweep(url: str, ns, label: str) -> list[dict]:
-    model = await served_model(url)
-    rates = [float(x) for x in ns.rates.split(",")] if ns.concurrency <= 0 else [0.0]
+    model = getattr(ns, "model", None) or await served_model(url)
+    endpoint = getattr(ns, "endpoint", None) or COMPLETIONS
+    tok = None
+    if getattr(ns, "dataset_name", None) is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(ns.tokenizer or model)
+    # a synthetic prompt's length is exact only if the end of sequence never cuts it
+    ignore_eos = getattr(ns, "ignore_eos", False) or getattr(ns, "dataset_name", None) is None
     runs = []
-    for i, rate in enumerate(rates):
+    for i, rate in enumerate(rates_of(ns)):
         # each rate its own prompts (no prefix-cache hits from the previous rate's run), the
         # same for every setup measured with the same seed
-        spec = spec_for(ns, rate if rate > 0 else 1.0, seed=ns.seed + 1000 * i)
-        reqs = build(spec)
-        tag = f"{label} c={ns.concurrency}" if ns.concurrency > 0 else f"{label} {rate} req/s"
-        results, dur = await run_once(url, model, reqs, ns.concurrency, tag, ns.timeout_s)
+        spec = spec_for(ns, rate, seed=ns.seed + 1000 * i)
+        reqs = requests_for(ns, spec, tok)
+        tag = f"{label} {rate:g} req/s" + (f" c={ns.concurrency}" if ns.concurrency else "")
+        warm = getattr(ns, "num_warmups", 0)
+        if warm and reqs:     # vLLM's --num-warmups: the first request, one at a time
+            await run_once(url, model, [replace(reqs[0], at=0.0)] * warm, 1, f"{tag} warm-up",
+                           ns.timeout_s, endpoint, ignore_eos, True)
+        results, dur = await run_once(url, model, reqs, ns.concurrency, tag, ns.timeout_s,
+                                      endpoint, ignore_eos, getattr(ns, "disable_tqdm", False))
         summary = summarize(results, dur, ns.slo_ttft_ms / 1e3, ns.slo_tpot_ms / 1e3)
-        summary.update(rate=rate, concurrency=ns.concurrency, model=model, setup=label)
+        summary.update(rate=rate if math.isfinite(rate) else "inf",
+                       concurrency=ns.concurrency, model=model, setup=label,
+                       endpoint=endpoint)
         runs.append({"label": tag, "summary": summary,
                      "requests": [result_dict(r) for r in results]})
         print(format_summary(tag, summary), flush=True)
@@ -223,23 +279,26 @@ def format_summary(tag: str, s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--label", default="endpoint")
-    ap.add_argument("--out", default="", help="write the runs as JSON here")
-    ap.add_argument("--plot", default="", help="PNG prefix: <prefix>-cdf.png, -goodput.png")
-    add_workload_args(ap)
-    ns = ap.parse_args(argv)
+    from bench.serve_args import build_parser, resolve, vllm_result
+
+    ns = resolve(build_parser(__doc__).parse_args(argv))
     runs = asyncio.run(sweep(ns.url, ns, ns.label))
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps(runs, indent=1))
+    if ns.save_result:
+        d = Path(ns.result_dir or ".")
+        d.mkdir(parents=True, exist_ok=True)
+        for i, run in enumerate(runs):
+            name = ns.result_filename or f"{ns.label}-{run['summary']['rate']}qps.json"
+            if len(runs) > 1 and ns.result_filename:
+                name = f"{Path(name).stem}-{i}{Path(name).suffix}"
+            (d / name).write_text(json.dumps(vllm_result(run, ns), indent=1))
     if ns.plot:
         Path(ns.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_cdfs(runs, f"{ns.plot}-cdf.png")
-        if ns.concurrency <= 0:
-            plot_goodput({ns.label: [(r["summary"]["rate"], r["summary"]["goodput"])
+        if len(runs) > 1 or ns.concurrency <= 0:
+            plot_goodput({ns.label: [(float(r["summary"]["rate"]), r["summary"]["goodput"])
                                      for r in runs]}, f"{ns.plot}-goodput.png")
     return 0 if all(r["summary"]["completed"] for r in runs) else 1
 

@@ -31,6 +31,7 @@ class Result:
     pred_ttft: float = math.nan
     pred_tpot: float = math.nan
     route_text: str = ""      # the whole route (the runner-up's forecast too)
+    text: str = ""            # what was generated
 
     @property
     def tpot(self) -> float:
@@ -40,14 +41,11 @@ class Result:
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (q in 0..100); NaN for no data."""
-    v = sorted(x for x in xs if not math.isnan(x))
-    if not v:
-        return math.nan
-    pos = (len(v) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    """numpy's percentile (linear interpolation, q in 0..100), as vLLM's benchmark computes
+    it; NaN for no data. The one percentile of every benchmark here."""
+    import numpy as np
+    v = [x for x in xs if not math.isnan(x)]
+    return float(np.percentile(v, q)) if v else math.nan
 
 
 def within_slo(r: Result, ttft_slo: float, tpot_slo: float) -> bool:

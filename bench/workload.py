@@ -5,9 +5,11 @@ seed gives the same requests at the same offsets, whichever endpoint is measured
 
 Arrivals (`--arrival`):
 * `poisson`: exponential gaps at `rate` requests/s;
-* `bursty`: gamma-distributed gaps with coefficient of variation `burstiness` (> 1 bursts,
-  = 1 is Poisson), same mean rate (vLLM's `--burstiness` is the gamma shape, 1/cv^2);
-* `concurrency`: no schedule; the client keeps `concurrency` requests in flight.
+* `bursty`: gamma-distributed gaps of shape `burstiness`, same mean rate: vLLM's
+  `--burstiness` (below 1 bursts, 1 is Poisson, above 1 is more regular; the gaps'
+  coefficient of variation is 1/sqrt(burstiness));
+* `concurrency`: no schedule (vLLM's `--request-rate inf`); the client keeps `concurrency`
+  requests in flight.
 
 Lengths (`--input`, `--output`): `fixed:N`, `uniform:A:B`, `mix:P:LONG:SHORT` (a
 fraction P of requests LONG tokens, the rest SHORT: the long-prompt mix), or
@@ -31,10 +33,16 @@ from dataclasses import dataclass, field
 class Request:
     index: int
     at: float                    # seconds after the start (0 for the concurrency mode)
-    prompt: list[int]
+    prompt: list[int]            # token ids (empty for a text prompt)
     max_tokens: int
     conversation: int = -1
     turn: int = 0
+    text: str = ""               # a dataset's prompt, sent as text
+    prompt_len: int = 0          # its tokens under the model's tokenizer
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_len or len(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class WorkloadSpec:
     num_requests: int = 24
     arrival: str = "poisson"         # poisson | bursty | concurrency
     rate: float = 1.0                # requests/s (poisson, bursty)
-    burstiness: float = 2.0          # coefficient of variation of the gaps (bursty)
+    burstiness: float = 1.0          # the gaps' gamma shape (bursty), as vLLM's flag
     input: str = "fixed:1024"
     output: str = "fixed:64"
     shared_prefix: int = 0           # tokens of a shared prefix (0: none)
@@ -106,8 +114,23 @@ def gaps(spec: WorkloadSpec, rng: random.Random, n: int) -> list[float]:
     mean = 1.0 / spec.rate
     if spec.arrival == "poisson":
         return [rng.expovariate(spec.rate) for _ in range(n)]
-    shape = 1.0 / spec.burstiness ** 2           # gamma: cv = 1 / sqrt(shape)
+    shape = spec.burstiness                      # gamma: cv = 1 / sqrt(shape)
     return [rng.gammavariate(shape, mean / shape) for _ in range(n)]
+
+
+def from_samples(samples, spec: WorkloadSpec) -> list[Request]:
+    """Requests of a dataset's samples (vLLM's SampleRequest: prompt text, its length, the
+    expected output length), at the spec's arrivals."""
+    rng = random.Random(spec.seed)
+    offsets = gaps(spec, rng, len(samples))
+    t, out = 0.0, []
+    for i, s in enumerate(samples):
+        t += offsets[i] if i else 0.0
+        text = s.prompt if isinstance(s.prompt, str) else ""
+        ids = [] if text else [int(x) for x in s.prompt]       # a dataset of token ids
+        out.append(Request(i, t, ids, int(s.expected_output_len), text=text,
+                           prompt_len=int(s.prompt_len)))
+    return out
 
 
 def build(spec: WorkloadSpec) -> list[Request]:

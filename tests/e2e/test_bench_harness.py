@@ -13,7 +13,7 @@ from tests.e2e.cluster import ROOT, metric_value
 class NS:
     num_requests = 6
     arrival = "poisson"
-    burstiness = 2.0
+    burstiness = 1.0
     rates = "2"
     concurrency = 0
     input = "uniform:50:200"
@@ -54,9 +54,34 @@ def test_harness_command_writes_json_and_plots(cluster, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads((tmp_path / "r.json").read_text())
     assert [r["summary"]["rate"] for r in runs] == [4.0, 8.0]
-    assert "goodput" in out.stdout and "4/4 done" in out.stderr     # progress lines
+    assert "goodput" in out.stdout and "4/4" in out.stderr     # tqdm's bar
     for png in ("r-cdf.png", "r-goodput.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vllm_flags_a_sharegpt_file_and_chat_write_vllms_result_file(cluster, tiny_model,
+                                                                     tmp_path):
+    """`vllm bench serve`'s command line works as is: a ShareGPT file sampled by vLLM's
+    own code, sent to the chat endpoint, and a result file in vLLM's shape."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--base-url", cluster.url,
+         "--backend", "openai-chat", "--model", cluster.model_name, "--tokenizer", tiny_model,
+         "--dataset-name", "sharegpt",
+         "--dataset-path", str(ROOT / "tests/data/sharegpt_tiny.json"),
+         "--num-prompts", "5", "--request-rate", "inf", "--max-concurrency", "2",
+         "--ignore-eos", "--goodput", "ttft:5000", "tpot:500", "--save-result",
+         "--result-dir", str(tmp_path), "--result-filename", "v.json",
+         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "v.json").read_text())
+    assert r["completed"] == 5 and r["backend"] == "openai-chat" and r["max_concurrency"] == 2
+    # --ignore-eos: every answer as long as the dataset's reply
+    assert r["total_output_tokens"] == sum(r["output_lens"]) and all(
+        n >= 4 for n in r["output_lens"])
+    assert all(t for t in r["generated_texts"]) and r["request_goodput"] > 0
+    for k in ("median_ttft_ms", "p99_tpot_ms", "p50_itl_ms", "mean_e2el_ms"):
+        assert r[k] > 0, k
 
 
 def httpx_metrics(cluster) -> str:
