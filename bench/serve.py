@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.serve_args import add_workload_args  # noqa: F401 - the workload flags, for others
 from bench.stats import Result, parse_route, result_dict, summarize
 from bench.workload import Request, WorkloadSpec, build, from_samples
 
@@ -182,31 +183,6 @@ def plot_goodput(series: dict[str, list[tuple[float, float]]], path: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def add_workload_args(ap: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The synthetic workload's flags (`seed`: also --seed, which vLLM's dataset flags
-    bring themselves)."""
-    ap.add_argument("--num-requests", type=int, default=24)
-    ap.add_argument("--arrival", choices=["poisson", "bursty"], default="poisson")
-    ap.add_argument("--burstiness", type=float, default=1.0,
-                    help="bursty: the gaps' gamma shape, as vLLM's flag (< 1 bursts)")
-    ap.add_argument("--rates", default="0.5",
-                    help="comma list of request rates (req/s; inf: all at once)")
-    ap.add_argument("--concurrency", type=int, default=0,
-                    help="> 0: at most this many in flight (alone: all sent at once)")
-    ap.add_argument("--input", default="fixed:1024",
-                    help="prompt tokens: fixed:N, uniform:A:B, mix:P:LONG:SHORT")
-    ap.add_argument("--output", default="fixed:64", help="output tokens, same forms")
-    ap.add_argument("--shared-prefix", type=int, default=0)
-    ap.add_argument("--prefix-groups", type=int, default=1)
-    ap.add_argument("--turns", type=int, default=1, help="> 1: multi-turn conversations")
-    ap.add_argument("--vocab", type=int, default=40000)
-    if seed:
-        ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--slo-ttft-ms", type=float, default=3000.0)
-    ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    ap.add_argument("--timeout-s", type=float, default=600.0)
 
 
 def spec_for(ns, rate: float, seed: int | None = None) -> WorkloadSpec:

@@ -24,10 +24,33 @@ from bench.stats import percentile
 METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
+def add_workload_args(ap: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The synthetic workload's flags (`seed`: also --seed, which vLLM's dataset flags
+    bring themselves)."""
+    ap.add_argument("--num-requests", type=int, default=24)
+    ap.add_argument("--arrival", choices=["poisson", "bursty"], default="poisson")
+    ap.add_argument("--burstiness", type=float, default=1.0,
+                    help="bursty: the gaps' gamma shape, as vLLM's flag (< 1 bursts)")
+    ap.add_argument("--rates", default="0.5",
+                    help="comma list of request rates (req/s; inf: all at once)")
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="> 0: at most this many in flight (alone: all sent at once)")
+    ap.add_argument("--input", default="fixed:1024",
+                    help="prompt tokens: fixed:N, uniform:A:B, mix:P:LONG:SHORT")
+    ap.add_argument("--output", default="fixed:64", help="output tokens, same forms")
+    ap.add_argument("--shared-prefix", type=int, default=0)
+    ap.add_argument("--prefix-groups", type=int, default=1)
+    ap.add_argument("--turns", type=int, default=1, help="> 1: multi-turn conversations")
+    ap.add_argument("--vocab", type=int, default=40000)
+    if seed:
+        ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=3000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+
+
 def build_parser(doc: str | None = None) -> argparse.ArgumentParser:
     from vllm.benchmarks.datasets import add_dataset_parser
-
-    from bench.serve import add_workload_args
 
     ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
