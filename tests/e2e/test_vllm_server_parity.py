@@ -1,0 +1,107 @@
+"""Differential: the same requests to pdserve and to vLLM's own OpenAI server (one colocated
+engine, the same model and engine settings, started here), answers compared field by field.
+
+Greedy text equals for every generation feature pdserve implements through the
+disaggregated path (n, batched prompts, echo, logit_bias, prompt_logprobs, echo with
+logprobs as lm-eval sends it, structured outputs, chat); the utility endpoints answer the
+same; an unknown field is ignored by both. (Tool calls are compared with a colocated
+engine on the bundled model in test_smollm2.py: this tiny word-level model cannot write
+JSON.)"""
+
+from __future__ import annotations
+
+import argparse
+
+import httpx
+import pytest
+
+from bench.compare import Procs, vllm_server, wait_ready
+from tests.e2e.conftest import words
+
+P1, P2 = words(30, seed=501), words(180, seed=502)
+
+
+@pytest.fixture(scope="module")
+def vllm_api(cluster, tiny_model, tmp_path_factory):
+    ns = argparse.Namespace(model=tiny_model, served_name=cluster.model_name,
+                            max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
+                            kv_cache_gib=0.25, baseline_quiet_wait=True)
+    procs = Procs(tmp_path_factory.mktemp("vllm-api"))
+    try:
+        url = vllm_server(procs, ns, "vllm-api", "1")
+        wait_ready(url, procs)
+        yield url
+    finally:
+        procs.stop()
+
+
+def both(cluster, vllm_api, path: str, body: dict) -> tuple[dict, dict]:
+    out = []
+    for url in (cluster.url, vllm_api):
+        r = httpx.post(f"{url}{path}", timeout=120, json={"model": cluster.model_name, **body})
+        assert r.status_code == 200, (url, r.text)
+        out.append(r.json())
+    return out[0], out[1]
+
+
+def texts(resp: dict) -> list[str]:
+    return [c["text"] if "text" in c else c["message"]["content"]
+            for c in sorted(resp["choices"], key=lambda c: c["index"])]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("plain", {}),
+    ("n", {"n": 3}),
+    ("batched", {"prompt": [P1, P2], "n": 2}),
+    ("echo", {"echo": True}),
+    ("logit_bias", {"logit_bias": {"42": 6.0, "500": 5.0, "77": -100.0}}),
+    ("regex", {"structured_outputs": {"regex": "fox(dog|lazy)(brown|jumps)"}}),
+    ("choice", {"structured_outputs": {"choice": ["foxdoglazy", "browncache"]}}),
+    ("unknown field", {"frobnicate": 1, "metadata": {"a": "b"}}),
+])
+def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
+    ours, theirs = both(cluster, vllm_api, "/v1/completions",
+                        {"prompt": P1, "max_tokens": 12, "temperature": 0, **extra})
+    assert texts(ours) == texts(theirs), name
+    assert [c["finish_reason"] for c in ours["choices"]] == \
+        [c["finish_reason"] for c in theirs["choices"]]
+    assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+
+
+def test_prompt_logprobs_and_echo_logprobs_equal_vllms_server(cluster, vllm_api):
+    ours, theirs = both(cluster, vllm_api, "/v1/completions",
+                        {"prompt": P2, "max_tokens": 2, "temperature": 0,
+                         "prompt_logprobs": 2})
+    a, b = ours["choices"][0]["prompt_logprobs"], theirs["choices"][0]["prompt_logprobs"]
+    assert len(a) == len(b) and a[0] is None and b[0] is None
+    for x, y in zip(a[1:], b[1:]):
+        assert x.keys() == y.keys()          # the token and its top 2, by id
+        for k in x:
+            assert x[k]["rank"] == y[k]["rank"]
+            assert x[k]["logprob"] == pytest.approx(y[k]["logprob"], rel=1e-3, abs=1e-3)
+    # lm-eval's loglikelihood request: echo the prompt, one token, its logprobs
+    ours, theirs = both(cluster, vllm_api, "/v1/completions",
+                        {"prompt": P1, "max_tokens": 1, "temperature": 0, "echo": True,
+                         "logprobs": 1})
+    a, b = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+    assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
+    assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], rel=1e-3,
+                                                    abs=1e-3)
+
+
+def test_chat_and_the_utility_endpoints_equal_vllms_server(cluster, vllm_api):
+    msgs = [{"role": "system", "content": "w1 w2"},
+            {"role": "user", "content": [{"type": "text", "text": P1}]}]
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
+                        {"messages": msgs, "max_tokens": 10, "temperature": 0})
+    assert texts(ours) == texts(theirs)
+    for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert ours["usage"][k] == theirs["usage"][k], k
+    ours, theirs = both(cluster, vllm_api, "/tokenize", {"prompt": P2})
+    assert ours["tokens"] == theirs["tokens"] and ours["count"] == theirs["count"]
+    ours, theirs = both(cluster, vllm_api, "/detokenize", {"tokens": ours["tokens"][:20]})
+    assert ours["prompt"] == theirs["prompt"]
+    ours, theirs = both(cluster, vllm_api, "/tokenize", {"messages": msgs})
+    assert ours["tokens"] == theirs["tokens"]
