@@ -215,7 +215,9 @@ def requests_for(ns, spec: WorkloadSpec, tok) -> list[Request]:
 
 
 async def sweep(url: str, ns, label: str) -> list[dict]:
-    model = getattr(ns, "model", None) or await served_model(url)
+    # vLLM's --model names the served model (`api_model`); other callers' `model` is a
+    # directory to start servers from
+    model = getattr(ns, "api_model", None) or await served_model(url)
     endpoint = getattr(ns, "endpoint", None) or COMPLETIONS
     tok = None
     if getattr(ns, "dataset_name", None) is not None:

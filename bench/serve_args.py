@@ -86,6 +86,7 @@ def build_parser(doc: str | None = None) -> argparse.ArgumentParser:
 def resolve(ns: argparse.Namespace) -> argparse.Namespace:
     """vLLM's names onto the harness's settings."""
     ns.url = (ns.base_url or ns.url or f"http://{ns.host}:{ns.port}").rstrip("/")
+    ns.api_model = ns.model
     ns.endpoint = ns.endpoint or ("/v1/chat/completions" if ns.backend == "openai-chat"
                                   else "/v1/completions")
     if ns.num_prompts is not None:
