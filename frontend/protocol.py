@@ -92,6 +92,7 @@ class StructuredOutputs(BaseModel):
 
 
 MAX_SCHEMA_CHARS = 65536
+GREEDY_EPS = 1e-5          # vLLM's _SAMPLING_EPS: a temperature below it is greedy
 
 
 class _Common(BaseModel):
@@ -137,6 +138,9 @@ class _Common(BaseModel):
         if ignored:
             log.warning("the following fields were present in the request but ignored: %s",
                         ignored)
+        if self.n > 1 and self.temperature < GREEDY_EPS:    # as vLLM's SamplingParams
+            raise InvalidRequest(f"n must be 1 when using greedy sampling, got {self.n}.",
+                                 param="n")
         if self.prompt_logprobs and self.stream:     # as vLLM's server
             raise InvalidRequest("prompt_logprobs are not available when stream=true",
                                  param="prompt_logprobs")

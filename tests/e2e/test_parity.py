@@ -63,9 +63,14 @@ def stream(c, body) -> tuple[dict[int, str], dict[int, str], dict]:
     return text, finish, usage
 
 
+# n > 1 with temperature 0 is a 400 as in vLLM; top_k 1 samples the greedy token
+ARGMAX = {"temperature": 1.0, "top_k": 1}
+
+
 def test_n_samples_of_one_prompt(cluster, truth):
-    """Greedy: every sample is colocated vLLM's output; the prompt is counted once."""
-    body = post(cluster, {"prompt": truth["prompts"][1], "n": 3})
+    """Greedy (top_k 1): every sample is colocated vLLM's output; the prompt is counted
+    once."""
+    body = post(cluster, {"prompt": truth["prompts"][1], "n": 3, **ARGMAX})
     ref = truth["ref"][1]
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert all(c["text"] == ref["text"] for c in body["choices"]), body["choices"]
@@ -77,10 +82,10 @@ def test_n_samples_of_one_prompt(cluster, truth):
 def test_a_batch_of_prompts_with_n_streamed_and_not(cluster, truth):
     """Choice j of prompt i is index i * n + j, as in vLLM's server."""
     refs = [r["text"] for r in truth["ref"]]
-    body = post(cluster, {"prompt": truth["prompts"], "n": 2})
+    body = post(cluster, {"prompt": truth["prompts"], "n": 2, **ARGMAX})
     assert [c["text"] for c in body["choices"]] == [refs[0], refs[0], refs[1], refs[1]]
     assert body["usage"]["prompt_tokens"] == sum(len(i) for i in truth["ids"])
-    text, finish, usage = stream(cluster, {"prompt": truth["ids"], "n": 2})
+    text, finish, usage = stream(cluster, {"prompt": truth["ids"], "n": 2, **ARGMAX})
     assert text == {0: refs[0], 1: refs[0], 2: refs[1], 3: refs[1]}
     assert set(finish) == {0, 1, 2, 3}
     assert usage["completion_tokens"] == 2 * sum(len(r["token_ids"]) for r in truth["ref"])

@@ -51,8 +51,8 @@ def texts(resp: dict) -> list[str]:
 
 @pytest.mark.parametrize("name,extra", [
     ("plain", {}),
-    ("n", {"n": 3}),
-    ("batched", {"prompt": [P1, P2], "n": 2}),
+    ("n", {"n": 3, "temperature": 1.0, "top_k": 1}),          # greedy n > 1: a 400 (below)
+    ("batched", {"prompt": [P1, P2], "n": 2, "temperature": 1.0, "top_k": 1}),
     ("echo", {"echo": True}),
     ("logit_bias", {"logit_bias": {"42": 6.0, "500": 5.0, "77": -100.0}}),
     ("regex", {"structured_outputs": {"regex": "fox(dog|lazy)(brown|jumps)"}}),
@@ -67,6 +67,19 @@ def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
         [c["finish_reason"] for c in theirs["choices"]]
     assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
     assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+
+
+def test_both_refuse_the_same_requests(cluster, vllm_api):
+    for body in ({"prompt": P1, "n": 2, "temperature": 0},       # greedy n > 1
+                 {"prompt": P1, "prompt_logprobs": 1, "stream": True}):
+        got = []
+        for url in (cluster.url, vllm_api):
+            r = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": cluster.model_name, "max_tokens": 4, **body})
+            got.append((r.status_code, r.json()["error"]["message"]))
+        assert got[0][0] == got[1][0] == 400, got
+        if body.get("n"):
+            assert got[0][1] == got[1][1]
 
 
 def test_prompt_logprobs_and_echo_logprobs_equal_vllms_server(cluster, vllm_api):

@@ -27,6 +27,7 @@ def test_fields_that_would_change_the_output_are_refused(field):
     ({"best_of": 3}, UnsupportedParameter), ({"best_of": 3, "n": 2}, UnsupportedParameter),
     ({"max_tokens": 0}, InvalidRequest), ({"max_tokens": -5}, InvalidRequest),
     ({"stream_options": {"include_usage": True}}, InvalidRequest),
+    ({"n": 2, "temperature": 0.0}, InvalidRequest),    # greedy n > 1, as vLLM refuses it
 ])
 def test_completion_checks(kw, exc):
     with pytest.raises(exc):
