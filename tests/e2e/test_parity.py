@@ -155,7 +155,7 @@ def test_structured_outputs_continue_from_the_first_token(cluster, truth, i):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"n": 65}, "n"), ({"prompt": ["a"] * 33, "n": 2}, "n"),
+    ({"n": 65}, "n"), ({"prompt": ["a"] * 33, "n": 2, "temperature": 1.0}, "n"),
     ({"logit_bias": {"999999999": 1.0}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"prompt": []}, "prompt"),
