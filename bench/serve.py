@@ -219,12 +219,13 @@ async def sweep(url: str, ns, label: str) -> list[dict]:
     # directory to start servers from
     model = getattr(ns, "api_model", None) or await served_model(url)
     endpoint = getattr(ns, "endpoint", None) or COMPLETIONS
+    dataset = getattr(ns, "dataset_name", None)
     tok = None
-    if getattr(ns, "dataset_name", None) is not None:
+    if dataset is not None:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(ns.tokenizer or model)
     # a synthetic prompt's length is exact only if the end of sequence never cuts it
-    ignore_eos = getattr(ns, "ignore_eos", False) or getattr(ns, "dataset_name", None) is None
+    ignore_eos = getattr(ns, "ignore_eos", False) or dataset is None
     runs = []
     for i, rate in enumerate(rates_of(ns)):
         # each rate its own prompts (no prefix-cache hits from the previous rate's run), the

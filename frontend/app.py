@@ -173,10 +173,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             "id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": cfg.max_model_len}]}
 
-    def _sampling(req, logprobs: int, constraint: dict | None = None
-                  ) -> pd_pb2.SamplingParams:
+    def _sampling(req, logprobs: int, constraint: dict | None) -> pd_pb2.SamplingParams:
         """The request's sampling, checked once; each prompt's copy gets its max_tokens.
-        `constraint`: the structured-output constraint when the caller made it (tools)."""
+        `constraint`: the request's structured-output constraint (None: unconstrained)."""
         vocab = state["tok"].vocab_size
         check_ids(req.stop_token_ids or (), vocab, "stop_token_ids", "stop token id")
         sp = pd_pb2.SamplingParams(
@@ -193,9 +192,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         k = req.prompt_logprobs_k()
         if k is not None:
             sp.prompt_logprobs = k
-        so = constraint if constraint is not None else req.constraint()
-        if so is not None:
-            sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**so))
+        if constraint is not None:
+            sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**constraint))
         if req.logit_bias:
             bias = req.logit_bias_ids()
             check_ids(list(bias), vocab, "logit_bias")
@@ -231,7 +229,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                  f"{choices.MAX_CHOICES} per request", param="n")
 
     def _jobs(rid: str, prompts: list[list[int]], body, default: int | None,
-              logprobs: int, constraint: dict | None = None) -> list[choices.Job]:
+              logprobs: int, constraint: dict | None) -> list[choices.Job]:
         budgets = [_budget(body, ids, default) for ids in prompts]
         base = _sampling(body, logprobs, constraint)
         pairs = []
@@ -269,7 +267,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             check_ids(ids, tok.vocab_size, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"     # ours: never the client's x-request-id
         jobs = _jobs(rid, prompts, body, 16,
-                     body.logprobs if body.logprobs is not None else -1)
+                     body.logprobs if body.logprobs is not None else -1, body.constraint())
         echo = None
         if body.echo:    # the prompt's text ahead of each choice's, as vLLM does
             echo = texts or [await tok.run(tok.decode, ids) for ids in prompts]

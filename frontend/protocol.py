@@ -173,7 +173,6 @@ class _Common(BaseModel):
     def constraint(self) -> dict | None:
         """The one structured-output constraint, as the wire's StructuredOutputs fields
         (None: unconstrained); from `structured_outputs` or `response_format`, not both."""
-        import json
         so, rf = self.structured_outputs, self.response_format
         if so is not None and rf is not None and rf.type != "text":
             raise InvalidRequest("give structured_outputs or response_format, not both",

@@ -152,8 +152,8 @@ def message(p: ToolPlan, text: str, finish: str, tokenizer: Any, model: str
             return ({"role": "assistant", "content": "", "tool_calls": calls},
                     "tool_calls" if finish == "stop" else finish)
     if p.mode == "auto":
-        parser = p.parser(tokenizer, _vllm_request(p, model).tools)
-        info = parser.extract_tool_calls(text, _vllm_request(p, model))
+        req = _vllm_request(p, model)
+        info = p.parser(tokenizer, req.tools).extract_tool_calls(text, req)
         if info.tools_called and info.tool_calls:
             calls = [_call(tc.function.name, tc.function.arguments, tc.id)
                      for tc in info.tool_calls]
@@ -166,12 +166,13 @@ class Streamer:
     """One streamed choice's deltas: text and token ids in, OpenAI delta dicts out."""
 
     def __init__(self, p: ToolPlan, tokenizer: Any, model: str) -> None:
-        self.p, self.tokenizer, self.model = p, tokenizer, model
+        self.p = p
         self.text, self.ids = "", []
         self.id = call_id()
         self.sent_calls = False
-        self.parser = p.parser(tokenizer, _vllm_request(p, model).tools) \
-            if p.mode == "auto" else None
+        # auto: vLLM's parser keeps its own streaming state, one per choice
+        self.request = _vllm_request(p, model) if p.mode == "auto" else None
+        self.parser = p.parser(tokenizer, self.request.tools) if self.request else None
 
     def feed(self, text: str, ids: list[int], finish: str | None
              ) -> tuple[dict, str | None]:
@@ -196,14 +197,12 @@ class Streamer:
                     "tool_calls" if finish == "stop" else finish)
         if mode == "auto":
             d = self.parser.extract_tool_calls_streaming(
-                prev_text, self.text, text, prev_ids, self.ids, list(ids),
-                _vllm_request(self.p, self.model))
+                prev_text, self.text, text, prev_ids, self.ids, list(ids), self.request)
             out = d.model_dump(exclude_none=True) if d is not None else {}
             if out.get("tool_calls"):
                 self.sent_calls = True
             if finish is not None and self.sent_calls:
-                rest = self.parser.get_remaining_unstreamed_args() \
-                    if hasattr(self.parser, "get_remaining_unstreamed_args") else ""
+                rest = self.parser.get_remaining_unstreamed_args()
                 if rest and not out.get("tool_calls"):
                     out["tool_calls"] = [{"index": max(self.parser.current_tool_id, 0),
                                           "function": {"arguments": rest}}]
