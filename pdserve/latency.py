@@ -221,13 +221,17 @@ class Coef:
         return self.steps_time(tokens, max_step_tokens if max_step_tokens > 0 else tokens, cached)
 
     def steps_time(self, tokens: int, chunk: int, cached: int, seqs: float = 0,
-               ctx: float = 0) -> float:
-        """Seconds to compute `tokens` prompt tokens in steps of `chunk` beside `seqs`."""
-        t, done = 0.0, 0
-        while done < tokens:
-            ch = min(chunk, tokens - done)
-            t += self.step_time(ch, chunk_attn(ch, cached + done), seqs, ctx)
-            done += ch
+                   ctx: float = 0) -> float:
+        """Seconds to compute `tokens` prompt tokens in steps of `chunk` beside `seqs`
+        (closed form: the features are linear, the attention grows by chunk^2 a step)."""
+        if tokens <= 0:
+            return 0.0
+        chunk = max(1, min(chunk, tokens))
+        k, last = divmod(tokens, chunk)
+        attn = k * chunk * (cached + chunk / 2.0) + chunk * chunk * k * (k - 1) / 2.0
+        t = k * self.step_time(chunk, 0.0, seqs, ctx) + self.step_time(0, attn) - self.step
+        if last:
+            t += self.step_time(last, chunk_attn(last, cached + k * chunk), seqs, ctx)
         return t
 
     def chunk_budget(self, allow_s: float, seqs: float, ctx: float, before: float = 0.0) -> int:

@@ -23,9 +23,13 @@ KV landing) waits for the step in progress, and one whole long prompt would take
 slack at once. Chunking costs one fixed per-step part per chunk, so the chunks are
 SLO-sized where that part is small (a GPU) and larger where it is not (a CPU whose
 step's fixed part is most of the SLO). Remote prefills alone (max_tokens 1, nobody
-decodes here) run unchunked. A floor
-(`min_chunk`) keeps prompts moving when a stream is already behind: TTFT would otherwise
-be unbounded while streams run.
+decodes here) run unchunked. A floor (`floor_tokens`) keeps prompts moving when a stream
+is already behind: TTFT would otherwise be unbounded while streams run. The floor is
+`min_chunk` tokens, or fewer where a step with that many beside the streams would take
+longer than safety * SLO: on a CPU whose decode step is most of the SLO, 16 prompt tokens
+per step broke the TPOT of every stream that landed during a local prefill (measured:
+TPOT p99 232 ms against a 201 ms SLO for the locally prefilled requests of the long-prompt
+mix), and at least one token, so a prompt always moves.
 
 pdserve/vllm_plugin.py applies the budget inside vLLM's engine core before each schedule
 (`max_num_scheduled_tokens` and `long_prefill_token_threshold`), on every pdserve engine.
@@ -88,8 +92,27 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     if allow == float("inf"):
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
-    tok = max(min_chunk, min(tok, max_tokens))
+    floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety)
+    tok = max(min(floor, max_tokens), min(tok, max_tokens))
     return Budget(allow, tok)
+
+
+def floor_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,
+                 min_chunk: int = MIN_CHUNK, safety: float = SAFETY) -> int:
+    """The prompt tokens a step computes beside `seqs` streams that have no slack left:
+    `min_chunk`, or as many as keep the step within safety * SLO when that is fewer, and
+    at least one."""
+    return max(1, min(min_chunk, coef.chunk_budget(safety * tpot_slo_s, seqs, ctx)))
+
+
+def stream_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float, before: float = 0.0,
+                  safety: float = SAFETY) -> int:
+    """Prompt tokens per step beside `seqs` streams in the long run: what keeps each step
+    within safety * SLO (streams that run at that pace end within it), at least the floor.
+    The engine hands a new stream's slack out at once and then steps at the floor; on
+    average it is this (what the scheduler predicts a prompt's progress from)."""
+    return max(floor_tokens(coef, tpot_slo_s, seqs, ctx, safety=safety),
+               coef.chunk_budget(safety * tpot_slo_s, seqs, ctx, before))
 
 
 def packing_floor(coef: Coef, overhead: float, no_cost: int) -> int:

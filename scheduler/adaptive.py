@@ -37,11 +37,12 @@ import math
 from dataclasses import dataclass, field
 
 from pdserve.latency import Coef, chunk_attn
-from pdserve.step_budget import MIN_CHUNK, SAFETY, alone
+from pdserve.step_budget import SAFETY, alone, stream_tokens
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
+MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Node:
     cached: int = 0              # prompt tokens of this request it holds
     excess_s: float = 0.0        # its streams' recent steps beyond plain decode steps
     transfer_s: float = 0.0      # KV of this prompt into it (decode side)
+    # its streams over time: (start s, end s, sequences, context tokens) from now, those
+    # decoding now and those booked to start (empty: `streams` run for good)
+    streams_at: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -90,25 +94,66 @@ def allowance(n: Node, slo: SLO) -> float:
 
 
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
-    """(seconds, chunk) to compute the request's uncached prompt on `n`; `local`: it
-    decodes there too. The engine's rules (pdserve/step_budget.py): with no stream,
-    unchunked, or in `alone` chunks for a local prefill; beside streams, the first step
-    takes the slack they have now (`allow_s`) and the rest go at the floor."""
+    """(seconds, the first step's prompt tokens or 0 if it takes it all) to compute the request's uncached prompt
+    on `n`, starting when its backlog ends; `local`: it decodes there too.
+
+    The engine's rules (pdserve/step_budget.py), over `n`'s stream timeline (`streams_at`):
+    while no stream runs, unchunked (a remote prefill) or in `alone` chunks (a local one);
+    while streams run, the tokens that keep each step within safety * SLO beside them
+    (`stream_tokens`; the first step takes the slack they have now, `allow_s`). Streams end
+    and start meanwhile: the ones decoding now end, and the prompts booked before this one
+    start theirs when their prefill ends, so a decode engine whose streams are short is
+    free between them, however many requests are booked on it."""
     cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
     todo = tokens - cached
-    if n.streams <= 0 and not local:
+    busy = n.streams_at
+    if not busy and n.streams > 0:      # streams with no known end (another frontend's)
+        busy = ((0.0, math.inf, n.streams, n.ctx),)
+    if not busy and not local:
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
-    if n.streams <= 0:
-        _, chunk = alone(n.coef, slo.tpot_s, slo.safety)
-        chunk = min(chunk, todo)
-        return n.coef.steps_time(todo, chunk, cached), chunk
-    allow = allowance(n, slo)
-    first = max(MIN_CHUNK, n.coef.chunk_budget(allow, n.streams, n.ctx, cached))
-    first = min(first, todo, n.max_step_tokens or todo)
-    t = n.coef.steps_time(first, first, cached, n.streams, n.ctx)
-    if first < todo:
-        t += n.coef.steps_time(todo - first, MIN_CHUNK, cached + first, n.streams, n.ctx)
-    return t, first
+    alone_chunk = alone(n.coef, slo.tpot_s, slo.safety)[1] if local else todo
+    cap = n.max_step_tokens or todo
+    t0 = t = n.backlog_s
+    done, first, steps = 0, 0, 0
+    while done < todo and steps < MAX_SEGMENTS:
+        steps += 1
+        seqs, ctx, nxt = active(busy, t)
+        left = todo - done
+        if seqs <= 0:
+            chunk = min(alone_chunk, left, cap)
+        else:
+            chunk = stream_tokens(n.coef, slo.tpot_s, seqs, ctx, cached + done, slo.safety)
+            if t == 0.0 and math.isfinite(n.allow_s):   # the slack they have now
+                chunk = max(chunk, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
+            chunk = min(chunk, left, cap)
+        if steps == 1:
+            first = chunk if chunk < todo else 0
+        one = n.coef.step_time(chunk, chunk_attn(chunk, cached + done), seqs, ctx)
+        # steps are atomic: as many as reach the next start or end of a stream
+        k = min(-(-left // chunk), max(1, math.ceil((nxt - t) / one)) if math.isfinite(nxt)
+                else -(-left // chunk))
+        if k > 1:
+            k_tok = min(k * chunk, left)
+            t += n.coef.steps_time(k_tok, chunk, cached + done, seqs, ctx)
+            done += k_tok
+        else:
+            t += one
+            done += chunk
+    if done < todo:     # a timeline longer than MAX_SEGMENTS: the rest at the last pace
+        t += n.coef.steps_time(todo - done, chunk, cached + done, seqs, ctx)
+    return t - t0, first
+
+
+def active(busy: tuple, t: float) -> tuple[int, float, float]:
+    """(streams, their context tokens, the next start or end after `t`) at time `t`."""
+    seqs, ctx, nxt = 0, 0.0, math.inf
+    for start, end, n, c in busy:
+        if start <= t < end:
+            seqs, ctx = seqs + n, ctx + c
+            nxt = min(nxt, end)
+        elif start > t:
+            nxt = min(nxt, start)
+    return seqs, ctx, nxt
 
 
 def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:
@@ -150,7 +195,8 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = d.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
-    if d.streams > 0 and chunk:    # what one of its steps costs the streams already there
+    now = active(d.streams_at, 0.0)[0] if d.streams_at else d.streams
+    if now > 0 and chunk:    # what one of its steps costs the streams already there
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
         allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)

@@ -93,6 +93,7 @@ class Decision:
     pred_tpot_s: float = 0.0
     runner_up: str = ""
     chunk_tokens: int = 0
+    out_tokens: int = 0           # the request's max_tokens (0: not said)
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:

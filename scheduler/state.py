@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler import adaptive as A
 from scheduler.models import LatencyBook
@@ -98,6 +98,8 @@ class Booking:
     prefill_s: float = 0.0        # predicted compute of the prefill, on `prefill or decode`
     pred_ttft_s: float = 0.0
     pred_tpot_s: float = 0.0
+    out_tokens: int = 0           # the request's max_tokens (0: not said)
+    decode_start: float = 0.0     # when its prefill was reported done
 
 
 class NoPlacement(Exception):
@@ -202,7 +204,8 @@ class Registry:
     def book(self, d: Decision, now: float) -> Booking:
         b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now,
                     prompt_tokens=d.prompt_tokens, prefill_s=d.prefill_s,
-                    pred_ttft_s=d.pred_ttft_s, pred_tpot_s=d.pred_tpot_s)
+                    pred_ttft_s=d.pred_ttft_s, pred_tpot_s=d.pred_tpot_s,
+                    out_tokens=d.out_tokens)
         self.route_seq += 1
         if b.prefill is not None:
             p = self.workers[b.prefill]
@@ -222,10 +225,54 @@ class Registry:
         """Predicted seconds of prefill work booked on `w` and not yet done."""
         return max(0.0, w.busy_until - now)
 
+    def prefill_ends(self, now: float) -> dict[str, float]:
+        """Seconds from now to the predicted end of every booked prefill not yet done: each
+        worker computes its bookings in the order they were made, the last ending when its
+        backlog does."""
+        queues: dict[str, list[Booking]] = {}
+        for b in self.bookings.values():
+            if not b.prefill_done:
+                queues.setdefault(b.prefill or b.decode, []).append(b)
+        ends = {}
+        for wid, queue in queues.items():
+            w = self.workers.get(wid)
+            end = self.backlog(w, now) if w is not None else sum(b.prefill_s for b in queue)
+            for b in reversed(queue):
+                ends[b.booking_id] = end
+                end = max(0.0, end - b.prefill_s)
+        return ends
+
+    def streams_at(self, w: Worker, now: float, ends: dict[str, float],
+                   tpot_s: float) -> tuple:
+        """`w`'s decode streams over time, (start s, end s, 1, context tokens) from now
+        (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there, for
+        (output tokens - 1) x their predicted TPOT (`tpot_s` when none was predicted), from
+        the end of their prefill. Streams the engine reported and no booking explains
+        (another scheduler's) run for good; none: ()."""
+        out, now_n, mine = [], 0, 0
+        for b in self.bookings.values():
+            if b.decode != w.worker_id:
+                continue
+            mine += 1
+            n_out = b.out_tokens or A.DEFAULT_OUTPUT
+            step = b.pred_tpot_s or tpot_s
+            life = max(1, n_out - 1) * step
+            ctx = b.prompt_tokens + n_out / 2
+            if b.prefill_done:
+                now_n += 1
+                out.append((0.0, max(step, b.decode_start + life - now), 1, ctx))
+            else:
+                start = ends.get(b.booking_id, 0.0)
+                out.append((start, start + life, 1, ctx))
+        if not mine and w.step_decode_seqs > 0:
+            out.append((0.0, math.inf, w.step_decode_seqs, w.step_decode_ctx))
+        return tuple(out)
+
     def _release_prefill(self, b: Booking, now: float) -> None:
         done, b.prefill_done = b.prefill_done, True
         if done:
             return
+        b.decode_start = now
         w = self.workers.get(b.prefill or b.decode)
         if w is not None:   # what is still booked on it has not started: it ends after it
             left = sum(o.prefill_s for o in self.bookings.values()
@@ -309,22 +356,25 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     decode = choose_decode(cfg, dcands, rng, reg.route_seq)
     block = reg.workers[decode.worker_id].block_size or 1
     try:
-        return choose_mode(cfg, num_tokens, prefill, pcands, decode, block)
+        return replace(choose_mode(cfg, num_tokens, prefill, pcands, decode, block),
+                       out_tokens=max_tokens)
     except LookupError as e:
         raise NoPlacement(f"{e} for model {model!r}") from None
 
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
-          transfer_s: float = 0.0) -> A.Node | None:
+          slo: A.SLO, ends: dict[str, float], transfer_s: float = 0.0) -> A.Node | None:
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
-    streams = max(w.step_decode_seqs, w.booked_streams) if w.can("decode") else 0
+    decodes = w.can("decode") or w.can("local")
+    streams = max(w.step_decode_seqs, w.booked_streams) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
+    timeline = reg.streams_at(w, now, ends, slo.safety * slo.tpot_s) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
-                  book.recent_of(w.worker_id, now).excess_s, transfer_s)
+                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline)
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
@@ -332,13 +382,14 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     max_tokens: int, now: float) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
+    ends = reg.prefill_ends(now)
     for p in prefills:
-        n = _node(reg, book, p, cached.get(p.worker_id, 0), now)
+        n = _node(reg, book, p, cached.get(p.worker_id, 0), now, slo, ends)
         if n is None:
             return None
         pn.append(n)
     for d in decodes:
-        n = _node(reg, book, d, cached.get(d.worker_id, 0), now,
+        n = _node(reg, book, d, cached.get(d.worker_id, 0), now, slo, ends,
                   book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens))
         if n is None:
             return None
@@ -358,4 +409,4 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
                     pred_tpot_s=best.tpot_s,
                     runner_up=opts[1].describe() if len(opts) > 1 else "",
-                    chunk_tokens=best.chunk)
+                    chunk_tokens=best.chunk, out_tokens=max_tokens)

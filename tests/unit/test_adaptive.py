@@ -9,7 +9,7 @@ import pytest
 from pdserve.latency import Coef, StepSample, chunk_attn
 from scheduler import adaptive as A
 from scheduler.models import LatencyBook
-from scheduler.policy import PlacementConfig
+from scheduler.policy import Decision, PlacementConfig
 from scheduler.roles import RolePlanner, RolePlannerConfig, Signals, kinds
 from scheduler.state import Load, Registry, Worker, place
 
@@ -99,6 +99,70 @@ def test_local_prefill_beside_streams_is_chunked_and_slower():
     assert 0 < chl < 1000 and t0 < tl < t0 * 1.05
     # each chunked step stays within the streams' allowance
     assert coef.step_time(ch1, 0, 8, 8000) <= 0.09 * 1.001
+
+
+def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_then():
+    """Requests queued on the prefill worker are booked on the decode engine, but their
+    streams start only when their prefill ends: until then a local prefill runs alone.
+    Counting them as streams running now (the first version) predicted the local option at
+    the floor's pace exactly when the prefill queue made it worth taking."""
+    cpu = Coef(step=0.11, prefill_ktok=5.0, decode_seq=0.03)
+    slo = A.SLO(ttft_s=12.0, tpot_s=0.2)
+    # three short streams (8 tokens at ~0.15 s) land as the prefill worker ends each prompt
+    later = tuple((s, s + 7 * 0.15, 1, 600) for s in (4.0, 7.0, 10.0))
+    free = A.Node("d", cpu, streams=3, ctx=1800, streams_at=later)
+    forever = A.Node("d", cpu, streams=3, ctx=1800)      # no timeline: streams for good
+    alone = A.Node("d", cpu)
+    t_free, _ = A.prefill_on(free, 512, slo, local=True)
+    t_alone, _ = A.prefill_on(alone, 512, slo, local=True)
+    t_forever, _ = A.prefill_on(forever, 512, slo, local=True)
+    assert t_free == pytest.approx(t_alone, rel=0.02)     # it ends before the first lands
+    assert t_forever > 3 * t_alone
+    # a stream landing mid-prompt slows it only while it runs
+    mid = A.Node("d", cpu, streams=1, ctx=600, streams_at=((1.0, 2.0, 1, 600),))
+    t_mid, first = A.prefill_on(mid, 512, slo, local=True)
+    assert t_alone < t_mid < t_alone + 1.0 + 0.3
+    assert 0 < A.prefill_on(mid, 512, slo, local=True)[1] < 512     # alone chunks first
+    beside = A.Node("d", cpu, streams=1, ctx=600, streams_at=((0.0, 2.0, 1, 600),))
+    t_beside, first = A.prefill_on(beside, 512, slo, local=True)
+    assert t_beside > t_mid and 1 <= first < 16
+    # beside streams each step stays within safety * SLO
+    assert cpu.step_time(first, 0, 1, 600) <= 0.9 * slo.tpot_s
+    # the prefill worker's queue is 4 s deep: the decode engine takes the prompt
+    p = A.Node("p", cpu, backlog_s=4.0)
+    opts = A.options([p], [free], 512, 8, slo, {"d"})
+    assert opts[0].kind == "local" and opts[0].ttft_s < opts[1].ttft_s
+
+
+def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    now = 10.0
+    for i in range(3):
+        r.book(Decision("p", "d", "disagg", "slo", 1000, 0, 64, 1000, prefill_s=1.0,
+                        pred_tpot_s=0.05, out_tokens=9), now)
+    r.book(Decision(None, "d", "local", "slo", 200, 0, 16, 200, prefill_s=0.5,
+                    pred_tpot_s=0.05, out_tokens=3), now)
+    ends = r.prefill_ends(now)
+    assert sorted(ends.values()) == pytest.approx([0.5, 1.0, 2.0, 3.0])
+    got = sorted(r.streams_at(r.workers["d"], now, ends, 0.1))
+    want = [(0.5, 0.6, 1, 201.5), (1.0, 1.4, 1, 1004.5), (2.0, 2.4, 1, 1004.5),
+            (3.0, 3.4, 1, 1004.5)]
+    assert [x for g in got for x in g] == pytest.approx([x for w in want for x in w])
+    # the first remote prefill is done at 10.8: it decodes from then on
+    first = next(iter(r.bookings))
+    r.prefill_done(first, 10.8)
+    got = sorted(r.streams_at(r.workers["d"], 10.8, r.prefill_ends(10.8), 0.1))
+    assert any(list(x) == pytest.approx([0.0, 0.4, 1, 1004.5]) for x in got)
+    # one running past its predicted end still holds the engine for a step
+    late = r.streams_at(r.workers["d"], 20.0, r.prefill_ends(20.0), 0.1)
+    assert any(list(x) == pytest.approx([0.0, 0.05, 1, 1004.5]) for x in late)
+    # streams the engine reports and no booking explains run for good
+    other = W("o", "decode")
+    other.step_decode_seqs, other.step_decode_ctx = 2, 900
+    r.register(other)
+    assert r.streams_at(other, now, {}, 0.1) == ((0.0, math.inf, 2, 900),)
 
 
 def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_up():

@@ -9,7 +9,7 @@ import pytest
 from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
                              chunk_attn)
 from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, Stream, allowance, budget,
-                                 fcfs_tokens)
+                                 fcfs_tokens, floor_tokens, stream_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01)
@@ -176,7 +176,35 @@ def test_local_prefill_alone_keeps_the_fixed_part_a_small_share_of_each_step():
     assert b.tokens == cpu.chunk_budget(b.allow_s, 1, 100)
     # a stream that used its slack already: the floor
     used = Stream(elapsed_s=b.allow_s, produced=2, target=17)
-    assert budget([used], cpu, 0.21, 100, 4096).tokens == MIN_CHUNK
+    floor = budget([used], cpu, 0.21, 100, 4096).tokens
+    assert floor == floor_tokens(cpu, 0.21, 1, 100) == 15   # (189 - 110) ms / 5 ms a token
+    assert cpu.step_time(floor, 0, 1, 100) <= 0.9 * 0.21
+
+
+def test_the_floor_never_breaks_the_streams_it_runs_beside():
+    """16 prompt tokens beside a 140 ms decode step outlast a 201 ms SLO on a CPU: the
+    floor shrinks to what fits in safety * SLO, but a prompt always moves."""
+    cpu = Coef(step=0.14, prefill_ktok=5.5)
+    f = floor_tokens(cpu, 0.201, 1, 600)
+    assert 1 <= f < MIN_CHUNK and cpu.step_time(f, 0, 1, 600) <= 0.9 * 0.201
+    assert cpu.step_time(MIN_CHUNK, 0, 1, 600) > 0.201          # what the old floor did
+    assert floor_tokens(cpu, 0.1, 1, 600) == 1                 # no room at all: one token
+    assert floor_tokens(TRUE, 0.1, 4, 4000) == MIN_CHUNK        # room: the usual floor
+    # in the long run, beside streams, what keeps each step within safety * SLO
+    got = stream_tokens(cpu, 0.201, 1, 600)
+    assert got == cpu.chunk_budget(0.9 * 0.201, 1, 600) == f
+    assert stream_tokens(TRUE, 0.1, 4, 4000) == TRUE.chunk_budget(0.09, 4, 4000) > MIN_CHUNK
+
+
+def test_steps_time_closed_form_equals_stepping():
+    for tokens, chunk, cached in ((1000, 64, 0), (1000, 7, 300), (5, 64, 0), (4096, 4096, 10),
+                                  (0, 16, 0)):
+        t, done = 0.0, 0
+        while done < tokens:
+            ch = min(chunk, tokens - done)
+            t += TRUE.step_time(ch, chunk_attn(ch, cached + done), 3, 900)
+            done += ch
+        assert TRUE.steps_time(tokens, chunk, cached, 3, 900) == pytest.approx(t, abs=1e-12)
 
 
 def test_one_token_prefills_leave_the_prompt_cost_unknown():
