@@ -36,6 +36,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         self.renewer = LeaseRenewer(rt.cfg.kv.lease_s, rt.creds)
 
     async def Generate(self, request, context):
+        received = time.time()     # the client has the first token (the frontend relays it)
         sp = request.sampling
         err = validate_prompt(request.prompt_token_ids, self.rt.cfg.engine.max_model_len,
                               sp.max_tokens)
@@ -73,7 +74,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
-                             kv_transfer_params=KVHandle.from_proto(request.kv).load_params(rid))
+                             kv_transfer_params=KVHandle.from_proto(request.kv).load_params(
+                                 rid, first_token_at=received))
         self.active[rid] = asyncio.current_task()
         self.rt.inflight += 1
         finished = False

@@ -106,7 +106,8 @@ class ClusterClient:
                 delay = min(delay * 2, 1.0)
 
     def report(self, booking_id: str, phase: int, ttft_s: float = 0.0, tpot_s: float = 0.0,
-               output_tokens: int = 0, kv: pd_pb2.KVTransferStats | None = None) -> None:
+               output_tokens: int = 0, kv: pd_pb2.KVTransferStats | None = None,
+               first_gap_s: float = 0.0) -> None:
         """Tell the scheduler (in the background; a lost report expires on its own). The
         latencies feed the autoscaling planner and the latency model's error; a pull
         transfer's READ time feeds its transfer model (not the whole load: that includes
@@ -119,7 +120,8 @@ class ClusterClient:
                     booking_id=booking_id, phase=phase, ttft_ms=ttft_s * 1e3,
                     tpot_ms=tpot_s * 1e3, output_tokens=output_tokens,
                     kv_bytes=kv.bytes if ok else 0,
-                    kv_seconds=(kv.read_seconds or kv.seconds) if ok else 0.0),
+                    kv_seconds=(kv.read_seconds or kv.seconds) if ok else 0.0,
+                    first_gap_ms=first_gap_s * 1e3),
                     timeout=5)
             except grpc.RpcError as e:
                 log.debug("report %s failed: %s", booking_id, e.code())
@@ -144,7 +146,7 @@ class ClusterClient:
         exclude: list[str] = []
         first: Chunk | None = None      # the first token, once the client has it
         t0 = time.perf_counter()
-        t_first = 0.0
+        t_first = t_second = 0.0
         ntok = 0
         kv = None
         deadline = time.monotonic() + timeout_s     # the whole request's, over every attempt
@@ -155,6 +157,7 @@ class ClusterClient:
                               kind=ErrorKind.TIMEOUT)
             route = await self.route(request_id, model, token_ids, exclude, sampling.max_tokens)
             phase = pd_pb2.PHASE_FAILED
+            pulled = False
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
                     gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
@@ -165,12 +168,15 @@ class ClusterClient:
                     gen = self._disagg_push(route, request_id, token_ids, sampling,
                                             timeout_s)
                 else:
+                    pulled = first is None      # the client's second token comes after a pull
                     gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first)
                 async for c in gen:
                     if c.token_ids and not t_first:
                         t_first = time.perf_counter()
                         self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE,
                                     ttft_s=t_first - t0)
+                    elif c.token_ids and not t_second:
+                        t_second = time.perf_counter()
                     if first is None and route.mode != pd_pb2.ROUTE_MODE_LOCAL:
                         first = c
                     ntok += len(c.token_ids)
@@ -188,7 +194,9 @@ class ClusterClient:
             finally:
                 done = phase == pd_pb2.PHASE_DONE and ntok > 1
                 tpot = (time.perf_counter() - t_first) / (ntok - 1) if done else 0.0
-                self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok, kv=kv)
+                gap = t_second - t_first if done and pulled and t_second else 0.0
+                self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok, kv=kv,
+                            first_gap_s=gap)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
                      first: Chunk | None):

@@ -27,6 +27,8 @@ P_REMOTE_PREFILL = "pd_remote_prefill"   # set on a decode request: load blocks 
 P_DONE = "_pd_processed"                 # the consumer half has taken the request in
 P_PUSH = "pd_push"                       # push mode (both sides)
 P_KEY = "transfer_key"                   # the client-facing id: key of the stats record
+P_FIRST_AT = "pd_first_token_at"         # a decode request: when its first token went out
+                                         # (unix s), so its engine counts that gap in TPOT
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,13 @@ class KVHandle:
                 "num_tokens": self.num_tokens, "compat_hash": self.compat_hash,
                 "block_size": self.block_size, "lease_expires_unix": self.lease_expires_unix}
 
-    def load_params(self, transfer_key: str) -> dict[str, Any]:
-        """A decode request's kv_transfer_params: load these blocks before computing."""
-        return {P_REMOTE_PREFILL: True, P_KEY: transfer_key, **self.to_params()}
+    def load_params(self, transfer_key: str, first_token_at: float = 0.0) -> dict[str, Any]:
+        """A decode request's kv_transfer_params: load these blocks before computing.
+        `first_token_at`: when the client got the first token (the prefill worker's)."""
+        p = {P_REMOTE_PREFILL: True, P_KEY: transfer_key, **self.to_params()}
+        if first_token_at > 0:
+            p[P_FIRST_AT] = first_token_at
+        return p
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "KVHandle":

@@ -31,6 +31,7 @@ import socket
 import struct
 import time
 
+from kv_transfer.handle import P_FIRST_AT
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.step_budget import Stream, budget, fcfs_tokens
 
@@ -43,6 +44,7 @@ _PATCHED = False
 # 4-token prompt, 0.16 s for the next one): they would teach the model nothing true
 SKIP_FIRST = 2
 REFIT = 16
+MAX_HANDOFF_S = 30.0   # a first token older than this is a clock to distrust
 
 
 def unix_address(name: str) -> str:
@@ -106,13 +108,33 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
         if r.num_computed_tokens < r.num_prompt_tokens:   # still prefilling
             local = local or (r.max_tokens or 0) > 1
             continue
-        t0 = st.first.setdefault(r.request_id, now)
-        out.append(Stream(now - t0, r.num_output_tokens, int(r.max_tokens or 0)))
+        t0 = st.first.get(r.request_id)
+        if t0 is None:
+            t0 = st.first[r.request_id] = now - _handoff_s(r)
+        # a stream whose first token came from a prefill worker: the client counts that
+        # token and the gap since it (the KV load) in its TPOT, so the allowance does too
+        extra = 1 if _first_token_at(r) else 0
+        out.append(Stream(now - t0, r.num_output_tokens + extra, int(r.max_tokens or 0) + extra))
         ctx += r.num_computed_tokens
     if not local:
         local = any((r.max_tokens or 0) > 1 and r.num_computed_tokens < r.num_prompt_tokens
                     for r in sched.waiting)
     return out, ctx, local
+
+
+def _first_token_at(r) -> float:
+    p = getattr(r, "kv_transfer_params", None)
+    try:
+        return float(p.get(P_FIRST_AT) or 0.0) if isinstance(p, dict) else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _handoff_s(r) -> float:
+    """Seconds since the client got this request's first token from a prefill worker
+    (0: it did not); at most MAX_HANDOFF_S, whatever the clocks say."""
+    at = _first_token_at(r)
+    return min(MAX_HANDOFF_S, max(0.0, time.time() - at)) if at else 0.0
 
 
 def _head(sched) -> tuple[int, int]:

@@ -94,8 +94,9 @@ def allowance(n: Node, slo: SLO) -> float:
 
 
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
-    """(seconds, the first step's prompt tokens or 0 if it takes it all) to compute the request's uncached prompt
-    on `n`, starting when its backlog ends; `local`: it decodes there too.
+    """(seconds, the first step's prompt tokens or 0 if it takes it all) to compute the
+    request's uncached prompt on `n`, starting when its backlog ends; `local`: it decodes
+    there too.
 
     The engine's rules (pdserve/step_budget.py), over `n`'s stream timeline (`streams_at`):
     while no stream runs, unchunked (a remote prefill) or in `alone` chunks (a local one);

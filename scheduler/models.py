@@ -1,7 +1,7 @@
 """The scheduler's latency models: one step model per worker, fitted from the engine steps
 its heartbeats carry, a pooled one per model (a new worker borrows from its pool-mates
-until its own steps say enough), and a KV transfer model per decode worker, fitted from
-the frontend's reports. Pure: no I/O, no clock.
+until its own steps say enough), and a KV handoff model per decode worker, fitted from
+the frontend's reports (`handoff_s`). Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -17,6 +17,23 @@ RECENT_S = 30.0              # ...and only those that arrived this recently coun
 # are its warm-up's, slower than it will be: measured, an autoscaled replica that kept its
 # own warm-up fit looked slower than its busy peer and was never sent a request)
 OWN_MIN_STEPS = 32
+
+
+MIN_HANDOFF_S = 1e-3         # a handoff sample is at least this (the fit weighs 1/t^2)
+
+
+def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float | None:
+    """What a remote prefill's handoff added to the client's TPOT sum, from what the
+    client saw: its first gap (first token to second: the KV load, then the decode
+    engine's first step) less the mean of its other gaps. The KV READ alone (the first
+    version's sample) left out the gRPC hop, the lease and the wait for the decode
+    engine's step in progress: measured on a fast host, 8-token streams predicted at
+    23 ms TPOT took 29-33. None: not measurable (a local prefill, fewer than 3 tokens)."""
+    n = output_tokens
+    if first_gap_ms <= 0 or tpot_ms <= 0 or n < 3:
+        return None
+    rest_ms = (tpot_ms * (n - 1) - first_gap_ms) / (n - 2)
+    return max(MIN_HANDOFF_S, (first_gap_ms - max(0.0, rest_ms)) / 1e3)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pdserve.latency import StepSample
 from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
 from scheduler.index import PrefixIndex
-from scheduler.models import LatencyBook
+from scheduler.models import LatencyBook, handoff_s
 from scheduler.roles import RolePlanner, Signals
 from scheduler.state import Load, NoPlacement, Registry, Worker, place
 
@@ -314,7 +314,11 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0:
             SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
-        if r.kv_bytes and r.kv_seconds > 0:
+        extra = handoff_s(r.first_gap_ms, r.tpot_ms, r.output_tokens)
+        w = self.reg.workers.get(b.decode)
+        if extra is not None and w is not None:   # what the client waited for the KV
+            self.book.observe_transfer(b.decode, w.kv_bytes_per_token * b.prompt_tokens, extra)
+        elif r.kv_bytes and r.kv_seconds > 0:
             self.book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)
 
     # ------------------------------------------------------------ introspection

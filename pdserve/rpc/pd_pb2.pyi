@@ -310,7 +310,7 @@ class RouteResponse(_message.Message):
     def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds")
+    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds", "first_gap_ms")
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FAILED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,7 @@ class ReportRequest(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_GAP_MS_FIELD_NUMBER: _ClassVar[int]
     booking_id: str
     phase: Phase
     failed_worker_id: str
@@ -327,7 +328,8 @@ class ReportRequest(_message.Message):
     output_tokens: int
     kv_bytes: int
     kv_seconds: float
-    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ...) -> None: ...
+    first_gap_ms: float
+    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., first_gap_ms: _Optional[float] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("known",)

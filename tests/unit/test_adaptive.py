@@ -139,7 +139,7 @@ def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
     for w in (W("p", "prefill"), W("d", "decode")):
         r.register(w)
     now = 10.0
-    for i in range(3):
+    for _ in range(3):
         r.book(Decision("p", "d", "disagg", "slo", 1000, 0, 64, 1000, prefill_s=1.0,
                         pred_tpot_s=0.05, out_tokens=9), now)
     r.book(Decision(None, "d", "local", "slo", 200, 0, 16, 200, prefill_s=0.5,
@@ -318,3 +318,17 @@ def test_role_planner_does_not_flap_on_a_noisy_trace():
 def test_node_allowance_is_infinite_without_streams():
     n = A.Node("d", C)
     assert math.isinf(n.allow_s) and A.prefill_on(n, 100, SLO)[1] == 0
+
+
+def test_the_handoff_is_the_first_gap_beyond_the_other_gaps():
+    from scheduler.models import MIN_HANDOFF_S, handoff_s
+    # 8 tokens: a 70 ms first gap, then six gaps of 23 ms -> TPOT (70 + 138) / 7
+    assert handoff_s(70.0, (70 + 6 * 23) / 7, 8) == pytest.approx(0.047)
+    assert handoff_s(20.0, 20.0, 8) == MIN_HANDOFF_S        # no handoff to speak of
+    assert handoff_s(0.0, 25.0, 8) is None                  # not a remote prefill
+    assert handoff_s(70.0, 70.0, 2) is None                 # one gap: nothing to compare
+    # fitted per decode worker, it is what the TPOT forecast spreads over the tokens
+    book = LatencyBook()
+    for nbytes in (10**6, 4 * 10**6) * 3:
+        book.observe_transfer("d", nbytes, 0.04 + nbytes / 1e9)
+    assert book.transfer_s("d", 2 * 10**6) == pytest.approx(0.042, rel=0.05)

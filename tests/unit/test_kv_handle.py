@@ -3,6 +3,7 @@
 import time
 
 from kv_transfer.handle import (
+    P_FIRST_AT,
     P_KEY,
     P_PUSH,
     P_REMOTE_DECODE,
@@ -39,6 +40,8 @@ def test_a_decode_request_loads_from_the_handle_and_releases_at_its_source():
     assert p[P_REMOTE_PREFILL] is True and p[P_KEY] == "cmpl-9" and P_PUSH not in p
     assert KVHandle.from_params(p) == h        # the consumer half reads what was sent
     assert source(p) == ("127.0.0.1:5000", "req-1")
+    assert P_FIRST_AT not in p      # when the first token went out, only when said
+    assert h.load_params("cmpl-9", first_token_at=123.5)[P_FIRST_AT] == 123.5
 
 
 def test_push_requests_carry_no_handle_only_their_source():
