@@ -1,4 +1,7 @@
-"""OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+"""OpenAI-compatible generation: /v1/completions and /v1/chat/completions.
+
+Errors as clients see them: frontend/http_errors.py; /health, /metrics, /sd/targets and
+/v1/models: frontend/ops_api.py."""
 
 from __future__ import annotations
 
@@ -10,13 +13,10 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import choices, render, security, tokenize_api, tools
+from frontend import choices, http_errors, ops_api, render, security, tools
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import Tokenizer, check_ids
@@ -25,21 +25,10 @@ from pdserve.config import FrontendConfig
 from pdserve.errors import (
     ContextLengthExceeded,
     InvalidRequest,
-    Overloaded,
-    PDError,
-    UnsupportedParameter,
 )
 from pdserve.rpc import pd_pb2
 
 log = logging.getLogger(__name__)
-
-
-def _public(err: PDError, rid: str) -> dict:
-    """The error body a client sees: a 500's detail stays in the log, under the request id."""
-    if err.mapping.http_status != 500:
-        return err.openai_body()
-    log.error("request %s: internal error: %s", rid, err.message)
-    return PDError(f"internal server error (request id {rid})", kind=err.kind).openai_body()
 
 
 def _sse(obj: Any) -> str:
@@ -73,105 +62,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if state["client"] is not None:
             await state["client"].close()
 
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.rid = rid
-        response = await call_next(request)
-        response.headers.setdefault("x-request-id", rid)
-        return response
-
-    def _error(request: Request, err: PDError, endpoint: str) -> JSONResponse:
-        M.REQUESTS.labels(endpoint, str(err.mapping.http_status)).inc()
-        rid = getattr(request.state, "rid", "")
-        headers = {"x-request-id": rid}
-        if isinstance(err, Overloaded):
-            headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
-        return JSONResponse(_public(err, rid), status_code=err.mapping.http_status,
-                            headers=headers)
-
-    @app.exception_handler(PDError)
-    async def _pd_error(request: Request, exc: PDError):
-        return _error(request, exc, request.url.path)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "extra_forbidden":
-            err: PDError = UnsupportedParameter(f"unsupported parameter: {'.'.join(loc)}",
-                                                param=".".join(loc))
-        elif first.get("type") == "json_invalid":
-            err = InvalidRequest(f"malformed JSON body: {first.get('msg', '')}")
-        elif loc[:1] == ["prompt"] and len(loc) > 1 and not loc[1].isdigit():
-            # every shape of the union failed; pydantic names the first (`prompt.str`)
-            err = InvalidRequest("prompt must be a string, a list of strings, a list of token "
-                                 "ids or a list of lists of token ids (ids: integers from 0)",
-                                 param="prompt")
-        else:
-            err = InvalidRequest(
-                f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
-                param=".".join(loc) or None)
-        return _error(request, err, request.url.path)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        """Starlette's own refusals (a body that is not UTF-8 JSON, an unknown path, a
-        wrong method) in OpenAI's error shape too, never `{"detail": ...}`."""
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse({"error": {"message": str(exc.detail), "type": kind,
-                                       "param": None, "code": None}},
-                            status_code=exc.status_code,
-                            headers={**(exc.headers or {}),
-                                     "x-request-id": getattr(request.state, "rid", "")})
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return _error(request, to_error(exc), request.url.path)
-
-    @app.get("/health")
-    async def health():
-        try:
-            ws = await state["client"].list_workers()
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "unhealthy", "reason": f"scheduler: {e}"}, 503)
-        roles = [w.role for w in ws.workers]
-        mixed = roles.count(pd_pb2.ROLE_MIXED)          # a mixed worker does both
-        prefill, decode = roles.count(pd_pb2.ROLE_PREFILL) + mixed, \
-            roles.count(pd_pb2.ROLE_DECODE) + mixed
-        ok = prefill > 0 and decode > 0
-        body = {"status": "ok" if ok else "unhealthy", "prefill_workers": prefill,
-                "decode_workers": decode, "mixed_workers": mixed}
-        return JSONResponse(body, 200 if ok else 503)
-
-    tokenize_api.install(app, cfg, state, health)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/sd/targets")
-    async def sd_targets():
-        """Prometheus HTTP service discovery (http_sd_configs): every registered worker's
-        metrics endpoint, from the scheduler, labelled by role and worker id."""
-        try:
-            ws = await state["client"].list_workers()
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"error": f"scheduler: {e}"}, 503)
-        roles = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode",
-                 pd_pb2.ROLE_MIXED: "mixed"}
-        return [{"targets": [w.metrics_address],
-                 "labels": {"pdserve_role": roles.get(w.role, "unknown"),
-                            "pdserve_worker": w.worker_id}}
-                for w in ws.workers if w.metrics_address]
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{
-            "id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "pdserve",
-            "max_model_len": cfg.max_model_len}]}
+    _error = http_errors.install(app)
+    ops_api.install(app, cfg, state)
 
     def _sampling(req, logprobs: int, constraint: dict | None) -> pd_pb2.SamplingParams:
         """The request's sampling, checked once; each prompt's copy gets its max_tokens.
@@ -454,7 +346,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 err = to_error(e)
                 status = str(err.mapping.http_status)
                 log.warning("stream %s failed: %s", out.rid, err.message)
-                yield _sse(_public(err, request.state.rid))
+                yield _sse(http_errors.public(err, request.state.rid))
                 yield "data: [DONE]\n\n"
             finally:
                 M.INFLIGHT.dec()
