@@ -88,11 +88,6 @@ class Option:
                 f"tpot_ms={self.tpot_s * 1e3:.1f}")
 
 
-def allowance(n: Node, slo: SLO) -> float:
-    """The step time `n`'s streams afford (what its engine reported), or the SLO's."""
-    return n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
-
-
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
     """(seconds, the first step's prompt tokens or 0 if it takes it all) to compute the
     request's uncached prompt on `n`, starting when its backlog ends; `local`: it decodes
