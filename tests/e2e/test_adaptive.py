@@ -39,8 +39,8 @@ def wait_until(cond, timeout=60.0, step=0.2):
 @pytest.fixture(scope="module")
 def chunked(tiny_model, tmp_path_factory):
     """Every request prefills on the decode worker (the fixed rule, pinned by its flag) and
-    the engines protect a 1 ms TPOT: beside a running stream, prompts go in 16-token
-    chunks (the budget's floor). Every step is traced to `c.trace`."""
+    the engines protect a 1 ms TPOT: beside a running stream, prompts go at the budget's
+    floor. Every step is traced to `c.trace`."""
     trace = tmp_path_factory.mktemp("steps") / "steps.txt"
     for c in serving(tiny_model, tmp_path_factory, "chunked",
                      env={"PDSERVE_STEP_TRACE": str(trace)},
@@ -63,7 +63,10 @@ def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, to
     long_stream = words(40, seed=901)
     prompts = [words(n, seed=900 + n) for n in (300, 700)]
     ids = [tokenizer.encode(p) for p in [long_stream] + prompts]
-    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"))
+    # the stream ignores EOS, and so does its reference (where the model's greedy path meets
+    # EOS early, as in bfloat16 on an AVX512-BF16 host, the two would differ otherwise)
+    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"),
+                    sampling=[{"ignore_eos": True}])
     ref += reference(c.model_dir, ids[1:], 16, tmp_path_factory.mktemp("ref2"))
     start = len(steps(c.trace))
     with cf.ThreadPoolExecutor(2) as ex:
@@ -76,9 +79,11 @@ def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, to
     for (out, route), want in zip(outs, ref[1:]):
         assert route.startswith("local:short_prompt"), route
         assert out["choices"][0]["text"] == want["text"]
-    # the prompts went in 16-token chunks beside the stream
+    # the prompts went in chunks of at most the floor (16, or fewer where 16 would not fit
+    # in the SLO: here 1 ms fits none, so one token a step) beside the stream, each within
+    # the step's budget
     beside = [s for s in steps(c.trace, mark) if int(s[1]) > 0 and int(s[3]) >= 1]
-    assert beside and all(int(s[1]) <= 16 for s in beside), beside[:5]
+    assert beside and all(int(s[1]) <= min(16, int(s[6])) for s in beside), beside[:5]
     assert sum(int(s[1]) for s in beside) >= 300 - 16
     loads = c.wait_idle()
     assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
