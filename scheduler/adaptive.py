@@ -111,9 +111,10 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     cap = n.max_step_tokens or todo
     t0 = t = n.backlog_s
     done, first, steps = 0, 0, 0
+    sweep = Sweep(busy)
     while done < todo and steps < MAX_SEGMENTS:
         steps += 1
-        seqs, ctx, nxt = active(busy, t)
+        seqs, ctx, nxt = sweep.at(t)
         left = todo - done
         if seqs <= 0:
             chunk = min(alone_chunk, left, cap)
@@ -140,16 +141,25 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     return t - t0, first
 
 
-def active(busy: tuple, t: float) -> tuple[int, float, float]:
-    """(streams, their context tokens, the next start or end after `t`) at time `t`."""
-    seqs, ctx, nxt = 0, 0.0, math.inf
-    for start, end, n, c in busy:
-        if start <= t < end:
-            seqs, ctx = seqs + n, ctx + c
-            nxt = min(nxt, end)
-        elif start > t:
-            nxt = min(nxt, start)
-    return seqs, ctx, nxt
+class Sweep:
+    """A stream timeline walked forward in time: (streams, their context tokens, the next
+    start or end) at each `at(t)`, for non-decreasing t. Intervals are [start, end)."""
+
+    def __init__(self, busy: tuple) -> None:
+        ev = []
+        for start, end, n, c in busy:
+            ev.append((start, n, c))
+            if math.isfinite(end):
+                ev.append((end, -n, -c))
+        ev.sort(key=lambda e: e[0])
+        self.ev, self.i, self.seqs, self.ctx = ev, 0, 0, 0.0
+
+    def at(self, t: float) -> tuple[int, float, float]:
+        ev = self.ev
+        while self.i < len(ev) and ev[self.i][0] <= t:
+            _, n, c = ev[self.i]
+            self.seqs, self.ctx, self.i = self.seqs + n, self.ctx + c, self.i + 1
+        return self.seqs, max(0.0, self.ctx), ev[self.i][0] if self.i < len(ev) else math.inf
 
 
 def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:

@@ -37,6 +37,10 @@ SCHED_PRED_ERROR = Histogram("pdserve_scheduler_prediction_error",
 SCHED_PREDICTED = Histogram("pdserve_scheduler_predicted_seconds",
                             "Latency model: predicted TTFT and TPOT of the option taken",
                             ["kind"], buckets=_LAT)
+SCHED_HANDOFF = Histogram("pdserve_scheduler_handoff_seconds",
+                          "A remote prefill's handoff as its client saw it: the first gap "
+                          "(first token to second) beyond the request's other gaps",
+                          buckets=_LAT)
 SCHED_ROLE_CHANGES = Counter("pdserve_scheduler_role_changes",
                              "Worker role changes by new role and reason", ["role", "reason"])
 SCHED_ROLE_PENDING = Gauge("pdserve_scheduler_role_changes_pending",

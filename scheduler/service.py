@@ -317,6 +317,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         extra = handoff_s(r.first_gap_ms, r.tpot_ms, r.output_tokens)
         w = self.reg.workers.get(b.decode)
         if extra is not None and w is not None:   # what the client waited for the KV
+            SM.SCHED_HANDOFF.observe(extra)
             self.book.observe_transfer(b.decode, w.kv_bytes_per_token * b.prompt_tokens, extra)
         elif r.kv_bytes and r.kv_seconds > 0:
             self.book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)

@@ -340,3 +340,14 @@ def test_the_handoff_is_the_first_gap_beyond_the_other_gaps():
     for nbytes in (10**6, 4 * 10**6) * 3:
         book.observe_transfer("d", nbytes, 0.04 + nbytes / 1e9)
     assert book.transfer_s("d", 2 * 10**6) == pytest.approx(0.042, rel=0.05)
+
+
+def test_the_sweep_walks_a_stream_timeline_forward():
+    s = A.Sweep(((0.0, 1.0, 1, 100), (0.5, 2.0, 2, 300), (3.0, math.inf, 1, 50),
+                 (1.5, 1.5, 4, 999)))          # an empty interval counts for nothing
+    assert s.at(0.0) == (1, 100, 0.5)
+    assert s.at(0.7) == (3, 400, 1.0)
+    assert s.at(1.0) == (2, 300, 1.5)            # [start, end): the first ended at 1.0
+    assert s.at(1.6) == (2, 300, 2.0)
+    assert s.at(2.5) == (0, 0.0, 3.0)
+    assert s.at(10.0) == (1, 50, math.inf)       # runs for good
