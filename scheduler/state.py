@@ -242,31 +242,29 @@ class Registry:
                 end = max(0.0, end - b.prefill_s)
         return ends
 
-    def streams_at(self, w: Worker, now: float, ends: dict[str, float],
-                   tpot_s: float) -> tuple:
-        """`w`'s decode streams over time, (start s, end s, 1, context tokens) from now
-        (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there, for
+    def timelines(self, now: float, tpot_s: float) -> dict[str, tuple]:
+        """Each worker's decode streams over time, (start s, end s, 1, context tokens) from
+        now (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there, for
         (output tokens - 1) x their predicted TPOT (`tpot_s` when none was predicted), from
-        the end of their prefill. Streams the engine reported and no booking explains
-        (another scheduler's) run for good; none: ()."""
-        out, now_n, mine = [], 0, 0
+        the end of their prefill (`prefill_ends`). Streams a worker's engine reported and no
+        booking explains (another scheduler's) run for good. One pass over the bookings."""
+        ends = self.prefill_ends(now)
+        out: dict[str, list] = {}
         for b in self.bookings.values():
-            if b.decode != w.worker_id:
-                continue
-            mine += 1
             n_out = b.out_tokens or A.DEFAULT_OUTPUT
             step = b.pred_tpot_s or tpot_s
             life = max(1, n_out - 1) * step
             ctx = b.prompt_tokens + n_out / 2
             if b.prefill_done:
-                now_n += 1
-                out.append((0.0, max(step, b.decode_start + life - now), 1, ctx))
+                span = (0.0, max(step, b.decode_start + life - now), 1, ctx)
             else:
                 start = ends.get(b.booking_id, 0.0)
-                out.append((start, start + life, 1, ctx))
-        if not mine and w.step_decode_seqs > 0:
-            out.append((0.0, math.inf, w.step_decode_seqs, w.step_decode_ctx))
-        return tuple(out)
+                span = (start, start + life, 1, ctx)
+            out.setdefault(b.decode, []).append(span)
+        for w in self.workers.values():
+            if w.worker_id not in out and w.step_decode_seqs > 0:
+                out[w.worker_id] = [(0.0, math.inf, w.step_decode_seqs, w.step_decode_ctx)]
+        return {k: tuple(v) for k, v in out.items()}
 
     def _release_prefill(self, b: Booking, now: float) -> None:
         done, b.prefill_done = b.prefill_done, True
@@ -363,7 +361,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
 
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
-          slo: A.SLO, ends: dict[str, float], transfer_s: float = 0.0) -> A.Node | None:
+          timelines: dict[str, tuple], transfer_s: float = 0.0) -> A.Node | None:
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
@@ -371,7 +369,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     streams = max(w.step_decode_seqs, w.booked_streams) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
-    timeline = reg.streams_at(w, now, ends, slo.safety * slo.tpot_s) if decodes else ()
+    timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
                   book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline)
@@ -382,14 +380,14 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     max_tokens: int, now: float) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
-    ends = reg.prefill_ends(now)
+    timelines = reg.timelines(now, slo.safety * slo.tpot_s)
     for p in prefills:
-        n = _node(reg, book, p, cached.get(p.worker_id, 0), now, slo, ends)
+        n = _node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)
         if n is None:
             return None
         pn.append(n)
     for d in decodes:
-        n = _node(reg, book, d, cached.get(d.worker_id, 0), now, slo, ends,
+        n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines,
                   book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens))
         if n is None:
             return None

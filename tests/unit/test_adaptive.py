@@ -146,23 +146,23 @@ def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
                     pred_tpot_s=0.05, out_tokens=3), now)
     ends = r.prefill_ends(now)
     assert sorted(ends.values()) == pytest.approx([0.5, 1.0, 2.0, 3.0])
-    got = sorted(r.streams_at(r.workers["d"], now, ends, 0.1))
+    got = sorted(r.timelines(now, 0.1)["d"])
     want = [(0.5, 0.6, 1, 201.5), (1.0, 1.4, 1, 1004.5), (2.0, 2.4, 1, 1004.5),
             (3.0, 3.4, 1, 1004.5)]
     assert [x for g in got for x in g] == pytest.approx([x for w in want for x in w])
     # the first remote prefill is done at 10.8: it decodes from then on
     first = next(iter(r.bookings))
     r.prefill_done(first, 10.8)
-    got = sorted(r.streams_at(r.workers["d"], 10.8, r.prefill_ends(10.8), 0.1))
+    got = sorted(r.timelines(10.8, 0.1)["d"])
     assert any(list(x) == pytest.approx([0.0, 0.4, 1, 1004.5]) for x in got)
     # one running past its predicted end still holds the engine for a step
-    late = r.streams_at(r.workers["d"], 20.0, r.prefill_ends(20.0), 0.1)
+    late = r.timelines(20.0, 0.1)["d"]
     assert any(list(x) == pytest.approx([0.0, 0.05, 1, 1004.5]) for x in late)
     # streams the engine reports and no booking explains run for good
     other = W("o", "decode")
     other.step_decode_seqs, other.step_decode_ctx = 2, 900
     r.register(other)
-    assert r.streams_at(other, now, {}, 0.1) == ((0.0, math.inf, 2, 900),)
+    assert r.timelines(now, 0.1)["o"] == ((0.0, math.inf, 2, 900),)
 
 
 def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_up():
