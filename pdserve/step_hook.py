@@ -5,8 +5,9 @@ Installed by pdserve's vLLM plugin (pdserve/vllm_plugin.py) when PDSERVE_STEP_HO
 which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
 `Scheduler`:
 - `schedule`: first the budget (pdserve/step_budget.py): with decode streams running, the
-  step's token budget becomes streams + the prompt tokens their allowance leaves
-  (`max_num_scheduled_tokens`), and no prompt takes more than that in one step
+  step's token budget becomes streams + the prompt tokens their allowance leaves + what
+  the waiting remote-prefilled requests need to start (`max_num_scheduled_tokens`), and
+  the prompts being computed share the allowance's tokens
   (`long_prefill_token_threshold`); vLLM's own chunked prefill does the rest. With no
   stream and several prompts queued, the budget is the head prompt's remaining tokens
   (`fcfs_tokens`): prompts end in arrival order instead of all at the end of one packed
@@ -31,7 +32,7 @@ import socket
 import struct
 import time
 
-from kv_transfer.handle import P_FIRST_AT
+from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.step_budget import Stream, budget, fcfs_tokens
 
@@ -45,6 +46,7 @@ _PATCHED = False
 SKIP_FIRST = 2
 REFIT = 16
 MAX_HANDOFF_S = 30.0   # a first token older than this is a clock to distrust
+MAX_WAITING_DECODE_TOKENS = 16   # budget one waiting remote-prefilled request adds, at most
 
 
 def unix_address(name: str) -> str:
@@ -137,6 +139,27 @@ def _handoff_s(r) -> float:
     return min(MAX_HANDOFF_S, max(0.0, time.time() - at)) if at else 0.0
 
 
+def _waiting_decodes(sched) -> int:
+    """Tokens the waiting requests whose prompt KV comes from a prefill worker need this
+    step: one to start their KV load (vLLM's waiting loop runs only while budget is left,
+    and an async load costs none), and their last few prompt tokens once it is in.
+
+    Without them a budget that prompt chunks use up left a remote-prefilled stream waiting
+    for a local prefill on its engine to end (measured: first gaps of 1-2.6 s)."""
+    need = 0
+    for q in (getattr(sched, "kv_holding_waiting", ()), sched.waiting):
+        for r in q:
+            p = getattr(r, "kv_transfer_params", None)
+            if isinstance(p, dict) and p.get(P_REMOTE_PREFILL):
+                left = r.num_tokens - r.num_computed_tokens if r.num_computed_tokens else 1
+                need += max(1, min(MAX_WAITING_DECODE_TOKENS, left))
+    return need
+
+
+def _partial_prefills(sched) -> int:
+    return sum(1 for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens)
+
+
 def _head(sched) -> tuple[int, int]:
     """The first queued prompt's uncomputed tokens (running before waiting: the order
     vLLM schedules in) and how many prompts are queued."""
@@ -173,11 +196,15 @@ def install() -> bool:
         if not b.tokens and not streams:
             head, queued = _head(self)
             fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
+        # room for remote-prefilled streams to start, whatever the prompts take
+        ready = _waiting_decodes(self) if b.tokens or fcfs else 0
         if b.tokens:
-            self.max_num_scheduled_tokens = min(cap, len(streams) + b.tokens)
-            self.scheduler_config.long_prefill_token_threshold = b.tokens
+            self.max_num_scheduled_tokens = min(cap, len(streams) + ready + b.tokens)
+            # each prompt being computed gets its share: together they stay within it
+            self.scheduler_config.long_prefill_token_threshold = max(
+                1, b.tokens // max(1, _partial_prefills(self)))
         elif fcfs:      # prompts one after another (step_budget.fcfs_tokens)
-            self.max_num_scheduled_tokens = fcfs
+            self.max_num_scheduled_tokens = min(cap, fcfs + ready)
             self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
         else:
             self.max_num_scheduled_tokens = cap

@@ -65,3 +65,28 @@ def test_a_remote_prefilled_stream_counts_its_first_token_and_the_handoff():
     # the start is kept: a later step sees the same origin
     again = _streams(NS(running=[remote], waiting=[]), st, now + 0.5)[0][0]
     assert abs(again.elapsed_s - (r.elapsed_s + 0.5)) < 1e-9
+
+
+def test_waiting_remote_prefilled_requests_get_budget_to_start():
+    """vLLM's waiting loop runs only while budget is left; a remote-prefilled request
+    needs a token to start its KV load and its last prompt tokens after it, so the step
+    budget adds them on top of what prompt chunks may take."""
+    from types import SimpleNamespace as NS
+
+    from kv_transfer.handle import P_REMOTE_PREFILL
+    from pdserve.step_hook import MAX_WAITING_DECODE_TOKENS, _partial_prefills, _waiting_decodes
+
+    def req(computed, tokens, prompt, params=None):
+        return NS(num_computed_tokens=computed, num_tokens=tokens, num_prompt_tokens=prompt,
+                  kv_transfer_params=params)
+
+    remote = {P_REMOTE_PREFILL: True}
+    not_started = req(0, 501, 501, remote)         # its load has not begun: one token
+    loaded = req(500, 501, 501, remote)            # KV in: its last token
+    partial = req(200, 501, 501, remote)           # a partial hit: at most the cap
+    local = req(0, 300, 300)                       # a local prompt: not ours to add
+    sched = NS(waiting=[not_started, local, partial], kv_holding_waiting=[loaded],
+               running=[req(100, 300, 300), req(301, 302, 300)])
+    assert _waiting_decodes(sched) == 1 + 1 + MAX_WAITING_DECODE_TOKENS
+    assert _waiting_decodes(NS(waiting=[local], running=[])) == 0
+    assert _partial_prefills(sched) == 1           # the other one is decoding
