@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flags for the prefill workers only, pdserve's or vLLM's, after the "
                         "shared ones (e.g. \"--block-size 64 --max-num-seqs 8\")")
     s.add_argument("--decode-args", default="", help="the same, for the decode workers")
+    s.add_argument("--mixed", default=False, action=argparse.BooleanOptionalAction,
+                   help="every worker starts mixed: it serves remote prefills, decodes and "
+                        "prefills locally, and the adaptive choice places each request "
+                        "among all of them (the pools still give each worker its flags "
+                        "and cores)")
     s.add_argument("--prefill-gpus", default="",
                    help="CUDA devices of the prefill workers: one entry per worker, in order, "
                         "comma-separated; '+' joins devices of one worker (\"0,1\", \"0+1\")")

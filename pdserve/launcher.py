@@ -101,7 +101,9 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
 
 
 def worker_argv(ns, role: str, wid: str, cores: str, scheduler: str) -> list[str]:
-    return [sys.executable, "-m", "pdserve.cli", role, "--worker-id", wid, "--cores", cores,
+    """A pool's worker; with `--mixed` it starts mixed (its pool still gives its flags)."""
+    start = "mixed" if getattr(ns, "mixed", False) else role
+    return [sys.executable, "-m", "pdserve.cli", start, "--worker-id", wid, "--cores", cores,
             "--scheduler", scheduler, "--host", ns.host, *engine_argv(ns), *pool_argv(ns, role)]
 
 

@@ -123,3 +123,15 @@ def test_one_config_file_serves_every_command_and_typos_still_fail(tmp_path, cap
     with pytest.raises(SystemExit) as e:
         parse_args(["decode", *M, "--config", str(cfg)])
     assert e.value.code == 2 and "max-num-seqz" in capsys.readouterr().err
+
+
+def test_mixed_workers_start_mixed_with_their_pools_flags():
+    from pdserve.launcher import worker_argv
+    ns = parse_args(["serve", *M, "--mixed", "--decode-args", "--max-num-seqs 4"])
+    argv = worker_argv(ns, "decode", "decode-0", "1", "127.0.0.1:1")
+    i = argv.index("pdserve.cli")
+    assert argv[i + 1] == "mixed" and argv[-2:] == ["--max-num-seqs", "4"]
+    w = parse_args(argv[i + 1:])
+    assert w.role == "mixed" and w.max_num_seqs == 4
+    plain = parse_args(["serve", *M])
+    assert worker_argv(plain, "prefill", "p", "0", "x")[i + 1] == "prefill"
