@@ -20,10 +20,10 @@ on it:
   + for remote, the KV transfer spread over the output tokens (the client waits for it
     between the first token and the second).
 
-A local prefill costs the streams already running on D nothing the engine does not allow:
-it holds every step to their allowance, and its floor to safety * SLO (the first version
-also capped a local option's score by its first step's share of their allowance, which
-counted that cost twice and sent a short prompt to a prefill queue twice as slow).
+A local prefill also costs the streams already running on D: its first step takes their
+slack (the engine enforces the allowance), but the chunk floor can exceed it; a local
+option's score is at most 1 - safety * step / allowance (0.1 for a step that uses the
+allowance exactly, as a stream held to safety * SLO scores against its SLO).
 
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
@@ -201,6 +201,11 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = d.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
+    now = active(d.streams_at, 0.0)[0] if d.streams_at else d.streams
+    if now > 0 and chunk:    # what one of its steps costs the streams already there
+        step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
+        allow = allowance(d, slo)
+        s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens))
 

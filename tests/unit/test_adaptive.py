@@ -186,19 +186,11 @@ def test_a_prefill_queue_overflows_to_the_decode_engine_while_its_streams_afford
     p, d = A.Node("p", C, backlog_s=2.0), A.Node("d", C)
     opts = A.options([p], [d], 500, 64, SLO, {"d"})
     assert [o.kind for o in opts] == ["local", "remote"] and opts[0].score > 0
-    idle_local = opts[0].ttft_s
-    # eight streams on the decode engine, no slack left in them now: the prompt goes at
-    # the pace that keeps each of their steps within safety x SLO (the engine enforces
-    # it), slower than alone but still well ahead of the 2 s queue
+    # the same queue with eight streams on the decode engine and no slack left in them:
+    # even the smallest chunk would push their steps past the allowance, so remote
     busy = A.Node("d", C, streams=8, ctx=8000, allow_s=C.decode_step(8, 8000))
     opts = A.options([p], [busy], 500, 64, SLO, {"d"})
-    assert [o.kind for o in opts] == ["local", "remote"]
-    assert idle_local * 1.2 < opts[0].ttft_s < 2.0
-    per_step = A.stream_tokens(C, SLO.tpot_s, 8, 8000)
-    assert C.step_time(per_step, 0, 8, 8000) <= SLO.safety * SLO.tpot_s
-    # a short queue: remote
-    opts = A.options([A.Node("p", C, backlog_s=0.1)], [busy], 500, 64, SLO, {"d"})
-    assert [o.kind for o in opts] == ["remote", "local"]
+    assert [o.kind for o in opts] == ["remote", "local"] and opts[1].score < A.MARGIN
 
 
 def test_ranking_meets_slos_first_then_lowest_ttft():
