@@ -55,14 +55,16 @@ def unix_address(name: str) -> str:
 
 
 def encode(s: StepSample, allow_s: float, tokens: int) -> bytes:
-    allow = allow_s if allow_s != float("inf") else -1.0
+    """`allow_s`: inf with no stream; negative when the streams are behind (a double
+    carries both as they are: the first version sent inf as -1 and read every negative
+    allowance back as no stream at all)."""
     return WIRE.pack(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs, s.decode_ctx,
-                     allow, tokens)
+                     allow_s, tokens)
 
 
 def decode(b: bytes) -> tuple[StepSample, float, int]:
     sec, p, a, d, c, allow, tok = WIRE.unpack(b)
-    return StepSample(sec, p, a, d, c), (float("inf") if allow < 0 else allow), tok
+    return StepSample(sec, p, a, d, c), allow, tok
 
 
 class _State:

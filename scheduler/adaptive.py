@@ -17,13 +17,17 @@ on it:
     them, contention), on average
   + the prefill work booked on D spread over the output tokens, up to what the engine
     lets a stream absorb
-  + for remote, the KV transfer spread over the output tokens (the client waits for it
-    between the first token and the second).
+  + for remote, the handoff spread over the output tokens (the client waits for it
+    between the first token and the second; scheduler/models.py, `handoff_s`).
 
-A local prefill also costs the streams already running on D: its first step takes their
-slack (the engine enforces the allowance), but the chunk floor can exceed it; a local
-option's score is at most 1 - safety * step / allowance (0.1 for a step that uses the
-allowance exactly, as a stream held to safety * SLO scores against its SLO).
+A local prefill also costs the streams already running on D: its steps take their slack
+(the engine enforces the allowance, down to its floor); a local option's score is at most
+1 - safety * step / allowance (0.1 for a step that uses the allowance exactly, as a
+stream held to safety * SLO scores against its SLO), and -1 when they have no slack left.
+Without this cap (tried: the engine's budget bounds the cost, so why count it?) the
+decode engine took prompts beside streams that had none, at its floor's pace, and the
+prefill-dominated mix lost to two replicas in every cell (0.47-0.91x, against 1.01-2.13x
+with it).
 
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
@@ -201,10 +205,10 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = d.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
-    now = active(d.streams_at, 0.0)[0] if d.streams_at else d.streams
-    if now > 0 and chunk:    # what one of its steps costs the streams already there
+    running = Sweep(d.streams_at).at(0.0)[0] if d.streams_at else d.streams
+    if running > 0 and chunk:    # what one of its steps costs the streams already there
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
-        allow = allowance(d, slo)
+        allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens))

@@ -13,6 +13,8 @@ def test_wire_round_trip():
     got, allow, tok = decode(encode(s, 0.09, 40))
     assert (got, allow, tok) == (s, 0.09, 40)
     assert math.isinf(decode(encode(s, float("inf"), 0))[1])
+    # streams that are behind: a negative allowance, not "no stream"
+    assert decode(encode(s, -0.25, 16))[1] == -0.25
 
 
 def test_engine_sends_worker_keeps_the_newest_and_the_last_allowance():
