@@ -20,12 +20,17 @@ OWN_MIN_STEPS = 32
 
 
 MIN_HANDOFF_S = 1e-3         # a handoff sample is at least this (the fit weighs 1/t^2)
+# a first gap longer than this many of the request's other gaps is not a handoff but a
+# wait for a decode slot (max_num_seqs), which a local prefill would wait for too, as TTFT
+MAX_HANDOFF_STEPS = 10
 
 
 def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float | None:
     """What a remote prefill's handoff added to the client's TPOT sum, from what the
     client saw: its first gap (first token to second: the KV load, then the decode
-    engine's first step) less the mean of its other gaps. The KV READ alone (the first
+    engine's first step) less the mean of its other gaps, unless it is more than
+    MAX_HANDOFF_STEPS of them (then the transfer record's READ time stands in). The KV
+    READ alone (the first
     version's sample) left out the gRPC hop, the lease and the wait for the decode
     engine's step in progress: measured on a fast host, 8-token streams predicted at
     23 ms TPOT took 29-33. None: not measurable (a local prefill, fewer than 3 tokens)."""
@@ -33,6 +38,8 @@ def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float 
     if first_gap_ms <= 0 or tpot_ms <= 0 or n < 3:
         return None
     rest_ms = (tpot_ms * (n - 1) - first_gap_ms) / (n - 2)
+    if first_gap_ms > MAX_HANDOFF_STEPS * max(rest_ms, 1e-3):
+        return None     # a queue for a decode slot, or a stall: the KV READ's record says
     return max(MIN_HANDOFF_S, (first_gap_ms - max(0.0, rest_ms)) / 1e3)
 
 

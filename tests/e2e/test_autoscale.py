@@ -173,7 +173,9 @@ def test_long_prompts_scale_prefill_then_drain(scaled):
 def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     c = scaled
     assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-    phase = scale_up_phase(c, "decode", "decode", 6, 4)
+    # 12 streams on 2 slots: each waits for about 5 others before its first decode step,
+    # a TPOT breach however fast the host (with 6, a 5 ms decode step kept TPOT at 10 ms)
+    phase = scale_up_phase(c, "decode", "decode", 12, 4)
     log = c.log_path.read_text()
     assert "local: started decode-auto1 on core 1" in log
     assert "started prefill-auto2" not in log

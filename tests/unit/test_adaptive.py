@@ -327,6 +327,8 @@ def test_the_handoff_is_the_first_gap_beyond_the_other_gaps():
     assert handoff_s(20.0, 20.0, 8) == MIN_HANDOFF_S        # no handoff to speak of
     assert handoff_s(0.0, 25.0, 8) is None                  # not a remote prefill
     assert handoff_s(70.0, 70.0, 2) is None                 # one gap: nothing to compare
+    # a 2 s wait for a decode slot before 5 ms steps is a queue, not a handoff
+    assert handoff_s(2000.0, (2000 + 198 * 5) / 199, 200) is None
     # fitted per decode worker, it is what the TPOT forecast spreads over the tokens
     book = LatencyBook()
     for nbytes in (10**6, 4 * 10**6) * 3:
