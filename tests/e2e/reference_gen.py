@@ -53,7 +53,8 @@ async def generate(eng, req: dict) -> list[dict]:
 
 
 async def serve(ns, answers) -> None:
-    cfg = EngineConfig(model=ns.model, cpu_cores=ns.cores, kv_cache_bytes=256 << 20,
+    cfg = EngineConfig(model=ns.model, dtype=ns.dtype, cpu_cores=ns.cores,
+                       kv_cache_bytes=256 << 20,
                        max_model_len=ns.max_model_len, block_size=ns.block_size,
                        **({"max_num_batched_tokens": ns.max_num_batched_tokens}
                           if ns.max_num_batched_tokens else {}))
@@ -80,6 +81,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--dtype", default="float32")   # as the tests' clusters (conftest.py)
     ap.add_argument("--log", required=True)
     ns = ap.parse_args()
     # answers on the stdout we were given; everything else (ours, the engine's, its

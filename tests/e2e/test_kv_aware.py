@@ -203,6 +203,7 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
     import sys
 
     from tests.e2e.cluster import ROOT, TEST_SECRET
+    from tests.e2e.conftest import TEST_DTYPE
     c = kv_cluster
     log = open(tmp_path / "extra.log", "w")
     # joining takes the cluster's secret, as on another host: here by file
@@ -211,6 +212,7 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "prefill", "--worker-id",
                           "prefill-extra", "--cores", "0", "--scheduler", c.scheduler,
                           "--model", c.model_dir, "--kv-cache-gib", "0.25",
+                          *TEST_DTYPE,       # its KV layout must match the cluster's
                           "--cluster-secret-file", str(secret)],
                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)

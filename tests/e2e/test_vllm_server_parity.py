@@ -25,7 +25,8 @@ P1, P2 = words(30, seed=501), words(180, seed=502)
 def vllm_api(cluster, tiny_model, tmp_path_factory):
     ns = argparse.Namespace(model=tiny_model, served_name=cluster.model_name,
                             max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
-                            kv_cache_gib=1, baseline_quiet_wait=True)   # whole GiB
+                            kv_cache_gib=1, baseline_quiet_wait=True,   # whole GiB
+                            dtype="float32")      # as the tests' clusters (conftest.py)
     procs = Procs(tmp_path_factory.mktemp("vllm-api"))
     try:
         url = vllm_server(procs, ns, "vllm-api", "1")
