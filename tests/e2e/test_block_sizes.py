@@ -11,10 +11,9 @@ blocks as they are): the offer is refused as incompatible and the decode engine 
 import httpx
 import pytest
 
-from pdserve.config import resolve_dtype
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import metric_value, reference
-from tests.e2e.conftest import KV, serving, words
+from tests.e2e.conftest import KV, TEST_DTYPE, serving, words
 from tests.e2e.test_faults import assert_idle, by_role
 
 MAX_TOKENS = 16
@@ -72,8 +71,8 @@ def test_relaid_out_kv_gives_the_colocated_output(mixed, truth, n):
     assert kv["status"] == "ok" and kv["tokens"] == n, kv
     assert kv["relayout_seconds"] > 0 and kv["checksummed"] is True, kv
     # the bytes are the producer's blocks: 64-token blocks of 4 layers x 2 KV heads x
-    # (K + V) x head size 64, in the engines' dtype (pdserve.config.resolve_dtype)
-    per_block = 4 * 2 * PREFILL_BS * 128 * (2 if resolve_dtype("auto") == "bfloat16" else 4)
+    # (K + V) x head size 64, in the engines' dtype (the tests': conftest.TEST_DTYPE)
+    per_block = 4 * 2 * PREFILL_BS * 128 * (2 if TEST_DTYPE[-1] == "bfloat16" else 4)
     assert kv["bytes"] == -(-n // PREFILL_BS) * per_block, kv
     after = mixed.metrics(decode)
     name = "vllm:prompt_tokens_by_source_total"
