@@ -92,6 +92,11 @@ class Option:
                 f"tpot_ms={self.tpot_s * 1e3:.1f}")
 
 
+def allowance(n: Node, slo: SLO) -> float:
+    """The step time `n`'s streams afford (what its engine reported), or the SLO's."""
+    return n.allow_s if math.isfinite(n.allow_s) else slo.safety * slo.tpot_s
+
+
 def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[float, int]:
     """(seconds, the first step's prompt tokens or 0 if it takes it all) to compute the
     request's uncached prompt on `n`, starting when its backlog ends; `local`: it decodes
@@ -208,7 +213,7 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     running = Sweep(d.streams_at).at(0.0)[0] if d.streams_at else d.streams
     if running > 0 and chunk:    # what one of its steps costs the streams already there
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
-        allow = d.allow_s if math.isfinite(d.allow_s) else slo.safety * slo.tpot_s
+        allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens))

@@ -30,10 +30,10 @@ def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float 
     client saw: its first gap (first token to second: the KV load, then the decode
     engine's first step) less the mean of its other gaps, unless it is more than
     MAX_HANDOFF_STEPS of them (then the transfer record's READ time stands in). The KV
-    READ alone (the first
-    version's sample) left out the gRPC hop, the lease and the wait for the decode
-    engine's step in progress: measured on a fast host, 8-token streams predicted at
-    23 ms TPOT took 29-33. None: not measurable (a local prefill, fewer than 3 tokens)."""
+    READ alone (the first version's sample) left out the gRPC hop, the lease and the wait
+    for the decode engine's step in progress: measured on a fast host, 8-token streams
+    predicted at 23 ms TPOT took 29-33. None: not measurable (a local prefill, fewer than
+    3 tokens, or a first gap that is a wait)."""
     n = output_tokens
     if first_gap_ms <= 0 or tpot_ms <= 0 or n < 3:
         return None

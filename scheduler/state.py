@@ -365,7 +365,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
-    decodes = w.can("decode") or w.can("local")
+    decodes = w.can("decode")          # a role that prefills locally decodes too
     streams = max(w.step_decode_seqs, w.booked_streams) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
