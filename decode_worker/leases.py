@@ -16,7 +16,8 @@ import logging
 import grpc
 
 from pdserve import metrics as M
-from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
+from pdserve.lease_client import AsyncLeaseClient, agent_stubs
+from pdserve.rpc import Channels, pd_pb2
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class LeaseRenewer:
         self.extend_s = lease_s
         self.every_s = max(0.2, lease_s / 3)
         self.channels = Channels(creds)
+        self.leases = AsyncLeaseClient(agent_stubs(self.channels))
 
     async def hold(self, kv: pd_pb2.KVHandle, done: asyncio.Event) -> None:
         """Renew `kv`'s lease until `done` is set (or the lease is found gone)."""
@@ -36,9 +38,8 @@ class LeaseRenewer:
             except asyncio.TimeoutError:
                 pass
             try:
-                resp = await pd_pb2_grpc.KVAgentStub(self.channels.get(kv.agent_address)).Acquire(
-                    pd_pb2.LeaseRequest(transfer_ids=[kv.transfer_id], extend_s=self.extend_s),
-                    timeout=5.0)   # the agent waits up to 1 s for a lease not added yet
+                held = await self.leases.acquire(kv.agent_address, [kv.transfer_id],
+                                                 self.extend_s)
             except grpc.RpcError as e:
                 M.KV_LEASE_RENEWALS.labels("error").inc()
                 log.warning("renewing KV lease %s at %s failed: %s", kv.transfer_id,
@@ -46,7 +47,7 @@ class LeaseRenewer:
                 continue
             if done.is_set():
                 return
-            if kv.transfer_id in resp.held:
+            if kv.transfer_id in held:
                 M.KV_LEASE_RENEWALS.labels("ok").inc()
             else:
                 M.KV_LEASE_RENEWALS.labels("lost").inc()

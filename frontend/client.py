@@ -12,6 +12,7 @@ import grpc
 
 from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
+from pdserve.lease_client import AsyncLeaseClient, agent_stubs
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class ClusterClient:
                  max_attempts: int = 3, kv_mode: str = "pull", creds=None) -> None:
         self.push = kv_mode.startswith("push")
         self.channels = Channels(creds)     # the frontend's token on every internal call
+        self.leases = AsyncLeaseClient(agent_stubs(self.channels))
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
         self.route_wait_s = route_wait_s
         self.max_attempts = max_attempts
@@ -133,12 +135,7 @@ class ClusterClient:
         return await self.scheduler.ListWorkers(pd_pb2.ListWorkersRequest(), timeout=2)
 
     async def release(self, kv: pd_pb2.KVHandle) -> None:
-        try:
-            await pd_pb2_grpc.KVAgentStub(self.channels.get(kv.agent_address)).Release(
-                pd_pb2.LeaseRequest(transfer_ids=[kv.transfer_id]), timeout=5)
-        except grpc.RpcError as e:
-            log.warning("could not release KV %s (%s); its lease will expire",
-                        kv.transfer_id, e.code())
+        await self.leases.release(kv.agent_address, [kv.transfer_id])
 
     async def generate(self, request_id: str, model: str, token_ids: list[int],
                        sampling: pd_pb2.SamplingParams,

@@ -96,10 +96,9 @@ class PullConsumer:
         # The lease runs until at least t_pin + acquire_extend_s on the producer's clock
         # (its Acquire starts after t_pin): the READ must be over well before that.
         t_pin = time.monotonic()
-        lease = stub.Acquire(pd_pb2.LeaseRequest(transfer_ids=[spec.transfer_id],
-                                                 extend_s=self.cfg.acquire_extend_s),
-                             timeout=RPC_TIMEOUT_S)
-        if spec.transfer_id not in lease.held:
+        held = self.lease_client.acquire(spec.agent_address, [spec.transfer_id],
+                                         self.cfg.acquire_extend_s)
+        if spec.transfer_id not in held:
             raise LoadError("lease_expired",
                             f"lease {spec.transfer_id} expired or unknown at the producer")
         if self.cfg.debug_load_delay_s:

@@ -10,7 +10,6 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-import grpc
 
 from kv_transfer import layout as L
 from kv_transfer.agent import AgentClients, read_agent_address
@@ -25,7 +24,7 @@ from kv_transfer.handle import (
     KVHandle,
     source,
 )
-from pdserve.rpc import pd_pb2
+from pdserve.lease_client import LeaseClient
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -80,8 +79,8 @@ def advance_grammar(request) -> bool:
 class _Releaser:
     """Sends Release to producers off the scheduler's thread; never blocks a step."""
 
-    def __init__(self, clients: AgentClients) -> None:
-        self.clients = clients
+    def __init__(self, leases: LeaseClient) -> None:
+        self.leases = leases
         self.q: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self.t = threading.Thread(target=self._run, name="pd-releaser", daemon=True)
         self.t.start()
@@ -105,13 +104,7 @@ class _Releaser:
                     break
                 batch.setdefault(more[0], []).append(more[1])
             for address, ids in batch.items():
-                try:
-                    self.clients.get(address).Release(
-                        pd_pb2.LeaseRequest(transfer_ids=ids), timeout=RPC_TIMEOUT_S)
-                except grpc.RpcError as e:
-                    # the producer's lease expiry frees the blocks anyway
-                    log.warning("Release of %d lease(s) at %s failed: %s", len(ids), address,
-                                e.code() if hasattr(e, "code") else e)
+                self.leases.release(address, ids)   # a failure: the lease expires
 
     def stop(self) -> None:
         self.q.put(None)
@@ -126,7 +119,7 @@ class SchedulerHalf:
         self._loads: list[LoadSpec] = []
         self._loading: dict[str, tuple[str, str]] = {}  # req id -> (agent address, transfer id)
         self._new_leases: dict[str, int] = {}
-        self._releaser = _Releaser(AgentClients())
+        self._releaser = _Releaser(LeaseClient(AgentClients().get, RPC_TIMEOUT_S))
         # push mode
         self._offers: list[OfferSpec] = []
         self._cancels: list[str] = []

@@ -34,6 +34,7 @@ from kv_transfer.peers import PeerLRU
 from kv_transfer.push import Offer, OfferTable
 from kv_transfer.state import LeaseTable
 from kv_transfer.wakeup import Waker
+from pdserve.lease_client import LeaseClient
 from pdserve.rpc import pd_pb2
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         self.backend = None
         self.server = None
         self.clients = AgentClients()
+        self.lease_client = LeaseClient(self.clients.get, RPC_TIMEOUT_S)
         self.remote_regions: dict[str, list[L.Region]] = {}
         self.remote_block_size: dict[str, int] = {}
         # bounded: peers idle past any lease (MAX_HOLD_S) and transfer are forgotten

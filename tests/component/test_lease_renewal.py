@@ -79,3 +79,48 @@ def test_a_lost_lease_stops_renewal():
         assert renewals("lost") - lost0 == 1
     finally:
         server.stop(0)
+
+
+def test_lease_client_acquire_and_release_both_forms():
+    """pdserve/lease_client.py, the one client of the protocol: the ids held come back,
+    Release frees the lease, and a Release nobody answers is logged, not raised."""
+    import grpc
+
+    from kv_transfer.agent import AgentClients
+    from pdserve.lease_client import AsyncLeaseClient, LeaseClient, agent_stubs
+    from pdserve.rpc import Channels
+    table = LeaseTable()
+    server, addr = agent(table)
+    clients = AgentClients()
+    try:
+        now = time.monotonic()
+        table.add("a", now, 5.0, 1)
+        table.add("b", now, 5.0, 1)
+        sync = LeaseClient(clients.get, timeout_s=2.0)
+        assert sync.acquire(addr, ["a", "gone"], 10.0) == {"a"}
+        assert table.leases["a"].deadline > time.monotonic() + 8.0     # extended
+        assert sync.release(addr, ["a"])
+        assert not sync.release("127.0.0.1:1", ["x"])     # refused: False, no exception
+
+        async def run():
+            ch = Channels()
+            aio = AsyncLeaseClient(agent_stubs(ch), timeout_s=2.0)
+            try:
+                held = await aio.acquire(addr, ["b"], 10.0)
+                ok = await aio.release(addr, ["b"])
+                dead = await aio.release("127.0.0.1:1", ["y"])
+                try:
+                    await aio.acquire("127.0.0.1:1", ["y"], 1.0)
+                    raised = False
+                except grpc.RpcError:
+                    raised = True                        # Acquire's failure is the caller's
+                return held, ok, dead, raised
+            finally:
+                await ch.close()
+        held, ok, dead, raised = asyncio.run(run())
+        assert held == {"b"} and ok and not dead and raised
+        released, _ = table.take_finished(time.monotonic())
+        assert released == {"a", "b"}
+    finally:
+        clients.close()
+        server.stop(0)
