@@ -63,7 +63,7 @@ def test_no_input_gets_a_5xx(cluster):
     for op in ops:
         seen = tally.setdefault(f"{op.method.upper()} {op.path}", [])
 
-        def one(case, mode):
+        def one(case, mode, op=op, seen=seen):
             if op.path in EXAMPLES:
                 _aim(case, cluster.model_name, mode is GenerationMode.POSITIVE)
             r = case.call(base_url=cluster.url, timeout=60)
@@ -81,13 +81,15 @@ def test_no_input_gets_a_5xx(cluster):
         n = {**EXAMPLES, **OTHERS}.get(op.path, 5)
         modes = ([GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if n > 5
                  else [GenerationMode.POSITIVE])
-        for mode in modes:
+        def runner(mode, one=one, op=op, n=n):
             @given(case=op.as_strategy(generation_mode=mode))
             @settings(max_examples=n, deadline=None, derandomize=True,
                       database=None, suppress_health_check=list(HealthCheck))
             def run(case):
                 one(case, mode)
-            run()
+            return run
+        for mode in modes:
+            runner(mode)()
     print({k: {c: v.count(c) for c in sorted(set(v))} for k, v in tally.items()})
     for k, v in why.most_common(12):
         print(v, k)

@@ -39,7 +39,8 @@ def test_every_internal_service_refuses_callers_without_credentials(cluster):
     assert len(targets) == 1 + 2 * len(ws) >= 5
     for address, role, call in targets:
         with grpc.insecure_channel(address) as ch:
-            assert refused(lambda: call(ch)) == grpc.StatusCode.UNAUTHENTICATED, address
+            code = refused(lambda call=call, ch=ch: call(ch))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, address
         with channel(address, role) as ch:      # the same calls with credentials work
             call(ch)
     # the frontend's token does not open a KV agent (the map of a KV cache)
