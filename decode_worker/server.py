@@ -15,6 +15,7 @@ import time
 import grpc
 
 from decode_worker.leases import LeaseRenewer
+from decode_worker.stops import StopAcrossFirst
 from kv_transfer.handle import KVHandle, push_params
 from pdserve import auth, metrics as M
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
@@ -63,9 +64,13 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             log.warning("request %s: %s", request.request_id, why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         rid = request.request_id
+        # the first token came from another engine (a pull, or a retry's local prefill of
+        # prompt plus first token): stop strings are checked here, across it
+        across = bool(sp.stop) and not push and (not local or bool(request.first_token_text))
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
-            params = to_vllm(sp, max_tokens=sp.max_tokens, computes_prompt=True)
+            params = to_vllm(sp, max_tokens=sp.max_tokens, computes_prompt=True,
+                             engine_stops=not across)
             M.LOCAL_PREFILLS.inc()
         elif push:   # the prompt's KV is written into our blocks; the first token is ours
             ids = list(request.prompt_token_ids)
@@ -74,6 +79,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
+                             first_token=request.first_token_id, engine_stops=not across,
                              kv_transfer_params=KVHandle.from_proto(request.kv).load_params(
                                  rid, first_token_at=received))
         self.active[rid] = asyncio.current_task()
@@ -83,11 +89,17 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         loaded = asyncio.Event()   # the engine produced output: the KV load is over
         renew = (None if local or push else
                  asyncio.create_task(self.renewer.hold(request.kv, loaded)))
+        stops = (StopAcrossFirst(sp.stop, request.first_token_text, request.first_text_sent,
+                                 params.min_tokens) if across else None)
+        gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid)
         try:
-            async for out in self.rt.engine.generate(engine_prompt(ids, sp), params, rid):
+            async for out in gen:
                 loaded.set()
                 c = out.outputs[0]
                 msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
+                stopped = False
+                if stops is not None:
+                    msg.text, stopped = stops.step(c.text, len(c.token_ids), out.finished)
                 if first and local:
                     msg.num_cached_tokens = out.num_cached_tokens or 0
                     if sp.HasField("prompt_logprobs"):
@@ -96,14 +108,16 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                 first = False
                 if sp.logprobs >= 0 and c.logprobs:
                     msg.logprobs.extend(logprobs_to_wire(c.token_ids, c.logprobs, sp.logprobs))
-                if out.finished:
-                    msg.finish_reason = c.finish_reason or "stop"
+                if out.finished or stopped:
+                    msg.finish_reason = "stop" if stopped else (c.finish_reason or "stop")
                     rec = await self._transfer_record(rid)
                     if rec is not None:
                         msg.kv_transfer.CopyFrom(rec)
                         msg.num_external_tokens = rec.tokens if rec.status == "ok" else 0
                     finished = True
                 yield msg
+                if stopped:     # a stop string across the first token: the engine stops too
+                    break
             M.WORKER_REQUESTS.labels("decode", "ok").inc()
         except ENGINE_DEAD:
             await self.rt.abort_engine_dead(context, "decode")
@@ -114,6 +128,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             M.WORKER_REQUESTS.labels("decode", "cancelled").inc()
             raise
         finally:
+            await gen.aclose()      # aborts the engine's request if it is still running
             loaded.set()
             if renew is not None:
                 renew.cancel()

@@ -14,6 +14,7 @@ from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
 from pdserve.lease_client import AsyncLeaseClient, agent_stubs
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
+from pdserve.sampling import first_text_sent
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class Chunk:
     route: str = ""              # on the first chunk: "<mode>:<reason> prefill=.. decode=.."
     # on the first chunk, when asked: the prompt's logprobs, tokens 1..n-1
     prompt_logprobs: list[pd_pb2.TokenLogprob] = field(default_factory=list)
+    # the first token's text not sent yet: it may begin a stop string (the decode worker
+    # sends it, or cuts it: decode_worker/stops.py)
+    held: str = ""
 
 
 class WorkerFailed(Exception):
@@ -204,12 +208,15 @@ class ClusterClient:
             rest = pd_pb2.SamplingParams()
             rest.CopyFrom(sampling)
             rest.max_tokens -= 1
+            rest.min_tokens = max(0, rest.min_tokens - 1)
             rest.ClearField("prompt_logprobs")      # the client has them already
             sampling = rest
         decode = pd_pb2_grpc.DecodeWorkerStub(self.channels.get(route.decode.address))
         stream = decode.Generate(pd_pb2.GenerateRequest(
             request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
-            local_prefill=True), timeout=timeout_s)
+            local_prefill=True,
+            first_token_text=(first.text + first.held) if first is not None else "",
+            first_text_sent=len(first.text) if first is not None else 0), timeout=timeout_s)
         started = False
         try:
             async for msg in stream:
@@ -241,10 +248,13 @@ class ClusterClient:
         if first is not None:    # a retry: the client already has its first token
             self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE)
         if first is None:
-            first = Chunk([pf.first_token_id], pf.first_token_text,
+            text = pf.first_token_text
+            n = first_text_sent(text, sampling.stop, bool(pf.finish_reason))
+            first = Chunk([pf.first_token_id], text[:n],
                           [pf.first_logprob] if pf.HasField("first_logprob") else [],
                           finish_reason=pf.finish_reason, cached_tokens=pf.num_cached_tokens,
-                          route=_route_str(route), prompt_logprobs=list(pf.prompt_logprobs))
+                          route=_route_str(route), prompt_logprobs=list(pf.prompt_logprobs),
+                          held=text[n:])
             if pf.finish_reason:
                 yield first
                 return
@@ -258,7 +268,8 @@ class ClusterClient:
         try:
             stream = decode.Generate(pd_pb2.GenerateRequest(
                 request_id=request_id, prompt_token_ids=token_ids,
-                first_token_id=first.token_ids[0], kv=kv, sampling=sampling),
+                first_token_id=first.token_ids[0], kv=kv, sampling=sampling,
+                first_token_text=first.text + first.held, first_text_sent=len(first.text)),
                 timeout=timeout_s)
             async for msg in stream:
                 started = True

@@ -17,6 +17,8 @@ from pdserve.config import EngineConfig, KVTransferConfig, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+CONTINUATION_PROCESSOR = "pdserve.continuation:FirstTokenPenalties"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -36,6 +38,9 @@ def set_engine_env(cfg: EngineConfig) -> None:
     # an engine whose requests all wait on KV transfers sleeps until one ends
     # (kv_transfer/wakeup.py)
     os.environ.setdefault("PDSERVE_HOLD_WAIT", "1")
+    # a decode engine counts the prefill engine's first token as output, for penalties and
+    # seeded sampling (pdserve/continuation.py)
+    os.environ.setdefault("PDSERVE_CONTINUATION", "1")
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,
@@ -65,9 +70,13 @@ def engine_args(cfg: EngineConfig, kv_role: str | None = None,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
         disable_log_stats=False)
-    # what the user gave by vLLM's names wins; the connector and event stream are ours
+    # what the user gave by vLLM's names wins; the connector and event stream are ours,
+    # and so is the continuation's logits processor, beside any the user names
+    procs = list(cfg.vllm.get("logits_processors") or [])
+    if CONTINUATION_PROCESSOR not in procs:
+        procs.append(CONTINUATION_PROCESSOR)
     return AsyncEngineArgs(**{**base, **cfg.vllm, "kv_transfer_config": kvt,
-                              "kv_events_config": kve})
+                              "kv_events_config": kve, "logits_processors": procs})
 
 
 def default_eager() -> bool:

@@ -6,20 +6,38 @@ from typing import Any
 
 from pdserve.rpc import pd_pb2
 
+# extra_args key: the prompt's last token is this request's first output token, sampled
+# on another engine (pdserve/continuation.py counts it for penalties and seeds)
+FIRST_TOKEN = "pd_first_token"
+
+
+def first_text_sent(text: str, stops, finished: bool) -> int:
+    """How many characters of the first token's text (from the prefill engine) the frontend
+    sends at once: all of it when the request ends there or has no stop strings, else all
+    but the tail vLLM's detokenizer would hold back (the longest stop string less one
+    character); the decode worker sends the rest (decode_worker/stops.py)."""
+    if finished or not stops:
+        return len(text)
+    return max(0, len(text) - (max(len(s) for s in stops) - 1))
+
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
-            kv_transfer_params: dict[str, Any] | None = None, computes_prompt: bool = False):
+            kv_transfer_params: dict[str, Any] | None = None, computes_prompt: bool = False,
+            first_token: int | None = None, engine_stops: bool = True):
     """`generated`: tokens of this request already produced elsewhere (the prefill
-    worker's first token), which count towards `min_tokens`. `computes_prompt`: this
-    engine computes the prompt (prefill, local prefill), so it returns the prompt's
-    logprobs when asked."""
+    worker's first token), which count towards `min_tokens`. `first_token`: that token,
+    the last of the prompt given to this engine (it continues the request). `computes_prompt`:
+    this engine computes the prompt (prefill, local prefill), so it returns the prompt's
+    logprobs when asked. `engine_stops` False: the caller checks the stop strings itself
+    (decode_worker/stops.py); stop token ids stay with the engine."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
         n=1, max_tokens=max_tokens, temperature=sp.temperature, top_p=sp.top_p or 1.0,
         top_k=max(sp.top_k, 0), seed=sp.seed if sp.HasField("seed") else None,
-        stop=list(sp.stop) or None, stop_token_ids=list(sp.stop_token_ids) or None,
+        stop=(list(sp.stop) or None) if engine_stops else None,
+        stop_token_ids=list(sp.stop_token_ids) or None,
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty or 1.0,
         min_tokens=min(max(sp.min_tokens - generated, 0), max_tokens),
@@ -29,7 +47,16 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
                          and sp.HasField("prompt_logprobs") else None),
         structured_outputs=structured(sp),
         output_kind=RequestOutputKind.DELTA,
-        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
+        extra_args=_extra_args(kv_transfer_params, first_token))
+
+
+def _extra_args(kv_transfer_params, first_token) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    if kv_transfer_params:
+        out["kv_transfer_params"] = kv_transfer_params
+    if first_token is not None:
+        out[FIRST_TOKEN] = int(first_token)
+    return out or None
 
 
 def structured(sp: pd_pb2.SamplingParams):

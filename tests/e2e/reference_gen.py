@@ -34,7 +34,7 @@ async def generate(eng, req: dict) -> list[dict]:
         if kw.get("structured_outputs"):
             from vllm.sampling_params import StructuredOutputsParams
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
-        sp = SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, **kw)
+        sp = SamplingParams(**{"max_tokens": req["max_tokens"], "temperature": 0.0, **kw})
         await eng.reset_prefix_cache()
         final_ids, text, plps = [], "", None
         async for o in eng.generate({"prompt_token_ids": ids}, sp, f"ref-{os.urandom(6).hex()}"):

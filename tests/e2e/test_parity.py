@@ -168,3 +168,60 @@ def test_bad_choices_get_400s(cluster, body, param):
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error"
     assert err["param"] in (param, None) and param in (err["param"] or "") + err["message"]
+
+
+# What one engine does to the first token that a decode engine, which gets it as a prompt
+# token, must do too (pdserve/continuation.py, decode_worker/stops.py)
+PENALTIES = [{"presence_penalty": 1.5, "frequency_penalty": 1.0},
+             {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}]
+SEEDED = {"temperature": 0.9, "seed": 1234}
+
+
+@pytest.fixture(scope="module")
+def continued(cluster, truth, tmp_path_factory):
+    ids, greedy = truth["ids"][1], truth["ref"][1]["text"]
+    w = greedy.split()
+    spanning = f"{w[0]} {w[1][:2]}"           # begins in the first token, ends in the second
+    extra = PENALTIES + [SEEDED, {"stop": [spanning]}, {"stop": [spanning], "min_tokens": 3}]
+    ref = reference(cluster.model_dir, [ids] * len(extra), MAX_TOKENS,
+                    tmp_path_factory.mktemp("continued"), sampling=extra)
+    return {"penalised": ref[:2], "seeded": ref[2], "stopped": ref[3], "stopped_min": ref[4],
+            "spanning": spanning}
+
+
+@pytest.mark.parametrize("i", range(len(PENALTIES)))
+def test_penalties_count_the_first_token(cluster, truth, continued, i):
+    ref = continued["penalised"][i]
+    assert ref["token_ids"] != truth["ref"][1]["token_ids"]       # the penalties matter here
+    body = post(cluster, {"prompt": truth["prompts"][1], **PENALTIES[i]})
+    assert body["kv_transfer"]["status"] == "ok"                  # really disaggregated
+    assert body["choices"][0]["text"] == ref["text"]
+
+
+def test_seeded_sampling_draws_what_one_engine_draws(cluster, truth, continued):
+    ref = continued["seeded"]
+    assert ref["token_ids"] != truth["ref"][1]["token_ids"]       # really sampled
+    for _ in range(2):                                            # and reproducible
+        body = post(cluster, {"prompt": truth["prompts"][1], **SEEDED})
+        assert body["kv_transfer"]["status"] == "ok"
+        assert body["choices"][0]["text"] == ref["text"]
+
+
+def test_a_stop_string_across_the_first_token(cluster, truth, continued):
+    stop = continued["spanning"]
+    ref, ref_min = continued["stopped"], continued["stopped_min"]
+    greedy = truth["ref"][1]["text"]
+    assert len(ref["token_ids"]) == 2                             # one engine stops there
+    assert ref["text"] == greedy[:greedy.index(stop)]
+    body = post(cluster, {"prompt": truth["prompts"][1], "stop": [stop]})
+    c = body["choices"][0]
+    assert (c["text"], c["finish_reason"]) == (ref["text"], "stop")
+    assert body["usage"]["completion_tokens"] == 2
+    assert body["kv_transfer"]["status"] == "ok"                  # really disaggregated
+    text, finish, usage = stream(cluster, {"prompt": truth["prompts"][1], "stop": [stop]})
+    assert text.get(0, "") == ref["text"] and finish == {0: "stop"}
+    assert usage["completion_tokens"] == 2
+    # min_tokens puts the check after the match: as one engine, it runs on
+    body = post(cluster, {"prompt": truth["prompts"][1], "stop": [stop], "min_tokens": 3})
+    assert body["choices"][0]["text"] == ref_min["text"]
+    assert body["usage"]["completion_tokens"] == len(ref_min["token_ids"])
