@@ -59,6 +59,9 @@ def texts(resp: dict) -> list[str]:
     ("regex", {"structured_outputs": {"regex": "fox(dog|lazy)(brown|jumps)"}}),
     ("choice", {"structured_outputs": {"choice": ["foxdoglazy", "browncache"]}}),
     ("unknown field", {"frobnicate": 1, "metadata": {"a": "b"}}),
+    ("penalties", {"presence_penalty": 1.5, "frequency_penalty": 1.0}),
+    ("seeded", {"temperature": 0.9, "seed": 1234}),
+    ("stop", {"stop": ["w1", "fox"], "min_tokens": 2}),
 ])
 def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
     ours, theirs = both(cluster, vllm_api, "/v1/completions",
@@ -119,3 +122,64 @@ def test_chat_and_the_utility_endpoints_equal_vllms_server(cluster, vllm_api):
     assert ours["prompt"] == theirs["prompt"]
     ours, theirs = both(cluster, vllm_api, "/tokenize", {"messages": msgs})
     assert ours["tokens"] == theirs["tokens"]
+
+
+def _lm_eval_tasks(tmp) -> str:
+    """Two small tasks on local data (nothing downloaded): a multiple-choice task scored by
+    loglikelihood (echo + logprobs, as lm-eval's API models send it) and a generation task
+    scored by exact match, stopping at a string."""
+    import json
+    import random
+    rng = random.Random(7)
+    mc, gen = [], []
+    for i in range(12):
+        ctx = words(rng.randint(8, 60), seed=900 + i)
+        mc.append({"ctx": ctx, "choices": [" " + words(rng.randint(1, 4), seed=950 + i + k)
+                                           for k in range(3)], "gold": i % 3})
+        gen.append({"q": words(rng.randint(8, 80), seed=1000 + i), "a": "w1"})
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+              f"    test: {tmp}/{{}}.jsonl\ntest_split: test\n")
+    (tmp / "pd_mc.yaml").write_text(
+        "task: pd_mc\n" + common.format("mc") + "output_type: multiple_choice\n"
+        "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    (tmp / "pd_gen.yaml").write_text(
+        "task: pd_gen\n" + common.format("gen") + "output_type: generate_until\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\ntarget_delimiter: ''\n"
+        "generation_kwargs:\n  until: [' w5', 'paris']\n  max_gen_toks: 12\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    return str(tmp)
+
+
+def test_lm_eval_scores_equal_vllms_server(cluster, vllm_api, tiny_model, tmp_path):
+    """lm-evaluation-harness against pdserve and against vLLM's server: the same
+    loglikelihoods (to 1e-3), the same generations, the same scores."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    tasks = TaskManager(include_path=_lm_eval_tasks(tmp_path))
+    runs = []
+    for url in (cluster.url, vllm_api):
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["pd_mc", "pd_gen"], task_manager=tasks,
+            model_args=f"model={cluster.model_name},base_url={url}/v1/completions,"
+                       f"tokenizer_backend=huggingface,tokenizer={tiny_model},"
+                       "num_concurrent=2,max_retries=1,tokenized_requests=True",
+            batch_size=4, log_samples=True, random_seed=0, numpy_random_seed=0,
+            torch_random_seed=0, fewshot_random_seed=0)
+        runs.append(out)
+    ours, theirs = runs
+    for task in ("pd_mc", "pd_gen"):
+        assert len(ours["samples"][task]) == len(theirs["samples"][task]) == 12
+        for a, b in zip(ours["samples"][task], theirs["samples"][task]):
+            if task == "pd_mc":       # per choice: (loglikelihood, is greedy)
+                for (la, ga), (lb, gb) in zip((r[0] for r in a["resps"]),
+                                              (r[0] for r in b["resps"])):
+                    assert abs(la - lb) < 1e-3 and ga == gb, (a["resps"], b["resps"])
+            else:
+                assert a["resps"] == b["resps"]
+        assert ours["results"][task] == theirs["results"][task]
+    # the generations really ran (not all empty)
+    gens = [s["resps"][0][0] for s in ours["samples"]["pd_gen"]]
+    assert sum(1 for g in gens if g.strip()) >= 6, gens
