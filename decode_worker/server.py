@@ -69,8 +69,11 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         across = bool(sp.stop) and not push and (not local or bool(request.first_token_text))
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
+            # a retry continues from the first token the client has (the prompt's last):
+            # penalties and a seed count it as output (pdserve/continuation.py)
+            retry = bool(request.first_token_text)
             params = to_vllm(sp, max_tokens=sp.max_tokens, computes_prompt=True,
-                             engine_stops=not across)
+                             engine_stops=not across, first_token=ids[-1] if retry else None)
             M.LOCAL_PREFILLS.inc()
         elif push:   # the prompt's KV is written into our blocks; the first token is ours
             ids = list(request.prompt_token_ids)
