@@ -247,7 +247,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         except NoPlacement as e:
             SM.ROUTES.labels("no_workers").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor)
+        wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor,
+                             own_s=d.prefill_s)
         if wait:
             SM.ROUTES.labels("overloaded").inc()
             M.REJECTED.labels("forecast_ttft").inc()

@@ -105,6 +105,11 @@ def test_admission_refuses_only_forecasts_over_the_factor():
     assert retry_after_s(8.5, 2.0, 4.0) == 1.0         # at least a second
     assert retry_after_s(20.0, 2.0, 4.0) == 12.0
     assert retry_after_s(1e9, 2.0, 0.0) == 0.0         # off
+    # a prompt that alone takes 11 s (over 4 x 2 s) is admitted on an idle cluster, and
+    # refused only for a backlog in front of it
+    assert retry_after_s(11.2, 2.0, 4.0, own_s=11.0) == 0.0
+    assert retry_after_s(30.0, 2.0, 4.0, own_s=11.0) == 13.0
+    assert retry_after_s(8.5, 2.0, 4.0, own_s=1.5) == 1.0     # a short one: as before
 
 
 async def test_starlettes_own_refusals_are_openai_errors_too():
