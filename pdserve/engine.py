@@ -41,6 +41,9 @@ def set_engine_env(cfg: EngineConfig) -> None:
     # a decode engine counts the prefill engine's first token as output, for penalties and
     # seeded sampling (pdserve/continuation.py)
     os.environ.setdefault("PDSERVE_CONTINUATION", "1")
+    # engine processes skip the interpreter's last garbage collection at exit
+    # (pdserve/vllm_plugin.py; seconds of every stop)
+    os.environ.setdefault("PDSERVE_QUICK_EXIT", "1")
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,
