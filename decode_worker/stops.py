@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pdserve.sampling import stop_hold
+
 
 class StopAcrossFirst:
     def __init__(self, stops: Sequence[str], first_text: str, sent: int,
@@ -30,12 +32,11 @@ class StopAcrossFirst:
         from vllm.v1.engine.detokenizer import check_stop_strings
         self._check = check_stop_strings
         self.stops = list(stops)
-        self.hold = max(len(s) for s in self.stops) - 1
+        self.hold = stop_hold(self.stops)   # the frontend held back the same (first_text_sent)
         self.text = first_text          # the whole output text so far
         self.sent = min(sent, len(first_text))   # of it, what the client has
         self.tokens = 0                 # decode-engine tokens so far
         self.min_tokens = min_tokens
-        self.stop_str = ""
 
     def step(self, new_text: str, new_tokens: int, finished: bool) -> tuple[str, bool]:
         """The engine's next text: (what goes to the client now, whether a stop string
@@ -45,8 +46,7 @@ class StopAcrossFirst:
         if new_text and self.tokens > self.min_tokens:
             hit = self._check(self.text, len(new_text), self.stops, False)
             if hit is not None:
-                self.stop_str, cut = hit
-                self.text = self.text[:cut]
+                self.text = self.text[:hit[1]]
                 return self._out(len(self.text)), True
         return self._out(len(self.text) if finished else len(self.text) - self.hold), False
 
@@ -55,4 +55,3 @@ class StopAcrossFirst:
             return ""
         out, self.sent = self.text[self.sent:upto], upto
         return out
-

@@ -11,14 +11,20 @@ from pdserve.rpc import pd_pb2
 FIRST_TOKEN = "pd_first_token"
 
 
+def stop_hold(stops) -> int:
+    """Characters of output text vLLM's detokenizer holds back while a request with these
+    stop strings runs (the longest less one): text that could still begin a match."""
+    return max(len(s) for s in stops) - 1 if stops else 0
+
+
 def first_text_sent(text: str, stops, finished: bool) -> int:
     """How many characters of the first token's text (from the prefill engine) the frontend
     sends at once: all of it when the request ends there or has no stop strings, else all
-    but the tail vLLM's detokenizer would hold back (the longest stop string less one
-    character); the decode worker sends the rest (decode_worker/stops.py)."""
+    but the tail vLLM's detokenizer would hold back (`stop_hold`); the decode worker sends
+    the rest (decode_worker/stops.py)."""
     if finished or not stops:
         return len(text)
-    return max(0, len(text) - (max(len(s) for s in stops) - 1))
+    return max(0, len(text) - stop_hold(stops))
 
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,

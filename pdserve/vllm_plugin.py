@@ -22,12 +22,12 @@ nor polls at the short interval: the READ's thread shares its core.
 The third (PDSERVE_STEP_HOOK=1, pdserve/step_hook.py) times every step, holds prefill
 chunks to the running streams' TPOT allowance and reports each step to the worker.
 
+The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
+only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
+
 PDSERVE_QUICK_EXIT=1 skips the interpreter's last garbage collection when an engine
 process exits (`_register_quick_exit`): seconds of every stop. PDSERVE_CONTINUATION=1
 (pdserve/continuation.py) lets a decode engine continue from another engine's first token.
-
-The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
-only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
 
 vLLM loads general plugins in the engine-core and worker processes before it creates these
 queues (vllm/v1/engine/core.py, vllm/v1/worker/worker_base.py); plugins may be loaded more

@@ -10,7 +10,6 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-
 from kv_transfer import layout as L
 from kv_transfer.agent import AgentClients, read_agent_address
 from kv_transfer.connector.config import RPC_TIMEOUT_S, ConnectorConfig
