@@ -79,6 +79,56 @@ def head_map(num_heads: int, tp_src: int, tp_dst: int) -> list[list[HeadSlice]]:
     return out
 
 
+def head_axis(inner_shape: list[int], local_heads: int, head_major: bool = False) -> int:
+    """Which dimension of one KV block (the dims after the block dim) holds the heads: one
+    of size `local_heads` before the innermost (the head's own elements). When several
+    fit (heads = block size, or 2 heads beside a K/V dim), the first for a head-major
+    layout (vLLM's CPU one, `[heads, block, 2*head]`), else the last (token-major GPU
+    layouts: `[block, heads, head]`, `[2, block, heads, head]`)."""
+    fits = [k for k in range(len(inner_shape) - 1) if inner_shape[k] == local_heads]
+    if not fits:
+        raise ValueError(f"no dimension of {local_heads} heads in a KV block of shape "
+                         f"{list(inner_shape)}")
+    return fits[0] if head_major else fits[-1]
+
+
+def head_spans(inner_shape: list[int], axis: int, elem: int, first: int, count: int
+               ) -> list[tuple[int, int]]:
+    """(byte offset, length) within one dense KV block of heads [first, first + count):
+    one span per index of the dims before the heads dim (one in a head-major block, one
+    per token in a token-major one), in memory order, not merged."""
+    if not 0 <= first < first + count <= inner_shape[axis]:
+        raise ValueError(f"heads [{first}, {first + count}) of {inner_shape[axis]}")
+    below = elem
+    for n in inner_shape[axis + 1:]:
+        below *= n
+    outer = 1
+    for n in inner_shape[:axis]:
+        outer *= n
+    row = inner_shape[axis] * below           # bytes of one index of the outer dims
+    return [(i * row + first * below, count * below) for i in range(outer)]
+
+
+def paired_spans(src: list[tuple[int, int]], dst: list[tuple[int, int]]
+                 ) -> list[tuple[int, int, int]]:
+    """Source and destination spans of the same heads, one to one -> (src offset, dst
+    offset, length), merged where consecutive pairs touch on both sides."""
+    if [n for _, n in src] != [n for _, n in dst]:
+        raise ValueError("head slices of different lengths")
+    out: list[tuple[int, int, int]] = []
+    for (so, n), (do, _) in zip(src, dst):
+        if out and out[-1][0] + out[-1][2] == so and out[-1][1] + out[-1][2] == do:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((so, do, n))
+    return out
+
+
+def with_heads(inner_shape: list[int], axis: int, heads: int) -> list[int]:
+    """The same block's shape on a rank holding `heads` heads."""
+    return [*inner_shape[:axis], heads, *inner_shape[axis + 1:]]
+
+
 @dataclass(frozen=True)
 class BlockPiece:
     src_block: int     # index into the source request's block list

@@ -79,3 +79,55 @@ def test_merge_adjacent_pieces_on_both_sides():
     # source blocks 7, 8 (consecutive); destination blocks 3, 4, 5, 9
     runs = merge_block_pieces(ps, [7, 8], [3, 4, 5, 9], 128, 64)
     assert runs == [(7 * 128, 3 * 64, 192), (8 * 128 + 64, 9 * 64, 64)]
+
+
+
+def _shard(block, axis: int, heads: list[int]):
+    import numpy as np
+    return np.ascontiguousarray(np.take(block, heads, axis=axis))
+
+
+@pytest.mark.parametrize("layout", ["cpu", "token", "kv-first"])
+@pytest.mark.parametrize("heads,tp_src,tp_dst", [(2, 2, 1), (2, 1, 2), (8, 4, 2), (8, 2, 4),
+                                                 (2, 4, 1), (1, 1, 2), (4, 1, 4)])
+def test_head_spans_move_each_destination_rank_its_heads(layout, heads, tp_src, tp_dst):
+    """Bytes copied by head_map + head_spans from the source ranks' blocks are exactly the
+    destination rank's shard of the same global block, in every layout."""
+    import numpy as np
+
+    from kv_transfer.mapping import head_axis, head_spans, paired_spans, with_heads
+    bs, hd = 4, 3
+    shape = {"cpu": [heads, bs, 2 * hd], "token": [bs, heads, hd],
+             "kv-first": [2, bs, heads, hd]}[layout]
+    block = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    for d, slices in enumerate(head_map(heads, tp_src, tp_dst)):
+        local_heads = len(heads_of_rank(d, tp_dst, heads))
+        shard_shape = {"cpu": [local_heads, bs, 2 * hd], "token": [bs, local_heads, hd],
+                       "kv-first": [2, bs, local_heads, hd]}[layout]
+        ax = head_axis(shard_shape, local_heads, head_major=layout == "cpu")
+        src = [_shard(block, ax, heads_of_rank(r, tp_src, heads)) for r in range(tp_src)]
+        want = _shard(block, ax, heads_of_rank(d, tp_dst, heads))
+        got = np.full(want.size, np.nan, dtype=np.float32).view(np.uint8)
+        for s in slices:
+            sshape = with_heads(shard_shape, ax, len(heads_of_rank(s.src_rank, tp_src, heads)))
+            assert list(src[s.src_rank].shape) == sshape
+            sb = src[s.src_rank].reshape(-1).view(np.uint8)
+            for so, do, n in paired_spans(head_spans(sshape, ax, 4, s.src_head, s.count),
+                                          head_spans(shard_shape, ax, 4, s.dst_head, s.count)):
+                got[do:do + n] = sb[so:so + n]
+        assert np.array_equal(got.view(np.float32).reshape(want.shape), want)
+
+
+def test_head_axis_resolves_ties_by_layout_and_refuses_a_missing_dim():
+    from kv_transfer.mapping import head_axis, head_spans, paired_spans
+    assert head_axis([2, 16, 2, 64], 2) == 2                  # [K/V, block, heads, head]
+    assert head_axis([32, 32, 128], 32, head_major=True) == 0   # CPU, heads = block size
+    assert head_axis([32, 32, 128], 32) == 1                  # token-major, heads = block
+    with pytest.raises(ValueError):
+        head_axis([16, 4, 64], 8)
+    assert head_spans([8, 32, 128], 0, 2, 2, 3) == [(2 * 32 * 128 * 2, 3 * 32 * 128 * 2)]
+    assert len(head_spans([16, 8, 64], 1, 2, 0, 4)) == 16          # one span per token
+    whole = head_spans([16, 8, 64], 1, 2, 0, 8)
+    assert paired_spans(whole, whole) == [(0, 0, 16 * 8 * 64 * 2)]   # all heads: one span
+    with pytest.raises(ValueError):
+        head_spans([8, 32, 128], 0, 2, 6, 3)
