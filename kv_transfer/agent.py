@@ -43,6 +43,9 @@ class AgentState:
         self.acquire: Callable[[list[str], float], tuple[list[str], list[str]]] | None = None
         self.release: Callable[[list[str]], tuple[list[str], list[str]]] | None = None
         self.stats: Callable[[list[str]], pd_pb2.AgentStats] | None = None
+        # rank 0 of a tensor-parallel engine: every rank's agent address, in rank order
+        # (raises LookupError while one has not started)
+        self.ranks: Callable[[], list[str]] | None = None
         # debug mode only: CRC32 of spans of our registered KV (None: refused)
         self.checksum: Callable[[list[tuple[int, int]]], int | None] | None = None
         # push mode (producer): a consumer's offer -> (accepted, reason); cancels
@@ -66,6 +69,13 @@ class KVAgentServicer(pd_pb2_grpc.KVAgentServicer):
                           f"incompatible KV: peer {request.peer_compat_hash} != "
                           f"{self.state.compat_hash} ({info.layout.model}, {info.layout.dtype}, "
                           f"block {info.layout.block_size}, {info.layout.layout})")
+        if self.state.ranks is not None:
+            try:
+                addresses = self.state.ranks()
+            except (LookupError, OSError, ValueError) as e:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            info = pd_pb2.AgentInfo.FromString(info.SerializeToString())
+            info.rank_addresses[:] = addresses
         return info
 
     def Acquire(self, request, context):

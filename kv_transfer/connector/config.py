@@ -102,9 +102,12 @@ def config_compat_hash(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfi
     """Compatibility hash both halves can compute from the engine config alone."""
     mc = vllm_config.model_config
     specs = []
+    # the model's KV heads, not a tensor-parallel rank's share: engines of different TP
+    # degrees exchange KV too (kv_transfer/connector/ranks.py); at TP 1 they are the same
     for g in kv_cache_config.kv_cache_groups:
         s = g.kv_cache_spec
-        specs.append(f"{type(s).__name__}:{getattr(s, 'num_kv_heads', '')}x"
+        heads = mc.get_total_num_kv_heads() if hasattr(s, "num_kv_heads") else ""
+        specs.append(f"{type(s).__name__}:{heads}x"
                      f"{getattr(s, 'head_size', '')}:{s.dtype}:{len(g.layer_names)}")
     # not the block size: a consumer reads from producers of another block size too
     # (kv_transfer/relayout.py); the handle and the handshake carry it

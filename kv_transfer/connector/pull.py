@@ -18,6 +18,8 @@ import grpc
 from kv_transfer import layout as L
 from kv_transfer.connector.config import RPC_TIMEOUT_S, lease_margin_s
 from kv_transfer.connector.metadata import LoadSpec
+from kv_transfer.connector.ranks import Source, slice_descriptors, sources
+from kv_transfer.mapping import heads_of_rank
 from kv_transfer.state import TransferState, advance
 from kv_transfer.wakeup import TRANSFERS
 from pdserve.rpc import pd_pb2
@@ -84,13 +86,22 @@ class PullConsumer:
         if spec.compat_hash and spec.compat_hash != self.cfg.compat_hash:
             raise LoadError("incompatible", f"incompatible KV handle: {spec.compat_hash} != "
                             f"{self.cfg.compat_hash}")
-        stub = self.clients.get(spec.agent_address)
-        remote_agent = self._ensure_peer(spec.engine_id, spec.agent_address)
-        rbs = self.remote_block_size[spec.engine_id]
+        self._ensure_peer(spec.engine_id, spec.agent_address)
+        srcs = sources(spec.engine_id, self.fronts[spec.engine_id], self.tp_rank,
+                       self.tp_size, self.total_heads)
+        if any(s.slices for s in srcs) and self.head_axis is None:
+            raise LoadError("incompatible", "the producer's tensor-parallel degree differs "
+                            "and this engine's KV block shape has no heads dimension")
+        for src in srcs:
+            self._ensure_peer(spec.engine_id, src.address, src.key)
+        rbs = self.remote_block_size[srcs[0].key]
         if spec.src_block_size and spec.src_block_size != rbs:
             raise LoadError("incompatible", f"handle says block size {spec.src_block_size}, "
                             f"the producer's agent {rbs}")
         relayout = rbs != self.cfg.block_size
+        if relayout and any(s.slices for s in srcs):
+            raise LoadError("incompatible", f"block size {rbs} at the producer, "
+                            f"{self.cfg.block_size} here, and another tensor-parallel degree")
         if relayout:
             self._check_relayout(rbs)
         # The lease runs until at least t_pin + acquire_extend_s on the producer's clock
@@ -104,66 +115,87 @@ class PullConsumer:
         if self.cfg.debug_load_delay_s:
             time.sleep(self.cfg.debug_load_delay_s)
         load.to(TransferState.TRANSFERRING)
-        remote = self.remote_regions[spec.engine_id]
-        if relayout:   # READ the producer's blocks as they are into staging
-            local = self._staging_regions(len(spec.remote_block_ids), remote[0].block_bytes)
-            runs = L.block_runs(range(len(spec.remote_block_ids)), spec.remote_block_ids)
-        else:
-            local = self.regions
-            lids, rids = L.sort_pairs(spec.local_block_ids, spec.remote_block_ids)
-            runs = L.block_runs(lids, rids)
-            regs = range(len(self.regions))
-            lidx = L.block_indices(regs, self.regions[0].num_blocks, lids)
-            ridx = L.block_indices(regs, remote[0].num_blocks, rids)
-        rec.bytes = len(remote) * len(spec.remote_block_ids) * remote[0].block_bytes
-        rec.descriptors = L.merged_count(runs, local, remote)
         budget = (t_pin + self.cfg.acquire_extend_s - lease_margin_s(self.cfg.acquire_extend_s)
                   - time.monotonic())
         if budget <= 0:
             raise LoadError("lease_expired", f"lease {spec.transfer_id} would end before the "
                             "READ could finish; not reading")
+        deadline = time.monotonic() + min(self.cfg.transfer_timeout_s, budget)
         t_read, cpu_read = time.perf_counter(), time.thread_time()
+        reads = [(src, self._read(spec, src, relayout, deadline, rec)) for src in srcs]
+        rec.read_seconds = time.perf_counter() - t_read
+        rec.read_cpu_seconds = time.thread_time() - cpu_read
+        if spec.engine_id not in self.peer_transports:
+            self._note_transport(spec)
+        for src, (ldescs, rdescs) in reads:
+            if self.cfg.debug_corrupt == "zero":
+                for addr, length, _ in ldescs:
+                    ctypes.memset(addr, 0, length)
+            if self.cfg.checksum:   # while the lease still holds the producer's blocks
+                from kv_transfer.integrity import crc32_of
+                mine = crc32_of((a, n) for a, n, _ in ldescs)
+                theirs = self.clients.get(src.address).Checksum(pd_pb2.ChecksumRequest(
+                    addrs=[d[0] for d in rdescs], lengths=[d[1] for d in rdescs]),
+                    timeout=RPC_TIMEOUT_S).crc32
+                if mine != theirs:
+                    raise LoadError("checksum_mismatch", f"KV of {spec.transfer_id}: CRC32 "
+                                    f"{mine:08x} here, {theirs:08x} at the producer")
+                rec.checksummed = True
+        if relayout:
+            t0 = time.perf_counter()
+            self._relayout(spec, rbs, self.remote_regions[srcs[0].key][0].block_bytes)
+            rec.relayout_seconds = time.perf_counter() - t0
+
+    def _read(self, spec: LoadSpec, src: Source, relayout: bool, deadline: float,
+              rec: pd_pb2.KVTransferStats) -> tuple[list, list]:
+        """READ what `src` (one producer rank) holds of the prompt: its whole blocks, or
+        the head slices this rank needs (ranks.py). -> the descriptor lists it moved."""
+        remote = self.remote_regions[src.key]
+        remote_agent = self.backend._remotes[src.key]
+        lids, rids = L.sort_pairs(spec.local_block_ids, spec.remote_block_ids)
+        if src.slices:
+            front_heads = len(heads_of_rank(src.rank, self.fronts[spec.engine_id].tp_size,
+                                            self.total_heads))
+            ldescs, rdescs = slice_descriptors(
+                self.regions, remote, list(zip(lids, rids)), self.block_inner,
+                self.head_axis, self.elem, front_heads, src.slices, self.device_id)
+            rec.descriptors += len(ldescs)
+        elif relayout:   # READ the producer's blocks as they are into staging
+            local = self._staging_regions(len(spec.remote_block_ids), remote[0].block_bytes)
+            runs = L.block_runs(range(len(spec.remote_block_ids)), spec.remote_block_ids)
+            ldescs, rdescs = L.transfer_descriptors(local, remote, runs)
+            rec.descriptors += L.merged_count(runs, local, remote)
+        else:
+            runs = L.block_runs(lids, rids)
+            rec.descriptors += L.merged_count(runs, self.regions, remote)
+            ldescs = rdescs = None
+        rec.bytes += sum(n for _, n, _ in rdescs) if rdescs is not None else (
+            len(remote) * len(rids) * remote[0].block_bytes)
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise LoadError("lease_expired", f"lease {spec.transfer_id} would end before the "
+                            "READ could finish; not reading")
         try:
-            timeout = min(self.cfg.transfer_timeout_s, budget)
             with TRANSFERS:   # vLLM's waiting worker thread keeps off our core meanwhile
-                if relayout:
-                    rec.prep_seconds = self.backend.read(
-                        remote_agent, *L.transfer_descriptors(local, remote, runs), timeout)
+                if ldescs is not None:
+                    rec.prep_seconds += self.backend.read(remote_agent, ldescs, rdescs, timeout)
                 else:
-                    rec.prep_seconds = self.backend.xfer_blocks(
-                        "READ", spec.engine_id, lidx, ridx, timeout)
+                    regs = range(len(self.regions))
+                    rec.prep_seconds += self.backend.xfer_blocks(
+                        "READ", src.key, L.block_indices(regs, self.regions[0].num_blocks, lids),
+                        L.block_indices(regs, remote[0].num_blocks, rids), timeout)
         except Exception as e:
             # the peer may be gone or restarted: redo the handshake next time
             with self._handshake_lock:
-                self._forget_peer(spec.engine_id)
+                self._forget_peer(src.key)
             what = f"{type(e).__name__} {e}".lower()
             reason = ("timeout" if "timed out" in what else
                       "peer_unreachable" if "disconnect" in what or "remote" in what else
                       "error")
             raise LoadError(reason, f"{type(e).__name__}: {e}") from e
-        rec.read_seconds = time.perf_counter() - t_read
-        rec.read_cpu_seconds = time.thread_time() - cpu_read
-        if spec.engine_id not in self.peer_transports:
-            self._note_transport(spec)
-        if self.cfg.debug_corrupt or self.cfg.checksum:
-            ldescs, rdescs = L.transfer_descriptors(local, remote, runs)
-        if self.cfg.debug_corrupt == "zero":
-            for addr, length, _ in ldescs:
-                ctypes.memset(addr, 0, length)
-        if self.cfg.checksum:   # while the lease still holds the producer's blocks
-            from kv_transfer.integrity import crc32_of
-            mine = crc32_of((a, n) for a, n, _ in ldescs)
-            theirs = stub.Checksum(pd_pb2.ChecksumRequest(
-                addrs=[d[0] for d in rdescs], lengths=[d[1] for d in rdescs]),
-                timeout=RPC_TIMEOUT_S).crc32
-            if mine != theirs:
-                raise LoadError("checksum_mismatch", f"KV of {spec.transfer_id}: CRC32 "
-                                f"{mine:08x} here, {theirs:08x} at the producer")
-            rec.checksummed = True
-        if relayout:
-            t0 = time.perf_counter()
-            self._relayout(spec, rbs, remote[0].block_bytes)
-            rec.relayout_seconds = time.perf_counter() - t0
+        if ldescs is None and (self.cfg.debug_corrupt or self.cfg.checksum):
+            ldescs, rdescs = L.transfer_descriptors(self.regions, remote, L.block_runs(lids, rids))
+        return ldescs or [], rdescs or []
 
     # -- consumer: pull between different block sizes (kv_transfer/relayout.py)
     def _check_relayout(self, rbs: int) -> None:

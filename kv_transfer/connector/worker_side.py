@@ -30,6 +30,13 @@ from kv_transfer.connector.metadata import PDConnectorMetadata
 from kv_transfer.connector.pull import PullConsumer, _Load
 from kv_transfer.connector.push_consumer import PushConsumer, _PushWait
 from kv_transfer.connector.push_producer import PushProducer
+from kv_transfer.connector.ranks import (
+    FrontInfo,
+    rank_file,
+    rank_port,
+    read_rank_addresses,
+    tp_position,
+)
 from kv_transfer.peers import PeerLRU
 from kv_transfer.push import Offer, OfferTable
 from kv_transfer.state import LeaseTable
@@ -99,12 +106,24 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         self._awaiting: dict[str, _PushWait] = {}      # consumer: offers sent, no notif yet
         self._cancelling: dict[str, _PushWait] = {}
         self.my_address = ""
+        # tensor parallelism (kv_transfer/connector/ranks.py): this rank of the engine's
+        # group; a rank other than 0 reports prompts as sent at once (`_follow`); rank 0
+        # of each producer engine we read from tells us its ranks (`fronts`); one block's
+        # shape after the block dim, where its heads are, and how many it holds
+        self.tp_rank, self.tp_size = 0, 1
+        self._follow: set[str] = set()
+        self.fronts: dict[str, FrontInfo] = {}
+        self.block_inner: list[int] = []
+        self.head_axis: int | None = None
+        self.elem = 0
+        self.local_heads = self.total_heads = 0
 
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         from kv_transfer.backends.nixl import NixlBackend, advise_huge_pages, lock_memory
 
         num_blocks = self.kv_cache_config.num_blocks
+        self._shard_shape(kv_caches, num_blocks)
         seen: dict[tuple, list[int]] = {}
         for name, t in kv_caches.items():
             tensors = t if isinstance(t, (list, tuple)) else [t]
@@ -137,7 +156,8 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         backend = NixlBackend
         if self.cfg.backend == "loopback":   # in-process, for tests of the logic only
             from kv_transfer.backends.loopback import LoopbackBackend as backend
-        self.backend = backend(f"{self.cfg.engine_id}-{os.getpid()}", mem_type,
+        rank = f"-r{self.tp_rank}" if self.tp_size > 1 else ""
+        self.backend = backend(f"{self.cfg.engine_id}-{os.getpid()}{rank}", mem_type,
                                progress_delay_us=self.cfg.progress_delay_us,
                                log_dir=log_dir or tempfile.gettempdir(),
                                err_mode=self.cfg.ucx_err_mode)
@@ -156,32 +176,65 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
                 layout=self.layouts[0], compat_hash=self.cfg.compat_hash),
             layers=[pd_pb2.LayerRegion(base_addr=r.base_addr, block_stride=r.block_stride,
                                        num_blocks=r.num_blocks) for r in self.regions])
+        info.tp_size, info.tp_rank = self.tp_size, self.tp_rank
+        info.total_kv_heads, info.local_kv_heads = self.total_heads, self.local_heads
         st = AgentState()
         st.info, st.compat_hash = info, self.cfg.compat_hash
         st.stats = self._stats
-        if self.cfg.is_producer:
+        if self.tp_size > 1 and self.tp_rank == 0:
+            st.ranks = lambda: read_rank_addresses(self.cfg.agent_file or "",
+                                                   self.cfg.agent_host, self.cfg.agent_port,
+                                                   self.tp_size)
+        if self.cfg.is_producer and self.cfg.checksum:
+            st.checksum = self._checksum
+        if self.cfg.is_producer and self.tp_rank == 0:   # the engine's leases are rank 0's
             st.acquire = self._acquire
             st.release = self._release
-            if self.cfg.checksum:
-                st.checksum = self._checksum
             if self.cfg.kv_mode.startswith("push"):   # a pull engine refuses offers at once
                 st.offer = self._offer
                 st.cancel = self._cancel
-        self.server, port = start_agent_server(st, self.cfg.agent_host, self.cfg.agent_port)
+        self.server, port = start_agent_server(st, self.cfg.agent_host,
+                                               rank_port(self.cfg.agent_port, self.tp_rank))
         self.my_address = f"{self.cfg.agent_host}:{port}"
         if self.cfg.agent_file:
-            write_agent_address(self.cfg.agent_file, f"{self.cfg.agent_host}:{port}")
-        log.info("KV connector (%s) engine=%s: %d layers, %d regions, block %d bytes, "
+            write_agent_address(rank_file(self.cfg.agent_file, self.tp_rank), self.my_address)
+        log.info("KV connector (%s) engine=%s rank %d/%d: %d layers, %d regions, block %d bytes, "
                  "layout %s, compat %s",
                  "+".join(r for r, on in (("producer", self.cfg.is_producer),
                                           ("consumer", self.cfg.is_consumer)) if on),
-                 self.cfg.engine_id, len(kv_caches), len(self.regions), r0.block_bytes,
+                 self.cfg.engine_id, self.tp_rank, self.tp_size, len(kv_caches),
+                 len(self.regions), r0.block_bytes,
                  self.layouts[0], self.cfg.compat_hash)
         if self.cfg.is_consumer:
             self._thread = threading.Thread(target=self._transfer_loop, name="pd-kv-load",
                                             daemon=True)
             self._thread.start()
 
+
+    def _shard_shape(self, kv_caches: dict, num_blocks: int) -> None:
+        """This rank's place in its TP group, and its KV shard's heads: how many, and
+        which dimension of a block holds them (kv_transfer/mapping.py: head_axis)."""
+        from kv_transfer.mapping import head_axis
+        self.tp_rank, self.tp_size = tp_position(self.vllm_config)
+        if self.tp_size > 1 and self.cfg.kv_mode != "pull":
+            raise ValueError(f"--kv-mode {self.cfg.kv_mode} needs tensor parallel size 1 "
+                             f"(this engine has {self.tp_size}); use pull")
+        groups = self.kv_cache_config.kv_cache_groups
+        self.local_heads = int(getattr(groups[0].kv_cache_spec, "num_kv_heads", 0)
+                               if groups else 0)
+        total = getattr(self.vllm_config.model_config, "get_total_num_kv_heads", None)
+        self.total_heads = int(total()) if total and self.local_heads else self.local_heads
+        t = next(iter(kv_caches.values()))
+        t = t[0] if isinstance(t, (list, tuple)) else t
+        shape = list(t.shape)
+        self.block_inner = shape[shape.index(num_blocks) + 1:]
+        self.elem = t.element_size()
+        try:
+            self.head_axis = head_axis(self.block_inner, self.local_heads,
+                                       head_major=t.device.type == "cpu")
+        except ValueError as e:     # loads between different TP degrees are refused
+            log.info("KV heads not found in the block shape (%s): head slices off", e)
+            self.head_axis = None
 
     # -- producer: lease protocol (called on the agent's gRPC threads)
     def _acquire(self, ids: list[str], extend_s: float):
@@ -217,7 +270,9 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if not isinstance(meta, PDConnectorMetadata):
             return
-        if meta.leases:
+        if meta.leases and self.tp_rank > 0:     # rank 0 holds them (ranks.py)
+            self._follow.update(meta.leases)
+        elif meta.leases:
             now = time.monotonic()
             with self.lock:
                 for tid, n in meta.leases.items():
@@ -257,6 +312,9 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
                 self._next_sweep = time.monotonic() + 0.5
                 self._sweep_offers()
             res.finished_sending = released | expired
+            if self._follow:
+                res.finished_sending |= self._follow
+                self._follow = set()
         if self.cfg.is_consumer:
             if self._idle_step and self._pending and not self._done:
                 # Every request of this engine waits for KV, so vLLM would step again at
@@ -299,17 +357,19 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         while len(self.records) > self.MAX_RECORDS:
             self.records.popitem(last=False)
 
-    def _ensure_peer(self, eid: str, address: str) -> str:
-        """The NIXL name of the peer engine `eid` (its KV agent at `address`); the first
-        time, the handshake: its metadata and registered regions. Consumers call it before
-        a READ, producers when an offer comes (first offers from one consumer may come
-        together: one handshake at a time)."""
+    def _ensure_peer(self, eid: str, address: str, key: str = "") -> str:
+        """The NIXL name of the peer engine `eid` (its KV agent at `address`; `key`: the
+        name we keep it under, one per tensor-parallel rank, ranks.py); the first time,
+        the handshake: its metadata and registered regions, and for its rank 0 its ranks
+        (`fronts`). Consumers call it before a READ, producers when an offer comes (first
+        offers from one consumer may come together: one handshake at a time)."""
+        key = key or eid
         with self._handshake_lock:
-            for old in self.peers.touch(eid, time.monotonic()):
+            for old in self.peers.touch(key, time.monotonic()):
                 log.info("forgetting peer engine %s (idle; %d peers known)", old,
                          len(self.peers))
                 self._forget_peer(old)
-            if not self.backend.has_remote(eid):
+            if not self.backend.has_remote(key):
                 info = self.clients.get(address).GetAgentInfo(
                     pd_pb2.AgentInfoRequest(peer_compat_hash=self.cfg.compat_hash),
                     timeout=RPC_TIMEOUT_S)
@@ -317,14 +377,23 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
                     raise RuntimeError(f"agent at {address} is engine {info.engine_id}, "
                                        f"expected {eid}")
                 rbs = info.layout.block_size or self.cfg.block_size
-                regions = self.remote_regions[eid] = [
+                # a block of another rank's shard holds its own number of heads
+                heads = ((info.local_kv_heads, self.local_heads)
+                         if info.local_kv_heads and self.local_heads else (1, 1))
+                regions = self.remote_regions[key] = [
                     L.Region(x.base_addr, x.block_stride,
-                             self.regions[i].block_bytes * rbs // self.cfg.block_size,
-                             x.num_blocks) for i, x in enumerate(info.layers)]
-                self.remote_block_size[eid] = rbs
-                self.backend.ensure_remote(eid, info.nixl_metadata)
-                self.backend.prep_blocks(L.block_descs(regions, self.device_id), eid)
-            return self.backend._remotes[eid]
+                             self.regions[i].block_bytes * rbs // self.cfg.block_size
+                             * heads[0] // heads[1], x.num_blocks)
+                    for i, x in enumerate(info.layers)]
+                self.remote_block_size[key] = rbs
+                if info.tp_rank == 0:
+                    n = max(1, info.tp_size)
+                    self.fronts[key] = FrontInfo(
+                        n, tuple(info.rank_addresses) if n > 1 else (address,),
+                        info.total_kv_heads or self.total_heads)
+                self.backend.ensure_remote(key, info.nixl_metadata)
+                self.backend.prep_blocks(L.block_descs(regions, self.device_id), key)
+            return self.backend._remotes[key]
 
     def _forget_peer(self, eid: str) -> None:
         """Drop what we know of peer engine `eid` (under the handshake lock): the next
@@ -333,6 +402,7 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         self.backend.forget_remote(eid)
         self.remote_regions.pop(eid, None)
         self.remote_block_size.pop(eid, None)
+        self.fronts.pop(eid, None)
 
     def _block_spans(self, ids: list[int], blocks: range) -> list[tuple[int, int]]:
         """(addr, length) of logical `blocks` (physical `ids`) in every region, region-major:

@@ -646,18 +646,28 @@ class LayerRegion(_message.Message):
     def __init__(self, base_addr: _Optional[int] = ..., block_stride: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("engine_id", "agent_name", "nixl_metadata", "layout", "layers")
+    __slots__ = ("engine_id", "agent_name", "nixl_metadata", "layout", "layers", "tp_size", "tp_rank", "rank_addresses", "total_kv_heads", "local_kv_heads")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    RANK_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     agent_name: str
     nixl_metadata: bytes
     layout: KVLayout
     layers: _containers.RepeatedCompositeFieldContainer[LayerRegion]
-    def __init__(self, engine_id: _Optional[str] = ..., agent_name: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRegion, _Mapping]]] = ...) -> None: ...
+    tp_size: int
+    tp_rank: int
+    rank_addresses: _containers.RepeatedScalarFieldContainer[str]
+    total_kv_heads: int
+    local_kv_heads: int
+    def __init__(self, engine_id: _Optional[str] = ..., agent_name: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerRegion, _Mapping]]] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., rank_addresses: _Optional[_Iterable[str]] = ..., total_kv_heads: _Optional[int] = ..., local_kv_heads: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("transfer_ids", "extend_s")
