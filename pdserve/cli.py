@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -123,6 +124,9 @@ async def _until_signal(run) -> None:
 
 def cmd_worker(ns) -> int:
     setup_logging(f"{ns.role}-{ns.worker_id}" if ns.worker_id else ns.role)
+    if ns.gpus:
+        from pdserve.engine import id_list
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(id_list(ns.gpus))
     cfg = WorkerConfig(
         role=ns.role, worker_id=ns.worker_id or f"{ns.role}-{ns.port}",
         engine=engine_config(ns, ns.cores), host=ns.host, port=ns.port,
@@ -296,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--metrics-port", type=int, default=0)
         w.add_argument("--kv-agent-port", type=int, default=0,
                        help="KV agent (handshake + leases) port; 0 picks a free one")
-        w.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for this engine")
+        w.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for this engine "
+                       "(a core list, split over its tensor-parallel ranks, or vLLM's own "
+                       "per-rank form 0|1)")
+        w.add_argument("--gpus", default="",
+                       help="this engine's GPUs, one per tensor-parallel rank: 0, 0,1 or 0-1 "
+                            "(CUDA_VISIBLE_DEVICES; the range form fits a systemd instance "
+                            "name). Default: the environment's")
         w.add_argument("--scheduler", default="127.0.0.1:50051")
         w.add_argument("--tpot-slo-ms", type=float, default=100.0,
                        help="the engine holds prefill chunks beside running streams to what "

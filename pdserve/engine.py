@@ -28,7 +28,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def set_engine_env(cfg: EngineConfig) -> None:
     """Environment read by the engine-core process that vLLM spawns."""
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_cores
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(
+        cfg.cpu_cores, int(cfg.vllm.get("tensor_parallel_size") or 1))
     # the KV size comes from kv_cache_memory_bytes; an inherited env value would override it
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -44,6 +45,33 @@ def set_engine_env(cfg: EngineConfig) -> None:
     # engine processes skip the interpreter's last garbage collection at exit
     # (pdserve/vllm_plugin.py; seconds of every stop)
     os.environ.setdefault("PDSERVE_QUICK_EXIT", "1")
+
+
+def id_list(spec: str) -> list[str]:
+    """ "0,2-3" -> ["0", "2", "3"]: the list syntax of CPU and device ids."""
+    ids: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        a, _, b = part.partition("-")
+        ids += [str(i) for i in range(int(a), int(b) + 1)] if b else [a]
+    return ids
+
+
+def omp_bind(cores: str, tp: int) -> str:
+    """vLLM's CPU binding (one core list per tensor-parallel rank, "|" between ranks) from
+    an engine's cores: "0,1" at TP 2 gives "0|1", "0-3" gives "0,1|2,3"; fewer cores than
+    ranks are shared ("0" at TP 2: "0|0"). A binding with "|" is taken as given."""
+    if tp <= 1 or "|" in cores:
+        return cores
+    ids = id_list(cores)
+    if len(ids) < tp:
+        return "|".join(ids[r % len(ids)] for r in range(tp))
+    per, extra = divmod(len(ids), tp)
+    out, i = [], 0
+    for r in range(tp):
+        n = per + (r < extra)
+        out.append(",".join(ids[i:i + n]))
+        i += n
+    return "|".join(out)
 
 
 def engine_args(cfg: EngineConfig, kv_role: str | None = None,

@@ -162,20 +162,41 @@ def engine_argv(ns) -> list[str]:
     return argv + list(getattr(ns, "vllm_argv", []))
 
 
-def assign_cores(cores: list[str], n_p: int, n_d: int) -> tuple[list[str], list[str]]:
-    """One core per engine, round-robin within its pool's share of the cores.
+def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int = 1
+                 ) -> tuple[list[str], list[str]]:
+    """One core per engine and tensor-parallel rank, round-robin within its pool's share of
+    the cores; an engine of TP > 1 gets vLLM's per-rank binding ("0|1": rank 0 on core 0,
+    rank 1 on core 1).
 
     The pools never share a core when there are at least two: a prefill engine next to a
     decode engine stalls its decode steps (the point of disaggregation is lost), and a
     KV producer and its consumer on one core made UCX wire-up take 25-60 s (measured,
-    docs/design.md). The prefill pool gets a share of cores proportional to its workers,
+    docs/design.md). The prefill pool gets a share of cores proportional to its ranks,
     at least one, leaving at least one for decode."""
+    need_p, need_d = n_p * tp_p, n_d * tp_d
     if len(cores) < 2 or not n_p or not n_d:
-        return ([cores[i % len(cores)] for i in range(n_p)],
-                [cores[-1 - (i % len(cores))] for i in range(n_d)])
-    k = min(len(cores) - 1, max(1, round(len(cores) * n_p / (n_p + n_d))))
-    pc, dc = cores[:k], cores[k:]
-    return [pc[i % len(pc)] for i in range(n_p)], [dc[i % len(dc)] for i in range(n_d)]
+        pc, dc = cores, cores[::-1]
+    else:
+        k = (need_p if need_p + need_d <= len(cores) else
+             min(len(cores) - 1, max(1, round(len(cores) * need_p / (need_p + need_d)))))
+        pc, dc = cores[:k], cores[k:]
+
+    def engines(pool: list[str], n: int, tp: int) -> list[str]:
+        return ["|".join(pool[(i * tp + r) % len(pool)] for r in range(tp)) for i in range(n)]
+
+    return engines(pc, n_p, tp_p), engines(dc, n_d, tp_d)
+
+
+def pool_tp(argv: list[str]) -> int:
+    """The tensor-parallel size a pool's flags give its engines (vLLM's parser; 1 if none)."""
+    names = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
+    mine: list[str] = []
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            mine += [a, argv[i + 1]]
+        elif a.split("=", 1)[0] in names:
+            mine.append(a)
+    return int(vllm_args.parse(mine).get("tensor_parallel_size", 1)) if mine else 1
 
 
 def cluster_credentials() -> dict[str, str | None]:
@@ -238,7 +259,9 @@ def run_cluster(ns, parse_args) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         n_p, n_d = ns.prefill_workers, ns.decode_workers
-        p_cores, d_cores = assign_cores(cores, n_p, n_d)
+        p_cores, d_cores = assign_cores(
+            cores, n_p, n_d, *(pool_tp([*engine_argv(ns), *pool_argv(ns, role)])
+                               for role in ("prefill", "decode")))
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
                       "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)

@@ -8,7 +8,8 @@ that adds an argument adds it here too, with nothing to keep in step.
 
 A few are pdserve's to set, because pdserve builds them (the KV connector and its event
 stream) or names them its own way (`--kv-cache-gib`); those are refused with a pointer.
-Tensor and pipeline parallelism are refused too until each rank has its own KV agent.
+Pipeline parallelism is refused (tensor parallelism is not: each rank runs its own KV
+agent, kv_transfer/connector/ranks.py).
 
 `--config FILE` (YAML) holds the same keys as the flags (dashes or underscores), and for
 `serve` a `prefill:` and a `decode:` section whose keys apply to that pool only. Flags on
@@ -29,8 +30,6 @@ OWNED = {
     "kv_transfer_config": "pdserve attaches its own KV connector",
     "kv_events_config": "pdserve subscribes to the engine's KV events itself",
     "kv_cache_memory_bytes": "use --kv-cache-gib",
-    "tensor_parallel_size": "tensor parallelism is not supported yet (one KV agent per "
-                            "engine)",
     "pipeline_parallel_size": "pipeline parallelism is not supported yet",
     "data_parallel_size": "run more workers instead (--prefill-workers, --decode-workers)",
 }

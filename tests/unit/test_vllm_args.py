@@ -35,7 +35,7 @@ def test_defaults_are_pdserves_and_eager_only_without_a_gpu():
 @pytest.mark.parametrize("argv,why", [
     (["--kv-transfer-config", "{}"], "own KV connector"),
     (["--kv-cache-memory-bytes", "100"], "--kv-cache-gib"),
-    (["--tensor-parallel-size", "2"], "not supported yet"),
+    (["--pipeline-parallel-size", "2"], "not supported yet"),
     (["--no-such-flag"], "unrecognized"),
     (["--max-logprobs", "many"], "invalid int"),
 ])
