@@ -148,6 +148,22 @@ def test_overlays_set_what_their_transport_needs():
     assert "k8s.v1.cni.cncf.io/networks" in pod["metadata"]["annotations"]
 
 
+def test_the_tensor_parallel_overlay_gives_each_pool_its_degree_and_gpus():
+    docs = render("tensor-parallel")
+    for pool, tp, n in (("prefill", "4", 1), ("decode", "2", 2)):
+        dep = next(d for d in docs if d["kind"] == "Deployment"
+                   and d["metadata"]["name"] == f"pdserve-{pool}")["spec"]
+        c = dep["template"]["spec"]["containers"][0]
+        assert c["command"][-2:] == ["--tensor-parallel-size", tp], c["command"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == tp
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == tp
+        assert dep["replicas"] == n and dep["template"]["spec"]["hostIPC"] is True
+    # the flags are vLLM's and pdserve's worker takes them
+    from pdserve.cli import parse_args
+    ns = parse_args(["prefill", "--tensor-parallel-size", "4", "--gpus", "0-3"])
+    assert ns.gpus == "0-3" and ns.vllm == {"tensor_parallel_size": 4}
+
+
 # ------------------------------------------------------------------ systemd
 
 def test_systemd_units_verify(tmp_path):
