@@ -135,3 +135,35 @@ def test_mixed_workers_start_mixed_with_their_pools_flags():
     assert w.role == "mixed" and w.max_num_seqs == 4
     plain = parse_args(["serve", *M])
     assert worker_argv(plain, "prefill", "p", "0", "x")[i + 1] == "prefill"
+
+
+def test_every_vllm_engine_argument_is_taken_by_serve_and_the_workers():
+    """Each option of vLLM's own engine parser (AsyncEngineArgs.add_cli_args), with a value
+    of its type, is accepted by `pdserve serve` and `pdserve decode`: into `ns.vllm`, or by
+    the pdserve flag of the same name; only the arguments pdserve owns exit 2."""
+    import argparse
+
+    p = vllm_args.parser()
+    tried = 0
+    for a in p._actions:
+        if not a.option_strings or isinstance(a, argparse._HelpAction):
+            continue
+        opt = next(o for o in a.option_strings if o.startswith("--"))
+        if a.nargs == 0:
+            value = []
+        elif a.choices:
+            value = [str(next(iter(a.choices)))]
+        elif a.type in (int, float):
+            value = ["1"]
+        else:
+            continue       # strings and JSON: free-form, nothing of the type to try
+        for cmd in ("serve", "decode"):
+            argv = [cmd, *M, opt, *value]
+            if a.dest in vllm_args.OWNED:
+                with pytest.raises(SystemExit):
+                    parse_args(argv)
+                continue
+            ns = parse_args(argv)
+            assert a.dest in ns.vllm or opt.lstrip("-").replace("-", "_") in vars(ns), opt
+            tried += 1
+    assert tried > 250, tried     # 2 commands x ~150 typed options of 251 (vLLM 0.32)
