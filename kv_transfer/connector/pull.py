@@ -152,7 +152,9 @@ class PullConsumer:
         the head slices this rank needs (ranks.py). -> the descriptor lists it moved."""
         remote = self.remote_regions[src.key]
         remote_agent = self.backend._remotes[src.key]
-        lids, rids = L.sort_pairs(spec.local_block_ids, spec.remote_block_ids)
+        rids = spec.remote_block_ids
+        if not relayout:    # pairs (in relayout the block counts differ: staging first)
+            lids, rids = L.sort_pairs(spec.local_block_ids, spec.remote_block_ids)
         if src.slices:
             front_heads = len(heads_of_rank(src.rank, self.fronts[spec.engine_id].tp_size,
                                             self.total_heads))
