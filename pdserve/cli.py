@@ -401,6 +401,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (as vLLM)")
     ns.vllm_argv = rest
     ns.vllm = vllm_args.parse(rest) if ns.cmd in ENGINE_CMDS else {}
+    if (int(ns.vllm.get("tensor_parallel_size") or 1) > 1
+            and getattr(ns, "kv_mode", "pull") != "pull"):
+        ap.error(f"--kv-mode {ns.kv_mode} needs tensor parallel size 1; use --kv-mode pull "
+                 "(each rank then reads its own heads)")
     return ns
 
 

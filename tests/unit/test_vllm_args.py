@@ -167,3 +167,17 @@ def test_every_vllm_engine_argument_is_taken_by_serve_and_the_workers():
             assert a.dest in ns.vllm or opt.lstrip("-").replace("-", "_") in vars(ns), opt
             tried += 1
     assert tried > 250, tried     # 2 commands x ~150 typed options of 251 (vLLM 0.32)
+
+
+def test_push_with_tensor_parallelism_is_refused_at_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["decode", *M, "--kv-mode", "push", "--tensor-parallel-size", "2"])
+    assert e.value.code == 2 and "needs tensor parallel size 1" in capsys.readouterr().err
+    # serve checks each pool's flags the same way before anything starts
+    from pdserve.launcher import check_pool_args
+    ns = parse_args(["serve", *M, "--kv-mode", "push", "--prefill-args",
+                     "--tensor-parallel-size 2"])
+    with pytest.raises(SystemExit):
+        check_pool_args(ns, parse_args)
+    assert parse_args(["decode", *M, "--tensor-parallel-size", "2"]).vllm == {
+        "tensor_parallel_size": 2}
