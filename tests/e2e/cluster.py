@@ -24,6 +24,16 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
 )
 
 
+def assert_prompt_loaded_not_recomputed(before: str, after: str, n: int) -> None:
+    """Between two scrapes of a decode worker's metrics: its engine took all `n` prompt
+    tokens of one request from a KV transfer, and fell back to recomputing none."""
+    name = "vllm:prompt_tokens_by_source_total"
+    assert (metric_value(after, name, source="external_kv_transfer")
+            - metric_value(before, name, source="external_kv_transfer")) == n
+    assert (metric_value(after, "pdserve_kv_recompute_fallbacks_total")
+            == metric_value(before, "pdserve_kv_recompute_fallbacks_total"))
+
+
 class ReferenceEngine:
     """A colocated vLLM engine kept for the session (`reference_gen.py`), one per
     configuration: starting one costs three generations of vLLM imports."""

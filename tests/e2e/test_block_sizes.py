@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, reference
+from tests.e2e.cluster import assert_prompt_loaded_not_recomputed, metric_value, reference
 from tests.e2e.conftest import KV, TEST_DTYPE, serving, words
 from tests.e2e.test_faults import assert_idle, by_role
 
@@ -74,12 +74,7 @@ def test_relaid_out_kv_gives_the_colocated_output(mixed, truth, n):
     # (K + V) x head size 64, in the engines' dtype (the tests': conftest.TEST_DTYPE)
     per_block = 4 * 2 * PREFILL_BS * 128 * (2 if TEST_DTYPE[-1] == "bfloat16" else 4)
     assert kv["bytes"] == -(-n // PREFILL_BS) * per_block, kv
-    after = mixed.metrics(decode)
-    name = "vllm:prompt_tokens_by_source_total"
-    assert (metric_value(after, name, source="external_kv_transfer")
-            - metric_value(before, name, source="external_kv_transfer")) == n
-    assert (metric_value(after, "pdserve_kv_recompute_fallbacks_total")
-            == metric_value(before, "pdserve_kv_recompute_fallbacks_total"))
+    assert_prompt_loaded_not_recomputed(before, mixed.metrics(decode), n)
 
 
 def test_relayout_leaves_both_sides_idle(mixed):

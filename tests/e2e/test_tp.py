@@ -10,7 +10,7 @@ is checksummed on both sides, the decode engine recomputes nothing, and both sid
 import httpx
 import pytest
 
-from tests.e2e.cluster import metric_value, reference
+from tests.e2e.cluster import assert_prompt_loaded_not_recomputed, reference
 from tests.e2e.conftest import KV, TEST_DTYPE, serving, words
 from tests.e2e.test_faults import assert_idle, by_role
 from pdserve.rpc import pd_pb2
@@ -56,12 +56,7 @@ def test_kv_between_tp_degrees_gives_the_colocated_output(tp, truth, n):
     heads = HEADS // tp.tp[1]
     per_block = LAYERS * heads * BS * 2 * HEAD * (2 if TEST_DTYPE[-1] == "bfloat16" else 4)
     assert kv["bytes"] == -(-n // BS) * per_block, kv
-    after = tp.metrics(decode)
-    name = "vllm:prompt_tokens_by_source_total"
-    assert (metric_value(after, name, source="external_kv_transfer")
-            - metric_value(before, name, source="external_kv_transfer")) == n
-    assert (metric_value(after, "pdserve_kv_recompute_fallbacks_total")
-            == metric_value(before, "pdserve_kv_recompute_fallbacks_total"))
+    assert_prompt_loaded_not_recomputed(before, tp.metrics(decode), n)
 
 
 def test_both_sides_end_idle(tp):
