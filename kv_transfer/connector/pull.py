@@ -87,8 +87,11 @@ class PullConsumer:
             raise LoadError("incompatible", f"incompatible KV handle: {spec.compat_hash} != "
                             f"{self.cfg.compat_hash}")
         self._ensure_peer(spec.engine_id, spec.agent_address)
-        srcs = sources(spec.engine_id, self.fronts[spec.engine_id], self.tp_rank,
-                       self.tp_size, self.total_heads)
+        try:
+            srcs = sources(spec.engine_id, self.fronts[spec.engine_id], self.tp_rank,
+                           self.tp_size, self.total_heads)
+        except (ValueError, IndexError) as e:     # heads or ranks that do not fit ours
+            raise LoadError("incompatible", f"tensor-parallel shards do not match: {e}") from e
         if any(s.slices for s in srcs) and self.head_axis is None:
             raise LoadError("incompatible", "the producer's tensor-parallel degree differs "
                             "and this engine's KV block shape has no heads dimension")
