@@ -4,6 +4,7 @@ Inputs, per pool, over a sliding window (`window_s`):
 * TTFT (prefill pool) and TPOT (decode pool) as the clients saw them: the frontend reports
   each request's TTFT when its first token leaves, and its TPOT when it ends
   (`Scheduler.Report`), so the SLO is judged on what users get, not on engine internals;
+  the TTFT of a request a decode worker prefilled itself is not the prefill pool's;
 * requests routed per second, mean prompt and output lengths;
 * from the workers' heartbeats: requests waiting, prefill tokens queued, KV usage.
 
@@ -82,8 +83,13 @@ class Autoscaler:
         self.input_tokens.add(now, prompt_tokens)
 
     def observe_report(self, now: float, ttft_ms: float, tpot_ms: float,
-                       output_tokens: int) -> None:
-        if ttft_ms > 0:
+                       output_tokens: int, local: bool = False) -> None:
+        """`local`: the decode worker prefilled the request itself. Its TTFT is then the
+        decode engine's doing (a wait for a slot beside its streams, its own chunks) and
+        says nothing of the prefill pool: counted there, a decode burst served by local
+        prefills scaled the prefill pool up (seen in tests/e2e/test_autoscale.py). The
+        decode pool answers for it through its TPOT and queue."""
+        if ttft_ms > 0 and not local:
             self.latency["prefill"].add(now, ttft_ms)
         if tpot_ms > 0 and output_tokens > 1:
             self.latency["decode"].add(now, tpot_ms)

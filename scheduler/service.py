@@ -304,7 +304,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         if b is not None and self.autoscaler is not None and (request.ttft_ms > 0 or
                                                               request.tpot_ms > 0):
             self.autoscaler.observe_report(self.clock(), request.ttft_ms, request.tpot_ms,
-                                           request.output_tokens)
+                                           request.output_tokens, local=b.prefill is None)
         SM.SCHED_BOOKINGS.set(len(self.reg.bookings))
         self._settle(now)
         return pd_pb2.ReportResponse(known=known)

@@ -157,3 +157,19 @@ def test_one_slow_request_in_a_quiet_window_is_not_a_breach():
     assert d.actions["decode"] == "up" and d.codes["decode"] == "slo_breach"
     with pytest.raises(ValueError):
         PlannerConfig(min_samples_up=0)
+
+
+def test_a_local_prefills_ttft_is_not_the_prefill_pools():
+    """A decode worker that prefilled a request itself owns its TTFT: a decode burst served
+    by local prefills must not scale the prefill pool (its TPOT still counts for decode)."""
+    from scheduler.actuators import MetricsOnlyActuator
+    from scheduler.autoscale import Autoscaler
+    from scheduler.config import AutoscaleConfig
+    from scheduler.state import Registry
+
+    a = Autoscaler(AutoscaleConfig(mode="metrics", window_s=60), Registry(5.0),
+                   MetricsOnlyActuator(), clock=lambda: 0.0)
+    a.observe_report(1.0, ttft_ms=3000, tpot_ms=40, output_tokens=200, local=True)
+    assert a.latency["prefill"].count(1.0) == 0 and a.latency["decode"].values(1.0) == [40]
+    a.observe_report(2.0, ttft_ms=900, tpot_ms=30, output_tokens=200)
+    assert a.latency["prefill"].values(2.0) == [900]
