@@ -28,19 +28,25 @@ def _secret(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
+def fake_vllm_config(tmp_path, eid: str, extra: dict | None = None, **more) -> SimpleNamespace:
+    """What the connector reads of vLLM's config, for engine `eid` on the loopback backend;
+    `more`: further sections (parallel_config) or replacements (model_config)."""
+    kvt = SimpleNamespace(kv_connector_extra_config={
+        "engine_id": eid, "backend": "loopback", "transfer_timeout_s": 2.0,
+        "agent_address_file": str(tmp_path / f"{eid}.addr"), **(extra or {})},
+        is_kv_producer=True, is_kv_consumer=True, engine_id=eid)
+    return SimpleNamespace(**{
+        "kv_transfer_config": kvt, "cache_config": SimpleNamespace(block_size=BS),
+        "model_config": SimpleNamespace(model="/m/tiny", dtype="float32"), **more})
+
+
 @pytest.fixture
 def make(tmp_path):
     made = []
 
     def _make(eid: str, **extra) -> WorkerHalf:
-        kvt = SimpleNamespace(kv_connector_extra_config={
-            "engine_id": eid, "backend": "loopback", "transfer_timeout_s": 2.0,
-            "agent_address_file": str(tmp_path / f"{eid}.addr"), **extra},
-            is_kv_producer=True, is_kv_consumer=True, engine_id=eid)
-        vc = SimpleNamespace(kv_transfer_config=kvt,
-                             cache_config=SimpleNamespace(block_size=BS),
-                             model_config=SimpleNamespace(model="/m/tiny", dtype="float32"))
-        w = WorkerHalf(vc, SimpleNamespace(kv_cache_groups=[], num_blocks=NB))
+        w = WorkerHalf(fake_vllm_config(tmp_path, eid, extra),
+                       SimpleNamespace(kv_cache_groups=[], num_blocks=NB))
         # vLLM's CPU layout: [blocks, K/V, block tokens, heads x head size]
         w.caches = {f"layer{i}": torch.randn(NB, 2, BS, 8) for i in range(LAYERS)}
         w.register_kv_caches(w.caches)

@@ -20,6 +20,7 @@ from tests.component.test_connector_lifecycle import (
     NB,
     _secret,  # noqa: F401 - the autouse fixture
     assert_empty,
+    fake_vllm_config,
     load_spec,
     release,
     results_until,
@@ -38,13 +39,8 @@ def engine(tmp_path):
         ranks = []
         for r in range(tp):
             heads = heads_of_rank(r, tp, HEADS)
-            kvt = SimpleNamespace(kv_connector_extra_config={
-                "engine_id": eid, "backend": "loopback", "transfer_timeout_s": 2.0,
-                "agent_address_file": str(tmp_path / f"{eid}.addr")},
-                is_kv_producer=True, is_kv_consumer=True, engine_id=eid)
-            vc = SimpleNamespace(
-                kv_transfer_config=kvt, cache_config=SimpleNamespace(block_size=BS),
-                parallel_config=SimpleNamespace(tensor_parallel_size=tp, rank=r),
+            vc = fake_vllm_config(
+                tmp_path, eid, parallel_config=SimpleNamespace(tensor_parallel_size=tp, rank=r),
                 model_config=SimpleNamespace(model="/m/tiny", dtype="float32",
                                              get_total_num_kv_heads=lambda: HEADS))
             spec = SimpleNamespace(num_kv_heads=len(heads), head_size=HEAD, dtype="float32")
