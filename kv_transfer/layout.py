@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from itertools import product
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,21 @@ def sort_pairs(local_ids: Sequence[int], remote_ids: Sequence[int]
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+def merge_runs(pieces: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(a, b, n) pieces, in order, with each piece merged into the one before when it
+    continues it on *both* sides (a and b each n past the previous start). The one rule
+    behind block runs, relaid-out token runs and head-slice spans."""
+    runs: list[tuple[int, int, int]] = []
+    for a, b, n in pieces:
+        if runs:
+            ra, rb, rn = runs[-1]
+            if a == ra + rn and b == rb + rn:
+                runs[-1] = (ra, rb, rn + n)
+                continue
+        runs.append((a, b, n))
+    return runs
+
+
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Pair blocks and merge stretches consecutive on *both* sides.
 
@@ -93,15 +108,7 @@ def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> list[tupl
     """
     if len(local_ids) != len(remote_ids):
         raise ValueError(f"block count mismatch: {len(local_ids)} local vs {len(remote_ids)}")
-    runs: list[tuple[int, int, int]] = []
-    for lb, rb in zip(local_ids, remote_ids):
-        if runs:
-            ls, rs, n = runs[-1]
-            if lb == ls + n and rb == rs + n:
-                runs[-1] = (ls, rs, n + 1)
-                continue
-        runs.append((lb, rb, 1))
-    return runs
+    return merge_runs((lb, rb, 1) for lb, rb in zip(local_ids, remote_ids))
 
 
 Desc = tuple[int, int, int]  # (addr, length, device id)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kv_transfer.layout import merge_runs
+
 
 @dataclass(frozen=True)
 class HeadSlice:
@@ -115,13 +117,7 @@ def paired_spans(src: list[tuple[int, int]], dst: list[tuple[int, int]]
     offset, length), merged where consecutive pairs touch on both sides."""
     if [n for _, n in src] != [n for _, n in dst]:
         raise ValueError("head slices of different lengths")
-    out: list[tuple[int, int, int]] = []
-    for (so, n), (do, _) in zip(src, dst):
-        if out and out[-1][0] + out[-1][2] == so and out[-1][1] + out[-1][2] == do:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
-        else:
-            out.append((so, do, n))
-    return out
+    return merge_runs((so, do, n) for (so, n), (do, _) in zip(src, dst))
 
 
 def with_heads(inner_shape: list[int], axis: int, heads: int) -> list[int]:
@@ -160,12 +156,6 @@ def merge_block_pieces(pieces: list[BlockPiece], src_ids: list[int], dst_ids: li
     merge pieces adjacent on both sides. -> [(src slot, dst slot, tokens)]. In a token-major
     layout whose blocks are packed back to back, one merged run is one contiguous span per
     (layer, K/V) region on each side."""
-    out: list[list[int]] = []
-    for p in pieces:
-        s = src_ids[p.src_block] * src_block_size + p.src_offset
-        d = dst_ids[p.dst_block] * dst_block_size + p.dst_offset
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1][2] += p.tokens
-        else:
-            out.append([s, d, p.tokens])
-    return [(a, b, c) for a, b, c in out]
+    return merge_runs((src_ids[p.src_block] * src_block_size + p.src_offset,
+                       dst_ids[p.dst_block] * dst_block_size + p.dst_offset, p.tokens)
+                      for p in pieces)

@@ -125,4 +125,3 @@ def slice_descriptors(local: list[L.Region], remote: list[L.Region],
                     ld.append((la + do, n, device_id))
                     rd.append((ra + so, n, remote_device_id))
     return ld, rd
-
