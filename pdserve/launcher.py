@@ -118,11 +118,17 @@ def pool_argv(ns, role: str) -> list[str]:
     return argv + shlex.split(getattr(ns, f"{role}_args", ""))
 
 
-def check_pool_args(ns, parse_args) -> None:
+def check_pool_args(ns, parse_args) -> dict[str, dict]:
     """Refuse bad per-pool flags now, not when a worker starts (exits 2 with a message).
-    `parse_args`: the command line's parser (pdserve/cli.py, which calls us)."""
-    for role in ("prefill", "decode"):
-        parse_args([role, *engine_argv(ns), *pool_argv(ns, role)])
+    `parse_args`: the command line's parser (pdserve/cli.py, which calls us). -> each
+    pool's vLLM engine arguments, as its workers will parse them."""
+    return {role: parse_args([role, *engine_argv(ns), *pool_argv(ns, role)]).vllm
+            for role in ("prefill", "decode")}
+
+
+def pool_tp(engine: dict) -> int:
+    """The tensor-parallel size of a pool's engines, from its vLLM arguments."""
+    return int(engine.get("tensor_parallel_size") or 1)
 
 
 def gpu_env(spec: str, i: int, pool: str) -> dict[str, str] | None:
@@ -187,18 +193,6 @@ def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int 
     return engines(pc, n_p, tp_p), engines(dc, n_d, tp_d)
 
 
-def pool_tp(argv: list[str]) -> int:
-    """The tensor-parallel size a pool's flags give its engines (vLLM's parser; 1 if none)."""
-    names = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
-    mine: list[str] = []
-    for i, a in enumerate(argv):
-        if a in names and i + 1 < len(argv):
-            mine += [a, argv[i + 1]]
-        elif a.split("=", 1)[0] in names:
-            mine.append(a)
-    return int(vllm_args.parse(mine).get("tensor_parallel_size", 1)) if mine else 1
-
-
 def cluster_credentials() -> dict[str, str | None]:
     """Internal auth with no setup: a new secret for this cluster unless one is given.
 
@@ -245,7 +239,7 @@ def run_cluster(ns, parse_args) -> int:
     from pdserve.models import resolve_model
 
     ns.model = resolve_model(ns.model)
-    check_pool_args(ns, parse_args)
+    pools = check_pool_args(ns, parse_args)
     fe_env = cluster_credentials()
     cores = _cores(ns.cores)
     scheduler = f"{ns.host}:{ns.scheduler_port}"
@@ -259,9 +253,8 @@ def run_cluster(ns, parse_args) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         n_p, n_d = ns.prefill_workers, ns.decode_workers
-        p_cores, d_cores = assign_cores(
-            cores, n_p, n_d, *(pool_tp([*engine_argv(ns), *pool_argv(ns, role)])
-                               for role in ("prefill", "decode")))
+        p_cores, d_cores = assign_cores(cores, n_p, n_d, pool_tp(pools["prefill"]),
+                                        pool_tp(pools["decode"]))
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
                       "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)
