@@ -16,7 +16,9 @@ thread there turns into a WAKEUP on the input queue. The bound covers what sends
 wakeup (a lease that expires on the clock).
 
 The socket is an abstract-namespace Unix datagram socket named after the engine core's
-pid; vLLM's workers are its child processes, so a worker finds it by its parent's pid.
+pid. Under vLLM's multiprocess executor the worker is a child of the engine core and finds
+it by its parent's pid; under the uniprocess executor (pdserve's engines at one rank on
+CPU, pdserve/engine.py) the worker runs in the engine-core process itself.
 Nothing is created on disk, and a wake to an engine core that is not listening is a
 no-op (best effort: the bound still holds).
 """
@@ -37,6 +39,11 @@ HOLD_WAIT_S = 0.25
 
 def address(pid: int) -> str:
     return f"\0pdserve-engine-wake-{pid}"
+
+
+def engine_core_pid(executor_backend: object) -> int:
+    """The engine core's pid, seen from the worker half of the connector."""
+    return os.getpid() if executor_backend == "uni" else os.getppid()
 
 
 class WakeListener:

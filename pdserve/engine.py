@@ -32,7 +32,6 @@ def set_engine_env(cfg: EngineConfig) -> None:
         cfg.cpu_cores, int(cfg.vllm.get("tensor_parallel_size") or 1))
     # the KV size comes from kv_cache_memory_bytes; an inherited env value would override it
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # engine-core <-> worker queue: a short spin, then sleep (pdserve/vllm_plugin.py)
     os.environ.setdefault("PDSERVE_QUIET_WAIT", "1")
@@ -172,16 +171,60 @@ def make_load_logger(snapshot: LoadSnapshot):
     return _LoadLogger
 
 
+def one_process(args) -> bool:
+    """Run vLLM's worker inside its engine-core process (the uniprocess executor), as vLLM
+    does on a GPU at one rank: on CPU at one rank, unless the user chose an executor.
+    vLLM's CPU platform otherwise always runs the multiprocess executor, because only it
+    sets the OpenMP binding before a process starts; `build_engine` sets that binding for
+    the engine-core process instead. One process and one import of vLLM fewer per engine."""
+    from vllm.platforms import current_platform
+
+    return (current_platform.is_cpu() and args.distributed_executor_backend is None
+            and int(args.tensor_parallel_size or 1) == 1
+            and int(args.pipeline_parallel_size or 1) == 1
+            and int(args.data_parallel_size or 1) == 1)
+
+
+def engine_config(args):
+    """vLLM's config from the engine arguments, with the uniprocess executor where
+    `one_process` says so."""
+    if not one_process(args):
+        return args.create_engine_config()
+    args.distributed_executor_backend = "uni"
+    # vLLM's CPU platform turns "uni" into "mp" unless this reads 0; it is read while the
+    # config is built, and AsyncLLM runs its engine core in its own process either way
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return args.create_engine_config()
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
 def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any] | None,
                  snapshot: LoadSnapshot | None = None, events_dir: str | None = None):
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
     from vllm.v1.engine.async_llm import AsyncLLM
 
     set_engine_env(cfg)
     args = engine_args(cfg, kv_role, kv_extra, events_dir)
+    config = engine_config(args)
     loggers = [make_load_logger(snapshot)] if snapshot is not None else None
-    log.info("starting vLLM engine: model=%s dtype=%s cores=%s kv=%.2f GiB role=%s",
-             cfg.model, args.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30, kv_role)
-    return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
+    opts = dict(enable_log_requests=args.enable_log_requests,
+                disable_log_stats=args.disable_log_stats)
+    log.info("starting vLLM engine: model=%s dtype=%s cores=%s kv=%.2f GiB role=%s "
+             "executor=%s", cfg.model, args.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30,
+             kv_role, config.parallel_config.distributed_executor_backend)
+    if config.parallel_config.distributed_executor_backend != "uni":
+        return AsyncLLM.from_vllm_config(config, stat_loggers=loggers, **opts)
+    # the engine-core process computes: it starts with rank 0's OpenMP binding, set the
+    # way vLLM's multiprocess executor sets it for its worker (this process's own OpenMP
+    # runtime read its environment when torch loaded, so it stays unbound)
+    with OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0):
+        return AsyncLLM.from_vllm_config(config, stat_loggers=loggers, **opts)
 
 
 def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferConfig,

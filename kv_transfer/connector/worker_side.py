@@ -40,7 +40,7 @@ from kv_transfer.connector.ranks import (
 from kv_transfer.peers import PeerLRU
 from kv_transfer.push import Offer, OfferTable
 from kv_transfer.state import LeaseTable
-from kv_transfer.wakeup import Waker
+from kv_transfer.wakeup import Waker, engine_core_pid
 from pdserve.lease_client import LeaseClient
 from pdserve.rpc import pd_pb2
 
@@ -84,7 +84,10 @@ class WorkerHalf(PullConsumer, PushProducer, PushConsumer):
         self._done: list[tuple[str, bool]] = []       # consumer: (req id, ok)
         self._done_evt = threading.Event()             # set when _done gains an entry
         # wakes the engine core when it sleeps while only transfers are pending
-        self._waker = Waker() if self.cfg.hold_wait else None
+        self._waker = None
+        if self.cfg.hold_wait:
+            self._waker = Waker(engine_core_pid(
+                vllm_config.parallel_config.distributed_executor_backend))
         self._idle_step = False
         self._pending = 0
         self.records: OrderedDict[str, pd_pb2.KVTransferStats] = OrderedDict()

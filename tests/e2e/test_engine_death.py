@@ -27,6 +27,8 @@ def dc(tiny_model, tmp_path_factory):
 def engine_core(worker_pid: int) -> psutil.Process:
     (core,) = [p for p in psutil.Process(worker_pid).children()
                if p.name().startswith("VLLM::EngineCor")]
+    # at one rank on CPU, vLLM's worker runs inside the engine core (pdserve/engine.py)
+    assert [p.name() for p in core.children()] == []
     return core
 
 

@@ -181,3 +181,27 @@ def test_push_with_tensor_parallelism_is_refused_at_the_command_line(capsys):
         check_pool_args(ns, parse_args)
     assert parse_args(["decode", *M, "--tensor-parallel-size", "2"]).vllm == {
         "tensor_parallel_size": 2}
+
+
+def test_one_rank_on_cpu_runs_vllms_worker_in_the_engine_core(tmp_path):
+    """At one rank on CPU the engine takes vLLM's uniprocess executor (no worker process);
+    with ranks, or an executor the user named, vLLM's own choice stands."""
+    import os
+
+    from pdserve.engine import engine_config as vllm_config
+    from pdserve.engine import one_process
+    from pdserve.models import build_tiny_model
+
+    model = str(build_tiny_model(tmp_path / "tiny"))
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    c = vllm_config(engine_args(engine_config(parse_args(["decode", "--model", model]), "0")))
+    assert c.parallel_config.distributed_executor_backend == "uni"
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before   # restored
+    tp2 = engine_args(engine_config(parse_args(
+        ["decode", "--model", model, "--tensor-parallel-size", "2"]), "0"))
+    named = engine_args(engine_config(parse_args(
+        ["decode", "--model", model, "--distributed-executor-backend", "mp"]), "0"))
+    assert not one_process(tp2) and not one_process(named)
+    assert one_process(engine_args(engine_config(parse_args(["decode", "--model", model]), "0")))
+    c = vllm_config(named)
+    assert c.parallel_config.distributed_executor_backend == "mp"
