@@ -2,8 +2,9 @@
 
 vLLM's engine-core process and its CPU worker processes talk over a shared-memory ring
 buffer (with tensor parallelism: at one rank pdserve's engines run the worker inside the
-engine core, pdserve/engine.py, and there is no such queue). A reader that finds nothing new spins on `sched_yield()` for `busy_loop_s`
-(1 s) after every read before it sleeps on a notification socket. Engine steps are
+engine core, pdserve/engine.py, and there is no such queue). A reader that finds nothing
+new spins on `sched_yield()` for `busy_loop_s` (1 s) after every read before it sleeps on a
+notification socket. Engine steps are
 shorter than a second, so the engine-core process spins for as long as its worker
 computes: measured with `top` during a prefill burst, the prefill engine's
 `VLLM::EngineCore` process took 87% of a core while its worker took the other 100%.
