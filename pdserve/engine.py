@@ -188,20 +188,15 @@ def one_process(args) -> bool:
 def engine_config(args):
     """vLLM's config from the engine arguments, with the uniprocess executor where
     `one_process` says so."""
+    from vllm.utils.system_utils import set_env_var
+
     if not one_process(args):
         return args.create_engine_config()
     args.distributed_executor_backend = "uni"
     # vLLM's CPU platform turns "uni" into "mp" unless this reads 0; it is read while the
     # config is built, and AsyncLLM runs its engine core in its own process either way
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with set_env_var("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
         return args.create_engine_config()
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
 
 
 def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any] | None,
