@@ -7,6 +7,7 @@ not leave room for a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -213,12 +214,13 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
     log.info("starting vLLM engine: model=%s dtype=%s cores=%s kv=%.2f GiB role=%s "
              "executor=%s", cfg.model, args.dtype, cfg.cpu_cores, cfg.kv_cache_bytes / 2**30,
              kv_role, config.parallel_config.distributed_executor_backend)
-    if config.parallel_config.distributed_executor_backend != "uni":
-        return AsyncLLM.from_vllm_config(config, stat_loggers=loggers, **opts)
-    # the engine-core process computes: it starts with rank 0's OpenMP binding, set the
-    # way vLLM's multiprocess executor sets it for its worker (this process's own OpenMP
-    # runtime read its environment when torch loaded, so it stays unbound)
-    with OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0):
+    # one process: the engine-core process computes, so it starts with rank 0's OpenMP
+    # binding, set the way vLLM's multiprocess executor sets it for its worker (this
+    # process's own OpenMP runtime read its environment when torch loaded: it stays unbound)
+    binding = (OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0)
+               if config.parallel_config.distributed_executor_backend == "uni"
+               else contextlib.nullcontext())
+    with binding:
         return AsyncLLM.from_vllm_config(config, stat_loggers=loggers, **opts)
 
 
