@@ -93,7 +93,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         renew = (None if local or push else
                  asyncio.create_task(self.renewer.hold(request.kv, loaded)))
         stops = (StopAcrossFirst(sp.stop, request.first_token_text, request.first_text_sent,
-                                 params.min_tokens) if across else None)
+                                 params.min_tokens, sp.include_stop_str_in_output)
+                 if across else None)
         gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid)
         try:
             async for out in gen:

@@ -10,7 +10,8 @@ stay with the engine) and checks them itself, with vLLM's own `check_stop_string
 the whole output text: the first token's (from the frontend) and then the engine's, token
 by token as the engine detokenizes them. vLLM's rules are kept:
 * strings are checked once more output tokens than `min_tokens` exist;
-* the match that completes earliest wins, and the text is cut before it;
+* the match that completes earliest wins, and the text is cut before it (after it with
+  `include_stop_str_in_output`);
 * while a request runs, the last (longest stop string - 1) characters are held back, as
   vLLM's detokenizer holds them, so a stream never shows text that a match then cuts. The
   frontend holds back the same tail of the first token's text and says how much it sent.
@@ -27,12 +28,16 @@ from pdserve.sampling import stop_hold
 
 class StopAcrossFirst:
     def __init__(self, stops: Sequence[str], first_text: str, sent: int,
-                 min_tokens: int) -> None:
-        """`min_tokens`: the decode engine's own (the request's less the first token)."""
+                 min_tokens: int, include: bool = False) -> None:
+        """`min_tokens`: the decode engine's own (the request's less the first token).
+        `include`: vLLM's `include_stop_str_in_output` (the text is cut after the match,
+        and nothing is held back)."""
         from vllm.v1.engine.detokenizer import check_stop_strings
         self._check = check_stop_strings
         self.stops = list(stops)
-        self.hold = stop_hold(self.stops)   # the frontend held back the same (first_text_sent)
+        self.include = include
+        # the frontend held back the same (first_text_sent)
+        self.hold = stop_hold(self.stops, include)
         self.text = first_text          # the whole output text so far
         self.sent = min(sent, len(first_text))   # of it, what the client has
         self.tokens = 0                 # decode-engine tokens so far
@@ -44,9 +49,10 @@ class StopAcrossFirst:
         self.text += new_text
         self.tokens += new_tokens
         if new_text and self.tokens > self.min_tokens:
-            hit = self._check(self.text, len(new_text), self.stops, False)
+            hit = self._check(self.text, len(new_text), self.stops, self.include)
             if hit is not None:
-                self.text = self.text[:hit[1]]
+                if hit[1] >= 0:     # -1: the match ends the text, nothing to cut
+                    self.text = self.text[:hit[1]]
                 return self._out(len(self.text)), True
         return self._out(len(self.text) if finished else len(self.text) - self.hold), False
 

@@ -19,7 +19,7 @@ from frontend.client import Chunk, ClusterClient, to_error
 from frontend import choices, http_errors, ops_api, render, security, tools
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
-from frontend.tokens import Tokenizer, check_ids
+from frontend.tokens import ChatOptions, Tokenizer, check_ids
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
@@ -76,7 +76,15 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             stop_token_ids=req.stop_token_ids or [], presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logprobs=logprobs,
             ignore_eos=req.ignore_eos, repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens)
+            min_tokens=req.min_tokens, min_p=req.min_p, bad_words=req.bad_words,
+            include_stop_str_in_output=req.include_stop_str_in_output)
+        if not req.skip_special_tokens:
+            sp.skip_special_tokens = False
+        if not req.spaces_between_special_tokens:
+            sp.spaces_between_special_tokens = False
+        if req.allowed_token_ids:
+            check_ids(req.allowed_token_ids, vocab, "allowed_token_ids")
+            sp.allowed_token_ids.extend(req.allowed_token_ids)
         if req.seed is not None:
             sp.seed = req.seed
         if req.cache_salt:
@@ -182,8 +190,12 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         tok: Tokenizer = state["tok"]
         plan = tools.plan(body.tools_json(), body.tool_choice_json(), body.parallel_tool_calls,
                           state.get("tool_parser"))
-        ids = await tok.chat_async([m.for_template() for m in body.messages],
-                                   cfg.max_model_len, tools=plan.tools or None)
+        ids = await tok.chat_async(
+            [m.for_template() for m in body.messages], cfg.max_model_len,
+            add_generation_prompt=body.add_generation_prompt,
+            add_special_tokens=body.add_special_tokens, tools=plan.tools or None,
+            opts=ChatOptions(body.continue_final_message, body.documents,
+                             body.chat_template_kwargs))
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1,

@@ -249,7 +249,8 @@ class ClusterClient:
             self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE)
         if first is None:
             text = pf.first_token_text
-            n = first_text_sent(text, sampling.stop, bool(pf.finish_reason))
+            n = first_text_sent(text, sampling.stop, bool(pf.finish_reason),
+                                sampling.include_stop_str_in_output)
             first = Chunk([pf.first_token_id], text[:n],
                           [pf.first_logprob] if pf.HasField("first_logprob") else [],
                           finish_reason=pf.finish_reason, cached_tokens=pf.num_cached_tokens,

@@ -56,14 +56,12 @@ class StreamOptions(BaseModel):
 # disregards them. Any other unknown field is ignored with a warning, as vLLM does.
 REFUSED = frozenset({
     "functions", "function_call",
-    "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "allowed_token_ids",
-    "bad_words", "min_p", "length_penalty", "use_beam_search", "prompt_embeds",
-    "truncate_prompt_tokens", "priority", "logits_processors", "spaces_between_special_tokens",
-    "skip_special_tokens", "include_stop_str_in_output", "continue_final_message",
-    "add_generation_prompt", "chat_template", "chat_template_kwargs", "documents",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "length_penalty", "use_beam_search", "prompt_embeds",
+    "truncate_prompt_tokens", "priority", "logits_processors", "chat_template",
     "reasoning_effort", "modalities", "audio", "prediction", "web_search_options",
 })
+MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
 
 
 class JsonSchemaFormat(BaseModel):
@@ -122,6 +120,13 @@ class _Common(BaseModel):
     prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None    # vLLM extension
+    # vLLM extensions, through both engines (the wire's SamplingParams)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    allowed_token_ids: list[TokenId] | None = Field(None, max_length=1 << 20)
+    bad_words: list[constr(max_length=1024)] = Field([], max_length=MAX_BAD_WORDS)
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
@@ -153,6 +158,11 @@ class _Common(BaseModel):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                  f"({self.max_tokens})", param="min_tokens")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequest("allowed_token_ids is not None and empty!",   # vLLM's words
+                                 param="allowed_token_ids")
+        if any(not w for w in self.bad_words):
+            raise InvalidRequest("bad_words cannot contain an empty string", param="bad_words")
 
     def logit_bias_ids(self) -> dict[int, float]:
         out = {}
@@ -330,6 +340,18 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def check_template_options(req) -> None:
+    """vLLM's checks of a chat request's template settings, with its messages."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise InvalidRequest("Cannot set both `continue_final_message` and "
+                             "`add_generation_prompt` to True.",
+                             param="continue_final_message")
+    bad = {"chat_template", "tokenize"} & set(req.chat_template_kwargs or {})
+    if bad:
+        raise InvalidRequest("Found unexpected chat template kwargs from request: "
+                             f"{sorted(bad)}", param="chat_template_kwargs")
+
+
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text) if text else {}
@@ -345,6 +367,12 @@ class ChatRequest(_Common):
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM extensions for the chat template (frontend/tokens.py renders it)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
 
     def check(self) -> None:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -352,6 +380,7 @@ class ChatRequest(_Common):
         self.check_common()
         if not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
+        check_template_options(self)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         if self.tools and len(json.dumps([t.function.parameters for t in self.tools])) \
@@ -391,12 +420,16 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: StrictBool | None = None    # default: true for a prompt, false for chat
     add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("give either prompt or messages", param="prompt")
         if self.messages is not None and not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
+        check_template_options(self)
 
 
 class DetokenizeRequest(BaseModel):

@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 import pdserve
 from frontend.protocol import DetokenizeRequest, TokenizeRequest, check_model
-from frontend.tokens import check_ids
+from frontend.tokens import ChatOptions, check_ids
 
 
 TOKENIZE_CONTEXTS = 8
@@ -41,7 +41,10 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
             ids = await tok.encode_async(body.prompt, most, body.add_special_tokens is not False)
         else:
             ids = await tok.chat_async([m.for_template() for m in body.messages], most,
-                                       body.add_generation_prompt, bool(body.add_special_tokens))
+                                       body.add_generation_prompt, bool(body.add_special_tokens),
+                                       opts=ChatOptions(body.continue_final_message,
+                                                        body.documents,
+                                                        body.chat_template_kwargs))
         out = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids}
         if body.return_token_strs:
             out["token_strs"] = await tok.run(tok.token_strs, ids)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from pdserve.errors import ContextLengthExceeded, InvalidRequest
 
@@ -23,6 +25,20 @@ def check_ids(ids, vocab_size: int, param: str, what: str = "token id") -> None:
                              param=param)
 
 
+# what apply_chat_template sets itself: never taken from chat_template_kwargs
+RESERVED_TEMPLATE_VARS = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "chat_template", "tokenize", "raise_exception"})
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """vLLM's chat-template extensions of a request."""
+    continue_final_message: bool = False
+    documents: list[dict] | None = None
+    kwargs: dict[str, Any] | None = None      # chat_template_kwargs
+
+
 class Tokenizer:
     def __init__(self, model_dir: str) -> None:
         from transformers import AutoTokenizer
@@ -32,22 +48,52 @@ class Tokenizer:
         # the longest token's text: no token covers more characters of a prompt
         self.max_token_chars = max((len(t) for t in self.tok.get_vocab()), default=1) + 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._template_vars: tuple = (None, frozenset())    # (template, what it reads)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-             add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
-        """`tools`: OpenAI's tool definitions, for templates that show them to the model."""
+             add_special_tokens: bool = False, tools: list[dict] | None = None,
+             opts: ChatOptions | None = None) -> list[int]:
+        """`tools`: OpenAI's tool definitions, for templates that show them to the model.
+        `opts`: the request's other template settings (vLLM's extensions)."""
+        text = self.chat_text(messages, add_generation_prompt, tools, opts)
+        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True,
+                  tools: list[dict] | None = None, opts: ChatOptions | None = None) -> str:
+        """The chat template's rendering of `messages` (chat's text before tokenizing)."""
         if not self.tok.chat_template:
             raise InvalidRequest("this model has no chat template; use /v1/completions")
+        opts = opts or ChatOptions()
         try:
-            text = self.tok.apply_chat_template(messages, tokenize=False, tools=tools,
-                                                add_generation_prompt=add_generation_prompt)
+            return self.tok.apply_chat_template(
+                messages, tokenize=False, tools=tools, documents=opts.documents,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=opts.continue_final_message,
+                **self.template_kwargs(opts.kwargs))
         except Exception as e:  # noqa: BLE001 (jinja2's errors, the template's raise_exception)
             raise InvalidRequest(f"the chat template refused these messages: {e}",
                                  param="messages") from None
-        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def template_kwargs(self, kwargs: dict | None) -> dict:
+        """The request's `chat_template_kwargs` that the template reads, as vLLM keeps them
+        (others are dropped); never one that would override what the request itself sets
+        (the messages, tools, documents, the generation prompt)."""
+        if not kwargs:
+            return {}
+        template = self.tok.chat_template
+        if self._template_vars[0] != template:
+            import jinja2
+            from jinja2 import meta
+            try:    # Hugging Face renders with the loop-controls extension
+                env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+                found = meta.find_undeclared_variables(env.parse(template))
+            except jinja2.TemplateError:
+                found = set()
+            self._template_vars = (template, found - RESERVED_TEMPLATE_VARS)
+        return {k: v for k, v in kwargs.items() if k in self._template_vars[1]}
 
     def token_strs(self, ids: list[int]) -> list[str]:
         return self.tok.convert_ids_to_tokens(ids)
@@ -76,7 +122,8 @@ class Tokenizer:
     async def chat_async(self, messages: list[dict], max_tokens: int = 0,
                          add_generation_prompt: bool = True,
                          add_special_tokens: bool = False,
-                         tools: list[dict] | None = None) -> list[int]:
+                         tools: list[dict] | None = None,
+                         opts: ChatOptions | None = None) -> list[int]:
         self._fits(sum(len(m["content"]) for m in messages), max_tokens, "messages")
         return await self.run(self.chat, messages, add_generation_prompt, add_special_tokens,
-                              tools)
+                              tools, opts)

@@ -12,6 +12,10 @@ token as one prompt. Left at that, two things a colocated engine does differ:
   before the additive ones, so with a repetition penalty the correction is taken through its
   inverse (`_through_repetition`). The repetition penalty itself needs nothing: it counts
   prompt and output tokens alike.
+* **Bad words.** vLLM blocks a bad word's last token when the output ends with the rest of
+  it; on the decode engine the output starts after the first token, so a bad word that
+  begins with the first token would never be blocked. The same processor blocks it then,
+  while the output is too short for vLLM's own check to see the first token.
 * **Seeded sampling.** A seeded request draws its noise from a per-request generator seeded
   once, one step's draws per token. The decode engine's generator starts fresh, so token 2
   would get the noise of token 1. `install` (the vLLM plugin calls it in the worker process,
@@ -46,7 +50,8 @@ def _through_repetition(x: float, r: float, d: float) -> float:
 
 
 class FirstTokenPenalties(AdapterLogitsProcessor):
-    """Counts a continued request's first token as output for the additive penalties."""
+    """Counts a continued request's first token as output: for the additive penalties, and
+    for bad words that begin with it."""
 
     @classmethod
     def validate_params(cls, params) -> None:
@@ -59,25 +64,59 @@ class FirstTokenPenalties(AdapterLogitsProcessor):
 
     def new_req_logits_processor(self, params):
         t = (params.extra_args or {}).get(FIRST_TOKEN)
-        f, p = params.frequency_penalty or 0.0, params.presence_penalty or 0.0
-        if t is None or (f == 0.0 and p == 0.0):
+        if t is None:
             return None
-        r = params.repetition_penalty or 1.0
-        seen = {"n": 0, "again": False}     # output tokens looked at; t among them yet?
+        procs = [p for p in (_penalties(params, t), _bad_words(params, t)) if p is not None]
+        if len(procs) <= 1:
+            return procs[0] if procs else None
 
-        def proc(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            if t >= logits.shape[-1]:
-                return logits
-            if not seen["again"] and len(output_ids) > seen["n"]:
-                seen["again"] = t in output_ids[seen["n"]:]
-                seen["n"] = len(output_ids)
-            d = f + (0.0 if seen["again"] else p)
-            if r == 1.0:
-                logits[t] -= d
-            else:
-                logits[t] = _through_repetition(float(logits[t]), r, d)
+        def both(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            for proc in procs:
+                logits = proc(output_ids, logits)
             return logits
-        return proc
+        return both
+
+
+def _bad_words(params, t: int):
+    """Blocks the last token of each bad word whose other tokens are the first token and
+    the output so far, while the output is shorter than those (vLLM's own check, over the
+    output alone, covers the rest)."""
+    words = [w for w in (getattr(params, "bad_words_token_ids", None) or []) if len(w) > 1]
+    if not words:
+        return None
+    longest = max(len(w) for w in words)
+
+    def proc(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output_ids) + 1 >= longest:
+            return logits
+        past = [t, *output_ids]
+        for w in words:     # the word's other tokens are exactly the first and the output
+            if len(w) == len(past) + 1 and past == w[:-1] and w[-1] < logits.shape[-1]:
+                logits[w[-1]] = float("-inf")
+        return logits
+    return proc
+
+
+def _penalties(params, t: int):
+    f, p = params.frequency_penalty or 0.0, params.presence_penalty or 0.0
+    if f == 0.0 and p == 0.0:
+        return None
+    r = params.repetition_penalty or 1.0
+    seen = {"n": 0, "again": False}     # output tokens looked at; t among them yet?
+
+    def proc(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if t >= logits.shape[-1]:
+            return logits
+        if not seen["again"] and len(output_ids) > seen["n"]:
+            seen["again"] = t in output_ids[seen["n"]:]
+            seen["n"] = len(output_ids)
+        d = f + (0.0 if seen["again"] else p)
+        if r == 1.0:
+            logits[t] -= d
+        else:
+            logits[t] = _through_repetition(float(logits[t]), r, d)
+        return logits
+    return proc
 
 
 def _advance(runner, generator: torch.Generator) -> None:

@@ -11,20 +11,22 @@ from pdserve.rpc import pd_pb2
 FIRST_TOKEN = "pd_first_token"
 
 
-def stop_hold(stops) -> int:
+def stop_hold(stops, include: bool = False) -> int:
     """Characters of output text vLLM's detokenizer holds back while a request with these
-    stop strings runs (the longest less one): text that could still begin a match."""
-    return max(len(s) for s in stops) - 1 if stops else 0
+    stop strings runs (the longest less one): text that could still begin a match. None
+    when the stop string stays in the output (`include_stop_str_in_output`): nothing
+    already shown is ever cut then."""
+    return max(len(s) for s in stops) - 1 if stops and not include else 0
 
 
-def first_text_sent(text: str, stops, finished: bool) -> int:
+def first_text_sent(text: str, stops, finished: bool, include: bool = False) -> int:
     """How many characters of the first token's text (from the prefill engine) the frontend
     sends at once: all of it when the request ends there or has no stop strings, else all
     but the tail vLLM's detokenizer would hold back (`stop_hold`); the decode worker sends
     the rest (decode_worker/stops.py)."""
     if finished or not stops:
         return len(text)
-    return max(0, len(text) - stop_hold(stops))
+    return max(0, len(text) - stop_hold(stops, include))
 
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
@@ -51,7 +53,15 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
         logit_bias=dict(sp.logit_bias) or None,
         prompt_logprobs=(sp.prompt_logprobs if computes_prompt
                          and sp.HasField("prompt_logprobs") else None),
-        structured_outputs=structured(sp),
+        structured_outputs=structured(sp), min_p=sp.min_p,
+        allowed_token_ids=list(sp.allowed_token_ids) or None,
+        bad_words=list(sp.bad_words) or None,
+        skip_special_tokens=(sp.skip_special_tokens
+                             if sp.HasField("skip_special_tokens") else True),
+        spaces_between_special_tokens=(sp.spaces_between_special_tokens
+                                       if sp.HasField("spaces_between_special_tokens")
+                                       else True),
+        include_stop_str_in_output=sp.include_stop_str_in_output,
         output_kind=RequestOutputKind.DELTA,
         extra_args=_extra_args(kv_transfer_params, first_token))
 

@@ -3,10 +3,11 @@ engine, the same model and engine settings, started here), answers compared fiel
 
 Greedy text equals for every generation feature pdserve implements through the
 disaggregated path (n, batched prompts, echo, logit_bias, prompt_logprobs, echo with
-logprobs as lm-eval sends it, structured outputs, chat); the utility endpoints answer the
-same; an unknown field is ignored by both. (Tool calls are compared with a colocated
-engine on the bundled model in test_smollm2.py: this tiny word-level model cannot write
-JSON.)"""
+logprobs as lm-eval sends it, structured outputs, min_p, allowed_token_ids, bad_words,
+special tokens kept, stop strings kept, chat and its template options); the utility
+endpoints answer the same; an unknown field is ignored by both. (Tool calls are compared
+with a colocated engine on the bundled model in test_smollm2.py: this tiny word-level
+model cannot write JSON.)"""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def texts(resp: dict) -> list[str]:
     ("penalties", {"presence_penalty": 1.5, "frequency_penalty": 1.0}),
     ("seeded", {"temperature": 0.9, "seed": 1234}),
     ("stop", {"stop": ["w1", "fox"], "min_tokens": 2}),
+    ("min_p", {"temperature": 0.9, "seed": 1234, "min_p": 0.3}),
+    ("allowed_token_ids", {"allowed_token_ids": [5, 9, 17, 42, 300, 301]}),
+    # the model made to emit special tokens (2, 3), kept in the text
+    ("special tokens", {"ignore_eos": True, "logit_bias": {"3": 9.0, "2": 8.0},
+                        "skip_special_tokens": False, "spaces_between_special_tokens": False}),
 ])
 def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
     ours, theirs = both(cluster, vllm_api, "/v1/completions",
@@ -71,6 +77,51 @@ def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
         [c["finish_reason"] for c in theirs["choices"]]
     assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
     assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+
+
+def test_words_that_begin_with_the_first_token_equal_vllms_server(cluster, vllm_api):
+    """A bad word and a stop string (kept in the output) made of the first two greedy
+    tokens: the first is sampled on the prefill engine, the second on the decode engine,
+    which must count the first as output as a colocated engine does."""
+    plain = {"prompt": P2, "max_tokens": 8, "temperature": 0}
+    ours, theirs = both(cluster, vllm_api, "/v1/completions", plain)
+    text = texts(ours)[0]
+    assert text == texts(theirs)[0]
+    first_two = " ".join(text.split()[:2])
+    for extra in ({"bad_words": [first_two]},
+                  {"stop": [first_two], "include_stop_str_in_output": True},
+                  {"stop": [first_two], "include_stop_str_in_output": True, "n": 2,
+                   "temperature": 1.0, "top_k": 1}):
+        ours, theirs = both(cluster, vllm_api, "/v1/completions", {**plain, **extra})
+        assert texts(ours) == texts(theirs), extra
+        assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
+        if "bad_words" in extra:        # the check can fail: the second token changed
+            assert not texts(ours)[0].strip().startswith(first_two), texts(ours)
+        else:                           # the text ends with the stop string, kept
+            assert texts(ours)[0].rstrip().endswith(first_two), texts(ours)
+
+
+def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
+    """vLLM's chat-template extensions: an open final assistant message continued, and
+    template kwargs (this template reads none: both drop them)."""
+    msgs = [{"role": "user", "content": P1}, {"role": "assistant", "content": "fox dog"}]
+    body = {"messages": msgs, "max_tokens": 8, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", body)
+    assert texts(ours) == texts(theirs)
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    ours, theirs = both(cluster, vllm_api, "/tokenize", {
+        k: body[k] for k in ("messages", "add_generation_prompt", "continue_final_message")})
+    assert ours["tokens"] == theirs["tokens"]
+    ours_plain, _ = both(cluster, vllm_api, "/tokenize", {"messages": msgs})
+    assert ours["tokens"] != ours_plain["tokens"]      # the options changed the prompt
+    got = []
+    for url in (cluster.url, vllm_api):      # both at once: refused by both
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": cluster.model_name, "messages": msgs, "continue_final_message": True})
+        got.append(r.status_code)
+    assert got == [400, 400]
 
 
 def test_both_refuse_the_same_requests(cluster, vllm_api):

@@ -106,3 +106,43 @@ def test_advance_gives_the_second_steps_noise(fp64):
     assert [sample(x, continued) for x in steps[1:]] == seq[1:]
     fresh = torch.Generator().manual_seed(1234)           # what it was: token 1's noise
     assert [sample(x, fresh) for x in steps[1:]] != seq[1:]
+
+
+def _bad_worded(logits, words, output):
+    from vllm.v1.sample.ops.bad_words import apply_bad_words
+    out = logits.clone().unsqueeze(0)
+    apply_bad_words(out, {0: words}, [list(output)])
+    return out[0]
+
+
+def _bad_words_params(words, first):
+    sp = SamplingParams(bad_words=["unused"], extra_args={FIRST_TOKEN: first})
+    sp._bad_words_token_ids = words          # what vLLM's input processor tokenizes them to
+    return sp
+
+
+@pytest.mark.parametrize("later", [[], [8], [8, 9], [3], [8, 9, 4]])
+def test_bad_words_that_begin_with_the_first_token_are_blocked_as_colocated(later):
+    """vLLM's bad-words op over the colocated output (first token included) against the
+    continued request: our processor, then vLLM's op over the decode engine's output."""
+    words = [[7, 8], [7, 8, 9], [8, 9, 4], [11], [3, 7]]
+    logits = torch.randn(V) * 3
+    first = 7
+    colocated = _bad_worded(logits, words, [first] + later)
+    proc = _processor(_bad_words_params(words, first))
+    continued = _bad_worded(proc(list(later), logits.clone()), words, later)
+    torch.testing.assert_close(continued, colocated, rtol=0, atol=0)
+
+
+def test_bad_words_without_the_fix_differ():
+    """The check above can fail: vLLM alone lets [7, 8] through after a first token 7."""
+    logits = torch.zeros(V)
+    assert float(_bad_worded(logits, [[7, 8]], [7])[8]) == float("-inf")
+    assert float(_bad_worded(logits, [[7, 8]], [])[8]) == 0.0
+
+
+def test_penalties_and_bad_words_together():
+    sp = _bad_words_params([[4, 5]], 4)
+    sp.presence_penalty = 1.0
+    row = _processor(sp)([], torch.zeros(V))
+    assert float(row[5]) == float("-inf") and float(row[4]) == -1.0

@@ -13,7 +13,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
     assert "frobnicate" in caplog.text and "metadata" in caplog.text
 
 
-@pytest.mark.parametrize("field", ["functions", "min_p", "guided_json"])
+@pytest.mark.parametrize("field", ["functions", "use_beam_search", "guided_json"])
 def test_fields_that_would_change_the_output_are_refused(field):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
@@ -32,6 +32,37 @@ def test_fields_that_would_change_the_output_are_refused(field):
 def test_completion_checks(kw, exc):
     with pytest.raises(exc):
         CompletionRequest(model="m", prompt="x", **kw).check()
+
+
+def test_vllm_sampling_extensions_are_checked_as_vllm_checks_them():
+    r = CompletionRequest(model="m", prompt="x", min_p=0.1, allowed_token_ids=[3, 5],
+                          bad_words=["foo bar"], skip_special_tokens=False,
+                          spaces_between_special_tokens=False, include_stop_str_in_output=True)
+    r.check()
+    assert (r.min_p, r.allowed_token_ids, r.bad_words) == (0.1, [3, 5], ["foo bar"])
+    for kw in ({"allowed_token_ids": []}, {"bad_words": ["ok", ""]}):
+        with pytest.raises(InvalidRequest) as e:
+            CompletionRequest(model="m", prompt="x", **kw).check()
+        assert e.value.param == next(iter(kw))
+    for kw in ({"min_p": 1.5}, {"min_p": -0.1}, {"allowed_token_ids": [-1]},
+               {"allowed_token_ids": [2**32]}, {"bad_words": ["x"] * 129},
+               {"skip_special_tokens": "no"}):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt="x", **kw)
+
+
+def test_chat_template_options_are_checked_as_vllm_checks_them():
+    msgs = [{"role": "user", "content": "x"}]
+    ChatRequest(model="m", messages=msgs, add_generation_prompt=False,
+                continue_final_message=True, chat_template_kwargs={"enable_thinking": False},
+                documents=[{"title": "t", "text": "d"}]).check()
+    with pytest.raises(InvalidRequest) as e:      # the default add_generation_prompt is true
+        ChatRequest(model="m", messages=msgs, continue_final_message=True).check()
+    assert "Cannot set both" in str(e.value)
+    for k in ("chat_template", "tokenize"):
+        with pytest.raises(InvalidRequest) as e:
+            ChatRequest(model="m", messages=msgs, chat_template_kwargs={k: "x"}).check()
+        assert e.value.param == "chat_template_kwargs"
 
 
 def test_n_echo_and_best_of_equal_to_n_are_accepted():

@@ -19,10 +19,10 @@ class _Det(BaseIncrementalDetokenizer):
         return TEXTS[token_id]
 
 
-def colocated(tokens, stop, min_tokens=0):
+def colocated(tokens, stop, min_tokens=0, include=False):
     """(streamed pieces, tokens generated) of one vLLM engine producing `tokens`."""
-    det = _Det(SimpleNamespace(sampling_params=SamplingParams(stop=stop,
-                                                             min_tokens=min_tokens)))
+    det = _Det(SimpleNamespace(sampling_params=SamplingParams(
+        stop=stop, min_tokens=min_tokens, include_stop_str_in_output=include)))
     pieces, n = [], 0
     for i, t in enumerate(tokens):
         n += 1
@@ -34,13 +34,13 @@ def colocated(tokens, stop, min_tokens=0):
     return pieces, n
 
 
-def disaggregated(tokens, stop, min_tokens=0):
+def disaggregated(tokens, stop, min_tokens=0, include=False):
     """The same through pdserve: the prefill engine's first token (the frontend sends what
     first_text_sent allows), then the decode engine with no stop strings, checked here."""
     first = TEXTS[tokens[0]]
-    sent = first_text_sent(first, stop, len(tokens) == 1)
+    sent = first_text_sent(first, stop, len(tokens) == 1, include)
     pieces, n = [first[:sent]], 1
-    st = StopAcrossFirst(stop, first, sent, max(min_tokens - 1, 0))
+    st = StopAcrossFirst(stop, first, sent, max(min_tokens - 1, 0), include)
     for i, t in enumerate(tokens[1:]):
         n += 1
         out, hit = st.step(TEXTS[t], 1, i == len(tokens) - 2)
@@ -64,10 +64,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("include", [False, True], ids=["cut", "include_stop_str"])
 @pytest.mark.parametrize("tokens,stop,min_tokens", CASES)
-def test_equals_one_colocated_engine(tokens, stop, min_tokens):
-    want, n_want = colocated(tokens, stop, min_tokens)
-    got, n_got = disaggregated(tokens, stop, min_tokens)
+def test_equals_one_colocated_engine(tokens, stop, min_tokens, include):
+    """Also with vLLM's include_stop_str_in_output: the text ends after the match, and
+    nothing is held back while the request runs."""
+    want, n_want = colocated(tokens, stop, min_tokens, include)
+    got, n_got = disaggregated(tokens, stop, min_tokens, include)
     assert "".join(got) == "".join(want)
     assert n_got == n_want
     # nothing streamed that the end takes back: every prefix is a prefix of the answer
@@ -91,3 +94,4 @@ def test_first_text_held_back_only_when_a_stop_could_follow():
     assert first_text_sent("fox", ["abcd"], True) == 3         # the request ended there
     assert first_text_sent("fox", ["ab"], False) == 2          # vLLM holds back len - 1
     assert first_text_sent("fox", ["abcdef"], False) == 0
+    assert first_text_sent("fox", ["abcdef"], False, include=True) == 3   # never cut

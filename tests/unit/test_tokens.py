@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from frontend.tokens import Tokenizer
+from frontend.tokens import ChatOptions, Tokenizer
 from pdserve.errors import ERROR_TABLE, ContextLengthExceeded, InvalidRequest
 from pdserve.models import build_tiny_model
 
@@ -51,3 +51,28 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing(tok, monkeypatch):
     monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("tokenized"))
     with pytest.raises(ContextLengthExceeded):
         asyncio.run(tok.encode_async("w1 " * 100_000, 512))
+
+
+def test_chat_template_options_reach_the_template_as_vllm_passes_them(tok):
+    """chat_template_kwargs: only variables the template reads, never one the request sets
+    itself; continue_final_message leaves the last message open (Hugging Face cuts the
+    text after its content); documents reach it."""
+    saved = tok.tok.chat_template
+    tok.tok.chat_template = (
+        "{% if enable_thinking is defined and not enable_thinking %}[nothink]{% endif %}"
+        "{% for d in documents or [] %}[doc {{ d['title'] }}]{% endfor %}"
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        def text(**kw):
+            return tok.chat_text(MSG + [{"role": "assistant", "content": "the"}], **kw)
+        assert text() == "<user>the fox</user><assistant>the</assistant><assistant>"
+        opts = ChatOptions(continue_final_message=True, kwargs={
+            "enable_thinking": False, "add_generation_prompt": True, "other": 1},
+            documents=[{"title": "a", "text": "b"}])
+        assert text(add_generation_prompt=False, opts=opts) == \
+            "[nothink][doc a]<user>the fox</user><assistant>the"
+        assert tok.template_kwargs({"enable_thinking": True, "messages": [],
+                                    "other": 1}) == {"enable_thinking": True}
+    finally:
+        tok.tok.chat_template = saved
