@@ -93,17 +93,18 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         renew = (None if local or push else
                  asyncio.create_task(self.renewer.hold(request.kv, loaded)))
         stops = (StopAcrossFirst(sp.stop, request.first_token_text, request.first_text_sent,
-                                 params.min_tokens, sp.include_stop_str_in_output)
-                 if across else None)
+                                 params.min_tokens, sp.include_stop_str_in_output,
+                                 ids[-1], self._decoder()) if across else None)
         gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid)
         try:
             async for out in gen:
                 loaded.set()
                 c = out.outputs[0]
-                msg = pd_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text)
-                stopped = False
+                text, token_ids, stopped = c.text, list(c.token_ids), False
                 if stops is not None:
-                    msg.text, stopped = stops.step(c.text, len(c.token_ids), out.finished)
+                    text, stopped, keep = stops.step(c.text, token_ids, out.finished)
+                    token_ids = token_ids[:keep]
+                msg = pd_pb2.GenerateResponse(token_ids=token_ids, text=text)
                 if first and local:
                     msg.num_cached_tokens = out.num_cached_tokens or 0
                     if sp.HasField("prompt_logprobs"):
@@ -111,7 +112,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                             ids, out.prompt_logprobs, sp.prompt_logprobs))
                 first = False
                 if sp.logprobs >= 0 and c.logprobs:
-                    msg.logprobs.extend(logprobs_to_wire(c.token_ids, c.logprobs, sp.logprobs))
+                    msg.logprobs.extend(logprobs_to_wire(token_ids, c.logprobs, sp.logprobs))
                 if out.finished or stopped:
                     msg.finish_reason = "stop" if stopped else (c.finish_reason or "stop")
                     rec = await self._transfer_record(rid)
@@ -140,6 +141,11 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             self.rt.inflight -= 1
             if not finished:
                 await self._transfer_record(rid)  # drop the record of an aborted request
+
+    def _decoder(self):
+        """The engine's tokenizer's decode (None: the engine runs without one)."""
+        tok = getattr(self.rt.engine, "tokenizer", None)
+        return None if tok is None else tok.decode
 
     async def _transfer_record(self, rid: str) -> pd_pb2.KVTransferStats | None:
         try:

@@ -19,7 +19,7 @@ from frontend.client import Chunk, ClusterClient, to_error
 from frontend import choices, http_errors, ops_api, render, security, tools
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
-from frontend.tokens import ChatOptions, Tokenizer, check_ids
+from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
@@ -155,12 +155,15 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             texts = [p]
         elif p and isinstance(p[0], str):
             texts = list(p)
+        trunc = Truncation.of(body.truncate_prompt_tokens, body.truncation_side,
+                              cfg.max_model_len)
         if texts is not None:
-            prompts = [await tok.encode_async(t, cfg.max_model_len) for t in texts]
+            prompts = [await tok.encode_async(t, cfg.max_model_len, trunc=trunc)
+                       for t in texts]
         elif p and isinstance(p[0], list):
-            prompts = [list(x) for x in p]
+            prompts = [tok.truncate(list(x), trunc) for x in p]
         else:
-            prompts = [list(p)]
+            prompts = [tok.truncate(list(p), trunc)]
         if not prompts:
             raise InvalidRequest("the prompt list is empty", param="prompt")
         for ids in prompts:
@@ -195,14 +198,18 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             add_generation_prompt=body.add_generation_prompt,
             add_special_tokens=body.add_special_tokens, tools=plan.tools or None,
             opts=ChatOptions(body.continue_final_message, body.documents,
-                             body.chat_template_kwargs))
+                             body.template_kwargs()),
+            trunc=Truncation.of(body.truncate_prompt_tokens, body.truncation_side,
+                                cfg.max_model_len))
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1,
                      body.constraint(plan.schema))
+        echo = body.echoed()     # the last message ahead of the answer (vLLM's echo)
         out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
                            chat=True, details=cfg.enable_prompt_tokens_details,
-                           tools=plan if plan.active else None)
+                           tools=plan if plan.active else None,
+                           echo=[echo] if echo and not plan.active else None)
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
@@ -324,7 +331,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 if out.chat:
                     for j in jobs:
                         yield chunk({"index": j.index,
-                                     "delta": {"role": "assistant", "content": ""},
+                                     "delta": {"role": out.role, "content": ""},
                                      "logprobs": None, "finish_reason": None})
                 async for job, ch in items():
                     timings[job.index].tokens(len(ch.token_ids))

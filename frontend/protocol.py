@@ -52,15 +52,19 @@ class StreamOptions(BaseModel):
 
 
 # Fields of OpenAI's or vLLM's API that change what is generated and that pdserve does not
-# implement yet: refused (400), never ignored, so a client never gets output that silently
-# disregards them. Any other unknown field is ignored with a warning, as vLLM does.
-REFUSED = frozenset({
-    "functions", "function_call",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "length_penalty", "use_beam_search", "prompt_embeds",
-    "truncate_prompt_tokens", "priority", "logits_processors", "chat_template",
-    "reasoning_effort", "modalities", "audio", "prediction", "web_search_options",
-})
+# implement: refused (400), never ignored, so a client never gets output that silently
+# disregards them; each with the values that change nothing, which are accepted (clients
+# send whole parameter sets). Any other unknown field is ignored with a warning, as vLLM
+# does. (vLLM 0.32 ignores the old guided_* fields; refusing them tells a client that its
+# constraint was not applied.)
+_UNSET = (None, [], {})
+REFUSED: dict[str, tuple] = {
+    "functions": _UNSET, "function_call": _UNSET,
+    "guided_json": _UNSET, "guided_regex": _UNSET, "guided_choice": _UNSET,
+    "guided_grammar": _UNSET, "use_beam_search": (None, False), "prompt_embeds": _UNSET,
+    "logits_processors": _UNSET, "chat_template": _UNSET, "modalities": (None, ["text"]),
+    "audio": _UNSET, "prediction": _UNSET, "web_search_options": _UNSET,
+}
 MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
 
 
@@ -127,12 +131,19 @@ class _Common(BaseModel):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # vLLM extension: the engine's queue order under its priority policy; pdserve's engines
+    # schedule first come first served, where vLLM ignores it too
+    priority: StrictInt = Field(0, ge=-2**63, le=2**63 - 1)
+    # vLLM extension: keep this many prompt tokens (-1: the context less one), the last
+    # ones unless truncation_side is "right" (frontend/tokens.py: Truncation)
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, le=I32)
+    truncation_side: Literal["left", "right"] | None = None
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
         a field in REFUSED is a 400 instead."""
         extra = sorted(self.model_extra or {})
-        refused = [k for k in extra if k in REFUSED]
+        refused = [k for k in extra if k in REFUSED and self.model_extra[k] not in REFUSED[k]]
         if refused:
             raise UnsupportedParameter(f"unsupported parameter: {refused[0]}",
                                        param=refused[0])
@@ -373,6 +384,33 @@ class ChatRequest(_Common):
     add_special_tokens: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
+    # reaches the template (and its enable_thinking), as with vLLM's server when it runs no
+    # reasoning parser
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None = None
+    echo: StrictBool = False    # vLLM extension: the last message ahead, if it is the reply's
+
+    def reply_role(self) -> str:
+        """The answer's role, as vLLM's server names it: the assistant's after a generation
+        prompt, else the last message's (which the answer continues)."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+
+    def echoed(self) -> str | None:
+        """With echo, the text the answer starts with: the last message's, when it is in
+        the answer's role (vLLM's rule), else nothing."""
+        if not self.echo or not self.messages:
+            return None
+        last = self.messages[-1]
+        return last.text() if last.role == self.reply_role() else ""
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """chat_template_kwargs with what the request's own fields add, as vLLM merges
+        them: reasoning_effort, and enable_thinking from it unless the client set that."""
+        out = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            out.setdefault("enable_thinking", self.reasoning_effort != "none")
+            out["reasoning_effort"] = self.reasoning_effort
+        return out
 
     def check(self) -> None:
         if self.max_tokens is None and self.max_completion_tokens is not None:

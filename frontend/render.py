@@ -121,6 +121,7 @@ class Reply:
         self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
         self.obj = "chat.completion" if chat else "text_completion"
         self.tools = tools                         # chat: the request's tool calls to make
+        self.role = body.reply_role() if chat else None
         self._streams: dict[int, Streamer] = {}
 
     def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
@@ -152,10 +153,11 @@ class Reply:
                         self.tools, getattr(self.tok, "tok", None), self.body.model)
                 d, finish = st.feed(text, [t for c in chunks for t in c.token_ids], finish)
             return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
-        msg = {"role": "assistant", "content": text}
+        msg = {"role": self.role, "content": text}
         if self.tools is not None:
             msg, finish = message(self.tools, text, finish, getattr(self.tok, "tok", None),
                                   self.body.model)
+            msg["role"] = self.role
         return {"index": index, "message": msg, "logprobs": lp, "finish_reason": finish}
 
     def usage(self, n_gen: int, cached: int) -> dict:

@@ -39,27 +39,63 @@ class ChatOptions:
     kwargs: dict[str, Any] | None = None      # chat_template_kwargs
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """vLLM's `truncate_prompt_tokens` and `truncation_side` for a generative model: keep
+    `tokens` of the prompt, the last ones unless `side` is "right". With no side given, a
+    text is truncated by the tokenizer itself (special tokens kept), as vLLM's renderer
+    asks it to; with one, the tokens are sliced."""
+    tokens: int
+    side: str | None = None
+
+    @classmethod
+    def of(cls, k: int | None, side: str | None, max_model_len: int) -> Truncation | None:
+        if k is None:
+            return None
+        if k > max_model_len:               # vLLM's words
+            raise InvalidRequest(f"truncate_prompt_tokens={k} cannot be greater than "
+                                 f"max_model_len = {max_model_len}. Please request a smaller "
+                                 "truncation size.", param="truncate_prompt_tokens")
+        # -1: the context less one token, so that one can be generated
+        return cls(max_model_len - 1 if k < 0 else k, side)
+
+
 class Tokenizer:
     def __init__(self, model_dir: str) -> None:
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        # vLLM loads a generative model's tokenizer to truncate on the left
+        self.tok = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
         self.vocab_size = len(self.tok)
         # the longest token's text: no token covers more characters of a prompt
         self.max_token_chars = max((len(t) for t in self.tok.get_vocab()), default=1) + 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._template_vars: tuple = (None, frozenset())    # (template, what it reads)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = True,
+               trunc: Truncation | None = None) -> list[int]:
+        if trunc is not None and trunc.side is None:
+            return self.tok(text, add_special_tokens=add_special_tokens, truncation=True,
+                            max_length=trunc.tokens)["input_ids"]
+        return self.truncate(self.tok(text, add_special_tokens=add_special_tokens)
+                             ["input_ids"], trunc)
+
+    def truncate(self, ids: list[int], trunc: Truncation | None) -> list[int]:
+        """Token ids truncated as vLLM truncates them (the tokenizer's side by default)."""
+        if trunc is None or trunc.tokens >= len(ids):
+            return ids
+        if trunc.tokens == 0:
+            return []
+        side = trunc.side or self.tok.truncation_side
+        return ids[-trunc.tokens:] if side == "left" else ids[:trunc.tokens]
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True,
              add_special_tokens: bool = False, tools: list[dict] | None = None,
-             opts: ChatOptions | None = None) -> list[int]:
+             opts: ChatOptions | None = None, trunc: Truncation | None = None) -> list[int]:
         """`tools`: OpenAI's tool definitions, for templates that show them to the model.
         `opts`: the request's other template settings (vLLM's extensions)."""
         text = self.chat_text(messages, add_generation_prompt, tools, opts)
-        return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return self.encode(text, add_special_tokens, trunc)
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True,
                   tools: list[dict] | None = None, opts: ChatOptions | None = None) -> str:
@@ -115,15 +151,24 @@ class Tokenizer:
                 f"length of {max_tokens} tokens", param=param)
 
     async def encode_async(self, text: str, max_tokens: int = 0,
-                           add_special_tokens: bool = True) -> list[int]:
-        self._fits(len(text), max_tokens, "prompt")
-        return await self.run(self.encode, text, add_special_tokens)
+                           add_special_tokens: bool = True,
+                           trunc: Truncation | None = None) -> list[int]:
+        """With truncation nothing is too long; with a side given, the text is first cut to
+        what the context could hold, from that side, as vLLM's renderer cuts it."""
+        if trunc is None:
+            self._fits(len(text), max_tokens, "prompt")
+        elif trunc.side is not None and max_tokens:
+            most = max_tokens * self.max_token_chars
+            text = text[-most:] if trunc.side == "left" else text[:most]
+        return await self.run(self.encode, text, add_special_tokens, trunc)
 
     async def chat_async(self, messages: list[dict], max_tokens: int = 0,
                          add_generation_prompt: bool = True,
                          add_special_tokens: bool = False,
                          tools: list[dict] | None = None,
-                         opts: ChatOptions | None = None) -> list[int]:
-        self._fits(sum(len(m["content"]) for m in messages), max_tokens, "messages")
+                         opts: ChatOptions | None = None,
+                         trunc: Truncation | None = None) -> list[int]:
+        if trunc is None:
+            self._fits(sum(len(m["content"]) for m in messages), max_tokens, "messages")
         return await self.run(self.chat, messages, add_generation_prompt, add_special_tokens,
-                              tools, opts)
+                              tools, opts, trunc)

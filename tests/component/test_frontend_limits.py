@@ -18,8 +18,11 @@ class Tok:
     vocab_size = 1000
     max_token_chars = 4
 
-    async def encode_async(self, text, max_tokens=0):
+    async def encode_async(self, text, max_tokens=0, **kw):
         return [1, 2, 3]
+
+    def truncate(self, ids, trunc):
+        return ids
 
     async def chat_async(self, messages, max_tokens=0, **kw):
         return [1, 2, 3]

@@ -26,7 +26,7 @@ class Tok:
     def __init__(self):
         self.seen = []
 
-    async def chat_async(self, messages, max_tokens=0, tools=None):
+    async def chat_async(self, messages, max_tokens=0, tools=None, **kw):
         self.seen.append((messages, tools))
         return [1, 2, 3]
 

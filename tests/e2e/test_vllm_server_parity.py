@@ -4,10 +4,10 @@ engine, the same model and engine settings, started here), answers compared fiel
 Greedy text equals for every generation feature pdserve implements through the
 disaggregated path (n, batched prompts, echo, logit_bias, prompt_logprobs, echo with
 logprobs as lm-eval sends it, structured outputs, min_p, allowed_token_ids, bad_words,
-special tokens kept, stop strings kept, chat and its template options); the utility
-endpoints answer the same; an unknown field is ignored by both. (Tool calls are compared
-with a colocated engine on the bundled model in test_smollm2.py: this tiny word-level
-model cannot write JSON.)"""
+special tokens kept, stop strings kept, truncated prompts, chat and its template
+options); the utility endpoints answer the same; an unknown field is ignored by both.
+(Tool calls are compared with a colocated engine on the bundled model in
+test_smollm2.py: this tiny word-level model cannot write JSON.)"""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def texts(resp: dict) -> list[str]:
     ("regex", {"structured_outputs": {"regex": "fox(dog|lazy)(brown|jumps)"}}),
     ("choice", {"structured_outputs": {"choice": ["foxdoglazy", "browncache"]}}),
     ("unknown field", {"frobnicate": 1, "metadata": {"a": "b"}}),
+    ("no-op values", {"use_beam_search": False, "priority": 2, "length_penalty": 1.0}),
     ("penalties", {"presence_penalty": 1.5, "frequency_penalty": 1.0}),
     ("seeded", {"temperature": 0.9, "seed": 1234}),
     ("stop", {"stop": ["w1", "fox"], "min_tokens": 2}),
@@ -101,16 +102,57 @@ def test_words_that_begin_with_the_first_token_equal_vllms_server(cluster, vllm_
             assert texts(ours)[0].rstrip().endswith(first_two), texts(ours)
 
 
+@pytest.mark.parametrize("extra", [
+    {"truncate_prompt_tokens": 50}, {"truncate_prompt_tokens": 50, "truncation_side": "right"},
+    # echo: the prompt as sent, before truncation (vLLM's server echoes that too)
+    {"truncate_prompt_tokens": 50, "truncation_side": "left", "echo": True},
+    {"truncate_prompt_tokens": -1}, {"truncate_prompt_tokens": 40, "prompt": list(range(5, 90))},
+])
+def test_truncated_prompts_equal_vllms_server(cluster, vllm_api, extra):
+    ours, theirs = both(cluster, vllm_api, "/v1/completions",
+                        {"prompt": P2, "max_tokens": 6, "temperature": 0, **extra})
+    assert texts(ours) == texts(theirs)
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    if extra["truncate_prompt_tokens"] > 0:
+        assert ours["usage"]["prompt_tokens"] == extra["truncate_prompt_tokens"]
+    msgs = [{"role": "user", "content": P2}]
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
+                        {"messages": msgs, "max_tokens": 6, "temperature": 0,
+                         "truncate_prompt_tokens": 30})
+    assert texts(ours) == texts(theirs)
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"] == 30
+    got = []
+    for url in (cluster.url, vllm_api):      # more than the context: refused by both
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": cluster.model_name, "prompt": P1, "truncate_prompt_tokens": 5000})
+        got.append(r.status_code)
+    assert got == [400, 400]
+
+
 def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
     """vLLM's chat-template extensions: an open final assistant message continued, and
     template kwargs (this template reads none: both drop them)."""
     msgs = [{"role": "user", "content": P1}, {"role": "assistant", "content": "fox dog"}]
     body = {"messages": msgs, "max_tokens": 8, "temperature": 0,
             "add_generation_prompt": False, "continue_final_message": True,
-            "chat_template_kwargs": {"enable_thinking": False}}
+            "chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "low"}
     ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", body)
     assert texts(ours) == texts(theirs)
     assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    # echo: the open message ahead of its continuation; the reply's role is its role
+    for extra in ({"echo": True, "messages": msgs[:1]}, {"echo": True},
+                  {"echo": True, "stream": True}):
+        req = {**body, **extra}
+        if req.get("stream"):
+            got = [_streamed_chat(url, cluster.model_name, req)
+                   for url in (cluster.url, vllm_api)]
+            assert got[0] == got[1] and got[0][1].startswith("fox dog"), got
+            continue
+        ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", req)
+        assert texts(ours) == texts(theirs), extra
+        assert [c["message"]["role"] for c in ours["choices"]] == \
+            [c["message"]["role"] for c in theirs["choices"]], extra
+    assert texts(ours)[0].startswith("fox dog")
     ours, theirs = both(cluster, vllm_api, "/tokenize", {
         k: body[k] for k in ("messages", "add_generation_prompt", "continue_final_message")})
     assert ours["tokens"] == theirs["tokens"]
@@ -122,6 +164,22 @@ def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
             "model": cluster.model_name, "messages": msgs, "continue_final_message": True})
         got.append(r.status_code)
     assert got == [400, 400]
+
+
+def _streamed_chat(url: str, model: str, body: dict) -> tuple[str, str]:
+    """(the role, the content) a streamed chat answer adds up to."""
+    import json
+    role, text = None, ""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                      json={"model": model, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:]).get("choices") or []:
+                role = c["delta"].get("role") or role
+                text += c["delta"].get("content") or ""
+    return role, text
 
 
 def test_both_refuse_the_same_requests(cluster, vllm_api):

@@ -13,13 +13,24 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
     assert "frobnicate" in caplog.text and "metadata" in caplog.text
 
 
-@pytest.mark.parametrize("field", ["functions", "use_beam_search", "guided_json"])
-def test_fields_that_would_change_the_output_are_refused(field):
+@pytest.mark.parametrize("field,value", [
+    ("functions", [{"name": "f"}]), ("use_beam_search", True), ("guided_json", {"a": 1}),
+    ("chat_template", "{{ x }}"), ("modalities", ["text", "audio"])])
+def test_fields_that_would_change_the_output_are_refused(field, value):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
         ChatRequest(model="m", messages=[{"role": "user", "content": "x"}],
-                    **{field: {}}).check()
+                    **{field: value}).check()
     assert e.value.param == field
+
+
+def test_their_values_that_change_nothing_are_accepted():
+    """Clients send whole parameter sets: the defaults of what pdserve does not implement
+    change nothing, and priority is ignored under first-come-first-served, as in vLLM."""
+    ChatRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                use_beam_search=False, functions=None, guided_json=None, chat_template=None,
+                modalities=["text"], logits_processors=[], priority=3,
+                length_penalty=1.0).check()
 
 
 @pytest.mark.parametrize("kw,exc", [
@@ -59,6 +70,13 @@ def test_chat_template_options_are_checked_as_vllm_checks_them():
     with pytest.raises(InvalidRequest) as e:      # the default add_generation_prompt is true
         ChatRequest(model="m", messages=msgs, continue_final_message=True).check()
     assert "Cannot set both" in str(e.value)
+    r = ChatRequest(model="m", messages=msgs, reasoning_effort="none")
+    assert r.template_kwargs() == {"enable_thinking": False, "reasoning_effort": "none"}
+    r = ChatRequest(model="m", messages=msgs, reasoning_effort="high",
+                    chat_template_kwargs={"enable_thinking": False, "x": 1})
+    assert r.template_kwargs() == {"enable_thinking": False, "reasoning_effort": "high",
+                                   "x": 1}      # the client's own enable_thinking stands
+    assert ChatRequest(model="m", messages=msgs).template_kwargs() == {}
     for k in ("chat_template", "tokenize"):
         with pytest.raises(InvalidRequest) as e:
             ChatRequest(model="m", messages=msgs, chat_template_kwargs={k: "x"}).check()

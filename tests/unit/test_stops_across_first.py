@@ -43,7 +43,8 @@ def disaggregated(tokens, stop, min_tokens=0, include=False):
     st = StopAcrossFirst(stop, first, sent, max(min_tokens - 1, 0), include)
     for i, t in enumerate(tokens[1:]):
         n += 1
-        out, hit = st.step(TEXTS[t], 1, i == len(tokens) - 2)
+        out, hit, keep = st.step(TEXTS[t], [t], i == len(tokens) - 2)
+        assert keep == 1
         pieces.append(out)
         if hit:
             break
@@ -95,3 +96,29 @@ def test_first_text_held_back_only_when_a_stop_could_follow():
     assert first_text_sent("fox", ["ab"], False) == 2          # vLLM holds back len - 1
     assert first_text_sent("fox", ["abcdef"], False) == 0
     assert first_text_sent("fox", ["abcdef"], False, include=True) == 3   # never cut
+
+
+def _decode(ids):
+    return "".join(TEXTS[i] for i in ids)
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("tokens,stop,min_tokens", [c for c in CASES if c[2] == 0])
+def test_tokens_handed_over_at_once_are_kept_up_to_the_match(tokens, stop, min_tokens,
+                                                             include):
+    """The engine hands the decode worker every token since it last looked: the output
+    keeps those up to the one that completed the match, as one engine checking after
+    every token does, and the same text."""
+    want, n_want = colocated(tokens, stop, min_tokens, include)
+    first = TEXTS[tokens[0]]
+    sent = first_text_sent(first, stop, len(tokens) == 1, include)
+    st = StopAcrossFirst(stop, first, sent, 0, include, tokens[0], _decode)
+    rest = tokens[1:]
+    out, hit, keep = st.step(_decode(rest), rest, True)
+    assert first[:sent] + out == "".join(want)
+    assert 1 + keep == n_want
+
+
+def test_without_a_tokenizer_every_token_handed_over_is_kept():
+    st = StopAcrossFirst(["fox dog"], "fox", 0, 0)
+    assert st.step(" dog lazy", [1, 2], False) == ("", True, 2)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from frontend.tokens import ChatOptions, Tokenizer
+from frontend.tokens import ChatOptions, Tokenizer, Truncation
 from pdserve.errors import ERROR_TABLE, ContextLengthExceeded, InvalidRequest
 from pdserve.models import build_tiny_model
 
@@ -76,3 +76,22 @@ def test_chat_template_options_reach_the_template_as_vllm_passes_them(tok):
                                     "other": 1}) == {"enable_thinking": True}
     finally:
         tok.tok.chat_template = saved
+
+
+def test_truncation_as_vllm_truncates(tok):
+    ids = tok.encode(" ".join(f"w{i}" for i in range(1, 21)))
+    assert len(ids) == 20
+    assert tok.encode(tok.decode(ids), trunc=Truncation(5)) == ids[-5:]      # left default
+    assert tok.truncate(ids, Truncation(5, "right")) == ids[:5]
+    assert tok.truncate(ids, Truncation(5)) == ids[-5:]
+    assert tok.truncate(ids, Truncation(50)) == ids and tok.truncate(ids, None) == ids
+    assert tok.truncate(ids, Truncation(0)) == []
+    assert Truncation.of(-1, None, 2048) == Truncation(2047)
+    assert Truncation.of(None, "left", 2048) is None
+    with pytest.raises(InvalidRequest) as e:
+        Truncation.of(2049, None, 2048)
+    assert e.value.param == "truncate_prompt_tokens"
+    # a text too long for the context is tokenized and truncated, not refused
+    long = " ".join(f"w{i % 50 + 1}" for i in range(3000))
+    got = asyncio.run(tok.encode_async(long, 512, trunc=Truncation(100, "left")))
+    assert got == tok.encode(long)[-100:]
