@@ -23,6 +23,7 @@ from pdserve.sampling import (
     engine_prompt,
     logprobs_to_wire,
     prompt_logprobs_to_wire,
+    stop_reason_to_wire,
     to_vllm,
 )
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, validate_prompt
@@ -115,6 +116,9 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                     msg.logprobs.extend(logprobs_to_wire(token_ids, c.logprobs, sp.logprobs))
                 if out.finished or stopped:
                     msg.finish_reason = "stop" if stopped else (c.finish_reason or "stop")
+                    why = stop_reason_to_wire(stops.matched if stopped else c.stop_reason)
+                    if why is not None:
+                        msg.stop_reason.CopyFrom(why)
                     rec = await self._transfer_record(rid)
                     if rec is not None:
                         msg.kv_transfer.CopyFrom(rec)

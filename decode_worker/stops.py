@@ -52,6 +52,7 @@ class StopAcrossFirst:
         self.tokens = 0                 # decode-engine tokens so far
         self.min_tokens = min_tokens
         self.decode = decode
+        self.matched: str | None = None     # the stop string that ended the request
         self.recent = [] if first_token is None else [first_token]   # context to decode
 
     def step(self, new_text: str, new_ids: Sequence[int], finished: bool
@@ -68,6 +69,7 @@ class StopAcrossFirst:
             hit = self._check(self.text, len(new_text), self.stops, self.include)
             if hit is not None:
                 stop, offset = hit
+                self.matched = stop
                 end = (len(self.text) if offset < 0 else
                        offset if self.include else offset + len(stop))
                 keep = self._tokens_to(list(new_ids), end - start)

@@ -158,8 +158,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         trunc = Truncation.of(body.truncate_prompt_tokens, body.truncation_side,
                               cfg.max_model_len)
         if texts is not None:
-            prompts = [await tok.encode_async(t, cfg.max_model_len, trunc=trunc)
-                       for t in texts]
+            prompts = [await tok.encode_async(t, cfg.max_model_len, body.add_special_tokens,
+                                              trunc=trunc) for t in texts]
         elif p and isinstance(p[0], list):
             prompts = [tok.truncate(list(x), trunc) for x in p]
         else:
@@ -242,7 +242,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 text = out.echo[job.prompt] + text
             cs.append(out.choice(job.index, text, chunks,
                                  chunks[-1].finish_reason if chunks else "stop",
-                                 echo_of=job.prompt if out.echo is not None else None))
+                                 echo_of=job.prompt if out.echo is not None else None,
+                                 prompt=job.prompt))
         every = [c for job in jobs for c in got[job.index]]
         M.REQUESTS.labels(out.endpoint, "200").inc()
         resp = {"id": out.rid, "object": out.obj, "created": out.created,
@@ -254,6 +255,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         kv = render.kv_info(first[-1] if first else None) if cfg.expose_routing else None
         if out.chat and out.body.prompt_logprobs is not None and first:
             resp["prompt_logprobs"] = render.prompt_logprobs(first[0].prompt_logprobs)
+        if out.chat and out.body.return_token_ids:
+            resp["prompt_token_ids"] = out.prompts[0]
         if kv:
             resp["kv_transfer"] = kv
         headers = {"x-request-id": request.state.rid}
@@ -325,14 +328,17 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             n_gen = cached = 0
             offset = {j.index: 0 for j in jobs}
             echoed: set[int] = set()
+            started: set[int] = set()
             M.INFLIGHT.inc()
             status = "200"
             try:
-                if out.chat:
-                    for j in jobs:
+                if out.chat:    # vLLM's return_token_ids: the prompt's in the first chunk
+                    for k, j in enumerate(jobs):
                         yield chunk({"index": j.index,
                                      "delta": {"role": out.role, "content": ""},
-                                     "logprobs": None, "finish_reason": None})
+                                     "logprobs": None, "finish_reason": None},
+                                    extra={"prompt_token_ids": out.prompts[0]}
+                                    if k == 0 and out.body.return_token_ids else None)
                 async for job, ch in items():
                     timings[job.index].tokens(len(ch.token_ids))
                     n_gen += len(ch.token_ids)
@@ -348,10 +354,14 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                         echoed.add(job.index)
                         text = out.echo[job.prompt] + text
                         echo_of = job.prompt
+                    head = job.index not in started     # the choice's first chunk
+                    started.add(job.index)
                     c = out.choice(job.index, text, [ch], finish, offset[job.index],
-                                   delta=True, echo_of=echo_of)
+                                   delta=True, echo_of=echo_of,
+                                   prompt=job.prompt if head else None)
                     offset[job.index] += len(text)
-                    if text or finish or ch.logprobs:
+                    if text or finish or ch.logprobs or (out.body.return_token_ids
+                                                         and (head or ch.token_ids)):
                         yield chunk(c, extra=extra)
                 if include_usage:
                     yield chunk(None, usage=out.usage(n_gen, cached))

@@ -14,7 +14,7 @@ from pdserve import metrics as M
 from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
 from pdserve.lease_client import AsyncLeaseClient, agent_stubs
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
-from pdserve.sampling import first_text_sent
+from pdserve.sampling import first_text_sent, stop_reason_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class Chunk:
     # the first token's text not sent yet: it may begin a stop string (the decode worker
     # sends it, or cuts it: decode_worker/stops.py)
     held: str = ""
+    # vLLM's stop_reason, on the last chunk: the stop string matched or the stop token id
+    stop_reason: str | int | None = None
 
 
 class WorkerFailed(Exception):
@@ -61,7 +63,8 @@ def _to_chunk(msg: pd_pb2.GenerateResponse) -> Chunk:
     return Chunk(list(msg.token_ids), msg.text, list(msg.logprobs), msg.finish_reason,
                  msg.kv_transfer if msg.HasField("kv_transfer") else None,
                  msg.num_external_tokens, cached_tokens=msg.num_cached_tokens,
-                 prompt_logprobs=list(msg.prompt_logprobs))
+                 prompt_logprobs=list(msg.prompt_logprobs),
+                 stop_reason=stop_reason_from_wire(msg))
 
 
 def _worker_down(e: grpc.RpcError) -> bool:
@@ -255,7 +258,7 @@ class ClusterClient:
                           [pf.first_logprob] if pf.HasField("first_logprob") else [],
                           finish_reason=pf.finish_reason, cached_tokens=pf.num_cached_tokens,
                           route=_route_str(route), prompt_logprobs=list(pf.prompt_logprobs),
-                          held=text[n:])
+                          held=text[n:], stop_reason=stop_reason_from_wire(pf))
             if pf.finish_reason:
                 yield first
                 return

@@ -1,6 +1,6 @@
 """OpenAI request bodies. Unknown fields are ignored with a warning, as vLLM does, except the
-ones in REFUSED, which would change the output (400). Every number and list is bounded
-here, so nothing overflows a wire field later (a 400, never a 500)."""
+ones that would change the output (400; frontend/fields.py). Every number and list is
+bounded here, so nothing overflows a wire field later (a 400, never a 500)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
 
+from frontend.fields import unknown_fields
 from pdserve.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 
 
@@ -51,20 +52,6 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
-# Fields of OpenAI's or vLLM's API that change what is generated and that pdserve does not
-# implement: refused (400), never ignored, so a client never gets output that silently
-# disregards them; each with the values that change nothing, which are accepted (clients
-# send whole parameter sets). Any other unknown field is ignored with a warning, as vLLM
-# does. (vLLM 0.32 ignores the old guided_* fields; refusing them tells a client that its
-# constraint was not applied.)
-_UNSET = (None, [], {})
-REFUSED: dict[str, tuple] = {
-    "functions": _UNSET, "function_call": _UNSET,
-    "guided_json": _UNSET, "guided_regex": _UNSET, "guided_choice": _UNSET,
-    "guided_grammar": _UNSET, "use_beam_search": (None, False), "prompt_embeds": _UNSET,
-    "logits_processors": _UNSET, "chat_template": _UNSET, "modalities": (None, ["text"]),
-    "audio": _UNSET, "prediction": _UNSET, "web_search_options": _UNSET,
-}
 MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
 
 
@@ -131,6 +118,10 @@ class _Common(BaseModel):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # vLLM extensions: the prompt's and each choice's token ids in the answer; logprobs'
+    # tokens named `token_id:<id>`
+    return_token_ids: StrictBool | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
     # vLLM extension: the engine's queue order under its priority policy; pdserve's engines
     # schedule first come first served, where vLLM ignores it too
     priority: StrictInt = Field(0, ge=-2**63, le=2**63 - 1)
@@ -141,13 +132,8 @@ class _Common(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         """Fields the request carried that pdserve does not know (the caller logs them);
-        a field in REFUSED is a 400 instead."""
-        extra = sorted(self.model_extra or {})
-        refused = [k for k in extra if k in REFUSED and self.model_extra[k] not in REFUSED[k]]
-        if refused:
-            raise UnsupportedParameter(f"unsupported parameter: {refused[0]}",
-                                       param=refused[0])
-        return extra
+        one that would change the output is a 400 instead (frontend/fields.py)."""
+        return unknown_fields(self.model_extra or {})
 
     def check_common(self) -> None:
         ignored = self.unknown_fields()
@@ -258,6 +244,7 @@ class CompletionRequest(_Common):
     echo: StrictBool = False
     best_of: StrictInt | None = None
     suffix: str | None = None
+    add_special_tokens: StrictBool = True     # vLLM extension: the tokenizer's BOS etc.
 
     def check(self) -> None:
         self.check_common()

@@ -3,6 +3,8 @@ shapes, usage, and the KV transfer record shown with --expose-routing. Pure."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from frontend.client import Chunk
 from frontend.tokens import Tokenizer
 from frontend.tools import Streamer, ToolPlan, message
@@ -108,6 +110,23 @@ def kv_info(ch: Chunk | None) -> dict | None:
                if k.relayout_seconds else {})}
 
 
+def _ids_named(lps: list) -> list:
+    """TokenLogprobs with every token named by its id, as vLLM's placeholder."""
+    out = []
+    for lp in lps:
+        x = type(lp)()
+        x.CopyFrom(lp)
+        x.token = f"token_id:{lp.token_id}"
+        for t in x.top:
+            t.token = f"token_id:{t.token_id}"
+        out.append(x)
+    return out
+
+
+def _by_id(ch: Chunk) -> Chunk:
+    return replace(ch, logprobs=_ids_named(ch.logprobs))
+
+
 class Reply:
     """What the response of one request needs besides its chunks: the OpenAI shapes of
     its choices (message, delta or text), logprobs and usage."""
@@ -125,22 +144,39 @@ class Reply:
         self._streams: dict[int, Streamer] = {}
 
     def logprobs(self, chunks: list[Chunk], offset: int, prompt: int | None) -> dict | None:
-        """`prompt`: with echo, the index of the prompt whose logprobs come first."""
+        """`prompt`: with echo, the index of the prompt whose logprobs come first. vLLM's
+        return_tokens_as_token_ids names every token `token_id:<id>`."""
         b = self.body
+        by_id = bool(getattr(b, "return_tokens_as_token_ids", False))
         if self.chat:
-            return chat_logprobs(chunks, self.tok) if b.logprobs else None
+            if not b.logprobs:
+                return None
+            return chat_logprobs([_by_id(c) for c in chunks] if by_id else chunks, self.tok)
         if b.logprobs is None:
             return None
         head = None
         if prompt is not None and self.firsts is not None and chunks:
-            head = (self.firsts[prompt], chunks[0].prompt_logprobs)
-        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head)
+            plps = chunks[0].prompt_logprobs
+            head = ((f"token_id:{self.prompts[prompt][0]}", _ids_named(plps)) if by_id
+                    else (self.firsts[prompt], plps))
+        return cmpl_logprobs([_by_id(c) for c in chunks] if by_id else chunks, offset,
+                             b.logprobs or 0, head)
 
     def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
-               delta: bool = False, echo_of: int | None = None) -> dict:
+               delta: bool = False, echo_of: int | None = None,
+               prompt: int | None = None) -> dict:
+        """`prompt`: completions, the index of the prompt whose token ids this choice
+        carries (vLLM's return_token_ids: the whole answer's, or a stream's first chunk)."""
         lp = self.logprobs(chunks, offset, echo_of)
+        # vLLM's: the stop string or stop token id that ended the choice (None otherwise)
+        why = chunks[-1].stop_reason if chunks and finish else None
+        ids = ({"token_ids": [t for c in chunks for t in c.token_ids]}
+               if self.body.return_token_ids else {})
         if not self.chat:
-            c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+            c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish,
+                 "stop_reason": why, **ids}
+            if ids and prompt is not None:
+                c["prompt_token_ids"] = self.prompts[prompt]
             if self.body.prompt_logprobs is not None and chunks:
                 c["prompt_logprobs"] = prompt_logprobs(chunks[0].prompt_logprobs)
             return c
@@ -152,13 +188,15 @@ class Reply:
                     st = self._streams[index] = Streamer(
                         self.tools, getattr(self.tok, "tok", None), self.body.model)
                 d, finish = st.feed(text, [t for c in chunks for t in c.token_ids], finish)
-            return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
+            return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish,
+                    "stop_reason": why, **ids}
         msg = {"role": self.role, "content": text}
         if self.tools is not None:
             msg, finish = message(self.tools, text, finish, getattr(self.tok, "tok", None),
                                   self.body.model)
             msg["role"] = self.role
-        return {"index": index, "message": msg, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": msg, "logprobs": lp, "finish_reason": finish,
+                "stop_reason": why, **ids}
 
     def usage(self, n_gen: int, cached: int) -> dict:
         return usage(sum(len(p) for p in self.prompts), n_gen, cached, self.details)

@@ -118,3 +118,21 @@ def engine_prompt(ids: list[int], sp: pd_pb2.SamplingParams) -> dict:
     """vLLM's prompt for these token ids, with the request's cache salt if it has one."""
     return ({"prompt_token_ids": ids, "cache_salt": sp.cache_salt} if sp.cache_salt
             else {"prompt_token_ids": ids})
+
+
+def stop_reason_to_wire(reason) -> pd_pb2.StopReason | None:
+    """vLLM's stop_reason (a stop string, a stop token id, or None) on the wire."""
+    if isinstance(reason, str):
+        return pd_pb2.StopReason(text=reason)
+    if isinstance(reason, int) and not isinstance(reason, bool) and reason >= 0:
+        return pd_pb2.StopReason(token_id=reason)
+    return None
+
+
+def stop_reason_from_wire(msg, field: str = "stop_reason"):
+    """The wire's StopReason as vLLM's servers answer it: the string, the id, or None."""
+    if not msg.HasField(field):
+        return None
+    r = getattr(msg, field)
+    kind = r.WhichOneof("kind")
+    return None if kind is None else getattr(r, kind)

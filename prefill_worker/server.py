@@ -20,6 +20,7 @@ from pdserve.sampling import (
     engine_prompt,
     logprobs_to_wire,
     prompt_logprobs_to_wire,
+    stop_reason_to_wire,
     to_vllm,
 )
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
@@ -96,6 +97,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             first_token_id=first_ids[0], first_token_text=text, finish_reason=finish,
             num_prompt_tokens=len(request.token_ids),
             num_cached_tokens=final.num_cached_tokens or 0)
+        if finish == "stop" and (why := stop_reason_to_wire(c.stop_reason)) is not None:
+            resp.stop_reason.CopyFrom(why)
         if sp.logprobs >= 0 and lps:
             resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
         if sp.HasField("prompt_logprobs"):

@@ -61,6 +61,9 @@ def texts(resp: dict) -> list[str]:
     ("choice", {"structured_outputs": {"choice": ["foxdoglazy", "browncache"]}}),
     ("unknown field", {"frobnicate": 1, "metadata": {"a": "b"}}),
     ("no-op values", {"use_beam_search": False, "priority": 2, "length_penalty": 1.0}),
+    ("token ids", {"return_token_ids": True, "stop": ["w1", "fox"], "n": 2,
+                   "temperature": 1.0, "top_k": 1}),
+    ("tokens as ids", {"logprobs": 2, "return_tokens_as_token_ids": True}),
     ("penalties", {"presence_penalty": 1.5, "frequency_penalty": 1.0}),
     ("seeded", {"temperature": 0.9, "seed": 1234}),
     ("stop", {"stop": ["w1", "fox"], "min_tokens": 2}),
@@ -78,6 +81,61 @@ def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
         [c["finish_reason"] for c in theirs["choices"]]
     assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
     assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    same_fields(ours, theirs, name)
+    if extra.get("logprobs"):
+        a, b = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+        assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+        assert [sorted(t) for t in a["top_logprobs"]] == [sorted(t) for t in b["top_logprobs"]]
+
+
+def same_fields(ours: dict, theirs: dict, what) -> None:
+    """vLLM's extra answer fields: the stop string or token that ended each choice, and
+    (return_token_ids) the token ids of each choice and of the prompt."""
+    for key in ("stop_reason", "token_ids", "prompt_token_ids"):
+        assert [c.get(key) for c in ours["choices"]] == \
+            [c.get(key) for c in theirs["choices"]], (what, key)
+    assert ours.get("prompt_token_ids") == theirs.get("prompt_token_ids"), what
+
+
+def _streamed(url: str, path: str, model: str, body: dict) -> dict:
+    """What a stream adds up to, per choice: text, token ids, the prompt's token ids,
+    finish and stop reasons; and the prompt's token ids a chat stream sends first."""
+    import json
+    out: dict = {"choices": {}, "prompt_token_ids": None}
+    with httpx.stream("POST", f"{url}{path}", timeout=120,
+                      json={"model": model, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            out["prompt_token_ids"] = out["prompt_token_ids"] or d.get("prompt_token_ids")
+            for c in d.get("choices") or []:
+                acc = out["choices"].setdefault(c["index"], {
+                    "text": "", "token_ids": [], "prompt_token_ids": None,
+                    "finish_reason": None, "stop_reason": None})
+                acc["text"] += c.get("text") or (c.get("delta") or {}).get("content") or ""
+                acc["token_ids"] += c.get("token_ids") or []
+                acc["prompt_token_ids"] = acc["prompt_token_ids"] or c.get("prompt_token_ids")
+                acc["finish_reason"] = c.get("finish_reason") or acc["finish_reason"]
+                acc["stop_reason"] = c.get("stop_reason") or acc["stop_reason"]
+    return out
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_token_ids_and_stop_reasons_equal_vllms_server(cluster, vllm_api, path):
+    body = {"max_tokens": 10, "temperature": 1.0, "top_k": 1, "n": 2, "stream": True,
+            "return_token_ids": True, "stop": ["w1", "fox"]}
+    body.update({"prompt": P1} if "chat" not in path else
+                {"messages": [{"role": "user", "content": P1}]})
+    ours, theirs = (_streamed(url, path, cluster.model_name, body)
+                    for url in (cluster.url, vllm_api))
+    assert ours == theirs
+    assert all(c["token_ids"] for c in ours["choices"].values())
+    if "chat" in path:
+        assert ours["prompt_token_ids"]
+    else:
+        assert all(c["prompt_token_ids"] for c in ours["choices"].values())
 
 
 def test_words_that_begin_with_the_first_token_equal_vllms_server(cluster, vllm_api):
@@ -96,10 +154,20 @@ def test_words_that_begin_with_the_first_token_equal_vllms_server(cluster, vllm_
         ours, theirs = both(cluster, vllm_api, "/v1/completions", {**plain, **extra})
         assert texts(ours) == texts(theirs), extra
         assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
+        same_fields(ours, theirs, extra)
         if "bad_words" in extra:        # the check can fail: the second token changed
             assert not texts(ours)[0].strip().startswith(first_two), texts(ours)
         else:                           # the text ends with the stop string, kept
             assert texts(ours)[0].rstrip().endswith(first_two), texts(ours)
+            assert ours["choices"][0]["stop_reason"] == first_two
+    # a stop token id sampled by the decode engine: its id is the stop reason
+    third = httpx.post(f"{cluster.url}/tokenize", timeout=60, json={
+        "model": cluster.model_name, "prompt": text.split()[2]}).json()["tokens"][-1]
+    ours, theirs = both(cluster, vllm_api, "/v1/completions",
+                        {**plain, "stop_token_ids": [third], "return_token_ids": True})
+    assert texts(ours) == texts(theirs)
+    same_fields(ours, theirs, "stop token")
+    assert ours["choices"][0]["stop_reason"] == third
 
 
 @pytest.mark.parametrize("extra", [
@@ -221,8 +289,16 @@ def test_chat_and_the_utility_endpoints_equal_vllms_server(cluster, vllm_api):
     msgs = [{"role": "system", "content": "w1 w2"},
             {"role": "user", "content": [{"type": "text", "text": P1}]}]
     ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
-                        {"messages": msgs, "max_tokens": 10, "temperature": 0})
+                        {"messages": msgs, "max_tokens": 10, "temperature": 0,
+                         "return_token_ids": True, "logprobs": True, "top_logprobs": 2,
+                         "return_tokens_as_token_ids": True})
     assert texts(ours) == texts(theirs)
+    same_fields(ours, theirs, "chat")
+    assert ours["prompt_token_ids"] and ours["choices"][0]["token_ids"]
+    a, b = (r["choices"][0]["logprobs"]["content"] for r in (ours, theirs))
+    assert [(x["token"], x["bytes"], [t["token"] for t in x["top_logprobs"]]) for x in a] \
+        == [(x["token"], x["bytes"], [t["token"] for t in x["top_logprobs"]]) for x in b]
+    assert a[0]["token"].startswith("token_id:")
     for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
         assert ours["usage"][k] == theirs["usage"][k], k
     ours, theirs = both(cluster, vllm_api, "/tokenize", {"prompt": P2})

@@ -183,3 +183,34 @@ def test_structured_output_constraints():
                 {"response_format": {"type": "xml"}}):
         with pytest.raises(ValidationError):
             c(**bad)
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    ("CompletionRequest", "vllm.entrypoints.openai.completion.protocol:CompletionRequest"),
+    ("ChatRequest", "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"),
+])
+def test_every_field_of_vllms_request_models_has_a_decision(ours, theirs):
+    """Each field vLLM's server takes is implemented, refused unless at a value that
+    changes nothing, or ignored for a stated reason (frontend/fields.py): a field a new
+    vLLM adds fails this test until someone decides."""
+    import importlib
+
+    import frontend.protocol as protocol
+    from frontend.fields import IGNORED, REFUSED
+    mod, name = theirs.split(":")
+    vllm_fields = set(getattr(importlib.import_module(mod), name).model_fields)
+    ours_fields = set(getattr(protocol, ours).model_fields)
+    undecided = vllm_fields - ours_fields - set(REFUSED) - set(IGNORED)
+    assert not undecided, sorted(undecided)
+    assert not set(REFUSED) & ours_fields and not set(IGNORED) & ours_fields
+    assert not set(REFUSED) & set(IGNORED)
+
+
+def test_ignored_fields_are_accepted_without_a_warning(caplog):
+    r = CompletionRequest(model="m", prompt="x", request_id="abc", stream_interval=4,
+                          length_penalty=0.5, frobnicate=1)
+    r.check()
+    assert "frobnicate" in caplog.text and "request_id" not in caplog.text
+    with pytest.raises(UnsupportedParameter) as e:
+        CompletionRequest(model="m", prompt="x", kv_transfer_params={"x": 1}).check()
+    assert e.value.param == "kv_transfer_params"

@@ -122,3 +122,18 @@ def test_tokens_handed_over_at_once_are_kept_up_to_the_match(tokens, stop, min_t
 def test_without_a_tokenizer_every_token_handed_over_is_kept():
     st = StopAcrossFirst(["fox dog"], "fox", 0, 0)
     assert st.step(" dog lazy", [1, 2], False) == ("", True, 2)
+
+
+def test_the_stop_reason_crosses_the_wire_as_vllm_gives_it():
+    from pdserve.rpc import pd_pb2
+    from pdserve.sampling import stop_reason_from_wire, stop_reason_to_wire
+    for reason in ("fox dog", 7, 0):
+        msg = pd_pb2.GenerateResponse(stop_reason=stop_reason_to_wire(reason))
+        got = stop_reason_from_wire(pd_pb2.GenerateResponse.FromString(
+            msg.SerializeToString()))
+        assert got == reason and type(got) is type(reason)
+    assert stop_reason_to_wire(None) is None and stop_reason_to_wire(-1) is None
+    assert stop_reason_from_wire(pd_pb2.GenerateResponse()) is None
+    # the decode worker's own check names the string it matched
+    st = StopAcrossFirst(["cat", "fox dog"], "fox", 0, 0)
+    assert st.step(" dog", [1], False)[1] and st.matched == "fox dog"
