@@ -327,7 +327,6 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         async def gen():
             n_gen = cached = 0
             offset = {j.index: 0 for j in jobs}
-            echoed: set[int] = set()
             started: set[int] = set()
             M.INFLIGHT.inc()
             status = "200"
@@ -350,12 +349,11 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                         extra["pdserve_route"] = ch.route
                     text = ch.text
                     echo_of = None
-                    if out.echo is not None and job.index not in echoed:
-                        echoed.add(job.index)
-                        text = out.echo[job.prompt] + text
-                        echo_of = job.prompt
                     head = job.index not in started     # the choice's first chunk
                     started.add(job.index)
+                    if out.echo is not None and head:
+                        text = out.echo[job.prompt] + text
+                        echo_of = job.prompt
                     c = out.choice(job.index, text, [ch], finish, offset[job.index],
                                    delta=True, echo_of=echo_of,
                                    prompt=job.prompt if head else None)
