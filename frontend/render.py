@@ -61,14 +61,22 @@ def prompt_logprobs(plps: list) -> list:
     return out
 
 
-def chat_logprobs(chunks: list[Chunk], tok: Tokenizer) -> dict:
+def chat_logprobs(chunks: list[Chunk], tok: Tokenizer, by_id: bool = False) -> dict:
+    """`by_id`: vLLM's return_tokens_as_token_ids, every token named `token_id:<id>`; a
+    sampled token's `bytes` stay its text's, a top one's are its name's, as vLLM gives
+    them."""
+    def name(token_id: int, token: str) -> str:
+        return f"token_id:{token_id}" if by_id else token
+
     content = []
     for ch in chunks:
         for lp in ch.logprobs:
+            top = [name(t.token_id, t.token) for t in lp.top]
             content.append({
-                "token": lp.token, "logprob": lp.logprob, "bytes": tok.token_bytes(lp.token),
-                "top_logprobs": [{"token": t.token, "logprob": t.logprob,
-                                  "bytes": tok.token_bytes(t.token)} for t in lp.top]})
+                "token": name(lp.token_id, lp.token), "logprob": lp.logprob,
+                "bytes": tok.token_bytes(lp.token),
+                "top_logprobs": [{"token": n, "logprob": t.logprob,
+                                  "bytes": tok.token_bytes(n)} for n, t in zip(top, lp.top)]})
     return {"content": content}
 
 
@@ -149,9 +157,7 @@ class Reply:
         b = self.body
         by_id = bool(getattr(b, "return_tokens_as_token_ids", False))
         if self.chat:
-            if not b.logprobs:
-                return None
-            return chat_logprobs([_by_id(c) for c in chunks] if by_id else chunks, self.tok)
+            return chat_logprobs(chunks, self.tok, by_id) if b.logprobs else None
         if b.logprobs is None:
             return None
         head = None

@@ -18,7 +18,7 @@ class Tok:
     vocab_size = 1000
     max_token_chars = 4
 
-    async def encode_async(self, text, max_tokens=0, **kw):
+    async def encode_async(self, text, max_tokens=0, *args, **kw):
         return [1, 2, 3]
 
     def truncate(self, ids, trunc):

@@ -99,7 +99,8 @@ def same_fields(ours: dict, theirs: dict, what) -> None:
 
 def _streamed(url: str, path: str, model: str, body: dict) -> dict:
     """What a stream adds up to, per choice: text, token ids, the prompt's token ids,
-    finish and stop reasons; and the prompt's token ids a chat stream sends first."""
+    finish and stop reasons, role (chat); and the prompt's token ids a chat stream sends
+    first."""
     import json
     out: dict = {"choices": {}, "prompt_token_ids": None}
     with httpx.stream("POST", f"{url}{path}", timeout=120,
@@ -113,8 +114,9 @@ def _streamed(url: str, path: str, model: str, body: dict) -> dict:
             for c in d.get("choices") or []:
                 acc = out["choices"].setdefault(c["index"], {
                     "text": "", "token_ids": [], "prompt_token_ids": None,
-                    "finish_reason": None, "stop_reason": None})
+                    "finish_reason": None, "stop_reason": None, "role": None})
                 acc["text"] += c.get("text") or (c.get("delta") or {}).get("content") or ""
+                acc["role"] = acc["role"] or (c.get("delta") or {}).get("role")
                 acc["token_ids"] += c.get("token_ids") or []
                 acc["prompt_token_ids"] = acc["prompt_token_ids"] or c.get("prompt_token_ids")
                 acc["finish_reason"] = c.get("finish_reason") or acc["finish_reason"]
@@ -212,9 +214,10 @@ def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
                   {"echo": True, "stream": True}):
         req = {**body, **extra}
         if req.get("stream"):
-            got = [_streamed_chat(url, cluster.model_name, req)
+            got = [_streamed(url, "/v1/chat/completions", cluster.model_name, req)
                    for url in (cluster.url, vllm_api)]
-            assert got[0] == got[1] and got[0][1].startswith("fox dog"), got
+            assert got[0] == got[1] and got[0]["choices"][0]["text"].startswith("fox dog")
+            assert got[0]["choices"][0]["role"] == "assistant"
             continue
         ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", req)
         assert texts(ours) == texts(theirs), extra
@@ -232,22 +235,6 @@ def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
             "model": cluster.model_name, "messages": msgs, "continue_final_message": True})
         got.append(r.status_code)
     assert got == [400, 400]
-
-
-def _streamed_chat(url: str, model: str, body: dict) -> tuple[str, str]:
-    """(the role, the content) a streamed chat answer adds up to."""
-    import json
-    role, text = None, ""
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
-                      json={"model": model, **body}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for c in json.loads(line[6:]).get("choices") or []:
-                role = c["delta"].get("role") or role
-                text += c["delta"].get("content") or ""
-    return role, text
 
 
 def test_both_refuse_the_same_requests(cluster, vllm_api):
