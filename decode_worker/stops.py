@@ -14,8 +14,7 @@ by token as the engine detokenizes them. vLLM's rules are kept:
   `include_stop_str_in_output`);
 * while a request runs, the last (longest stop string - 1) characters are held back, as
   vLLM's detokenizer holds them, so a stream never shows text that a match then cuts. The
-  frontend holds back the same tail of the first token's text and says how much it sent.
-
+  frontend holds back the same tail of the first token's text and says how much it sent;
 * the engine may hand over several tokens at once; the output keeps those up to the one
   that completed the match, as a colocated engine that checks after every token stops
   there (the model's tokenizer, given as `decode`, says which one).

@@ -3,8 +3,6 @@ shapes, usage, and the KV transfer record shown with --expose-routing. Pure."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from frontend.client import Chunk
 from frontend.tokens import Tokenizer
 from frontend.tools import Streamer, ToolPlan, message
@@ -14,10 +12,17 @@ def _lp(x: float) -> float:
     return max(x, -9999.0)      # -inf is not JSON; OpenAI and vLLM answer -9999
 
 
+def _name(token_id: int, token: str, by_id: bool) -> str:
+    """A token as the logprobs show it: its text, or with vLLM's return_tokens_as_token_ids
+    its id as vLLM's placeholder names it."""
+    return f"token_id:{token_id}" if by_id else token
+
+
 def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
-                  prompt: tuple[str, list] | None = None) -> dict | None:
-    """Completions logprobs; `prompt` (echo: the first prompt token's text, the logprobs
-    of the others) puts the prompt's ahead, the first token's logprob None, as vLLM."""
+                  prompt: tuple[str, list] | None = None, by_id: bool = False) -> dict | None:
+    """Completions logprobs; `prompt` (echo: the first prompt token's name, the logprobs
+    of the others) puts the prompt's ahead, the first token's logprob None, as vLLM.
+    `by_id`: every token named by its id (`_name`)."""
     toks: list = []
     lps: list = []
     tops: list = []
@@ -31,19 +36,23 @@ def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
         offs.append(off)
         off += len(first)
         for lp in plps:
-            toks.append(lp.token)
+            tok = _name(lp.token_id, lp.token, by_id)
+            toks.append(tok)
             lps.append(_lp(lp.logprob))
-            tops.append({lp.token: _lp(lp.logprob), **{t.token: _lp(t.logprob)
-                                                       for t in lp.top}} if k > 0 else None)
+            tops.append({tok: _lp(lp.logprob), **{_name(t.token_id, t.token, by_id):
+                                                  _lp(t.logprob) for t in lp.top}}
+                        if k > 0 else None)
             offs.append(off)
-            off += len(lp.token)
+            off += len(tok)
     for ch in chunks:
         for lp in ch.logprobs:
-            toks.append(lp.token)
+            tok = _name(lp.token_id, lp.token, by_id)
+            toks.append(tok)
             lps.append(_lp(lp.logprob))
-            tops.append({t.token: _lp(t.logprob) for t in lp.top} if k > 0 else None)
+            tops.append({_name(t.token_id, t.token, by_id): _lp(t.logprob) for t in lp.top}
+                        if k > 0 else None)
             offs.append(off)
-            off += len(lp.token)
+            off += len(tok)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
@@ -62,18 +71,14 @@ def prompt_logprobs(plps: list) -> list:
 
 
 def chat_logprobs(chunks: list[Chunk], tok: Tokenizer, by_id: bool = False) -> dict:
-    """`by_id`: vLLM's return_tokens_as_token_ids, every token named `token_id:<id>`; a
-    sampled token's `bytes` stay its text's, a top one's are its name's, as vLLM gives
-    them."""
-    def name(token_id: int, token: str) -> str:
-        return f"token_id:{token_id}" if by_id else token
-
+    """`by_id`: every token named by its id (`_name`); a sampled token's `bytes` stay its
+    text's, a top one's are its name's, as vLLM gives them."""
     content = []
     for ch in chunks:
         for lp in ch.logprobs:
-            top = [name(t.token_id, t.token) for t in lp.top]
+            top = [_name(t.token_id, t.token, by_id) for t in lp.top]
             content.append({
-                "token": name(lp.token_id, lp.token), "logprob": lp.logprob,
+                "token": _name(lp.token_id, lp.token, by_id), "logprob": lp.logprob,
                 "bytes": tok.token_bytes(lp.token),
                 "top_logprobs": [{"token": n, "logprob": t.logprob,
                                   "bytes": tok.token_bytes(n)} for n, t in zip(top, lp.top)]})
@@ -118,23 +123,6 @@ def kv_info(ch: Chunk | None) -> dict | None:
                if k.relayout_seconds else {})}
 
 
-def _ids_named(lps: list) -> list:
-    """TokenLogprobs with every token named by its id, as vLLM's placeholder."""
-    out = []
-    for lp in lps:
-        x = type(lp)()
-        x.CopyFrom(lp)
-        x.token = f"token_id:{lp.token_id}"
-        for t in x.top:
-            t.token = f"token_id:{t.token_id}"
-        out.append(x)
-    return out
-
-
-def _by_id(ch: Chunk) -> Chunk:
-    return replace(ch, logprobs=_ids_named(ch.logprobs))
-
-
 class Reply:
     """What the response of one request needs besides its chunks: the OpenAI shapes of
     its choices (message, delta or text), logprobs and usage."""
@@ -155,18 +143,16 @@ class Reply:
         """`prompt`: with echo, the index of the prompt whose logprobs come first. vLLM's
         return_tokens_as_token_ids names every token `token_id:<id>`."""
         b = self.body
-        by_id = bool(getattr(b, "return_tokens_as_token_ids", False))
+        by_id = bool(b.return_tokens_as_token_ids)
         if self.chat:
             return chat_logprobs(chunks, self.tok, by_id) if b.logprobs else None
         if b.logprobs is None:
             return None
         head = None
         if prompt is not None and self.firsts is not None and chunks:
-            plps = chunks[0].prompt_logprobs
-            head = ((f"token_id:{self.prompts[prompt][0]}", _ids_named(plps)) if by_id
-                    else (self.firsts[prompt], plps))
-        return cmpl_logprobs([_by_id(c) for c in chunks] if by_id else chunks, offset,
-                             b.logprobs or 0, head)
+            head = (_name(self.prompts[prompt][0], self.firsts[prompt], by_id),
+                    chunks[0].prompt_logprobs)
+        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head, by_id)
 
     def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
                delta: bool = False, echo_of: int | None = None,

@@ -13,7 +13,7 @@ FIRST_TOKEN = "pd_first_token"
 
 def stop_hold(stops, include: bool = False) -> int:
     """Characters of output text vLLM's detokenizer holds back while a request with these
-    stop strings runs (the longest less one): text that could still begin a match. None
+    stop strings runs (the longest less one): text that could still begin a match. Nothing
     when the stop string stays in the output (`include_stop_str_in_output`): nothing
     already shown is ever cut then."""
     return max(len(s) for s in stops) - 1 if stops and not include else 0
@@ -129,10 +129,10 @@ def stop_reason_to_wire(reason) -> pd_pb2.StopReason | None:
     return None
 
 
-def stop_reason_from_wire(msg, field: str = "stop_reason"):
-    """The wire's StopReason as vLLM's servers answer it: the string, the id, or None."""
-    if not msg.HasField(field):
+def stop_reason_from_wire(msg):
+    """A response's StopReason as vLLM's servers answer it: the string, the id, or None."""
+    if not msg.HasField("stop_reason"):
         return None
-    r = getattr(msg, field)
+    r = msg.stop_reason
     kind = r.WhichOneof("kind")
     return None if kind is None else getattr(r, kind)
