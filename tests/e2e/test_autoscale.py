@@ -183,12 +183,27 @@ def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     assert ups and ups[0]["metrics"]["decode"]["latency_p90_ms"] > 20
     assert all(r["actions"]["prefill"] != "up" for r in phase)
     drained_and_stopped(c, "decode", pd_pb2.ROLE_DECODE)
-    # the planner's metrics say where it ended
-    sched = httpx.get(f"http://{metrics_address(c)}/metrics", timeout=10).text
-    assert 'pdserve_planner_desired_replicas{pool="decode"} 1.0' in sched
+    # the planner's metrics say where it ended. Its gauge is set on each tick, and the tick
+    # that follows the stop may still be to come: wait for it (bounded), and say what the
+    # planner decided if it never comes
+    url = f"http://{metrics_address(c)}/metrics"
+    try:
+        sched = wait_for(lambda: scrape_if(url, 'pdserve_planner_desired_replicas'
+                                                '{pool="decode"} 1.0'),
+                         30, "the planner's desired decode replicas back at 1")
+    except AssertionError as e:
+        decisions = [x for x in c.log_path.read_text().splitlines()
+                     if "planner:" in x or "local:" in x]
+        raise AssertionError(f"{e}; last decisions: {decisions[-12:]}") from None
     assert 'pdserve_planner_actual_replicas{pool="prefill"} 1.0' in sched
     assert re.search(r'pdserve_planner_decisions_total\{action="up",pool="decode"\} 1\.0',
                      sched)
+
+
+def scrape_if(url: str, line: str) -> str | None:
+    """The metrics page at `url` if it holds `line`, else None."""
+    text = httpx.get(url, timeout=10).text
+    return text if line in text else None
 
 
 def metrics_address(c) -> str:
