@@ -1,13 +1,16 @@
-"""One engine process or two: pdserve's engine at one rank on CPU with vLLM's worker inside
-the engine core (the uniprocess executor, pdserve's default) against vLLM's multiprocess
-executor (`--distributed-executor-backend mp`, what vLLM's CPU platform picks), started
-one after the other on the same core in one run.
+"""How an engine starts: pdserve's engine at one rank on CPU with vLLM's worker inside
+the engine core (the uniprocess executor) and that process forked (`uni`, pdserve's
+default), the same spawned (`uni-spawn`, `PDSERVE_ENGINE_FORK=0`: what vLLM's CPU
+platform asks for), and vLLM's multiprocess executor (`mp`,
+`--distributed-executor-backend mp`, what vLLM's CPU platform picks), started one after
+the other on the same core in one run.
 
     .venv/bin/python -m bench.bench_engine_start                 # tiny model, 2 starts each
     .venv/bin/python -m bench.bench_engine_start --model PATH --repeat 3
 
 Prints per start: seconds to ready, CPU seconds of the engine's processes by then, the
-processes, and a greedy generation's time per output token; the generations must match.
+processes, a short prompt's time to its first token (120 words) and a greedy generation's time per
+output token; the generations must match.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
+KINDS = ("uni", "uni-spawn", "mp")
 
 
 def child(model: str, executor: str, cores: str) -> dict:
@@ -37,7 +41,7 @@ def child(model: str, executor: str, cores: str) -> dict:
     from pdserve.config import EngineConfig
     from pdserve.engine import build_engine
 
-    vllm = {} if executor == "uni" else {"distributed_executor_backend": executor}
+    vllm = {"distributed_executor_backend": executor} if executor == "mp" else {}
     cfg = EngineConfig(model=model, cpu_cores=cores, kv_cache_bytes=128 << 20,
                        block_size=32, max_model_len=1024, vllm=vllm)
     eng = build_engine(cfg, None, None)
@@ -60,12 +64,12 @@ def child(model: str, executor: str, cores: str) -> dict:
         await gen("warm", 4)
         _, t1 = await gen("one", 1)       # the prompt and first token alone
         ids, tn = await gen("many", 65)
-        return ids, (tn - t1) / 64
+        return ids, t1, (tn - t1) / 64
 
-    ids, tpot = asyncio.run(run())
+    ids, ttft, tpot = asyncio.run(run())
     eng.shutdown()
     return {"executor": executor, "ready_s": ready, "cpu_s": cpu, "procs": names,
-            "tpot_ms": tpot * 1e3, "ids": ids}
+            "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3, "ids": ids}
 
 
 def main(argv=None) -> int:
@@ -74,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="default: the tiny test model")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cores", default="0")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -84,27 +89,33 @@ def main(argv=None) -> int:
         from pdserve.models import build_tiny_model
         model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     rows = []
+    kinds = [k for k in a.kinds.split(",") if k]
+    if not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds: one of {', '.join(KINDS)}")
     for i in range(a.repeat):
-        for ex in ("uni", "mp"):
+        for ex in kinds:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.bench_engine_start", "--model", model,
                  "--cores", a.cores, "--child", ex],
                 cwd=ROOT, capture_output=True, text=True, timeout=900,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                env={**os.environ, "PYTHONPATH": str(ROOT),
+                     "PDSERVE_ENGINE_FORK": "0" if ex == "uni-spawn" else "1"})
             line = [x for x in out.stdout.splitlines() if x.startswith("{")]
             if out.returncode or not line:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
             r = json.loads(line[-1])
             rows.append(r)
-            print(f"{ex:4} start {i + 1}: ready {r['ready_s']:5.1f} s  cpu {r['cpu_s']:5.1f} s  "
-                  f"TPOT {r['tpot_ms']:6.1f} ms  processes {', '.join(r['procs'])}", flush=True)
+            print(f"{ex:9} start {i + 1}: ready {r['ready_s']:5.1f} s  cpu {r['cpu_s']:5.1f} s  "
+                  f"TTFT {r['ttft_ms']:6.1f} ms  TPOT {r['tpot_ms']:6.1f} ms  "
+                  f"processes {', '.join(r['procs'])}", flush=True)
     same = len({tuple(r["ids"]) for r in rows}) == 1
-    for ex in ("uni", "mp"):
+    for ex in kinds:
         rs = [r for r in rows if r["executor"] == ex]
-        ready, cpu, tpot = (float(np.median([r[k] for r in rs]))
-                            for k in ("ready_s", "cpu_s", "tpot_ms"))
-        print(f"{ex:4} median: ready {ready:.1f} s, cpu {cpu:.1f} s, TPOT {tpot:.1f} ms")
+        ready, cpu, ttft, tpot = (float(np.median([r[k] for r in rs]))
+                                  for k in ("ready_s", "cpu_s", "ttft_ms", "tpot_ms"))
+        print(f"{ex:9} median: ready {ready:.1f} s, cpu {cpu:.1f} s, TTFT {ttft:.1f} ms, "
+              f"TPOT {tpot:.1f} ms")
     print("greedy outputs equal:", same)
     return 0 if same else 1
 

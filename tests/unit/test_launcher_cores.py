@@ -38,3 +38,66 @@ def test_tensor_parallel_engines_get_a_core_per_rank():
     assert omp_bind("0", 1) == "0" and omp_bind("0", 2) == "0|0"
     assert omp_bind("0,1", 2) == "0|1" and omp_bind("0-4", 2) == "0,1,2|3,4"
     assert omp_bind("0|1", 2) == "0|1"
+
+
+def _config(backend: str):
+    from types import SimpleNamespace
+    return SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend))
+
+
+def test_a_forked_engine_core_binds_itself_and_the_worker_keeps_its_own(monkeypatch):
+    """The engine-core process is forked at one rank; the child pins itself to the engine's
+    cores with as many torch threads, and the worker's own affinity and threads stay."""
+    import json
+    import os
+
+    import torch
+
+    from pdserve.config import EngineConfig
+    from pdserve.engine import forked_core
+
+    monkeypatch.delenv("PDSERVE_ENGINE_FORK", raising=False)
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")   # what vLLM's CPU platform sets
+    core = sorted(os.sched_getaffinity(0))[-1]
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    with forked_core(EngineConfig(model="m", cpu_cores=str(core)), _config("uni")):
+        assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+        assert os.sched_getaffinity(0) == before
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                # the child reports what it got, and goes
+            os.write(w, json.dumps([sorted(os.sched_getaffinity(0)),
+                                    torch.get_num_threads()]).encode())
+            os._exit(0)
+        os.close(w)
+        got = json.loads(os.read(r, 4096))
+        os.waitpid(pid, 0)
+    assert got == [[core], 1]
+    assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    # a fork after the engine's leaves the child as it was
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if os.sched_getaffinity(0) == before else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_the_engine_core_is_spawned_with_ranks_or_when_asked():
+    import os
+
+    import pytest
+
+    from pdserve.config import EngineConfig
+    from pdserve.engine import forked_core
+
+    before = os.sched_getaffinity(0)
+    cfg = EngineConfig(model="m", cpu_cores="0")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        with forked_core(cfg, _config("mp")):            # vLLM's multiprocess executor
+            assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+            assert os.sched_getaffinity(0) == before
+        mp.setenv("PDSERVE_ENGINE_FORK", "0")
+        with forked_core(cfg, _config("uni")):
+            assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+            assert os.sched_getaffinity(0) == before
