@@ -53,7 +53,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode,
                                             creds=auth.from_env(auth.FRONTEND))
         if state["tok"] is None:
-            state["tok"] = Tokenizer(cfg.model)
+            state["tok"] = Tokenizer(cfg.model, cfg.chat_template or None,
+                                     cfg.default_chat_template_kwargs)
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
                  cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
 
@@ -188,7 +189,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        body.check()
+        body.check(cfg.trust_request_chat_template)
         _check_choices(1, body.n)
         tok: Tokenizer = state["tok"]
         plan = tools.plan(body.tools_json(), body.tool_choice_json(), body.parallel_tool_calls,
@@ -198,7 +199,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             add_generation_prompt=body.add_generation_prompt,
             add_special_tokens=body.add_special_tokens, tools=plan.tools or None,
             opts=ChatOptions(body.continue_final_message, body.documents,
-                             body.template_kwargs()),
+                             body.template_kwargs(), body.chat_template),
             trunc=Truncation.of(body.truncate_prompt_tokens, body.truncation_side,
                                 cfg.max_model_len))
         k = body.top_logprobs or 0

@@ -24,7 +24,7 @@ REFUSED: dict[str, tuple] = {
     "functions": _UNSET, "function_call": _UNSET,
     "guided_json": _UNSET, "guided_regex": _UNSET, "guided_choice": _UNSET,
     "guided_grammar": _UNSET, "use_beam_search": _OFF, "prompt_embeds": _UNSET,
-    "logits_processors": _UNSET, "chat_template": _UNSET, "modalities": (None, ["text"]),
+    "logits_processors": _UNSET, "modalities": (None, ["text"]),
     "audio": _UNSET, "prediction": _UNSET, "web_search_options": _UNSET,
     # vLLM extensions not implemented: each changes the tokens or the answer's fields
     "logprob_token_ids": _UNSET, "repetition_detection": _UNSET, "watermarking": _OFF,

@@ -87,13 +87,22 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-def check_template_options(req) -> None:
-    """vLLM's checks of a chat request's template settings, with its messages."""
+def check_template_options(req, trusted: bool = False) -> None:
+    """vLLM's checks of a chat request's template settings, with its messages, in vLLM's
+    order. `trusted`: the server takes templates from requests
+    (`--trust-request-chat-template`)."""
     if req.continue_final_message and req.add_generation_prompt:
         raise InvalidRequest("Cannot set both `continue_final_message` and "
                              "`add_generation_prompt` to True.",
                              param="continue_final_message")
-    bad = {"chat_template", "tokenize"} & set(req.chat_template_kwargs or {})
+    kwargs = req.chat_template_kwargs or {}
+    if not trusted and (req.chat_template is not None
+                        or kwargs.get("chat_template") is not None):
+        raise InvalidRequest("Chat template is passed with request, but "
+                             "--trust-request-chat-template is not set. "
+                             "Refused request with untrusted chat template.",
+                             param="chat_template")
+    bad = {"chat_template", "tokenize"} & set(kwargs)
     if bad:
         raise InvalidRequest("Found unexpected chat template kwargs from request: "
                              f"{sorted(bad)}", param="chat_template_kwargs")

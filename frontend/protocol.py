@@ -88,6 +88,7 @@ class StructuredOutputs(BaseModel):
 
 
 MAX_SCHEMA_CHARS = 65536
+MAX_TEMPLATE_CHARS = 65536   # a request's own chat template (a trusted server only)
 GREEDY_EPS = 1e-5          # vLLM's _SAMPLING_EPS: a temperature below it is greedy
 
 
@@ -281,6 +282,7 @@ class ChatRequest(_Common):
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(None, max_length=MAX_TEMPLATE_CHARS)   # if trusted
     documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
     # reaches the template (and its enable_thinking), as with vLLM's server when it runs no
     # reasoning parser
@@ -310,13 +312,14 @@ class ChatRequest(_Common):
             out["reasoning_effort"] = self.reasoning_effort
         return out
 
-    def check(self) -> None:
+    def check(self, trusted: bool = False) -> None:
+        """`trusted`: the server takes chat templates from requests."""
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         self.check_common()
         if not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        check_template_options(self)
+        check_template_options(self, trusted)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         if self.tools and len(json.dumps([t.function.parameters for t in self.tools])) \
@@ -358,14 +361,15 @@ class TokenizeRequest(BaseModel):
     return_token_strs: StrictBool = False
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(None, max_length=MAX_TEMPLATE_CHARS)
     documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
 
-    def check(self) -> None:
+    def check(self, trusted: bool = False) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("give either prompt or messages", param="prompt")
         if self.messages is not None and not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        check_template_options(self)
+        check_template_options(self, trusted)
 
 
 class DetokenizeRequest(BaseModel):

@@ -33,7 +33,7 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
 
     @r.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        body.check()
+        body.check(cfg.trust_request_chat_template)
         check_model(body.model, cfg.served_model_name)
         tok = state["tok"]
         most = TOKENIZE_CONTEXTS * cfg.max_model_len
@@ -44,7 +44,8 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
                                        body.add_generation_prompt, bool(body.add_special_tokens),
                                        opts=ChatOptions(body.continue_final_message,
                                                         body.documents,
-                                                        body.chat_template_kwargs))
+                                                        body.chat_template_kwargs,
+                                                        body.chat_template))
         out = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids}
         if body.return_token_strs:
             out["token_strs"] = await tok.run(tok.token_strs, ids)

@@ -25,6 +25,7 @@ def check_ids(ids, vocab_size: int, param: str, what: str = "token id") -> None:
                              param=param)
 
 
+TEMPLATES_KEPT = 16         # templates whose variables are remembered (the server's, requests')
 # what apply_chat_template sets itself: never taken from chat_template_kwargs
 RESERVED_TEMPLATE_VARS = frozenset({
     "messages", "conversation", "tools", "documents", "add_generation_prompt",
@@ -37,6 +38,27 @@ class ChatOptions:
     continue_final_message: bool = False
     documents: list[dict] | None = None
     kwargs: dict[str, Any] | None = None      # chat_template_kwargs
+    template: str | None = None               # the request's own template (trusted only)
+
+
+def merge_kwargs(defaults: dict[str, Any] | None, request: dict[str, Any] | None) -> dict:
+    """The server's default template kwargs under the request's, whose None and "auto"
+    values leave the default (vLLM's `merge_kwargs`)."""
+    return (defaults or {}) | {k: v for k, v in (request or {}).items()
+                               if v is not None and v != "auto"}
+
+
+def load_chat_template(spec: str) -> str:
+    """`--chat-template`, as vLLM's server reads it: a file's path, else the template itself
+    (a string with Jinja's braces or a newline)."""
+    try:
+        with open(spec) as f:
+            return f.read()
+    except OSError as e:
+        if not any(c in spec for c in "{}\n"):
+            raise SystemExit(f"--chat-template {spec!r} looks like a file path, but it "
+                             f"failed to be opened: {e}") from None
+        return spec
 
 
 @dataclass(frozen=True)
@@ -61,16 +83,22 @@ class Truncation:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str) -> None:
+    """`chat_template`: the server's template instead of the model's (`--chat-template`);
+    `default_kwargs`: template kwargs under every request's (`--default-chat-template-kwargs`)."""
+
+    def __init__(self, model_dir: str, chat_template: str | None = None,
+                 default_kwargs: dict[str, Any] | None = None) -> None:
         from transformers import AutoTokenizer
 
         # vLLM loads a generative model's tokenizer to truncate on the left
         self.tok = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
+        self.template = chat_template or None      # None: the model's own
+        self.default_kwargs = dict(default_kwargs or {})
         self.vocab_size = len(self.tok)
         # the longest token's text: no token covers more characters of a prompt
         self.max_token_chars = max((len(t) for t in self.tok.get_vocab()), default=1) + 1
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self._template_vars: tuple = (None, frozenset())    # (template, what it reads)
+        self._template_vars: dict[str, frozenset] = {}    # template -> what it reads
 
     def encode(self, text: str, add_special_tokens: bool = True,
                trunc: Truncation | None = None) -> list[int]:
@@ -100,27 +128,33 @@ class Tokenizer:
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True,
                   tools: list[dict] | None = None, opts: ChatOptions | None = None) -> str:
         """The chat template's rendering of `messages` (chat's text before tokenizing)."""
-        if not self.tok.chat_template:
-            raise InvalidRequest("this model has no chat template; use /v1/completions")
         opts = opts or ChatOptions()
+        template = opts.template or self.template
+        if not (template or self.tok.chat_template):
+            raise InvalidRequest("this model has no chat template; use /v1/completions")
         try:
+            if template is None:    # the model's (one of its named ones, with tools)
+                template = self.tok.get_chat_template(None, tools)
             return self.tok.apply_chat_template(
                 messages, tokenize=False, tools=tools, documents=opts.documents,
                 add_generation_prompt=add_generation_prompt,
-                continue_final_message=opts.continue_final_message,
-                **self.template_kwargs(opts.kwargs))
+                continue_final_message=opts.continue_final_message, chat_template=template,
+                **self.template_kwargs(merge_kwargs(self.default_kwargs, opts.kwargs),
+                                       template))
         except Exception as e:  # noqa: BLE001 (jinja2's errors, the template's raise_exception)
             raise InvalidRequest(f"the chat template refused these messages: {e}",
                                  param="messages") from None
 
-    def template_kwargs(self, kwargs: dict | None) -> dict:
-        """The request's `chat_template_kwargs` that the template reads, as vLLM keeps them
-        (others are dropped); never one that would override what the request itself sets
-        (the messages, tools, documents, the generation prompt)."""
+    def template_kwargs(self, kwargs: dict | None, template: str | None = None) -> dict:
+        """The `chat_template_kwargs` that `template` (the server's by default) reads, as
+        vLLM keeps them (others are dropped); never one that would override what the
+        request itself sets (the messages, tools, documents, the generation prompt)."""
         if not kwargs:
             return {}
-        template = self.tok.chat_template
-        if self._template_vars[0] != template:
+        if template is None:
+            template = self.template or self.tok.get_chat_template(None, None)
+        reads = self._template_vars.get(template)
+        if reads is None:
             import jinja2
             from jinja2 import meta
             try:    # Hugging Face renders with the loop-controls extension
@@ -128,8 +162,10 @@ class Tokenizer:
                 found = meta.find_undeclared_variables(env.parse(template))
             except jinja2.TemplateError:
                 found = set()
-            self._template_vars = (template, found - RESERVED_TEMPLATE_VARS)
-        return {k: v for k, v in kwargs.items() if k in self._template_vars[1]}
+            if len(self._template_vars) >= TEMPLATES_KEPT:    # requests' own templates
+                self._template_vars.pop(next(iter(self._template_vars)))
+            reads = self._template_vars[template] = frozenset(found - RESERVED_TEMPLATE_VARS)
+        return {k: v for k, v in kwargs.items() if k in reads}
 
     def token_strs(self, ids: list[int]) -> list[str]:
         return self.tok.convert_ids_to_tokens(ids)

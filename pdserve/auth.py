@@ -359,8 +359,20 @@ def secret_arg(p: argparse.ArgumentParser) -> None:
                         "makes one; see docs/security.md)")
 
 
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed")
+    return v
+
+
 def http_args(p: argparse.ArgumentParser) -> None:
-    """The HTTP frontend's locks (frontend/security.py), for `serve` and `frontend`."""
+    """The HTTP frontend's locks (frontend/security.py) and its OpenAI-layer options, for
+    `serve` and `frontend`."""
     p.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer <key>' on /v1 (repeatable; also "
                         "PDSERVE_API_KEY, comma-separated, and --api-key-file)")
@@ -394,6 +406,16 @@ def http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", default="",
                    help="vLLM's tool parser for the model's call format (e.g. hermes, "
                         "llama3_json, mistral)")
+    p.add_argument("--chat-template", default="",
+                   help="the chat template instead of the model's: a file's path, or the "
+                        "template itself (as vLLM's flag)")
+    p.add_argument("--trust-request-chat-template", default=False,
+                   action=argparse.BooleanOptionalAction,
+                   help="requests may bring their own chat template (chat_template); "
+                        "without it they get a 400 (as vLLM's flag)")
+    p.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+                   help="chat template kwargs under every request's, a JSON object (as "
+                        "vLLM's flag), e.g. '{\"enable_thinking\": false}'")
     p.add_argument("--allowed-origins", default="",
                    help='CORS origins, a JSON list (\'["https://a.example"]\') or commas')
 

@@ -179,6 +179,7 @@ def cmd_frontend(ns) -> int:
 
     from frontend import security
     from frontend.app import create_app
+    from frontend.tokens import load_chat_template
 
     model = resolve_model(ns.model)
     from pathlib import Path
@@ -193,7 +194,11 @@ def cmd_frontend(ns) -> int:
                          max_inflight=ns.max_inflight, request_timeout_s=ns.request_timeout_s,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                          enable_auto_tool_choice=ns.enable_auto_tool_choice,
-                         tool_call_parser=ns.tool_call_parser)
+                         tool_call_parser=ns.tool_call_parser,
+                         chat_template=(load_chat_template(ns.chat_template)
+                                        if ns.chat_template else ""),
+                         trust_request_chat_template=ns.trust_request_chat_template,
+                         default_chat_template_kwargs=ns.default_chat_template_kwargs or {})
     if not cfg.api_keys:
         logging.getLogger("pdserve.frontend").warning(
             "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,

@@ -215,14 +215,18 @@ def cluster_credentials() -> dict[str, str | None]:
 def http_argv(ns) -> list[str]:
     argv = [f"--{f.replace('_', '-')}" for f in ("protect_metrics", "expose_routing",
                                                  "enable_prompt_tokens_details",
-                                                 "enable_auto_tool_choice")
+                                                 "enable_auto_tool_choice",
+                                                 "trust_request_chat_template")
             if getattr(ns, f)]
     argv += ["--max-body-bytes", str(ns.max_body_bytes), "--max-inflight", str(ns.max_inflight),
              "--request-timeout-s", str(ns.request_timeout_s),
              "--shutdown-grace-s", str(ns.shutdown_grace_s)]
-    for flag in ("ssl_certfile", "ssl_keyfile", "allowed_origins", "tool_call_parser"):
+    for flag in ("ssl_certfile", "ssl_keyfile", "allowed_origins", "tool_call_parser",
+                 "chat_template"):
         if getattr(ns, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
+    if ns.default_chat_template_kwargs:
+        argv += ["--default-chat-template-kwargs", json.dumps(ns.default_chat_template_kwargs)]
     return argv
 
 

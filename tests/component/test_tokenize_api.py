@@ -57,6 +57,22 @@ async def test_tokenize_chat_is_what_generation_sends(tok):
         assert r.json()["tokens"] == tok.chat(msgs, add_generation_prompt=False) != tok.chat(msgs)
 
 
+async def test_a_requests_own_chat_template_only_on_a_server_that_trusts_it(tok):
+    """As vLLM's --trust-request-chat-template: a 400 with vLLM's words without it, the
+    request's template with it, and the model's again on the next request."""
+    msgs = [{"role": "user", "content": "the fox"}]
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    async with client(tok) as c:
+        r = await c.post("/tokenize", json={"messages": msgs, "chat_template": own})
+        assert r.status_code == 400 and "--trust-request-chat-template" in r.text
+    async with client(tok, trust_request_chat_template=True) as c:
+        r = await c.post("/tokenize", json={"messages": msgs, "chat_template": own})
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == tok.encode("[user] the fox", add_special_tokens=False)
+        r = await c.post("/tokenize", json={"messages": msgs})
+        assert r.json()["tokens"] == tok.chat(msgs)
+
+
 @pytest.mark.parametrize("path,body,status", [
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400),
     ("/tokenize", {}, 400),

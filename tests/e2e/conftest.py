@@ -55,7 +55,10 @@ def cluster(tiny_model, tmp_path_factory):
     # every request disaggregated: the tests sharing this cluster check the transfer path,
     # and the adaptive choice may prefill a prompt on an idle decode worker instead (its
     # own tests are in test_adaptive.py)
-    yield from serving(tiny_model, tmp_path_factory, "cluster", extra=KV)
+    # (and requests may bring their own chat template, as a vLLM server with the same flag:
+    # test_vllm_server_parity.py compares them)
+    yield from serving(tiny_model, tmp_path_factory, "cluster",
+                       extra=[*KV, "--trust-request-chat-template"])
 
 
 def assert_no_orphans(log_path, settle_s: float = 15.0) -> None:

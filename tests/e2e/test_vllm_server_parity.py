@@ -5,7 +5,8 @@ Greedy text equals for every generation feature pdserve implements through the
 disaggregated path (n, batched prompts, echo, logit_bias, prompt_logprobs, echo with
 logprobs as lm-eval sends it, structured outputs, min_p, allowed_token_ids, bad_words,
 special tokens kept, stop strings kept, truncated prompts, chat and its template
-options); the utility endpoints answer the same; an unknown field is ignored by both.
+options, a request's own template); the utility endpoints answer the same; an unknown
+field is ignored by both.
 (Tool calls are compared with a colocated engine on the bundled model in
 test_smollm2.py: this tiny word-level model cannot write JSON.)"""
 
@@ -30,7 +31,7 @@ def vllm_api(cluster, tiny_model, tmp_path_factory):
                             dtype="float32")      # as the tests' clusters (conftest.py)
     procs = Procs(tmp_path_factory.mktemp("vllm-api"))
     try:
-        url = vllm_server(procs, ns, "vllm-api", "1")
+        url = vllm_server(procs, ns, "vllm-api", "1", ["--trust-request-chat-template"])
         wait_ready(url, procs)
         yield url
     finally:
@@ -235,6 +236,28 @@ def test_chat_template_options_equal_vllms_server(cluster, vllm_api):
             "model": cluster.model_name, "messages": msgs, "continue_final_message": True})
         got.append(r.status_code)
     assert got == [400, 400]
+
+
+OWN_TEMPLATE = ("{% if lang is defined %}{{ lang }} {% endif %}{% for m in messages %}"
+                "{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                "{% if add_generation_prompt %}fox {% endif %}")
+
+
+def test_a_requests_own_chat_template_equals_vllms_server(cluster, vllm_api):
+    """Both servers trust request templates (--trust-request-chat-template): the request's
+    template renders the prompt, with the kwargs it reads; the next request gets the
+    model's template again."""
+    msgs = [{"role": "user", "content": P1}]
+    body = {"messages": msgs, "max_tokens": 8, "temperature": 0,
+            "chat_template": OWN_TEMPLATE, "chat_template_kwargs": {"lang": "dog lazy"}}
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", body)
+    assert texts(ours) == texts(theirs)
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    tokenize = {k: body[k] for k in ("messages", "chat_template", "chat_template_kwargs")}
+    ours, theirs = both(cluster, vllm_api, "/tokenize", tokenize)
+    assert ours["tokens"] == theirs["tokens"]
+    plain, _ = both(cluster, vllm_api, "/tokenize", {"messages": msgs})
+    assert plain["tokens"] != ours["tokens"]      # the model's template again
 
 
 def test_both_refuse_the_same_requests(cluster, vllm_api):

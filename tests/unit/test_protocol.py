@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from frontend.protocol import ChatRequest, CompletionRequest
+from frontend.protocol import ChatRequest, CompletionRequest, TokenizeRequest
 from pdserve.errors import InvalidRequest, UnsupportedParameter
 
 
@@ -15,7 +15,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
 
 @pytest.mark.parametrize("field,value", [
     ("functions", [{"name": "f"}]), ("use_beam_search", True), ("guided_json", {"a": 1}),
-    ("chat_template", "{{ x }}"), ("modalities", ["text", "audio"])])
+    ("logprob_token_ids", [3]), ("modalities", ["text", "audio"])])
 def test_fields_that_would_change_the_output_are_refused(field, value):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
@@ -77,10 +77,25 @@ def test_chat_template_options_are_checked_as_vllm_checks_them():
     assert r.template_kwargs() == {"enable_thinking": False, "reasoning_effort": "high",
                                    "x": 1}      # the client's own enable_thinking stands
     assert ChatRequest(model="m", messages=msgs).template_kwargs() == {}
-    for k in ("chat_template", "tokenize"):
+    for k in ("chat_template", "tokenize"):      # on a server that trusts templates too
         with pytest.raises(InvalidRequest) as e:
-            ChatRequest(model="m", messages=msgs, chat_template_kwargs={k: "x"}).check()
+            ChatRequest(model="m", messages=msgs, chat_template_kwargs={k: "x"}).check(True)
         assert e.value.param == "chat_template_kwargs"
+
+
+@pytest.mark.parametrize("model", [ChatRequest, TokenizeRequest])
+def test_a_requests_own_chat_template_needs_a_server_that_trusts_it(model):
+    """As vLLM's server: a template in the request (or in its kwargs) is a 400 unless the
+    server runs with --trust-request-chat-template, and then it is taken."""
+    msgs = [{"role": "user", "content": "x"}]
+    for kw in ({"chat_template": "{{ messages }}"},
+               {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}):
+        with pytest.raises(InvalidRequest) as e:
+            model(model="m", messages=msgs, **kw).check()
+        assert str(e.value) == ("Chat template is passed with request, but "
+                                "--trust-request-chat-template is not set. "
+                                "Refused request with untrusted chat template.")
+    model(model="m", messages=msgs, chat_template="{{ messages }}").check(True)
 
 
 def test_n_echo_and_best_of_equal_to_n_are_accepted():

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from frontend.tokens import ChatOptions, Tokenizer, Truncation
+from frontend.tokens import ChatOptions, Tokenizer, Truncation, load_chat_template, merge_kwargs
 from pdserve.errors import ERROR_TABLE, ContextLengthExceeded, InvalidRequest
 from pdserve.models import build_tiny_model
 
@@ -76,6 +76,41 @@ def test_chat_template_options_reach_the_template_as_vllm_passes_them(tok):
                                     "other": 1}) == {"enable_thinking": True}
     finally:
         tok.tok.chat_template = saved
+
+
+OWN = ("{% if lang is defined %}[{{ lang }}]{% endif %}"
+       "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+       "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+
+
+def test_a_requests_own_template_renders_with_the_kwargs_it_reads(tok):
+    """A trusted request's template (ChatOptions.template) replaces the model's, and its
+    kwargs are kept by what *that* template reads."""
+    model = tok.chat_text(MSG)
+    opts = ChatOptions(kwargs={"lang": "en", "enable_thinking": False}, template=OWN)
+    assert tok.chat_text(MSG, opts=opts) == "[en]<<user>> the fox\n<<assistant>>"
+    assert tok.chat_text(MSG) == model                  # the next request: the model's again
+    assert tok.template_kwargs({"lang": "en", "enable_thinking": False}, OWN) == {"lang": "en"}
+
+
+def test_the_servers_template_and_default_kwargs(tmp_path_factory):
+    """--chat-template replaces the model's for every request; --default-chat-template-kwargs
+    sit under each request's, whose None and "auto" leave them (vLLM's merge)."""
+    d = build_tiny_model(tmp_path_factory.mktemp("m2") / "tiny")
+    tok = Tokenizer(str(d), OWN, {"lang": "fr"})
+    assert tok.chat_text(MSG) == "[fr]<<user>> the fox\n<<assistant>>"
+    assert tok.chat_text(MSG, opts=ChatOptions(kwargs={"lang": "de"})).startswith("[de]")
+    assert tok.chat_text(MSG, opts=ChatOptions(kwargs={"lang": "auto"})).startswith("[fr]")
+    assert merge_kwargs({"a": 1, "b": 2}, {"a": None, "b": 3, "c": "auto"}) == {"a": 1, "b": 3}
+
+
+def test_chat_template_flag_is_a_path_or_the_template(tmp_path):
+    f = tmp_path / "t.jinja"
+    f.write_text(OWN)
+    assert load_chat_template(str(f)) == OWN
+    assert load_chat_template(OWN) == OWN
+    with pytest.raises(SystemExit, match="looks like a file path"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
 
 
 def test_truncation_as_vllm_truncates(tok):

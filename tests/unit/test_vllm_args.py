@@ -205,3 +205,19 @@ def test_one_rank_on_cpu_runs_vllms_worker_in_the_engine_core(tmp_path):
     assert one_process(engine_args(engine_config(parse_args(["decode", "--model", model]), "0")))
     c = vllm_config(named)
     assert c.parallel_config.distributed_executor_backend == "mp"
+
+
+def test_chat_template_flags_reach_the_frontend_as_vllms():
+    """`pdserve serve` takes vLLM's chat-template flags and hands them to its frontend."""
+    from pdserve.launcher import http_argv
+
+    ns = parse_args(["serve", *M, "--chat-template", "{{ messages }}",
+                     "--trust-request-chat-template",
+                     "--default-chat-template-kwargs", '{"enable_thinking": false}'])
+    fe = parse_args(["frontend", *http_argv(ns)])
+    assert fe.chat_template == "{{ messages }}" and fe.trust_request_chat_template
+    assert fe.default_chat_template_kwargs == {"enable_thinking": False}
+    assert not parse_args(["frontend"]).trust_request_chat_template     # off by default
+    for bad in ("[1]", "not json"):
+        with pytest.raises(SystemExit):
+            parse_args(["frontend", "--default-chat-template-kwargs", bad])
