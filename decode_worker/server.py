@@ -113,7 +113,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                             ids, out.prompt_logprobs, sp.prompt_logprobs))
                 first = False
                 if sp.logprobs >= 0 and c.logprobs:
-                    msg.logprobs.extend(logprobs_to_wire(token_ids, c.logprobs, sp.logprobs))
+                    msg.logprobs.extend(logprobs_to_wire(token_ids, c.logprobs, sp.logprobs,
+                                                         bool(sp.logprob_token_ids)))
                 if out.finished or stopped:
                     msg.finish_reason = "stop" if stopped else (c.finish_reason or "stop")
                     why = stop_reason_to_wire(stops.matched if stopped else c.stop_reason)

@@ -86,6 +86,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if req.allowed_token_ids:
             check_ids(req.allowed_token_ids, vocab, "allowed_token_ids")
             sp.allowed_token_ids.extend(req.allowed_token_ids)
+        if req.logprob_token_ids:
+            check_ids(req.logprob_token_ids, vocab, "logprob_token_ids")
+            sp.logprob_token_ids.extend(req.logprob_token_ids)
         if req.seed is not None:
             sp.seed = req.seed
         if req.cache_salt:

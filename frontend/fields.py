@@ -27,7 +27,7 @@ REFUSED: dict[str, tuple] = {
     "logits_processors": _UNSET, "modalities": (None, ["text"]),
     "audio": _UNSET, "prediction": _UNSET, "web_search_options": _UNSET,
     # vLLM extensions not implemented: each changes the tokens or the answer's fields
-    "logprob_token_ids": _UNSET, "repetition_detection": _UNSET, "watermarking": _OFF,
+    "repetition_detection": _UNSET, "watermarking": _OFF,
     "thinking_token_budget": _UNSET, "vllm_xargs": _UNSET, "mm_payload": _UNSET,
     "return_token_offsets": _OFF, "return_prompt_text": _OFF, "return_mm_kwargs": _OFF,
     # vLLM's own P/D and encoder-cache handoffs: pdserve moves KV itself

@@ -89,6 +89,7 @@ class StructuredOutputs(BaseModel):
 
 MAX_SCHEMA_CHARS = 65536
 MAX_TEMPLATE_CHARS = 65536   # a request's own chat template (a trusted server only)
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (its sampler's row width)
 GREEDY_EPS = 1e-5          # vLLM's _SAMPLING_EPS: a temperature below it is greedy
 
 
@@ -126,6 +127,8 @@ class _Common(BaseModel):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    # vLLM extension: exactly these tokens' logprobs at each position, instead of the top
+    logprob_token_ids: list[TokenId] | None = Field(None, max_length=MAX_LOGPROB_TOKEN_IDS)
     # vLLM extensions: the prompt's and each choice's token ids in the answer; logprobs'
     # tokens named `token_id:<id>`
     return_token_ids: StrictBool | None = None
@@ -261,6 +264,9 @@ class CompletionRequest(_Common):
                                        param="best_of")
         if self.suffix:
             raise UnsupportedParameter("suffix is not supported", param="suffix")
+        if self.logprob_token_ids and self.logprobs is None:      # vLLM's words
+            raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set.",
+                                 param="logprob_token_ids")
 
     def prompt_logprobs_k(self) -> int | None:
         """With echo and logprobs the prompt's logprobs come first, as vLLM gives them."""
@@ -322,6 +328,9 @@ class ChatRequest(_Common):
         check_template_options(self, trusted)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.logprob_token_ids and not self.logprobs:      # vLLM's words
+            raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set to "
+                                 "true.", param="logprob_token_ids")
         if self.tools and len(json.dumps([t.function.parameters for t in self.tools])) \
                 > MAX_SCHEMA_CHARS:
             raise InvalidRequest(f"the tools' schemas are over {MAX_SCHEMA_CHARS} characters",

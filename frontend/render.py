@@ -19,10 +19,12 @@ def _name(token_id: int, token: str, by_id: bool) -> str:
 
 
 def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
-                  prompt: tuple[str, list] | None = None, by_id: bool = False) -> dict | None:
+                  prompt: tuple[str, list] | None = None, by_id: bool = False,
+                  every: bool = False) -> dict | None:
     """Completions logprobs; `prompt` (echo: the first prompt token's name, the logprobs
     of the others) puts the prompt's ahead, the first token's logprob None, as vLLM.
-    `by_id`: every token named by its id (`_name`)."""
+    `by_id`: every token named by its id (`_name`). `every`: the request named its tokens
+    (logprob_token_ids), and each generated position lists all the engine gave."""
     toks: list = []
     lps: list = []
     tops: list = []
@@ -50,7 +52,7 @@ def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
             toks.append(tok)
             lps.append(_lp(lp.logprob))
             tops.append({_name(t.token_id, t.token, by_id): _lp(t.logprob) for t in lp.top}
-                        if k > 0 else None)
+                        if k > 0 or every else None)
             offs.append(off)
             off += len(tok)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -152,7 +154,8 @@ class Reply:
         if prompt is not None and self.firsts is not None and chunks:
             head = (_name(self.prompts[prompt][0], self.firsts[prompt], by_id),
                     chunks[0].prompt_logprobs)
-        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head, by_id)
+        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head, by_id,
+                             bool(b.logprob_token_ids))
 
     def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
                delta: bool = False, echo_of: int | None = None,

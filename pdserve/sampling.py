@@ -49,7 +49,9 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty or 1.0,
         min_tokens=min(max(sp.min_tokens - generated, 0), max_tokens),
-        logprobs=sp.logprobs if sp.logprobs >= 0 else None, ignore_eos=sp.ignore_eos,
+        # exactly these tokens' logprobs, instead of the top ones (as vLLM's chat request)
+        logprobs=sp.logprobs if sp.logprobs >= 0 and not sp.logprob_token_ids else None,
+        logprob_token_ids=list(sp.logprob_token_ids) or None, ignore_eos=sp.ignore_eos,
         logit_bias=dict(sp.logit_bias) or None,
         prompt_logprobs=(sp.prompt_logprobs if computes_prompt
                          and sp.HasField("prompt_logprobs") else None),
@@ -89,13 +91,20 @@ def structured(sp: pd_pb2.SamplingParams):
         json_object=True if s.json_object else None)
 
 
-def logprobs_to_wire(token_ids, logprobs, k: int) -> list[pd_pb2.TokenLogprob]:
-    """vLLM per-token {token_id: Logprob} dicts -> our TokenLogprob list."""
+def logprobs_to_wire(token_ids, logprobs, k: int, every: bool = False
+                     ) -> list[pd_pb2.TokenLogprob]:
+    """vLLM per-token {token_id: Logprob} dicts -> our TokenLogprob list: the top `k` by
+    rank, or with `every` (logprob_token_ids) every entry in vLLM's order, the sampled
+    token's first, as vLLM's chat server lists them."""
     out = []
     for tid, entry in zip(token_ids, logprobs or []):
         chosen = entry.get(tid)
-        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
-                     key=lambda x: x[1].rank)[:k] if k > 0 else []
+        if every:
+            top = list(entry.items())
+        else:
+            top = sorted(((t, lp) for t, lp in entry.items()
+                          if lp.rank is not None and lp.rank <= k),
+                         key=lambda x: x[1].rank)[:k] if k > 0 else []
         out.append(pd_pb2.TokenLogprob(
             token_id=tid, token=(chosen.decoded_token or "") if chosen else "",
             logprob=chosen.logprob if chosen else float("-inf"),

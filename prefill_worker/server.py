@@ -100,7 +100,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         if finish == "stop" and (why := stop_reason_to_wire(c.stop_reason)) is not None:
             resp.stop_reason.CopyFrom(why)
         if sp.logprobs >= 0 and lps:
-            resp.first_logprob.CopyFrom(logprobs_to_wire(first_ids, lps, sp.logprobs)[0])
+            resp.first_logprob.CopyFrom(logprobs_to_wire(
+                first_ids, lps, sp.logprobs, every=bool(sp.logprob_token_ids))[0])
         if sp.HasField("prompt_logprobs"):
             resp.prompt_logprobs.extend(prompt_logprobs_to_wire(
                 request.token_ids, plps, sp.prompt_logprobs))

@@ -5,8 +5,8 @@ Greedy text equals for every generation feature pdserve implements through the
 disaggregated path (n, batched prompts, echo, logit_bias, prompt_logprobs, echo with
 logprobs as lm-eval sends it, structured outputs, min_p, allowed_token_ids, bad_words,
 special tokens kept, stop strings kept, truncated prompts, chat and its template
-options, a request's own template); the utility endpoints answer the same; an unknown
-field is ignored by both.
+options, a request's own template, logprob_token_ids); the utility endpoints answer the
+same; an unknown field is ignored by both.
 (Tool calls are compared with a colocated engine on the bundled model in
 test_smollm2.py: this tiny word-level model cannot write JSON.)"""
 
@@ -293,6 +293,38 @@ def test_prompt_logprobs_and_echo_logprobs_equal_vllms_server(cluster, vllm_api)
     assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
     assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], rel=1e-3,
                                                     abs=1e-3)
+
+
+def _near(a: float, b: float) -> bool:
+    return a == pytest.approx(b, rel=1e-3, abs=1e-3)
+
+
+def test_logprob_token_ids_equal_vllms_server(cluster, vllm_api):
+    """Exactly the named tokens' logprobs at every generated position (with the sampled
+    token's), from the prefill engine for the first token and the decode engine after."""
+    ids = [5, 42, 300]
+    msgs = [{"role": "user", "content": P1}]
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions", {
+        "messages": msgs, "max_tokens": 6, "temperature": 0, "logprobs": True,
+        "logprob_token_ids": ids})
+    assert texts(ours) == texts(theirs)
+    a, b = (r["choices"][0]["logprobs"]["content"] for r in (ours, theirs))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert x["token"] == y["token"] and _near(x["logprob"], y["logprob"])
+        assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
+        assert all(_near(t["logprob"], u["logprob"])
+                   for t, u in zip(x["top_logprobs"], y["top_logprobs"]))
+        assert len(x["top_logprobs"]) >= len(ids)      # the named ones, whatever their rank
+    ours, theirs = both(cluster, vllm_api, "/v1/completions", {
+        "prompt": P2, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+        "logprob_token_ids": ids})
+    a, b = (r["choices"][0]["logprobs"] for r in (ours, theirs))
+    assert a["tokens"] == b["tokens"]
+    assert all(_near(x, y) for x, y in zip(a["token_logprobs"], b["token_logprobs"]))
+    for x, y in zip(a["top_logprobs"], b["top_logprobs"]):
+        assert list(x) == list(y) and all(_near(x[k], y[k]) for k in x)
+        assert len(x) >= len(ids)
 
 
 def test_chat_and_the_utility_endpoints_equal_vllms_server(cluster, vllm_api):

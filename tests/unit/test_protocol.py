@@ -15,7 +15,7 @@ def test_unknown_fields_are_ignored_with_a_warning(caplog):
 
 @pytest.mark.parametrize("field,value", [
     ("functions", [{"name": "f"}]), ("use_beam_search", True), ("guided_json", {"a": 1}),
-    ("logprob_token_ids", [3]), ("modalities", ["text", "audio"])])
+    ("vllm_xargs", {"a": 1}), ("modalities", ["text", "audio"])])
 def test_fields_that_would_change_the_output_are_refused(field, value):
     """Never silently ignored: the output would not be what the client asked for."""
     with pytest.raises(UnsupportedParameter) as e:
@@ -81,6 +81,20 @@ def test_chat_template_options_are_checked_as_vllm_checks_them():
         with pytest.raises(InvalidRequest) as e:
             ChatRequest(model="m", messages=msgs, chat_template_kwargs={k: "x"}).check(True)
         assert e.value.param == "chat_template_kwargs"
+
+
+def test_logprob_token_ids_need_logprobs_as_in_vllm():
+    msgs = [{"role": "user", "content": "x"}]
+    ChatRequest(model="m", messages=msgs, logprobs=True, logprob_token_ids=[1, 2]).check()
+    with pytest.raises(InvalidRequest) as e:
+        ChatRequest(model="m", messages=msgs, logprob_token_ids=[1, 2]).check()
+    assert str(e.value) == "when using `logprob_token_ids`, `logprobs` must be set to true."
+    with pytest.raises(ValidationError):        # vLLM's sampler's row width
+        ChatRequest(model="m", messages=msgs, logprobs=True, logprob_token_ids=[1] * 129)
+    CompletionRequest(model="m", prompt="x", logprobs=0, logprob_token_ids=[1]).check()
+    with pytest.raises(InvalidRequest) as e:
+        CompletionRequest(model="m", prompt="x", logprob_token_ids=[1]).check()
+    assert str(e.value) == "when using `logprob_token_ids`, `logprobs` must be set."
 
 
 @pytest.mark.parametrize("model", [ChatRequest, TokenizeRequest])
