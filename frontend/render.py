@@ -18,18 +18,19 @@ def _name(token_id: int, token: str, by_id: bool) -> str:
     return f"token_id:{token_id}" if by_id else token
 
 
-def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
-                  prompt: tuple[str, list] | None = None, by_id: bool = False,
-                  every: bool = False) -> dict | None:
+def cmpl_logprobs(chunks: list[Chunk], offset0: int,
+                  prompt: tuple[str, list] | None = None, by_id: bool = False) -> dict | None:
     """Completions logprobs; `prompt` (echo: the first prompt token's name, the logprobs
     of the others) puts the prompt's ahead, the first token's logprob None, as vLLM.
-    `by_id`: every token named by its id (`_name`). `every`: the request named its tokens
-    (logprob_token_ids), and each generated position lists all the engine gave."""
+    `by_id`: every token named by its id (`_name`). Each position lists its own token and
+    then the top k (with `logprobs: 0`, its own alone), or the tokens a request named
+    (logprob_token_ids), in vLLM's order."""
     toks: list = []
     lps: list = []
     tops: list = []
     offs: list = []
     off = offset0
+    rest = [lp for ch in chunks for lp in ch.logprobs]
     if prompt is not None:
         first, plps = prompt
         toks.append(first)
@@ -37,24 +38,15 @@ def cmpl_logprobs(chunks: list[Chunk], offset0: int, k: int,
         tops.append(None)
         offs.append(off)
         off += len(first)
-        for lp in plps:
-            tok = _name(lp.token_id, lp.token, by_id)
-            toks.append(tok)
-            lps.append(_lp(lp.logprob))
-            tops.append({tok: _lp(lp.logprob), **{_name(t.token_id, t.token, by_id):
-                                                  _lp(t.logprob) for t in lp.top}}
-                        if k > 0 else None)
-            offs.append(off)
-            off += len(tok)
-    for ch in chunks:
-        for lp in ch.logprobs:
-            tok = _name(lp.token_id, lp.token, by_id)
-            toks.append(tok)
-            lps.append(_lp(lp.logprob))
-            tops.append({_name(t.token_id, t.token, by_id): _lp(t.logprob) for t in lp.top}
-                        if k > 0 or every else None)
-            offs.append(off)
-            off += len(tok)
+        rest = list(plps) + rest
+    for lp in rest:
+        tok = _name(lp.token_id, lp.token, by_id)
+        toks.append(tok)
+        lps.append(_lp(lp.logprob))
+        tops.append({tok: _lp(lp.logprob), **{_name(t.token_id, t.token, by_id):
+                                              _lp(t.logprob) for t in lp.top}})
+        offs.append(off)
+        off += len(tok)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
@@ -154,8 +146,7 @@ class Reply:
         if prompt is not None and self.firsts is not None and chunks:
             head = (_name(self.prompts[prompt][0], self.firsts[prompt], by_id),
                     chunks[0].prompt_logprobs)
-        return cmpl_logprobs(chunks, offset, b.logprobs or 0, head, by_id,
-                             bool(b.logprob_token_ids))
+        return cmpl_logprobs(chunks, offset, head, by_id)
 
     def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
                delta: bool = False, echo_of: int | None = None,

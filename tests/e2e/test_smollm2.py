@@ -8,7 +8,7 @@ import pytest
 from frontend import tools
 from pdserve.models import ensure_bundled_model
 from tests.e2e.cluster import reference
-from tests.e2e.conftest import serving
+from tests.e2e.conftest import KV, serving
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,13 @@ TOOL_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    # tool_choice "auto" through vLLM's hermes parser (the frontend loads it at start)
+    # tool_choice "auto" through vLLM's hermes parser (the frontend loads it at start).
+    # Every request disaggregated (KV): these tests check the first token on the prefill
+    # worker and the rest on the decode worker, where the adaptive choice may prefill a
+    # prompt on the idle decode worker instead (it did, once in a run: no KV moved)
     yield from serving(str(ensure_bundled_model()), tmp_path_factory, "smol",
-                       extra=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+                       extra=[*KV, "--enable-auto-tool-choice", "--tool-call-parser",
+                              "hermes"])
 
 
 @pytest.fixture(scope="module")

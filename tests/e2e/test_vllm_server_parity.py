@@ -65,6 +65,7 @@ def texts(resp: dict) -> list[str]:
     ("token ids", {"return_token_ids": True, "stop": ["w1", "fox"], "n": 2,
                    "temperature": 1.0, "top_k": 1}),
     ("tokens as ids", {"logprobs": 2, "return_tokens_as_token_ids": True}),
+    ("logprobs 0", {"logprobs": 0}),          # each token's own, alone
     ("penalties", {"presence_penalty": 1.5, "frequency_penalty": 1.0}),
     ("seeded", {"temperature": 0.9, "seed": 1234}),
     ("stop", {"stop": ["w1", "fox"], "min_tokens": 2}),
@@ -83,7 +84,7 @@ def test_completions_equal_vllms_server(cluster, vllm_api, name, extra):
     assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
     assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
     same_fields(ours, theirs, name)
-    if extra.get("logprobs"):
+    if extra.get("logprobs") is not None:
         a, b = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
         assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
         assert [sorted(t) for t in a["top_logprobs"]] == [sorted(t) for t in b["top_logprobs"]]
