@@ -228,8 +228,8 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
 def forked_core(cfg: EngineConfig, config):
     """Fork vLLM's engine-core process from this one instead of spawning it, at one rank
     (the uniprocess executor, `one_process`). vLLM's CPU platform asks for spawn, which
-    imports vLLM, torch and transformers again in the new process: 16-19 s of CPU per
-    engine on a 2-core AVX2 host, 40-45% of its start. A fork inherits them.
+    imports vLLM, torch and transformers again in the new process: 13-19 s of CPU per
+    engine on a 2-core AVX2 host, about 40% of its start. A fork inherits them.
 
     Spawn is there for OpenMP: a spawned process reads its binding from the environment
     when it loads OpenMP, and a forked one has loaded it already, in this process, with
@@ -237,8 +237,8 @@ def forked_core(cfg: EngineConfig, config):
     `os.register_at_fork` hook, armed only inside this context): its thread pinned to the
     engine's cores, torch's intra-op threads set to their number; the OpenMP threads it
     starts later inherit the pin. This process keeps its own affinity and threads (pinning
-    it for the fork instead pinned the threads vLLM's client starts meanwhile to the
-    engine's core, and a decode step took 5% longer). This process has run no parallel
+    it for the fork instead would also pin the threads vLLM's client starts meanwhile to
+    the engine's core). This process has run no parallel
     region (it computes nothing), so the child has no OpenMP thread pool to inherit.
     `PDSERVE_ENGINE_FORK=0` keeps vLLM's spawn."""
     global _CHILD_BINDING
