@@ -43,9 +43,12 @@ class ChatOptions:
 
 def merge_kwargs(defaults: dict[str, Any] | None, request: dict[str, Any] | None) -> dict:
     """The server's default template kwargs under the request's, whose None and "auto"
-    values leave the default (vLLM's `merge_kwargs`)."""
-    return (defaults or {}) | {k: v for k, v in (request or {}).items()
-                               if v is not None and v != "auto"}
+    values leave the default (vLLM's `merge_kwargs`); with no defaults, the request's as
+    they are (vLLM's `ChatParams.with_defaults` merges nothing then)."""
+    if not defaults:
+        return dict(request or {})
+    return defaults | {k: v for k, v in (request or {}).items()
+                       if v is not None and v != "auto"}
 
 
 def load_chat_template(spec: str) -> str:

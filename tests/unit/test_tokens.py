@@ -102,6 +102,7 @@ def test_the_servers_template_and_default_kwargs(tmp_path_factory):
     assert tok.chat_text(MSG, opts=ChatOptions(kwargs={"lang": "de"})).startswith("[de]")
     assert tok.chat_text(MSG, opts=ChatOptions(kwargs={"lang": "auto"})).startswith("[fr]")
     assert merge_kwargs({"a": 1, "b": 2}, {"a": None, "b": 3, "c": "auto"}) == {"a": 1, "b": 3}
+    assert merge_kwargs(None, {"a": None}) == {"a": None}      # no defaults: kept as sent
 
 
 def test_chat_template_flag_is_a_path_or_the_template(tmp_path):
