@@ -53,7 +53,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode,
                                             creds=auth.from_env(auth.FRONTEND))
         if state["tok"] is None:
-            state["tok"] = Tokenizer(cfg.model, cfg.chat_template or None,
+            state["tok"] = Tokenizer(cfg.model, cfg.chat_template,
                                      cfg.default_chat_template_kwargs)
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
                  cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
