@@ -18,6 +18,10 @@ from pdserve.sampling import first_text_sent, stop_reason_from_wire
 
 log = logging.getLogger(__name__)
 
+# a Route may wait in the scheduler for its worker (late binding, scheduler/holding.py);
+# the scheduler bounds the wait by this deadline
+ROUTE_TIMEOUT_S = 120.0
+
 
 @dataclass
 class Chunk:
@@ -54,6 +58,8 @@ def _route_str(r: pd_pb2.RouteResponse) -> str:
     if r.predicted_ttft_ms > 0:
         out += (f" predicted_ttft_ms={r.predicted_ttft_ms:.0f}"
                 f" predicted_tpot_ms={r.predicted_tpot_ms:.1f} chunk={r.chunk_tokens}")
+    if r.held_ms > 0:
+        out += f" held_ms={r.held_ms:.0f}"
     if r.runner_up:
         out += f"; runner_up: {r.runner_up}"
     return out
@@ -102,7 +108,8 @@ class ClusterClient:
             try:
                 return await self.scheduler.Route(pd_pb2.RouteRequest(
                     request_id=request_id, model=model, token_ids=token_ids,
-                    exclude_workers=exclude or [], max_tokens=max_tokens), timeout=5)
+                    exclude_workers=exclude or [], max_tokens=max_tokens),
+                    timeout=ROUTE_TIMEOUT_S)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:    # admission control
                     after = dict(e.trailing_metadata() or ()).get("retry-after", "1")

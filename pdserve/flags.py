@@ -28,6 +28,9 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
     "--admit-ttft-factor": ("admit_ttft_factor", float, "admission control: 429 when the "
                             "forecast TTFT of the best option exceeds this many TTFT SLOs "
                             "(0: admit everything)"),
+    "--hold-max-s": ("hold_max_s", float, "late binding: a request waits in the scheduler, "
+                     "not in a busy worker's queue, and is placed when a worker is about to "
+                     "be free; at most this many seconds (0: place on arrival)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 

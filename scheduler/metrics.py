@@ -26,6 +26,11 @@ SCHED_CACHED_TOKENS = Counter("pdserve_scheduler_cached_tokens",
                               "(per the index); over pdserve_scheduler_prompt_tokens: hit rate")
 SCHED_INDEX_BLOCKS = Gauge("pdserve_scheduler_index_blocks", "Distinct KV blocks indexed")
 SCHED_INDEX_EVENTS = Counter("pdserve_scheduler_index_events", "KV block events ingested")
+SCHED_HELD = Gauge("pdserve_scheduler_held_requests",
+                   "Requests waiting in the scheduler for their worker (late binding)")
+SCHED_HELD_SECONDS = Histogram("pdserve_scheduler_held_seconds",
+                               "How long routed requests waited in the scheduler (late binding)",
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")

@@ -51,10 +51,15 @@ class PlacementConfig:
     # admission (scheduler/admission.py): refuse when the best option's forecast TTFT is
     # over this many TTFT SLOs (0: admit everything)
     admit_ttft_factor: float = 4.0
+    # late binding (scheduler/holding.py): a request waits in the scheduler while the worker
+    # its best option names is busy, for at most this long (0: route on arrival)
+    hold_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"placement policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.hold_max_s < 0:
+            raise ValueError("hold_max_s must be >= 0")
         if self.temperature < 0 or self.overlap_weight < 0:
             raise ValueError("temperature and overlap_weight must be >= 0")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 import random
 import time
 
@@ -22,6 +23,7 @@ from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from pdserve.latency import StepSample
 from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
+from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex
 from scheduler.models import LatencyBook, handoff_s
 from scheduler.roles import RolePlanner, Signals
@@ -69,6 +71,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
+        self.gate = Gate()               # requests held for late binding
+        self._place_s = 0.0
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
@@ -103,6 +107,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             log.warning("refused a registration from %s: %s", context.peer(), why)
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, why)
         self.reg.register(w)
+        self.gate.notify()
         log.info("registered %s worker %s at %s (model %s, kv %s)", role, request.worker_id,
                  request.address, request.layout.model, request.layout.compat_hash)
         self._gauges()
@@ -122,6 +127,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         else:       # no step since the last heartbeat: nothing decodes there
             w.step_decode_seqs, w.step_decode_ctx = 0, 0
         self._settle(now)
+        self.gate.notify()
         return pd_pb2.HeartbeatResponse(known=True, draining=w.draining, role=ROLE_PB[w.role])
 
     def _settle(self, now: float) -> None:
@@ -142,6 +148,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             log.info("worker %s: role %s -> %s once drained (%s)", worker_id, w.role,
                      w.pending_role, reason)
         self._gauges()
+        self.gate.notify()
         return w
 
     async def SetRole(self, request, context):
@@ -163,7 +170,11 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         recent = {w.worker_id: self.book.recent_of(w.worker_id, now) for w in ws}
         dp = max((recent[w.worker_id].mean_step_s / allow for w in ws
                   if w.can("decode") and recent[w.worker_id].stream_steps >= 16), default=0.0)
-        pp = max((self.reg.backlog(w, now) / self.slo.ttft_s for w in ws), default=0.0)
+        # requests held for late binding are prefill work too, shared by the workers that
+        # could take it
+        held = self.gate.held_prefill_s() / max(1, sum(w.can("prefill") for w in ws))
+        pp = max(((self.reg.backlog(w, now) + held) / self.slo.ttft_s for w in ws),
+                 default=0.0)
         return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role})
 
     def plan_roles(self, now: float) -> None:
@@ -177,6 +188,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         if self.reg.remove(request.worker_id):
             log.info("worker %s deregistered", request.worker_id)
         self._forget(request.worker_id)
+        self.gate.notify()
         self._gauges()
         return pd_pb2.DeregisterResponse()
 
@@ -237,16 +249,16 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             return out
         return overlap_of
 
-    async def Route(self, request, context):
+    def _place(self, request, ids):
         t0 = time.perf_counter()
-        ids = list(request.token_ids)
         try:
-            d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
-                      frozenset(request.exclude_workers), self.rng, self.book, self.slo,
-                      request.max_tokens, self.clock())
-        except NoPlacement as e:
-            SM.ROUTES.labels("no_workers").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            return place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
+                         frozenset(request.exclude_workers), self.rng, self.book, self.slo,
+                         request.max_tokens, self.clock())
+        finally:
+            self._place_s = time.perf_counter() - t0
+
+    async def _admit(self, d, context) -> None:
         wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor,
                              own_s=d.prefill_s)
         if wait:
@@ -257,6 +269,57 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                 f"overloaded: the forecast TTFT is {d.pred_ttft_s:.1f}s, over "
                                 f"{self.cfg.placement.admit_ttft_factor:g}x the "
                                 f"{self.slo.ttft_s:.1f}s TTFT SLO")
+
+    async def _held_place(self, request, ids, context):
+        """Late binding (scheduler/holding.py): choose when the chosen worker is about to be
+        free, oldest request first. Returns (decision, seconds held)."""
+        gate, model = self.gate, request.model
+        ticket, t_in, admitted, waited = gate.enter(model), self.clock(), False, False
+        SM.SCHED_HELD.set(gate.held())
+        left = context.time_remaining()
+        max_hold = self.cfg.placement.hold_max_s
+        if left is not None:
+            max_hold = min(max_hold, left - 1.0)
+        try:
+            while True:
+                if not gate.head(model, ticket):
+                    waited = True
+                    await gate.wait(POLL_S)
+                    continue
+                d = self._place(request, ids)
+                if not admitted:
+                    await self._admit(d, context)
+                    admitted = True
+                held = self.clock() - t_in
+                w = self.reg.workers[d.prefill or d.decode]
+                pause = hold_for(self.reg.backlog(w, self.clock()), d.prefill_s, held,
+                                 max_hold) if d.prefill_s > 0 else 0.0
+                if not pause:
+                    return d, held if waited else 0.0
+                gate.prefill_s[ticket] = d.prefill_s
+                waited = True
+                await gate.wait(pause)
+        finally:
+            gate.leave(model, ticket)
+            SM.SCHED_HELD.set(gate.held())
+
+    async def Route(self, request, context):
+        ids = list(request.token_ids)
+        held = 0.0
+        try:
+            # a retry of an admitted request (a worker failed) does not queue again
+            if self.cfg.placement.hold_max_s > 0 and not request.exclude_workers:
+                d, held = await self._held_place(request, ids, context)
+            else:
+                d = self._place(request, ids)
+                await self._admit(d, context)
+        except NoPlacement as e:
+            SM.ROUTES.labels("no_workers").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        t0 = time.perf_counter()
+        if held:
+            SM.SCHED_HELD_SECONDS.observe(held)
+            d = replace(d, pred_ttft_s=d.pred_ttft_s + held if d.pred_ttft_s else 0.0)
         b = self.reg.book(d, self.clock())
         prefiller = self.reg.workers[d.prefill or d.decode]
         self.index.hit_blocks += d.cached_tokens // max(1, prefiller.block_size)
@@ -266,14 +329,14 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         SM.SCHED_PROMPT_TOKENS.inc(len(ids))
         SM.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
         SM.ROUTES.labels("ok").inc()
-        SM.ROUTE_SECONDS.observe(time.perf_counter() - t0)
+        SM.ROUTE_SECONDS.observe(self._place_s + time.perf_counter() - t0)
         if self.autoscaler is not None:
             self.autoscaler.observe_route(self.clock(), d.mode, len(ids))
         resp = pd_pb2.RouteResponse(
             decode=self._ref(d.decode), booking_id=b.booking_id, mode=MODE_PB[d.mode],
             reason=d.reason, cached_tokens=d.cached_tokens,
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
-            runner_up=d.runner_up, chunk_tokens=d.chunk_tokens)
+            runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3)
         if d.pred_ttft_s:
             SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
             SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
@@ -307,6 +370,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                            request.output_tokens, local=b.prefill is None)
         SM.SCHED_BOOKINGS.set(len(self.reg.bookings))
         self._settle(now)
+        self.gate.notify()
         return pd_pb2.ReportResponse(known=known)
 
     def _observe_report(self, b, r) -> None:

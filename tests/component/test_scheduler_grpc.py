@@ -182,3 +182,77 @@ async def test_an_engine_that_stopped_stepping_has_no_streams(sched):
     await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="d"))    # idle since
     alone = await local_ttft()
     assert alone < beside
+
+
+@pytest.fixture
+async def held_sched():
+    from scheduler.policy import PlacementConfig
+    cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
+                          heartbeat_timeout_s=30.0,
+                          placement=PlacementConfig(admit_ttft_factor=0.0))
+    server, port, svc = await create_server(cfg)
+    await server.start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield pd_pb2_grpc.SchedulerStub(ch), svc
+    await ch.close()
+    await server.stop(0)
+
+
+async def test_late_binding_holds_requests_in_order_until_their_worker_frees(held_sched):
+    """A request whose worker is busy with earlier prefills waits in the scheduler (not in
+    the worker's queue), oldest first, and is placed once that worker reports its prefill
+    done; a held request that is cancelled leaves nothing behind."""
+    from scheduler import metrics as SM
+    sched, svc = held_sched
+    await sched.Register(reg("p", pd_pb2.ROLE_PREFILL))
+    full = reg("d", pd_pb2.ROLE_DECODE)
+    full.load.kv_usage, full.load.num_blocks = 0.99, 1000     # no room to prefill locally
+    await sched.Register(full)
+    warm = (steps(20, prefill=512, seconds=3.0) + steps(20, prefill=64, seconds=0.4)
+            + steps(20, decode=1, ctx=500, seconds=0.03))
+    for w in ("p", "d"):
+        await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id=w, steps=warm, load=full.load
+                                                      if w == "d" else None))
+
+    def route(i):
+        return asyncio.ensure_future(sched.Route(pd_pb2.RouteRequest(
+            request_id=f"r{i}", model="m", token_ids=list(range(600)), max_tokens=8),
+            timeout=60))
+
+    def held():
+        return SM.SCHED_HELD._value.get()
+
+    a = await route(0)
+    assert a.prefill.worker_id == "p" and a.held_ms == 0
+    b = route(1)
+    await asyncio.wait_for(wait_for(lambda: held() == 1), 10)
+    c = route(2)                                  # after b: held behind it
+    await asyncio.wait_for(wait_for(lambda: held() == 2), 10)
+    done, _ = await asyncio.wait([b, c], timeout=0.5)
+    assert not done, "p's backlog is seconds long: both must still be held"
+    await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id,
+                                            phase=pd_pb2.PHASE_PREFILL_DONE))
+    rb = await asyncio.wait_for(b, 10)
+    assert rb.prefill.worker_id == "p" and rb.held_ms > 400 and not c.done()
+    assert held() == 1
+    await sched.Report(pd_pb2.ReportRequest(booking_id=rb.booking_id,
+                                            phase=pd_pb2.PHASE_PREFILL_DONE))
+    rc = await asyncio.wait_for(c, 10)
+    assert rc.prefill.worker_id == "p" and rc.held_ms > 400
+    # a held request cancelled by its caller leaves the queue
+    d = route(3)
+    await asyncio.wait_for(wait_for(lambda: held() == 1), 10)
+    d.cancel()
+    await asyncio.wait_for(wait_for(lambda: held() == 0 and not svc.gate.held()), 10)
+    for r in (a, rb, rc):
+        await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                                phase=pd_pb2.PHASE_DONE))
+    e = await asyncio.wait_for(route(4), 10)       # nothing booked: placed at once
+    assert e.held_ms == 0
+    st = await sched.IndexStats(pd_pb2.IndexStatsRequest())
+    assert sum(st.decisions.values()) == 4        # a, b, c, e: the cancelled one booked nothing
+
+
+async def wait_for(cond, poll_s=0.01):
+    while not cond():
+        await asyncio.sleep(poll_s)

@@ -1,0 +1,99 @@
+"""Late binding: a request waits in the scheduler, not in an engine's queue.
+
+Routing on arrival commits a request to a worker's prefill queue seconds before that
+worker will compute it. While it waits there, nothing can move it: another engine that
+turns free meanwhile (a decode engine whose streams ended, a prefill worker that finished
+early) stays idle beside the queue, and the requests booked behind it make that engine
+look busier than it will be (each booked prefill is a decode stream later, on the
+chooser's timeline, scheduler/adaptive.py). So the scheduler holds a request while the
+worker its best option names is still busy with earlier prefills, and chooses again,
+from the state of that moment, when the worker is about to be free, when any report or
+heartbeat changes the picture, or when another option becomes best (an engine that
+turned free has no backlog: it is taken at once).
+
+Held requests leave in arrival order, per model: only the oldest one chooses, so a later
+request never overtakes an earlier one. A request is dispatched a little before its
+worker is predicted free (`LOOKAHEAD` of its own prefill time, at least `MIN_AHEAD_S`), so
+the round trip to the engine does not leave the engine idle. The hold is bounded by
+`max_hold_s` and by the caller's deadline.
+
+`hold_for` is pure; `Gate` is the FIFO and the wake-up, on asyncio alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+
+LOOKAHEAD = 0.25       # dispatch when the backlog is at most this share of its own prefill
+MIN_AHEAD_S = 0.02     # ... or this many seconds (a round trip to the engine)
+POLL_S = 0.5           # re-choose at least this often while held
+
+
+def hold_for(backlog_s: float, prefill_s: float, held_s: float, max_hold_s: float) -> float:
+    """Seconds to wait before choosing again; 0: dispatch now. `backlog_s`: predicted
+    prefill work before this request on the worker its best option names; `prefill_s`:
+    its own prefill there; `held_s`: how long it has waited in the scheduler."""
+    ahead = max(MIN_AHEAD_S, LOOKAHEAD * prefill_s)
+    if backlog_s <= ahead or held_s >= max_hold_s:
+        return 0.0
+    return max(0.0, min(backlog_s - ahead, POLL_S, max_hold_s - held_s))
+
+
+class Gate:
+    """FIFO queues of held requests (one per model) and one wake-up for all of them."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[int]] = {}
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+        self.prefill_s: dict[int, float] = {}    # each held request's own prefill, last seen
+
+    def enter(self, model: str) -> int:
+        t = next(self._ids)
+        self._queues.setdefault(model, deque()).append(t)
+        return t
+
+    def leave(self, model: str, ticket: int) -> None:
+        q = self._queues.get(model)
+        if q is not None:
+            was_head = bool(q) and q[0] == ticket
+            try:
+                q.remove(ticket)
+            except ValueError:
+                pass
+            if not q:
+                del self._queues[model]
+            if was_head:
+                self.notify()
+        self.prefill_s.pop(ticket, None)
+
+    def head(self, model: str, ticket: int) -> bool:
+        q = self._queues.get(model)
+        return bool(q) and q[0] == ticket
+
+    def held(self) -> int:
+        """Requests waiting now (the head of each queue included)."""
+        return sum(len(q) for q in self._queues.values())
+
+    def held_prefill_s(self) -> float:
+        """Predicted prefill work held: each request's own where its choice was made (the
+        heads'), their mean for the rest."""
+        known = self.prefill_s.values()
+        if not known:
+            return 0.0
+        return sum(known) / len(known) * self.held()
+
+    def notify(self) -> None:
+        """Something changed (a report, a heartbeat, a dispatch): every waiter looks again."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next `notify` or `timeout_s`, whichever comes first."""
+        ev = self._changed
+        try:
+            await asyncio.wait_for(ev.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
