@@ -77,6 +77,16 @@ class Gate:
         """Requests waiting now (the head of each queue included)."""
         return sum(len(q) for q in self._queues.values())
 
+    def work_ahead(self, model: str, own_s: float) -> float:
+        """Predicted prefill seconds held for `model` now (ahead of a request entering):
+        each one's own where known, else the known mean, else `own_s`."""
+        q = self._queues.get(model, ())
+        if not q:
+            return 0.0
+        known = self.prefill_s.values()
+        guess = sum(known) / len(known) if known else own_s
+        return sum(self.prefill_s.get(t, guess) for t in q)
+
     def held_prefill_s(self) -> float:
         """Predicted prefill work held: each request's own where its choice was made (the
         heads'), their mean for the rest."""

@@ -258,23 +258,31 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         finally:
             self._place_s = time.perf_counter() - t0
 
-    async def _admit(self, d, context) -> None:
-        wait = retry_after_s(d.pred_ttft_s, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor,
+    async def _admit(self, d, context, ahead_s: float = 0.0) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, retry-after) what is forecast to start too late;
+        `ahead_s`: the work of requests held before it (late binding)."""
+        pred = d.pred_ttft_s + ahead_s if d.pred_ttft_s else 0.0
+        wait = retry_after_s(pred, self.slo.ttft_s, self.cfg.placement.admit_ttft_factor,
                              own_s=d.prefill_s)
         if wait:
             SM.ROUTES.labels("overloaded").inc()
             M.REJECTED.labels("forecast_ttft").inc()
             context.set_trailing_metadata((("retry-after", f"{wait:.0f}"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"overloaded: the forecast TTFT is {d.pred_ttft_s:.1f}s, over "
+                                f"overloaded: the forecast TTFT is {pred:.1f}s, over "
                                 f"{self.cfg.placement.admit_ttft_factor:g}x the "
                                 f"{self.slo.ttft_s:.1f}s TTFT SLO")
 
     async def _held_place(self, request, ids, context):
         """Late binding (scheduler/holding.py): choose when the chosen worker is about to be
-        free, oldest request first. Returns (decision, seconds held)."""
+        free, oldest request first. Admission looks at the forecast on arrival, the requests
+        held ahead of this one included. Returns (decision, seconds held)."""
         gate, model = self.gate, request.model
-        ticket, t_in, admitted, waited = gate.enter(model), self.clock(), False, False
+        d = self._place(request, ids)
+        n = sum(1 for w in self.reg.workers.values() if w.model == model and not w.draining
+                and (w.can("prefill") or w.can("local")))     # who could take held work
+        await self._admit(d, context, gate.work_ahead(model, d.prefill_s) / max(1, n))
+        ticket, t_in, waited = gate.enter(model), self.clock(), False
         SM.SCHED_HELD.set(gate.held())
         left = context.time_remaining()
         max_hold = self.cfg.placement.hold_max_s
@@ -286,10 +294,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     waited = True
                     await gate.wait(POLL_S)
                     continue
-                d = self._place(request, ids)
-                if not admitted:
-                    await self._admit(d, context)
-                    admitted = True
+                if waited:          # the picture changed while it waited
+                    d = self._place(request, ids)
                 held = self.clock() - t_in
                 w = self.reg.workers[d.prefill or d.decode]
                 pause = hold_for(self.reg.backlog(w, self.clock()), d.prefill_s, held,

@@ -185,11 +185,12 @@ async def test_an_engine_that_stopped_stepping_has_no_streams(sched):
 
 
 @pytest.fixture
-async def held_sched():
+async def held_sched(request):
     from scheduler.policy import PlacementConfig
+    factor = getattr(request, "param", 0.0)         # admission control: off unless given
     cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
                           heartbeat_timeout_s=30.0,
-                          placement=PlacementConfig(admit_ttft_factor=0.0))
+                          placement=PlacementConfig(admit_ttft_factor=factor))
     server, port, svc = await create_server(cfg)
     await server.start()
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -198,15 +199,12 @@ async def held_sched():
     await server.stop(0)
 
 
-async def test_late_binding_holds_requests_in_order_until_their_worker_frees(held_sched):
-    """A request whose worker is busy with earlier prefills waits in the scheduler (not in
-    the worker's queue), oldest first, and is placed once that worker reports its prefill
-    done; a held request that is cancelled leaves nothing behind."""
-    from scheduler import metrics as SM
-    sched, svc = held_sched
+async def one_busy_prefill_worker(sched):
+    """p prefills (a 600-token prompt: about 3.5 s by its model); d decodes with no room
+    to prefill locally."""
     await sched.Register(reg("p", pd_pb2.ROLE_PREFILL))
     full = reg("d", pd_pb2.ROLE_DECODE)
-    full.load.kv_usage, full.load.num_blocks = 0.99, 1000     # no room to prefill locally
+    full.load.kv_usage, full.load.num_blocks = 0.99, 1000
     await sched.Register(full)
     warm = (steps(20, prefill=512, seconds=3.0) + steps(20, prefill=64, seconds=0.4)
             + steps(20, decode=1, ctx=500, seconds=0.03))
@@ -218,10 +216,20 @@ async def test_late_binding_holds_requests_in_order_until_their_worker_frees(hel
         return asyncio.ensure_future(sched.Route(pd_pb2.RouteRequest(
             request_id=f"r{i}", model="m", token_ids=list(range(600)), max_tokens=8),
             timeout=60))
+    return route
 
-    def held():
-        return SM.SCHED_HELD._value.get()
 
+def held():
+    from scheduler import metrics as SM
+    return SM.SCHED_HELD._value.get()
+
+
+async def test_late_binding_holds_requests_in_order_until_their_worker_frees(held_sched):
+    """A request whose worker is busy with earlier prefills waits in the scheduler (not in
+    the worker's queue), oldest first, and is placed once that worker reports its prefill
+    done; a held request that is cancelled leaves nothing behind."""
+    sched, svc = held_sched
+    route = await one_busy_prefill_worker(sched)
     a = await route(0)
     assert a.prefill.worker_id == "p" and a.held_ms == 0
     b = route(1)
@@ -256,3 +264,24 @@ async def test_late_binding_holds_requests_in_order_until_their_worker_frees(hel
 async def wait_for(cond, poll_s=0.01):
     while not cond():
         await asyncio.sleep(poll_s)
+
+
+@pytest.mark.parametrize("held_sched", [3.5], indirect=True)
+async def test_admission_counts_the_requests_held_ahead(held_sched):
+    """TTFT SLO 2 s, refuse past 3.5 of it (plus a long prompt's own excess): b is
+    forecast at a's backlog + its own prefill (about 7 s, admitted); c at the same plus
+    b's prefill, held ahead of it (about 10.5 s): refused, though p's backlog alone
+    would admit it."""
+    sched, svc = held_sched
+    route = await one_busy_prefill_worker(sched)
+    a = await route(0)
+    b = route(1)
+    await asyncio.wait_for(wait_for(lambda: held() == 1), 10)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await route(2)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "forecast TTFT" in e.value.details() and held() == 1
+    await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id,
+                                            phase=pd_pb2.PHASE_DONE))
+    rb = await asyncio.wait_for(b, 10)
+    assert rb.held_ms > 0 and held() == 0

@@ -26,7 +26,9 @@ async def test_gate_is_fifo_per_model_and_leaves_cleanly():
     c = g.enter("other")
     assert g.head("m", a) and not g.head("m", b) and g.head("other", c)
     assert g.held() == 3
+    assert g.work_ahead("m", 0.5) == 1.0 and g.work_ahead("none", 0.5) == 0.0
     g.prefill_s[a] = 1.5
+    assert g.work_ahead("m", 0.5) == 3.0         # the known mean for the rest
     assert g.held_prefill_s() == 4.5           # the mean of the known for the rest
     g.prefill_s[b] = 2.0
     assert g.held_prefill_s() == 5.25
