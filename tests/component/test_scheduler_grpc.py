@@ -285,3 +285,21 @@ async def test_admission_counts_the_requests_held_ahead(held_sched):
                                             phase=pd_pb2.PHASE_DONE))
     rb = await asyncio.wait_for(b, 10)
     assert rb.held_ms > 0 and held() == 0
+
+
+async def test_held_requests_count_as_prefill_pressure_for_the_role_planner(held_sched):
+    """Late binding keeps the prefill worker's own backlog short; the prefill work held in
+    the scheduler is still prefill pressure (its predicted seconds over the workers that
+    could take it)."""
+    sched, svc = held_sched
+    route = await one_busy_prefill_worker(sched)
+    a = await route(0)
+    now = svc.clock()
+    alone = svc.signals(now).prefill_pressure
+    b = route(1)
+    await asyncio.wait_for(wait_for(lambda: held() == 1 and svc.gate.prefill_s), 10)
+    with_held = svc.signals(svc.clock()).prefill_pressure
+    own = next(iter(svc.gate.prefill_s.values()))
+    assert own > 1.0 and with_held > alone + 0.8 * own / svc.slo.ttft_s, (alone, with_held)
+    await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id, phase=pd_pb2.PHASE_DONE))
+    await asyncio.wait_for(b, 10)
