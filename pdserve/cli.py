@@ -19,6 +19,7 @@ from pdserve.config import (
 from pdserve import auth, vllm_args
 from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, placement_args,
                            planner_config, role_args, role_config)
+from frontend.flags import http_args
 from pdserve.logs import setup_logging
 from pdserve.models import resolve_model
 from pdserve.procs import die_with_parent
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale_args(s)
     role_args(s)
     auth.secret_arg(s)
-    auth.http_args(s)
+    http_args(s)
     s.set_defaults(func=cmd_serve)
 
     for role in ("prefill", "decode", "mixed"):
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--kv-mode", choices=KV_MODES, default="pull",
                    help="must match the workers' --kv-mode")
     auth.secret_arg(f)
-    auth.http_args(f)
+    http_args(f)
     f.set_defaults(func=cmd_frontend)
 
     r = sub.add_parser("set-role", help="change a worker's role at runtime (admin)")
