@@ -21,8 +21,14 @@ OWN_MIN_STEPS = 32
 
 MIN_HANDOFF_S = 1e-3         # a handoff sample is at least this (the fit weighs 1/t^2)
 # a first gap longer than this many of the request's other gaps is not a handoff but a
-# wait for a decode slot (max_num_seqs), which a local prefill would wait for too, as TTFT
-MAX_HANDOFF_STEPS = 10
+# wait for a decode slot (max_num_seqs), which a local prefill would wait for too, as TTFT,
+# or a stall (a local prefill's step in progress on that engine, which the TPOT forecast
+# adds by itself). A handoff is about three steps (the step in progress, the one during
+# which the KV loads, the one that computes the last prompt token): measured 2-3.5 steps on
+# an AVX512 host (40-70 ms beside 20 ms steps) and about 3 on an AVX2 one (450-520 ms
+# beside 150-190 ms). At 10 a 1,138 ms stall (6 steps) entered the fit there and put the
+# remote option's forecast TPOT over the SLO for the rest of a run.
+MAX_HANDOFF_STEPS = 5
 
 
 def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float | None:

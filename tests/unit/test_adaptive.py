@@ -329,6 +329,9 @@ def test_the_handoff_is_the_first_gap_beyond_the_other_gaps():
     assert handoff_s(70.0, 70.0, 2) is None                 # one gap: nothing to compare
     # a 2 s wait for a decode slot before 5 ms steps is a queue, not a handoff
     assert handoff_s(2000.0, (2000 + 198 * 5) / 199, 200) is None
+    # three steps is a handoff; six is a stall (a local prefill's step in progress)
+    assert handoff_s(480.0, (480 + 6 * 160) / 7, 8) == pytest.approx(0.32)
+    assert handoff_s(1138.0, (1138 + 6 * 185) / 7, 8) is None
     # fitted per decode worker, it is what the TPOT forecast spreads over the tokens
     book = LatencyBook()
     for nbytes in (10**6, 4 * 10**6) * 3:
