@@ -106,47 +106,24 @@ class _State:
 
 def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
     """The decode streams, their context, and whether a prompt being computed will
-    decode here (a local prefill).
-
-    A remote-prefilled request counts as a stream from the moment it is here, while its
-    KV loads and its last prompt tokens compute: its client has the first token and its
-    TPOT clock runs. Counted only once it decoded, a local prefill's `alone` steps (each
-    up to several decode steps long on a CPU) ran on through its load and its last
-    tokens, and its first gap took three of them (measured on a 2-core AVX2 host: first
-    gaps of 1.2-1.6 s against 0.15 s decode steps, 8-token outputs over the TPOT SLO)."""
+    decode here (a local prefill)."""
     out, ctx, local = [], 0, False
-
-    def stream(r, produced: int) -> None:
-        nonlocal ctx
+    for r in sched.running:
+        if r.num_computed_tokens < r.num_prompt_tokens:   # still prefilling
+            local = local or (r.max_tokens or 0) > 1
+            continue
         t0 = st.first.get(r.request_id)
         if t0 is None:
             t0 = st.first[r.request_id] = now - _handoff_s(r)
         # a stream whose first token came from a prefill worker: the client counts that
         # token and the gap since it (the KV load) in its TPOT, so the allowance does too
         extra = 1 if _first_token_at(r) else 0
-        out.append(Stream(now - t0, produced + extra, int(r.max_tokens or 0) + extra))
-        ctx += max(r.num_computed_tokens, r.num_prompt_tokens)
-
-    for r in sched.running:
-        if r.num_computed_tokens < r.num_prompt_tokens:   # still prefilling
-            if _remote(r):
-                stream(r, 0)
-            else:
-                local = local or (r.max_tokens or 0) > 1
-            continue
-        stream(r, r.num_output_tokens)
-    for q in (getattr(sched, "kv_holding_waiting", ()), sched.waiting):
-        for r in q:
-            if _remote(r):
-                stream(r, 0)
-            elif (r.max_tokens or 0) > 1 and r.num_computed_tokens < r.num_prompt_tokens:
-                local = True
+        out.append(Stream(now - t0, r.num_output_tokens + extra, int(r.max_tokens or 0) + extra))
+        ctx += r.num_computed_tokens
+    if not local:
+        local = any((r.max_tokens or 0) > 1 and r.num_computed_tokens < r.num_prompt_tokens
+                    for r in sched.waiting)
     return out, ctx, local
-
-
-def _remote(r) -> bool:
-    p = getattr(r, "kv_transfer_params", None)
-    return isinstance(p, dict) and bool(p.get(P_REMOTE_PREFILL))
 
 
 def _first_token_at(r) -> float:

@@ -92,38 +92,3 @@ def test_waiting_remote_prefilled_requests_get_budget_to_start():
     assert _waiting_decodes(sched) == 1 + 1 + MAX_WAITING_DECODE_TOKENS
     assert _waiting_decodes(NS(waiting=[local], running=[])) == 0
     assert _partial_prefills(sched) == 1           # the other one is decoding
-
-
-def test_a_remote_prefilled_request_is_a_stream_while_its_kv_loads():
-    """Waiting for its KV, or computing its last prompt tokens, a remote-prefilled request
-    already has a client waiting on its second token: the budget holds a local prefill's
-    steps to its allowance from then on, not from its first decode step."""
-    import time
-    from types import SimpleNamespace as NS
-
-    from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
-    from pdserve.latency import Coef
-    from pdserve.step_budget import budget
-    from pdserve.step_hook import _streams
-
-    def req(rid, computed, prompt, max_tokens, params=None):
-        return NS(request_id=rid, num_computed_tokens=computed, num_prompt_tokens=prompt,
-                  num_output_tokens=0, max_tokens=max_tokens, kv_transfer_params=params)
-
-    landing = {P_REMOTE_PREFILL: True, P_FIRST_AT: time.time() - 0.3}
-    loading = req("loading", 0, 500, 8, landing)
-    last = req("last", 496, 500, 8, dict(landing))        # KV in, last tokens to compute
-    local = req("local", 200, 1000, 16)                   # a local prefill in progress
-    st = _State(200.0, "")
-    streams, ctx, is_local = _streams(
-        NS(running=[local, last], waiting=[], kv_holding_waiting=[loading]), st,
-        time.monotonic())
-    assert is_local and len(streams) == 2 and ctx == 1000
-    assert all(s.produced == 1 and s.target == 9 and 0.29 < s.elapsed_s < 1.0
-               for s in streams)
-    # what that does to the local prefill's step: from a long `alone` chunk to the
-    # streams' allowance
-    coef = Coef(step=0.12, prefill_ktok=5.0, decode_seq=0.002, decode_ctx_10ktok=0.01)
-    alone = budget([], coef, 0.2, 0, 4096, local_prefill=True)
-    beside = budget(streams, coef, 0.2, ctx, 4096, local_prefill=True)
-    assert beside.tokens < alone.tokens and beside.allow_s < alone.allow_s
