@@ -88,12 +88,9 @@ class Gate:
         return sum(self.prefill_s.get(t, guess) for t in q)
 
     def held_prefill_s(self) -> float:
-        """Predicted prefill work held: each request's own where its choice was made (the
-        heads'), their mean for the rest."""
-        known = self.prefill_s.values()
-        if not known:
-            return 0.0
-        return sum(known) / len(known) * self.held()
+        """Predicted prefill work held, every model's (`work_ahead`'s estimate; nothing
+        while no held request has chosen yet)."""
+        return sum(self.work_ahead(m, 0.0) for m in self._queues)
 
     def notify(self) -> None:
         """Something changed (a report, a heartbeat, a dispatch): every waiter looks again."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 import random
 import time
+from dataclasses import replace
 
 import grpc
 
@@ -72,7 +72,6 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
-        self._place_s = 0.0
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
@@ -250,13 +249,12 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         return overlap_of
 
     def _place(self, request, ids):
+        """(decision, seconds the choice took)."""
         t0 = time.perf_counter()
-        try:
-            return place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
-                         frozenset(request.exclude_workers), self.rng, self.book, self.slo,
-                         request.max_tokens, self.clock())
-        finally:
-            self._place_s = time.perf_counter() - t0
+        d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
+                  frozenset(request.exclude_workers), self.rng, self.book, self.slo,
+                  request.max_tokens, self.clock())
+        return d, time.perf_counter() - t0
 
     async def _admit(self, d, context, ahead_s: float = 0.0) -> None:
         """Refuse (RESOURCE_EXHAUSTED, retry-after) what is forecast to start too late;
@@ -276,9 +274,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     async def _held_place(self, request, ids, context):
         """Late binding (scheduler/holding.py): choose when the chosen worker is about to be
         free, oldest request first. Admission looks at the forecast on arrival, the requests
-        held ahead of this one included. Returns (decision, seconds held)."""
+        held ahead of this one included. Returns (decision, seconds the last choice took,
+        seconds held)."""
         gate, model = self.gate, request.model
-        d = self._place(request, ids)
+        d, took = self._place(request, ids)
         n = sum(1 for w in self.reg.workers.values() if w.model == model and not w.draining
                 and (w.can("prefill") or w.can("local")))     # who could take held work
         await self._admit(d, context, gate.work_ahead(model, d.prefill_s) / max(1, n))
@@ -295,13 +294,13 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     await gate.wait(POLL_S)
                     continue
                 if waited:          # the picture changed while it waited
-                    d = self._place(request, ids)
+                    d, took = self._place(request, ids)
                 held = self.clock() - t_in
                 w = self.reg.workers[d.prefill or d.decode]
                 pause = hold_for(self.reg.backlog(w, self.clock()), d.prefill_s, held,
                                  max_hold) if d.prefill_s > 0 else 0.0
                 if not pause:
-                    return d, held if waited else 0.0
+                    return d, took, held if waited else 0.0
                 gate.prefill_s[ticket] = d.prefill_s
                 waited = True
                 await gate.wait(pause)
@@ -315,9 +314,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         try:
             # a retry of an admitted request (a worker failed) does not queue again
             if self.cfg.placement.hold_max_s > 0 and not request.exclude_workers:
-                d, held = await self._held_place(request, ids, context)
+                d, took, held = await self._held_place(request, ids, context)
             else:
-                d = self._place(request, ids)
+                d, took = self._place(request, ids)
                 await self._admit(d, context)
         except NoPlacement as e:
             SM.ROUTES.labels("no_workers").inc()
@@ -335,7 +334,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         SM.SCHED_PROMPT_TOKENS.inc(len(ids))
         SM.SCHED_CACHED_TOKENS.inc(d.cached_tokens)
         SM.ROUTES.labels("ok").inc()
-        SM.ROUTE_SECONDS.observe(self._place_s + time.perf_counter() - t0)
+        SM.ROUTE_SECONDS.observe(took + time.perf_counter() - t0)
         if self.autoscaler is not None:
             self.autoscaler.observe_route(self.clock(), d.mode, len(ids))
         resp = pd_pb2.RouteResponse(
