@@ -348,6 +348,10 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
                     help="give vLLM's servers pdserve's quiet-wait plugin too")
     ap.add_argument("--pdserve-arg", action="append", default=[],
                     help="extra `pdserve serve` argument (repeat; use --pdserve-arg=--flag)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
+                         "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
+                         "must start with pdserve; add it to --setups or it runs last)")
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     ap.add_argument("--log-dir", default=log_dir)
     ap.add_argument("--out", default="")
@@ -365,21 +369,8 @@ def finish_args(ns):
     return ns
 
 
-def main(argv=None) -> int:
-    from bench.serve import add_workload_args
-
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setup_args(ap, ",".join(s for s in SETUPS if s != "vllm-2x-chunked"),
-                   "/tmp/pdserve-compare")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
-                         "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
-                         "must start with pdserve; add it to --setups or it runs last)")
-    add_workload_args(ap)
-    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:1536:256",
-                    output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
-    ns = finish_args(ap.parse_args(argv))
+def setup_list(ap: argparse.ArgumentParser, ns) -> list[str]:
+    """--setups with the --variant setups (known from now on) after them."""
     for v in ns.variant:
         label, _, args = v.partition("=")
         if not label.startswith(OURS) or label == OURS:
@@ -391,6 +382,21 @@ def main(argv=None) -> int:
     for s in setups:
         if s not in SETUPS:
             ap.error(f"unknown setup {s!r}; known: {', '.join(SETUPS)}")
+    return setups
+
+
+def main(argv=None) -> int:
+    from bench.serve import add_workload_args
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(ap, ",".join(s for s in SETUPS if s != "vllm-2x-chunked"),
+                   "/tmp/pdserve-compare")
+    add_workload_args(ap)
+    ap.set_defaults(rates="0.2,0.4,0.6", num_requests=20, input="mix:0.25:1536:256",
+                    output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
+    ns = finish_args(ap.parse_args(argv))
+    setups = setup_list(ap, ns)
     print(f"workload: {ns.num_requests} requests per rate, rates {ns.rates}, input "
           f"{ns.input}, output {ns.output}, {ns.arrival}, seed {ns.seed}; SLO TTFT "
           f"{ns.slo_ttft_ms:g} ms, TPOT {ns.slo_tpot_ms:g} ms", flush=True)

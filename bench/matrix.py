@@ -8,7 +8,9 @@ traffic mixes, three rates each, in one run.
 Setups (bench/compare.py): vllm-1 (one colocated server on both cores), vllm-2x (two
 replicas, one core each, least-outstanding proxy), vllm-2x-chunked (the same with
 --max-num-batched-tokens 256) and pdserve with its defaults. Each starts once and serves
-every mix.
+every mix. `--variant 'pdserve-mixed=--mixed'` adds a setup of ours with extra `pdserve
+serve` flags, reported against the peers like the defaults (never as a peer itself), so two
+settings meet the same host in one run.
 
 Mixes (`MIXES`): prefill-dominated (uniform long prompts, short outputs), decode-dominated
 (short prompts, long outputs), the long-prompt mix (a quarter long prompts) and a
@@ -105,7 +107,7 @@ def run_matrix(ns) -> tuple[dict, dict]:
     from bench.serve import sweep
 
     mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
-    setups = [s.strip() for s in ns.setups.split(",") if s.strip()]
+    setups = ns.setup_list
     results: dict[str, dict[str, list]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
 
@@ -122,7 +124,7 @@ def run_matrix(ns) -> tuple[dict, dict]:
                                                         f"{setup} {mix}"))
         return body
 
-    if setups and setups[0] == C.OURS:
+    if setups and setups[0].startswith(C.OURS):
         raise SystemExit("the first setup calibrates the SLOs pdserve is given: put a "
                          "vLLM setup first")
     for s in setups:
@@ -146,12 +148,12 @@ def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS) ->
                                                                                           dict]:
     lines = [f"=== mix {mix}: input {MIXES[mix][0]}, output {MIXES[mix][1]}; SLO TTFT "
              f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms", C.table(res)]
-    peers = [s for s in res if s != ours]
-    out: dict = {"cells": [], "mix": mix}
+    peers = [s for s in res if not s.startswith(C.OURS)]
+    out: dict = {"cells": [], "mix": mix, "setup": ours}
     if ours not in res or not peers:
         return "\n".join(lines), out
     mine = C.by_rate(res[ours])
-    lines.append(f"\n{'rate':>8} {'pdserve':>8} {'best peer':>16} {'ratio':>6}")
+    lines.append(f"\n{'rate':>8} {ours:>8} {'best peer':>16} {'ratio':>6}")
     all_ok = True
     for rate, s in sorted(mine.items()):
         best = max(peers, key=lambda p: C.by_rate(res[p]).get(rate, {}).get("goodput", -1))
@@ -208,15 +210,17 @@ def main(argv=None) -> int:
     add_workload_args(ap)
     ap.set_defaults(num_requests=8, input="fixed:128", output="fixed:8")
     ns = C.finish_args(ap.parse_args(argv))
+    ns.setup_list = C.setup_list(ap, ns)
     for m in ns.mixes.split(","):
         if m.strip() and m.strip() not in MIXES:
             ap.error(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
     results, cals = run_matrix(ns)
     texts, summary = [], []
     for mix, res in results.items():
-        text, out = mix_report(mix, res, cals[mix])
-        texts.append(text)
-        summary.append(out)
+        for ours in [s for s in res if s.startswith(C.OURS)]:
+            text, out = mix_report(mix, res, cals[mix], ours)
+            texts.append(text)
+            summary.append(out)
     print("\n\n".join(texts), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

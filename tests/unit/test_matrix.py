@@ -82,3 +82,16 @@ def test_mix_report_compares_each_cell_with_the_best_peer():
     res["pdserve"][1] = run(0.2, 0.1, 60)
     text, out = MX.mix_report("prefill", res, cal)
     assert not out["every_cell"] and "MISSED" in text.splitlines()[-6]
+
+
+def test_a_variant_of_ours_is_reported_against_the_peers_and_is_never_a_peer():
+    res = {"vllm-2x": [run(0.1, 0.10, 90)],
+           "pdserve": [run(0.1, 0.09, 50)],
+           "pdserve-mixed": [run(0.1, 0.20, 50)]}
+    cal = {"ttft_ms": 3000, "tpot_ms": 100}
+    _, out = MX.mix_report("prefill", res, cal)
+    assert out["cells"][0]["best"] == "vllm-2x" and not out["every_cell"]
+    text, out = MX.mix_report("prefill", res, cal, "pdserve-mixed")
+    assert out["setup"] == "pdserve-mixed" and out["cells"][0]["best"] == "vllm-2x"
+    assert out["cells"][0]["ratio"] == pytest.approx(2.0) and out["every_cell"]
+    assert "pdserve-mixed" in text
