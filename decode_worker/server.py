@@ -24,6 +24,7 @@ from pdserve.sampling import (
     logprobs_to_wire,
     prompt_logprobs_to_wire,
     stop_reason_to_wire,
+    reasoning_args,
     to_vllm,
 )
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, validate_prompt
@@ -96,7 +97,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         stops = (StopAcrossFirst(sp.stop, request.first_token_text, request.first_text_sent,
                                  params.min_tokens, sp.include_stop_str_in_output,
                                  ids[-1], self._decoder()) if across else None)
-        gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid)
+        gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid, **reasoning_args(
+            sp, continues=not push and (not local or bool(request.first_token_text))))
         try:
             async for out in gen:
                 loaded.set()

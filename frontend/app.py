@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import choices, http_errors, ops_api, render, security, tools
+from frontend import choices, http_errors, ops_api, reasoning, render, security, tools
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
@@ -55,8 +55,15 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model, cfg.chat_template,
                                      cfg.default_chat_template_kwargs)
+        _reasoner()      # an unknown parser stops the start, as vLLM's server
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
                  cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
+
+    def _reasoner():
+        """vLLM's reasoning parser named by --reasoning-parser (None: none), loaded once."""
+        if cfg.reasoning_parser and "reasoning" not in state:
+            state["reasoning"] = reasoning.load(cfg.reasoning_parser, state["tok"].tok)
+        return state.get("reasoning")
 
     @app.on_event("shutdown")
     async def _shutdown() -> None:
@@ -207,12 +214,19 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                 cfg.max_model_len))
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1,
-                     body.constraint(plan.schema))
+        think = None
+        if _reasoner() is not None:
+            think = reasoning.Plan(state["reasoning"], tok.tok,
+                                   {**cfg.default_chat_template_kwargs,
+                                    **body.template_kwargs()}, body.include_reasoning)
+        constraint = body.constraint(plan.schema)
+        if think is not None and constraint is not None:   # constrain after the reasoning
+            constraint.update(think.engine_fields(ids))
+        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1, constraint)
         echo = body.echoed()     # the last message ahead of the answer (vLLM's echo)
         out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
                            chat=True, details=cfg.enable_prompt_tokens_details,
-                           tools=plan if plan.active else None,
+                           tools=plan if plan.active else None, reasoning=think,
                            echo=[echo] if echo and not plan.active else None)
         if body.stream:
             return await _stream(request, out, jobs)
@@ -362,7 +376,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                    delta=True, echo_of=echo_of,
                                    prompt=job.prompt if head else None)
                     offset[job.index] += len(text)
-                    if text or finish or ch.logprobs or (out.body.return_token_ids
+                    said = c["delta"] if out.chat else text   # a parser may hold text back
+                    if said or finish or ch.logprobs or (out.body.return_token_ids
                                                          and (head or ch.token_ids)):
                         yield chunk(c, extra=extra)
                 if include_usage:

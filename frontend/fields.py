@@ -38,7 +38,6 @@ IGNORED: dict[str, str] = {
     "stream_interval": "a stream sends each engine output as it comes",
     "request_id": "pdserve names its requests; the client's x-request-id is echoed",
     "session_id": "no session affinity beyond the prefix-aware placement",
-    "include_reasoning": "pdserve runs no reasoning parser: nothing is split off",
     "media_io_kwargs": "the models served take text only",
     "mm_processor_kwargs": "the models served take text only",
     "routed_experts_prompt_start": "no routed-expert data is returned",

@@ -295,6 +295,7 @@ class ChatRequest(_Common):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None
     echo: StrictBool = False    # vLLM extension: the last message ahead, if it is the reply's
+    include_reasoning: StrictBool = True    # with --reasoning-parser (frontend/reasoning.py)
 
     def reply_role(self) -> str:
         """The answer's role, as vLLM's server names it: the assistant's after a generation

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from frontend.client import Chunk
 from frontend.tokens import Tokenizer
+from frontend import reasoning as reasoning_
 from frontend.tools import Streamer, ToolPlan, message
 
 
@@ -124,12 +125,16 @@ class Reply:
     def __init__(self, rid: str, created: int, endpoint: str, body, prompts: list[list[int]],
                  tok: Tokenizer, chat: bool, details: bool = False,
                  echo: list[str] | None = None, firsts: list[str] | None = None,
-                 tools: ToolPlan | None = None) -> None:
+                 tools: ToolPlan | None = None, reasoning: reasoning_.Plan | None = None
+                 ) -> None:
         self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
         self.prompts, self.tok, self.chat, self.details = prompts, tok, chat, details
         self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
         self.obj = "chat.completion" if chat else "text_completion"
         self.tools = tools                         # chat: the request's tool calls to make
+        self.reasoning = reasoning                 # chat: the reasoning parser's plan
+        self.reasoning_tokens = 0                  # over the choices finished so far
+        self._thinks: dict[int, reasoning_.Stream] = {}
         self.role = body.reply_role() if chat else None
         self._streams: dict[int, Streamer] = {}
 
@@ -166,23 +171,52 @@ class Reply:
             if self.body.prompt_logprobs is not None and chunks:
                 c["prompt_logprobs"] = prompt_logprobs(chunks[0].prompt_logprobs)
             return c
+        out_ids = [t for c in chunks for t in c.token_ids]
+        if self.reasoning is not None and not self.reasoning.include:
+            lp = None            # as vLLM: hidden reasoning leaks through no token metadata
         if delta:
-            d = {"content": text} if text else {}
+            d: dict = {}
+            if self.reasoning is not None:    # reasoning first; tools read the content left
+                d = self._think(index, text, out_ids, finish)
+                text = d.pop("content", "")
             if self.tools is not None:
                 st = self._streams.get(index)
                 if st is None:
                     st = self._streams[index] = Streamer(
                         self.tools, getattr(self.tok, "tok", None), self.body.model)
-                d, finish = st.feed(text, [t for c in chunks for t in c.token_ids], finish)
+                d2, finish = st.feed(text, out_ids, finish)
+                d = {**d, **d2}
+            elif text:
+                d["content"] = text
             return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish,
                     "stop_reason": why, **ids}
+        thought = None
+        if self.reasoning is not None:
+            thought, text, n = reasoning_.split(self.reasoning, text, out_ids, self.prompts[0],
+                                                self.body.model)
+            self.reasoning_tokens += n
         msg = {"role": self.role, "content": text}
         if self.tools is not None:
-            msg, finish = message(self.tools, text, finish, getattr(self.tok, "tok", None),
-                                  self.body.model)
+            msg, finish = message(self.tools, text or "", finish,
+                                  getattr(self.tok, "tok", None), self.body.model)
             msg["role"] = self.role
+        if self.reasoning is not None:
+            msg["reasoning"] = thought   # vLLM's field: null when nothing was reasoning
         return {"index": index, "message": msg, "logprobs": lp, "finish_reason": finish,
                 "stop_reason": why, **ids}
 
+    def _think(self, index: int, text: str, ids: list[int], finish) -> dict:
+        st = self._thinks.get(index)
+        if st is None:
+            st = self._thinks[index] = reasoning_.Stream(self.reasoning, self.prompts[0],
+                                                          self.body.model)
+        d = st.feed(text, ids, finish is not None)
+        if finish is not None:
+            self.reasoning_tokens += st.tokens()
+        return d
+
     def usage(self, n_gen: int, cached: int) -> dict:
-        return usage(sum(len(p) for p in self.prompts), n_gen, cached, self.details)
+        u = usage(sum(len(p) for p in self.prompts), n_gen, cached, self.details)
+        if self.reasoning is not None:     # as vLLM, whenever a reasoning parser runs
+            u["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return u

@@ -196,6 +196,7 @@ def cmd_frontend(ns) -> int:
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                          enable_auto_tool_choice=ns.enable_auto_tool_choice,
                          tool_call_parser=ns.tool_call_parser,
+                         reasoning_parser=ns.reasoning_parser,
                          chat_template=(load_chat_template(ns.chat_template)
                                         if ns.chat_template else ""),
                          trust_request_chat_template=ns.trust_request_chat_template,
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tpot-slo-ms", type=float, default=100.0)
     f.add_argument("--kv-mode", choices=KV_MODES, default="pull",
                    help="must match the workers' --kv-mode")
+    f.add_argument("--reasoning-parser", default="",
+                   help="vLLM's reasoning parser: the answer's reasoning apart from its "
+                        "content (give the engines the same; `serve` passes it to both)")
     auth.secret_arg(f)
     http_args(f)
     f.set_defaults(func=cmd_frontend)

@@ -131,6 +131,7 @@ class FrontendConfig:
     enable_prompt_tokens_details: bool = False   # usage.prompt_tokens_details, as vLLM's flag
     enable_auto_tool_choice: bool = False   # tool_choice "auto" (frontend/tools.py), as vLLM
     tool_call_parser: str = ""              # vLLM's tool parser for "auto", by its name
+    reasoning_parser: str = ""              # vLLM's reasoning parser (frontend/reasoning.py)
     chat_template: str = ""                 # instead of the model's (the template's text)
     trust_request_chat_template: bool = False   # requests may bring their own template
     default_chat_template_kwargs: dict = field(default_factory=dict)   # under requests'

@@ -227,6 +227,10 @@ def http_argv(ns) -> list[str]:
             argv += [f"--{flag.replace('_', '-')}", getattr(ns, flag)]
     if ns.default_chat_template_kwargs:
         argv += ["--default-chat-template-kwargs", json.dumps(ns.default_chat_template_kwargs)]
+    # a vLLM engine argument: the engines gate structured outputs on it, the frontend
+    # splits the answer with it
+    if (getattr(ns, "vllm", None) or {}).get("reasoning_parser"):
+        argv += ["--reasoning-parser", ns.vllm["reasoning_parser"]]
     return argv
 
 

@@ -99,6 +99,9 @@ _CHAT_TEMPLATE = (
 )
 
 
+THINK_MARKERS = ["<think>", "</think>"]
+
+
 def build_tiny_model(out: Path, seed: int = 0, vocab_words: int = 1000) -> Path:
     """A random seeded Llama for fast tests (~10 MB)."""
     out = Path(out)
@@ -110,8 +113,11 @@ def build_tiny_model(out: Path, seed: int = 0, vocab_words: int = 1000) -> Path:
 
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     words = sorted(set(_TINY_TEXT.split()))
-    # pad the vocabulary with synthetic words so long random prompts are easy to make
+    # pad the vocabulary with synthetic words so long random prompts are easy to make; the
+    # last two are a thinking model's markers, for vLLM's reasoning parsers (the vocabulary's
+    # size, and so the seeded weights, stay as they were without them)
     words += [f"w{i}" for i in range(max(0, vocab_words - len(words) - len(specials)))]
+    words[-2:] = THINK_MARKERS
     vocab = {t: i for i, t in enumerate(specials + ["\n"] + words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([

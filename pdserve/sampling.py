@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pdserve.rpc import pd_pb2
@@ -27,6 +28,21 @@ def first_text_sent(text: str, stops, finished: bool, include: bool = False) -> 
     if finished or not stops:
         return len(text)
     return max(0, len(text) - stop_hold(stops, include))
+
+
+def reasoning_args(sp: pd_pb2.SamplingParams, continues: bool = False) -> dict[str, Any]:
+    """vLLM generate()'s reasoning arguments for a constrained request (frontend/reasoning.py).
+    `continues`: this engine's prompt ends with the first output token, sampled elsewhere.
+    That token may have ended the reasoning, so a prompt that had not is left for the
+    engine to read again (None), and only "ended already" carries over."""
+    if not sp.HasField("structured"):
+        return {}
+    s, out = sp.structured, {}
+    if s.reasoning_parser_kwargs:
+        out["reasoning_parser_kwargs"] = json.loads(s.reasoning_parser_kwargs)
+    if s.HasField("reasoning_ended"):
+        out["reasoning_ended"] = True if s.reasoning_ended else (None if continues else False)
+    return out
 
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,

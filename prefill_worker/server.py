@@ -21,6 +21,7 @@ from pdserve.sampling import (
     logprobs_to_wire,
     prompt_logprobs_to_wire,
     stop_reason_to_wire,
+    reasoning_args,
     to_vllm,
 )
 from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
@@ -60,7 +61,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
             if DEBUG_DELAY_S:   # test switch: a slow prefill (push-mode fault tests)
                 await asyncio.sleep(DEBUG_DELAY_S)
             async for out in self.rt.engine.generate(
-                    engine_prompt(list(request.token_ids), sp), params, request.request_id):
+                    engine_prompt(list(request.token_ids), sp), params, request.request_id,
+                    **reasoning_args(sp)):
                 c = out.outputs[0]
                 first_ids += c.token_ids
                 text += c.text

@@ -56,16 +56,25 @@ def engine_quiescent(sched, own_work: bool, waiting_for_kv) -> bool:
     return all(r.status == waiting_for_kv for r in waiting)
 
 
-def advance_grammar(request) -> bool:
+def advance_grammar(request, reasoner=None) -> bool:
     """Pull: the decode engine's request is the prompt plus the first token, which the
     prefill engine sampled under the same constraint. vLLM's grammar for the request starts
     at the beginning of the output: advance it past that token, or the second token would
     be constrained as if it were the first. The grammar is compiled by now (vLLM promotes
     a request waiting for its grammar before asking the connector). False: nothing to do,
-    or the token does not fit the grammar (then vLLM's own checks end the request)."""
+    or the token does not fit the grammar (then vLLM's own checks end the request).
+
+    `reasoner` (the engine runs a reasoning parser, `--reasoning-parser`): vLLM constrains
+    only what follows the reasoning. If the prompt had not ended it, the first token was
+    reasoning, or the token that ends it, and never went through the grammar; then the
+    grammar stays at its start and vLLM's own gate reads the prompt plus that token (ended
+    there or not) as it would have read it after sampling the token itself."""
     so = getattr(request, "structured_output_request", None)
     grammar = so.grammar if so is not None else None
     if grammar is None or isinstance(grammar, Exception):
+        return False
+    if (reasoner is not None and not so.reasoning_ended
+            and not reasoner.is_reasoning_end(request.prompt_token_ids[:-1])):
         return False
     first = request.prompt_token_ids[-1]
     if grammar.accept_tokens(request.request_id, [first]):
@@ -73,6 +82,23 @@ def advance_grammar(request) -> bool:
     log.warning("request %s: the first token %d (from the prefill engine) does not fit its "
                 "structured-output grammar", request.request_id, first)
     return False
+
+
+def reasoner_for(vllm_config, request):
+    """The request's reasoning parser as vLLM's structured-output gate builds it (and
+    then reuses: it is kept on the request), or None when the engine runs none."""
+    so_cfg = getattr(vllm_config, "structured_outputs_config", None)
+    so = getattr(request, "structured_output_request", None)
+    if (so is None or so_cfg is None or not so_cfg.reasoning_parser
+            or so_cfg.enable_in_reasoning):
+        return None
+    if so.reasoner is None:
+        from vllm.reasoning import ReasoningParserManager
+        from vllm.tokenizers import cached_tokenizer_from_config
+        cls = ReasoningParserManager.get_reasoning_parser(so_cfg.reasoning_parser)
+        so.reasoner = cls(tokenizer=cached_tokenizer_from_config(
+            model_config=vllm_config.model_config), **(so.reasoning_parser_kwargs or {}))
+    return so.reasoner
 
 
 class _Releaser:
@@ -113,6 +139,7 @@ class _Releaser:
 class SchedulerHalf:
     def __init__(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> None:
         self.cfg = ConnectorConfig.from_vllm(vllm_config, kv_cache_config)
+        self._vllm_config = vllm_config
         self._agent_address = ""
         self._local_hit: dict[str, int] = {}
         self._loads: list[LoadSpec] = []
@@ -166,7 +193,7 @@ class SchedulerHalf:
             return
         p[P_DONE] = True
         if not p.get(P_PUSH):
-            advance_grammar(request)
+            advance_grammar(request, reasoner_for(self._vllm_config, request))
         local_hit = self._local_hit.pop(request.request_id, 0)
         if num_external_tokens <= 0:
             # everything was in our own prefix cache: the producer's copy is not needed

@@ -1,0 +1,128 @@
+"""Differential: vLLM's reasoning parser (`--reasoning-parser deepseek_v3`) through pdserve
+and through vLLM's own OpenAI server, started here with the same flag, model and engine
+settings. deepseek_v3 splits off the reasoning only when a request asks for thinking.
+
+The tiny model's vocabulary holds `<think>` and `</think>`; `logit_bias` pushes it towards
+the end marker, so an answer has both parts. Short prompts are prefilled on the decode
+worker and long ones on the prefill worker (`--local-prefill-max-tokens 64`), so both
+paths run. With a structured output only the answer is constrained: through the
+disaggregated path the first token (reasoning, or the marker) comes from the prefill
+engine, and the decode engine's grammar must start after the marker.
+
+(A separate cluster: with a reasoning parser on its engines, seeded sampling through the
+disaggregated path differs from vLLM's, which the shared cluster's parity tests check;
+docs/design.md, "Reasoning".)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import httpx
+import pytest
+
+from bench.compare import Procs, vllm_server, wait_ready
+from tests.e2e.conftest import serving, words
+
+REASONING = ["--reasoning-parser", "deepseek_v3"]
+SHORT, LONG = words(30, seed=501), words(180, seed=502)
+
+
+@pytest.fixture(scope="module")
+def rcluster(tiny_model, tmp_path_factory):
+    yield from serving(tiny_model, tmp_path_factory, "reasoning",
+                       extra=[*REASONING, "--local-prefill-max-tokens", "64"])
+
+
+@pytest.fixture(scope="module")
+def vllm_r(rcluster, tiny_model, tmp_path_factory):
+    ns = argparse.Namespace(model=tiny_model, served_name=rcluster.model_name,
+                            max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
+                            kv_cache_gib=1, baseline_quiet_wait=True, dtype="float32")
+    procs = Procs(tmp_path_factory.mktemp("vllm-reasoning"))
+    try:
+        url = vllm_server(procs, ns, "vllm-reasoning", "1", REASONING)
+        wait_ready(url, procs)
+        yield url
+    finally:
+        procs.stop()
+
+
+def both(c, vurl, body: dict) -> tuple[dict, dict]:
+    out = []
+    for url in (c.url, vurl):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                       json={"model": c.model_name, **body})
+        assert r.status_code == 200, (url, r.text)
+        out.append(r.json())
+    return out[0], out[1]
+
+
+def streamed(url: str, model: str, body: dict) -> tuple[str, str, dict | None]:
+    """(reasoning, content, usage) a stream adds up to."""
+    reasoning, content, usage = "", "", None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                      json={"model": model, **body, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            d = json.loads(line[6:])
+            assert "error" not in d, d
+            for ch in d.get("choices") or []:
+                reasoning += ch["delta"].get("reasoning") or ""
+                content += ch["delta"].get("content") or ""
+            usage = d.get("usage") or usage
+    return reasoning, content, usage
+
+
+@pytest.mark.parametrize("prompt", [SHORT, LONG], ids=["local", "remote"])
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "regex"])
+def test_reasoning_equals_vllms_server(rcluster, vllm_r, prompt, constrained):
+    (end,) = httpx.post(f"{rcluster.url}/tokenize", timeout=30, json={
+        "model": rcluster.model_name, "prompt": "</think>",
+        "add_special_tokens": False}).json()["tokens"]
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+            "temperature": 0, "chat_template_kwargs": {"thinking": True},
+            "logit_bias": {str(end): 7.0}}
+    constraint = None
+    if constrained and prompt is LONG:
+        # through the handoff: an answer that must start with the reasoning's own first
+        # word. A decode engine that fed that word (the prefill engine's first token) to
+        # the grammar would constrain the answer from its second word on, and differ
+        free = httpx.post(f"{vllm_r}/v1/chat/completions", timeout=120,
+                          json={"model": rcluster.model_name, **body}).json()
+        first = free["choices"][0]["message"]["reasoning"].split()[0]
+        constraint = {"regex": f"{first}(fox|dog)(lazy|brown)+"}
+    elif constrained:     # one engine samples it all (that regex on this prompt fails in
+        constraint = {"regex": "(fox|dog)(lazy|brown)+"}    # vLLM's own server: a 500)
+    if constraint:
+        body["structured_outputs"] = constraint
+    ours, theirs = both(rcluster, vllm_r, body)
+    a, b = (r["choices"][0]["message"] for r in (ours, theirs))
+    assert (a["reasoning"], a["content"]) == (b["reasoning"], b["content"])
+    assert a["reasoning"] and a["content"], a          # both parts: the split happened
+    details = ours["usage"]["completion_tokens_details"]
+    assert details == theirs["usage"]["completion_tokens_details"]
+    if constraint:     # the answer after the marker obeys it
+        assert re.fullmatch(constraint["regex"], a["content"].replace(" ", "")), a
+    s1, s2 = (streamed(url, rcluster.model_name, body) for url in (rcluster.url, vllm_r))
+    assert s1[:2] == s2[:2]
+    assert s1[2]["completion_tokens_details"] == s2[2]["completion_tokens_details"] == details
+    # the same words as the whole answer (vLLM's own stream and whole answer differ in the
+    # spaces around the marker)
+    assert [s1[0].split(), s1[1].split()] == [a["reasoning"].split(), a["content"].split()]
+    # hidden reasoning: the answer alone, and (vLLM's rule) constrained from its start
+    hidden, vhidden = both(rcluster, vllm_r, {**body, "include_reasoning": False})
+    h, vh = (r["choices"][0]["message"] for r in (hidden, vhidden))
+    assert h["reasoning"] is None and h["content"] == vh["content"]
+    # without thinking the same parser leaves the answer whole
+    plain, vplain = both(rcluster, vllm_r, {**body, "chat_template_kwargs": {}})
+    p, vp = (r["choices"][0]["message"] for r in (plain, vplain))
+    assert p["reasoning"] is None and p["content"] == vp["content"]
+    if constraint:     # no reasoning: constrained from the first token
+        assert re.fullmatch(constraint["regex"], p["content"].replace(" ", "")), p
+    else:
+        assert "</think>" in p["content"]
