@@ -221,3 +221,13 @@ def test_chat_template_flags_reach_the_frontend_as_vllms():
     for bad in ("[1]", "not json"):
         with pytest.raises(SystemExit):
             parse_args(["frontend", "--default-chat-template-kwargs", bad])
+
+
+def test_the_reasoning_parser_reaches_both_the_engines_and_the_frontend():
+    """vLLM's --reasoning-parser is an engine argument; `serve` hands it to its frontend too."""
+    from pdserve.launcher import http_argv
+
+    ns = parse_args(["serve", *M, "--reasoning-parser", "deepseek_v3"])
+    assert ns.vllm["reasoning_parser"] == "deepseek_v3"
+    assert parse_args(["frontend", *http_argv(ns)]).reasoning_parser == "deepseek_v3"
+    assert not parse_args(["frontend", *http_argv(parse_args(["serve", *M]))]).reasoning_parser
