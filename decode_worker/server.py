@@ -68,7 +68,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         rid = request.request_id
         # the first token came from another engine (a pull, or a retry's local prefill of
         # prompt plus first token): stop strings are checked here, across it
-        across = bool(sp.stop) and not push and (not local or bool(request.first_token_text))
+        continues = not push and (not local or bool(request.first_token_text))
+        across = bool(sp.stop) and continues
         if local:   # conditional disaggregation: the whole request runs here
             ids = list(request.prompt_token_ids)
             # a retry continues from the first token the client has (the prompt's last):
@@ -97,8 +98,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
         stops = (StopAcrossFirst(sp.stop, request.first_token_text, request.first_text_sent,
                                  params.min_tokens, sp.include_stop_str_in_output,
                                  ids[-1], self._decoder()) if across else None)
-        gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid, **reasoning_args(
-            sp, continues=not push and (not local or bool(request.first_token_text))))
+        gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid,
+                                      **reasoning_args(sp, continues=continues))
         try:
             async for out in gen:
                 loaded.set()

@@ -214,9 +214,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                                 cfg.max_model_len))
         k = body.top_logprobs or 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        think = None
-        if _reasoner() is not None:
-            think = reasoning.Plan(state["reasoning"], tok.tok,
+        think, parser_cls = None, _reasoner()
+        if parser_cls is not None:
+            think = reasoning.Plan(parser_cls, tok.tok,
                                    {**cfg.default_chat_template_kwargs,
                                     **body.template_kwargs()}, body.include_reasoning)
         constraint = body.constraint(plan.schema)

@@ -5,16 +5,15 @@ not; concurrent requests spread over the backends; every in-flight count returns
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench.proxy import make_app
+from tests.component.loopback import serve, stop
 
 
 def backend(name: str) -> FastAPI:
@@ -41,25 +40,13 @@ def backend(name: str) -> FastAPI:
     return app
 
 
-def serve(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and t.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    return server, t, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def backends():
     apps = [backend("A"), backend("B")]
     running = [serve(a) for a in apps]
-    yield apps, [url for _, _, url in running]
+    yield apps, [f"http://127.0.0.1:{port}" for _, _, port in running]
     for server, t, _ in running:
-        server.should_exit = True
-        t.join(timeout=10)
+        stop(server, t)
 
 
 async def test_least_outstanding_passes_answers_through_and_spreads_load(backends):

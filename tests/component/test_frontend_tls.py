@@ -4,14 +4,12 @@ API keys, and CORS. No cluster behind it: /v1/models needs none."""
 import shutil
 import ssl
 import subprocess
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from frontend.app import create_app
+from tests.component.loopback import serve, stop
 from pdserve.config import FrontendConfig
 
 KEY = "sk-" + "t" * 30
@@ -61,18 +59,9 @@ def https(tmp_path_factory):
     app = create_app(FrontendConfig(model="unused", served_model_name="m", api_keys=(KEY,),
                                     allowed_origins=(ORIGIN,)),
                      client=NoCluster(), tokenizer=object())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and t.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server, t, port = serve(app, ssl_certfile=str(cert), ssl_keyfile=str(key))
     yield f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(cert))
-    server.should_exit = True
-    t.join(timeout=10)
+    stop(server, t)
 
 
 def test_https_with_an_api_key(https):
