@@ -7,7 +7,7 @@ import argparse
 
 from scheduler.config import AutoscaleConfig
 from scheduler.planner import PlannerConfig, PoolPolicy
-from scheduler.policy import PlacementConfig
+from scheduler.policy import HOLD_ORDERS, POLICIES, PlacementConfig
 
 
 PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
@@ -31,6 +31,9 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
     "--hold-max-s": ("hold_max_s", float, "late binding: a request waits in the scheduler, "
                      "not in a busy worker's queue, and is placed when a worker is about to "
                      "be free; at most this many seconds (0: place on arrival)"),
+    "--hold-order": ("hold_order", str, "late binding's order: deadline (a request "
+                     "predicted to miss its TTFT SLO lets the held requests that can still "
+                     "meet theirs go first) or fifo (arrival order)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 
@@ -66,9 +69,10 @@ PLACEMENT_ALIASES = {"--placement-temperature": ("--temperature",)}
 
 def placement_args(p: argparse.ArgumentParser) -> None:
     d = PlacementConfig()
+    choices = {"--policy": POLICIES, "--hold-order": HOLD_ORDERS}
     for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
         p.add_argument(flag, *PLACEMENT_ALIASES.get(flag, ()), dest=name, type=typ,
-                       default=getattr(d, name), help=hlp)
+                       default=getattr(d, name), help=hlp, choices=choices.get(flag))
 
 
 def placement_argv(ns) -> list[str]:

@@ -12,9 +12,19 @@ heartbeat changes the picture, or when another option becomes best (an engine th
 turned free has no backlog: it is taken at once).
 
 Held requests leave in arrival order, per model: only the oldest one chooses, so a later
-request never overtakes an earlier one. A request is dispatched a little before its
-worker is predicted free (`LOOKAHEAD` of its own prefill time, at least `MIN_AHEAD_S`), so
-the round trip to the engine does not leave the engine idle. The hold is bounded by
+request never overtakes an earlier one, with one exception (`Gate.defer`, on unless
+`--hold-order fifo`): a request predicted to miss its TTFT SLO wherever it goes (the time
+it has waited plus its best option's predicted TTFT is over the SLO) steps aside for the
+requests held behind it that can still make theirs, and leaves when none is held, or when
+it has been held `max_hold_s`. Serving first what can still meet its SLO is what keeps
+goodput up past saturation: in arrival order, once the queue is longer than the SLO every
+request misses it, one after the other (what a replica's FIFO queue does). A request
+that steps aside stays served, later; it was going to miss its SLO anyway. Late
+requests keep their arrival order among themselves.
+
+A request is dispatched a little before its worker is predicted free (`LOOKAHEAD` of its
+own prefill time, at least `MIN_AHEAD_S`), so the round trip to the engine does not leave
+the engine idle. The hold is bounded by
 `max_hold_s` and by the caller's deadline.
 
 `hold_for` is pure; `Gate` is the FIFO and the wake-up, on asyncio alone.
@@ -42,10 +52,12 @@ def hold_for(backlog_s: float, prefill_s: float, held_s: float, max_hold_s: floa
 
 
 class Gate:
-    """FIFO queues of held requests (one per model) and one wake-up for all of them."""
+    """FIFO queues of held requests (one per model), in which late requests step aside
+    (`defer`), and one wake-up for all of them."""
 
     def __init__(self) -> None:
         self._queues: dict[str, deque[int]] = {}
+        self._late: set[int] = set()
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
         self.prefill_s: dict[int, float] = {}    # each held request's own prefill, last seen
@@ -58,7 +70,7 @@ class Gate:
     def leave(self, model: str, ticket: int) -> None:
         q = self._queues.get(model)
         if q is not None:
-            was_head = bool(q) and q[0] == ticket
+            was_head = self.head(model, ticket)
             try:
                 q.remove(ticket)
             except ValueError:
@@ -67,11 +79,32 @@ class Gate:
                 del self._queues[model]
             if was_head:
                 self.notify()
+        self._late.discard(ticket)
         self.prefill_s.pop(ticket, None)
 
     def head(self, model: str, ticket: int) -> bool:
+        """`ticket` chooses next: the oldest request held for `model` that is not late, or
+        the oldest late one when all are."""
         q = self._queues.get(model)
-        return bool(q) and q[0] == ticket
+        if not q:
+            return False
+        first = next((t for t in q if t not in self._late), q[0])
+        return first == ticket
+
+    def late(self, ticket: int) -> bool:
+        return ticket in self._late
+
+    def defer(self, model: str, ticket: int) -> bool:
+        """`ticket` will miss its TTFT SLO: from now on every request held for `model` that
+        is not late chooses before it, and the late ones in arrival order (so one that
+        could not make it either does not overtake it). False when it was late already or
+        is the only one held (it does not wait for nothing)."""
+        q = self._queues.get(model, ())
+        if ticket in self._late or ticket not in q or len(q) < 2:
+            return False
+        self._late.add(ticket)
+        self.notify()
+        return True
 
     def held(self) -> int:
         """Requests waiting now (the head of each queue included)."""

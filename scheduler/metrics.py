@@ -31,6 +31,9 @@ SCHED_HELD = Gauge("pdserve_scheduler_held_requests",
 SCHED_HELD_SECONDS = Histogram("pdserve_scheduler_held_seconds",
                                "How long routed requests waited in the scheduler (late binding)",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+SCHED_DEFERRED = Counter("pdserve_scheduler_deferred_requests",
+                         "Held requests predicted to miss their TTFT SLO that let the ones "
+                         "held behind them go first (late binding, --hold-order deadline)")
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")

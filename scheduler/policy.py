@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
+HOLD_ORDERS = ("deadline", "fifo")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,17 @@ class PlacementConfig:
     # late binding (scheduler/holding.py): a request waits in the scheduler while the worker
     # its best option names is busy, for at most this long (0: route on arrival)
     hold_max_s: float = 60.0
+    # ...in arrival order ("fifo"), or with requests predicted to miss their TTFT SLO
+    # stepping aside for those that can still meet it ("deadline")
+    hold_order: str = "deadline"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"placement policy must be one of {POLICIES}, not {self.policy!r}")
         if self.hold_max_s < 0:
             raise ValueError("hold_max_s must be >= 0")
+        if self.hold_order not in HOLD_ORDERS:
+            raise ValueError(f"hold_order must be one of {HOLD_ORDERS}, not {self.hold_order!r}")
         if self.temperature < 0 or self.overlap_weight < 0:
             raise ValueError("temperature and overlap_weight must be >= 0")
 

@@ -273,9 +273,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
 
     async def _held_place(self, request, ids, context):
         """Late binding (scheduler/holding.py): choose when the chosen worker is about to be
-        free, oldest request first. Admission looks at the forecast on arrival, the requests
-        held ahead of this one included. Returns (decision, seconds the last choice took,
-        seconds held)."""
+        free, oldest request first, except that one predicted to miss its TTFT SLO lets
+        the rest go first (`--hold-order deadline`). Admission looks at the forecast on
+        arrival, the requests held ahead of this one included. Returns (decision, seconds
+        the last choice took, seconds held)."""
         gate, model = self.gate, request.model
         d, took = self._place(request, ids)
         n = sum(1 for w in self.reg.workers.values() if w.model == model and not w.draining
@@ -287,19 +288,29 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         max_hold = self.cfg.placement.hold_max_s
         if left is not None:
             max_hold = min(max_hold, left - 1.0)
+        deadline = self.cfg.placement.hold_order == "deadline"
         try:
             while True:
-                if not gate.head(model, ticket):
+                # a late request held max_hold leaves whether it is the head or not
+                if not gate.head(model, ticket) and not (
+                        gate.late(ticket) and self.clock() - t_in >= max_hold):
                     waited = True
                     await gate.wait(POLL_S)
                     continue
                 if waited:          # the picture changed while it waited
                     d, took = self._place(request, ids)
                 held = self.clock() - t_in
+                if (deadline and d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s
+                        and gate.defer(model, ticket)):
+                    SM.SCHED_DEFERRED.inc()
+                    waited = True
+                    continue
                 w = self.reg.workers[d.prefill or d.decode]
                 pause = hold_for(self.reg.backlog(w, self.clock()), d.prefill_s, held,
                                  max_hold) if d.prefill_s > 0 else 0.0
                 if not pause:
+                    if gate.late(ticket):   # it stepped aside: say so in the route
+                        d = replace(d, reason="deferred")
                     return d, took, held if waited else 0.0
                 gate.prefill_s[ticket] = d.prefill_s
                 waited = True

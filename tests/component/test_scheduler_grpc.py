@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 
-from scheduler.config import SchedulerConfig
+from scheduler.config import AutoscaleConfig, SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.service import create_server
 
@@ -303,3 +303,56 @@ async def test_held_requests_count_as_prefill_pressure_for_the_role_planner(held
     assert own > 1.0 and with_held > alone + 0.8 * own / svc.slo.ttft_s, (alone, with_held)
     await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id, phase=pd_pb2.PHASE_DONE))
     await asyncio.wait_for(b, 10)
+
+
+@pytest.mark.parametrize("order", ["deadline", "fifo"])
+async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(order):
+    """TTFT SLO 6 s; p is busy for about 3.5 s. b (a long prompt, predicted seconds over
+    the SLO wherever it goes) was held first, c (a short one that can still make it)
+    after it. With --hold-order deadline c is placed as soon as p frees and b right after
+    it, its route saying `deferred`; in arrival order c waits for b's prefill too."""
+    from scheduler.planner import PlannerConfig, PoolPolicy
+    from scheduler.policy import PlacementConfig
+    cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
+                          heartbeat_timeout_s=30.0,
+                          placement=PlacementConfig(admit_ttft_factor=0.0, hold_order=order),
+                          autoscale=AutoscaleConfig(planner=PlannerConfig(
+                              prefill=PoolPolicy(target_ms=6000))))
+    server, port, svc = await create_server(cfg)
+    await server.start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    sched = pd_pb2_grpc.SchedulerStub(ch)
+    try:
+        await one_busy_prefill_worker(sched)
+
+        def route(i, n):
+            return asyncio.ensure_future(sched.Route(pd_pb2.RouteRequest(
+                request_id=f"r{i}", model="m", token_ids=list(range(n)), max_tokens=8),
+                timeout=60))
+        a = await route(0, 600)
+        b = route(1, 1500)
+        await asyncio.wait_for(wait_for(lambda: svc.gate.held() == 1), 10)
+        c = route(2, 64)
+        await asyncio.wait_for(wait_for(lambda: svc.gate.held() == 2), 10)
+        done, _ = await asyncio.wait([b, c], timeout=0.3)
+        assert not done
+        await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id,
+                                                phase=pd_pb2.PHASE_PREFILL_DONE))
+        if order == "deadline":
+            rc, rb = await asyncio.wait_for(asyncio.gather(c, b), 10)
+            assert rc.reason == "slo" and rb.reason == "deferred", (rc.reason, rb.reason)
+            assert rb.held_ms > rc.held_ms > 200          # b entered first, left last
+            assert rb.predicted_ttft_ms > 6000 > rc.predicted_ttft_ms
+        else:
+            rb = await asyncio.wait_for(b, 10)
+            assert rb.reason != "deferred"
+            await asyncio.sleep(0.3)
+            assert not c.done(), "in arrival order c waits for b's prefill"
+            await sched.Report(pd_pb2.ReportRequest(booking_id=rb.booking_id,
+                                                    phase=pd_pb2.PHASE_PREFILL_DONE))
+            rc = await asyncio.wait_for(c, 10)
+            assert rc.held_ms > rb.held_ms
+        assert svc.gate.held() == 0 and not svc.gate._late
+    finally:
+        await ch.close()
+        await server.stop(0)

@@ -58,3 +58,33 @@ async def test_gate_wait_wakes_on_notify_and_times_out():
     g.leave("m", a)
     await asyncio.wait_for(waiter, 5.0)
     assert g.head("m", b)
+
+
+async def test_late_requests_step_aside_and_keep_their_order():
+    """A request predicted to miss its TTFT SLO lets every request held that is not late
+    choose first; the late ones go in arrival order, after them."""
+    g = Gate()
+    a = g.enter("m")
+    assert not g.defer("m", a) and not g.late(a)     # alone: nobody to let go first
+    b, c = g.enter("m"), g.enter("m")
+    assert g.defer("m", a) and g.late(a) and not g.late(b)
+    assert not g.defer("m", a)                   # once
+    assert not g.defer("other", b)               # not held there: nothing changes
+    assert g.head("m", b) and not g.head("m", a)
+    assert g.defer("m", b)
+    assert g.head("m", c)                        # the one that is not late
+    assert g.defer("m", c)
+    assert g.head("m", a)                        # all late: the oldest
+    d = g.enter("m")
+    assert g.head("m", d)                        # a new one that can still make it
+    g.leave("m", d)
+    assert g.head("m", a)
+    g.leave("m", a)
+    assert g.head("m", b) and not g.late(a)
+    waiter = asyncio.create_task(g.wait(30.0))
+    await asyncio.sleep(0)
+    g.leave("m", b)                              # the head leaving wakes the rest
+    await asyncio.wait_for(waiter, 5.0)
+    assert g.head("m", c) and g.held() == 1
+    g.leave("m", c)
+    assert g.held() == 0 and not g._late
