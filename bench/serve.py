@@ -83,6 +83,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request,
                     return res
                 if ev.get("usage"):
                     usage = ev["usage"]
+                if ev.get("kv_transfer"):                        # pdserve, disaggregated
+                    res.kv = ev["kv_transfer"]
                 if ev.get("pdserve_route") and not res.route:   # pdserve, streamed
                     res.route_text = ev["pdserve_route"]
                     res.route, res.pred_ttft, res.pred_tpot = parse_route(res.route_text)

@@ -32,6 +32,7 @@ class Result:
     pred_tpot: float = math.nan
     route_text: str = ""      # the whole route (the runner-up's forecast too)
     text: str = ""            # what was generated
+    kv: dict = field(default_factory=dict)   # pdserve's kv_transfer record (disaggregated)
 
     @property
     def tpot(self) -> float:

@@ -61,6 +61,18 @@ def cluster(tiny_model, tmp_path_factory):
                        extra=[*KV, "--trust-request-chat-template"])
 
 
+@pytest.fixture(scope="session")
+def cond_cluster(tiny_model, tmp_path_factory):
+    """Conditional disaggregation (prompts of at most 64 uncached tokens are prefilled on
+    the decode worker) with vLLM's deepseek_v3 reasoning parser on: test_conditional.py
+    and test_reasoning.py share it. The parser changes nothing for a request that does not
+    ask for thinking, so the conditional tests compare their greedy output with `cluster`
+    as before."""
+    yield from serving(tiny_model, tmp_path_factory, "conditional",
+                       extra=["--reasoning-parser", "deepseek_v3",
+                              "--local-prefill-max-tokens", "64"])
+
+
 def assert_no_orphans(log_path, settle_s: float = 15.0) -> None:
     """No child of the launcher, nor anything in a child's process group, survives it.
 

@@ -9,9 +9,10 @@ paths run. With a structured output only the answer is constrained: through the
 disaggregated path the first token (reasoning, or the marker) comes from the prefill
 engine, and the decode engine's grammar must start after the marker.
 
-(A separate cluster: with a reasoning parser on its engines, seeded sampling through the
-disaggregated path differs from vLLM's, which the shared cluster's parity tests check;
-docs/design.md, "Reasoning".)"""
+The cluster is `cond_cluster` (tests/e2e/conftest.py), shared with test_conditional.py,
+not the shared `cluster`: with a reasoning parser on its engines, seeded sampling through
+the disaggregated path differs from vLLM's, which that cluster's parity tests check
+(docs/design.md, "Reasoning")."""
 
 from __future__ import annotations
 
@@ -23,16 +24,15 @@ import httpx
 import pytest
 
 from bench.compare import Procs, vllm_server, wait_ready
-from tests.e2e.conftest import serving, words
+from tests.e2e.conftest import words
 
-REASONING = ["--reasoning-parser", "deepseek_v3"]
+REASONING = ["--reasoning-parser", "deepseek_v3"]     # as cond_cluster's
 SHORT, LONG = words(30, seed=501), words(180, seed=502)
 
 
 @pytest.fixture(scope="module")
-def rcluster(tiny_model, tmp_path_factory):
-    yield from serving(tiny_model, tmp_path_factory, "reasoning",
-                       extra=[*REASONING, "--local-prefill-max-tokens", "64"])
+def rcluster(cond_cluster):
+    return cond_cluster
 
 
 @pytest.fixture(scope="module")
