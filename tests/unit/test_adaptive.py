@@ -348,3 +348,49 @@ def test_the_sweep_walks_a_stream_timeline_forward():
     assert s.at(1.6) == (2, 300, 2.0)
     assert s.at(2.5) == (0, 0.0, 3.0)
     assert s.at(10.0) == (1, 50, math.inf)       # runs for good
+
+
+def test_a_stream_landing_during_a_local_prefill_alone_is_priced():
+    """A local prefill with no stream beside it goes in long `alone` steps (on this engine
+    0.44 s, four times the step's fixed part); a remote-prefilled stream that lands
+    meanwhile waits HANDOFF_STEPS of them for its first gap on the decode engine. For an
+    8-token output that breaks its TPOT SLO, for a 48-token one it does not."""
+    cpu = Coef(step=0.11, prefill_ktok=5.0, decode_seq=0.03)
+    slo = A.SLO(ttft_s=12.0, tpot_s=0.2)
+    alone_s = A.alone_step(cpu, slo)
+    assert alone_s > 2 * slo.tpot_s
+    short = A.landing_tpot(A.Node("d", cpu), slo, 7, 600)
+    long = A.landing_tpot(A.Node("d", cpu), slo, 47, 600)
+    assert short > slo.tpot_s > slo.safety * slo.tpot_s > long
+    # the prefill worker is 2 s deep; an 8-token stream it computed lands on the idle
+    # decode engine at 1 s: a 512-token local prefill (about 2.7 s alone) would stall it
+    p = A.Node("p", cpu, backlog_s=2.0)
+    soon = A.Node("d", cpu, streams=1, ctx=600, streams_at=((1.0, 1.0 + 7 * 0.18, 1, 600),))
+    opts = A.options([p], [soon], 512, 8, slo, {"d"})
+    assert opts[0].kind == "remote", [o.describe() for o in opts]
+    local = next(o for o in opts if o.kind == "local")
+    assert local.score <= 1 - short / slo.tpot_s + 1e-9
+    # a 48-token stream absorbs the wait: the local option keeps its score (and loses on
+    # TTFT alone: the prompt then goes on beside that stream for its 8 s)
+    longer = A.Node("d", cpu, streams=1, ctx=600,
+                    streams_at=((1.0, 1.0 + 47 * 0.18, 1, 600),))
+    local = next(o for o in A.options([p], [longer], 512, 8, slo, {"d"}) if o.kind == "local")
+    assert local.score > A.MARGIN
+    # landing after the local prefill ended costs it nothing
+    later = A.Node("d", cpu, streams=1, ctx=600, streams_at=((4.0, 4.0 + 7 * 0.18, 1, 600),))
+    assert A.options([p], [later], 512, 8, slo, {"d"})[0].kind == "local"
+
+
+def test_a_remote_stream_that_would_land_during_a_local_prefill_alone_is_priced():
+    cpu = Coef(step=0.11, prefill_ktok=5.0, decode_seq=0.03)
+    slo = A.SLO(ttft_s=12.0, tpot_s=0.2)
+    p = A.Node("p", cpu)
+    busy = A.Node("d", cpu, backlog_s=5.0)      # a local prefill booked, 5 s of it left
+    r = A.remote(p, busy, 400, 8, slo)          # lands after about 2.1 s: during it
+    assert r.tpot_s == pytest.approx(A.landing_tpot(busy, slo, 7, 404)) and r.score < 0
+    assert A.remote(p, busy, 400, 48, slo).score > 0       # a long output absorbs it
+    assert A.remote(p, A.Node("d", cpu, backlog_s=1.0), 400, 8, slo).score > 0   # ended
+    # a stream already running there: the prefill goes in SLO-sized steps, no stall
+    beside = A.Node("d", cpu, backlog_s=5.0, streams=1, ctx=600,
+                    streams_at=((0.0, 9.0, 1, 600),))
+    assert not A.lands_alone(beside, 2.0) and A.lands_alone(busy, 2.0)
