@@ -47,11 +47,6 @@ MARGIN = 0.05             # headroom (share of each SLO) an option must keep to 
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
-# engine steps a remote-prefilled stream's first gap spans on its decode engine: the rest
-# of the step in progress when it arrives, the step its KV loads in (vLLM loads
-# asynchronously and schedules the request in the step after), and the step that computes
-# its last prompt token
-HANDOFF_STEPS = 2.5
 
 
 @dataclass(frozen=True)
@@ -180,14 +175,16 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> f
     """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
     streams there took beyond plain decode steps lately (prompt chunks beside them, a
     busy memory bus), plus the prefill work booked on `d` as far as the engine lets
-    streams absorb it, plus `extra_s` (a KV transfer). (A remote stream landing during a
-    local prefill alone: `landing_tpot`.)"""
+    streams absorb it, plus `extra_s` (a KV transfer) and, when it lands during a local
+    prefill alone, that step."""
     per = max(1, out - 1)
     base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
     est = min(base + max(0.0, d.excess_s), max(base, slo.safety * slo.tpot_s))
     if d.backlog_s > 0:
         est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
+        if d.streams <= 0:
+            extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return est + extra_s / per
 
 
@@ -200,28 +197,10 @@ def score(ttft_s: float, tpot_s: float, slo: SLO) -> float:
     return min(1.0 - ttft_s / slo.ttft_s, 1.0 - tpot_s / slo.tpot_s)
 
 
-def lands_alone(d: Node, at: float) -> bool:
-    """A stream landing on `d` `at` seconds from now finds it computing a local prefill
-    with no stream running: the prefill goes in `alone` steps, and the stream's handoff
-    waits for them."""
-    return 0.0 <= at < d.backlog_s and not any(
-        s <= at < e for s, e, *_ in d.streams_at) and (d.streams_at or d.streams <= 0)
-
-
-def landing_tpot(d: Node, slo: SLO, gaps: float, ctx: float) -> float:
-    """TPOT of a stream of `gaps` gaps that lands on `d` during a local prefill alone: its
-    first gap spans HANDOFF_STEPS of those long steps, and the engine then holds it to plain
-    decode steps (it has no slack left)."""
-    plain = d.coef.decode_step(1, ctx)
-    return (HANDOFF_STEPS * alone_step(d.coef, slo) + max(0.0, gaps - 1) * plain) / max(1.0, gaps)
-
-
 def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
-    if lands_alone(d, ttft):
-        tpot = max(tpot, landing_tpot(d, slo, max(1, out - 1), tokens + out / 2))
     return Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                   score(ttft, tpot, slo), min(p.cached, tokens))
 
@@ -236,24 +215,8 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
         allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
-    # what it costs the streams booked to land here while it runs alone (their handoffs
-    # wait for its long steps): as much as the worst of them misses its SLO by
-    s = min([s, *(1.0 - tpot / slo.tpot_s for tpot in landing(d, slo, d.backlog_s + t))])
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens))
-
-
-def landing(d: Node, slo: SLO, until: float) -> list[float]:
-    """The TPOT of each stream booked to land on `d` between its backlog's end and `until`
-    with no other stream running there (`landing_tpot`); its gaps from its booked span,
-    at safety * SLO each (fewer gaps than it has: the estimate errs towards harm)."""
-    out = []
-    for start, end, n, ctx in d.streams_at:
-        if d.backlog_s <= start < until and start > 0 and not any(
-                s < start < e for s, e, *_ in d.streams_at):
-            gaps = (end - start) / (slo.safety * slo.tpot_s) if math.isfinite(end) else 1e9
-            out.append(landing_tpot(d, slo, gaps, ctx / max(1, n)))
-    return out
 
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
