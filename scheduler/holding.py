@@ -24,8 +24,7 @@ requests keep their arrival order among themselves.
 
 A request is dispatched a little before its worker is predicted free (`LOOKAHEAD` of its
 own prefill time, at least `MIN_AHEAD_S`), so the round trip to the engine does not leave
-the engine idle. The hold is bounded by
-`max_hold_s` and by the caller's deadline.
+the engine idle. The hold is bounded by `max_hold_s` and by the caller's deadline.
 
 `hold_for` is pure; `Gate` is the FIFO and the wake-up, on asyncio alone.
 """
