@@ -14,19 +14,24 @@ import torch
 from kv_transfer.connector.metadata import PDConnectorMetadata
 from kv_transfer.connector.worker_side import WorkerHalf
 from kv_transfer.mapping import heads_of_rank
-from tests.component.test_connector_lifecycle import (
+from tests.component.connector_harness import (
     BS,
     LAYERS,
     NB,
-    _secret,  # noqa: F401 - the autouse fixture
     assert_empty,
     fake_vllm_config,
+    isolate_env,
     load_spec,
     release,
     results_until,
 )
 
 HEADS, HEAD = 4, 8
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    isolate_env(monkeypatch)
 
 
 @pytest.fixture

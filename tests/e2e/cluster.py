@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exported
@@ -22,6 +24,35 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     start_cluster,
     stop_cluster_proc,
 )
+from pdserve.rpc import pd_pb2_grpc
+
+
+def sched(c: Cluster):
+    """A blocking stub of the cluster's scheduler (as admin)."""
+    return pd_pb2_grpc.SchedulerStub(channel(c.scheduler))
+
+
+def pid_of(c: Cluster, name: str) -> int:
+    """The pid the launcher logged for its child `name` (the latest start)."""
+    return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
+
+
+def by_role(c: Cluster, role) -> list:
+    return [w for w in c.workers() if w.role == role]
+
+
+def assert_idle(c: Cluster, workers, timeout: float = 30.0) -> None:
+    """Every worker in `workers` holds nothing: no running or waiting request, no KV in
+    use, no lease (polled until `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = {w.worker_id: c.status(w).load for w in workers}
+        busy = {k: v for k, v in loads.items()
+                if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"KV still in use: {busy}"
+        time.sleep(0.25)
 
 
 def assert_prompt_loaded_not_recomputed(before: str, after: str, n: int) -> None:

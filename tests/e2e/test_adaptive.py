@@ -9,13 +9,9 @@ import time
 import httpx
 import pytest
 
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from tests.e2e.cluster import channel, reference
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import reference, sched
 from tests.e2e.conftest import serving, words
-
-
-def sched(c):
-    return pd_pb2_grpc.SchedulerStub(channel(c.scheduler))
 
 
 def complete(c, prompt, max_tokens, **kw):

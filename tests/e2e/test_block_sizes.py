@@ -14,7 +14,7 @@ import pytest
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import assert_prompt_loaded_not_recomputed, metric_value, reference
 from tests.e2e.conftest import KV, TEST_DTYPE, serving, words
-from tests.e2e.test_faults import assert_idle, by_role
+from tests.e2e.cluster import assert_idle, by_role
 
 MAX_TOKENS = 16
 SIZES = (10, 300, 1500)

@@ -5,7 +5,7 @@ import httpx
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import metric_value
 from tests.e2e.conftest import words
-from tests.e2e.test_kv_aware import sched
+from tests.e2e.cluster import sched
 
 # cond_cluster (tests/e2e/conftest.py): --local-prefill-max-tokens 64
 

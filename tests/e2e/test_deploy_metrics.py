@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from tests.unit.test_deploy import alert_rules, dashboard_exprs, metric_names
+from tests.deploy_queries import alert_rules, dashboard_exprs, metric_names
 
 
 def exported(text: str) -> set[str]:

@@ -17,7 +17,6 @@ returns to zero.
 import asyncio
 import json
 import os
-import re
 import signal
 import time
 
@@ -26,7 +25,7 @@ import psutil
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value
+from tests.e2e.cluster import assert_idle, by_role, metric_value, pid_of
 from tests.e2e.conftest import serving, words
 
 LEASE_S = 4.0
@@ -46,14 +45,6 @@ def fc(tiny_model, tmp_path_factory):
                               "--policy", "kv"])
 
 
-def pid_of(c, name: str) -> int:
-    return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
-
-
-def by_role(c, role):
-    return [w for w in c.workers() if w.role == role]
-
-
 def wait_loading(c, timeout=30.0) -> pd_pb2.WorkerInfo:
     """A decode worker with KV loads in flight (pinned, not yet read)."""
     deadline = time.monotonic() + timeout
@@ -63,18 +54,6 @@ def wait_loading(c, timeout=30.0) -> pd_pb2.WorkerInfo:
                 return w
         time.sleep(0.05)
     raise AssertionError("no decode worker started a KV load")
-
-
-def assert_idle(c, workers, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        loads = {w.worker_id: c.status(w).load for w in workers}
-        busy = {k: v for k, v in loads.items()
-                if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
-        if not busy:
-            return
-        assert time.monotonic() < deadline, f"KV still in use: {busy}"
-        time.sleep(0.25)
 
 
 def body(c, i, n_words=300, max_tokens=8, stream=False):

@@ -18,8 +18,8 @@ import time
 import httpx
 import pytest
 
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from tests.e2e.cluster import channel, metric_value
+from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import metric_value, pid_of, sched
 from tests.e2e.conftest import serving, words
 
 BS = 128
@@ -30,10 +30,6 @@ def kv_cluster(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "kv_aware",
                        extra=["--prefill-workers", "2", "--decode-workers", "1", "--policy",
                               "kv", "--keep-going", "--worker-restarts", "0"])
-
-
-def sched(c):
-    return pd_pb2_grpc.SchedulerStub(channel(c.scheduler))
 
 
 def complete(c, prompt, max_tokens=4):
@@ -134,10 +130,6 @@ def wait_sched_idle(c, timeout=10.0):
     raise AssertionError(f"scheduler still sees load: {ws}")
 
 
-def _pid(c, name):
-    return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
-
-
 async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
     c = kv_cluster
     victim = "prefill-1"
@@ -151,7 +143,7 @@ async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
     async with httpx.AsyncClient(timeout=120) as client:
         tasks = [asyncio.create_task(one(client, p)) for p in prompts]
         await asyncio.sleep(0.5)                 # requests are in flight on both workers
-        os.kill(_pid(c, victim), signal.SIGKILL)
+        os.kill(pid_of(c, victim), signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
     for status, body in results:
         # completed elsewhere, or a clear OpenAI error: never a hang
@@ -179,7 +171,7 @@ def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
     _, route = complete(c, sysp + " " + words(20, seed=3))
     owner = route["prefill"]
     wait_indexed(c, owner, 5)
-    old = _pid(c, "scheduler")
+    old = pid_of(c, "scheduler")
     os.kill(old, signal.SIGKILL)
     # requests sent while the scheduler is down wait (Route retries), then succeed
     body, route = complete(c, words(50, seed=4))

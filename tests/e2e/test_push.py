@@ -19,7 +19,7 @@ import pytest
 from pdserve.rpc import pd_pb2
 from tests.e2e.cluster import metric_value, reference
 from tests.e2e.conftest import KV, serving, words
-from tests.e2e.test_faults import assert_idle, by_role, pid_of
+from tests.e2e.cluster import assert_idle, by_role, pid_of
 
 MAX_TOKENS = 16
 SIZES = (10, 300, 1500)

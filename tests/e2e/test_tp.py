@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.cluster import assert_prompt_loaded_not_recomputed, reference
 from tests.e2e.conftest import KV, TEST_DTYPE, serving, words
-from tests.e2e.test_faults import assert_idle, by_role
+from tests.e2e.cluster import assert_idle, by_role
 from pdserve.rpc import pd_pb2
 
 MAX_TOKENS = 16

@@ -14,7 +14,7 @@ from pdserve import auth
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from tests.e2e.cluster import channel, metric_value
 from tests.e2e.conftest import KV, serving, words
-from tests.e2e.test_faults import assert_idle, by_role
+from tests.e2e.cluster import assert_idle, by_role
 
 KEY = "sk-test-" + "k" * 24
 

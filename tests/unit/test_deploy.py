@@ -13,9 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import promql_parser
 import pytest
 import yaml
+
+from tests.deploy_queries import alert_rules, dashboard_exprs, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -232,40 +233,6 @@ def test_compose_file():
 
 
 # ------------------------------------------------------------------ Prometheus, Grafana
-
-def metric_names(expr: str) -> set[str]:
-    """Every metric a PromQL expression selects (walks the parsed AST)."""
-    out: set[str] = set()
-
-    def walk(e):
-        name = type(e).__name__
-        if name == "VectorSelector":
-            out.add(e.name)
-        elif name == "MatrixSelector":
-            walk(e.vector_selector)
-        elif name == "BinaryExpr":
-            walk(e.lhs)
-            walk(e.rhs)
-        elif name == "Call":
-            for a in e.args:
-                walk(a)
-        elif hasattr(e, "expr"):
-            walk(e.expr)
-
-    walk(promql_parser.parse(expr))
-    return out
-
-
-def alert_rules() -> list[dict]:
-    doc = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    return [r for g in doc["groups"] for r in g["rules"]]
-
-
-def dashboard_exprs() -> list[str]:
-    d = json.loads((DEPLOY / "grafana" / "pdserve-dashboard.json").read_text())
-    return [t["expr"].replace("$__rate_interval", "1m") for p in d["panels"]
-            for t in p["targets"]]
-
 
 def test_alert_rules_parse_and_cover_what_operators_need():
     rules = alert_rules()

@@ -131,6 +131,18 @@ def test_no_import_circles():
     assert not circles, circles
 
 
+def is_test_module(mod: str) -> bool:
+    return mod.startswith("tests.") and mod.rpartition(".")[2].startswith("test_")
+
+
+def test_no_test_imports_another_test_module():
+    """Shared helpers live in the harness (tests/e2e/cluster.py, bench/local_cluster.py),
+    conftest or a helper module, never in another test module."""
+    bad = sorted(f"{m} imports {d}" for m, deps in graph().items() if m.startswith("tests")
+                 for d in deps if is_test_module(d))
+    assert not bad, "\n".join(bad)
+
+
 def test_the_checks_can_fail():
     """The graph sees deferred imports and `from pkg import mod`, so a violation is found."""
     mods = modules()
@@ -140,3 +152,5 @@ def test_the_checks_can_fail():
     assert group("pdserve.worker") == "pdserve-runtime" and "kv_transfer.agent" in \
         deps["pdserve.worker"]
     assert len(mods) > 60
+    assert is_test_module("tests.e2e.test_faults") and not is_test_module("tests.e2e.cluster")
+    assert "tests.e2e.cluster" in deps["tests.e2e.test_faults"]
