@@ -60,16 +60,23 @@ class Cluster:
     def metrics(self, w: pd_pb2.WorkerInfo) -> str:
         return httpx.get(f"http://{w.metrics_address}/metrics", timeout=5).text
 
-    def wait_idle(self, timeout: float = 30.0) -> dict[str, pd_pb2.WorkerLoad]:
-        """Until every worker reports no running/waiting requests, no KV in use, no leases."""
+    def wait_idle(self, timeout: float = 30.0,
+                  workers: list | None = None) -> dict[str, pd_pb2.WorkerLoad]:
+        """Until every worker (or each of `workers`) reports no running/waiting requests, no
+        KV in use, no leases; their loads then, or at `timeout` (`busy` says which are not)."""
         deadline = time.monotonic() + timeout
         while True:
-            loads = {w.worker_id: self.status(w).load for w in self.workers()}
-            busy = {k: v for k, v in loads.items()
-                    if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
-            if not busy or time.monotonic() > deadline:
+            loads = {w.worker_id: self.status(w).load
+                     for w in (self.workers() if workers is None else workers)}
+            if not busy(loads) or time.monotonic() > deadline:
                 return loads
             time.sleep(0.25)
+
+
+def busy(loads: dict[str, pd_pb2.WorkerLoad]) -> dict[str, pd_pb2.WorkerLoad]:
+    """The workers among `loads` that still hold a request, KV or a lease."""
+    return {k: v for k, v in loads.items()
+            if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -10,7 +10,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exported
@@ -18,6 +17,7 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     SECRET as TEST_SECRET,
     Cluster,
     PortTaken,
+    busy,
     channel,
     creds,
     metric_value,
@@ -43,16 +43,9 @@ def by_role(c: Cluster, role) -> list:
 
 def assert_idle(c: Cluster, workers, timeout: float = 30.0) -> None:
     """Every worker in `workers` holds nothing: no running or waiting request, no KV in
-    use, no lease (polled until `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        loads = {w.worker_id: c.status(w).load for w in workers}
-        busy = {k: v for k, v in loads.items()
-                if v.running or v.waiting or v.kv_usage > 0 or v.kv_leases_held}
-        if not busy:
-            return
-        assert time.monotonic() < deadline, f"KV still in use: {busy}"
-        time.sleep(0.25)
+    use, no lease (polled until `timeout`, `Cluster.wait_idle`)."""
+    left = busy(c.wait_idle(timeout, workers))
+    assert not left, f"KV still in use: {left}"
 
 
 def assert_prompt_loaded_not_recomputed(before: str, after: str, n: int) -> None:
