@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ SETUPS = {
     "pdserve": "pdserve 1P (core 0) / 1D (core 1)",
 }
 OURS = "pdserve"
+ENV_ARG = re.compile(r"^[A-Z_][A-Z0-9_]*=")   # a variant's NAME=VALUE: environment
 
 
 class Procs:
@@ -173,7 +175,8 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
             "--expose-routing",      # the x-pdserve-route header: options taken, forecasts
             *ns.pdserve_arg,
-            *ns.variants.get(setup, [])])
+            *[a for a in ns.variants.get(setup, []) if not ENV_ARG.match(a)]],
+            env=dict(a.split("=", 1) for a in ns.variants.get(setup, []) if ENV_ARG.match(a)))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 400
         log = procs.log_dir / "pdserve.log"
@@ -351,7 +354,8 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
                     help="one more setup of ours with extra `pdserve serve` arguments, e.g. "
                          "--variant 'pdserve-local=--local-prefill-max-tokens 300' (LABEL "
-                         "must start with pdserve; add it to --setups or it runs last)")
+                         "must start with pdserve; add it to --setups or it runs last); "
+                         "NAME=VALUE among them sets an environment variable for it")
     ap.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     ap.add_argument("--log-dir", default=log_dir)
     ap.add_argument("--out", default="")

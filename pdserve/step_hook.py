@@ -11,30 +11,38 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
   (`long_prefill_token_threshold`); vLLM's own chunked prefill does the rest. With no
   stream and several prompts queued, the budget is the head prompt's remaining tokens
   (`fcfs_tokens`): prompts end in arrival order instead of all at the end of one packed
-  step. Then what
-  the step computes: prompt tokens and their attention work, decode sequences and their
-  context (pdserve/latency.py's features).
+  step. Remote-prefilled requests go first in the waiting queue (`_landing_first`), and
+  the steps that start one (its KV load, its last prompt tokens) carry no prompt chunk
+  where a chunk would make them longer than an SLO-sized step (`_handoff_step`). Then
+  what the step computes: prompt tokens and their attention work, decode sequences and
+  their context (pdserve/latency.py's features).
 - `update_from_output`: the step is over; its wall time since `schedule` began becomes a
   `StepSample` for the engine's own fit and a datagram to the worker
   (PDSERVE_STEP_SOCKET, an abstract Unix socket; dropped when nobody reads), which
   forwards samples to the scheduler's latency model in its heartbeats.
 
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
+PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for comparisons:
+bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
-name becomes the engine core's pid, one file per engine).
+name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
+attention work, decode sequences, their context, allowance, budget, monotonic time at the
+end, and the prompts held back for a handoff step.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import struct
 import time
+from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.step_budget import Stream, budget, fcfs_tokens
+from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -72,7 +80,9 @@ class _State:
         self.slo_s = slo_ms / 1e3
         self.model = StepModel()
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
-        self.pending: dict[int, tuple[float, StepSample, float, int]] = {}
+        self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
+        self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
+        self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
         self.sock = None
         self.address = unix_address(address)
         self.allow, self.tokens = float("inf"), 0
@@ -90,12 +100,12 @@ class _State:
             self.coef = Coef.of(m.coef()) if m.warm() else None
         return self.coef
 
-    def send(self, sample: StepSample, allow: float, tokens: int) -> None:
+    def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0) -> None:
         if self.trace is not None:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
                              f"{sample.decode_ctx} {allow:.4f} {tokens} "
-                             f"{time.monotonic():.3f}\n")
+                             f"{time.monotonic():.3f} {held}\n")
         if self.sock is None:
             return
         try:
@@ -151,11 +161,67 @@ def _waiting_decodes(sched) -> int:
     need = 0
     for q in (getattr(sched, "kv_holding_waiting", ()), sched.waiting):
         for r in q:
-            p = getattr(r, "kv_transfer_params", None)
-            if isinstance(p, dict) and p.get(P_REMOTE_PREFILL):
+            if _remote(r):
                 left = r.num_tokens - r.num_computed_tokens if r.num_computed_tokens else 1
                 need += max(1, min(MAX_WAITING_DECODE_TOKENS, left))
     return need
+
+
+def _handoff_due(sched, st: "_State", now: float) -> bool:
+    """Does a remote-prefilled request need this step to start its KV load, or to compute
+    its last prompt tokens after it? Each of its phases (waiting to start, loading,
+    loaded) counts for at most one SLO-sized step's time (SAFETY * SLO) from when it was
+    first seen: a load that takes longer (a slow or dying peer), or a request vLLM cannot
+    admit yet (no free KV blocks, which the held prompts may be holding), no longer holds
+    the prompts back."""
+    due, seen = False, {}
+    window = SAFETY * st.slo_s
+    for q in (getattr(sched, "kv_holding_waiting", ()), sched.waiting):
+        for r in q:
+            if not _remote(r):
+                continue
+            key = (r.request_id, getattr(getattr(r, "status", None), "name", ""),
+                   r.num_computed_tokens > 0)
+            t0 = seen[key] = st.landing.get(key, now)
+            due = due or now - t0 < window
+    st.landing = seen
+    return due
+
+
+def _remote(r) -> bool:
+    p = getattr(r, "kv_transfer_params", None)
+    return isinstance(p, dict) and bool(p.get(P_REMOTE_PREFILL))
+
+
+def _landing_first(sched) -> None:
+    """Remote-prefilled requests go to the front of vLLM's waiting queue: their prompt
+    was computed elsewhere, they need a token to start their KV load and their last
+    prompt tokens after it, and behind local prompts they would wait for every one of
+    those prompts to be admitted first. A priority queue (vLLM's `--scheduling-policy
+    priority`) keeps its own order."""
+    q = sched.waiting
+    if not isinstance(q, deque):
+        return
+    first = [r for r in q if _remote(r)]
+    if first and any(not _remote(r) for r in itertools.islice(q, len(first))):
+        q.remove_requests(first)
+        q.prepend_requests(reversed(first))
+
+
+def _hold_prompts(sched) -> list:
+    """Take the prompts being computed out of vLLM's running list for one step (they get
+    no tokens in it: what a budget that ran out before them does); `_restore` puts them
+    back in front, in their order."""
+    held = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
+    if held:
+        keep = {id(r) for r in held}
+        sched.running = [r for r in sched.running if id(r) not in keep]
+    return held
+
+
+def _restore(sched, held: list) -> None:
+    if held:
+        sched.running = held + sched.running
 
 
 def _partial_prefills(sched) -> int:
@@ -172,6 +238,26 @@ def _head(sched) -> tuple[int, int]:
                 n += 1
                 head = head or r.num_prompt_tokens - r.num_computed_tokens
     return head, n
+
+
+def _handoff_step(sched, st: "_State", streams: list, b, now: float) -> bool:
+    """Is this step a handoff step: one that carries no prompt chunk, so that a stream
+    landing from a prefill worker starts within short steps instead of waiting for long
+    ones? Only where a prompt chunk would make the step longer than an SLO-sized step
+    (SAFETY * SLO): a local prefill alone (`alone` steps are longer on a host whose step's
+    fixed part is most of the SLO), or beside streams whose slack allows a long step.
+
+    Without it the landing stream waited for the step in progress, the step its KV loaded
+    in and the step that computed its last prompt token, each a prompt chunk long
+    (measured: first gaps of 0.7-2.7 s on a 2-core CPU, where `alone` steps take
+    0.5-0.8 s). With it the last two are an empty step (the load, which the worker waits
+    for: at most 20 ms) and a decode-sized one; the prompts lose about one step's fixed
+    part per handoff."""
+    coef = st.coef
+    if not st.handoffs or coef is None or st.slo_s <= 0 or not _partial_prefills(sched):
+        return False
+    step_s = b.allow_s if streams else alone(coef, st.slo_s)[0]
+    return step_s > SAFETY * st.slo_s * 1.001 and _handoff_due(sched, st, now)
 
 
 def install() -> bool:
@@ -192,6 +278,8 @@ def install() -> bool:
         if not hasattr(self, "_pd_base_threshold"):
             self._pd_base_threshold = self.scheduler_config.long_prefill_token_threshold
         streams, ctx, local = _streams(self, st, now)
+        if st.slo_s > 0 and st.handoffs:
+            _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
@@ -200,7 +288,11 @@ def install() -> bool:
             fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
         # room for remote-prefilled streams to start, whatever the prompts take
         ready = _waiting_decodes(self) if b.tokens or fcfs else 0
-        if b.tokens:
+        held = _hold_prompts(self) if _handoff_step(self, st, streams, b, now) else []
+        if held:         # a handoff step: the landing stream (and the others), no prompt
+            self.max_num_scheduled_tokens = min(cap, len(streams) + _waiting_decodes(self))
+            self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
+        elif b.tokens:
             self.max_num_scheduled_tokens = min(cap, len(streams) + ready + b.tokens)
             # each prompt being computed gets its share: together they stay within it
             self.scheduler_config.long_prefill_token_threshold = max(
@@ -211,7 +303,10 @@ def install() -> bool:
         else:
             self.max_num_scheduled_tokens = cap
             self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
-        out = orig_schedule(self, *args, **kwargs)
+        try:
+            out = orig_schedule(self, *args, **kwargs)
+        finally:
+            _restore(self, held)
         p, attn, d, c = 0, 0.0, 0, 0
         for rid, n in out.num_scheduled_tokens.items():
             r = self.requests.get(rid)
@@ -224,21 +319,22 @@ def install() -> bool:
             else:
                 d += 1
                 c += before
-        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c), b.allow_s, b.tokens)
+        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c), b.allow_s, b.tokens,
+                               len(held))
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         res = orig_update(self, scheduler_output, model_runner_output)
         got = st.pending.pop(id(scheduler_output), None)
         if got is not None and scheduler_output.total_num_scheduled_tokens > 0:
-            t0, s, allow, tokens = got
+            t0, s, allow, tokens, held = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
                                 s.decode_seqs, s.decode_ctx)
             if st.skip > 0:
                 st.skip -= 1
             else:
                 st.model.observe(sample)
-                st.send(sample, allow, tokens)
+                st.send(sample, allow, tokens, held)
         if len(st.first) > 4 * max(1, len(self.running)) + 64:
             live = {r.request_id for r in self.running}
             st.first = {k: v for k, v in st.first.items() if k in live}

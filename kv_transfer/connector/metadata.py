@@ -60,6 +60,7 @@ class PDConnectorMetadata(KVConnectorMetadata):
     offers: list[OfferSpec] = field(default_factory=list)      # consumer, push
     cancels: list[str] = field(default_factory=list)           # consumer, push: req ids
     pushes: list[PushChunk] = field(default_factory=list)      # producer, push
-    # the step computes nothing (every request waits for KV): the worker may wait for a
+    # the step computes nothing while a load is in flight (every request waits for KV, or
+    # the step hook held the prompts back for a handoff): the worker may wait for the
     # transfer instead of returning at once into another empty step
     idle: bool = False

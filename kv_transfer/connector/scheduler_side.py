@@ -238,8 +238,8 @@ class SchedulerHalf:
         meta = PDConnectorMetadata(loads=self._loads, leases=self._new_leases,
                                    offers=self._offers, cancels=self._cancels,
                                    pushes=self._push_chunks(so) if so is not None else [],
-                                   idle=(so is not None and not self.hold_wait
-                                         and not so.total_num_scheduled_tokens))
+                                   idle=(so is not None and not so.total_num_scheduled_tokens
+                                         and (not self.hold_wait or bool(self._loading))))
         self._loads, self._new_leases, self._offers, self._cancels = [], {}, [], []
         return meta
 
@@ -312,7 +312,9 @@ class SchedulerHalf:
         """May the engine core sleep until an outside event? (engine_quiescent)"""
         from vllm.v1.request import RequestStatus
 
-        self.hold_wait = True   # the plugin asks: the worker half need not wait in steps
+        # the plugin asks: the engine core sleeps instead, so the worker half waits in an
+        # empty step only while a load is in flight (a handoff step, pdserve/step_hook.py)
+        self.hold_wait = True
         own = bool(self._loads or self._new_leases or self._offers or self._cancels
                    or self._push_prompt)
         return engine_quiescent(sched, own, RequestStatus.WAITING_FOR_REMOTE_KVS)

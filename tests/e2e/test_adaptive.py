@@ -34,20 +34,21 @@ def wait_until(cond, timeout=60.0, step=0.2):
 
 @pytest.fixture(scope="module")
 def chunked(tiny_model, tmp_path_factory):
-    """Every request prefills on the decode worker (the fixed rule, pinned by its flag) and
-    the engines protect a 1 ms TPOT: beside a running stream, prompts go at the budget's
-    floor. Every step is traced to `c.trace`."""
+    """Prompts of at most 1,600 tokens prefill on the decode worker, longer ones on the
+    prefill worker (the fixed rule, pinned by its flag), and the engines protect a 1 ms
+    TPOT: beside a running stream, prompts go at the budget's floor, and with none every
+    local prefill's step is longer than the SLO. Every step is traced to `c.trace`."""
     trace = tmp_path_factory.mktemp("steps") / "steps.txt"
     for c in serving(tiny_model, tmp_path_factory, "chunked",
                      env={"PDSERVE_STEP_TRACE": str(trace)},
-                     extra=["--local-prefill-max-tokens", "100000", "--tpot-slo-ms", "1"]):
+                     extra=["--local-prefill-max-tokens", "1600", "--tpot-slo-ms", "1"]):
         c.trace = trace
         yield c
 
 
 def steps(trace, start=0):
     """Traced steps: (seconds, prompt tokens, attention, decode seqs, ctx, allow, budget,
-    monotonic end)."""
+    monotonic end, prompts held back for a handoff)."""
     if not trace.exists():
         return []
     return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) >= 7]
@@ -81,6 +82,36 @@ def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, to
     beside = [s for s in steps(c.trace, mark) if int(s[1]) > 0 and int(s[3]) >= 1]
     assert beside and all(int(s[1]) <= min(16, int(s[6])) for s in beside), beside[:5]
     assert sum(int(s[1]) for s in beside) >= 300 - 16
+    loads = c.wait_idle()
+    assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
+
+
+def test_a_stream_landing_during_a_local_prefill_gets_steps_without_prompt_chunks(
+        chunked, tokenizer, tmp_path_factory):
+    """Local prefills keep the decode engine busy in long steps while remote-prefilled
+    requests land there: the steps that start a landing stream (its KV load, its last
+    prompt token) carry no prompt chunk, the prompts held back go on afterwards, and every
+    output equals colocated vLLM's; nothing is left held."""
+    c = chunked
+    local = [words(1500, seed=970 + i) for i in range(8)]
+    remote = [words(1900, seed=980 + i) for i in range(3)]
+    ids = [tokenizer.encode(p) for p in local + remote]
+    ref = reference(c.model_dir, ids, 4, tmp_path_factory.mktemp("ref3"))
+    for i in range(3):          # the engine's step model warms up (run alone, this test
+        complete(c, words(20, seed=990 + i), 8)        # would otherwise start cold)
+    start = len(steps(c.trace))
+    with cf.ThreadPoolExecutor(len(ids)) as ex:
+        outs = [ex.submit(complete, c, p, 4) for p in local]
+        wait_until(lambda: any(int(s[1]) > 0 for s in steps(c.trace, start)), step=0.01)
+        outs += [ex.submit(complete, c, p, 4) for p in remote]
+        outs = [f.result() for f in outs]
+    for i, ((body, route), want) in enumerate(zip(outs, ref)):
+        assert route.startswith("local:" if i < len(local) else "disagg:"), route
+        assert body["choices"][0]["text"] == want["text"], i
+    handoffs = [s for s in steps(c.trace, start) if len(s) >= 9 and int(s[8]) > 0]
+    assert handoffs, "no step held a local prefill back for a landing stream"
+    # a handoff step computes the landing streams' last prompt tokens, not a prompt chunk
+    assert all(int(s[1]) <= 16 * len(remote) for s in handoffs), handoffs
     loads = c.wait_idle()
     assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
 

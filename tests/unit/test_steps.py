@@ -92,3 +92,90 @@ def test_waiting_remote_prefilled_requests_get_budget_to_start():
     assert _waiting_decodes(sched) == 1 + 1 + MAX_WAITING_DECODE_TOKENS
     assert _waiting_decodes(NS(waiting=[local], running=[])) == 0
     assert _partial_prefills(sched) == 1           # the other one is decoding
+
+
+def test_a_landing_stream_gets_handoff_steps_without_prompt_chunks():
+    """While a local prefill runs alone in long steps, a remote-prefilled request that
+    must start its KV load or compute its last prompt token gets a step without the
+    prompt's chunk; an in-flight load holds the prompt back for one SLO-sized step at
+    most, and so does each phase of a landing request; the held prompt goes back in front
+    of vLLM's running list."""
+    from types import SimpleNamespace as NS
+
+    from kv_transfer.handle import P_REMOTE_PREFILL
+    from pdserve.latency import Coef
+    from pdserve.step_budget import Budget
+    from pdserve.step_hook import _handoff_step, _hold_prompts, _restore
+
+    def req(rid, computed, prompt, status="WAITING", remote=False):
+        return NS(request_id=rid, num_computed_tokens=computed, num_prompt_tokens=prompt,
+                  num_tokens=prompt, status=NS(name=status),
+                  kv_transfer_params={P_REMOTE_PREFILL: True} if remote else None)
+
+    st = _State(224.0, "")
+    # a CPU-like step: 0.13 s fixed, 4 ms a prompt token: `alone` steps are long
+    st.coef = Coef(step=0.13, prefill_ktok=4.0, decode_seq=0.001)
+    alone_budget = Budget(0.2016, 100)
+    prompt = req("p", 300, 1000)
+    fresh = req("r", 0, 501, remote=True)
+    sched = NS(running=[prompt], waiting=[fresh], kv_holding_waiting=[])
+    assert _handoff_step(sched, st, [], alone_budget, 10.0)
+    held = _hold_prompts(sched)
+    assert held == [prompt] and sched.running == []
+    sched.running.append(fresh)            # what vLLM's schedule may add meanwhile
+    _restore(sched, held)
+    assert sched.running == [prompt, fresh]
+    # a request vLLM cannot admit (no free blocks: the held prompt may hold them) holds
+    # the prompt back for one SLO-sized step's time, not for ever
+    sched = NS(running=[prompt], waiting=[fresh], kv_holding_waiting=[])
+    assert _handoff_step(sched, st, [], alone_budget, 10.1)
+    assert not _handoff_step(sched, st, [], alone_budget, 10.3)
+
+    # its load in flight: a handoff for one SLO-sized step, then the prompt goes on
+    loading = req("r", 500, 501, status="WAITING_FOR_REMOTE_KVS", remote=True)
+    sched = NS(running=[prompt], waiting=[], kv_holding_waiting=[loading])
+    assert _handoff_step(sched, st, [], alone_budget, 11.0)
+    assert _handoff_step(sched, st, [], alone_budget, 11.1)
+    assert not _handoff_step(sched, st, [], alone_budget, 11.3)
+    # loaded: its last prompt token
+    sched.kv_holding_waiting = [req("r", 500, 501, remote=True)]
+    assert _handoff_step(sched, st, [], alone_budget, 11.4)
+
+    # nothing lands, or no prompt is being computed, or the step would be short anyway
+    assert not _handoff_step(NS(running=[prompt], waiting=[req("l", 0, 50)],
+                                kv_holding_waiting=[]), st, [], alone_budget, 12.0)
+    assert not _handoff_step(NS(running=[], waiting=[fresh], kv_holding_waiting=[]),
+                             st, [], alone_budget, 12.0)
+    short = Budget(0.15, 10)
+    assert not _handoff_step(sched, st, [object()], short, 12.0)
+    assert _handoff_step(sched, st, [object()], Budget(1.5, 300), 12.0)
+    # a GPU-like step: `alone` steps are SLO-sized, no handoff step is needed
+    st.coef = Coef(step=0.002, prefill_ktok=0.02, decode_seq=0.0001)
+    assert not _handoff_step(sched, st, [], alone_budget, 12.0)
+
+
+def test_remote_prefilled_requests_go_first_in_the_waiting_queue():
+    """Behind local prompts in vLLM's FCFS waiting queue a remote-prefilled request would
+    wait for each of them to be admitted before its KV load could start: it goes first,
+    with its peers in their order; the local prompts keep theirs."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    from kv_transfer.handle import P_REMOTE_PREFILL
+    from pdserve.step_hook import _landing_first
+
+    class Req:              # hashable, as vLLM's requests are (the queue makes sets of them)
+        def __init__(self, rid, remote=False):
+            self.request_id = rid
+            self.kv_transfer_params = {P_REMOTE_PREFILL: True} if remote else None
+
+    req = Req
+
+    q = FCFSRequestQueue()
+    for r in [req("l1"), req("r1", True), req("l2"), req("r2", True)]:
+        q.add_request(r)
+    _landing_first(NS(waiting=q))
+    assert [r.request_id for r in q] == ["r1", "r2", "l1", "l2"]
+    _landing_first(NS(waiting=q))                  # already in front: unchanged
+    assert [r.request_id for r in q] == ["r1", "r2", "l1", "l2"]
