@@ -9,8 +9,9 @@ model (pdserve/latency.py) is from them.
 Per trace file (one engine): steps by kind (decode only, prompt tokens only, both in
 one step: "mixed"), their seconds, by number of decode sequences; the step model fitted
 from the same steps as the engine fits them, and its median signed and absolute error
-per kind. A mixed step that costs more than the decode step with as many sequences plus
-its prompt tokens' share is a fixed part the model does not have.
+per kind. A mixed step costs more than the decode step with as many sequences plus its
+prompt tokens' share: the model's `mixed` term; a bias left in one kind is what the model
+still lacks.
 """
 
 from __future__ import annotations

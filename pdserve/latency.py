@@ -2,15 +2,19 @@
 
 One engine step (a forward pass over every scheduled token) takes
 
-    t = c0 + c1 * P/1e3 + c2 * A/1e6 + c3 * D + c4 * C/1e4
+    t = c0 + c1 * P/1e3 + c2 * A/1e6 + c3 * D + c4 * C/1e4 + c5 * M
 
   P  prompt tokens computed in the step (prefill chunks)
   A  their attention work: sum over chunks of chunk * (tokens before it + chunk / 2)
   D  decode sequences in the step (one token each)
   C  context tokens those sequences attend to
+  M  1 when the step computes prompt tokens and decode sequences both (a mixed step)
 
 c0 is the per-step part, c1 and c2 the per-token parts of prefill, c3 and c4 the decode
-parts. The same five numbers describe a prefill engine (D = 0), a decode engine and a
+parts, c5 the part a mixed step pays on top of both (measured on a 2-core CPU: a step with
+one stream took 74.6 ms alone and 101.7 ms with 3 prompt tokens beside it; one constant
+for every step under-predicted such steps and broke the TPOT the budget promised,
+docs/benchmarks.md). The same six numbers describe a prefill engine (D = 0), a decode engine and a
 mixed one, on a CPU or a GPU: nothing here is tuned to a machine, the coefficients are
 what the engine's own steps say. `OnlineLinear` fits them by exponentially weighted,
 non-negative least squares: old steps fade (half-life in samples), so a model follows an
@@ -27,7 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "decode_ctx_10ktok")
+STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "decode_ctx_10ktok",
+                 "mixed")
 TRANSFER_FEATURES = ("transfer", "gbytes")
 IDENTIFY_TOKENS = 16      # prompt tokens a step needs for its prefill terms to count as known
 
@@ -48,7 +53,8 @@ class StepSample:
 
 def step_features(prefill_tokens: float, prefill_attn: float, decode_seqs: float,
                   decode_ctx: float) -> list[float]:
-    return [1.0, prefill_tokens / 1e3, prefill_attn / 1e6, float(decode_seqs), decode_ctx / 1e4]
+    return [1.0, prefill_tokens / 1e3, prefill_attn / 1e6, float(decode_seqs), decode_ctx / 1e4,
+            1.0 if prefill_tokens and decode_seqs else 0.0]
 
 
 def chunk_attn(chunk: int, before: int) -> float:
@@ -165,7 +171,8 @@ class StepModel:
         x = s.features()
         big = s.prefill_tokens >= IDENTIFY_TOKENS
         self.fit.observe(x, s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2,
-                         [bool(x[0]), big, big and bool(x[2]), bool(x[3]), bool(x[4])])
+                         [bool(x[0]), big, big and bool(x[2]), bool(x[3]), bool(x[4]),
+                          bool(x[5])])
 
     @property
     def samples(self) -> int:
@@ -187,10 +194,11 @@ class Coef:
     prefill_attn_mtok2: float = 0.0
     decode_seq: float = 0.0
     decode_ctx_10ktok: float = 0.0
+    mixed: float = 0.0
 
     @classmethod
     def of(cls, c: list[float]) -> "Coef":
-        return cls(*c[:5])
+        return cls(*c[:len(STEP_FEATURES)])    # a shorter list (an older peer's): the rest 0
 
     def merged(self, fallback: "Coef", known: list[bool]) -> "Coef":
         """Our coefficients where we know the feature, the fallback's elsewhere."""
@@ -199,7 +207,7 @@ class Coef:
 
     def as_list(self) -> list[float]:
         return [self.step, self.prefill_ktok, self.prefill_attn_mtok2, self.decode_seq,
-                self.decode_ctx_10ktok]
+                self.decode_ctx_10ktok, self.mixed]
 
     def step_time(self, prefill_tokens: float = 0, prefill_attn: float = 0.0,
                   decode_seqs: float = 0, decode_ctx: float = 0) -> float:
@@ -235,8 +243,10 @@ class Coef:
         return t
 
     def chunk_budget(self, allow_s: float, seqs: float, ctx: float, before: float = 0.0) -> int:
-        """Prompt tokens one step may add to `seqs` decode streams and stay within `allow_s`."""
-        spare = allow_s - self.step_time(decode_seqs=seqs, decode_ctx=ctx)
+        """Prompt tokens one step may add to `seqs` decode streams and stay within `allow_s`
+        (beside streams the first one brings the mixed step's own part)."""
+        spare = allow_s - self.step_time(decode_seqs=seqs, decode_ctx=ctx) - (
+            self.mixed if seqs else 0.0)
         per = self.per_token(before)
         if spare <= 0:
             return 0

@@ -12,15 +12,16 @@ from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, Stream, allowance, b
                                  fcfs_tokens, floor_tokens, stream_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
-            decode_ctx_10ktok=0.01)
+            decode_ctx_10ktok=0.01, mixed=0.003)
 
 
 def engine_steps(coef: Coef, n: int, rng: random.Random, noise: float = 0.03):
-    """Steps of an engine that serves a mix: prompts in chunks, 0-16 streams."""
+    """Steps of an engine that serves a mix: prompts in chunks, a third of them alone (a
+    decode engine's local prefill with no stream), the rest beside 1-16 streams."""
     for _ in range(n):
         p = rng.choice([0, 0, 0, 64, 256, 1024])
         before = rng.choice([0, 512])
-        d = rng.randint(0 if p else 1, 16)
+        d = rng.choice([0, rng.randint(1, 16), rng.randint(1, 16)]) if p else rng.randint(1, 16)
         c = d * rng.randint(100, 1500)
         a = chunk_attn(p, before) if p else 0.0
         t = coef.step_time(p, a, d, c) * (1 + rng.uniform(-noise, noise))
@@ -37,6 +38,30 @@ def test_fit_recovers_the_engine_coefficients():
     for p, d, c in ((1024, 0, 0), (0, 1, 500), (0, 16, 16000), (256, 8, 8000)):
         want = TRUE.step_time(p, chunk_attn(p, 0), d, c)
         assert got.step_time(p, chunk_attn(p, 0), d, c) == pytest.approx(want, rel=0.05)
+
+
+def test_a_mixed_steps_own_fixed_part_is_fitted_and_priced_beside_streams():
+    """A CPU engine whose step with one stream takes 75 ms alone and 102 ms with three
+    prompt tokens beside it (measured, docs/benchmarks.md): the fit finds the mixed
+    step's part, predicts such steps, and a step budget beside streams leaves room for
+    it (without it, prompt tokens went beside streams whose SLO that part alone broke)."""
+    cpu = Coef(step=0.060, prefill_ktok=3.5, prefill_attn_mtok2=1.3, decode_seq=0.015,
+               decode_ctx_10ktok=0.1, mixed=0.027)
+    m = StepModel()
+    for s in engine_steps(cpu, 600, random.Random(7), noise=0.02):
+        m.observe(s)
+    for s in (StepSample(0, 3, chunk_attn(3, 500), 1, 500),
+              StepSample(0, 0, 0.0, 1, 500)):
+        got = Coef.of(m.coef()).step_time(s.prefill_tokens, s.prefill_attn, s.decode_seqs,
+                                          s.decode_ctx)
+        want = cpu.step_time(s.prefill_tokens, s.prefill_attn, s.decode_seqs, s.decode_ctx)
+        assert got == pytest.approx(want, rel=0.05)
+    assert Coef.of(m.coef()).mixed == pytest.approx(0.027, rel=0.25)
+    # 0.1 s beside one stream: 25 ms spare without the mixed part, none with it
+    assert cpu.chunk_budget(0.1, 1, 500) == 0
+    no_mixed = Coef.of(cpu.as_list()[:5])
+    assert no_mixed.chunk_budget(0.1, 1, 500) > 0
+    assert cpu.chunk_budget(0.1, 0, 0) == no_mixed.chunk_budget(0.1, 0, 0)   # alone: none
 
 
 def test_fit_is_non_negative_and_unseen_features_are_unknown():
@@ -68,10 +93,12 @@ def test_old_steps_fade_when_the_engine_changes_speed():
 
 
 def test_merged_takes_the_fallback_where_unknown():
-    mine = Coef(0.001, 2.0, 0.0, 0.0, 0.0)
-    pool = Coef(0.005, 1.0, 0.1, 0.002, 0.02)
-    got = mine.merged(pool, [True, True, False, False, False])
-    assert got.as_list() == [0.001, 2.0, 0.1, 0.002, 0.02]
+    mine = Coef(0.001, 2.0, 0.0, 0.0, 0.0, 0.0)
+    pool = Coef(0.005, 1.0, 0.1, 0.002, 0.02, 0.004)
+    got = mine.merged(pool, [True, True, False, False, False, False])
+    assert got.as_list() == [0.001, 2.0, 0.1, 0.002, 0.02, 0.004]
+    # an older peer's five coefficients: no mixed part
+    assert Coef.of([0.001, 2.0, 0.1, 0.002, 0.02]).mixed == 0.0
 
 
 def test_prefill_time_in_whole_steps_and_chunked_beside_streams():
