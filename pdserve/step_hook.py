@@ -211,7 +211,8 @@ def _landing_first(sched) -> None:
 def _hold_prompts(sched) -> list:
     """Take the prompts being computed out of vLLM's running list for one step (they get
     no tokens in it: what a budget that ran out before them does); `_restore` puts them
-    back in front, in their order."""
+    back in front, in their order. Should the step run out of KV blocks, vLLM preempts
+    from what is left in the list (the newest stream first), not a held prompt."""
     held = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
     if held:
         keep = {id(r) for r in held}
