@@ -159,8 +159,11 @@ class StepModel:
     """An engine's step time: `OnlineLinear` over STEP_FEATURES, with the predictions the
     scheduler and the engine's step budget need."""
 
-    def __init__(self, half_life: float = 500.0) -> None:
+    def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
+        """`mixed`: fit the mixed step's own part (False: it stays 0, the five-term model;
+        PDSERVE_STEP_MIXED=0 for comparisons)."""
         self.fit = OnlineLinear(len(STEP_FEATURES), half_life)
+        self.mixed = mixed
 
     def observe(self, s: StepSample) -> None:
         # relative error is what matters (steps span milliseconds to seconds, and a decode
@@ -169,6 +172,8 @@ class StepModel:
         # not tell a prompt token's cost from the step's fixed part: the prefill terms
         # count as known from chunks of IDENTIFY_TOKENS on
         x = s.features()
+        if not self.mixed:
+            x[5] = 0.0
         big = s.prefill_tokens >= IDENTIFY_TOKENS
         self.fit.observe(x, s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2,
                          [bool(x[0]), big, big and bool(x[2]), bool(x[3]), bool(x[4]),

@@ -78,7 +78,7 @@ def decode(b: bytes) -> tuple[StepSample, float, int]:
 class _State:
     def __init__(self, slo_ms: float, address: str) -> None:
         self.slo_s = slo_ms / 1e3
-        self.model = StepModel()
+        self.model = StepModel(mixed=os.environ.get("PDSERVE_STEP_MIXED", "1") != "0")
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"

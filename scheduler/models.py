@@ -60,8 +60,9 @@ class Recent:
 
 
 class LatencyBook:
-    def __init__(self, half_life: float = 500.0) -> None:
+    def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
         self.half_life = half_life
+        self.mixed = mixed            # StepModel's mixed-step term (False: five terms)
         self.workers: dict[str, StepModel] = {}
         self.pools: dict[str, StepModel] = {}
         self.pool_of: dict[str, str] = {}
@@ -72,8 +73,8 @@ class LatencyBook:
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
         """`now`: when they arrived (the recent figures forget old steps)."""
-        m = self.workers.setdefault(worker_id, StepModel(self.half_life))
-        p = self.pools.setdefault(pool, StepModel(self.half_life))
+        m = self.workers.setdefault(worker_id, StepModel(self.half_life, self.mixed))
+        p = self.pools.setdefault(pool, StepModel(self.half_life, self.mixed))
         self.pool_of[worker_id] = pool
         r = self.recent.setdefault(worker_id, deque(maxlen=RECENT))
         for s in samples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from dataclasses import replace
@@ -67,7 +68,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.rng = random.Random(cfg.seed)
         self.decisions: dict[str, int] = {}
         self.autoscaler = None           # set by serve() when autoscaling is on
-        self.book = LatencyBook()
+        self.book = LatencyBook(mixed=os.environ.get("PDSERVE_STEP_MIXED", "1") != "0")
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None

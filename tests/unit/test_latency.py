@@ -246,3 +246,14 @@ def test_one_token_prefills_leave_the_prompt_cost_unknown():
     m.observe(StepSample(TRUE.step_time(64, chunk_attn(64, 0)), 64, chunk_attn(64, 0), 0, 0))
     m.observe(StepSample(TRUE.step_time(64, chunk_attn(64, 0)), 64, chunk_attn(64, 0), 0, 0))
     assert m.fit.known(1) and m.fit.known(2)
+
+
+def test_the_mixed_term_can_be_left_out_for_comparisons():
+    """StepModel(mixed=False) (PDSERVE_STEP_MIXED=0): the five-term model, whose mixed
+    coefficient stays 0 whatever the steps say."""
+    cpu = Coef(step=0.060, prefill_ktok=3.5, prefill_attn_mtok2=1.3, decode_seq=0.015,
+               decode_ctx_10ktok=0.1, mixed=0.027)
+    m = StepModel(mixed=False)
+    for s in engine_steps(cpu, 300, random.Random(8)):
+        m.observe(s)
+    assert m.warm() and Coef.of(m.coef()).mixed == 0.0
