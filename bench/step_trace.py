@@ -17,9 +17,9 @@ still lacks.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import defaultdict
 
+from bench.stats import percentile
 from pdserve.latency import StepModel, StepSample
 
 KINDS = ("decode", "mixed", "prefill")
@@ -50,7 +50,6 @@ def report(steps: list[StepSample]) -> dict:
     model = StepModel()
     for s in steps:
         model.observe(s)
-    c = model.coef()
     groups: dict[str, list[StepSample]] = defaultdict(list)
     for s in steps:
         if s.seconds > 0:
@@ -60,16 +59,16 @@ def report(steps: list[StepSample]) -> dict:
         g = groups.get(k, [])
         if not g:
             continue
-        sec = sorted(s.seconds for s in g)
-        err = [(sum(a * b for a, b in zip(c, s.features())) - s.seconds) / s.seconds for s in g]
+        sec = [s.seconds for s in g]
+        err = [(model.fit.predict(s.features()) - s.seconds) / s.seconds for s in g]
         by: dict[int, list[float]] = defaultdict(list)
         for s in g:
             by[s.decode_seqs].append(s.seconds)
-        out[k] = {"n": len(g), "p50_ms": 1e3 * statistics.median(sec),
-                  "p90_ms": 1e3 * sec[min(len(sec) - 1, int(0.9 * len(sec)))],
-                  "err_p50": statistics.median(err),
-                  "abs_err_p50": statistics.median(abs(e) for e in err),
-                  "by_seqs": {n: 1e3 * statistics.median(v) for n, v in sorted(by.items())}}
+        out[k] = {"n": len(g), "p50_ms": 1e3 * percentile(sec, 50),
+                  "p90_ms": 1e3 * percentile(sec, 90),
+                  "err_p50": percentile(err, 50),
+                  "abs_err_p50": percentile([abs(e) for e in err], 50),
+                  "by_seqs": {n: 1e3 * percentile(v, 50) for n, v in sorted(by.items())}}
     return out
 
 

@@ -114,12 +114,17 @@ class _State:
             pass   # the worker is not reading (yet): the sample is lost, never the step
 
 
+def _prefilling(r) -> bool:
+    """Is the request's prompt still being computed (a prefill, not yet a stream)?"""
+    return r.num_computed_tokens < r.num_prompt_tokens
+
+
 def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
     """The decode streams, their context, and whether a prompt being computed will
     decode here (a local prefill)."""
     out, ctx, local = [], 0, False
     for r in sched.running:
-        if r.num_computed_tokens < r.num_prompt_tokens:   # still prefilling
+        if _prefilling(r):
             local = local or (r.max_tokens or 0) > 1
             continue
         t0 = st.first.get(r.request_id)
@@ -131,7 +136,7 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
         out.append(Stream(now - t0, r.num_output_tokens + extra, int(r.max_tokens or 0) + extra))
         ctx += r.num_computed_tokens
     if not local:
-        local = any((r.max_tokens or 0) > 1 and r.num_computed_tokens < r.num_prompt_tokens
+        local = any((r.max_tokens or 0) > 1 and _prefilling(r)
                     for r in sched.waiting)
     return out, ctx, local
 
@@ -213,7 +218,7 @@ def _hold_prompts(sched) -> list:
     no tokens in it: what a budget that ran out before them does); `_restore` puts them
     back in front, in their order. Should the step run out of KV blocks, vLLM preempts
     from what is left in the list (the newest stream first), not a held prompt."""
-    held = [r for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens]
+    held = [r for r in sched.running if _prefilling(r)]
     if held:
         keep = {id(r) for r in held}
         sched.running = [r for r in sched.running if id(r) not in keep]
@@ -226,7 +231,7 @@ def _restore(sched, held: list) -> None:
 
 
 def _partial_prefills(sched) -> int:
-    return sum(1 for r in sched.running if r.num_computed_tokens < r.num_prompt_tokens)
+    return sum(1 for r in sched.running if _prefilling(r))
 
 
 def _head(sched) -> tuple[int, int]:
@@ -235,7 +240,7 @@ def _head(sched) -> tuple[int, int]:
     head, n = 0, 0
     for q in (sched.running, sched.waiting):
         for r in q:
-            if r.num_computed_tokens < r.num_prompt_tokens:
+            if _prefilling(r):
                 n += 1
                 head = head or r.num_prompt_tokens - r.num_computed_tokens
     return head, n
@@ -287,11 +292,11 @@ def install() -> bool:
         if not b.tokens and not streams:
             head, queued = _head(self)
             fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
-        # room for remote-prefilled streams to start, whatever the prompts take
-        ready = _waiting_decodes(self) if b.tokens or fcfs else 0
         held = _hold_prompts(self) if _handoff_step(self, st, streams, b, now) else []
+        # room for remote-prefilled streams to start, whatever the prompts take
+        ready = _waiting_decodes(self) if held or b.tokens or fcfs else 0
         if held:         # a handoff step: the landing stream (and the others), no prompt
-            self.max_num_scheduled_tokens = min(cap, len(streams) + _waiting_decodes(self))
+            self.max_num_scheduled_tokens = min(cap, len(streams) + ready)
             self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
         elif b.tokens:
             self.max_num_scheduled_tokens = min(cap, len(streams) + ready + b.tokens)
