@@ -43,7 +43,7 @@ def set_auth(on: bool) -> None:
 
 async def routing(on: bool, calls: int) -> list[float]:
     from scheduler.config import SchedulerConfig
-    from scheduler.service import create_server
+    from scheduler.server import create_server
 
     set_auth(on)
     server, port, _svc = await create_server(SchedulerConfig(host="127.0.0.1", port=0,

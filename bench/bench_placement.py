@@ -137,7 +137,7 @@ async def micro_grpc_ingest(ns) -> dict:
 
     from scheduler.config import SchedulerConfig
     from pdserve.rpc import pd_pb2, pd_pb2_grpc
-    from scheduler.service import create_server
+    from scheduler.server import create_server
 
     server, port, svc = await create_server(SchedulerConfig(port=0))
     await server.start()

@@ -161,7 +161,7 @@ async def run_worker(cfg: WorkerConfig, ready: asyncio.Event | None = None,
 
 def cmd_scheduler(ns) -> int:
     setup_logging("scheduler")
-    from scheduler.service import serve
+    from scheduler.server import serve
 
     placement = PlacementConfig(**{name: getattr(ns, name)
                                    for name, _t, _h in PLACEMENT_FLAGS.values()})

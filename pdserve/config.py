@@ -16,6 +16,19 @@ def data_dir() -> Path:
     return Path(xdg) / "pdserve"
 
 
+def step_switches() -> tuple[bool, int]:
+    """Step-model switches for comparisons, read by engines and the scheduler alike:
+    PDSERVE_STEP_MIXED=0 leaves the mixed step's own term out of the step model
+    (pdserve/latency.py); PDSERVE_STEP_FLOOR is the least prompt tokens a step beside
+    streams computes (pdserve/step_budget.py `floor_tokens`, 1 when unset)."""
+    mixed = os.environ.get("PDSERVE_STEP_MIXED", "1") != "0"
+    try:
+        least = max(0, int(os.environ.get("PDSERVE_STEP_FLOOR", "1")))
+    except ValueError:
+        least = 1
+    return mixed, least
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

@@ -29,7 +29,11 @@ is already behind: TTFT would otherwise be unbounded while streams run. The floo
 longer than safety * SLO: on a CPU whose decode step is most of the SLO, 16 prompt tokens
 per step broke the TPOT of every stream that landed during a local prefill (measured:
 TPOT p99 232 ms against a 201 ms SLO for the locally prefilled requests of the long-prompt
-mix), and at least one token, so a prompt always moves.
+mix), and at least `least` tokens. With `least` 1 a prompt always moves, one token a step
+where not even that fits, and every such step costs the streams a mixed step's own fixed
+part (27 ms beside a 75 ms decode step on a 2-core CPU). With `least` 0 such a step is
+decode only (`Budget.hold`: the engine holds the prompts back for it), and the prompt
+waits until the streams have slack again or end.
 
 pdserve/vllm_plugin.py applies the budget inside vLLM's engine core before each schedule
 (`max_num_scheduled_tokens` and `long_prefill_token_threshold`), on every pdserve engine.
@@ -42,7 +46,8 @@ from dataclasses import dataclass
 from pdserve.latency import Coef, chunk_attn
 
 
-MIN_CHUNK = 16       # prompt tokens per step, at least (prompts keep moving)
+MIN_CHUNK = 16       # prompt tokens per step, at least (prompts keep moving)...
+LEAST = 1            # ...or this many where fewer than MIN_CHUNK fit (floor_tokens)
 SAFETY = 0.9         # streams are held to SAFETY * SLO on average
 OVERHEAD = 0.05      # a step's fixed part may cost this share of it (fcfs_tokens)
 ALONE_OVERHEAD = 0.25  # ...of a local prefill's step with no stream (alone)
@@ -58,7 +63,8 @@ class Stream:
 @dataclass(frozen=True)
 class Budget:
     allow_s: float       # step time the streams can afford (inf: no streams)
-    tokens: int          # prompt tokens this step may compute (0: no limit)
+    tokens: int          # prompt tokens this step may compute (0: no limit, unless hold)
+    hold: bool = False   # no prompt token this step (a floor of 0 and no room)
 
 
 def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
@@ -77,9 +83,10 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
 
 def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
            max_tokens: int, min_chunk: int = MIN_CHUNK, safety: float = SAFETY,
-           local_prefill: bool = False) -> Budget:
+           local_prefill: bool = False, least: int = LEAST) -> Budget:
     """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap;
-    `local_prefill`: a prompt being computed will decode here."""
+    `local_prefill`: a prompt being computed will decode here; `least`: the floor's
+    least tokens (`floor_tokens`)."""
     if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
     if not streams:       # a stream that lands will be held to safety * SLO
@@ -92,26 +99,26 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     if allow == float("inf"):
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow, len(streams), ctx_tokens)
-    floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety)
+    floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety, least)
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
-    return Budget(allow, tok)
+    return Budget(allow, tok, hold=tok <= 0)
 
 
 def floor_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,
-                 min_chunk: int = MIN_CHUNK, safety: float = SAFETY) -> int:
+                 min_chunk: int = MIN_CHUNK, safety: float = SAFETY, least: int = LEAST) -> int:
     """The prompt tokens a step computes beside `seqs` streams that have no slack left:
     `min_chunk`, or as many as keep the step within safety * SLO when that is fewer, and
-    at least one."""
-    return max(1, min(min_chunk, coef.chunk_budget(safety * tpot_slo_s, seqs, ctx)))
+    at least `least`."""
+    return max(least, min(min_chunk, coef.chunk_budget(safety * tpot_slo_s, seqs, ctx)))
 
 
 def stream_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float, before: float = 0.0,
-                  safety: float = SAFETY) -> int:
+                  safety: float = SAFETY, least: int = LEAST) -> int:
     """Prompt tokens per step beside `seqs` streams in the long run: what keeps each step
     within safety * SLO (streams that run at that pace end within it), at least the floor.
     The engine hands a new stream's slack out at once and then steps at the floor; on
     average it is this (what the scheduler predicts a prompt's progress from)."""
-    return max(floor_tokens(coef, tpot_slo_s, seqs, ctx, safety=safety),
+    return max(floor_tokens(coef, tpot_slo_s, seqs, ctx, safety=safety, least=least),
                coef.chunk_budget(safety * tpot_slo_s, seqs, ctx, before))
 
 

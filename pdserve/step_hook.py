@@ -24,6 +24,8 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
 PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for comparisons:
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
+PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
+(step_budget.floor_tokens; 0: none where not one fits, a decode-only step).
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
 name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
@@ -42,6 +44,7 @@ from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
+from pdserve.config import step_switches
 from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens
 
 log = logging.getLogger("vllm.pdserve.steps")
@@ -78,7 +81,8 @@ def decode(b: bytes) -> tuple[StepSample, float, int]:
 class _State:
     def __init__(self, slo_ms: float, address: str) -> None:
         self.slo_s = slo_ms / 1e3
-        self.model = StepModel(mixed=os.environ.get("PDSERVE_STEP_MIXED", "1") != "0")
+        mixed, self.least = step_switches()
+        self.model = StepModel(mixed=mixed)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
@@ -286,16 +290,17 @@ def install() -> bool:
         streams, ctx, local = _streams(self, st, now)
         if st.slo_s > 0 and st.handoffs:
             _landing_first(self)
-        b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local)
+        b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
+                   least=st.least)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:
             head, queued = _head(self)
             fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
-        held = _hold_prompts(self) if _handoff_step(self, st, streams, b, now) else []
+        held = _hold_prompts(self) if b.hold or _handoff_step(self, st, streams, b, now) else []
         # room for remote-prefilled streams to start, whatever the prompts take
         ready = _waiting_decodes(self) if held or b.tokens or fcfs else 0
-        if held:         # a handoff step: the landing stream (and the others), no prompt
+        if held or b.hold:   # a handoff or decode-only step: the streams, no prompt
             self.max_num_scheduled_tokens = min(cap, len(streams) + ready)
             self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
         elif b.tokens:

@@ -54,6 +54,7 @@ class SLO:
     ttft_s: float
     tpot_s: float
     safety: float = SAFETY   # engines hold stream steps to safety * TPOT SLO on average
+    least: int = 1           # the engines' floor, at least (step_budget.floor_tokens)
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,17 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         if seqs <= 0:
             chunk = min(alone_chunk, left, cap)
         else:
-            chunk = stream_tokens(n.coef, slo.tpot_s, seqs, ctx, cached + done, slo.safety)
+            chunk = stream_tokens(n.coef, slo.tpot_s, seqs, ctx, cached + done, slo.safety,
+                                  slo.least)
             if t == 0.0 and math.isfinite(n.allow_s):   # the slack they have now
                 chunk = max(chunk, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
             chunk = min(chunk, left, cap)
-        if steps == 1:
+            if chunk <= 0:      # a floor of 0 and no room: the prompt waits for a change
+                if math.isfinite(nxt):
+                    t = max(t, nxt)
+                    continue
+                chunk = 1       # streams with no known end: one token a step, at worst
+        if done == 0:
             first = chunk if chunk < todo else 0
         one = n.coef.step_time(chunk, chunk_attn(chunk, cached + done), seqs, ctx)
         # steps are atomic: as many as reach the next start or end of a stream

@@ -1,15 +1,14 @@
 """gRPC shell around the registry, the prefix index and the placement policy.
 
 Everything that decides lives in scheduler/state.py, scheduler/policy.py and
-scheduler/index.py (pure); this module only translates messages, keeps time and
-exports metrics.
+scheduler/index.py (pure), and the message translations in scheduler/messages.py; this
+module only answers calls, keeps time and exports metrics. scheduler/server.py starts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from dataclasses import replace
@@ -19,44 +18,20 @@ import grpc
 from scheduler import metrics as SM
 from pdserve import auth, kvhash
 from pdserve import metrics as M
+from pdserve.config import step_switches
 from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from pdserve.latency import StepSample
 from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
 from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex
 from scheduler.models import LatencyBook, handoff_s
+from scheduler import messages as MSG
+from scheduler.messages import MODE_PB, ROLE, ROLE_PB
 from scheduler.roles import RolePlanner, Signals
-from scheduler.state import Load, NoPlacement, Registry, Worker, place
+from scheduler.state import NoPlacement, Registry, Worker, place
 
 log = logging.getLogger(__name__)
-
-ROLE = {pd_pb2.ROLE_PREFILL: "prefill", pd_pb2.ROLE_DECODE: "decode",
-        pd_pb2.ROLE_MIXED: "mixed"}
-ROLE_PB = {v: k for k, v in ROLE.items()}
-MODE_PB = {"disagg": pd_pb2.ROUTE_MODE_DISAGG, "local": pd_pb2.ROUTE_MODE_LOCAL}
-
-
-def _load(pb: pd_pb2.WorkerLoad) -> Load:
-    return Load(pb.running, pb.waiting, pb.kv_usage, pb.kv_leases_held, pb.prefill_tokens,
-                pb.ttft_ms, pb.tpot_ms, pb.num_blocks, pb.max_num_seqs, pb.step_allow_ms,
-                pb.step_budget_tokens, pb.max_num_batched_tokens)
-
-
-def _load_pb(ld: Load) -> pd_pb2.WorkerLoad:
-    return pd_pb2.WorkerLoad(running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
-                             kv_leases_held=ld.kv_leases_held, prefill_tokens=ld.prefill_tokens,
-                             ttft_ms=ld.ttft_ms, tpot_ms=ld.tpot_ms, num_blocks=ld.num_blocks,
-                             max_num_seqs=ld.max_num_seqs, step_allow_ms=ld.step_allow_ms,
-                             step_budget_tokens=ld.step_budget_tokens,
-                             max_num_batched_tokens=ld.max_num_batched_tokens)
-
-
-def _samples(pbs) -> list[StepSample]:
-    return [StepSample(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs,
-                       s.decode_ctx) for s in pbs if s.seconds > 0]
-
 
 class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerConfig, clock=time.monotonic) -> None:
@@ -68,9 +43,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.rng = random.Random(cfg.seed)
         self.decisions: dict[str, int] = {}
         self.autoscaler = None           # set by serve() when autoscaling is on
-        self.book = LatencyBook(mixed=os.environ.get("PDSERVE_STEP_MIXED", "1") != "0")
+        mixed, least = step_switches()
+        self.book = LatencyBook(mixed=mixed)
         pl = cfg.autoscale.planner
-        self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3)
+        self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
@@ -97,7 +73,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             worker_id=request.worker_id, role=role, address=request.address,
             agent_address=request.agent_address, model=request.layout.model,
             compat_hash=request.layout.compat_hash, last_seen=self.clock(),
-            load=_load(request.load), metrics_address=request.metrics_address,
+            load=MSG.load(request.load), metrics_address=request.metrics_address,
             block_size=request.layout.block_size,
             kv_bytes_per_token=(request.layout.block_bytes * request.layout.num_layers
                                 // max(1, request.layout.block_size)),
@@ -116,13 +92,13 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         now = self.clock()
-        w = self.reg.heartbeat(request.worker_id, _load(request.load), now)
+        w = self.reg.heartbeat(request.worker_id, MSG.load(request.load), now)
         if w is None:
             return pd_pb2.HeartbeatResponse(known=False)
         if request.steps:
             last = request.steps[-1]
             w.step_decode_seqs, w.step_decode_ctx = last.decode_seqs, last.decode_ctx
-            self.book.observe_steps(w.worker_id, w.model, _samples(request.steps), now)
+            self.book.observe_steps(w.worker_id, w.model, MSG.samples(request.steps), now)
             SM.SCHED_MODEL_SAMPLES.inc(len(request.steps))
         else:       # no step since the last heartbeat: nothing decodes there
             w.step_decode_seqs, w.step_decode_ctx = 0, 0
@@ -364,8 +340,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         return resp
 
     def _ref(self, wid: str) -> pd_pb2.WorkerRef:
-        w = self.reg.workers[wid]
-        return pd_pb2.WorkerRef(worker_id=wid, address=w.address, agent_address=w.agent_address)
+        return MSG.worker_ref(self.reg.workers[wid])
 
     async def Report(self, request, context):
         now = self.clock()
@@ -414,7 +389,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 agent_address=w.agent_address,
                 layout=pd_pb2.KVLayout(model=w.model, compat_hash=w.compat_hash,
                                        block_size=w.block_size),
-                load=_load_pb(w.load), last_heartbeat_age_s=now - w.last_seen,
+                load=MSG.load_pb(w.load), last_heartbeat_age_s=now - w.last_seen,
                 inflight=w.booked_requests, metrics_address=w.metrics_address,
                 draining=w.draining, blocks_indexed=self.index.held_by(w.worker_id),
                 booked_prefill_tokens=w.booked_prefill_tokens,
@@ -450,51 +425,3 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             self._settle(now)
             self.plan_roles(now)
             self._gauges()
-
-
-async def create_server(cfg: SchedulerConfig) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
-    from grpc_health.v1 import health, health_pb2_grpc
-
-    svc = SchedulerServicer(cfg)
-    # every call but health checks carries a worker's, the frontend's or an admin's token
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
-                             interceptors=auth.server_interceptors(svc.creds))
-    pd_pb2_grpc.add_SchedulerServicer_to_server(svc, server)
-    # grpc.health.v1 (Kubernetes gRPC probes): serving as soon as it listens
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if port == 0:
-        raise RuntimeError(f"scheduler cannot bind {cfg.host}:{cfg.port}")
-    return server, port, svc
-
-
-def start_autoscaler(svc: SchedulerServicer, cfg: SchedulerConfig, port: int):
-    """The planner and its actuator inside the scheduler (cfg.autoscale.mode != "off")."""
-    from scheduler.autoscale import Autoscaler, build_actuator
-
-    actuator = build_actuator(cfg.autoscale, f"{cfg.host}:{port}", cfg.host)
-    svc.autoscaler = Autoscaler(cfg.autoscale, svc.reg, actuator, svc.clock)
-    return svc.autoscaler
-
-
-async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = None) -> None:
-    server, port, svc = await create_server(cfg)
-    await server.start()
-    mport = M.serve_metrics(cfg.metrics_port, cfg.host)
-    log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s", cfg.host, port,
-             mport, cfg.placement)
-    tasks = [asyncio.create_task(svc.reap_forever())]
-    scaler = None
-    if cfg.autoscale.mode != "off":
-        scaler = start_autoscaler(svc, cfg, port)
-        tasks.append(asyncio.create_task(scaler.run()))
-    if ready is not None:
-        ready(port)
-    try:
-        await (stop.wait() if stop else server.wait_for_termination())
-    finally:
-        for t in tasks:
-            t.cancel()
-        if scaler is not None:
-            await scaler.close()      # stops the workers the local actuator started
-        await server.stop(2)

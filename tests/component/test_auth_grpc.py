@@ -11,7 +11,7 @@ from kv_transfer.agent import MAX_HOLD_S, AgentState, start_agent_server
 from pdserve import auth
 from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from scheduler.service import create_server
+from scheduler.server import create_server
 
 SECRET = auth.new_secret()
 

@@ -7,7 +7,7 @@ import pytest
 
 from scheduler.config import AutoscaleConfig, SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from scheduler.service import create_server
+from scheduler.server import create_server
 
 
 @pytest.fixture

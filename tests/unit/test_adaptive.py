@@ -101,6 +101,26 @@ def test_local_prefill_beside_streams_is_chunked_and_slower():
     assert coef.step_time(ch1, 0, 8, 8000) <= 0.09 * 1.001
 
 
+def test_with_a_floor_of_zero_a_local_prompt_waits_for_streams_with_no_room_to_end():
+    """An engine with PDSERVE_STEP_FLOOR=0 computes no prompt token beside streams where
+    not one fits within safety * SLO: the prediction waits for them to end, then goes in
+    `alone` chunks; with the default floor it crawls one token a step meanwhile."""
+    cpu = Coef(step=0.075, prefill_ktok=5.0, mixed=0.027)
+    slo0 = A.SLO(ttft_s=12.0, tpot_s=0.088, least=0)
+    slo1 = A.SLO(ttft_s=12.0, tpot_s=0.088)
+    n = A.Node("d", cpu, streams=1, ctx=600, streams_at=((0.0, 2.0, 1, 600),))
+    alone = A.Node("d", cpu)
+    t0, first0 = A.prefill_on(n, 512, slo0, local=True)
+    t1, first1 = A.prefill_on(n, 512, slo1, local=True)
+    t_alone, first_alone = A.prefill_on(alone, 512, slo0, local=True)
+    assert t0 == pytest.approx(2.0 + t_alone) and first0 == first_alone
+    assert first1 == 1 and t1 > t0 - 2.0
+    # streams with no known end: one token a step, as with the default floor
+    forever = A.Node("d", cpu, streams=1, ctx=600)
+    assert A.prefill_on(forever, 64, slo0, local=True) == A.prefill_on(forever, 64, slo1,
+                                                                      local=True)
+
+
 def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_then():
     """Requests queued on the prefill worker are booked on the decode engine, but their
     streams start only when their prefill ends: until then a local prefill runs alone.

@@ -223,6 +223,27 @@ def test_the_floor_never_breaks_the_streams_it_runs_beside():
     assert stream_tokens(TRUE, 0.1, 4, 4000) == TRUE.chunk_budget(0.09, 4, 4000) > MIN_CHUNK
 
 
+def test_a_floor_of_zero_gives_streams_with_no_room_decode_only_steps():
+    """PDSERVE_STEP_FLOOR=0: where not one prompt token fits beside streams that have no
+    slack (a mixed step's own part alone breaks safety * SLO), the step holds the prompts
+    back (`hold`) instead of paying that part for one token; where tokens fit, or the
+    streams have slack, nothing changes."""
+    cpu = Coef(step=0.075, prefill_ktok=5.0, mixed=0.027)
+    behind = [Stream(elapsed_s=3.0, produced=20, target=40)]
+    one = budget(behind, cpu, 0.088, 600, 4096)
+    assert one.tokens == 1 and not one.hold              # the default floor: one token
+    assert cpu.step_time(1, 0, 1, 600) + cpu.mixed > 0.9 * 0.088
+    none = budget(behind, cpu, 0.088, 600, 4096, least=0)
+    assert none.hold and none.tokens == 0 and none.allow_s == one.allow_s
+    assert floor_tokens(cpu, 0.088, 1, 600, least=0) == 0
+    assert stream_tokens(cpu, 0.088, 1, 600, least=0) == 0
+    fresh = [Stream(0.5, 38, 40)]                         # slack: a chunk either way
+    assert budget(fresh, cpu, 0.088, 600, 4096, least=0) == budget(fresh, cpu, 0.088, 600,
+                                                                    4096)
+    roomy = Coef(step=0.02, prefill_ktok=0.5)             # room for the usual floor
+    assert budget(behind, roomy, 0.088, 600, 4096, least=0).tokens == MIN_CHUNK
+
+
 def test_steps_time_closed_form_equals_stepping():
     for tokens, chunk, cached in ((1000, 64, 0), (1000, 7, 300), (5, 64, 0), (4096, 4096, 10),
                                   (0, 16, 0)):
