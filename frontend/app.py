@@ -51,7 +51,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     async def _startup() -> None:
         if state["client"] is None:
             state["client"] = ClusterClient(cfg.scheduler_address, kv_mode=cfg.kv_mode,
-                                            creds=auth.from_env(auth.FRONTEND))
+                                            creds=auth.from_env(auth.FRONTEND),
+                                            ttft_slo_s=slo[0])
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model, cfg.chat_template,
                                      cfg.default_chat_template_kwargs)

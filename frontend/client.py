@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # a Route may wait in the scheduler for its worker (late binding, scheduler/holding.py);
 # the scheduler bounds the wait by this deadline
 ROUTE_TIMEOUT_S = 120.0
+SAFETY = 0.9      # a kept first token goes out by this share of the TTFT SLO, at the latest
 
 
 @dataclass
@@ -60,6 +61,8 @@ def _route_str(r: pd_pb2.RouteResponse) -> str:
                 f" predicted_tpot_ms={r.predicted_tpot_ms:.1f} chunk={r.chunk_tokens}")
     if r.held_ms > 0:
         out += f" held_ms={r.held_ms:.0f}"
+    if r.hold_first_token:
+        out += " first=with_stream"
     if r.runner_up:
         out += f"; runner_up: {r.runner_up}"
     return out
@@ -89,8 +92,10 @@ class ClusterClient:
     dies mid-stream ends the request with an error (no silent duplicate tokens)."""
 
     def __init__(self, scheduler_address: str, route_wait_s: float = 15.0,
-                 max_attempts: int = 3, kv_mode: str = "pull", creds=None) -> None:
+                 max_attempts: int = 3, kv_mode: str = "pull", creds=None,
+                 ttft_slo_s: float = 0.0) -> None:
         self.push = kv_mode.startswith("push")
+        self.ttft_slo_s = ttft_slo_s      # a kept first token goes by SAFETY * this
         self.channels = Channels(creds)     # the frontend's token on every internal call
         self.leases = AsyncLeaseClient(agent_stubs(self.channels))
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
@@ -123,7 +128,7 @@ class ClusterClient:
 
     def report(self, booking_id: str, phase: int, ttft_s: float = 0.0, tpot_s: float = 0.0,
                output_tokens: int = 0, kv: pd_pb2.KVTransferStats | None = None,
-               first_gap_s: float = 0.0) -> None:
+               first_gap_s: float = 0.0, first_held_s: float = 0.0) -> None:
         """Tell the scheduler (in the background; a lost report expires on its own). The
         latencies feed the autoscaling planner and the latency model's error; a pull
         transfer's READ time feeds its transfer model (not the whole load: that includes
@@ -137,7 +142,7 @@ class ClusterClient:
                     tpot_ms=tpot_s * 1e3, output_tokens=output_tokens,
                     kv_bytes=kv.bytes if ok else 0,
                     kv_seconds=(kv.read_seconds or kv.seconds) if ok else 0.0,
-                    first_gap_ms=first_gap_s * 1e3),
+                    first_gap_ms=first_gap_s * 1e3, first_held_ms=first_held_s * 1e3),
                     timeout=5)
             except grpc.RpcError as e:
                 log.debug("report %s failed: %s", booking_id, e.code())
@@ -158,6 +163,7 @@ class ClusterClient:
         first: Chunk | None = None      # the first token, once the client has it
         t0 = time.perf_counter()
         t_first = t_second = 0.0
+        t_ready = 0.0      # a kept first token: when it was computed
         ntok = 0
         kv = None
         deadline = time.monotonic() + timeout_s     # the whole request's, over every attempt
@@ -169,6 +175,13 @@ class ClusterClient:
             route = await self.route(request_id, model, token_ids, exclude, sampling.max_tokens)
             phase = pd_pb2.PHASE_FAILED
             pulled = False
+            if not t_first:     # a kept first token that never went out is gone with it
+                t_ready = 0.0
+
+            def ready(booking=route.booking_id) -> None:
+                nonlocal t_ready
+                t_ready = time.perf_counter()    # the prefill worker is done with it
+                self.report(booking, pd_pb2.PHASE_PREFILL_DONE)
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
                     gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
@@ -181,11 +194,14 @@ class ClusterClient:
                 else:
                     pulled = first is None      # the client's second token comes after a pull
                     gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first)
+                    if pulled and route.hold_first_token and self.ttft_slo_s > 0:
+                        gen = _kept_first(gen, t0 + SAFETY * self.ttft_slo_s, ready)
                 async for c in gen:
                     if c.token_ids and not t_first:
                         t_first = time.perf_counter()
-                        self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE,
-                                    ttft_s=t_first - t0)
+                        if not t_ready:     # (a kept one was reported when computed)
+                            self.report(route.booking_id, pd_pb2.PHASE_PREFILL_DONE,
+                                        ttft_s=t_first - t0)
                     elif c.token_ids and not t_second:
                         t_second = time.perf_counter()
                     if first is None and route.mode != pd_pb2.ROUTE_MODE_LOCAL:
@@ -205,9 +221,12 @@ class ClusterClient:
             finally:
                 done = phase == pd_pb2.PHASE_DONE and ntok > 1
                 tpot = (time.perf_counter() - t_first) / (ntok - 1) if done else 0.0
-                gap = t_second - t_first if done and pulled and t_second else 0.0
+                start = t_ready or t_first
+                gap = t_second - start if done and pulled and t_second else 0.0
+                kept = t_first - t_ready if t_ready and t_first else 0.0
                 self.report(route.booking_id, phase, tpot_s=tpot, output_tokens=ntok, kv=kv,
-                            first_gap_s=gap)
+                            first_gap_s=gap, first_held_s=kept,
+                            ttft_s=t_first - t0 if t_ready and t_first else 0.0)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
                      first: Chunk | None):
@@ -387,3 +406,49 @@ def to_error(e: Exception) -> PDError:
     if isinstance(e, PDError):
         return e
     return PDError(f"internal error: {type(e).__name__}: {e}", kind=ErrorKind.INTERNAL)
+
+
+async def _kept_first(gen: AsyncIterator[Chunk], release_at: float, ready):
+    """A remote prefill's chunks with its first token kept until the decode worker's first
+    one, or until `release_at` (perf_counter), whichever comes first
+    (RouteResponse.hold_first_token): the handoff then falls in the client's TTFT, not in
+    its TPOT. `ready()` is called when the first token is computed. Should the decode
+    worker fail before its first token, the client never had one: the request is placed
+    again from the start."""
+    it = gen.__aiter__()
+    nxt = None
+    try:
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        ready()
+        nxt = asyncio.ensure_future(it.__anext__())
+        await asyncio.wait({nxt}, timeout=max(0.0, release_at - time.perf_counter()))
+        if nxt.done():
+            try:
+                c = nxt.result()       # a failure raises here, before the first token
+            except StopAsyncIteration:
+                nxt = None
+                yield first
+                return
+            nxt = None
+            yield first
+            yield c
+            nxt = asyncio.ensure_future(it.__anext__())
+        else:
+            yield first                 # its deadline: it waits no longer
+        while True:
+            try:
+                c = await nxt
+            except StopAsyncIteration:
+                nxt = None
+                return
+            nxt = None
+            yield c
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()                # the decode stream's own cleanup frees its KV
+            await asyncio.wait({nxt})
+        await gen.aclose()

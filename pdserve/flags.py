@@ -7,7 +7,7 @@ import argparse
 
 from scheduler.config import AutoscaleConfig
 from scheduler.planner import PlannerConfig, PoolPolicy
-from scheduler.policy import HOLD_ORDERS, POLICIES, PlacementConfig
+from scheduler.policy import FIRST_TOKENS, HOLD_ORDERS, POLICIES, PlacementConfig
 
 
 PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
@@ -34,6 +34,10 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
     "--hold-order": ("hold_order", str, "late binding's order: deadline (a request "
                      "predicted to miss its TTFT SLO lets the held requests that can still "
                      "meet theirs go first) or fifo (arrival order)"),
+    "--first-token": ("first_token", str, "a remote prefill's first token: adaptive (the "
+                      "frontend keeps it until the decode worker's first token where the "
+                      "SLOs favour it: the handoff then counts in TTFT, not TPOT) or early "
+                      "(sent as soon as the prefill worker computes it)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 
@@ -69,7 +73,7 @@ PLACEMENT_ALIASES = {"--placement-temperature": ("--temperature",)}
 
 def placement_args(p: argparse.ArgumentParser) -> None:
     d = PlacementConfig()
-    choices = {"--policy": POLICIES, "--hold-order": HOLD_ORDERS}
+    choices = {"--policy": POLICIES, "--hold-order": HOLD_ORDERS, "--first-token": FIRST_TOKENS}
     for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
         p.add_argument(flag, *PLACEMENT_ALIASES.get(flag, ()), dest=name, type=typ,
                        default=getattr(d, name), help=hlp, choices=choices.get(flag))

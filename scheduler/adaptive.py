@@ -18,7 +18,9 @@ on it:
   + the prefill work booked on D spread over the output tokens, up to what the engine
     lets a stream absorb
   + for remote, the handoff spread over the output tokens (the client waits for it
-    between the first token and the second; scheduler/models.py, `handoff_s`).
+    between the first token and the second; scheduler/models.py, `handoff_s`), unless
+    the frontend keeps the first token until the stream's (`remote`: where that scores
+    better, the handoff is in TTFT instead).
 
 A local prefill also costs the streams already running on D: its steps take their slack
 (the engine enforces the allowance, down to its floor); a local option's score is at most
@@ -38,7 +40,7 @@ else the best score; the next one is reported as the runner-up.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.latency import Coef, chunk_attn
 from pdserve.step_budget import SAFETY, alone, stream_tokens
@@ -55,6 +57,7 @@ class SLO:
     tpot_s: float
     safety: float = SAFETY   # engines hold stream steps to safety * TPOT SLO on average
     least: int = 1           # the engines' floor, at least (step_budget.floor_tokens)
+    hold_first: bool = True  # a remote option may keep its first token for the stream
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,20 @@ class Option:
     chunk: int                   # prompt tokens per step beside streams (0: unchunked)
     score: float = field(default=-math.inf)
     cached: int = 0
+    hold: bool = False           # the first token waits for the stream (`remote`)
+    ready_s: float = -1.0        # when the first token is computed, if not ttft_s
+
+    @property
+    def first_s(self) -> float:
+        """When the first token is computed: what the ranking compares (a held first token
+        waits within the TTFT SLO, and only when that scores better)."""
+        return self.ready_s if self.ready_s >= 0 else self.ttft_s
 
     def describe(self) -> str:
         p = f" prefill={self.prefill}" if self.kind == "remote" else ""
+        h = " first=with_stream" if self.hold else ""
         return (f"{self.kind}{p} decode={self.decode} ttft_ms={self.ttft_s * 1e3:.0f} "
-                f"tpot_ms={self.tpot_s * 1e3:.1f}")
+                f"tpot_ms={self.tpot_s * 1e3:.1f}{h}")
 
 
 def allowance(n: Node, slo: SLO) -> float:
@@ -205,11 +217,25 @@ def score(ttft_s: float, tpot_s: float, slo: SLO) -> float:
 
 
 def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
+    """The first token comes from P as soon as it is computed, and the handoff (the KV
+    load, D's first step) falls between it and the second: in the client's TPOT. Or the
+    frontend keeps it until D's first token (`hold`): the handoff falls in TTFT and the
+    first two tokens arrive together (what vLLM's and SGLang's P/D always do: their decode
+    engine emits every token). The one that scores better."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
-    return Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
-                  score(ttft, tpot, slo), min(p.cached, tokens))
+    opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
+                 score(ttft, tpot, slo), min(p.cached, tokens))
+    if slo.hold_first and out >= 2 and d.transfer_s > 0:
+        # its TPOT as if its first gap were a decode step (the client sees the first two
+        # tokens together, a little less: a bonus, not a reason)
+        step = tpot_on(d, tokens, out, slo)
+        h_ttft = ttft + d.transfer_s + step
+        h = score(h_ttft, step, slo)
+        if h > opt.score:
+            return replace(opt, ttft_s=h_ttft, tpot_s=step, score=h, hold=True, ready_s=ttft)
+    return opt
 
 
 def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
@@ -251,14 +277,14 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
     if not ok:      # the least-missed; as good as it within MARGIN: the sooner first
         best = max(o.score for o in opts)
         near = sorted((o for o in opts if o.score >= best - MARGIN),
-                      key=lambda o: (round(o.ttft_s, 4), -o.score))
+                      key=lambda o: (round(o.first_s, 4), -o.score))
         return near + sorted((o for o in opts if o.score < best - MARGIN),
                              key=lambda o: (-o.score, o.tpot_s))
-    fastest = min(o.ttft_s for o in ok)
+    fastest = min(o.first_s for o in ok)
     tie = fastest + TIE * slo.ttft_s
-    tied = sorted((o for o in ok if o.ttft_s <= tie),
-                  key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score))
-    rest = sorted((o for o in ok if o.ttft_s > tie), key=lambda o: (o.ttft_s, -o.score))
+    tied = sorted((o for o in ok if o.first_s <= tie),
+                  key=lambda o: (o.kind != "remote", round(o.first_s, 4), -o.score))
+    rest = sorted((o for o in ok if o.first_s > tie), key=lambda o: (o.first_s, -o.score))
     miss = sorted((o for o in opts if o.score < MARGIN), key=lambda o: (-o.score, o.tpot_s))
     return tied + rest + miss
 

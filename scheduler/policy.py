@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
+FIRST_TOKENS = ("adaptive", "early")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class PlacementConfig:
     # ...in arrival order ("fifo"), or with requests predicted to miss their TTFT SLO
     # stepping aside for those that can still meet it ("deadline")
     hold_order: str = "deadline"
+    # a remote prefill's first token: sent when computed ("early"), or kept by the
+    # frontend until the decode worker's first token where that scores better against
+    # the SLOs ("adaptive": the handoff then falls in TTFT, not in TPOT)
+    first_token: str = "adaptive"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -66,6 +71,9 @@ class PlacementConfig:
             raise ValueError("hold_max_s must be >= 0")
         if self.hold_order not in HOLD_ORDERS:
             raise ValueError(f"hold_order must be one of {HOLD_ORDERS}, not {self.hold_order!r}")
+        if self.first_token not in FIRST_TOKENS:
+            raise ValueError(f"first_token must be one of {FIRST_TOKENS}, not "
+                             f"{self.first_token!r}")
         if self.temperature < 0 or self.overlap_weight < 0:
             raise ValueError("temperature and overlap_weight must be >= 0")
 
@@ -105,6 +113,7 @@ class Decision:
     runner_up: str = ""
     chunk_tokens: int = 0
     out_tokens: int = 0           # the request's max_tokens (0: not said)
+    hold_first: bool = False      # the frontend keeps the first token for the stream
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:

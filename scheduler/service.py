@@ -46,7 +46,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         mixed, least = step_switches()
         self.book = LatencyBook(mixed=mixed)
         pl = cfg.autoscale.planner
-        self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least)
+        self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least,
+                       hold_first=cfg.placement.first_token == "adaptive")
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
@@ -329,7 +330,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             decode=self._ref(d.decode), booking_id=b.booking_id, mode=MODE_PB[d.mode],
             reason=d.reason, cached_tokens=d.cached_tokens,
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
-            runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3)
+            runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3,
+            hold_first_token=d.hold_first)
         if d.pred_ttft_s:
             SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
             SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
@@ -371,7 +373,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0:
             SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
-        extra = handoff_s(r.first_gap_ms, r.tpot_ms, r.output_tokens)
+        # a first token the frontend kept: its stream's TPOT from when it was ready
+        tpot = r.tpot_ms + r.first_held_ms / max(1, r.output_tokens - 1)
+        extra = handoff_s(r.first_gap_ms, tpot, r.output_tokens)
         w = self.reg.workers.get(b.decode)
         if extra is not None and w is not None:   # what the client waited for the KV
             SM.SCHED_HANDOFF.observe(extra)

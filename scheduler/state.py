@@ -407,4 +407,4 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
                     pred_tpot_s=best.tpot_s,
                     runner_up=opts[1].describe() if len(opts) > 1 else "",
-                    chunk_tokens=best.chunk, out_tokens=max_tokens)
+                    chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold)

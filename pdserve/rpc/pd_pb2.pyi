@@ -302,7 +302,7 @@ class WorkerRef(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens", "push_ticket", "held_ms")
+    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens", "push_ticket", "held_ms", "hold_first_token")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,7 @@ class RouteResponse(_message.Message):
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSH_TICKET_FIELD_NUMBER: _ClassVar[int]
     HELD_MS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerRef
     decode: WorkerRef
     booking_id: str
@@ -327,10 +328,11 @@ class RouteResponse(_message.Message):
     chunk_tokens: int
     push_ticket: bytes
     held_ms: float
-    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ..., held_ms: _Optional[float] = ...) -> None: ...
+    hold_first_token: bool
+    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ..., held_ms: _Optional[float] = ..., hold_first_token: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds", "first_gap_ms")
+    __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds", "first_gap_ms", "first_held_ms")
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FAILED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +342,7 @@ class ReportRequest(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_GAP_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HELD_MS_FIELD_NUMBER: _ClassVar[int]
     booking_id: str
     phase: Phase
     failed_worker_id: str
@@ -349,7 +352,8 @@ class ReportRequest(_message.Message):
     kv_bytes: int
     kv_seconds: float
     first_gap_ms: float
-    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., first_gap_ms: _Optional[float] = ...) -> None: ...
+    first_held_ms: float
+    def __init__(self, booking_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., failed_worker_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., output_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_seconds: _Optional[float] = ..., first_gap_ms: _Optional[float] = ..., first_held_ms: _Optional[float] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("known",)

@@ -1,0 +1,108 @@
+"""A remote prefill's first token kept for the stream: the choice (scheduler/adaptive.py
+`remote`) and the frontend's keeping of it (frontend/client.py `_kept_first`)."""
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from frontend.client import Chunk, _kept_first
+from pdserve.latency import Coef
+from scheduler import adaptive as A
+
+CPU = Coef(step=0.045, prefill_ktok=2.0, decode_seq=0.002)
+SLO = A.SLO(ttft_s=4.0, tpot_s=0.064)
+
+
+def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
+    """8-token streams whose 200 ms handoff would add 22 ms to their TPOT: kept, the
+    first token comes 200 ms and a step later, and their TPOT is a decode step's."""
+    p, d = A.Node("p", CPU), A.Node("d", CPU, transfer_s=0.2)
+    early = A.remote(p, d, 500, 8, dataclasses.replace(SLO, hold_first=False))
+    kept = A.remote(p, d, 500, 8, SLO)
+    assert not early.hold and early.tpot_s > SLO.tpot_s          # the handoff breaks it
+    assert kept.hold and kept.score > 0 > early.score
+    step = A.tpot_on(d, 500, 8, SLO)
+    assert kept.tpot_s == pytest.approx(step)
+    assert kept.ttft_s == pytest.approx(early.ttft_s + 0.2 + step)
+    assert kept.first_s == early.ttft_s         # ranked by when the token is computed
+    assert "first=with_stream" in kept.describe()
+    # the prefill worker's queue leaves no TTFT room: sent as soon as it is computed
+    busy = A.Node("p", CPU, backlog_s=3.8)
+    assert not A.remote(busy, d, 500, 8, SLO).hold
+    # no handoff measured (or none to move): nothing to gain
+    assert not A.remote(p, A.Node("d", CPU), 500, 8, SLO).hold
+
+
+def _chunk(i: int) -> Chunk:
+    return Chunk([i], f"t{i}")
+
+
+async def _stream(delays, log, fail_at=None):
+    """A prefill's first token at once, then the decode worker's after `delays`."""
+    try:
+        yield _chunk(0)
+        for i, d in enumerate(delays, 1):
+            await asyncio.sleep(d)
+            if i == fail_at:
+                raise ConnectionError("decode worker down")
+            yield _chunk(i)
+    finally:
+        log.append("closed")
+
+
+async def _collect(gen, t0):
+    return [(c.token_ids[0], time.perf_counter() - t0) async for c in gen]
+
+
+def test_the_first_token_waits_for_the_streams_first():
+    async def go():
+        log, ready = [], []
+        t0 = time.perf_counter()
+        got = await _collect(_kept_first(_stream([0.05, 0.01], log), t0 + 5.0,
+                                         lambda: ready.append(time.perf_counter() - t0)), t0)
+        return got, ready, log
+    got, ready, log = asyncio.run(go())
+    assert [i for i, _ in got] == [0, 1, 2] and log == ["closed"]
+    assert ready[0] < 0.04 <= got[0][1]             # computed at once, out with the second
+    assert got[1][1] - got[0][1] < 0.02
+
+
+def test_the_first_token_goes_out_by_its_deadline():
+    async def go():
+        log = []
+        t0 = time.perf_counter()
+        return await _collect(_kept_first(_stream([0.5], log), t0 + 0.05, lambda: None), t0)
+    got = asyncio.run(go())
+    assert [i for i, _ in got] == [0, 1]
+    assert 0.04 <= got[0][1] < 0.3 and got[1][1] >= 0.45
+
+
+def test_a_decode_failure_before_its_first_token_leaves_the_client_without_one():
+    """The client never had the first token: the request can be placed again from the
+    start (ClusterClient.generate)."""
+    async def go():
+        log, seen = [], []
+        t0 = time.perf_counter()
+        with pytest.raises(ConnectionError):
+            async for c in _kept_first(_stream([0.02], log, fail_at=1), t0 + 5.0,
+                                       lambda: None):
+                seen.append(c)
+        return seen, log
+    seen, log = asyncio.run(go())
+    assert seen == [] and log == ["closed"]
+
+
+def test_a_client_that_leaves_while_the_token_is_kept_closes_the_stream():
+    async def go():
+        log = []
+        t0 = time.perf_counter()
+        gen = _kept_first(_stream([5.0], log), t0 + 10.0, lambda: None)
+        task = asyncio.ensure_future(_collect(gen, t0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log
+    assert asyncio.run(go()) == ["closed"]
