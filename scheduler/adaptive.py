@@ -49,6 +49,9 @@ MARGIN = 0.05             # headroom (share of each SLO) an option must keep to 
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
+# a remote option's first token is kept for the stream only when its early TPOT is
+# predicted within this share of the SLO (the model's TPOT error is up to about this)
+HOLD_MARGIN = 0.2
 
 
 @dataclass(frozen=True)
@@ -221,20 +224,24 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     load, D's first step) falls between it and the second: in the client's TPOT. Or the
     frontend keeps it until D's first token (`hold`): the handoff falls in TTFT and the
     first two tokens arrive together (what vLLM's and SGLang's P/D always do: their decode
-    engine emits every token). The one that scores better."""
+    engine emits every token). Kept where that scores better and the early TPOT is
+    within HOLD_MARGIN of its SLO: where TPOT is met with room, a later first token
+    would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                  score(ttft, tpot, slo), min(p.cached, tokens))
-    if slo.hold_first and out >= 2 and d.transfer_s > 0:
-        # its TPOT as if its first gap were a decode step (the client sees the first two
-        # tokens together, a little less: a bonus, not a reason)
+    if slo.hold_first and out >= 2 and d.transfer_s > 0 and 1 - tpot / slo.tpot_s < HOLD_MARGIN:
+        # scored as if its first gap were a decode step; the client sees the first two
+        # tokens together, so its TPOT is a little less (what is predicted): a bonus, not
+        # a reason
         step = tpot_on(d, tokens, out, slo)
         h_ttft = ttft + d.transfer_s + step
         h = score(h_ttft, step, slo)
         if h > opt.score:
-            return replace(opt, ttft_s=h_ttft, tpot_s=step, score=h, hold=True, ready_s=ttft)
+            return replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1), score=h,
+                           hold=True, ready_s=ttft)
     return opt
 
 

@@ -24,7 +24,8 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     assert not early.hold and early.tpot_s > SLO.tpot_s          # the handoff breaks it
     assert kept.hold and kept.score > 0 > early.score
     step = A.tpot_on(d, 500, 8, SLO)
-    assert kept.tpot_s == pytest.approx(step)
+    assert kept.score == pytest.approx(A.score(kept.ttft_s, step, SLO))   # scored by a step
+    assert kept.tpot_s == pytest.approx(step * 6 / 7)   # the first two tokens together
     assert kept.ttft_s == pytest.approx(early.ttft_s + 0.2 + step)
     assert kept.first_s == early.ttft_s         # ranked by when the token is computed
     assert "first=with_stream" in kept.describe()
@@ -33,6 +34,9 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     assert not A.remote(busy, d, 500, 8, SLO).hold
     # no handoff measured (or none to move): nothing to gain
     assert not A.remote(p, A.Node("d", CPU), 500, 8, SLO).hold
+    # 48-token streams absorb it (TPOT met with room): the first token goes at once
+    long = A.remote(p, A.Node("d", CPU, transfer_s=0.1), 50, 48, SLO)
+    assert not long.hold and 1 - long.tpot_s / SLO.tpot_s >= A.HOLD_MARGIN
 
 
 def _chunk(i: int) -> Chunk:
