@@ -49,9 +49,6 @@ MARGIN = 0.05             # headroom (share of each SLO) an option must keep to 
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
-# a remote option's first token is kept for the stream only when its early TPOT is
-# predicted within this share of the SLO (the model's TPOT error is up to about this)
-HOLD_MARGIN = 0.2
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,7 @@ class Node:
     # its streams over time: (start s, end s, sequences, context tokens) from now, those
     # decoding now and those booked to start (empty: `streams` run for good)
     streams_at: tuple = ()
+    transfer_tail_s: float = 0.0  # the KV's handoff at its recent 90th percentile
 
 
 @dataclass(frozen=True)
@@ -224,22 +222,25 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     load, D's first step) falls between it and the second: in the client's TPOT. Or the
     frontend keeps it until D's first token (`hold`): the handoff falls in TTFT and the
     first two tokens arrive together (what vLLM's and SGLang's P/D always do: their decode
-    engine emits every token). Kept where that scores better and the early TPOT is
-    within HOLD_MARGIN of its SLO: where TPOT is met with room, a later first token
-    would buy headroom no request needs."""
+    engine emits every token). Kept where the early option may miss an SLO (with the
+    handoff at its recent 90th percentile: a stream that lands during a long step waits
+    for it) and the kept one is predicted to meet both: where TPOT is met with room, a
+    later first token would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
     tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                  score(ttft, tpot, slo), min(p.cached, tokens))
-    if slo.hold_first and out >= 2 and d.transfer_s > 0 and 1 - tpot / slo.tpot_s < HOLD_MARGIN:
+    tail = max(d.transfer_s, d.transfer_tail_s)
+    if slo.hold_first and out >= 2 and tail > 0 and score(
+            ttft, tpot_on(d, tokens, out, slo, tail), slo) < MARGIN:
         # scored as if its first gap were a decode step; the client sees the first two
         # tokens together, so its TPOT is a little less (what is predicted): a bonus, not
         # a reason
         step = tpot_on(d, tokens, out, slo)
         h_ttft = ttft + d.transfer_s + step
         h = score(h_ttft, step, slo)
-        if h > opt.score:
+        if h >= MARGIN and h > opt.score:
             return replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1), score=h,
                            hold=True, ready_s=ttft)
     return opt

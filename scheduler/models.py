@@ -29,6 +29,10 @@ MIN_HANDOFF_S = 1e-3         # a handoff sample is at least this (the fit weighs
 # beside 150-190 ms). At 10 a 1,138 ms stall (6 steps) entered the fit there and put the
 # remote option's forecast TPOT over the SLO for the rest of a run.
 MAX_HANDOFF_STEPS = 5
+# the handoff's tail: how far recent handoffs ran over the fit (a stream that lands during
+# a long step waits for it), from this many of them, once there are TAIL_MIN
+TAIL = 64
+TAIL_MIN = 8
 
 
 def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float | None:
@@ -69,6 +73,7 @@ class LatencyBook:
         self.recent: dict[str, deque] = {}
         self.transfers: dict[str, TransferModel] = {}
         self.pooled_transfer = TransferModel()
+        self.overs: dict[str, deque] = {}      # decode worker -> handoff seconds over the fit
 
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
@@ -88,11 +93,22 @@ class LatencyBook:
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
+            over = seconds - self.transfer_s(decode_worker, nbytes)
+            self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
             self.transfers.setdefault(decode_worker, TransferModel()).observe(nbytes, seconds)
             self.pooled_transfer.observe(nbytes, seconds)
 
+    def transfer_tail_s(self, decode_worker: str, nbytes: int) -> float:
+        """A handoff into `decode_worker` at its recent 90th percentile: the fit plus how
+        far one in ten recent handoffs ran over it (the fit alone until TAIL_MIN)."""
+        base = self.transfer_s(decode_worker, nbytes)
+        over = sorted(self.overs.get(decode_worker, ()))
+        if len(over) < TAIL_MIN:
+            return base
+        return base + max(0.0, over[min(len(over) - 1, int(0.9 * len(over)))])
+
     def forget(self, worker_id: str) -> None:
-        for d in (self.workers, self.recent, self.transfers, self.pool_of):
+        for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs):
             d.pop(worker_id, None)
 
     def coef(self, worker_id: str, pool: str = "") -> Coef | None:

@@ -361,7 +361,8 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
 
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
-          timelines: dict[str, tuple], transfer_s: float = 0.0) -> A.Node | None:
+          timelines: dict[str, tuple], transfer_s: float = 0.0,
+          tail_s: float = 0.0) -> A.Node | None:
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
@@ -372,7 +373,8 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
-                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline)
+                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline,
+                  max(tail_s, transfer_s))
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
@@ -387,8 +389,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
             return None
         pn.append(n)
     for d in decodes:
+        nbytes = d.kv_bytes_per_token * num_tokens
         n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines,
-                  book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens))
+                  book.transfer_s(d.worker_id, nbytes), book.transfer_tail_s(d.worker_id, nbytes))
         if n is None:
             return None
         dn.append(n)

@@ -10,6 +10,7 @@ import pytest
 from frontend.client import Chunk, _kept_first
 from pdserve.latency import Coef
 from scheduler import adaptive as A
+from scheduler.models import TAIL_MIN, LatencyBook
 
 CPU = Coef(step=0.045, prefill_ktok=2.0, decode_seq=0.002)
 SLO = A.SLO(ttft_s=4.0, tpot_s=0.064)
@@ -36,7 +37,26 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     assert not A.remote(p, A.Node("d", CPU), 500, 8, SLO).hold
     # 48-token streams absorb it (TPOT met with room): the first token goes at once
     long = A.remote(p, A.Node("d", CPU, transfer_s=0.1), 50, 48, SLO)
-    assert not long.hold and 1 - long.tpot_s / SLO.tpot_s >= A.HOLD_MARGIN
+    assert not long.hold and long.score >= A.MARGIN
+    # a handoff short on average (TPOT met) but one in ten as long as four steps (streams
+    # landing during long steps): kept, since the early option may miss
+    d_tail = A.Node("d", CPU, transfer_s=0.05, transfer_tail_s=0.25)
+    assert A.remote(p, A.Node("d", CPU, transfer_s=0.05), 500, 8, SLO).score >= A.MARGIN
+    assert A.remote(p, d_tail, 500, 8, SLO).hold
+
+
+def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
+    b = LatencyBook()
+    assert b.transfer_tail_s("d", 1000) == b.transfer_s("d", 1000) == 0.0
+    for _ in range(TAIL_MIN - 1):
+        b.observe_transfer("d", 10**6, 0.06)
+    assert b.transfer_tail_s("d", 10**6) == b.transfer_s("d", 10**6)   # too few yet
+    for i in range(30):       # eight in ten at 60 ms, two in ten at 300 ms
+        b.observe_transfer("d", 10**6, 0.3 if i % 10 >= 8 else 0.06)
+    base = b.transfer_s("d", 10**6)
+    assert base < 0.15 and b.transfer_tail_s("d", 10**6) > base + 0.1
+    b.forget("d")
+    assert b.transfer_tail_s("d", 10**6) == b.transfer_s("d", 10**6)
 
 
 def _chunk(i: int) -> Chunk:
