@@ -35,7 +35,8 @@ TAIL = 64
 TAIL_MIN = 8
 
 
-def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float | None:
+def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int,
+              stalls: bool = False) -> float | None:
     """What a remote prefill's handoff added to the client's TPOT sum, from what the
     client saw: its first gap (first token to second: the KV load, then the decode
     engine's first step) less the mean of its other gaps, unless it is more than
@@ -43,12 +44,12 @@ def handoff_s(first_gap_ms: float, tpot_ms: float, output_tokens: int) -> float 
     READ alone (the first version's sample) left out the gRPC hop, the lease and the wait
     for the decode engine's step in progress: measured on a fast host, 8-token streams
     predicted at 23 ms TPOT took 29-33. None: not measurable (a local prefill, fewer than
-    3 tokens, or a first gap that is a wait)."""
+    3 tokens, or a first gap that is a wait, unless `stalls`: the tail wants those)."""
     n = output_tokens
     if first_gap_ms <= 0 or tpot_ms <= 0 or n < 3:
         return None
     rest_ms = (tpot_ms * (n - 1) - first_gap_ms) / (n - 2)
-    if first_gap_ms > MAX_HANDOFF_STEPS * max(rest_ms, 1e-3):
+    if not stalls and first_gap_ms > MAX_HANDOFF_STEPS * max(rest_ms, 1e-3):
         return None     # a queue for a decode slot, or a stall: the KV READ's record says
     return max(MIN_HANDOFF_S, (first_gap_ms - max(0.0, rest_ms)) / 1e3)
 
@@ -93,14 +94,19 @@ class LatencyBook:
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
-            over = seconds - self.transfer_s(decode_worker, nbytes)
-            self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
             self.transfers.setdefault(decode_worker, TransferModel()).observe(nbytes, seconds)
             self.pooled_transfer.observe(nbytes, seconds)
 
+    def observe_handoff(self, decode_worker: str, nbytes: int, seconds: float) -> None:
+        """A handoff the client waited for, stalls included: how far it ran over the fit."""
+        if nbytes > 0 and seconds > 0:
+            over = seconds - self.transfer_s(decode_worker, nbytes)
+            self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
+
     def transfer_tail_s(self, decode_worker: str, nbytes: int) -> float:
         """A handoff into `decode_worker` at its recent 90th percentile: the fit plus how
-        far one in ten recent handoffs ran over it (the fit alone until TAIL_MIN)."""
+        far one in ten recent handoffs (`observe_handoff`, the stalls the fit leaves out
+        included) ran over it (the fit alone until TAIL_MIN)."""
         base = self.transfer_s(decode_worker, nbytes)
         over = sorted(self.overs.get(decode_worker, ()))
         if len(over) < TAIL_MIN:

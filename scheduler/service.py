@@ -377,6 +377,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         tpot = r.tpot_ms + r.first_held_ms / max(1, r.output_tokens - 1)
         extra = handoff_s(r.first_gap_ms, tpot, r.output_tokens)
         w = self.reg.workers.get(b.decode)
+        waited = handoff_s(r.first_gap_ms, tpot, r.output_tokens, stalls=True)
+        if waited is not None and w is not None:      # its tail, stalls included
+            self.book.observe_handoff(b.decode, w.kv_bytes_per_token * b.prompt_tokens, waited)
         if extra is not None and w is not None:   # what the client waited for the KV
             SM.SCHED_HANDOFF.observe(extra)
             self.book.observe_transfer(b.decode, w.kv_bytes_per_token * b.prompt_tokens, extra)

@@ -10,7 +10,7 @@ import pytest
 from frontend.client import Chunk, _kept_first
 from pdserve.latency import Coef
 from scheduler import adaptive as A
-from scheduler.models import TAIL_MIN, LatencyBook
+from scheduler.models import TAIL_MIN, LatencyBook, handoff_s
 
 CPU = Coef(step=0.045, prefill_ktok=2.0, decode_seq=0.002)
 SLO = A.SLO(ttft_s=4.0, tpot_s=0.064)
@@ -50,9 +50,15 @@ def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
     assert b.transfer_tail_s("d", 1000) == b.transfer_s("d", 1000) == 0.0
     for _ in range(TAIL_MIN - 1):
         b.observe_transfer("d", 10**6, 0.06)
+        b.observe_handoff("d", 10**6, 0.06)
     assert b.transfer_tail_s("d", 10**6) == b.transfer_s("d", 10**6)   # too few yet
-    for i in range(30):       # eight in ten at 60 ms, two in ten at 300 ms
-        b.observe_transfer("d", 10**6, 0.3 if i % 10 >= 8 else 0.06)
+    for i in range(30):       # eight in ten at 60 ms, two in ten stalls of 300 ms, which
+        long = i % 10 >= 8    # the fit leaves out (handoff_s)
+        if not long:
+            b.observe_transfer("d", 10**6, 0.06)
+        b.observe_handoff("d", 10**6, 0.3 if long else 0.06)
+    assert handoff_s(300.0, (300 + 6 * 45) / 7, 8) is None          # a stall for the fit...
+    assert handoff_s(300.0, (300 + 6 * 45) / 7, 8, stalls=True) == pytest.approx(0.255)
     base = b.transfer_s("d", 10**6)
     assert base < 0.15 and b.transfer_tail_s("d", 10**6) > base + 0.1
     b.forget("d")
