@@ -228,16 +228,17 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     later first token would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
-    tpot = tpot_on(d, tokens, out, slo, d.transfer_s)
+    step = tpot_on(d, tokens, out, slo)       # the stream's own; the handoff spreads on it
+    per = max(1, out - 1)
+    tpot = step + d.transfer_s / per
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                  score(ttft, tpot, slo), min(p.cached, tokens))
     tail = max(d.transfer_s, d.transfer_tail_s)
-    if slo.hold_first and out >= 2 and tail > 0 and score(
-            ttft, tpot_on(d, tokens, out, slo, tail), slo) < MARGIN:
+    if slo.hold_first and out >= 2 and tail > 0 and score(ttft, step + tail / per,
+                                                           slo) < MARGIN:
         # scored as if its first gap were a decode step; the client sees the first two
         # tokens together, so its TPOT is a little less (what is predicted): a bonus, not
         # a reason
-        step = tpot_on(d, tokens, out, slo)
         h_ttft = ttft + d.transfer_s + step
         h = score(h_ttft, step, slo)
         if h >= MARGIN and h > opt.score:

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.latency import Coef, StepModel, StepSample, TransferModel
+from scheduler.planner import nearest_rank
 
 RECENT = 256                 # steps kept per worker for the recent-interference figures
 RECENT_S = 30.0              # ...and only those that arrived this recently count
@@ -103,15 +104,12 @@ class LatencyBook:
             over = seconds - self.transfer_s(decode_worker, nbytes)
             self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
 
-    def transfer_tail_s(self, decode_worker: str, nbytes: int) -> float:
-        """A handoff into `decode_worker` at its recent 90th percentile: the fit plus how
-        far one in ten recent handoffs (`observe_handoff`, the stalls the fit leaves out
-        included) ran over it (the fit alone until TAIL_MIN)."""
-        base = self.transfer_s(decode_worker, nbytes)
-        over = sorted(self.overs.get(decode_worker, ()))
-        if len(over) < TAIL_MIN:
-            return base
-        return base + max(0.0, over[min(len(over) - 1, int(0.9 * len(over)))])
+    def handoff_over_s(self, decode_worker: str) -> float:
+        """How far one in ten recent handoffs into `decode_worker` ran over the fit
+        (`observe_handoff`, the stalls the fit leaves out included): the fit plus this is
+        a handoff at its recent 90th percentile. 0 until TAIL_MIN of them."""
+        over = self.overs.get(decode_worker, ())
+        return max(0.0, nearest_rank(over, 90)) if len(over) >= TAIL_MIN else 0.0
 
     def forget(self, worker_id: str) -> None:
         for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs):

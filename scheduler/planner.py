@@ -182,6 +182,14 @@ class Planner:
         return cur, "band", f"{obs}: within band"
 
 
+def nearest_rank(values, q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None if there are none."""
+    v = sorted(values)
+    if not v:
+        return None
+    return v[max(1, math.ceil(q / 100 * len(v))) - 1]
+
+
 class SlidingWindow:
     """Samples over the last `window_s` seconds; time is passed in (pure)."""
 
@@ -216,8 +224,4 @@ class SlidingWindow:
 
     def percentile(self, now: float, q: float) -> float | None:
         """Nearest-rank percentile (q in 0..100) of the window's samples; None if empty."""
-        v = sorted(self.values(now))
-        if not v:
-            return None
-        rank = max(1, math.ceil(q / 100 * len(v)))
-        return v[rank - 1]
+        return nearest_rank(self.values(now), q)

@@ -373,8 +373,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
-                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline,
-                  max(tail_s, transfer_s))
+                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline, tail_s)
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
@@ -389,9 +388,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
             return None
         pn.append(n)
     for d in decodes:
-        nbytes = d.kv_bytes_per_token * num_tokens
-        n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines,
-                  book.transfer_s(d.worker_id, nbytes), book.transfer_tail_s(d.worker_id, nbytes))
+        fit = book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens)
+        n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines, fit,
+                  fit + book.handoff_over_s(d.worker_id))
         if n is None:
             return None
         dn.append(n)

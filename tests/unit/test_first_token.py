@@ -47,11 +47,11 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
 
 def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
     b = LatencyBook()
-    assert b.transfer_tail_s("d", 1000) == b.transfer_s("d", 1000) == 0.0
+    assert b.handoff_over_s("d") == b.transfer_s("d", 1000) == 0.0
     for _ in range(TAIL_MIN - 1):
         b.observe_transfer("d", 10**6, 0.06)
         b.observe_handoff("d", 10**6, 0.06)
-    assert b.transfer_tail_s("d", 10**6) == b.transfer_s("d", 10**6)   # too few yet
+    assert b.handoff_over_s("d") == 0.0                                 # too few yet
     for i in range(30):       # eight in ten at 60 ms, two in ten stalls of 300 ms, which
         long = i % 10 >= 8    # the fit leaves out (handoff_s)
         if not long:
@@ -60,9 +60,9 @@ def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
     assert handoff_s(300.0, (300 + 6 * 45) / 7, 8) is None          # a stall for the fit...
     assert handoff_s(300.0, (300 + 6 * 45) / 7, 8, stalls=True) == pytest.approx(0.255)
     base = b.transfer_s("d", 10**6)
-    assert base < 0.15 and b.transfer_tail_s("d", 10**6) > base + 0.1
+    assert base < 0.15 and b.handoff_over_s("d") > 0.1
     b.forget("d")
-    assert b.transfer_tail_s("d", 10**6) == b.transfer_s("d", 10**6)
+    assert b.handoff_over_s("d") == 0.0
 
 
 def _chunk(i: int) -> Chunk:
