@@ -126,11 +126,11 @@ def test_a_decode_failure_before_its_first_token_leaves_the_client_without_one()
 
 def test_a_client_that_leaves_while_the_token_is_kept_closes_the_stream():
     async def go():
-        log = []
+        log, kept = [], asyncio.Event()
         t0 = time.perf_counter()
-        gen = _kept_first(_stream([5.0], log), t0 + 10.0, lambda: None)
+        gen = _kept_first(_stream([5.0], log), t0 + 10.0, kept.set)
         task = asyncio.ensure_future(_collect(gen, t0))
-        await asyncio.sleep(0.05)
+        await kept.wait()           # the first token is computed and kept
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
