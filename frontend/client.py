@@ -369,7 +369,14 @@ class ClusterClient:
         finally:
             stream.cancel()
             if not pf_task.done():
-                pf_call.cancel()
+                pf_call.cancel()     # the prefill worker frees what it kept
+            elif (not pf_task.cancelled() and pf_task.exception() is None
+                  and pf_task.result().HasField("kv")):
+                # the engine's blocks, kept for a pull nobody makes in push mode: the
+                # consumer releases them after a push; after a refused one (incompatible
+                # layouts, the decode engine recomputed) nobody else would (a second
+                # release is a no-op)
+                await asyncio.shield(self.release(pf_task.result().kv))
 
     async def close(self) -> None:
         for t in list(self._bg):
