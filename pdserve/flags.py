@@ -36,8 +36,9 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                      "meet theirs go first) or fifo (arrival order)"),
     "--first-token": ("first_token", str, "a remote prefill's first token: adaptive (the "
                       "frontend keeps it until the decode worker's first token where the "
-                      "SLOs favour it: the handoff then counts in TTFT, not TPOT) or early "
-                      "(sent as soon as the prefill worker computes it)"),
+                      "SLOs favour it: the handoff then counts in TTFT, not TPOT), early "
+                      "(sent as soon as the prefill worker computes it) or with_stream "
+                      "(always kept, as vLLM's and SGLang's P/D do)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 

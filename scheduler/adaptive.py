@@ -57,7 +57,9 @@ class SLO:
     tpot_s: float
     safety: float = SAFETY   # engines hold stream steps to safety * TPOT SLO on average
     least: int = 1           # the engines' floor, at least (step_budget.floor_tokens)
-    hold_first: bool = True  # a remote option may keep its first token for the stream
+    # a remote option's first token: adaptive (kept for the stream where the SLOs favour
+    # it), early (sent when computed) or with_stream (always kept)
+    first_token: str = "adaptive"
 
 
 @dataclass(frozen=True)
@@ -233,17 +235,20 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     tpot = step + d.transfer_s / per
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                  score(ttft, tpot, slo), min(p.cached, tokens))
+    if out < 2 or slo.first_token == "early":
+        return opt
+    # kept: scored as if its first gap were a decode step; the client sees the first two
+    # tokens together, so its TPOT is a little less (what is predicted): a bonus, not a
+    # reason
+    h_ttft = ttft + d.transfer_s + step
+    kept = replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1),
+                   score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
+    if slo.first_token == "with_stream":
+        return kept
     tail = max(d.transfer_s, d.transfer_tail_s)
-    if slo.hold_first and out >= 2 and tail > 0 and score(ttft, step + tail / per,
-                                                           slo) < MARGIN:
-        # scored as if its first gap were a decode step; the client sees the first two
-        # tokens together, so its TPOT is a little less (what is predicted): a bonus, not
-        # a reason
-        h_ttft = ttft + d.transfer_s + step
-        h = score(h_ttft, step, slo)
-        if h >= MARGIN and h > opt.score:
-            return replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1), score=h,
-                           hold=True, ready_s=ttft)
+    if (tail > 0 and score(ttft, step + tail / per, slo) < MARGIN
+            and kept.score >= MARGIN and kept.score > opt.score):
+        return kept
     return opt
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
-FIRST_TOKENS = ("adaptive", "early")
+FIRST_TOKENS = ("adaptive", "early", "with_stream")
 
 
 @dataclass(frozen=True)

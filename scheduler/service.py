@@ -47,7 +47,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.book = LatencyBook(mixed=mixed)
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least,
-                       hold_first=cfg.placement.first_token == "adaptive")
+                       first_token=cfg.placement.first_token)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
@@ -331,7 +331,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             reason=d.reason, cached_tokens=d.cached_tokens,
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
             runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3,
-            hold_first_token=d.hold_first)
+            hold_first_token=d.hold_first or (d.mode == "disagg"
+                                              and self.slo.first_token == "with_stream"))
         if d.pred_ttft_s:
             SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
             SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)

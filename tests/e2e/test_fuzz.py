@@ -27,6 +27,17 @@ OTHERS = {"/tokenize": 20, "/detokenize": 20}                     # as generated
 UNSUPPORTED = ("n", "best_of", "suffix", "logit_bias")
 
 
+def _usable(p) -> bool:
+    """A prompt the engines can run: non-empty text or token ids in the vocabulary, or one
+    such prompt in a list."""
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return bool(p)
+    return (isinstance(p, list) and bool(p)
+            and all(type(t) is int and 0 <= t < 900 for t in p))
+
+
 def _aim(case, model: str, valid: bool) -> None:
     body = case.body
     if not isinstance(body, dict):
@@ -37,7 +48,12 @@ def _aim(case, model: str, valid: bool) -> None:
             body.pop(k, None)
         p = body.get("prompt")
         if isinstance(p, list) and len(p) > 1 and isinstance(p[0], (str, list)):
-            body["prompt"] = p[:1]          # one prompt per example (see UNSUPPORTED)
+            body["prompt"] = p = p[:1]      # one prompt per example (see UNSUPPORTED)
+        if "prompt" in body and not _usable(p):
+            # an empty prompt (or one of ids past the vocabulary) is refused, rightly; the
+            # schema allows it, so a draw could leave too few valid bodies to reach the
+            # engines (the check below)
+            body["prompt"] = "fox"
         for k in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(k), int) and body[k] < 1:
                 body[k] = 1

@@ -20,7 +20,7 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     """8-token streams whose 200 ms handoff would add 22 ms to their TPOT: kept, the
     first token comes 200 ms and a step later, and their TPOT is a decode step's."""
     p, d = A.Node("p", CPU), A.Node("d", CPU, transfer_s=0.2)
-    early = A.remote(p, d, 500, 8, dataclasses.replace(SLO, hold_first=False))
+    early = A.remote(p, d, 500, 8, dataclasses.replace(SLO, first_token="early"))
     kept = A.remote(p, d, 500, 8, SLO)
     assert not early.hold and early.tpot_s > SLO.tpot_s          # the handoff breaks it
     assert kept.hold and kept.score > 0 > early.score
@@ -43,6 +43,19 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     d_tail = A.Node("d", CPU, transfer_s=0.05, transfer_tail_s=0.25)
     assert A.remote(p, A.Node("d", CPU, transfer_s=0.05), 500, 8, SLO).score >= A.MARGIN
     assert A.remote(p, d_tail, 500, 8, SLO).hold
+
+
+def test_with_stream_keeps_every_first_token_that_has_a_stream():
+    """--first-token with_stream (vLLM's and SGLang's P/D): kept whatever the scores, with
+    the kept option's predictions; a one-token request has no stream to wait for."""
+    ws = dataclasses.replace(SLO, first_token="with_stream")
+    p, d = A.Node("p", CPU), A.Node("d", CPU, transfer_s=0.1)
+    long = A.remote(p, d, 50, 48, ws)
+    assert long.hold and not A.remote(p, d, 50, 48, SLO).hold     # adaptive sends it early
+    assert long.ttft_s == pytest.approx(A.remote(p, d, 50, 48, SLO).ttft_s + 0.1
+                                        + A.tpot_on(d, 50, 48, SLO))
+    assert A.remote(p, A.Node("d", CPU), 50, 48, ws).hold          # no handoff measured yet
+    assert not A.remote(p, d, 50, 1, ws).hold
 
 
 def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
