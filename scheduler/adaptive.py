@@ -78,7 +78,11 @@ class Node:
     # its streams over time: (start s, end s, sequences, context tokens) from now, those
     # decoding now and those booked to start (empty: `streams` run for good)
     streams_at: tuple = ()
-    transfer_tail_s: float = 0.0  # the KV's handoff at its recent 90th percentile
+    # the KV's handoff at its recent 90th percentile (None: too few handoffs yet)
+    transfer_tail_s: float | None = 0.0
+    # how far one in ten recent remote-prefilled streams here ran over their predicted
+    # TPOT (a share of it): the model's own recent error
+    tpot_under: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,8 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     first two tokens arrive together (what vLLM's and SGLang's P/D always do: their decode
     engine emits every token). Kept where the early option may miss an SLO (with the
     handoff at its recent 90th percentile: a stream that lands during a long step waits
-    for it) and the kept one is predicted to meet both: where TPOT is met with room, a
+    for it; or with its TPOT as far over the prediction as one in ten recent streams on
+    `d` ran) and the kept one is predicted to meet both: where TPOT is met with room, a
     later first token would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t
@@ -245,8 +250,17 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
                    score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
     if slo.first_token == "with_stream":
         return kept
-    tail = max(d.transfer_s, d.transfer_tail_s)
-    if (tail > 0 and score(ttft, step + tail / per, slo) < MARGIN
+    tail = d.transfer_tail_s
+    if tail is None:
+        # not learned yet (TAIL_MIN handoffs): a stream that lands while the decode engine
+        # runs a step waits for it, so the tail is a step past the fit
+        tail = d.transfer_s + step if d.transfer_s > 0 else 0.0
+    tail = max(d.transfer_s, tail)
+    # the early option's TPOT at its recent 90th percentile: the handoff's tail spread on
+    # the stream, or the prediction run over by as much as the model's recent misses here
+    risk = max(step + tail / per if tail > 0 else 0.0,
+               tpot * (1.0 + d.tpot_under) if d.tpot_under > 0 else 0.0)
+    if (risk > 0 and score(ttft, risk, slo) < MARGIN
             and kept.score >= MARGIN and kept.score > opt.score):
         return kept
     return opt

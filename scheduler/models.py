@@ -76,6 +76,7 @@ class LatencyBook:
         self.transfers: dict[str, TransferModel] = {}
         self.pooled_transfer = TransferModel()
         self.overs: dict[str, deque] = {}      # decode worker -> handoff seconds over the fit
+        self.unders: dict[str, deque] = {}     # decode worker -> TPOT measured / predicted - 1
 
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
@@ -104,15 +105,28 @@ class LatencyBook:
             over = seconds - self.transfer_s(decode_worker, nbytes)
             self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
 
-    def handoff_over_s(self, decode_worker: str) -> float:
+    def handoff_over_s(self, decode_worker: str) -> float | None:
         """How far one in ten recent handoffs into `decode_worker` ran over the fit
         (`observe_handoff`, the stalls the fit leaves out included): the fit plus this is
-        a handoff at its recent 90th percentile. 0 until TAIL_MIN of them."""
+        a handoff at its recent 90th percentile. None until TAIL_MIN of them."""
         over = self.overs.get(decode_worker, ())
-        return max(0.0, nearest_rank(over, 90)) if len(over) >= TAIL_MIN else 0.0
+        return max(0.0, nearest_rank(over, 90)) if len(over) >= TAIL_MIN else None
+
+    def observe_tpot(self, decode_worker: str, predicted_s: float, measured_s: float) -> None:
+        """A remote-prefilled stream's TPOT against its prediction."""
+        if predicted_s > 0 and measured_s > 0:
+            self.unders.setdefault(decode_worker, deque(maxlen=TAIL)).append(
+                measured_s / predicted_s - 1.0)
+
+    def tpot_under(self, decode_worker: str) -> float:
+        """How far one in ten recent remote-prefilled streams on `decode_worker` ran over
+        their predicted TPOT, as a share of it (0: none did, or fewer than TAIL_MIN)."""
+        under = self.unders.get(decode_worker, ())
+        return max(0.0, nearest_rank(under, 90)) if len(under) >= TAIL_MIN else 0.0
 
     def forget(self, worker_id: str) -> None:
-        for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs):
+        for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs,
+                  self.unders):
             d.pop(worker_id, None)
 
     def coef(self, worker_id: str, pool: str = "") -> Coef | None:

@@ -374,6 +374,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0:
             SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
+        if r.tpot_ms > 0 and b.pred_tpot_s > 0 and b.prefill is not None:
+            self.book.observe_tpot(b.decode, b.pred_tpot_s, r.tpot_ms / 1e3)
         # a first token the frontend kept: its stream's TPOT from when it was ready
         tpot = r.tpot_ms + r.first_held_ms / max(1, r.output_tokens - 1)
         extra = handoff_s(r.first_gap_ms, tpot, r.output_tokens)

@@ -60,11 +60,11 @@ def test_with_stream_keeps_every_first_token_that_has_a_stream():
 
 def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
     b = LatencyBook()
-    assert b.handoff_over_s("d") == b.transfer_s("d", 1000) == 0.0
+    assert b.handoff_over_s("d") is None and b.transfer_s("d", 1000) == 0.0
     for _ in range(TAIL_MIN - 1):
         b.observe_transfer("d", 10**6, 0.06)
         b.observe_handoff("d", 10**6, 0.06)
-    assert b.handoff_over_s("d") == 0.0                                 # too few yet
+    assert b.handoff_over_s("d") is None                                # too few yet
     for i in range(30):       # eight in ten at 60 ms, two in ten stalls of 300 ms, which
         long = i % 10 >= 8    # the fit leaves out (handoff_s)
         if not long:
@@ -75,7 +75,20 @@ def test_the_handoffs_tail_is_how_far_recent_ones_ran_over_the_fit():
     base = b.transfer_s("d", 10**6)
     assert base < 0.15 and b.handoff_over_s("d") > 0.1
     b.forget("d")
-    assert b.handoff_over_s("d") == 0.0
+    assert b.handoff_over_s("d") is None
+
+
+def test_before_the_tail_is_learned_a_handoff_may_wait_a_step():
+    """Fewer than TAIL_MIN handoffs into a decode worker: its tail is taken as the fit
+    plus one of its steps (a stream that lands during a step waits for it), so an 8-token
+    stream whose mean handoff leaves its TPOT barely within the SLO is kept; a long one,
+    which absorbs a step, is not; with no handoff measured at all, nothing is kept."""
+    fresh = A.Node("d", CPU, transfer_s=0.05, transfer_tail_s=None)
+    p = A.Node("p", CPU)
+    assert A.remote(p, A.Node("d", CPU, transfer_s=0.05), 500, 8, SLO).score >= A.MARGIN
+    assert A.remote(p, fresh, 500, 8, SLO).hold
+    assert not A.remote(p, fresh, 50, 48, SLO).hold
+    assert not A.remote(p, A.Node("d", CPU, transfer_tail_s=None), 500, 8, SLO).hold
 
 
 def _chunk(i: int) -> Chunk:
@@ -149,3 +162,23 @@ def test_a_client_that_leaves_while_the_token_is_kept_closes_the_stream():
             await task
         return list(log)    # as it is now, not after asyncio.run cancels what is left
     assert asyncio.run(go()) == ["closed"]
+
+
+def test_streams_that_ran_over_their_prediction_make_the_early_option_a_risk():
+    """Recent remote streams on a decode worker ran 40% over their predicted TPOT (one in
+    ten): an 8-token stream predicted within the SLO with room is kept; with the model
+    right (or too few samples yet) it goes early."""
+    p = A.Node("p", CPU)
+    d = A.Node("d", CPU, transfer_s=0.05)
+    early = A.remote(p, d, 500, 8, SLO)
+    assert not early.hold and early.score >= A.MARGIN
+    assert A.remote(p, dataclasses.replace(d, tpot_under=0.4), 500, 8, SLO).hold
+    b = LatencyBook()
+    for _ in range(TAIL_MIN - 1):
+        b.observe_tpot("d", 0.05, 0.07)
+    assert b.tpot_under("d") == 0.0                      # too few yet
+    for i in range(20):                                  # nine in ten right, one 40% over
+        b.observe_tpot("d", 0.05, 0.07 if i % 10 == 0 else 0.05)
+    assert b.tpot_under("d") == pytest.approx(0.4)
+    b.forget("d")
+    assert b.tpot_under("d") == 0.0

@@ -58,9 +58,11 @@ def test_calibration_scales_slos_and_rates_from_unloaded_latency():
     assert cal["b"]["rates"][1] == round(1.0 / 0.9, 4)
 
 
-def run(rate, goodput, tpot_p99, local_tpots=()):
+def run(rate, goodput, tpot_p99, local_tpots=(), good=None):
     reqs = [{"ok": True, "route": "local", "tpot": t} for t in local_tpots]
-    return {"summary": {"rate": rate, "goodput": goodput, "completed": 10, "requests": 10,
+    good = round(goodput * 100) if good is None else good
+    return {"summary": {"rate": rate, "goodput": goodput, "good": good, "completed": 10,
+                        "requests": 10,
                         "ttft_ms": {"p50": 1, "p99": 1}, "tpot_ms": {"p50": 1, "p99": tpot_p99},
                         "itl_ms": {"p99": 1}, "model_error": {"ttft": 0.1, "tpot": 0.3}},
             "requests": reqs}
@@ -82,6 +84,13 @@ def test_mix_report_compares_each_cell_with_the_best_peer():
     res["pdserve"][1] = run(0.2, 0.1, 60)
     text, out = MX.mix_report("prefill", res, cal)
     assert not out["every_cell"] and "MISSED" in text.splitlines()[-6]
+    # as many within SLOs, a little less per second (the last one ended later): met; one
+    # fewer: missed, whatever the goodput per second
+    res["pdserve"][1] = run(0.2, 0.149, 60, good=15)
+    assert MX.mix_report("prefill", res, cal)[1]["every_cell"]
+    res["pdserve"][1] = run(0.2, 0.16, 60, good=14)
+    _, out = MX.mix_report("prefill", res, cal)
+    assert not out["every_cell"] and out["cells"][1]["peer_good"] == 15
 
 
 def test_a_variant_of_ours_is_reported_against_the_peers_and_is_never_a_peer():
