@@ -83,6 +83,7 @@ class Node:
     # how far one in ten recent remote-prefilled streams here ran over their predicted
     # TPOT (a share of it): the model's own recent error
     tpot_under: float = 0.0
+    transfer_mid_s: float = 0.0  # the handoff at its recent median (0: not known yet)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     # kept: scored as if its first gap were a decode step; the client sees the first two
     # tokens together, so its TPOT is a little less (what is predicted): a bonus, not a
     # reason
-    h_ttft = ttft + d.transfer_s + step
+    h_ttft = ttft + max(d.transfer_s, d.transfer_mid_s) + step
     kept = replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1),
                    score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
     if slo.first_token == "with_stream":
@@ -258,9 +259,13 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     tail = max(d.transfer_s, tail)
     # the early option's TPOT at its recent 90th percentile: the handoff's tail spread on
     # the stream, or the prediction run over by as much as the model's recent misses here
-    risk = max(step + tail / per if tail > 0 else 0.0,
-               tpot * (1.0 + d.tpot_under) if d.tpot_under > 0 else 0.0)
-    if (risk > 0 and score(ttft, risk, slo) < MARGIN
+    u = d.tpot_under
+    risk = max(step + tail / per if tail > 0 else 0.0, tpot * (1.0 + u) if u > 0 else 0.0)
+    # kept, under the same risk: the handoff's tail in TTFT, its steps as far off. Kept
+    # only where that rescues the stream: where a step's error alone breaks TPOT, keeping
+    # the first token costs TTFT and saves nothing
+    rescued = score(ttft + tail + step, step * (1.0 + u), slo) >= MARGIN
+    if (risk > 0 and score(ttft, risk, slo) < MARGIN and rescued
             and kept.score >= MARGIN and kept.score > opt.score):
         return kept
     return opt

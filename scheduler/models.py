@@ -105,12 +105,12 @@ class LatencyBook:
             over = seconds - self.transfer_s(decode_worker, nbytes)
             self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
 
-    def handoff_over_s(self, decode_worker: str) -> float | None:
-        """How far one in ten recent handoffs into `decode_worker` ran over the fit
-        (`observe_handoff`, the stalls the fit leaves out included): the fit plus this is
-        a handoff at its recent 90th percentile. None until TAIL_MIN of them."""
+    def handoff_over_s(self, decode_worker: str, pct: float = 90) -> float | None:
+        """How far recent handoffs into `decode_worker` ran over the fit at their `pct`th
+        percentile (`observe_handoff`, the stalls the fit leaves out included): the fit
+        plus this is a handoff at that percentile. None until TAIL_MIN of them."""
         over = self.overs.get(decode_worker, ())
-        return max(0.0, nearest_rank(over, 90)) if len(over) >= TAIL_MIN else None
+        return max(0.0, nearest_rank(over, pct)) if len(over) >= TAIL_MIN else None
 
     def observe_tpot(self, decode_worker: str, predicted_s: float, measured_s: float) -> None:
         """A remote-prefilled stream's TPOT against its prediction."""

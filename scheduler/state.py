@@ -362,7 +362,8 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
           timelines: dict[str, tuple], transfer_s: float = 0.0,
-          tail_s: float | None = 0.0, under: float = 0.0) -> A.Node | None:
+          tail_s: float | None = 0.0, under: float = 0.0,
+          mid_s: float = 0.0) -> A.Node | None:
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
@@ -374,7 +375,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
                   book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline, tail_s,
-                  under)
+                  under, mid_s)
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
@@ -390,9 +391,10 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
         pn.append(n)
     for d in decodes:
         fit = book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens)
-        over = book.handoff_over_s(d.worker_id)
+        over, mid = book.handoff_over_s(d.worker_id), book.handoff_over_s(d.worker_id, 50)
         n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines, fit,
-                  None if over is None else fit + over, book.tpot_under(d.worker_id))
+                  None if over is None else fit + over, book.tpot_under(d.worker_id),
+                  0.0 if mid is None else fit + mid)
         if n is None:
             return None
         dn.append(n)
