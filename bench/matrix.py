@@ -26,7 +26,8 @@ multiples (--rate-mult) of one engine's serial capacity for each mix (1 / its me
 unloaded end-to-end latency).
 
 Prints per mix the table of goodput and latencies, per cell pdserve's goodput over the
-best peer's, the targets (at least the best peer in every cell; 1.5x the best peer's peak
+best peer's, the targets (at least as many requests within SLOs as the best peer in every
+cell: the same requests at the same times; 1.5x the best peer's peak
 where a peer's TPOT p99 breaks the SLO; TPOT p99 of pdserve's locally prefilled requests
 within the SLO) and the latency model's median absolute error of TTFT and TPOT per mix.
 """

@@ -57,9 +57,9 @@ class SLO:
     tpot_s: float
     safety: float = SAFETY   # engines hold stream steps to safety * TPOT SLO on average
     least: int = 1           # the engines' floor, at least (step_budget.floor_tokens)
-    # a remote option's first token: adaptive (kept for the stream where the SLOs favour
-    # it), early (sent when computed) or with_stream (always kept)
-    first_token: str = "adaptive"
+    # a remote option's first token: with_stream (always kept for the stream), adaptive
+    # (kept where the SLOs favour it) or early (sent when computed)
+    first_token: str = "with_stream"
 
 
 @dataclass(frozen=True)
@@ -259,13 +259,12 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     tail = max(d.transfer_s, tail)
     # the early option's TPOT at its recent 90th percentile: the handoff's tail spread on
     # the stream, or the prediction run over by as much as the model's recent misses here
+    # (the misses of recent streams are mostly their handoffs, which keeping takes out of
+    # TPOT: applying them to the kept stream's steps too kept almost nothing, and lost 20
+    # of 144 requests within SLOs against keeping every first token, docs/benchmarks.md)
     u = d.tpot_under
     risk = max(step + tail / per if tail > 0 else 0.0, tpot * (1.0 + u) if u > 0 else 0.0)
-    # kept, under the same risk: the handoff's tail in TTFT, its steps as far off. Kept
-    # only where that rescues the stream: where a step's error alone breaks TPOT, keeping
-    # the first token costs TTFT and saves nothing
-    rescued = score(ttft + tail + step, step * (1.0 + u), slo) >= MARGIN
-    if (risk > 0 and score(ttft, risk, slo) < MARGIN and rescued
+    if (risk > 0 and score(ttft, risk, slo) < MARGIN
             and kept.score >= MARGIN and kept.score > opt.score):
         return kept
     return opt

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
-FIRST_TOKENS = ("adaptive", "early", "with_stream")
+FIRST_TOKENS = ("with_stream", "adaptive", "early")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PlacementConfig:
     # a remote prefill's first token: sent when computed ("early"), or kept by the
     # frontend until the decode worker's first token where that scores better against
     # the SLOs ("adaptive": the handoff then falls in TTFT, not in TPOT)
-    first_token: str = "adaptive"
+    first_token: str = "with_stream"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

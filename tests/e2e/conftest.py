@@ -57,12 +57,12 @@ def cluster(tiny_model, tmp_path_factory):
     # own tests are in test_adaptive.py)
     # (and requests may bring their own chat template, as a vLLM server with the same flag:
     # test_vllm_server_parity.py compares them)
-    # Every first token kept for its stream (--first-token with_stream): the greedy,
-    # streaming, stop-string and hang-up tests here all go through the frontend's keeping
-    # path; the clusters of the other modules send it early, as the defaults mostly do.
+    # Every first token sent as soon as the prefill worker computes it (--first-token
+    # early): the greedy, streaming, stop-string and hang-up tests here go through that
+    # path; the other modules' clusters keep it for the stream, as the defaults do.
     yield from serving(tiny_model, tmp_path_factory, "cluster",
                        extra=[*KV, "--trust-request-chat-template",
-                              "--first-token", "with_stream"])
+                              "--first-token", "early"])
 
 
 @pytest.fixture(scope="session")

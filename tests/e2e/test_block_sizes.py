@@ -70,6 +70,8 @@ def test_relaid_out_kv_gives_the_colocated_output(mixed, truth, n):
     kv = body["kv_transfer"]
     assert kv["status"] == "ok" and kv["tokens"] == n, kv
     assert kv["relayout_seconds"] > 0 and kv["checksummed"] is True, kv
+    # the default: the first token went out with the decode worker's first
+    assert "first=with_stream" in r.headers["x-pdserve-route"], r.headers["x-pdserve-route"]
     # the bytes are the producer's blocks: 64-token blocks of 4 layers x 2 KV heads x
     # (K + V) x head size 64, in the engines' dtype (the tests': conftest.TEST_DTYPE)
     per_block = 4 * 2 * PREFILL_BS * 128 * (2 if TEST_DTYPE[-1] == "bfloat16" else 4)

@@ -16,7 +16,8 @@ from scheduler.state import Load, Registry, Worker, place
 # an engine: 4 ms per step, 1 s per 1,000 prompt tokens, 2 ms per decode sequence
 C = Coef(step=0.004, prefill_ktok=1.0, prefill_attn_mtok2=0.0, decode_seq=0.002,
          decode_ctx_10ktok=0.001)
-SLO = A.SLO(ttft_s=3.0, tpot_s=0.1)
+# placement under test; where the first token goes is tests/unit/test_first_token.py's
+SLO = A.SLO(ttft_s=3.0, tpot_s=0.1, first_token="early")
 CFG = PlacementConfig()
 
 
@@ -106,8 +107,8 @@ def test_with_a_floor_of_zero_a_local_prompt_waits_for_streams_with_no_room_to_e
     not one fits within safety * SLO: the prediction waits for them to end, then goes in
     `alone` chunks; with the default floor it crawls one token a step meanwhile."""
     cpu = Coef(step=0.075, prefill_ktok=5.0, mixed=0.027)
-    slo0 = A.SLO(ttft_s=12.0, tpot_s=0.088, least=0)
-    slo1 = A.SLO(ttft_s=12.0, tpot_s=0.088)
+    slo0 = A.SLO(ttft_s=12.0, tpot_s=0.088, least=0, first_token="early")
+    slo1 = A.SLO(ttft_s=12.0, tpot_s=0.088, first_token="early")
     n = A.Node("d", cpu, streams=1, ctx=600, streams_at=((0.0, 2.0, 1, 600),))
     alone = A.Node("d", cpu)
     t0, first0 = A.prefill_on(n, 512, slo0, local=True)
@@ -127,7 +128,7 @@ def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_
     Counting them as streams running now (the first version) predicted the local option at
     the floor's pace exactly when the prefill queue made it worth taking."""
     cpu = Coef(step=0.11, prefill_ktok=5.0, decode_seq=0.03)
-    slo = A.SLO(ttft_s=12.0, tpot_s=0.2)
+    slo = A.SLO(ttft_s=12.0, tpot_s=0.2, first_token="early")
     # three short streams (8 tokens at ~0.15 s) land as the prefill worker ends each prompt
     later = tuple((s, s + 7 * 0.15, 1, 600) for s in (4.0, 7.0, 10.0))
     free = A.Node("d", cpu, streams=3, ctx=1800, streams_at=later)
