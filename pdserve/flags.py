@@ -34,11 +34,11 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
     "--hold-order": ("hold_order", str, "late binding's order: deadline (a request "
                      "predicted to miss its TTFT SLO lets the held requests that can still "
                      "meet theirs go first) or fifo (arrival order)"),
-    "--first-token": ("first_token", str, "a remote prefill's first token: adaptive (the "
-                      "frontend keeps it until the decode worker's first token where the "
-                      "SLOs favour it: the handoff then counts in TTFT, not TPOT), early "
-                      "(sent as soon as the prefill worker computes it) or with_stream "
-                      "(always kept, as vLLM's and SGLang's P/D do)"),
+    "--first-token": ("first_token", str, "a remote prefill's first token: with_stream (the "
+                      "frontend keeps it until the decode worker's first token, so the "
+                      "handoff counts in TTFT, not TPOT, as vLLM's and SGLang's P/D do), "
+                      "adaptive (kept where the SLOs favour it) or early (sent as soon as "
+                      "the prefill worker computes it)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 
