@@ -59,9 +59,9 @@ class PlacementConfig:
     # ...in arrival order ("fifo"), or with requests predicted to miss their TTFT SLO
     # stepping aside for those that can still meet it ("deadline")
     hold_order: str = "deadline"
-    # a remote prefill's first token: sent when computed ("early"), or kept by the
-    # frontend until the decode worker's first token where that scores better against
-    # the SLOs ("adaptive": the handoff then falls in TTFT, not in TPOT)
+    # a remote prefill's first token: kept by the frontend until the decode worker's first
+    # token, always ("with_stream": the handoff then falls in TTFT, not in TPOT) or where
+    # that scores better against the SLOs ("adaptive"), or sent when computed ("early")
     first_token: str = "with_stream"
 
     def __post_init__(self) -> None:
