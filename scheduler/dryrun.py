@@ -16,8 +16,9 @@ Two sources:
     TPOT = step / (1 - per_seq x rate x OSL / replicas), and 10x the SLO when saturated.
   New replicas serve one tick after the planner asks for them.
   The role planner (scheduler/roles.py) runs in the loop too: decode pressure is the TPOT
-  p90 over 0.9 x the TPOT SLO, prefill pressure the TTFT p90's queueing part over the TTFT
-  SLO; a mixed worker counts as half a prefill and half a decode replica. Its flips are in
+  p90 over 0.9 x the TPOT SLO (and the same were a mixed worker to stop decoding), prefill
+  pressure the TTFT p90's queueing part over the TTFT SLO; a mixed worker counts as half a
+  prefill and half a decode replica. Its flips are in
   the timeline ("roles: ...").
 """
 
@@ -100,7 +101,11 @@ def simulate(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None)
                                 getattr(cfg, p).target_ms) for p in POOLS}
         change = ""
         if roles is not None:
-            mixed, change = _roles_tick(roles, t, lat, isl, ns, cfg, replicas["prefill"], mixed)
+            # the decode TPOT were a mixed worker to stop decoding
+            after = (model_latency("decode", rate, isl, osl, share["decode"] - 0.5, ns,
+                                   cfg.decode.target_ms) or 0.0) if mixed else math.inf
+            mixed, change = _roles_tick(roles, t, lat, after, isl, ns, cfg,
+                                        replicas["prefill"], mixed)
         metrics = {p: PoolMetrics(latency_p90_ms=lat[p], request_rate=rate,
                                   mean_input_tokens=isl, mean_output_tokens=osl)
                    for p in POOLS}
@@ -117,13 +122,14 @@ def simulate(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None)
     return steps
 
 
-def _roles_tick(roles: RolePlanner, t: float, lat: dict, isl: float, ns, cfg: PlannerConfig,
-                n_prefill: int, mixed: int) -> tuple[int, str]:
+def _roles_tick(roles: RolePlanner, t: float, lat: dict, after: float, isl: float, ns,
+                cfg: PlannerConfig, n_prefill: int, mixed: int) -> tuple[int, str]:
     tpot, ttft = lat["decode"] or 0.0, lat["prefill"] or 0.0
     queueing = max(0.0, ttft - isl / ns.prefill_tok_s * 1e3)
-    sig = Signals(tpot / (0.9 * cfg.decode.target_ms), queueing / cfg.prefill.target_ms,
+    allow = 0.9 * cfg.decode.target_ms
+    sig = Signals(tpot / allow, queueing / cfg.prefill.target_ms,
                   {f"prefill-{i}": "mixed" if i < mixed else "prefill"
-                   for i in range(n_prefill)})
+                   for i in range(n_prefill)}, after / allow)
     for f in roles.tick(t, sig):
         mixed += 1 if f.role == "mixed" else -1
         return mixed, f"{f.worker_id} -> {f.role} ({f.reason})"

@@ -63,6 +63,14 @@ class Recent:
     mean_step_s: float = 0.0       # mean step time of those
     excess_s: float = 0.0          # their mean time beyond the fit's plain decode step
                                    # (prompt chunks beside them, a busy memory bus)
+    seqs: float = 0.0              # their mean decode sequences
+    ctx: float = 0.0               # ...and those sequences' mean context tokens
+
+    @property
+    def plain_s(self) -> float:
+        """Their mean plain decode step (the fit's, for their batch and context): what the
+        streams alone cost, prompt chunks beside them left out."""
+        return self.mean_step_s - self.excess_s
 
 
 class LatencyBook:
@@ -92,7 +100,8 @@ class LatencyBook:
         for s in samples:
             if s.decode_seqs:
                 plain = c.decode_step(s.decode_seqs, s.decode_ctx) if c is not None else s.seconds
-                r.append((now, s.seconds, s.prefill_tokens > 0, s.seconds - plain))
+                r.append((now, s.seconds, s.prefill_tokens > 0, s.seconds - plain,
+                          s.decode_seqs, s.decode_ctx))
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -161,4 +170,5 @@ class LatencyBook:
             return Recent()
         n = len(r)
         return Recent(n, sum(1 for x in r if x[2]) / n, sum(x[1] for x in r) / n,
-                      sum(x[3] for x in r) / n)
+                      sum(x[3] for x in r) / n, sum(x[4] for x in r) / n,
+                      sum(x[5] for x in r) / n)

@@ -15,13 +15,17 @@ role in the next heartbeat answer and registers again under it.
 
 `RolePlanner` changes roles when the mix shifts for longer than a window: a prefill worker
 becomes mixed while the decode side is under pressure and the prefill side is not, and a
-mixed worker goes back to prefill in the opposite case. A condition must hold at every
+mixed worker goes back to prefill while the prefill side is under pressure and the other
+decode-capable workers could carry its streams without being pressed in turn (with the
+old test, the decode side's pressure now, a mixed worker whose streams filled their
+budget never went back). A condition must hold at every
 tick for `window_s` (one noisy tick resets it), a flip waits `dwell_s` after the last one,
 and the thresholds to enter and leave differ, so a noisy trace does not flap.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 ROLES = ("prefill", "decode", "mixed")
@@ -42,9 +46,8 @@ def kinds(role: str, pending: str = "") -> frozenset[str]:
 class RolePlannerConfig:
     window_s: float = 30.0           # a condition must hold this long
     dwell_s: float = 60.0            # no flip sooner than this after the last one
-    decode_enter: float = 0.8        # decode pressure: stream step time / (safety * TPOT SLO)
-    decode_leave: float = 0.5
-    prefill_enter: float = 0.5       # prefill pressure: backlog / TTFT SLO
+    decode_enter: float = 0.8        # decode pressure: plain decode step / (safety * TPOT SLO)
+    prefill_enter: float = 0.5       # prefill pressure: backlog or TTFT p90 / TTFT SLO
     prefill_leave: float = 0.2
 
 
@@ -54,6 +57,9 @@ class Signals:
     decode_pressure: float
     prefill_pressure: float
     roles: dict[str, str] = field(default_factory=dict)   # routable workers -> role
+    # decode pressure with one decode-capable worker fewer, its streams spread over the
+    # rest: what a flip back to prefill would leave (inf: no decoder would be left)
+    decode_after: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,10 @@ class RolePlanner:
     def tick(self, now: float, s: Signals) -> list[Flip]:
         c = self.cfg
         want_mixed = s.decode_pressure >= c.decode_enter and s.prefill_pressure < c.prefill_leave
+        # back to prefill only if the decode side alone stays under the pressure that
+        # makes a worker mixed (else the next window flips it again)
         want_prefill = (s.prefill_pressure >= c.prefill_enter
-                        and s.decode_pressure < c.decode_leave)
+                        and s.decode_after < c.decode_enter)
         for key, on in (("to_mixed", want_mixed), ("to_prefill", want_prefill)):
             if not on:
                 self.since[key] = None

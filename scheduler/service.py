@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -25,9 +26,10 @@ from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
 from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex
-from scheduler.models import LatencyBook, handoff_s
+from scheduler.models import RECENT_S, LatencyBook, handoff_s
 from scheduler import messages as MSG
 from scheduler.messages import MODE_PB, ROLE, ROLE_PB
+from scheduler.planner import SlidingWindow
 from scheduler.roles import RolePlanner, Signals
 from scheduler.state import NoPlacement, Registry, Worker, place
 
@@ -50,6 +52,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                        first_token=cfg.placement.first_token)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
+        self.ttfts = SlidingWindow(RECENT_S)     # measured TTFTs (s): prefill pressure
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
@@ -140,19 +143,37 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                                       pending_role=ROLE_PB.get(w.pending_role, 0))
 
     def signals(self, now: float) -> Signals:
-        """The role planner's inputs: the decode side's stream step time over the TPOT
-        allowance, and the prefill backlog over the TTFT SLO (worst worker of each)."""
+        """The role planner's inputs (worst worker of each):
+        - decode pressure: the plain decode step over the TPOT allowance. Plain
+          (`Recent.plain_s`), not whole: an engine fills its streams' slack with prompt
+          chunks up to the allowance, so whole steps near it say the budget works, not
+          that decoding needs another worker (measured with whole steps, a mixed worker
+          never went back to prefill while long prompts queued on it);
+        - the same with one decode-capable worker fewer, its streams spread over the rest
+          (what flipping a mixed worker back to prefill would leave; inf: none would be
+          left);
+        - prefill pressure: the prefill backlog, or the recent TTFTs' p90, over the TTFT
+          SLO (a backlog drains between bursts; the TTFTs keep what it cost)."""
         ws = [w for w in self.reg.workers.values() if not w.draining]
         allow = self.slo.safety * self.slo.tpot_s
-        recent = {w.worker_id: self.book.recent_of(w.worker_id, now) for w in ws}
-        dp = max((recent[w.worker_id].mean_step_s / allow for w in ws
-                  if w.can("decode") and recent[w.worker_id].stream_steps >= 16), default=0.0)
+        dec = [(w, self.book.recent_of(w.worker_id, now)) for w in ws if w.can("decode")]
+        dp = max((r.plain_s / allow for _, r in dec if r.stream_steps >= 16), default=0.0)
+        after = math.inf
+        coefs = [c for c in (self.book.coef(w.worker_id, w.model) for w, _ in dec) if c]
+        if len(dec) > 1 and coefs:
+            n = len(dec) - 1
+            seqs, ctx = (sum(r.seqs for _, r in dec) / n, sum(r.ctx for _, r in dec) / n)
+            after = max(c.decode_step(seqs, ctx) for c in coefs) / allow
         # requests held for late binding are prefill work too, shared by the workers that
         # could take it
         held = self.gate.held_prefill_s() / max(1, sum(w.can("prefill") for w in ws))
         pp = max(((self.reg.backlog(w, now) + held) / self.slo.ttft_s for w in ws),
                  default=0.0)
-        return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role})
+        ttft = self.ttfts.percentile(now, 90)
+        if ttft is not None:
+            pp = max(pp, ttft / self.slo.ttft_s)
+        return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role},
+                       after)
 
     def plan_roles(self, now: float) -> None:
         if self.roles is None:
@@ -350,6 +371,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         b = self.reg.bookings.get(request.booking_id)
         if b is not None:
             self._observe_report(b, request)
+            if request.ttft_ms > 0:
+                self.ttfts.add(now, request.ttft_ms / 1e3)
         if request.phase == pd_pb2.PHASE_PREFILL_DONE:
             known = self.reg.prefill_done(request.booking_id, now)
         elif request.phase in (pd_pb2.PHASE_DONE, pd_pb2.PHASE_FAILED):

@@ -356,3 +356,36 @@ async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(
     finally:
         await ch.close()
         await server.stop(0)
+
+
+async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held_sched):
+    """Decode pressure is the streams' plain decode step over the allowance, not the whole
+    step an engine fills with prompt chunks up to it; `decode_after` is that pressure with
+    one decode-capable worker fewer; measured TTFTs are prefill pressure."""
+    sched, svc = held_sched
+    await sched.Register(reg("m", pd_pb2.ROLE_MIXED))
+    await sched.Register(reg("d", pd_pb2.ROLE_DECODE))
+    allow = svc.slo.safety * svc.slo.tpot_s
+    plain = 0.3 * allow                 # 4 streams' plain step
+    warm = (steps(20, prefill=512, seconds=0.6) + steps(20, prefill=64, seconds=0.1)
+            + steps(20, decode=1, ctx=500, seconds=0.2 * allow)
+            + steps(20, decode=4, ctx=2000, seconds=plain))
+    # prompt chunks beside the streams: whole steps at the allowance
+    full = steps(256, prefill=256, decode=4, ctx=2000, seconds=allow)   # all it keeps
+    for w in ("m", "d"):
+        await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id=w, steps=warm + full))
+    s = svc.signals(svc.clock())
+    whole = svc.book.recent_of("d", svc.clock()).mean_step_s / allow
+    assert whole > 0.8 and s.decode_pressure < 0.5, (whole, s)
+    # 8 streams on one worker: more than the 4 on each, less than twice as slow
+    assert s.decode_pressure < s.decode_after < 2 * s.decode_pressure, s
+    assert s.prefill_pressure == 0.0
+    r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=list(range(64)),
+                                              max_tokens=8))
+    await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id, phase=pd_pb2.PHASE_DONE,
+                                            ttft_ms=svc.slo.ttft_s * 600, tpot_ms=20,
+                                            output_tokens=8))
+    assert svc.signals(svc.clock()).prefill_pressure == pytest.approx(0.6)
+    # with one decode-capable worker, none would be left to flip back to prefill
+    await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="d"))
+    assert svc.signals(svc.clock()).decode_after == float("inf")

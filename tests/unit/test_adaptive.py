@@ -318,10 +318,24 @@ def test_role_planner_flips_only_after_a_sustained_shift():
     assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "mixed",
                                                                  "decode_pressure")]
     roles = {"p": "mixed", "d": "decode"}
-    prefill_heavy = Signals(0.2, 0.9, roles)
+    prefill_heavy = Signals(0.2, 0.9, roles, decode_after=0.6)
     assert pl.tick(40.0, prefill_heavy) == []
     assert pl.tick(80.0, prefill_heavy) == []         # 40 s of it, but inside the dwell
     assert [f.role for f in pl.tick(92.0, prefill_heavy)] == ["prefill"]
+
+
+def test_a_mixed_worker_stays_mixed_while_the_decode_side_could_not_carry_its_streams():
+    """Prefill pressure alone is not enough to go back: were the mixed worker's streams
+    to move, the decode worker would be pressed past the point that made it mixed."""
+    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
+    roles = {"p": "mixed", "d": "decode"}
+    for t in range(0, 300, 5):
+        assert pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.9)) == []
+    # the same pressures, but one worker could carry every stream: back after the window
+    flips = [f for t in range(300, 380, 5)
+             for f in pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.7))]
+    assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "prefill",
+                                                                 "prefill_pressure")]
 
 
 def test_role_planner_does_not_flap_on_a_noisy_trace():
