@@ -73,6 +73,16 @@ class Recent:
         return self.mean_step_s - self.excess_s
 
 
+def _push(tails: dict[str, deque], key: str, value: float) -> None:
+    tails.setdefault(key, deque(maxlen=TAIL)).append(value)
+
+
+def _tail(tails: dict[str, deque], key: str, pct: float) -> float | None:
+    """The `pct`th percentile of `key`'s recent values, at least 0; None until TAIL_MIN."""
+    v = tails.get(key, ())
+    return max(0.0, nearest_rank(v, pct)) if len(v) >= TAIL_MIN else None
+
+
 class LatencyBook:
     def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
         self.half_life = half_life
@@ -111,27 +121,23 @@ class LatencyBook:
     def observe_handoff(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         """A handoff the client waited for, stalls included: how far it ran over the fit."""
         if nbytes > 0 and seconds > 0:
-            over = seconds - self.transfer_s(decode_worker, nbytes)
-            self.overs.setdefault(decode_worker, deque(maxlen=TAIL)).append(over)
+            _push(self.overs, decode_worker, seconds - self.transfer_s(decode_worker, nbytes))
 
     def handoff_over_s(self, decode_worker: str, pct: float = 90) -> float | None:
         """How far recent handoffs into `decode_worker` ran over the fit at their `pct`th
         percentile (`observe_handoff`, the stalls the fit leaves out included): the fit
         plus this is a handoff at that percentile. None until TAIL_MIN of them."""
-        over = self.overs.get(decode_worker, ())
-        return max(0.0, nearest_rank(over, pct)) if len(over) >= TAIL_MIN else None
+        return _tail(self.overs, decode_worker, pct)
 
     def observe_tpot(self, decode_worker: str, predicted_s: float, measured_s: float) -> None:
         """A remote-prefilled stream's TPOT against its prediction."""
         if predicted_s > 0 and measured_s > 0:
-            self.unders.setdefault(decode_worker, deque(maxlen=TAIL)).append(
-                measured_s / predicted_s - 1.0)
+            _push(self.unders, decode_worker, measured_s / predicted_s - 1.0)
 
     def tpot_under(self, decode_worker: str) -> float:
         """How far one in ten recent remote-prefilled streams on `decode_worker` ran over
         their predicted TPOT, as a share of it (0: none did, or fewer than TAIL_MIN)."""
-        under = self.unders.get(decode_worker, ())
-        return max(0.0, nearest_rank(under, 90)) if len(under) >= TAIL_MIN else 0.0
+        return _tail(self.unders, decode_worker, 90) or 0.0
 
     def forget(self, worker_id: str) -> None:
         for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs,
