@@ -47,7 +47,7 @@ class RolePlannerConfig:
     window_s: float = 30.0           # a condition must hold this long
     dwell_s: float = 60.0            # no flip sooner than this after the last one
     decode_enter: float = 0.8        # decode pressure: plain decode step / (safety * TPOT SLO)
-    prefill_enter: float = 0.5       # prefill pressure: backlog or TTFT p90 / TTFT SLO
+    prefill_enter: float = 0.5       # prefill pressure: backlog or prefill p90 / TTFT SLO
     prefill_leave: float = 0.2
 
 

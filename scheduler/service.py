@@ -52,7 +52,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                        first_token=cfg.placement.first_token)
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
-        self.ttfts = SlidingWindow(RECENT_S)     # measured TTFTs (s): prefill pressure
+        self.prefill_lat = SlidingWindow(RECENT_S)   # route to prompt computed (s)
         SM.SCHED_LOCAL_PREFILL_MAX.set(cfg.placement.local_prefill_max_tokens)
 
     def _gauges(self) -> None:
@@ -152,8 +152,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         - the same with one decode-capable worker fewer, its streams spread over the rest
           (what flipping a mixed worker back to prefill would leave; inf: none would be
           left);
-        - prefill pressure: the prefill backlog, or the recent TTFTs' p90, over the TTFT
-          SLO (a backlog drains between bursts; the TTFTs keep what it cost)."""
+        - prefill pressure: the prefill backlog, or the p90 of recent prefill latencies
+          (routed, held included, to the prompt computed), over the TTFT SLO (a backlog
+          drains between bursts; the latencies keep what it cost)."""
         ws = [w for w in self.reg.workers.values() if not w.draining]
         allow = self.slo.safety * self.slo.tpot_s
         dec = [(w, self.book.recent_of(w.worker_id, now)) for w in ws if w.can("decode")]
@@ -169,9 +170,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         held = self.gate.held_prefill_s() / max(1, sum(w.can("prefill") for w in ws))
         pp = max(((self.reg.backlog(w, now) + held) / self.slo.ttft_s for w in ws),
                  default=0.0)
-        ttft = self.ttfts.percentile(now, 90)
-        if ttft is not None:
-            pp = max(pp, ttft / self.slo.ttft_s)
+        lat = self.prefill_lat.percentile(now, 90)
+        if lat is not None:
+            pp = max(pp, lat / self.slo.ttft_s)
         return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role},
                        after)
 
@@ -336,6 +337,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             SM.SCHED_HELD_SECONDS.observe(held)
             d = replace(d, pred_ttft_s=d.pred_ttft_s + held if d.pred_ttft_s else 0.0)
         b = self.reg.book(d, self.clock())
+        b.held_s = held
         prefiller = self.reg.workers[d.prefill or d.decode]
         self.index.hit_blocks += d.cached_tokens // max(1, prefiller.block_size)
         key = f"{d.mode}:{d.reason}"
@@ -352,8 +354,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             reason=d.reason, cached_tokens=d.cached_tokens,
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
             runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3,
-            hold_first_token=d.hold_first or (d.mode == "disagg"
-                                              and self.slo.first_token == "with_stream"))
+            hold_first_token=d.hold_first)
         if d.pred_ttft_s:
             SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
             SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)
@@ -371,8 +372,10 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         b = self.reg.bookings.get(request.booking_id)
         if b is not None:
             self._observe_report(b, request)
-            if request.ttft_ms > 0:
-                self.ttfts.add(now, request.ttft_ms / 1e3)
+            if request.phase == pd_pb2.PHASE_PREFILL_DONE and not b.prefill_done:
+                # booked (or held) until computed: the prefill side's latency, without
+                # what a kept first token waits for on the decode side
+                self.prefill_lat.add(now, now - b.created + b.held_s)
         if request.phase == pd_pb2.PHASE_PREFILL_DONE:
             known = self.reg.prefill_done(request.booking_id, now)
         elif request.phase in (pd_pb2.PHASE_DONE, pd_pb2.PHASE_FAILED):

@@ -100,6 +100,7 @@ class Booking:
     pred_tpot_s: float = 0.0
     out_tokens: int = 0           # the request's max_tokens (0: not said)
     decode_start: float = 0.0     # when its prefill was reported done
+    held_s: float = 0.0           # how long the scheduler held it before booking
 
 
 class NoPlacement(Exception):
@@ -354,10 +355,12 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     decode = choose_decode(cfg, dcands, rng, reg.route_seq)
     block = reg.workers[decode.worker_id].block_size or 1
     try:
-        return replace(choose_mode(cfg, num_tokens, prefill, pcands, decode, block),
-                       out_tokens=max_tokens)
+        d = choose_mode(cfg, num_tokens, prefill, pcands, decode, block)
     except LookupError as e:
         raise NoPlacement(f"{e} for model {model!r}") from None
+    # the fixed rules' remote prefills keep their first token as the chooser's would
+    held = d.mode == "disagg" and slo is not None and slo.first_token == "with_stream"
+    return replace(d, out_tokens=max_tokens, hold_first=held)
 
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,

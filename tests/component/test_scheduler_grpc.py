@@ -361,7 +361,7 @@ async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(
 async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held_sched):
     """Decode pressure is the streams' plain decode step over the allowance, not the whole
     step an engine fills with prompt chunks up to it; `decode_after` is that pressure with
-    one decode-capable worker fewer; measured TTFTs are prefill pressure."""
+    one decode-capable worker fewer; measured prefill latencies are prefill pressure."""
     sched, svc = held_sched
     await sched.Register(reg("m", pd_pb2.ROLE_MIXED))
     await sched.Register(reg("d", pd_pb2.ROLE_DECODE))
@@ -380,12 +380,19 @@ async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held
     # 8 streams on one worker: more than the 4 on each, less than twice as slow
     assert s.decode_pressure < s.decode_after < 2 * s.decode_pressure, s
     assert s.prefill_pressure == 0.0
+    # a prompt computed 0.6 x the TTFT SLO after it was routed; the client's TTFT (what a
+    # kept first token also waited for on the decode side) is not the prefill side's
+    t = [svc.clock()]
+    svc.clock = lambda: t[0]
     r = await sched.Route(pd_pb2.RouteRequest(model="m", token_ids=list(range(64)),
                                               max_tokens=8))
+    t[0] += 0.6 * svc.slo.ttft_s
+    await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                            phase=pd_pb2.PHASE_PREFILL_DONE))
     await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id, phase=pd_pb2.PHASE_DONE,
-                                            ttft_ms=svc.slo.ttft_s * 600, tpot_ms=20,
+                                            ttft_ms=svc.slo.ttft_s * 900, tpot_ms=20,
                                             output_tokens=8))
-    assert svc.signals(svc.clock()).prefill_pressure == pytest.approx(0.6)
+    assert svc.signals(t[0]).prefill_pressure == pytest.approx(0.6)
     # with one decode-capable worker, none would be left to flip back to prefill
     await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="d"))
     assert svc.signals(svc.clock()).decode_after == float("inf")

@@ -383,3 +383,18 @@ def test_the_sweep_walks_a_stream_timeline_forward():
     assert s.at(1.6) == (2, 300, 2.0)
     assert s.at(2.5) == (0, 0.0, 3.0)
     assert s.at(10.0) == (1, 50, math.inf)       # runs for good
+
+
+@pytest.mark.parametrize("first", ["with_stream", "early"])
+def test_the_fixed_rules_keep_the_first_token_as_the_chooser_would(first):
+    """Pinned thresholds (or a cold model) place by the cost functions; their remote
+    prefills keep the first token for the stream under the same setting."""
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    slo = A.SLO(ttft_s=3.0, tpot_s=0.1, first_token=first)
+    pinned = PlacementConfig(local_prefill_max_tokens=16)
+    d = place(r, pinned, "m", 1000, no_cache, book=warm_book("p", "d"), slo=slo, now=10.0)
+    assert d.mode == "disagg" and d.hold_first == (first == "with_stream")
+    local = place(r, pinned, "m", 8, no_cache, book=warm_book("p", "d"), slo=slo, now=10.0)
+    assert local.mode == "local" and not local.hold_first
