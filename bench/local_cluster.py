@@ -73,6 +73,19 @@ class Cluster:
             time.sleep(0.25)
 
 
+def wait_until(cond, timeout: float = 60.0, step: float = 0.2, what: str = "condition"):
+    """Poll `cond()` until it returns something truthy (returned) or `timeout` passes
+    (AssertionError naming `what`): the harness's one way to wait for a state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met in {timeout:g}s")
+        time.sleep(step)
+
+
 def busy(loads: dict[str, pd_pb2.WorkerLoad]) -> dict[str, pd_pb2.WorkerLoad]:
     """The workers among `loads` that still hold a request, KV or a lease."""
     return {k: v for k, v in loads.items()

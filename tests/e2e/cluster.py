@@ -23,6 +23,7 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     metric_value,
     start_cluster,
     stop_cluster_proc,
+    wait_until,
 )
 from pdserve.rpc import pd_pb2_grpc
 

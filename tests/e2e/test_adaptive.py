@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import reference, sched
+from tests.e2e.cluster import reference, sched, wait_until
 from tests.e2e.conftest import serving, words
 
 
@@ -20,16 +20,6 @@ def complete(c, prompt, max_tokens, **kw):
         **kw})
     assert r.status_code == 200, r.text
     return r.json(), r.headers.get("x-pdserve-route", "")
-
-
-def wait_until(cond, timeout=60.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from pdserve.rpc import pd_pb2
 from tests.e2e.conftest import KV, serving, words
-from tests.e2e.cluster import assert_idle, by_role, pid_of
+from tests.e2e.cluster import assert_idle, by_role, pid_of, wait_until
 
 PROMPT = words(120, seed=31)
 
@@ -40,13 +40,10 @@ async def complete(client, c, prompt=PROMPT):
 
 def back(c, name: str, old_address: str, timeout: float = 240.0) -> pd_pb2.WorkerInfo:
     """Until `name` is registered again by a new process (a new address)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def new():
         w = {w.worker_id: w for w in c.workers()}.get(name)
-        if w is not None and w.address != old_address:
-            return w
-        time.sleep(0.5)
-    raise AssertionError(f"{name} did not come back in {timeout:.0f}s")
+        return w if w is not None and w.address != old_address else None
+    return wait_until(new, timeout, 0.5, f"{name} back")
 
 
 @pytest.mark.parametrize("role", [pd_pb2.ROLE_DECODE, pd_pb2.ROLE_PREFILL],

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import assert_idle, by_role, metric_value, pid_of
+from tests.e2e.cluster import assert_idle, by_role, metric_value, pid_of, wait_until
 from tests.e2e.conftest import serving, words
 
 LEASE_S = 4.0
@@ -47,13 +47,9 @@ def fc(tiny_model, tmp_path_factory):
 
 def wait_loading(c, timeout=30.0) -> pd_pb2.WorkerInfo:
     """A decode worker with KV loads in flight (pinned, not yet read)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for w in by_role(c, pd_pb2.ROLE_DECODE):
-            if c.status(w).load.kv_leases_held > 0:
-                return w
-        time.sleep(0.05)
-    raise AssertionError("no decode worker started a KV load")
+    return wait_until(lambda: next((w for w in by_role(c, pd_pb2.ROLE_DECODE)
+                                    if c.status(w).load.kv_leases_held > 0), None),
+                      timeout, 0.05, "a decode worker's KV load")
 
 
 def body(c, i, n_words=300, max_tokens=8, stream=False):

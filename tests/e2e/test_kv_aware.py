@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, pid_of, sched
+from tests.e2e.cluster import metric_value, pid_of, sched, wait_until
 from tests.e2e.conftest import serving, words
 
 BS = 128
@@ -47,13 +47,10 @@ def prefix_hits(c, worker_id):
 
 
 def wait_indexed(c, worker_id, at_least, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def indexed():
         st = sched(c).IndexStats(pd_pb2.IndexStatsRequest(), timeout=5)
-        if st.blocks_by_worker.get(worker_id, 0) >= at_least:
-            return st
-        time.sleep(0.1)
-    raise AssertionError(f"{worker_id} never had {at_least} blocks indexed: {st}")
+        return st if st.blocks_by_worker.get(worker_id, 0) >= at_least else None
+    return wait_until(indexed, timeout, 0.1, f"{at_least} blocks of {worker_id} indexed")
 
 
 def test_requests_sharing_a_system_prompt_go_where_it_is_cached(kv_cluster):
@@ -121,13 +118,8 @@ async def test_two_prefill_workers_share_load_and_agree_with_1p1d(cluster, kv_cl
 
 def wait_sched_idle(c, timeout=10.0):
     """Until the scheduler's view of every worker shows no load (heartbeats caught up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws = c.workers()
-        if all(not (w.inflight or w.load.prefill_tokens or w.load.running) for w in ws):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"scheduler still sees load: {ws}")
+    wait_until(lambda: all(not (w.inflight or w.load.prefill_tokens or w.load.running)
+                           for w in c.workers()), timeout, 0.1, "no load in the scheduler's view")
 
 
 async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
