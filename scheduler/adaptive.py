@@ -321,11 +321,5 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
     return tied + rest + miss
 
 
-def path(o: Option) -> str:
-    """The way its first token reaches the client (what TTFT's unmodelled part depends
-    on): local, remote (sent when computed) or kept (sent with the stream's)."""
-    return "kept" if o.hold else o.kind
-
-
 def reason(best: Option) -> str:
     return "slo" if best.score >= 0 else "best_effort"

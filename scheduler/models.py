@@ -95,7 +95,6 @@ class LatencyBook:
         self.pooled_transfer = TransferModel()
         self.overs: dict[str, deque] = {}      # decode worker -> handoff seconds over the fit
         self.unders: dict[str, deque] = {}     # decode worker -> TPOT measured / predicted - 1
-        self.ttft_over: dict[str, deque] = {}  # path -> TTFT measured - the step model's
 
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
@@ -139,17 +138,6 @@ class LatencyBook:
         """How far one in ten recent remote-prefilled streams on `decode_worker` ran over
         their predicted TPOT, as a share of it (0: none did, or fewer than TAIL_MIN)."""
         return _tail(self.unders, decode_worker, 90) or 0.0
-
-    def observe_ttft(self, path: str, model_s: float, measured_s: float) -> None:
-        """A request's measured TTFT against the step model's prediction (its offset left
-        out): the part the engines' steps do not explain (HTTP, the RPC hops, the
-        frontend's own work), per path (`adaptive.path`)."""
-        if path and model_s > 0 and measured_s > 0:
-            _push(self.ttft_over, path, measured_s - model_s)
-
-    def ttft_offset_s(self, path: str) -> float:
-        """The median of those on `path` (0: fewer than TAIL_MIN, or the model runs high)."""
-        return _tail(self.ttft_over, path, 50) or 0.0
 
     def forget(self, worker_id: str) -> None:
         for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs,

@@ -114,10 +114,6 @@ class Decision:
     chunk_tokens: int = 0
     out_tokens: int = 0           # the request's max_tokens (0: not said)
     hold_first: bool = False      # the frontend keeps the first token for the stream
-    # what the step model leaves out of TTFT (HTTP, RPC hops), learned per path
-    # (LatencyBook.ttft_offset_s) and included in pred_ttft_s; its path
-    ttft_offset_s: float = 0.0
-    path: str = ""
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:

@@ -398,8 +398,6 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         """Measured against predicted (the model's error), and KV transfer samples."""
         if r.ttft_ms > 0 and b.pred_ttft_s > 0:
             SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
-            # (a held request waited in the scheduler, which the prediction includes)
-            self.book.observe_ttft(b.path, b.pred_ttft_s - b.ttft_offset_s, r.ttft_ms / 1e3)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0:
             SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
         if r.tpot_ms > 0 and b.pred_tpot_s > 0 and b.prefill is not None:

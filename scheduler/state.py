@@ -101,8 +101,6 @@ class Booking:
     out_tokens: int = 0           # the request's max_tokens (0: not said)
     decode_start: float = 0.0     # when its prefill was reported done
     held_s: float = 0.0           # how long the scheduler held it before booking
-    ttft_offset_s: float = 0.0    # (Decision's)
-    path: str = ""
 
 
 class NoPlacement(Exception):
@@ -208,7 +206,7 @@ class Registry:
         b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now,
                     prompt_tokens=d.prompt_tokens, prefill_s=d.prefill_s,
                     pred_ttft_s=d.pred_ttft_s, pred_tpot_s=d.pred_tpot_s,
-                    out_tokens=d.out_tokens, ttft_offset_s=d.ttft_offset_s, path=d.path)
+                    out_tokens=d.out_tokens)
         self.route_seq += 1
         if b.prefill is not None:
             p = self.workers[b.prefill]
@@ -413,11 +411,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     dw = reg.workers[best.decode]
     blocks = -(-num_tokens // (dw.block_size or 1)) + 1
     local = best.kind == "local"
-    path = A.path(best)
-    off = book.ttft_offset_s(path)
     return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
                     A.reason(best), max(0, num_tokens - best.cached), best.cached, blocks,
-                    num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s + off,
-                    pred_tpot_s=best.tpot_s, ttft_offset_s=off, path=path,
+                    num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
+                    pred_tpot_s=best.tpot_s,
                     runner_up=opts[1].describe() if len(opts) > 1 else "",
                     chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold)

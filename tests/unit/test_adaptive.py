@@ -398,24 +398,3 @@ def test_the_fixed_rules_keep_the_first_token_as_the_chooser_would(first):
     assert d.mode == "disagg" and d.hold_first == (first == "with_stream")
     local = place(r, pinned, "m", 8, no_cache, book=warm_book("p", "d"), slo=slo, now=10.0)
     assert local.mode == "local" and not local.hold_first
-
-
-def test_ttft_carries_what_the_step_model_leaves_out_learned_per_path():
-    """Measured TTFTs ran 60 ms over the step model's on the remote path: once TAIL_MIN
-    of them say so, predictions on that path include it (and only on that path)."""
-    r = Registry(5.0)
-    for w in (W("p", "prefill"), W("d", "decode")):
-        r.register(w)
-    book = warm_book("p", "d")
-    before = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=10.0)
-    assert (before.path, before.ttft_offset_s) == ("remote", 0.0)
-    for _ in range(7):
-        book.observe_ttft("remote", 1.0, 1.06)
-        book.observe_ttft("local", 1.0, 0.5)          # the model ran high: no offset
-    assert book.ttft_offset_s("remote") == 0.0         # fewer than TAIL_MIN
-    book.observe_ttft("remote", 1.0, 1.06)
-    book.observe_ttft("local", 1.0, 0.5)
-    d = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=10.0)
-    assert d.ttft_offset_s == pytest.approx(0.06)
-    assert d.pred_ttft_s == pytest.approx(before.pred_ttft_s + 0.06)
-    assert book.ttft_offset_s("local") == 0.0 and book.ttft_offset_s("kept") == 0.0
