@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import signal
-import time
 
 import httpx
 import pytest
@@ -142,10 +141,8 @@ async def test_sigkill_of_a_prefill_worker_under_load(kv_cluster):
         assert status == 200 or body["error"]["message"], body
     assert sum(status == 200 for status, _ in results) >= len(prompts) - 1, results
     # the scheduler drops the dead worker and its index entries; the next requests succeed
-    deadline = time.monotonic() + 15
-    while victim in {w.worker_id for w in c.workers()} and time.monotonic() < deadline:
-        time.sleep(0.25)
-    assert victim not in {w.worker_id for w in c.workers()}
+    wait_until(lambda: victim not in {w.worker_id for w in c.workers()}, 15, 0.25,
+               f"{victim} dropped")
     assert victim not in sched(c).IndexStats(pd_pb2.IndexStatsRequest()).blocks_by_worker
     for i in range(3):
         _, route = complete(c, words(200, seed=900 + i))
@@ -170,10 +167,8 @@ def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
     assert body["choices"][0]["text"] is not None
     assert re.findall(r"started scheduler \(pid (\d+)\)", c.log_path.read_text())[-1] != str(old)
     # every worker registers again by itself (the routed request needed only one of each)
-    deadline = time.monotonic() + 20
-    while owner not in {w.worker_id for w in c.workers()} and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert owner in {w.worker_id for w in c.workers()}
+    wait_until(lambda: owner in {w.worker_id for w in c.workers()}, 20, 0.2,
+               f"{owner} registered again")
     wait_indexed(c, owner, 5)                     # the snapshot came back with the worker
     wait_sched_idle(c)
     _, route = complete(c, sysp + " " + words(25, seed=5))
@@ -201,11 +196,10 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while "prefill-extra" not in {w.worker_id for w in c.workers()}:
+        def registered():
             assert p.poll() is None, (tmp_path / "extra.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the new worker never registered"
-            time.sleep(0.5)
+            return "prefill-extra" in {w.worker_id for w in c.workers()}
+        wait_until(registered, 180, 0.5, "the new worker's registration")
         s = sched(c)
         others = [w.worker_id for w in c.workers()
                   if w.role == pd_pb2.ROLE_PREFILL and w.worker_id != "prefill-extra"]

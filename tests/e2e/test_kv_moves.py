@@ -5,8 +5,6 @@ worker zero every block right after it arrives over UCX. If decode recomputed th
 prompt instead of using the transferred KV, its output would not change.
 """
 
-import time
-
 import httpx
 import pytest
 
@@ -75,19 +73,17 @@ def test_a_tcp_fallback_is_loud(cluster, tcp_cluster):
     says loudly, in its log and in a metric, that KV moves over TCP where shared memory
     was expected."""
     from pdserve.rpc import pd_pb2
-    from tests.e2e.cluster import metric_value
+    from tests.e2e.cluster import metric_value, wait_until
 
     prompt = words(300, seed=99)
     body = complete(tcp_cluster, prompt, full=True)
     assert body["kv_transfer"].get("checksummed") is True     # CRC32 equal on both sides
     assert body["choices"][0]["text"] == complete(cluster, prompt)
     decode = next(w for w in tcp_cluster.workers() if w.role == pd_pb2.ROLE_DECODE)
-    deadline = time.monotonic() + 10      # the gauge follows within a heartbeat
-    while time.monotonic() < deadline:
+    def fallback_counted():
         text = tcp_cluster.metrics(decode)
-        if metric_value(text, "pdserve_kv_transport_fallback_peers") == 1:
-            break
-        time.sleep(0.5)
+        return text if metric_value(text, "pdserve_kv_transport_fallback_peers") == 1 else None
+    text = wait_until(fallback_counted, 10, 0.5, "the fallback gauge at 1")   # a heartbeat
     assert metric_value(text, "pdserve_kv_transport_fallback_peers") == 1
     assert metric_value(text, "pdserve_kv_transport_peers", transport="tcp") == 1
     assert "KV TRANSPORT FALLBACK" in tcp_cluster.log_path.read_text()
