@@ -123,8 +123,15 @@ async def _until_signal(run) -> None:
     await run(stop)
 
 
+def log_role(ns) -> str:
+    """The role in an engine command's log lines."""
+    if ns.cmd == "serve":
+        return "launcher"
+    return f"{ns.role}-{ns.worker_id}" if ns.worker_id else ns.role
+
+
 def cmd_worker(ns) -> int:
-    setup_logging(f"{ns.role}-{ns.worker_id}" if ns.worker_id else ns.role)
+    setup_logging(log_role(ns))
     if ns.gpus:
         from pdserve.engine import id_list
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(id_list(ns.gpus))
@@ -213,7 +220,7 @@ def cmd_frontend(ns) -> int:
 
 
 def cmd_serve(ns) -> int:
-    setup_logging("launcher")
+    setup_logging(log_role(ns))
     from pdserve.launcher import run_cluster
     return run_cluster(ns, parse_args)
 
@@ -410,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if getattr(ns, "enable_auto_tool_choice", False) and not ns.tool_call_parser:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (as vLLM)")
     ns.vllm_argv = rest
+    if rest and ns.cmd in ENGINE_CMDS:
+        # vLLM fixes its log prefix when its parser first imports it, before the command's
+        # setup_logging: name this process's role now (pdserve/logs.py)
+        os.environ["VLLM_LOGGING_PREFIX"] = f"[{log_role(ns)}] "
     ns.vllm = vllm_args.parse(rest) if ns.cmd in ENGINE_CMDS else {}
     if (int(ns.vllm.get("tensor_parallel_size") or 1) > 1
             and getattr(ns, "kv_mode", "pull") != "pull"):

@@ -47,6 +47,20 @@ def set_engine_env(cfg: EngineConfig) -> None:
     os.environ.setdefault("PDSERVE_QUICK_EXIT", "1")
 
 
+def load_patches() -> None:
+    """pdserve's vLLM patches (pdserve/vllm_plugin.py), now that the environment that
+    turns them on is set. vLLM loads general plugins once per process, and its argument
+    parser does so when it is built (`AsyncEngineArgs.add_cli_args`): a worker given any
+    vLLM engine argument (`--reasoning-parser`, ...) had loaded them while parsing its
+    command line, before this environment existed, and its engine core, forked from it,
+    never loaded them again. Its engines ran without the step hook (no step budget, no
+    step samples) and without continuation (measured: seeded sampling differed from
+    vLLM's after the first token). Each patch installs once, so a second call is a no-op."""
+    from pdserve import vllm_plugin
+
+    vllm_plugin.register()
+
+
 def id_list(spec: str) -> list[str]:
     """ "0,2-3" -> ["0", "2", "3"]: the list syntax of CPU and device ids."""
     ids: list[str] = []
@@ -206,6 +220,7 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
     from vllm.v1.engine.async_llm import AsyncLLM
 
     set_engine_env(cfg)
+    load_patches()
     args = engine_args(cfg, kv_role, kv_extra, events_dir)
     config = engine_config(args)
     loggers = [make_load_logger(snapshot)] if snapshot is not None else None

@@ -9,10 +9,10 @@ paths run. With a structured output only the answer is constrained: through the
 disaggregated path the first token (reasoning, or the marker) comes from the prefill
 engine, and the decode engine's grammar must start after the marker.
 
-The cluster is `cond_cluster` (tests/e2e/conftest.py), shared with test_conditional.py,
-not the shared `cluster`: with a reasoning parser on its engines, seeded sampling through
-the disaggregated path differs from vLLM's, which that cluster's parity tests check
-(docs/design.md, "Reasoning")."""
+The cluster is `cond_cluster` (tests/e2e/conftest.py), shared with test_conditional.py.
+`--reasoning-parser` is a vLLM engine argument, which pdserve hands to vLLM's parser: its
+workers are the suite's ones that parse vLLM engine arguments, so the seeded-sampling and
+step-hook test below runs here."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from bench.compare import Procs, vllm_server, wait_ready
+from tests.e2e.cluster import wait_until
 from tests.e2e.conftest import words
 
 REASONING = ["--reasoning-parser", "deepseek_v3"]     # as cond_cluster's
@@ -126,3 +127,31 @@ def test_reasoning_equals_vllms_server(rcluster, vllm_r, prompt, constrained):
         assert re.fullmatch(constraint["regex"], p["content"].replace(" ", "")), p
     else:
         assert "</think>" in p["content"]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
+def test_seeded_sampling_equals_vllms_server_and_engines_time_their_steps(rcluster, vllm_r,
+                                                                           remote):
+    """Workers given vLLM engine arguments load vLLM's plugins while parsing them, before
+    pdserve has set the environment its patches read (pdserve/engine.py, `load_patches`).
+    Before that was handled their engines ran without continuation (a seeded request
+    differed from vLLM's from its second token, through the prefill worker) and without
+    the step hook (no step samples, no step budget)."""
+    for k, extra in enumerate(({"temperature": 0.9, "seed": 1234},
+                               {"temperature": 0.9, "seed": 1234, "min_p": 0.3})):
+        # a new long prompt each time: a cached one would be prefilled on the decode worker
+        prompt = words(180, seed=700 + k) if remote else SHORT
+        out = []
+        for url in (rcluster.url, vllm_r):
+            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "model": rcluster.model_name, "prompt": prompt, "max_tokens": 12,
+                "return_token_ids": True, **extra})
+            assert r.status_code == 200, (url, r.text)
+            out.append(r.json()["choices"][0]["token_ids"])
+            if url == rcluster.url:      # long prompts through the prefill worker
+                assert ("prefill=" in r.headers["x-pdserve-route"]) == remote
+        assert out[0] == out[1], extra
+    # (reported with the workers' heartbeats)
+    wait_until(lambda: len(ws := rcluster.workers()) == 2 and
+               all(w.step_samples > 0 for w in ws), timeout=30,
+               what="step samples from both engines")
