@@ -62,4 +62,5 @@ async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = N
             t.cancel()
         if scaler is not None:
             await scaler.close()      # stops the workers the local actuator started
+        await svc.end_streams()
         await server.stop(2)

@@ -39,6 +39,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerConfig, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.stopping = False          # the server is stopping (end_streams)
+        self._streams: set[asyncio.Task] = set()     # KVEvents calls open
         self.creds = auth.from_env(auth.ADMIN)     # checks callers, signs push tickets
         self.reg = Registry(cfg.heartbeat_timeout_s, cfg.booking_ttl_s)
         self.index = PrefixIndex()
@@ -204,6 +206,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     async def KVEvents(self, request_iterator, context):
         worker_id = ""
         n = 0
+        me = asyncio.current_task()
+        self._streams.add(me)
         try:
             async for batch in request_iterator:
                 worker_id = batch.worker_id or worker_id
@@ -223,10 +227,24 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                         self.index.removed(worker_id, batch.removed)
                 SM.SCHED_INDEX_EVENTS.inc(len(batch.stored) + len(batch.removed))
                 n += 1
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
         finally:
+            self._streams.discard(me)
             if worker_id and worker_id not in self.reg.workers:
                 self._forget(worker_id)      # never registered, or already gone
         return pd_pb2.KVEventsAck(batches=n)
+
+    async def end_streams(self) -> None:
+        """Before the server stops: end the workers' KV event streams, which stay open as
+        long as their workers. Left to the server's stop they are cancelled from outside
+        their handler, which gRPC logs as an unhandled error on every clean stop."""
+        self.stopping = True
+        for t in list(self._streams):
+            t.cancel()
+        if self._streams:
+            await asyncio.wait(list(self._streams), timeout=1.0)
 
     # ------------------------------------------------------------ routing
     def _overlap(self, token_ids: list[int]):

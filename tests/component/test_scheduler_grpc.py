@@ -396,3 +396,39 @@ async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held
     # with one decode-capable worker, none would be left to flip back to prefill
     await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="d"))
     assert svc.signals(svc.clock()).decode_after == float("inf")
+
+
+async def test_a_clean_stop_ends_open_kv_event_streams_without_an_error(caplog):
+    """Workers keep their KV event stream open as long as they run. The scheduler ends
+    those streams itself before its server stops: each caller gets its ack, and gRPC
+    logs no unhandled cancellation (it did on every clean stop before)."""
+    from scheduler.server import serve
+
+    cfg = SchedulerConfig(host="127.0.0.1", port=0)
+    ports: list[int] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, ready=ports.append, stop=stop))
+    while not ports:
+        await asyncio.sleep(0.01)
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}")
+    sent = asyncio.Event()
+    never = asyncio.Event()
+
+    async def events():
+        yield pd_pb2.KVEventBatch(worker_id="d1", snapshot=True)
+        sent.set()
+        await never.wait()        # a live worker: the stream stays open
+
+    with caplog.at_level("INFO"):
+        call = asyncio.ensure_future(pd_pb2_grpc.SchedulerStub(ch).KVEvents(events()))
+        await asyncio.wait_for(sent.wait(), 5)
+        for _ in range(500):           # the scheduler has taken the batch in
+            if "KV index: snapshot" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        ack = await asyncio.wait_for(call, 5)
+    await ch.close()
+    assert ack.batches == 1
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
