@@ -45,7 +45,7 @@ from collections import deque
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
-from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens
+from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens, overrun
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -92,6 +92,10 @@ class _State:
         self.allow, self.tokens = float("inf"), 0
         self.skip = SKIP_FIRST
         self.coef: Coef | None = None     # refitted every REFIT steps, not every step
+        # slack-sized steps: measured / predicted (step_budget.overrun); off with
+        # PDSERVE_STEP_OVERRUN=0 (comparisons)
+        self.overruns: deque[float] = deque(maxlen=32)
+        self.use_overrun = os.environ.get("PDSERVE_STEP_OVERRUN", "1") != "0"
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.setblocking(False)
@@ -116,6 +120,18 @@ class _State:
             self.sock.sendto(encode(sample, allow, tokens), self.address)
         except OSError:
             pass   # the worker is not reading (yet): the sample is lost, never the step
+
+
+def _note_overrun(st: _State, sample: StepSample, sized: bool) -> None:
+    """A slack-sized step (a prompt chunk beside streams): measured against what the
+    model (as the budget used it) predicted for what it computed."""
+    coef = st.coef
+    if not sized or coef is None or not (sample.prefill_tokens and sample.decode_seqs):
+        return
+    pred = coef.step_time(sample.prefill_tokens, sample.prefill_attn, sample.decode_seqs,
+                          sample.decode_ctx)
+    if pred > 0:
+        st.overruns.append(sample.seconds / pred)
 
 
 def _prefilling(r) -> bool:
@@ -291,7 +307,7 @@ def install() -> bool:
         if st.slo_s > 0 and st.handoffs:
             _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
-                   least=st.least)
+                   least=st.least, over=overrun(st.overruns) if st.use_overrun else 1.0)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:
@@ -331,19 +347,20 @@ def install() -> bool:
                 d += 1
                 c += before
         st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c), b.allow_s, b.tokens,
-                               len(held))
+                               len(held), b.sized and not held)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         res = orig_update(self, scheduler_output, model_runner_output)
         got = st.pending.pop(id(scheduler_output), None)
         if got is not None and scheduler_output.total_num_scheduled_tokens > 0:
-            t0, s, allow, tokens, held = got
+            t0, s, allow, tokens, held, sized = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
                                 s.decode_seqs, s.decode_ctx)
             if st.skip > 0:
                 st.skip -= 1
             else:
+                _note_overrun(st, sample, sized)
                 st.model.observe(sample)
                 st.send(sample, allow, tokens, held)
         if len(st.first) > 4 * max(1, len(self.running)) + 64:

@@ -8,8 +8,8 @@ import pytest
 
 from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
                              chunk_attn)
-from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, Stream, allowance, budget,
-                                 fcfs_tokens, floor_tokens, stream_tokens)
+from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, OVERRUN_MIN, Stream, allowance,
+                                 budget, fcfs_tokens, floor_tokens, overrun, stream_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01, mixed=0.003)
@@ -278,3 +278,27 @@ def test_the_mixed_term_can_be_left_out_for_comparisons():
     for s in engine_steps(cpu, 300, random.Random(8)):
         m.observe(s)
     assert m.warm() and Coef.of(m.coef()).mixed == 0.0
+
+
+def test_slack_sized_chunks_shrink_by_how_far_such_steps_ran_over_the_model():
+    """A chunk that takes a stream's slack is sized for the model's step time; where such
+    steps ran over the model (median measured / predicted), the next ones are sized for
+    that much more, so the step itself stays within the allowance. The floor and a stream
+    with no slack are not touched."""
+    assert overrun([1.4] * (OVERRUN_MIN - 1)) == 1.0            # too few to say
+    assert overrun([1.1, 1.3, 1.5, 9.0, 1.2, 1.4, 1.3, 1.3]) == pytest.approx(1.3)
+    assert overrun([0.7] * OVERRUN_MIN) == 1.0                  # running high: unchanged
+    assert overrun([5.0] * OVERRUN_MIN) == 2.0                  # bounded
+    slo = 0.1
+    s = [Stream(0.5, 10, 40)]                   # slack banked: a large chunk fits
+    plain = budget(s, TRUE, slo, 1000, 4096)
+    assert plain.sized and 16 < plain.tokens < 4096
+    b = budget(s, TRUE, slo, 1000, 4096, over=1.3)
+    assert b.sized and b.allow_s == plain.allow_s
+    # sized so that 1.3 x the model's step for it fits the allowance, as the plain one
+    # fits it at 1 x
+    assert b.tokens == TRUE.chunk_budget(plain.allow_s / 1.3, 1, 1000) < plain.tokens
+    assert TRUE.step_time(b.tokens, 0, 1, 1000) * 1.3 <= plain.allow_s + 1e-9
+    behind = [Stream(6.0, 33, 65)]              # no slack: the floor, as before
+    assert budget(behind, TRUE, slo, 1000, 4096, over=2.0).tokens == 16
+    assert not budget(behind, TRUE, slo, 1000, 4096).sized

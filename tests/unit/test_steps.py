@@ -3,8 +3,8 @@
 
 import math
 
-from pdserve.latency import StepSample
-from pdserve.step_hook import _State, decode, encode
+from pdserve.latency import Coef, StepSample
+from pdserve.step_hook import _note_overrun, _State, decode, encode
 from pdserve.steps import StepReceiver
 
 
@@ -179,3 +179,16 @@ def test_remote_prefilled_requests_go_first_in_the_waiting_queue():
     assert [r.request_id for r in q] == ["r1", "r2", "l1", "l2"]
     _landing_first(NS(waiting=q))                  # already in front: unchanged
     assert [r.request_id for r in q] == ["r1", "r2", "l1", "l2"]
+
+
+def test_only_slack_sized_chunk_steps_are_measured_against_the_model():
+    st = _State(100.0, "")
+    st.coef = Coef(step=0.02, prefill_ktok=1.0, decode_seq=0.01, mixed=0.005)
+    chunk = StepSample(0.13, 64, 2048.0, 1, 300)
+    pred = st.coef.step_time(64, 2048.0, 1, 300)
+    _note_overrun(st, chunk, sized=True)
+    assert list(st.overruns) == [0.13 / pred]
+    _note_overrun(st, chunk, sized=False)                          # the floor's, or held
+    _note_overrun(st, StepSample(0.05, 0, 0.0, 2, 300), sized=True)   # decode only
+    _note_overrun(st, StepSample(0.5, 512, 1.3e5, 0, 0), sized=True)  # a prompt alone
+    assert len(st.overruns) == 1
