@@ -404,10 +404,11 @@ def command_flags(ap: argparse.ArgumentParser) -> dict[str, set[str]]:
     return {cmd: set(p._option_string_actions) for cmd, p in sub.choices.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, own: bool = False) -> argparse.Namespace:
     """pdserve's flags, and for the engine commands vLLM's own engine arguments (checked by
     vLLM's parser: pdserve/vllm_args.py) in `ns.vllm` (parsed) and `ns.vllm_argv` (as given,
-    for the launcher to hand on)."""
+    for the launcher to hand on). `own`: this process's own command line (`main`), not one
+    the launcher checks for a pool."""
     ap = build_parser()
     argv = vllm_args.with_config(list(sys.argv[1:] if argv is None else argv),
                                  command_flags(ap), ENGINE_CMDS)
@@ -417,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if getattr(ns, "enable_auto_tool_choice", False) and not ns.tool_call_parser:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser (as vLLM)")
     ns.vllm_argv = rest
-    if rest and ns.cmd in ENGINE_CMDS:
+    if own and rest and ns.cmd in ENGINE_CMDS:
         # vLLM fixes its log prefix when its parser first imports it, before the command's
         # setup_logging: name this process's role now (pdserve/logs.py)
         os.environ["VLLM_LOGGING_PREFIX"] = f"[{log_role(ns)}] "
@@ -431,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()       # started by the launcher or the local actuator: die with it
-    ns = parse_args(argv)
+    ns = parse_args(argv, own=True)
     err = auth.check_credentials(ns)
     if err:
         print(err, file=sys.stderr)

@@ -1,5 +1,7 @@
 """Core assignment of `pdserve serve`: pools never share a core when two or more exist."""
 
+import os
+
 from pdserve.launcher import assign_cores
 
 
@@ -101,3 +103,19 @@ def test_the_engine_core_is_spawned_with_ranks_or_when_asked():
         with forked_core(cfg, _config("uni")):
             assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
             assert os.sched_getaffinity(0) == before
+
+
+def test_only_a_process_own_command_line_names_vllms_log_prefix(monkeypatch):
+    """vLLM fixes its log prefix when its parser first imports it, so a process given vLLM
+    engine arguments names its role first; the launcher checking each pool's arguments
+    does not rename itself (nor the children it starts after)."""
+    from pdserve.cli import parse_args
+    from pdserve.launcher import check_pool_args
+    monkeypatch.delenv("VLLM_LOGGING_PREFIX", raising=False)
+    argv = ["decode", "--model", "m", "--worker-id", "decode-3", "--max-logprobs", "3"]
+    ns = parse_args(["serve", "--model", "m", "--max-logprobs", "3"])
+    check_pool_args(ns, parse_args)
+    parse_args(argv)
+    assert "VLLM_LOGGING_PREFIX" not in os.environ
+    parse_args(argv, own=True)
+    assert os.environ["VLLM_LOGGING_PREFIX"] == "[decode-decode-3] "
