@@ -92,9 +92,11 @@ class _State:
         self.allow, self.tokens = float("inf"), 0
         self.skip = SKIP_FIRST
         self.coef: Coef | None = None     # refitted every REFIT steps, not every step
-        # slack-sized steps: measured / predicted (step_budget.overrun); off with
-        # PDSERVE_STEP_OVERRUN=0 (comparisons)
+        # slack-sized steps: measured / predicted, and what they say (step_budget.overrun,
+        # taken when one is measured, not at every step); off with PDSERVE_STEP_OVERRUN=0
+        # (comparisons)
         self.overruns: deque[float] = deque(maxlen=32)
+        self.over = 1.0
         self.use_overrun = os.environ.get("PDSERVE_STEP_OVERRUN", "1") != "0"
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -132,6 +134,8 @@ def _note_overrun(st: _State, sample: StepSample, sized: bool) -> None:
                           sample.decode_ctx)
     if pred > 0:
         st.overruns.append(sample.seconds / pred)
+        if st.use_overrun:
+            st.over = overrun(st.overruns)
 
 
 def _prefilling(r) -> bool:
@@ -307,7 +311,7 @@ def install() -> bool:
         if st.slo_s > 0 and st.handoffs:
             _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
-                   least=st.least, over=overrun(st.overruns) if st.use_overrun else 1.0)
+                   least=st.least, over=st.over)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:

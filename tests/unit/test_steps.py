@@ -192,3 +192,7 @@ def test_only_slack_sized_chunk_steps_are_measured_against_the_model():
     _note_overrun(st, StepSample(0.05, 0, 0.0, 2, 300), sized=True)   # decode only
     _note_overrun(st, StepSample(0.5, 512, 1.3e5, 0, 0), sized=True)  # a prompt alone
     assert len(st.overruns) == 1
+    assert st.over == 1.0                         # too few to say yet
+    for _ in range(7):
+        _note_overrun(st, chunk, sized=True)
+    assert st.over == 0.13 / pred > 1             # what the budget is given from now
