@@ -172,3 +172,33 @@ def stop_cluster_proc(proc: subprocess.Popen) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
     return proc.returncode
+
+
+def start_frontend(c: Cluster, log_path: Path, extra: list[str] | None = None,
+                   timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """A second HTTP frontend (`pdserve frontend ...extra`) on a running cluster's
+    scheduler, as an operator adds one; (its process, its URL) once it answers. Stop it
+    with `stop_cluster_proc`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", c.model_dir,
+            "--served-model-name", c.model_name, "--scheduler", c.scheduler,
+            "--port", str(port), *(extra or [])]
+    logf = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, auth.ENV_SECRET: SECRET},
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"frontend exited early; see {log_path}")
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        wait_until(up, timeout, step=0.5, what=f"frontend on {url}")
+    except BaseException:
+        stop_cluster_proc(proc)
+        raise
+    return proc, url

@@ -10,16 +10,18 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontend.client import Chunk, ClusterClient, to_error
-from frontend import choices, http_errors, ops_api, reasoning, render, security, tools
+from frontend import (choices, gen_config, http_errors, ops_api, reasoning, render,
+                      sampling, security, tools)
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
+from vllm.sampling_params import SamplingParams
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.errors import (
@@ -36,11 +38,15 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
-               tokenizer: Tokenizer | None = None) -> FastAPI:
+               tokenizer: Tokenizer | None = None,
+               gen: gen_config.GenDefaults | None = None) -> FastAPI:
+    """`tokenizer`, `gen`: given by tests; else loaded from the model at start."""
     app = FastAPI(title="pdserve", version="0.1.0")
     security.install(app, cfg.api_keys, cfg.protect_metrics, cfg.allowed_origins,
                      cfg.max_body_bytes, cfg.max_inflight)
-    state: dict[str, Any] = {"client": client, "tok": tokenizer}
+    if gen is None and tokenizer is not None:     # a test's own tokenizer: no model folder
+        gen = gen_config.GenDefaults()
+    state: dict[str, Any] = {"client": client, "tok": tokenizer, "gen": gen}
     if cfg.enable_auto_tool_choice:     # vLLM's parser for the model's own call format
         state["tool_parser"] = tools.load_parser(cfg.tool_call_parser)
     slo = (cfg.ttft_slo_ms / 1e3, cfg.tpot_slo_ms / 1e3)
@@ -56,6 +62,9 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if state["tok"] is None:
             state["tok"] = Tokenizer(cfg.model, cfg.chat_template,
                                      cfg.default_chat_template_kwargs)
+        if state["gen"] is None:     # the model's sampling defaults, as vLLM's server
+            state["gen"] = gen_config.load(cfg.model, cfg.generation_config,
+                                           cfg.override_generation_config)
         _reasoner()      # an unknown parser stops the start, as vLLM's server
         log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
                  cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
@@ -74,46 +83,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     _error = http_errors.install(app)
     ops_api.install(app, cfg, state)
 
-    def _sampling(req, logprobs: int, constraint: dict | None) -> pd_pb2.SamplingParams:
-        """The request's sampling, checked once; each prompt's copy gets its max_tokens.
-        `constraint`: the request's structured-output constraint (None: unconstrained)."""
-        vocab = state["tok"].vocab_size
-        check_ids(req.stop_token_ids or (), vocab, "stop_token_ids", "stop token id")
-        sp = pd_pb2.SamplingParams(
-            temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k, 0), stop=req.stop_list,
-            stop_token_ids=req.stop_token_ids or [], presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, logprobs=logprobs,
-            ignore_eos=req.ignore_eos, repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens, min_p=req.min_p, bad_words=req.bad_words,
-            include_stop_str_in_output=req.include_stop_str_in_output)
-        if not req.skip_special_tokens:
-            sp.skip_special_tokens = False
-        if not req.spaces_between_special_tokens:
-            sp.spaces_between_special_tokens = False
-        if req.allowed_token_ids:
-            check_ids(req.allowed_token_ids, vocab, "allowed_token_ids")
-            sp.allowed_token_ids.extend(req.allowed_token_ids)
-        if req.logprob_token_ids:
-            check_ids(req.logprob_token_ids, vocab, "logprob_token_ids")
-            sp.logprob_token_ids.extend(req.logprob_token_ids)
-        if req.seed is not None:
-            sp.seed = req.seed
-        if req.cache_salt:
-            sp.cache_salt = req.cache_salt
-        k = req.prompt_logprobs_k()
-        if k is not None:
-            sp.prompt_logprobs = k
-        if constraint is not None:
-            sp.structured.CopyFrom(pd_pb2.StructuredOutputs(**constraint))
-        if req.logit_bias:
-            bias = req.logit_bias_ids()
-            check_ids(list(bias), vocab, "logit_bias")
-            sp.logit_bias.update(bias)
-        return sp
-
-    def _budget(req, prompt_ids: list[int], default: int | None) -> int:
-        check_model(req.model, cfg.served_model_name)
+    def _budget(req, prompt_ids: list[int]) -> int:
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -121,13 +91,12 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {cfg.max_model_len} tokens; the "
                 f"prompt has {n}", param="prompt")
-        max_tokens = req.max_tokens if req.max_tokens is not None else (
-            default if default is not None else cfg.max_model_len - n)
-        if n + max_tokens > cfg.max_model_len:
+        if req.max_tokens is not None and n + req.max_tokens > cfg.max_model_len:
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {cfg.max_model_len} tokens; the "
-                f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds it", param="max_tokens")
-        return max_tokens
+                f"prompt ({n}) plus max_tokens ({req.max_tokens}) exceeds it",
+                param="max_tokens")
+        return state["gen"].max_tokens(req.max_tokens, cfg.max_model_len - n)
 
     def _run(rid: str, prompt_ids: list[int], sp: pd_pb2.SamplingParams
              ) -> AsyncIterator[Chunk]:
@@ -140,16 +109,17 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             raise InvalidRequest(f"{num_prompts} prompt(s) x n={n} choices; at most "
                                  f"{choices.MAX_CHOICES} per request", param="n")
 
-    def _jobs(rid: str, prompts: list[list[int]], body, default: int | None,
-              logprobs: int, constraint: dict | None) -> list[choices.Job]:
-        budgets = [_budget(body, ids, default) for ids in prompts]
-        base = _sampling(body, logprobs, constraint)
-        pairs = []
-        for ids, max_tokens in zip(prompts, budgets):
-            sp = pd_pb2.SamplingParams()
-            sp.CopyFrom(base)
-            sp.max_tokens = max_tokens
-            pairs.append((ids, sp))
+    def _jobs(rid: str, prompts: list[list[int]], body, logprobs: int,
+              constrain: Callable[[SamplingParams], dict | None]) -> list[choices.Job]:
+        """Each prompt's wire sampling, from vLLM's SamplingParams for the request with
+        that prompt's max_tokens; `constrain`: the wire's constraint from them."""
+        pairs, constraint = [], None
+        for i, ids in enumerate(prompts):
+            vsp = body.sampling(_budget(body, ids), state["gen"].params)
+            if i == 0:
+                constraint = constrain(vsp)
+            pairs.append((ids, sampling.to_wire(vsp, state["tok"].vocab_size, logprobs,
+                                                body.cache_salt, constraint)))
         M.PROMPT_TOKENS.inc(sum(len(ids) for ids in prompts))
         return choices.plan(rid, pairs, body.n)
 
@@ -158,6 +128,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check()
+        check_model(body.model, cfg.served_model_name)
+        body.model = cfg.served_model_name
         tok: Tokenizer = state["tok"]
         p = body.prompt
         texts: list[str] | None = None
@@ -181,8 +153,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         for ids in prompts:
             check_ids(ids, tok.vocab_size, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"     # ours: never the client's x-request-id
-        jobs = _jobs(rid, prompts, body, 16,
-                     body.logprobs if body.logprobs is not None else -1, body.constraint())
+        jobs = _jobs(rid, prompts, body, body.logprobs if body.logprobs is not None else -1,
+                     body.constraint)
         echo = None
         if body.echo:    # the prompt's text ahead of each choice's, as vLLM does
             echo = texts or [await tok.run(tok.decode, ids) for ids in prompts]
@@ -201,6 +173,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         body.check(cfg.trust_request_chat_template)
+        check_model(body.model, cfg.served_model_name)
+        body.model = cfg.served_model_name
         _check_choices(1, body.n)
         tok: Tokenizer = state["tok"]
         plan = tools.plan(body.tools_json(), body.tool_choice_json(), body.parallel_tool_calls,
@@ -220,10 +194,14 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             think = reasoning.Plan(parser_cls, tok.tok,
                                    {**cfg.default_chat_template_kwargs,
                                     **body.template_kwargs()}, body.include_reasoning)
-        constraint = body.constraint(plan.schema)
-        if think is not None and constraint is not None:   # constrain after the reasoning
-            constraint.update(think.engine_fields(ids))
-        jobs = _jobs(rid, [ids], body, None, k if body.logprobs else -1, constraint)
+
+        def constrain(vsp: SamplingParams) -> dict | None:
+            constraint = body.constraint(vsp, plan.schema)
+            if think is not None and constraint is not None:   # after the reasoning
+                constraint.update(think.engine_fields(ids))
+            return constraint
+
+        jobs = _jobs(rid, [ids], body, k if body.logprobs else -1, constrain)
         echo = body.echoed()     # the last message ahead of the answer (vLLM's echo)
         out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
                            chat=True, details=cfg.enable_prompt_tokens_details,

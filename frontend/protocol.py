@@ -1,23 +1,26 @@
-"""OpenAI request bodies. Unknown fields are ignored with a warning, as vLLM does, except the
-ones that would change the output (400; frontend/fields.py). Every number and list is
-bounded here, so nothing overflows a wire field later (a 400, never a 500)."""
+"""OpenAI request bodies: vLLM's own request models (`CompletionRequest`,
+`ChatCompletionRequest`), with their fields, defaults and checks, and vLLM's
+`to_sampling_params`, which merges a request with the model's generation-config defaults.
+What pdserve adds is small: the bounds of the wire fields a request ends in (a 400,
+never an overflow later), the fields it refuses (frontend/fields.py), a guard that makes
+a malformed body a 400 wherever vLLM's validators would trip on it, and chat messages in
+the text-only shape its disaggregated path renders (frontend/messages.py)."""
 
 from __future__ import annotations
 
-import logging
 import json
-from typing import Annotated, Any, Literal, Union
+import logging
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, constr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
 
-from frontend.fields import unknown_fields
-from frontend.messages import (
-    MAX_TOOLS,
-    ChatMessage,
-    ChatTool,
-    NamedToolChoice,
-    check_template_options,
-)
+from frontend.fields import refused_or_unknown
+from frontend.messages import MAX_TOOLS, ChatMessage, check_template_options
 from pdserve.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 
 
@@ -28,8 +31,7 @@ I32 = 2**31 - 1
 
 
 def _integral(v: object) -> object:
-    """An integer as JSON Schema means it: 5 or 5.0, never 5.5, "5" or true (our OpenAPI
-    document says `integer`, and vLLM's server takes 5.0 too)."""
+    """An integer as JSON Schema means it: 5 or 5.0, never 5.5, "5" or true."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError("Input should be a valid integer")
     if isinstance(v, float):
@@ -42,182 +44,138 @@ def _integral(v: object) -> object:
 StrictInt = Annotated[int, BeforeValidator(_integral)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=U32)]
 MAX_STOPS = 64            # stop strings and stop token ids per request
-Stop = constr(max_length=4096)    # empty ones: refused by stop_list, with a message
+MAX_STOP_CHARS = 4096
+MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
+MAX_BAD_WORD_CHARS = 1024
+MAX_LOGPROBS = 20         # vLLM's --max-logprobs default: top logprobs per position
+MAX_LOGIT_BIAS = 1024
+MAX_ALLOWED_IDS = 1 << 20
+MAX_SCHEMA_CHARS = 65536
+MAX_TEMPLATE_CHARS = 65536   # a request's own chat template (a trusted server only)
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (its sampler's row width)
+MALFORMED = (TypeError, KeyError, AttributeError, IndexError)
 
 
 def check_model(name: str | None, served: str) -> None:
-    """The request names the served model (None: names none, as the utility endpoints
-    allow)."""
+    """The request names the served model (None: names none, as vLLM allows)."""
     if name is not None and name != served:
         raise ModelNotFound(f"the model {name!r} does not exist; this server serves "
                             f"{served!r}", param="model")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
+def _count(name: str, items, most: int, longest: int | None = None) -> None:
+    if items is None:
+        return
+    if len(items) > most:
+        raise InvalidRequest(f"{name}: at most {most} items, got {len(items)}", param=name)
+    if longest is not None and any(len(x) > longest for x in items):
+        raise InvalidRequest(f"{name}: each at most {longest} characters", param=name)
 
 
-MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
+def _range(name: str, v: int | None, lo: int, hi: int) -> None:
+    if v is not None and not lo <= v <= hi:
+        raise InvalidRequest(f"{name} must be from {lo} to {hi}, got {v}", param=name)
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    name: str = Field("response", max_length=256)
-    schema_: dict | None = Field(None, alias="schema")
-    strict: StrictBool | None = None
+_PARAM = re.compile(r"^(\w+) must ")
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's response_format: text, any JSON object, or JSON under a schema."""
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+def _refusal(e: Exception) -> InvalidRequest:
+    """vLLM's refusal as pdserve's 400: vLLM's message, the parameter it names (or the
+    one its message starts with: "min_p must be in [0, 1]")."""
+    msg = str(e.args[0]) if e.args else str(e)
+    param = getattr(e, "parameter", None)
+    if param is None and (m := _PARAM.match(msg)):
+        param = m.group(1)
+    return InvalidRequest(msg, param=param)
 
 
-class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs`: exactly one constraint."""
-    model_config = ConfigDict(extra="forbid")
-    json_: Union[dict, str, None] = Field(None, alias="json")
-    regex: str | None = Field(None, min_length=1, max_length=4096)
-    choice: list[constr(min_length=1, max_length=1024)] | None = Field(
-        None, min_length=1, max_length=256)
-    grammar: str | None = Field(None, min_length=1, max_length=65536)
-    json_object: StrictBool | None = None
+class _Pdserve:
+    """pdserve's part of a request model; mixed in ahead of vLLM's model."""
 
-
-MAX_SCHEMA_CHARS = 65536
-MAX_TEMPLATE_CHARS = 65536   # a request's own chat template (a trusted server only)
-MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (its sampler's row width)
-GREEDY_EPS = 1e-5          # vLLM's _SAMPLING_EPS: a temperature below it is greedy
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: StrictInt | None = Field(None, le=I32)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1, le=I32)           # vLLM extension; 0/-1 = off
-    seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)
-    stop: Union[Stop, list[Stop], None] = Field(None, max_length=MAX_STOPS)
-    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOPS)  # vLLM extension
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # vLLM extension
-    # vLLM extension: a tenant's prefix cache is hit only by requests with its salt
-    cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    min_tokens: StrictInt = Field(0, ge=0, le=I32)       # vLLM extension
-    n: StrictInt = Field(1, ge=1, le=64)                 # choices per prompt
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)       # accepted: opaque client metadata
-    ignore_eos: StrictBool = False                       # vLLM extension (benchmarks)
-    # token id (a string, as JSON keys are) -> bias added to its logit, -100..100
-    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
-    # vLLM extension: the prompt's own logprobs, each token's plus the top k
-    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None    # vLLM extension
-    # vLLM extensions, through both engines (the wire's SamplingParams)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    allowed_token_ids: list[TokenId] | None = Field(None, max_length=1 << 20)
-    bad_words: list[constr(max_length=1024)] = Field([], max_length=MAX_BAD_WORDS)
-    skip_special_tokens: StrictBool = True
-    spaces_between_special_tokens: StrictBool = True
-    include_stop_str_in_output: StrictBool = False
-    # vLLM extension: exactly these tokens' logprobs at each position, instead of the top
-    logprob_token_ids: list[TokenId] | None = Field(None, max_length=MAX_LOGPROB_TOKEN_IDS)
-    # vLLM extensions: the prompt's and each choice's token ids in the answer; logprobs'
-    # tokens named `token_id:<id>`
-    return_token_ids: StrictBool | None = None
-    return_tokens_as_token_ids: StrictBool | None = None
-    # vLLM extension: the engine's queue order under its priority policy; pdserve's engines
-    # schedule first come first served, where vLLM ignores it too
-    priority: StrictInt = Field(0, ge=-2**63, le=2**63 - 1)
-    # vLLM extension: keep this many prompt tokens (-1: the context less one), the last
-    # ones unless truncation_side is "right" (frontend/tokens.py: Truncation)
-    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, le=I32)
-    truncation_side: Literal["left", "right"] | None = None
-
-    def unknown_fields(self) -> list[str]:
-        """Fields the request carried that pdserve does not know (the caller logs them);
-        one that would change the output is a 400 instead (frontend/fields.py)."""
-        return unknown_fields(self.model_extra or {})
+    @model_validator(mode="wrap")
+    @classmethod
+    def _malformed_is_a_400(cls, data, handler):
+        """vLLM's before-validators index the raw body (`tool["function"]["name"]`); a body
+        of the wrong shape must be a 400 there, not a TypeError (a 500)."""
+        try:
+            return handler(data)
+        except VLLMValidationError as e:     # vLLM's own refusal: a 400 with its words
+            raise _refusal(e) from None
+        except MALFORMED as e:
+            raise InvalidRequest(f"malformed request body: {type(e).__name__}: {e}") from None
 
     def check_common(self) -> None:
-        ignored = self.unknown_fields()
+        ignored = refused_or_unknown(self)
         if ignored:
             log.warning("the following fields were present in the request but ignored: %s",
                         ignored)
-        if self.n > 1 and self.temperature < GREEDY_EPS:    # as vLLM's SamplingParams
-            raise InvalidRequest(f"n must be 1 when using greedy sampling, got {self.n}.",
-                                 param="n")
-        if self.prompt_logprobs and self.stream:     # as vLLM's server
-            raise InvalidRequest("prompt_logprobs are not available when stream=true",
-                                 param="prompt_logprobs")
+        if self.n is None:
+            self.n = 1
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequest("stream_options is only allowed when stream is true",
+            raise InvalidRequest("Stream options can only be defined when `stream=True`.",
                                  param="stream_options")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}",
                                  param="max_tokens")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
-                                 f"({self.max_tokens})", param="min_tokens")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        _count("stop", stops, MAX_STOPS, MAX_STOP_CHARS)
+        if any(not s for s in stops or ()):
+            raise InvalidRequest("stop strings must be non-empty", param="stop")
+        _count("stop_token_ids", self.stop_token_ids, MAX_STOPS)
+        _count("bad_words", self.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_CHARS)
+        if any(not w for w in self.bad_words):
+            raise InvalidRequest("bad_words cannot contain an empty string", param="bad_words")
+        _count("logit_bias", self.logit_bias, MAX_LOGIT_BIAS)
+        _count("allowed_token_ids", self.allowed_token_ids, MAX_ALLOWED_IDS)
+        _count("logprob_token_ids", self.logprob_token_ids, MAX_LOGPROB_TOKEN_IDS)
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise InvalidRequest("allowed_token_ids is not None and empty!",   # vLLM's words
                                  param="allowed_token_ids")
-        if any(not w for w in self.bad_words):
-            raise InvalidRequest("bad_words cannot contain an empty string", param="bad_words")
+        _range("top_k", self.top_k, -1, I32)
+        _range("min_tokens", self.min_tokens, 0, I32)
+        _range("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        for name in ("stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
+            for t in getattr(self, name) or ():
+                _range(name, t, 0, U32)
 
-    def logit_bias_ids(self) -> dict[int, float]:
-        out = {}
-        for k, v in (self.logit_bias or {}).items():
-            if not k.isdigit() or int(k) > U32:
-                raise InvalidRequest(f"logit_bias keys are token ids, got {k[:32]!r}",
-                                     param="logit_bias")
-            if not -100.0 <= v <= 100.0:
-                raise InvalidRequest(f"logit_bias values are from -100 to 100, got {v}",
-                                     param="logit_bias")
-            out[int(k)] = float(v)
-        return out
+    def sampling(self, max_tokens: int, defaults: dict) -> SamplingParams:
+        """vLLM's SamplingParams for this request, as vLLM's server builds them (the
+        request, else the model's generation-config `defaults`, else OpenAI's); vLLM's
+        own checks of them are 400s."""
+        try:
+            return self.to_sampling_params(max_tokens, defaults)
+        except (VLLMValidationError, ValueError) as e:
+            raise _refusal(e) from None
 
-    def prompt_logprobs_k(self) -> int | None:
-        """How many top logprobs each prompt token needs (None: no prompt logprobs)."""
-        return self.prompt_logprobs
-
-    def constraint(self) -> dict | None:
-        """The one structured-output constraint, as the wire's StructuredOutputs fields
-        (None: unconstrained); from `structured_outputs` or `response_format`, not both."""
-        so, rf = self.structured_outputs, self.response_format
-        if so is not None and rf is not None and rf.type != "text":
-            raise InvalidRequest("give structured_outputs or response_format, not both",
-                                 param="response_format")
+    def constraint(self, sp: SamplingParams) -> dict | None:
+        """The one structured-output constraint vLLM derived (from `structured_outputs`
+        or `response_format`), as the wire's StructuredOutputs fields (None: none)."""
+        so = sp.structured_outputs
+        if so is None:
+            return None
+        if so.structural_tag is not None or so.whitespace_pattern is not None \
+                or so.disable_any_whitespace or so.disable_additional_properties:
+            raise UnsupportedParameter("structural tags and structured-output whitespace "
+                                       "options are not supported", param="structured_outputs")
         out: dict = {}
-        if so is not None:
-            if so.json_ is not None:
-                out["json"] = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
-            if so.regex is not None:
-                out["regex"] = so.regex
-            if so.choice is not None:
-                out["choice"] = list(so.choice)
-            if so.grammar is not None:
-                out["grammar"] = so.grammar
-            if so.json_object:
-                out["json_object"] = True
-            if len(out) != 1:
-                raise InvalidRequest("structured_outputs takes exactly one of json, regex, "
-                                     "choice, grammar and json_object",
+        if so.json is not None:
+            out["json"] = so.json if isinstance(so.json, str) else json.dumps(so.json)
+        if so.regex is not None:
+            out["regex"] = so.regex
+        if so.choice is not None:
+            if not so.choice or any(not isinstance(c, str) or not c for c in so.choice):
+                raise InvalidRequest("structured_outputs.choice: non-empty strings",
                                      param="structured_outputs")
-        elif rf is not None and rf.type == "json_object":
+            out["choice"] = list(so.choice)
+        if so.grammar is not None:
+            out["grammar"] = so.grammar
+        if so.json_object:
             out["json_object"] = True
-        elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise InvalidRequest("response_format json_schema needs json_schema.schema",
-                                     param="response_format")
-            out["json"] = json.dumps(rf.json_schema.schema_)
+        if len(out) != 1:
+            raise InvalidRequest("structured_outputs takes exactly one of json, regex, "
+                                 "choice, grammar and json_object",
+                                 param="structured_outputs")
         if "json" in out:
             if len(out["json"]) > MAX_SCHEMA_CHARS:
                 raise InvalidRequest(f"the JSON schema is over {MAX_SCHEMA_CHARS} characters",
@@ -229,73 +187,43 @@ class _Common(BaseModel):
                 raise InvalidRequest(f"the JSON schema is not a JSON object: {e}",
                                      param="response_format") from None
         if "regex" in out:
-            import re
             try:
                 re.compile(out["regex"])
             except re.error as e:
                 raise InvalidRequest(f"invalid regex: {e}",
                                      param="structured_outputs") from None
-        return out or None
+        return out
 
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if any(not s for s in stops):
-            raise InvalidRequest("stop strings must be non-empty", param="stop")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_Common):
-    """`echo` with `logprobs` returns the prompt's logprobs ahead of the output's, as vLLM
-    and lm-eval's loglikelihood tasks expect."""
-    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    echo: StrictBool = False
-    best_of: StrictInt | None = None
-    suffix: str | None = None
-    add_special_tokens: StrictBool = True     # vLLM extension: the tokenizer's BOS etc.
+class CompletionRequest(_Pdserve, VllmCompletion):
+    """vLLM's completion request. `echo` with `logprobs` returns the prompt's logprobs
+    ahead of the output's, as vLLM and lm-eval's loglikelihood tasks expect."""
 
     def check(self) -> None:
         self.check_common()
-        if self.best_of not in (None, 1, self.n):
+        if self.prompt is None:
+            raise InvalidRequest("a prompt is needed (prompt_embeds are not supported)",
+                                 param="prompt")
+        _range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if (self.model_extra or {}).get("best_of") not in (None, 1, self.n):
             raise UnsupportedParameter("best_of other than n is not supported",
                                        param="best_of")
-        if self.suffix:
-            raise UnsupportedParameter("suffix is not supported", param="suffix")
-        if self.logprob_token_ids and self.logprobs is None:      # vLLM's words
-            raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set.",
-                                 param="logprob_token_ids")
-
-    def prompt_logprobs_k(self) -> int | None:
-        """With echo and logprobs the prompt's logprobs come first, as vLLM gives them."""
-        if self.prompt_logprobs is None and self.echo and self.logprobs is not None:
-            return self.logprobs
-        return self.prompt_logprobs
 
 
-class ChatRequest(_Common):
+class ChatRequest(_Pdserve, ChatCompletionRequest):
+    """vLLM's chat request, with messages in the text-only shape pdserve's chat template
+    path renders (frontend/messages.py)."""
+    model_config = ConfigDict(extra="allow")
     messages: list[ChatMessage]
-    max_completion_tokens: StrictInt | None = Field(None, le=I32)
-    logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: StrictBool | None = None
-    # vLLM extensions for the chat template (frontend/tokens.py renders it)
-    add_generation_prompt: StrictBool = True
-    continue_final_message: StrictBool = False
-    add_special_tokens: StrictBool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = Field(None, max_length=MAX_TEMPLATE_CHARS)   # if trusted
-    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
-    # reaches the template (and its enable_thinking), as with vLLM's server when it runs no
-    # reasoning parser
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
-                              "max"] | None = None
-    echo: StrictBool = False    # vLLM extension: the last message ahead, if it is the reply's
-    include_reasoning: StrictBool = True    # with --reasoning-parser (frontend/reasoning.py)
+    # vLLM's, less its deprecation warning on every read (check() folds
+    # max_completion_tokens into it, as vLLM's server reads the two)
+    max_tokens: int | None = None
 
     def reply_role(self) -> str:
         """The answer's role, as vLLM's server names it: the assistant's after a generation
@@ -314,26 +242,30 @@ class ChatRequest(_Common):
         """chat_template_kwargs with what the request's own fields add, as vLLM merges
         them: reasoning_effort, and enable_thinking from it unless the client set that."""
         out = dict(self.chat_template_kwargs or {})
-        if self.reasoning_effort is not None:
-            out.setdefault("enable_thinking", self.reasoning_effort != "none")
-            out["reasoning_effort"] = self.reasoning_effort
+        effort = getattr(self, "reasoning_effort", None)
+        if effort is not None:
+            out.setdefault("enable_thinking", effort != "none")
+            out["reasoning_effort"] = effort
         return out
 
     def check(self, trusted: bool = False) -> None:
         """`trusted`: the server takes chat templates from requests."""
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+        if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         self.check_common()
         if not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         check_template_options(self, trusted)
-        if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-        if self.logprob_token_ids and not self.logprobs:      # vLLM's words
-            raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set to "
-                                 "true.", param="logprob_token_ids")
-        if self.tools and len(json.dumps([t.function.parameters for t in self.tools])) \
-                > MAX_SCHEMA_CHARS:
+        if self.chat_template is not None and len(self.chat_template) > MAX_TEMPLATE_CHARS:
+            raise InvalidRequest(f"chat_template: at most {MAX_TEMPLATE_CHARS} characters",
+                                 param="chat_template")
+        _count("documents", self.documents, MAX_TOOLS)
+        _count("tools", self.tools, MAX_TOOLS)
+        _range("top_logprobs", self.top_logprobs, 0, MAX_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
+                                 param="top_logprobs")
+        if self.tools and len(json.dumps(self.tools_json())) > MAX_SCHEMA_CHARS:
             raise InvalidRequest(f"the tools' schemas are over {MAX_SCHEMA_CHARS} characters",
                                  param="tools")
         names = [t.function.name for t in self.tools or []]
@@ -345,15 +277,14 @@ class ChatRequest(_Common):
 
     def tool_choice_json(self) -> Any:
         tc = self.tool_choice
-        return tc.model_dump() if isinstance(tc, NamedToolChoice) else tc
+        return tc if tc is None or isinstance(tc, str) else tc.model_dump()
 
-    def constraint(self, tool_schema: dict | None = None) -> dict | None:
+    def constraint(self, sp: SamplingParams, tool_schema: dict | None = None) -> dict | None:
         """A named or required tool choice constrains the output to its JSON schema, and
         then no other constraint may be given."""
         if tool_schema is None:
-            return super().constraint()
-        rf = self.response_format
-        if self.structured_outputs is not None or (rf is not None and rf.type != "text"):
+            return super().constraint(sp)
+        if sp.structured_outputs is not None:
             raise InvalidRequest("a named or required tool_choice cannot be combined with "
                                  "response_format or structured_outputs", param="tool_choice")
         return {"json": json.dumps(tool_schema)}

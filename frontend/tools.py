@@ -11,8 +11,8 @@ answers them.
   and finish_reason "tool_calls".
 * `"auto"`: the model writes calls in its own format, and vLLM's tool parser named by
   `--tool-call-parser` finds them (both streamed and not). As vLLM's server, it needs
-  `--enable-auto-tool-choice`. Without it, a request with tools and no tool_choice is
-  answered as `"none"`.
+  `--enable-auto-tool-choice`. Tools with no tool_choice mean "auto" (vLLM's request
+  model sets it), so without the flag they are a 400 too, as in vLLM's server.
 * `"none"`: plain content; the template still sees the tools.
 
 Pure, except for the vLLM tool parser `auto` uses (`load_parser`).

@@ -187,6 +187,7 @@ def cmd_frontend(ns) -> int:
 
     from frontend import security
     from frontend.app import create_app
+    from frontend.gen_config import parse_override
     from frontend.tokens import load_chat_template
 
     model = resolve_model(ns.model)
@@ -207,7 +208,10 @@ def cmd_frontend(ns) -> int:
                          chat_template=(load_chat_template(ns.chat_template)
                                         if ns.chat_template else ""),
                          trust_request_chat_template=ns.trust_request_chat_template,
-                         default_chat_template_kwargs=ns.default_chat_template_kwargs or {})
+                         default_chat_template_kwargs=ns.default_chat_template_kwargs or {},
+                         generation_config=ns.generation_config,
+                         override_generation_config=parse_override(
+                             ns.override_generation_config))
     if not cfg.api_keys:
         logging.getLogger("pdserve.frontend").warning(
             "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,
@@ -379,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--reasoning-parser", default="",
                    help="vLLM's reasoning parser: the answer's reasoning apart from its "
                         "content (give the engines the same; `serve` passes it to both)")
+    f.add_argument("--generation-config", default="auto",
+                   help="the model's default sampling parameters, as vLLM's flag: auto "
+                        "(its generation_config.json), vllm (none) or a folder (`serve` "
+                        "passes its own)")
+    f.add_argument("--override-generation-config", default="",
+                   help="a JSON object over those defaults, as vLLM's flag")
     auth.secret_arg(f)
     http_args(f)
     f.set_defaults(func=cmd_frontend)

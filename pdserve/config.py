@@ -148,3 +148,7 @@ class FrontendConfig:
     chat_template: str = ""                 # instead of the model's (the template's text)
     trust_request_chat_template: bool = False   # requests may bring their own template
     default_chat_template_kwargs: dict = field(default_factory=dict)   # under requests'
+    # the model's default sampling parameters, as vLLM's server takes them
+    # (frontend/gen_config.py): auto (its generation_config.json), vllm (none) or a folder
+    generation_config: str = "auto"
+    override_generation_config: dict = field(default_factory=dict)

@@ -229,8 +229,15 @@ def http_argv(ns) -> list[str]:
         argv += ["--default-chat-template-kwargs", json.dumps(ns.default_chat_template_kwargs)]
     # a vLLM engine argument: the engines gate structured outputs on it, the frontend
     # splits the answer with it
-    if (getattr(ns, "vllm", None) or {}).get("reasoning_parser"):
-        argv += ["--reasoning-parser", ns.vllm["reasoning_parser"]]
+    vllm = getattr(ns, "vllm", None) or {}
+    if vllm.get("reasoning_parser"):
+        argv += ["--reasoning-parser", vllm["reasoning_parser"]]
+    # vLLM engine arguments its server applies to requests: so does the frontend
+    if vllm.get("generation_config"):
+        argv += ["--generation-config", vllm["generation_config"]]
+    if vllm.get("override_generation_config"):
+        argv += ["--override-generation-config",
+                 json.dumps(vllm["override_generation_config"])]
     return argv
 
 

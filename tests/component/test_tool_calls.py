@@ -172,9 +172,10 @@ async def test_tool_role_and_calls_in_the_history_reach_the_template():
                        "name": "get_weather", "arguments": '{"city": "paris"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     async with c:
-        r = await c.post("/v1/chat/completions", json=body(messages=history))
+        r = await c.post("/v1/chat/completions", json=body(messages=history,
+                                                          tool_choice="none"))
         assert r.status_code == 200, r.text
-        # tools given, no auto parser: answered as "none", plain content
+        # tool_choice "none": plain content; the template still sees the tools
         assert r.json()["choices"][0]["message"] == {"role": "assistant",
                                                      "content": "It is sunny."}
     msgs, tools = tok.seen[0]
@@ -185,11 +186,14 @@ async def test_tool_role_and_calls_in_the_history_reach_the_template():
 
 @pytest.mark.parametrize("extra,why", [
     ({"tool_choice": "auto"}, "--enable-auto-tool-choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
-    ({"tools": None, "tool_choice": "required"}, "tools must be set"),
+    ({}, "--enable-auto-tool-choice"),      # tools alone mean "auto", as vLLM's server
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "does not match"),
+    ({"tools": None, "tool_choice": "required"}, "must be set"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "combined"),
-    ({"tools": [WEATHER, WEATHER]}, "unique"),
-    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "name"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "none"}, "unique"),
+    ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "name"),
+    ({"tools": [1], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "malformed"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
 ])
 async def test_tool_requests_that_cannot_be_met_get_400(extra, why):
@@ -199,5 +203,5 @@ async def test_tool_requests_that_cannot_be_met_get_400(extra, why):
         assert r.status_code == 400, r.text
         assert why in r.text
         assert not cl.sampling                       # nothing reached the cluster
-        r = await c.post("/v1/chat/completions", json=body())
+        r = await c.post("/v1/chat/completions", json=body(tool_choice="none"))
         assert r.status_code == 200                  # and the next request works

@@ -231,3 +231,22 @@ def test_the_reasoning_parser_reaches_both_the_engines_and_the_frontend():
     assert ns.vllm["reasoning_parser"] == "deepseek_v3"
     assert parse_args(["frontend", *http_argv(ns)]).reasoning_parser == "deepseek_v3"
     assert not parse_args(["frontend", *http_argv(parse_args(["serve", *M]))]).reasoning_parser
+
+
+def test_the_generation_config_flags_reach_the_frontend():
+    """vLLM's --generation-config and --override-generation-config are engine arguments;
+    vLLM's server applies them to requests, so `serve` hands them to its frontend."""
+    import json
+
+    from frontend.gen_config import parse_override
+    from pdserve.launcher import http_argv
+
+    ns = parse_args(["serve", *M, "--generation-config", "vllm",
+                     "--override-generation-config", '{"temperature": 0.5}'])
+    fe = parse_args(["frontend", *http_argv(ns)])
+    assert fe.generation_config == "vllm"
+    assert parse_override(fe.override_generation_config) == {"temperature": 0.5}
+    fe = parse_args(["frontend", *http_argv(parse_args(["serve", *M]))])
+    assert (fe.generation_config, parse_override(fe.override_generation_config)) == ("auto", {})
+    with pytest.raises(ValueError):
+        parse_override(json.dumps([1]))
