@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from frontend.client import Chunk, ClusterClient, to_error
 from frontend import (choices, gen_config, http_errors, ops_api, reasoning, render,
-                      sampling, security, tools)
+                      responses, sampling, security, tools)
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
@@ -263,7 +263,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         if kv:
             headers["x-kv-transfer-seconds"] = str(kv["seconds"])
             headers["x-kv-transfer-bytes"] = str(kv["bytes"])
-        return JSONResponse(resp, headers=headers)
+        return JSONResponse(responses.whole(resp, out.chat), headers=headers)
 
     async def _unless_disconnected(request, work) -> bool:
         """Run `work`; False (and `work` cancelled) if the client disconnects first."""
@@ -303,7 +303,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                 d["usage"] = usage
             if extra:
                 d.update(extra)
-            return _sse(d)
+            return _sse(responses.chunk(d, out.chat))
 
         timings = {j.index: Timing(slo) for j in jobs}
         src = choices.run_jobs(jobs, _run).__aiter__()

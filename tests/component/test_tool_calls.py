@@ -55,6 +55,12 @@ def client(pieces, **kw):
     return c, cl, tok
 
 
+def given(msg: dict) -> dict:
+    """A message's fields that say something: vLLM's message model sends the others as
+    null (refusal, audio, ...) and tool_calls empty."""
+    return {k: v for k, v in msg.items() if v not in (None, [])}
+
+
 def body(**kw):
     return {"model": "m", "max_tokens": 20, "tools": [WEATHER, TIME],
             "messages": [{"role": "user", "content": "weather in paris?"}], **kw}
@@ -160,7 +166,7 @@ async def test_auto_uses_vllms_tool_parser_streamed_and_not():
                      tool_call_parser="hermes")
     async with c:
         ch = (await c.post("/v1/chat/completions", json=body())).json()["choices"][0]
-        assert ch["message"] == {"role": "assistant", "content": "no tools needed"}
+        assert given(ch["message"]) == {"role": "assistant", "content": "no tools needed"}
         assert ch["finish_reason"] == "stop"
 
 
@@ -176,7 +182,7 @@ async def test_tool_role_and_calls_in_the_history_reach_the_template():
                                                           tool_choice="none"))
         assert r.status_code == 200, r.text
         # tool_choice "none": plain content; the template still sees the tools
-        assert r.json()["choices"][0]["message"] == {"role": "assistant",
+        assert given(r.json()["choices"][0]["message"]) == {"role": "assistant",
                                                      "content": "It is sunny."}
     msgs, tools = tok.seen[0]
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "paris"}

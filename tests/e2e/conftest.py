@@ -48,6 +48,8 @@ def serving(model, tmp_path_factory, name: str, env: dict | None = None,
     rc = stop_cluster_proc(c.proc)
     assert rc == 0, f"launcher exited {rc}; see {c.log_path}"
     assert_no_orphans(c.log_path)
+    # every answer the frontend sent fit vLLM's response models (frontend/responses.py)
+    assert "does not fit vLLM's" not in c.log_path.read_text(), c.log_path
 
 
 @pytest.fixture(scope="session")
