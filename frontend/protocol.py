@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Annotated, Any
+from typing import Any, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import ConfigDict, model_validator
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest as VllmDetokenize
+from vllm.entrypoints.serve.tokenize.protocol import (
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
@@ -28,22 +33,7 @@ log = logging.getLogger(__name__)
 
 U32 = 2**32 - 1           # the wire's uint32 fields: token ids, token counts
 I32 = 2**31 - 1
-
-
-def _integral(v: object) -> object:
-    """An integer as JSON Schema means it: 5 or 5.0, never 5.5, "5" or true."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("Input should be a valid integer")
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise ValueError("Input should be a valid integer, got a non-integral number")
-        return int(v)
-    return v
-
-
-StrictInt = Annotated[int, BeforeValidator(_integral)]
-TokenId = Annotated[StrictInt, Field(ge=0, le=U32)]
-MAX_STOPS = 64            # stop strings and stop token ids per request
+MAX_STOPS = 64            # stop token ids per request (vLLM bounds the stop strings)
 MAX_STOP_CHARS = 4096
 MAX_BAD_WORDS = 128       # vLLM's VLLM_MAX_NUM_BAD_WORDS default
 MAX_BAD_WORD_CHARS = 1024
@@ -90,8 +80,8 @@ def _refusal(e: Exception) -> InvalidRequest:
     return InvalidRequest(msg, param=param)
 
 
-class _Pdserve:
-    """pdserve's part of a request model; mixed in ahead of vLLM's model."""
+class _Guarded:
+    """Mixed in ahead of a vLLM request model: its refusals are pdserve's 400s."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -104,6 +94,10 @@ class _Pdserve:
             raise _refusal(e) from None
         except MALFORMED as e:
             raise InvalidRequest(f"malformed request body: {type(e).__name__}: {e}") from None
+
+
+class _Pdserve(_Guarded):
+    """pdserve's part of a generation request model; mixed in ahead of vLLM's model."""
 
     def check_common(self) -> None:
         ignored = refused_or_unknown(self)
@@ -290,30 +284,31 @@ class ChatRequest(_Pdserve, ChatCompletionRequest):
         return {"json": json.dumps(tool_schema)}
 
 
-class TokenizeRequest(BaseModel):
-    """/tokenize, as vLLM's server takes it: a `prompt`, or chat `messages` rendered by the
-    model's chat template."""
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: StrictBool | None = None    # default: true for a prompt, false for chat
-    add_generation_prompt: StrictBool = True
-    return_token_strs: StrictBool = False
-    continue_final_message: StrictBool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    chat_template: str | None = Field(None, max_length=MAX_TEMPLATE_CHARS)
-    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_TOOLS)
+class TokenizePrompt(_Guarded, TokenizeCompletionRequest):
+    """vLLM's /tokenize of a prompt."""
 
     def check(self, trusted: bool = False) -> None:
-        if (self.prompt is None) == (self.messages is None):
+        if "messages" in (self.model_extra or {}):
             raise InvalidRequest("give either prompt or messages", param="prompt")
-        if self.messages is not None and not self.messages:
+
+
+class TokenizeChat(_Guarded, TokenizeChatRequest):
+    """vLLM's /tokenize of chat messages, rendered by the chat template as generation
+    renders them."""
+    model_config = ConfigDict(extra="allow")
+    messages: list[ChatMessage]
+
+    def check(self, trusted: bool = False) -> None:
+        if "prompt" in (self.model_extra or {}):
+            raise InvalidRequest("give either prompt or messages", param="prompt")
+        if not self.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         check_template_options(self, trusted)
+        _count("tools", self.tools, MAX_TOOLS)
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    tokens: list[TokenId] = Field(max_length=1 << 20)
+TokenizeRequest = Union[TokenizePrompt, TokenizeChat]
+
+
+class DetokenizeRequest(_Guarded, VllmDetokenize):
+    """vLLM's /detokenize."""

@@ -1,6 +1,7 @@
 """The utility endpoints of vLLM's server: /tokenize, /detokenize, /version, /ping.
 
-Same request and response shapes as vLLM's (`vllm/entrypoints/serve/tokenize/protocol.py`),
+vLLM's request models (`vllm/entrypoints/serve/tokenize/protocol.py`: a prompt, or chat
+messages with their tools rendered as generation renders them) and response shapes,
 answered by the frontend's own tokenizer on its worker thread; nothing reaches an engine.
 /tokenize and /detokenize need an API key where the /v1 routes do (they cost CPU), and
 bound their work: the body size, and text is refused before tokenizing when its length
@@ -13,7 +14,8 @@ from importlib import metadata
 from fastapi import APIRouter, FastAPI, Request, Response
 
 import pdserve
-from frontend.protocol import DetokenizeRequest, TokenizeRequest, check_model
+from frontend.protocol import (DetokenizeRequest, TokenizePrompt, TokenizeRequest,
+                               check_model)
 from frontend.tokens import ChatOptions, check_ids
 
 
@@ -37,13 +39,14 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
         check_model(body.model, cfg.served_model_name)
         tok = state["tok"]
         most = TOKENIZE_CONTEXTS * cfg.max_model_len
-        if body.prompt is not None:
-            ids = await tok.encode_async(body.prompt, most, body.add_special_tokens is not False)
+        if isinstance(body, TokenizePrompt):
+            ids = await tok.encode_async(body.prompt, most, body.add_special_tokens)
         else:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             ids = await tok.chat_async([m.for_template() for m in body.messages], most,
-                                       body.add_generation_prompt, bool(body.add_special_tokens),
-                                       opts=ChatOptions(body.continue_final_message,
-                                                        body.documents,
+                                       body.add_generation_prompt, body.add_special_tokens,
+                                       tools=tools,
+                                       opts=ChatOptions(body.continue_final_message, None,
                                                         body.chat_template_kwargs,
                                                         body.chat_template))
         out = {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids}

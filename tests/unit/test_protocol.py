@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from frontend.gen_config import GenDefaults
-from frontend.protocol import ChatRequest, CompletionRequest, TokenizeRequest
+from frontend.protocol import ChatRequest, CompletionRequest, TokenizeChat
 from pdserve.errors import InvalidRequest, UnsupportedParameter
 
 MSGS = [{"role": "user", "content": "x"}]
@@ -172,7 +172,7 @@ def test_logprob_token_ids_need_logprobs_as_in_vllm():
         cmpl(logprob_token_ids=[1])
 
 
-@pytest.mark.parametrize("model", [chat, TokenizeRequest])
+@pytest.mark.parametrize("model", [chat, TokenizeChat])
 def test_a_requests_own_chat_template_needs_a_server_that_trusts_it(model):
     """As vLLM's server: a template in the request (or in its kwargs) is a 400 unless the
     server runs with --trust-request-chat-template, and then it is taken."""
