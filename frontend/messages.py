@@ -60,11 +60,11 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)   # assistant
 
     def for_template(self) -> dict[str, Any]:
-        """The message as the chat template takes it (`developer` is OpenAI's new name for
-        `system`). A call's arguments go to the template as an object, as vLLM hands
-        them."""
-        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                             "content": self.text()}
+        """The message as the chat template takes it (a `developer` message stays one here;
+        frontend/tokens.py turns it into `system` for a template that does not know the
+        role, as vLLM does). A call's arguments go to the template as an object, as vLLM
+        hands them."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.tool_call_id is not None:
             m["tool_call_id"] = self.tool_call_id
         if self.tool_calls:

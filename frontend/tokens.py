@@ -41,6 +41,19 @@ class ChatOptions:
     template: str | None = None               # the request's own template (trusted only)
 
 
+def developer_as_system(messages: list[dict], template: str) -> list[dict]:
+    """OpenAI's `developer` messages, for a template that does not name the role, as
+    vLLM's renderer gives them: as `system`, every system message then merged into one
+    at the start (vLLM's own functions)."""
+    if not any(m["role"] == "developer" for m in messages):
+        return messages
+    from vllm.renderers.hf import (_consolidate_system_messages, _convert_developer_to_system,
+                                   _detect_developer_role_support)
+    if _detect_developer_role_support(template):
+        return messages
+    return _consolidate_system_messages(_convert_developer_to_system(messages))
+
+
 def merge_kwargs(defaults: dict[str, Any] | None, request: dict[str, Any] | None) -> dict:
     """The server's default template kwargs under the request's, whose None and "auto"
     values leave the default (vLLM's `merge_kwargs`); with no defaults, the request's as
@@ -138,6 +151,7 @@ class Tokenizer:
         try:
             if template is None:    # the model's (one of its named ones, with tools)
                 template = self.tok.get_chat_template(None, tools)
+            messages = developer_as_system(messages, template)
             return self.tok.apply_chat_template(
                 messages, tokenize=False, tools=tools, documents=opts.documents,
                 add_generation_prompt=add_generation_prompt,

@@ -261,6 +261,24 @@ def test_a_requests_own_chat_template_equals_vllms_server(cluster, vllm_api):
     assert plain["tokens"] != ours["tokens"]      # the model's template again
 
 
+DEV_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'developer' %}dog {% endif %}"
+                "{{ m['content'] }} {% endfor %}")
+
+
+def test_developer_messages_equal_vllms_server(cluster, vllm_api):
+    """OpenAI's `developer` role: as `system` for a template that does not name it, every
+    system message merged into one at the start; as sent for one that does."""
+    msgs = [{"role": "system", "content": "fox lazy"}, {"role": "user", "content": P1},
+            {"role": "developer", "content": "dog brown"}]
+    for extra in ({}, {"chat_template": DEV_TEMPLATE}, {"chat_template": OWN_TEMPLATE}):
+        ours, theirs = both(cluster, vllm_api, "/tokenize", {"messages": msgs, **extra})
+        assert ours["tokens"] == theirs["tokens"], extra
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
+                        {"messages": msgs, "max_tokens": 6, "temperature": 0})
+    assert texts(ours) == texts(theirs)
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+
+
 def test_both_refuse_the_same_requests(cluster, vllm_api):
     for body in ({"prompt": P1, "n": 2, "temperature": 0},       # greedy n > 1
                  {"prompt": P1, "prompt_logprobs": 1, "stream": True}):

@@ -131,3 +131,19 @@ def test_truncation_as_vllm_truncates(tok):
     long = " ".join(f"w{i % 50 + 1}" for i in range(3000))
     got = asyncio.run(tok.encode_async(long, 512, trunc=Truncation(100, "left")))
     assert got == tok.encode(long)[-100:]
+
+
+def test_developer_messages_become_system_as_vllm_renders_them():
+    """For a template that does not name the role, `developer` becomes `system` and every
+    system message is merged into one at the start (vLLM's renderer); a template that
+    names it gets it as sent."""
+    from frontend.tokens import developer_as_system
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "developer", "content": "answer in French"}]
+    out = developer_as_system(msgs, "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert [m["role"] for m in out] == ["system", "user"]
+    assert "be brief" in out[0]["content"] and "answer in French" in out[0]["content"]
+    knows = "{% if m.role == 'developer' %}D{% endif %}"
+    assert developer_as_system(msgs, knows) == msgs
+    plain = msgs[:2]
+    assert developer_as_system(plain, "") is plain
