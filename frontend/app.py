@@ -21,6 +21,7 @@ from frontend import (choices, gen_config, http_errors, ops_api, reasoning, rend
 from frontend.protocol import ChatRequest, CompletionRequest, check_model
 from frontend.timing import Timing
 from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
+from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 from vllm.sampling_params import SamplingParams
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
@@ -292,7 +293,18 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
 
     async def _stream(request, out: render.Reply, jobs: list[choices.Job]):
         b = out.body
-        include_usage = bool(b.stream_options and b.stream_options.include_usage)
+        # vLLM's rule: usage at the end, and with continuous_usage_stats in every chunk
+        # (--enable-force-include-usage: both, whatever the request says)
+        include_usage, continuous = should_include_usage(b.stream_options,
+                                                         cfg.enable_force_include_usage)
+
+        def so_far(job: choices.Job, n: int) -> dict | None:
+            """A chunk's usage with continuous_usage_stats: its prompt, its choice's
+            tokens so far (vLLM's per-choice count)."""
+            if not continuous:
+                return None
+            p = len(out.prompts[job.prompt])
+            return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
         obj = "chat.completion.chunk" if out.chat else "text_completion"
 
         def chunk(choice: dict | None, usage: dict | None = None, extra: dict | None = None):
@@ -324,6 +336,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         async def gen():
             n_gen = cached = 0
             offset = {j.index: 0 for j in jobs}
+            made = {j.index: 0 for j in jobs}     # each choice's tokens so far
             started: set[int] = set()
             M.INFLIGHT.inc()
             status = "200"
@@ -333,11 +346,13 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                         yield chunk({"index": j.index,
                                      "delta": {"role": out.role, "content": ""},
                                      "logprobs": None, "finish_reason": None},
+                                    usage=so_far(j, 0),
                                     extra={"prompt_token_ids": out.prompts[0]}
                                     if k == 0 and out.body.return_token_ids else None)
                 async for job, ch in items():
                     timings[job.index].tokens(len(ch.token_ids))
                     n_gen += len(ch.token_ids)
+                    made[job.index] += len(ch.token_ids)
                     cached += ch.cached_tokens
                     finish = ch.finish_reason or None
                     extra = ({"kv_transfer": render.kv_info(ch)} if ch.kv_transfer is not None
@@ -358,7 +373,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     said = c["delta"] if out.chat else text   # a parser may hold text back
                     if said or finish or ch.logprobs or (out.body.return_token_ids
                                                          and (head or ch.token_ids)):
-                        yield chunk(c, extra=extra)
+                        yield chunk(c, usage=so_far(job, made[job.index]), extra=extra)
                 if include_usage:
                     yield chunk(None, usage=out.usage(n_gen, cached))
                 yield "data: [DONE]\n\n"

@@ -47,6 +47,10 @@ def http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prompt-tokens-details", default=False,
                    action=argparse.BooleanOptionalAction,
                    help="usage.prompt_tokens_details.cached_tokens, as vLLM's flag")
+    p.add_argument("--enable-force-include-usage", default=False,
+                   action=argparse.BooleanOptionalAction,
+                   help="every stream carries usage, in each chunk and at the end, as "
+                        "vLLM's flag")
     p.add_argument("--enable-auto-tool-choice", default=False,
                    action=argparse.BooleanOptionalAction,
                    help='tool_choice "auto": the model\'s own tool calls, found by '

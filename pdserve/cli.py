@@ -202,6 +202,7 @@ def cmd_frontend(ns) -> int:
                          expose_routing=ns.expose_routing, max_body_bytes=ns.max_body_bytes,
                          max_inflight=ns.max_inflight, request_timeout_s=ns.request_timeout_s,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                         enable_force_include_usage=ns.enable_force_include_usage,
                          enable_auto_tool_choice=ns.enable_auto_tool_choice,
                          tool_call_parser=ns.tool_call_parser,
                          reasoning_parser=ns.reasoning_parser,

@@ -142,6 +142,7 @@ class FrontendConfig:
     max_inflight: int = 512           # 429 past this many generation requests in progress
     expose_routing: bool = False      # x-pdserve-route, kv_transfer in responses (debugging)
     enable_prompt_tokens_details: bool = False   # usage.prompt_tokens_details, as vLLM's flag
+    enable_force_include_usage: bool = False     # usage in every stream's chunks, as vLLM's flag
     enable_auto_tool_choice: bool = False   # tool_choice "auto" (frontend/tools.py), as vLLM
     tool_call_parser: str = ""              # vLLM's tool parser for "auto", by its name
     reasoning_parser: str = ""              # vLLM's reasoning parser (frontend/reasoning.py)

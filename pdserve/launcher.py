@@ -215,6 +215,7 @@ def cluster_credentials() -> dict[str, str | None]:
 def http_argv(ns) -> list[str]:
     argv = [f"--{f.replace('_', '-')}" for f in ("protect_metrics", "expose_routing",
                                                  "enable_prompt_tokens_details",
+                                                 "enable_force_include_usage",
                                                  "enable_auto_tool_choice",
                                                  "trust_request_chat_template")
             if getattr(ns, f)]

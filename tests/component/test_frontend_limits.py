@@ -122,3 +122,43 @@ async def test_starlettes_own_refusals_are_openai_errors_too():
                   await c.get("/v1/nothing-here"), await c.get("/v1/completions")):
             assert r.status_code in (400, 404, 405), r.text
             assert r.json()["error"]["message"] and r.headers["x-request-id"]
+
+
+class Three(Cluster):
+    async def generate(self, rid, model, ids, sp, timeout_s):
+        yield Chunk([7], "a")
+        yield Chunk([8, 9], "bc")
+        yield Chunk([10], "d", finish_reason="length")
+
+
+async def _usages(c, path: str, body: dict) -> list:
+    import json
+    out = []
+    async with c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]).get("usage"))
+    return out
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {**BODY, "max_tokens": 4}),
+    ("/v1/chat/completions", {"model": "m", "max_tokens": 4,
+                              "messages": [{"role": "user", "content": "hi"}]})])
+async def test_stream_usage_as_vllm_counts_it(path, body):
+    """vLLM's rules: usage at the end with include_usage; in every chunk too with
+    continuous_usage_stats (the choice's tokens so far); --enable-force-include-usage
+    both, for every stream."""
+    s = {**body, "stream": True}
+    async with client(app(Three())) as c:
+        assert set(await _usages(c, path, s)) == {None}
+        u = await _usages(c, path, {**s, "stream_options": {"include_usage": True}})
+        assert u[:-1] == [None] * (len(u) - 1) and u[-1]["completion_tokens"] == 4
+        u = await _usages(c, path, {**s, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}})
+        counts = [x["completion_tokens"] for x in u]
+        assert counts[-4:] == [1, 3, 4, 4] and all(x["prompt_tokens"] == 3 for x in u)
+    async with client(app(Three(), enable_force_include_usage=True)) as c:
+        u = await _usages(c, path, s)
+        assert [x["completion_tokens"] for x in u][-4:] == [1, 3, 4, 4]

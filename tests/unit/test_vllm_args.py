@@ -212,11 +212,12 @@ def test_chat_template_flags_reach_the_frontend_as_vllms():
     from pdserve.launcher import http_argv
 
     ns = parse_args(["serve", *M, "--chat-template", "{{ messages }}",
-                     "--trust-request-chat-template",
+                     "--trust-request-chat-template", "--enable-force-include-usage",
                      "--default-chat-template-kwargs", '{"enable_thinking": false}'])
     fe = parse_args(["frontend", *http_argv(ns)])
     assert fe.chat_template == "{{ messages }}" and fe.trust_request_chat_template
     assert fe.default_chat_template_kwargs == {"enable_thinking": False}
+    assert fe.enable_force_include_usage and not parse_args(["frontend"]).enable_force_include_usage
     assert not parse_args(["frontend"]).trust_request_chat_template     # off by default
     for bad in ("[1]", "not json"):
         with pytest.raises(SystemExit):
