@@ -164,7 +164,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             firsts = [await tok.run(tok.decode, ids[:1]) for ids in prompts]
         out = render.Reply(rid, int(time.time()), "/v1/completions", body, prompts, tok,
                            chat=False, details=cfg.enable_prompt_tokens_details, echo=echo,
-                           firsts=firsts)
+                           firsts=firsts, plp=jobs[0].sampling.HasField("prompt_logprobs"))
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
@@ -207,7 +207,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         out = render.Reply(rid, int(time.time()), "/v1/chat/completions", body, [ids], tok,
                            chat=True, details=cfg.enable_prompt_tokens_details,
                            tools=plan if plan.active else None, reasoning=think,
-                           echo=[echo] if echo and not plan.active else None)
+                           echo=[echo] if echo and not plan.active else None,
+                           plp=jobs[0].sampling.HasField("prompt_logprobs"))
         if body.stream:
             return await _stream(request, out, jobs)
         return await _unary(request, out, jobs)
@@ -251,7 +252,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
         # internal routing details only when the operator asked for them (--expose-routing)
         first = got[jobs[0].index]
         kv = render.kv_info(first[-1] if first else None) if cfg.expose_routing else None
-        if out.chat and out.body.prompt_logprobs is not None and first:
+        if out.chat and out.plp and first:
             resp["prompt_logprobs"] = render.prompt_logprobs(first[0].prompt_logprobs)
         if out.chat and out.body.return_token_ids:
             resp["prompt_token_ids"] = out.prompts[0]

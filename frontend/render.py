@@ -125,11 +125,14 @@ class Reply:
     def __init__(self, rid: str, created: int, endpoint: str, body, prompts: list[list[int]],
                  tok: Tokenizer, chat: bool, details: bool = False,
                  echo: list[str] | None = None, firsts: list[str] | None = None,
-                 tools: ToolPlan | None = None, reasoning: reasoning_.Plan | None = None
-                 ) -> None:
+                 tools: ToolPlan | None = None, reasoning: reasoning_.Plan | None = None,
+                 plp: bool = False) -> None:
+        """`plp`: the engines compute the prompt's logprobs (asked for, or echo with
+        logprobs): a whole answer carries them, as vLLM's does."""
         self.rid, self.created, self.endpoint, self.body = rid, created, endpoint, body
         self.prompts, self.tok, self.chat, self.details = prompts, tok, chat, details
         self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
+        self.plp = plp
         self.obj = "chat.completion" if chat else "text_completion"
         self.tools = tools                         # chat: the request's tool calls to make
         self.reasoning = reasoning                 # chat: the reasoning parser's plan
@@ -168,7 +171,7 @@ class Reply:
                  "stop_reason": why, **ids}
             if ids and prompt is not None:
                 c["prompt_token_ids"] = self.prompts[prompt]
-            if self.body.prompt_logprobs is not None and chunks:
+            if self.plp and not delta and chunks:
                 c["prompt_logprobs"] = prompt_logprobs(chunks[0].prompt_logprobs)
             return c
         out_ids = [t for c in chunks for t in c.token_ids]

@@ -312,6 +312,14 @@ def test_prompt_logprobs_and_echo_logprobs_equal_vllms_server(cluster, vllm_api)
     assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
     assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], rel=1e-3,
                                                     abs=1e-3)
+    # ... and the prompt's logprobs it asked for that way, as vLLM's choice carries them
+    a, b = ours["choices"][0]["prompt_logprobs"], theirs["choices"][0]["prompt_logprobs"]
+    assert len(a) == len(b) > 1 and a[1].keys() == b[1].keys()
+    # chat with echo: the prompt's logprobs at the top, as vLLM's answer carries them
+    ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
+                        {"messages": [{"role": "user", "content": P1}], "max_tokens": 1,
+                         "temperature": 0, "echo": True})
+    assert len(ours["prompt_logprobs"]) == len(theirs["prompt_logprobs"]) > 1
 
 
 def _near(a: float, b: float) -> bool:
