@@ -238,7 +238,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             timings[job.index].done()
             text = "".join(c.text for c in chunks)
             if out.echo is not None:
-                text = out.echo[job.prompt] + text
+                text = out.echo[job.prompt] + ("" if out.echo_only else text)
             cs.append(out.choice(job.index, text, chunks,
                                  chunks[-1].finish_reason if chunks else "stop",
                                  echo_of=job.prompt if out.echo is not None else None,
@@ -364,6 +364,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
                     echo_of = None
                     head = job.index not in started     # the choice's first chunk
                     started.add(job.index)
+                    if out.echo_only:
+                        text = ""
                     if out.echo is not None and head:
                         text = out.echo[job.prompt] + text
                         echo_of = job.prompt

@@ -109,9 +109,6 @@ class _Pdserve(_Guarded):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("Stream options can only be defined when `stream=True`.",
                                  param="stream_options")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}",
-                                 param="max_tokens")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         _count("stop", stops, MAX_STOPS, MAX_STOP_CHARS)
         if any(not s for s in stops or ()):
@@ -197,7 +194,12 @@ class _Pdserve(_Guarded):
 
 class CompletionRequest(_Pdserve, VllmCompletion):
     """vLLM's completion request. `echo` with `logprobs` returns the prompt's logprobs
-    ahead of the output's, as vLLM and lm-eval's loglikelihood tasks expect."""
+    ahead of the output's, as vLLM and lm-eval's loglikelihood tasks expect; with
+    `max_tokens: 0` the prompt alone (vLLM computes one token and shows none)."""
+
+    @property
+    def echo_only(self) -> bool:
+        return bool(self.echo) and self.max_tokens == 0
 
     def check(self) -> None:
         self.check_common()

@@ -133,6 +133,7 @@ class Reply:
         self.prompts, self.tok, self.chat, self.details = prompts, tok, chat, details
         self.echo, self.firsts = echo, firsts      # echo: each prompt's text, its first token's
         self.plp = plp
+        self.echo_only = bool(getattr(body, "echo_only", False))
         self.obj = "chat.completion" if chat else "text_completion"
         self.tools = tools                         # chat: the request's tool calls to make
         self.reasoning = reasoning                 # chat: the reasoning parser's plan
@@ -154,7 +155,8 @@ class Reply:
         if prompt is not None and self.firsts is not None and chunks:
             head = (_name(self.prompts[prompt][0], self.firsts[prompt], by_id),
                     chunks[0].prompt_logprobs)
-        return cmpl_logprobs(chunks, offset, head, by_id)
+        # echo with max_tokens 0: the prompt's alone (vLLM's one computed token unseen)
+        return cmpl_logprobs([] if self.echo_only else chunks, offset, head, by_id)
 
     def choice(self, index: int, text: str, chunks: list[Chunk], finish, offset: int = 0,
                delta: bool = False, echo_of: int | None = None,

@@ -315,6 +315,21 @@ def test_prompt_logprobs_and_echo_logprobs_equal_vllms_server(cluster, vllm_api)
     # ... and the prompt's logprobs it asked for that way, as vLLM's choice carries them
     a, b = ours["choices"][0]["prompt_logprobs"], theirs["choices"][0]["prompt_logprobs"]
     assert len(a) == len(b) > 1 and a[1].keys() == b[1].keys()
+    # max_tokens 0: the prompt alone, with its logprobs (vLLM computes one token, unseen)
+    for stream in (False, True):
+        req = {"prompt": P1, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 1}
+        if stream:
+            got = [_streamed(url, "/v1/completions", cluster.model_name,
+                             {**req, "stream": True}) for url in (cluster.url, vllm_api)]
+            assert got[0]["choices"][0]["text"] == got[1]["choices"][0]["text"] == P1
+            continue
+        ours, theirs = both(cluster, vllm_api, "/v1/completions", req)
+        assert texts(ours) == texts(theirs) == [P1]
+        a, b = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+        assert a["tokens"] == b["tokens"] and len(a["tokens"]) > 1
+        for k in ("prompt_tokens", "completion_tokens"):
+            assert ours["usage"][k] == theirs["usage"][k], k
+        assert ours["choices"][0]["finish_reason"] == theirs["choices"][0]["finish_reason"]
     # chat with echo: the prompt's logprobs at the top, as vLLM's answer carries them
     ours, theirs = both(cluster, vllm_api, "/v1/chat/completions",
                         {"messages": [{"role": "user", "content": P1}], "max_tokens": 1,

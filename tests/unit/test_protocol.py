@@ -80,7 +80,7 @@ def test_vllms_own_checks_refuse_at_parse(kw):
 
 
 @pytest.mark.parametrize("kw", [
-    {"best_of": 3}, {"best_of": 3, "n": 2}, {"max_tokens": 0}, {"max_tokens": -5},
+    {"best_of": 3}, {"best_of": 3, "n": 2},
     {"top_k": 2**31}, {"top_k": -2}, {"stop_token_ids": [2**32]}, {"stop_token_ids": [-1]},
     {"stop_token_ids": list(range(65))}, {"min_tokens": 2**40},
     {"stop": "x" * 5000}, {"stop": [""]}, {"bad_words": ["x"] * 129},
@@ -101,7 +101,8 @@ def test_pdserves_bounds_refuse_at_check(kw):
     ({"temperature": 3.0}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"min_p": 1.5}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"), ({"n": 0}, "n"),
-    ({"logit_bias": {"x": 1.0}}, "logit_bias")])
+    ({"logit_bias": {"x": 1.0}}, "logit_bias"), ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -5}, "max_tokens")])
 def test_vllms_sampling_checks_are_400s(kw, param):
     r = cmpl(**kw)
     r.check()
@@ -141,6 +142,10 @@ def test_echo_with_logprobs_asks_for_the_prompts_logprobs():
     assert cmpl(logprobs=2).sampling(4, {}).prompt_logprobs is None
     assert cmpl(prompt_logprobs=0).sampling(4, {}).prompt_logprobs == 0
     cmpl(n=3, best_of=3, echo=True).check()
+    r = cmpl(echo=True, max_tokens=0, logprobs=1)      # the prompt alone, as vLLM
+    r.check()
+    assert r.echo_only and r.sampling(0, {}).max_tokens == 1
+    assert not cmpl(echo=True).echo_only and not cmpl(max_tokens=0).echo_only
 
 
 def test_chat_template_options_are_checked_as_vllm_checks_them():
