@@ -9,6 +9,7 @@ period is killed by process group.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -94,7 +95,9 @@ def _wait_healthy(url: str, timeout: float, children: list[Child], n_prefill: in
                 if (r.status == 200 and body.get("prefill_workers", 0) >= n_prefill
                         and body.get("decode_workers", 0) >= n_decode):
                     return True
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
+            # not up yet, or something else answers on the port (a process that bound it
+            # first: the frontend then fails to bind, and exits, which ends this wait)
             pass
         time.sleep(0.5)
     return False

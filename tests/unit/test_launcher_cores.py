@@ -119,3 +119,37 @@ def test_only_a_process_own_command_line_names_vllms_log_prefix(monkeypatch):
     assert "VLLM_LOGGING_PREFIX" not in os.environ
     parse_args(argv, own=True)
     assert os.environ["VLLM_LOGGING_PREFIX"] == "[decode-decode-3] "
+
+
+def test_something_else_on_the_frontends_port_is_not_healthy():
+    """A process that bound the frontend's port first (a worker's gRPC server on port 0
+    can get the number) answers /health with bytes that are not HTTP: the launcher's
+    wait treats it as not up, and ends when a child exits, instead of crashing."""
+    import socket
+    import threading
+
+    from pdserve.launcher import _wait_healthy
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def answer():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00")    # an HTTP/2 frame
+            conn.close()
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+
+    class Child:
+        def __init__(self):
+            self.calls = 0
+
+        def alive(self):
+            self.calls += 1
+            return self.calls < 3       # the frontend fails to bind and exits
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/health"
+    assert _wait_healthy(url, 10, [Child()], 1, 1) is False
+    srv.close()
