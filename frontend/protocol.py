@@ -62,6 +62,11 @@ def _count(name: str, items, most: int, longest: int | None = None) -> None:
         raise InvalidRequest(f"{name}: each at most {longest} characters", param=name)
 
 
+def tools_json(tools) -> list[dict] | None:
+    """vLLM's tool definitions as the chat template and the tool plan take them."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 def _range(name: str, v: int | None, lo: int, hi: int) -> None:
     if v is not None and not lo <= v <= hi:
         raise InvalidRequest(f"{name} must be from {lo} to {hi}, got {v}", param=name)
@@ -109,9 +114,8 @@ class _Pdserve(_Guarded):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("Stream options can only be defined when `stream=True`.",
                                  param="stream_options")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        _count("stop", stops, MAX_STOPS, MAX_STOP_CHARS)
-        if any(not s for s in stops or ()):
+        _count("stop", self.stop_list, MAX_STOPS, MAX_STOP_CHARS)
+        if any(not s for s in self.stop_list):
             raise InvalidRequest("stop strings must be non-empty", param="stop")
         _count("stop_token_ids", self.stop_token_ids, MAX_STOPS)
         _count("bad_words", self.bad_words, MAX_BAD_WORDS, MAX_BAD_WORD_CHARS)
@@ -238,7 +242,7 @@ class ChatRequest(_Pdserve, ChatCompletionRequest):
         """chat_template_kwargs with what the request's own fields add, as vLLM merges
         them: reasoning_effort, and enable_thinking from it unless the client set that."""
         out = dict(self.chat_template_kwargs or {})
-        effort = getattr(self, "reasoning_effort", None)
+        effort = self.reasoning_effort
         if effort is not None:
             out.setdefault("enable_thinking", effort != "none")
             out["reasoning_effort"] = effort
@@ -258,9 +262,6 @@ class ChatRequest(_Pdserve, ChatCompletionRequest):
         _count("documents", self.documents, MAX_TOOLS)
         _count("tools", self.tools, MAX_TOOLS)
         _range("top_logprobs", self.top_logprobs, 0, MAX_LOGPROBS)
-        if self.top_logprobs and not self.logprobs:
-            raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
-                                 param="top_logprobs")
         if self.tools and len(json.dumps(self.tools_json())) > MAX_SCHEMA_CHARS:
             raise InvalidRequest(f"the tools' schemas are over {MAX_SCHEMA_CHARS} characters",
                                  param="tools")
@@ -269,7 +270,7 @@ class ChatRequest(_Pdserve, ChatCompletionRequest):
             raise InvalidRequest("tool names must be unique", param="tools")
 
     def tools_json(self) -> list[dict] | None:
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        return tools_json(self.tools)
 
     def tool_choice_json(self) -> Any:
         tc = self.tool_choice

@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 import pdserve
 from frontend.protocol import (DetokenizeRequest, TokenizePrompt, TokenizeRequest,
-                               check_model)
+                               check_model, tools_json)
 from frontend.tokens import ChatOptions, check_ids
 
 
@@ -42,10 +42,9 @@ def install(app: FastAPI, cfg, state: dict, health) -> None:
         if isinstance(body, TokenizePrompt):
             ids = await tok.encode_async(body.prompt, most, body.add_special_tokens)
         else:
-            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             ids = await tok.chat_async([m.for_template() for m in body.messages], most,
                                        body.add_generation_prompt, body.add_special_tokens,
-                                       tools=tools,
+                                       tools=tools_json(body.tools),
                                        opts=ChatOptions(body.continue_final_message, None,
                                                         body.chat_template_kwargs,
                                                         body.chat_template))
