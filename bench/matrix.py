@@ -30,6 +30,9 @@ best peer's, the targets (at least as many requests within SLOs as the best peer
 cell: the same requests at the same times; 1.5x the best peer's peak
 where a peer's TPOT p99 breaks the SLO; TPOT p99 of pdserve's locally prefilled requests
 within the SLO) and the latency model's median absolute error of TTFT and TPOT per mix.
+After its sweeps each setup serves --ceiling-requests of each mix all at once: the
+requests per second its engines complete saturated, an upper bound on its goodput at any
+rate, printed against the 1.5x-peak target.
 """
 
 from __future__ import annotations
@@ -103,13 +106,15 @@ async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
     return cals
 
 
-def run_matrix(ns) -> tuple[dict, dict]:
-    """{mix: {setup: runs}}, {mix: calibration}."""
+def run_matrix(ns) -> tuple[dict, dict, dict]:
+    """{mix: {setup: runs}}, {mix: calibration}, {mix: {setup: summary of the ceiling
+    run}}."""
     from bench.serve import sweep
 
     mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
     setups = ns.setup_list
     results: dict[str, dict[str, list]] = {m: {} for m in mixes}
+    ceilings: dict[str, dict[str, dict]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
 
     def body_for(setup: str):
@@ -123,6 +128,13 @@ def run_matrix(ns) -> tuple[dict, dict]:
             for i, mix in enumerate(mixes):
                 results[mix][setup] = asyncio.run(sweep(url, mix_ns(ns, mix, cals[mix], i),
                                                         f"{setup} {mix}"))
+            for i, mix in enumerate(mixes if ns.ceiling_requests > 0 else []):
+                # the setup's throughput with its engines saturated: every request at once,
+                # prompts of their own
+                m = mix_ns(ns, mix, cals[mix], i)
+                m.rates, m.num_requests, m.seed = "inf", ns.ceiling_requests, m.seed + 50_000
+                runs = asyncio.run(sweep(url, m, f"{setup} {mix} ceiling"))
+                ceilings[mix][setup] = runs[0]["summary"]
         return body
 
     if setups and setups[0].startswith(C.OURS):
@@ -133,8 +145,8 @@ def run_matrix(ns) -> tuple[dict, dict]:
         if ns.out:      # what is measured so far survives a later failure
             Path(f"{ns.out}.partial").parent.mkdir(parents=True, exist_ok=True)
             Path(f"{ns.out}.partial").write_text(json.dumps(
-                {"calibration": cals, "results": results}))
-    return results, cals
+                {"calibration": cals, "results": results, "ceilings": ceilings}))
+    return results, cals, ceilings
 
 
 # ---------------------------------------------------------------------- report (pure)
@@ -145,8 +157,28 @@ def _local_tpot_p99(runs: list[dict]) -> float:
     return percentile(xs, 99) * 1e3 if xs else math.nan
 
 
-def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS) -> tuple[str,
-                                                                                          dict]:
+def ceiling_lines(ceil: dict[str, dict], best_peak: float) -> tuple[list[str], dict]:
+    """What the engines can complete at all: each setup's requests per second with every
+    request sent at once (no SLO), against the 1.5x-peak target. Goodput at any rate is
+    at most that, so a target above every setup's ceiling is out of reach on this hardware,
+    whatever the placement. Pure."""
+    if not ceil:
+        return [], {}
+    caps = {s: c["request_throughput"] for s, c in ceil.items()}
+    need = 1.5 * best_peak
+    top = max(caps, key=lambda s: caps[s])
+    reachable = not need > caps[top]
+    return ["  ceiling, every request at once (completed req/s): "
+            + ", ".join(f"{s} {v:.3f}" for s, v in caps.items())
+            + f"; 1.5x the best peer's peak is {need:.3f} req/s, "
+            + (f"within {top}'s ceiling" if reachable else
+               f"{need / caps[top]:.2f}x the highest ceiling ({top}): out of reach on these "
+               "engines")], {"ceiling": caps, "ceiling_needed": need,
+                             "peak_target_reachable": reachable}
+
+
+def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
+               ceil: dict[str, dict] | None = None) -> tuple[str, dict]:
     lines = [f"=== mix {mix}: input {MIXES[mix][0]}, output {MIXES[mix][1]}; SLO TTFT "
              f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms", C.table(res)]
     peers = [s for s in res if not s.startswith(C.OURS)]
@@ -195,6 +227,9 @@ def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS) ->
                      f"peer's peak (a peer's TPOT p99 breaks the SLO): {pr:.2f}x")
     else:
         lines.append(f"  [n/a ] no peer's TPOT p99 breaks the SLO; peak ratio {pr:.2f}x")
+    more, cap = ceiling_lines(ceil or {}, best_peak)
+    lines += more
+    out.update(cap)
     lines.append(f"  [{'MET ' if not local_p99 > cal['tpot_ms'] else 'MISSED'}] TPOT p99 of "
                  f"locally prefilled requests within the SLO: {C._cell(local_p99, '.1f')} ms")
     ok_err = all(not v > 0.2 for v in med.values())
@@ -216,6 +251,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tpot-scale", type=float, default=1.5)
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
     ap.add_argument("--calibration-requests", type=int, default=4)
+    ap.add_argument("--ceiling-requests", type=int, default=24,
+                    help="after its sweeps, each setup serves this many requests of each "
+                         "mix all at once: the throughput its engines reach saturated (0: "
+                         "skip)")
     add_workload_args(ap)
     ap.set_defaults(num_requests=8, input="fixed:128", output="fixed:8")
     ns = C.finish_args(ap.parse_args(argv))
@@ -223,11 +262,11 @@ def main(argv=None) -> int:
     for m in ns.mixes.split(","):
         if m.strip() and m.strip() not in MIXES:
             ap.error(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
-    results, cals = run_matrix(ns)
+    results, cals, ceilings = run_matrix(ns)
     texts, summary = [], []
     for mix, res in results.items():
         for ours in [s for s in res if s.startswith(C.OURS)]:
-            text, out = mix_report(mix, res, cals[mix], ours)
+            text, out = mix_report(mix, res, cals[mix], ours, ceilings.get(mix))
             texts.append(text)
             summary.append(out)
     print("\n\n".join(texts), flush=True)
@@ -235,6 +274,7 @@ def main(argv=None) -> int:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
                                             "calibration": cals, "summary": summary,
+                                            "ceilings": ceilings,
                                             "report": "\n\n".join(texts),
                                             "results": results}, indent=1))
     if ns.plot:

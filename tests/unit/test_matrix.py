@@ -104,3 +104,18 @@ def test_a_variant_of_ours_is_reported_against_the_peers_and_is_never_a_peer():
     assert out["setup"] == "pdserve-mixed" and out["cells"][0]["best"] == "vllm-2x"
     assert out["cells"][0]["ratio"] == pytest.approx(2.0) and out["every_cell"]
     assert "pdserve-mixed" in text
+
+
+def test_the_ceiling_says_whether_the_peak_target_is_within_reach():
+    res = {"vllm-2x": [run(0.1, 0.10, 90), run(0.2, 0.15, 200)],
+           "pdserve": [run(0.1, 0.10, 50), run(0.2, 0.18, 60)]}
+    cal = {"ttft_ms": 3000, "tpot_ms": 100}
+    ceil = {"vllm-2x": {"request_throughput": 0.19}, "pdserve": {"request_throughput": 0.20}}
+    text, out = MX.mix_report("prefill", res, cal, ceil=ceil)
+    assert out["ceiling_needed"] == pytest.approx(0.225)       # 1.5 x the peer's 0.15
+    assert not out["peak_target_reachable"] and "out of reach" in text
+    assert out["ceiling"] == {"vllm-2x": 0.19, "pdserve": 0.20}
+    ceil["pdserve"]["request_throughput"] = 0.3
+    text, out = MX.mix_report("prefill", res, cal, ceil=ceil)
+    assert out["peak_target_reachable"] and "within pdserve's ceiling" in text
+    assert "ceiling" not in MX.mix_report("prefill", res, cal)[1]    # none measured
