@@ -84,6 +84,10 @@ class Node:
     # TPOT (a share of it): the model's own recent error
     tpot_under: float = 0.0
     transfer_mid_s: float = 0.0  # the handoff at its recent median (0: not known yet)
+    # a first token's fixed way to the client beyond this worker's engine steps (HTTP,
+    # routing, RPCs), learned: a remote prefill's here, and a local one's
+    first_over_s: float = 0.0
+    local_first_over_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     `d` ran) and the kept one is predicted to meet both: where TPOT is met with room, a
     later first token would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
-    ttft = p.backlog_s + t
+    ttft = p.backlog_s + t + p.first_over_s
     step = tpot_on(d, tokens, out, slo)       # the stream's own; the handoff spreads on it
     per = max(1, out - 1)
     tpot = step + d.transfer_s / per
@@ -272,7 +276,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     t, chunk = prefill_on(d, tokens, slo, local=True)
-    ttft = d.backlog_s + t
+    ttft = d.backlog_s + t + d.local_first_over_s
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
     running = Sweep(d.streams_at).at(0.0)[0] if d.streams_at else d.streams

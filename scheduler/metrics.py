@@ -39,7 +39,9 @@ SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")
 SCHED_PRED_ERROR = Histogram("pdserve_scheduler_prediction_error",
                              "Latency model: (predicted - measured) / measured per request, "
-                             "for ttft and tpot", ["kind"],
+                             "for ttft and tpot; a kept first token's ttft also in its two "
+                             "parts, ready (the prefill worker computed it) and handoff",
+                             ["kind"],
                              buckets=(-1, -0.5, -0.3, -0.2, -0.1, -0.05, 0, 0.05, 0.1, 0.2,
                                       0.3, 0.5, 1, 2, 5))
 SCHED_PREDICTED = Histogram("pdserve_scheduler_predicted_seconds",

@@ -114,6 +114,9 @@ class Decision:
     chunk_tokens: int = 0
     out_tokens: int = 0           # the request's max_tokens (0: not said)
     hold_first: bool = False      # the frontend keeps the first token for the stream
+    pred_handoff_s: float = 0.0   # of pred_ttft_s, the kept first token's handoff
+    decode_streams: int = -1      # streams on the decode worker when chosen (-1: not known)
+    pred_first_over_s: float = 0.0   # of pred_ttft_s, the learned fixed part (first_over_s)
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:

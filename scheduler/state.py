@@ -101,6 +101,9 @@ class Booking:
     out_tokens: int = 0           # the request's max_tokens (0: not said)
     decode_start: float = 0.0     # when its prefill was reported done
     held_s: float = 0.0           # how long the scheduler held it before booking
+    pred_handoff_s: float = 0.0   # of pred_ttft_s, the kept first token's handoff
+    decode_streams: int = -1      # streams on the decode worker when chosen (-1: not known)
+    pred_first_over_s: float = 0.0   # of pred_ttft_s, the learned fixed part (first_over_s)
 
 
 class NoPlacement(Exception):
@@ -206,7 +209,8 @@ class Registry:
         b = Booking(f"b{next(self._ids)}", d.prefill, d.decode, d.prefill_tokens, d.blocks, now,
                     prompt_tokens=d.prompt_tokens, prefill_s=d.prefill_s,
                     pred_ttft_s=d.pred_ttft_s, pred_tpot_s=d.pred_tpot_s,
-                    out_tokens=d.out_tokens)
+                    out_tokens=d.out_tokens, pred_handoff_s=d.pred_handoff_s,
+                    decode_streams=d.decode_streams, pred_first_over_s=d.pred_first_over_s)
         self.route_seq += 1
         if b.prefill is not None:
             p = self.workers[b.prefill]
@@ -363,6 +367,11 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     return replace(d, out_tokens=max_tokens, hold_first=held)
 
 
+def _streams(w: Worker) -> int:
+    """Decode sequences running on `w` or booked to start there."""
+    return max(w.step_decode_seqs, w.booked_streams)
+
+
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
           timelines: dict[str, tuple], transfer_s: float = 0.0,
           tail_s: float | None = 0.0, under: float = 0.0,
@@ -371,14 +380,15 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     if coef is None:
         return None
     decodes = w.can("decode")          # a role that prefills locally decodes too
-    streams = max(w.step_decode_seqs, w.booked_streams) if decodes else 0
+    streams = _streams(w) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
                   book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline, tail_s,
-                  under, mid_s)
+                  under, mid_s, book.first_over_s(w.worker_id, "remote"),
+                  book.first_over_s(w.worker_id, "local"))
 
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
@@ -394,7 +404,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
         pn.append(n)
     for d in decodes:
         fit = book.transfer_s(d.worker_id, d.kv_bytes_per_token * num_tokens)
-        over, mid = book.handoff_over_s(d.worker_id), book.handoff_over_s(d.worker_id, 50)
+        s = _streams(d)
+        over, mid = book.handoff_over_s(d.worker_id, streams=s), \
+            book.handoff_over_s(d.worker_id, 50, streams=s)
         n = _node(reg, book, d, cached.get(d.worker_id, 0), now, timelines, fit,
                   None if over is None else fit + over, book.tpot_under(d.worker_id),
                   0.0 if mid is None else fit + mid)
@@ -416,4 +428,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
                     pred_tpot_s=best.tpot_s,
                     runner_up=opts[1].describe() if len(opts) > 1 else "",
-                    chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold)
+                    chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold,
+                    pred_handoff_s=best.ttft_s - best.first_s if best.hold else 0.0,
+                    decode_streams=next(n.streams for n in dn if n.worker_id == best.decode),
+                    pred_first_over_s=next(
+                        (n.local_first_over_s if local else n.first_over_s)
+                        for n in (dn if local else pn) if n.worker_id == best.prefill))

@@ -432,3 +432,33 @@ async def test_a_clean_stop_ends_open_kv_event_streams_without_an_error(caplog):
     await ch.close()
     assert ack.batches == 1
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_kept_first_tokens_report_splits_its_ttft_and_teaches_the_handoff(held_sched):
+    """A remote prefill whose first token waits for the stream: its report's TTFT is
+    scored in two parts (the prefill worker's, and the handoff), and the handoff is learned
+    for as many streams as the decode engine ran when the request was placed."""
+    from scheduler import metrics as SM
+    from scheduler.models import load_bucket
+
+    def count(kind):
+        return sum(s.value for m in SM.SCHED_PRED_ERROR.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels["kind"] == kind)
+    sched, svc = held_sched
+    route = await one_busy_prefill_worker(sched)
+    svc.reg.workers["d"].kv_bytes_per_token = 20_000    # (its layout's, in a real worker)
+    r = await route(0)
+    assert r.mode == pd_pb2.ROUTE_MODE_DISAGG and r.hold_first_token
+    b = svc.reg.bookings[r.booking_id]
+    assert 0 < b.pred_handoff_s < b.pred_ttft_s and b.decode_streams >= 0
+    before = count("ready"), count("handoff")
+    await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
+                                            phase=pd_pb2.PHASE_PREFILL_DONE))
+    await sched.Report(pd_pb2.ReportRequest(
+        booking_id=r.booking_id, phase=pd_pb2.PHASE_DONE, ttft_ms=3800, first_held_ms=120,
+        first_gap_ms=120, tpot_ms=30, output_tokens=8))
+    assert (count("ready"), count("handoff")) == (before[0] + 1, before[1] + 1)
+    assert len(svc.book.overs_at[("d", load_bucket(b.decode_streams))]) == 1
+    # the prefill worker's first tokens: 3.68 s measured until it computed this one
+    ready = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
+    assert list(svc.book.firsts[("p", "remote")]) == [pytest.approx(3.68 - ready)]

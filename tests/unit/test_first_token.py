@@ -10,7 +10,7 @@ import pytest
 from frontend.client import Chunk, _kept_first
 from pdserve.latency import Coef
 from scheduler import adaptive as A
-from scheduler.models import TAIL_MIN, LatencyBook, handoff_s
+from scheduler.models import TAIL_MIN, LatencyBook, handoff_s, load_bucket
 
 CPU = Coef(step=0.045, prefill_ktok=2.0, decode_seq=0.002)
 SLO = A.SLO(ttft_s=4.0, tpot_s=0.064, first_token="adaptive")   # the rule under test
@@ -195,3 +195,46 @@ def test_a_kept_first_token_waits_for_the_typical_handoff():
     assert mid.ttft_s == pytest.approx(base.ttft_s + 0.07)
     assert A.remote(p, dataclasses.replace(d, transfer_mid_s=0.01), 500, 8, ws).ttft_s \
         == pytest.approx(base.ttft_s)                   # never under the fit
+
+
+def test_the_handoff_is_learned_by_how_many_streams_the_decode_engine_ran():
+    """Handoffs placed beside more streams wait longer (the step in progress is longer):
+    each doubling bucket of streams has its own, once it has TAIL_MIN of them; until then,
+    and for a bucket never seen, all of the worker's."""
+    assert [load_bucket(s) for s in (0, 1, 2, 3, 4, 7, 8, 200)] == [0, 1, 2, 2, 3, 3, 4, 8]
+    b = LatencyBook()
+    for i in range(40):
+        b.observe_transfer("d", 10**6, 0.02)
+        b.observe_handoff("d", 10**6, 0.07 if i % 2 else 0.17, streams=0 if i % 2 else 3)
+    idle, busy = b.handoff_over_s("d", 50, streams=0), b.handoff_over_s("d", 50, streams=2)
+    assert idle == pytest.approx(0.05, abs=0.005) and busy == pytest.approx(0.15, abs=0.005)
+    assert b.handoff_over_s("d", 50, streams=16) == b.handoff_over_s("d", 50)   # unseen
+    b.observe_handoff("d", 10**6, 0.5, streams=16)
+    assert b.handoff_over_s("d", 50, streams=16) == b.handoff_over_s("d", 50)   # too few
+    b.forget("d")
+    assert b.handoff_over_s("d", 50, streams=0) is None and not b.overs_at
+
+
+def test_a_first_tokens_fixed_way_to_the_client_is_learned_per_worker_and_kind():
+    """What no engine step holds (HTTP, tokenizing, routing, the RPCs): the median of how
+    much later than predicted recent first tokens arrived, per worker, for remote and local
+    prefills apart; nothing until TAIL_MIN of them, never below 0; and it is part of each
+    option's TTFT."""
+    b = LatencyBook()
+    for _ in range(TAIL_MIN - 1):
+        b.observe_first("p", "remote", 0.02)
+    assert b.first_over_s("p", "remote") == 0.0
+    for i in range(9):
+        b.observe_first("p", "remote", 0.5 if i == 0 else 0.02)    # one outlier
+        b.observe_first("d", "local", -0.03)                        # the model ran high
+    assert b.first_over_s("p", "remote") == pytest.approx(0.02)
+    assert b.first_over_s("p", "local") == 0.0 and b.first_over_s("d", "local") == 0.0
+    b.forget("p")
+    assert b.first_over_s("p", "remote") == 0.0
+    p, d = A.Node("p", CPU), A.Node("d", CPU)
+    early = dataclasses.replace(SLO, first_token="early")
+    base, here = A.remote(p, d, 50, 8, early), A.remote(
+        dataclasses.replace(p, first_over_s=0.03), d, 50, 8, early)
+    assert here.ttft_s == pytest.approx(base.ttft_s + 0.03)
+    assert A.local(dataclasses.replace(d, local_first_over_s=0.04), 50, 8, SLO).ttft_s \
+        == pytest.approx(A.local(d, 50, 8, SLO).ttft_s + 0.04)
