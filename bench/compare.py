@@ -13,7 +13,8 @@ Setups (`--setups`, comma list; all but vllm-2x-chunked by default):
                   chunks: TPOT protected at some TTFT cost)
   vllm-nixl-pd    vLLM's own NixlConnector: prefill server on core 0, decode server on core 1,
                   and the minimal P/D proxy (bench/proxy.py)
-  pdserve         ours, `pdserve serve`: 1 prefill (core 0) / 1 decode (core 1)
+  pdserve         ours, `pdserve serve`: 1 prefill (core 0) / 1 decode (core 1); or the
+                  one already serving at --pdserve-url
 
 Every vLLM server runs with the same engine settings as ours (bf16, eager, block 128, max
 seqs, batched tokens, an explicit KV cache size), its threads bound by
@@ -165,6 +166,9 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
         url = proxy(procs, "proxy-pd", ["--mode", "pd", "--prefill", p, "--decode", d])
         wait_ready(url, procs)
         return url
+    if setup == OURS and getattr(ns, "pdserve_url", ""):
+        wait_ready(ns.pdserve_url, procs)     # one already serving: measured, not started
+        return ns.pdserve_url
     if setup == OURS or setup in ns.variants:
         port, sport = free_port(), free_port()
         procs.start("pdserve", [
@@ -349,6 +353,10 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--baseline-quiet-wait", action="store_true",
                     help="give vLLM's servers pdserve's quiet-wait plugin too")
+    ap.add_argument("--pdserve-url", default="",
+                    help="measure the pdserve already serving at this URL (a deployment on "
+                         "these cores) instead of starting one; --pdserve-arg does not "
+                         "reach it")
     ap.add_argument("--pdserve-arg", action="append", default=[],
                     help="extra `pdserve serve` argument (repeat; use --pdserve-arg=--flag)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",

@@ -120,6 +120,10 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
     def body_for(setup: str):
         def body(url: str):
             if not cals:
+                if getattr(ns, "pdserve_url", ""):
+                    print(f"note: the pdserve at {ns.pdserve_url} keeps its own SLOs; the "
+                          "calibrated ones below reach only a pdserve the matrix starts",
+                          file=sys.stderr, flush=True)
                 cals.update(asyncio.run(_calibrate(url, ns, mixes)))
                 slo = next(iter(cals.values()))
                 # pdserve is told the SLOs, as a user states them once

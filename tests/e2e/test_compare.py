@@ -1,9 +1,9 @@
 """The comparison command on a small real run: two setups (vLLM's NixlConnector P/D behind
-the P/D proxy, and ours) start, serve the same workload, and stop without leaving a process
-behind; vLLM's own `vllm bench serve` agrees with our client against our frontend. (The
-replica setups start the same stock vLLM servers, and their least-outstanding proxy is
-tested against fake backends in tests/component/test_bench_proxy.py: left out to keep the
-suite short.)"""
+the P/D proxy, started and stopped by the command without leaving a process behind, and
+ours: the suite's shared cluster, named by --pdserve-url) serve the same workload; vLLM's
+own `vllm bench serve` agrees with our client against our frontend. (The replica setups
+start the same stock vLLM servers, and their least-outstanding proxy is tested against
+fake backends in tests/component/test_bench_proxy.py: left out to keep the suite short.)"""
 
 import json
 import subprocess
@@ -28,12 +28,12 @@ def _live(pids: list[int]) -> list[int]:
 
 
 @pytest.mark.slow
-def test_compare_two_setups_small_run(tiny_model, tmp_path):
+def test_compare_two_setups_small_run(cluster, tiny_model, tmp_path):
     before = set(int(p) for p in subprocess.run(["pgrep", "-f", "api_server|bench.proxy"],
                                                  capture_output=True, text=True).stdout.split())
     out = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--model", tiny_model, "--rates", "3",
-         "--setups", "vllm-nixl-pd,pdserve",
+         "--setups", "vllm-nixl-pd,pdserve", "--pdserve-url", cluster.url,
          "--num-requests", "3", "--input", "mix:0.34:300:60", "--output", "fixed:6",
          "--vocab", "900", "--warmup", "1", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500",
          "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "c.json"),
