@@ -26,7 +26,8 @@ from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
 from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex
-from scheduler.models import RECENT_S, LatencyBook, handoff_s
+from scheduler.feedback import learn_from_report
+from scheduler.models import RECENT_S, LatencyBook
 from scheduler import messages as MSG
 from scheduler.messages import MODE_PB, ROLE, ROLE_PB
 from scheduler.planner import SlidingWindow
@@ -389,7 +390,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         now = self.clock()
         b = self.reg.bookings.get(request.booking_id)
         if b is not None:
-            self._observe_report(b, request)
+            learn_from_report(self.book, b, request, self.reg.workers.get(b.decode))
             if request.phase == pd_pb2.PHASE_PREFILL_DONE and not b.prefill_done:
                 # booked (or held) until computed: the prefill side's latency, without
                 # what a kept first token waits for on the decode side
@@ -411,46 +412,6 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self._settle(now)
         self.gate.notify()
         return pd_pb2.ReportResponse(known=known)
-
-    def _observe_report(self, b, r) -> None:
-        """Measured against predicted (the model's error), and KV transfer samples."""
-        if r.ttft_ms > 0 and b.pred_ttft_s > 0:
-            SM.SCHED_PRED_ERROR.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
-        if r.tpot_ms > 0 and b.pred_tpot_s > 0:
-            SM.SCHED_PRED_ERROR.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
-        ready_ms = r.ttft_ms - r.first_held_ms     # until the prefilling worker computed it
-        if ready_ms > 0 and b.pred_ttft_s > 0:
-            raw = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
-            self.book.observe_first(b.prefill or b.decode,
-                                    "remote" if b.prefill is not None else "local",
-                                    ready_ms / 1e3 - raw)
-        if r.ttft_ms > r.first_held_ms > 0 and b.pred_ttft_s > b.pred_handoff_s > 0:
-            # a kept first token: its TTFT in two parts, until the prefill worker computed
-            # it (`ready`) and the handoff to the decode engine's first token
-            ready = b.pred_ttft_s - b.pred_handoff_s
-            SM.SCHED_PRED_ERROR.labels("ready").observe(
-                ready * 1e3 / (r.ttft_ms - r.first_held_ms) - 1)
-            SM.SCHED_PRED_ERROR.labels("handoff").observe(
-                b.pred_handoff_s * 1e3 / r.first_held_ms - 1)
-            log.debug("kept first token %s: ready %.0f ms (predicted %.0f), handoff %.0f ms "
-                      "(predicted %.0f), %d streams on %s when chosen", b.booking_id,
-                      r.ttft_ms - r.first_held_ms, ready * 1e3, r.first_held_ms,
-                      b.pred_handoff_s * 1e3, b.decode_streams, b.decode)
-        if r.tpot_ms > 0 and b.pred_tpot_s > 0 and b.prefill is not None:
-            self.book.observe_tpot(b.decode, b.pred_tpot_s, r.tpot_ms / 1e3)
-        # a first token the frontend kept: its stream's TPOT from when it was ready
-        tpot = r.tpot_ms + r.first_held_ms / max(1, r.output_tokens - 1)
-        extra = handoff_s(r.first_gap_ms, tpot, r.output_tokens)
-        w = self.reg.workers.get(b.decode)
-        waited = handoff_s(r.first_gap_ms, tpot, r.output_tokens, stalls=True)
-        if waited is not None and w is not None:      # its tail, stalls included
-            self.book.observe_handoff(b.decode, w.kv_bytes_per_token * b.prompt_tokens, waited,
-                                      b.decode_streams if b.decode_streams >= 0 else None)
-        if extra is not None and w is not None:   # what the client waited for the KV
-            SM.SCHED_HANDOFF.observe(extra)
-            self.book.observe_transfer(b.decode, w.kv_bytes_per_token * b.prompt_tokens, extra)
-        elif r.kv_bytes and r.kv_seconds > 0:
-            self.book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)
 
     # ------------------------------------------------------------ introspection
     async def ListWorkers(self, request, context):

@@ -1,0 +1,55 @@
+"""What a finished request's report teaches the scheduler: its measured TTFT and TPOT
+against the predictions it was placed with (`pdserve_scheduler_prediction_error`), and the
+samples the latency book learns from (the first token's fixed part, the handoff by load,
+the KV transfer, the decode stream's TPOT error). No I/O beyond the metrics it exports.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from scheduler import metrics as SM
+from scheduler.models import LatencyBook, handoff_s
+from scheduler.state import Booking, Worker
+
+log = logging.getLogger(__name__)
+
+
+def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None) -> None:
+    """`r`: the frontend's ReportRequest for booking `b`; `decode`: its decode worker, if
+    still registered."""
+    err = SM.SCHED_PRED_ERROR
+    if r.ttft_ms > 0 and b.pred_ttft_s > 0:
+        err.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
+    if r.tpot_ms > 0 and b.pred_tpot_s > 0:
+        err.labels("tpot").observe(b.pred_tpot_s * 1e3 / r.tpot_ms - 1)
+    ready_ms = r.ttft_ms - r.first_held_ms     # until the prefilling worker computed it
+    if ready_ms > 0 and b.pred_ttft_s > 0:
+        raw = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
+        book.observe_first(b.prefill or b.decode, "remote" if b.prefill is not None else "local",
+                           ready_ms / 1e3 - raw)
+    if r.ttft_ms > r.first_held_ms > 0 and b.pred_ttft_s > b.pred_handoff_s > 0:
+        # a kept first token: its TTFT in two parts, until the prefill worker computed it
+        # (`ready`) and the handoff to the decode engine's first token
+        ready = b.pred_ttft_s - b.pred_handoff_s
+        err.labels("ready").observe(ready * 1e3 / ready_ms - 1)
+        err.labels("handoff").observe(b.pred_handoff_s * 1e3 / r.first_held_ms - 1)
+        log.debug("kept first token %s: ready %.0f ms (predicted %.0f), handoff %.0f ms "
+                  "(predicted %.0f), %d streams on %s when chosen", b.booking_id, ready_ms,
+                  ready * 1e3, r.first_held_ms, b.pred_handoff_s * 1e3, b.decode_streams,
+                  b.decode)
+    if r.tpot_ms > 0 and b.pred_tpot_s > 0 and b.prefill is not None:
+        book.observe_tpot(b.decode, b.pred_tpot_s, r.tpot_ms / 1e3)
+    # a first token the frontend kept: its stream's TPOT from when it was ready
+    tpot = r.tpot_ms + r.first_held_ms / max(1, r.output_tokens - 1)
+    extra = handoff_s(r.first_gap_ms, tpot, r.output_tokens)
+    waited = handoff_s(r.first_gap_ms, tpot, r.output_tokens, stalls=True)
+    nbytes = decode.kv_bytes_per_token * b.prompt_tokens if decode is not None else 0
+    if waited is not None and decode is not None:      # its tail, stalls included
+        book.observe_handoff(b.decode, nbytes, waited,
+                             b.decode_streams if b.decode_streams >= 0 else None)
+    if extra is not None and decode is not None:       # what the client waited for the KV
+        SM.SCHED_HANDOFF.observe(extra)
+        book.observe_transfer(b.decode, nbytes, extra)
+    elif r.kv_bytes and r.kv_seconds > 0:
+        book.observe_transfer(b.decode, r.kv_bytes, r.kv_seconds)
