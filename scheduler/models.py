@@ -145,7 +145,7 @@ class LatencyBook:
         percentile (`observe_handoff`, the stalls the fit leaves out included): the fit
         plus this is a handoff at that percentile. With `streams`, those placed while it
         ran about as many streams (`load_bucket`), once there are TAIL_MIN of them: a
-        trace of the shifting mix on a 2-core host measured median handoffs of 70, 82,
+        trace of three matrix mixes on a 2-core host measured median handoffs of 70, 82,
         103 and 168 ms at 0, 1, 2 and 3 streams. None until TAIL_MIN of them."""
         if streams is not None:
             at = _tail(self.overs_at, (decode_worker, load_bucket(streams)), pct)
