@@ -120,7 +120,7 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
     def body_for(setup: str):
         def body(url: str):
             if not cals:
-                if getattr(ns, "pdserve_url", ""):
+                if ns.pdserve_url:
                     print(f"note: the pdserve at {ns.pdserve_url} keeps its own SLOs; the "
                           "calibrated ones below reach only a pdserve the matrix starts",
                           file=sys.stderr, flush=True)

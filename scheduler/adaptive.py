@@ -103,6 +103,7 @@ class Option:
     cached: int = 0
     hold: bool = False           # the first token waits for the stream (`remote`)
     ready_s: float = -1.0        # when the first token is computed, if not ttft_s
+    first_over_s: float = 0.0    # of ttft_s, the prefilling node's learned fixed part
 
     @property
     def first_s(self) -> float:
@@ -244,7 +245,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     per = max(1, out - 1)
     tpot = step + d.transfer_s / per
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
-                 score(ttft, tpot, slo), min(p.cached, tokens))
+                 score(ttft, tpot, slo), min(p.cached, tokens), first_over_s=p.first_over_s)
     if out < 2 or slo.first_token == "early":
         return opt
     # kept: scored as if its first gap were a decode step; the client sees the first two
@@ -285,7 +286,7 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
         allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
-                  min(d.cached, tokens))
+                  min(d.cached, tokens), first_over_s=d.local_first_over_s)
 
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,

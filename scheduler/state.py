@@ -431,6 +431,4 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold,
                     pred_handoff_s=best.ttft_s - best.first_s if best.hold else 0.0,
                     decode_streams=next(n.streams for n in dn if n.worker_id == best.decode),
-                    pred_first_over_s=next(
-                        (n.local_first_over_s if local else n.first_over_s)
-                        for n in (dn if local else pn) if n.worker_id == best.prefill))
+                    pred_first_over_s=best.first_over_s)

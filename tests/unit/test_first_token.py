@@ -235,6 +235,6 @@ def test_a_first_tokens_fixed_way_to_the_client_is_learned_per_worker_and_kind()
     early = dataclasses.replace(SLO, first_token="early")
     base, here = A.remote(p, d, 50, 8, early), A.remote(
         dataclasses.replace(p, first_over_s=0.03), d, 50, 8, early)
-    assert here.ttft_s == pytest.approx(base.ttft_s + 0.03)
+    assert here.ttft_s == pytest.approx(base.ttft_s + 0.03) and here.first_over_s == 0.03
     assert A.local(dataclasses.replace(d, local_first_over_s=0.04), 50, 8, SLO).ttft_s \
         == pytest.approx(A.local(d, 50, 8, SLO).ttft_s + 0.04)
