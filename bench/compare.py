@@ -243,7 +243,7 @@ def table(results: dict[str, list[dict]]) -> str:
         for run in runs:
             s = run["summary"]
             lines.append(
-                f"{setup:<14} {s['rate']:>5g} {s['completed']:>3}/{s['requests']:<2} "
+                f"{setup:<14} {float(s['rate']):>5g} {s['completed']:>3}/{s['requests']:<2} "
                 f"{s['goodput']:>8.3f} {_cell(s['ttft_ms']['p50'], '9.0f')} "
                 f"{_cell(s['ttft_ms']['p99'], '9.0f')} {_cell(s['tpot_ms']['p50'], '9.1f')} "
                 f"{_cell(s['tpot_ms']['p99'], '9.1f')} {_cell(s['itl_ms']['p99'], '8.0f')}")
@@ -314,7 +314,8 @@ def report(results: dict[str, list[dict]]) -> str:
             parts.append(f"\n{ours} / peer{'':<{max(0, 9 - len(ours))}} rate  goodput  "
                          "TTFT p99  TPOT p99")
             for r in rs:
-                parts.append(f"{r['peer']:<16} {r['rate']:>6g} {_cell(r['goodput'], '8.2f')} "
+                parts.append(f"{r['peer']:<16} {float(r['rate']):>6g} "
+                             f"{_cell(r['goodput'], '8.2f')} "
                              f"{_cell(r['ttft_p99'], '9.2f')} {_cell(r['tpot_p99'], '9.2f')}")
         gs = goals(mine)
         if gs:
