@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -66,6 +67,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             log.warning("request %s: %s", request.request_id, why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         rid = request.request_id
+        due = request.ttft_due_unix if math.isfinite(request.ttft_due_unix) else 0.0
         # the first token came from another engine (a pull, or a retry's local prefill of
         # prompt plus first token): stop strings are checked here, across it
         continues = not push and (not local or bool(request.first_token_text))
@@ -76,18 +78,19 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             # penalties and a seed count it as output (pdserve/continuation.py)
             retry = bool(request.first_token_text)
             params = to_vllm(sp, max_tokens=sp.max_tokens, computes_prompt=True,
-                             engine_stops=not across, first_token=ids[-1] if retry else None)
+                             engine_stops=not across, first_token=ids[-1] if retry else None,
+                             ttft_due=due)
             M.LOCAL_PREFILLS.inc()
         elif push:   # the prompt's KV is written into our blocks; the first token is ours
             ids = list(request.prompt_token_ids)
             params = to_vllm(sp, max_tokens=sp.max_tokens, kv_transfer_params=push_params(
-                rid, request.push.transfer_id, request.push.agent_address))
+                rid, request.push.transfer_id, request.push.agent_address), ttft_due=due)
         else:
             ids = list(request.prompt_token_ids) + [request.first_token_id]
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
                              first_token=request.first_token_id, engine_stops=not across,
                              kv_transfer_params=KVHandle.from_proto(request.kv).load_params(
-                                 rid, first_token_at=received))
+                                 rid, first_token_at=received), ttft_due=due)
         self.active[rid] = asyncio.current_task()
         self.rt.inflight += 1
         finished = False

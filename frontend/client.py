@@ -11,6 +11,7 @@ from typing import AsyncIterator
 import grpc
 
 from pdserve import metrics as M
+from pdserve.config import late_streams_yield
 from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
 from pdserve.lease_client import AsyncLeaseClient, agent_stubs
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
@@ -96,6 +97,7 @@ class ClusterClient:
                  ttft_slo_s: float = 0.0) -> None:
         self.push = kv_mode.startswith("push")
         self.ttft_slo_s = ttft_slo_s      # a kept first token goes by SAFETY * this
+        self.late_yield = late_streams_yield()
         self.channels = Channels(creds)     # the frontend's token on every internal call
         self.leases = AsyncLeaseClient(agent_stubs(self.channels))
         self.scheduler = pd_pb2_grpc.SchedulerStub(self.channels.get(scheduler_address))
@@ -162,6 +164,9 @@ class ClusterClient:
         exclude: list[str] = []
         first: Chunk | None = None      # the first token, once the client has it
         t0 = time.perf_counter()
+        # when the client's first token is due: a stream whose first token came later
+        # keeps no TPOT slack on its decode engine (pdserve/step_budget.py)
+        due = time.time() + self.ttft_slo_s if self.ttft_slo_s > 0 and self.late_yield else 0.0
         t_first = t_second = 0.0
         t_ready = 0.0      # a kept first token: when it was computed
         ntok = 0
@@ -184,16 +189,18 @@ class ClusterClient:
                 self.report(booking, pd_pb2.PHASE_PREFILL_DONE)
             try:
                 if route.mode == pd_pb2.ROUTE_MODE_LOCAL:
-                    gen = self._local(route, request_id, token_ids, sampling, timeout_s, first)
+                    gen = self._local(route, request_id, token_ids, sampling, timeout_s, first,
+                                      due)
                 elif (self.push and first is None and sampling.max_tokens >= 2
                       and not sampling.HasField("prompt_logprobs")):
                     # (push: the decode engine samples the first token; the prompt's
                     # logprobs come from the prefill engine's answer, by pull)
                     gen = self._disagg_push(route, request_id, token_ids, sampling,
-                                            timeout_s)
+                                            timeout_s, due)
                 else:
                     pulled = first is None      # the client's second token comes after a pull
-                    gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first)
+                    gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first,
+                                       due)
                     if pulled and route.hold_first_token and self.ttft_slo_s > 0:
                         gen = _kept_first(gen, t0 + SAFETY * self.ttft_slo_s, ready)
                 async for c in gen:
@@ -229,7 +236,7 @@ class ClusterClient:
                             ttft_s=t_first - t0 if t_ready and t_first else 0.0)
 
     async def _local(self, route, request_id, token_ids, sampling, timeout_s,
-                     first: Chunk | None):
+                     first: Chunk | None, due: float = 0.0):
         """The decode worker prefills itself; after a failed decode worker, from the prompt
         and the first token the client already has."""
         if first is not None:
@@ -245,7 +252,8 @@ class ClusterClient:
             request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
             local_prefill=True,
             first_token_text=(first.text + first.held) if first is not None else "",
-            first_text_sent=len(first.text) if first is not None else 0), timeout=timeout_s)
+            first_text_sent=len(first.text) if first is not None else 0,
+            ttft_due_unix=due), timeout=timeout_s)
         started = False
         try:
             async for msg in stream:
@@ -263,7 +271,7 @@ class ClusterClient:
             raise
 
     async def _disagg(self, route, request_id, token_ids, sampling, timeout_s,
-                      first: Chunk | None):
+                      first: Chunk | None, due: float = 0.0):
         """`first` set: the client already has the first token (a retry); continue from it."""
         prefill = pd_pb2_grpc.PrefillWorkerStub(self.channels.get(route.prefill.address))
         try:
@@ -299,8 +307,8 @@ class ClusterClient:
             stream = decode.Generate(pd_pb2.GenerateRequest(
                 request_id=request_id, prompt_token_ids=token_ids,
                 first_token_id=first.token_ids[0], kv=kv, sampling=sampling,
-                first_token_text=first.text + first.held, first_text_sent=len(first.text)),
-                timeout=timeout_s)
+                first_token_text=first.text + first.held, first_text_sent=len(first.text),
+                ttft_due_unix=due), timeout=timeout_s)
             async for msg in stream:
                 started = True
                 yield _to_chunk(msg)
@@ -317,7 +325,8 @@ class ClusterClient:
                 await asyncio.shield(self.release(kv))
             raise
 
-    async def _disagg_push(self, route, request_id, token_ids, sampling, timeout_s):
+    async def _disagg_push(self, route, request_id, token_ids, sampling, timeout_s,
+                           due: float = 0.0):
         """Push: the decode worker allocates the prompt's blocks and offers them to the
         prefill engine, which WRITEs the KV into them while it computes; the decode engine
         then samples the first token itself. Both calls start together."""
@@ -327,7 +336,7 @@ class ClusterClient:
             request_id=request_id, prompt_token_ids=token_ids, sampling=sampling,
             push=pd_pb2.KVPush(transfer_id=request_id,
                                agent_address=route.prefill.agent_address,
-                               ticket=route.push_ticket)),
+                               ticket=route.push_ticket), ttft_due_unix=due),
             timeout=timeout_s)
         pf_call = prefill.Prefill(pd_pb2.PrefillRequest(
             request_id=request_id, token_ids=token_ids, sampling=sampling, push=True),

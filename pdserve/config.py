@@ -29,6 +29,14 @@ def step_switches() -> tuple[bool, int]:
     return mixed, least
 
 
+def late_streams_yield() -> bool:
+    """Do streams whose first token missed its TTFT SLO give up their TPOT slack
+    (pdserve/step_budget.py, `Stream.late`)? On unless PDSERVE_LATE_STREAMS=keep (read by
+    the frontend, which dates each request's first token, and by the scheduler, which
+    predicts from it; for comparisons)."""
+    return os.environ.get("PDSERVE_LATE_STREAMS", "yield") != "keep"
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

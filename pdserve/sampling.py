@@ -10,6 +10,10 @@ from pdserve.rpc import pd_pb2
 # extra_args key: the prompt's last token is this request's first output token, sampled
 # on another engine (pdserve/continuation.py counts it for penalties and seeds)
 FIRST_TOKEN = "pd_first_token"
+# extra_args key: when the client's first token is due (unix s: its arrival + the TTFT
+# SLO); the engine keeps no TPOT slack for a stream whose first token came later
+# (pdserve/step_budget.py, `Stream.late`)
+TTFT_DUE = "pd_ttft_due"
 
 
 def stop_hold(stops, include: bool = False) -> int:
@@ -47,13 +51,15 @@ def reasoning_args(sp: pd_pb2.SamplingParams, continues: bool = False) -> dict[s
 
 def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
             kv_transfer_params: dict[str, Any] | None = None, computes_prompt: bool = False,
-            first_token: int | None = None, engine_stops: bool = True):
+            first_token: int | None = None, engine_stops: bool = True,
+            ttft_due: float = 0.0):
     """`generated`: tokens of this request already produced elsewhere (the prefill
     worker's first token), which count towards `min_tokens`. `first_token`: that token,
     the last of the prompt given to this engine (it continues the request). `computes_prompt`:
     this engine computes the prompt (prefill, local prefill), so it returns the prompt's
     logprobs when asked. `engine_stops` False: the caller checks the stop strings itself
-    (decode_worker/stops.py); stop token ids stay with the engine."""
+    (decode_worker/stops.py); stop token ids stay with the engine. `ttft_due`: when the
+    client's first token is due (unix s; 0: no TTFT SLO), for the engine's step budget."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -81,15 +87,17 @@ def to_vllm(sp: pd_pb2.SamplingParams, *, max_tokens: int, generated: int = 0,
                                        else True),
         include_stop_str_in_output=sp.include_stop_str_in_output,
         output_kind=RequestOutputKind.DELTA,
-        extra_args=_extra_args(kv_transfer_params, first_token))
+        extra_args=_extra_args(kv_transfer_params, first_token, ttft_due))
 
 
-def _extra_args(kv_transfer_params, first_token) -> dict[str, Any] | None:
+def _extra_args(kv_transfer_params, first_token, ttft_due: float = 0.0) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     if kv_transfer_params:
         out["kv_transfer_params"] = kv_transfer_params
     if first_token is not None:
         out[FIRST_TOKEN] = int(first_token)
+    if ttft_due > 0:
+        out[TTFT_DUE] = float(ttft_due)
     return out or None
 
 

@@ -35,6 +35,14 @@ part (27 ms beside a 75 ms decode step on a 2-core CPU). With `least` 0 such a s
 decode only (`Budget.hold`: the engine holds the prompts back for it), and the prompt
 waits until the streams have slack again or end.
 
+A stream whose first token came after its TTFT SLO (`Stream.late`) has already missed its
+SLOs whatever its TPOT: its slack constrains no prompt, and with only such streams running
+an engine steps as with none. Holding prompts to their TPOT spent the decode engine's core
+on the streams of requests that could no longer count, while the prompts queued behind
+them missed their TTFT SLO too (measured at overload: a decode engine whose streams had no
+slack computed its local prompts at one token a step). Such a stream still gets a token
+every step, in steps that are longer: at most an `alone` step while a prompt decodes here.
+
 pdserve/vllm_plugin.py applies the budget inside vLLM's engine core before each schedule
 (`max_num_scheduled_tokens` and `long_prefill_token_threshold`), on every pdserve engine.
 """
@@ -58,6 +66,7 @@ class Stream:
     elapsed_s: float     # since its first output token
     produced: int        # output tokens so far
     target: int          # max_tokens
+    late: bool = False   # its first token came after its TTFT SLO: no SLO left to keep
 
 
 OVERRUN_MIN = 8       # slack-sized steps measured before their overrun counts
@@ -94,7 +103,7 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
     rest = base_s / safety if safety > 0 else base_s
     for s in streams:
         left = s.target - s.produced
-        if left <= 0 or s.target < 2:
+        if left <= 0 or s.target < 2 or s.late:
             continue
         best = min(best, safety * tpot_slo_s * (s.target - 1) - s.elapsed_s - (left - 1) * rest)
     return best
@@ -109,7 +118,10 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     (`overrun`): the chunk is sized for the model's step times that much."""
     if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
-    if not streams:       # a stream that lands will be held to safety * SLO
+    if all(s.late for s in streams):    # none, or none with an SLO left to keep
+        if not local_prefill:
+            return Budget(float("inf"), 0)
+        # a stream that lands will be held to safety * SLO
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))

@@ -45,6 +45,7 @@ from collections import deque
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
+from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens, overrun
 
 log = logging.getLogger("vllm.pdserve.steps")
@@ -84,6 +85,7 @@ class _State:
         mixed, self.least = step_switches()
         self.model = StepModel(mixed=mixed)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
+        self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
         self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
@@ -154,15 +156,30 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
         t0 = st.first.get(r.request_id)
         if t0 is None:
             t0 = st.first[r.request_id] = now - _handoff_s(r)
+            if _late(r):
+                st.late.add(r.request_id)
         # a stream whose first token came from a prefill worker: the client counts that
         # token and the gap since it (the KV load) in its TPOT, so the allowance does too
         extra = 1 if _first_token_at(r) else 0
-        out.append(Stream(now - t0, r.num_output_tokens + extra, int(r.max_tokens or 0) + extra))
+        out.append(Stream(now - t0, r.num_output_tokens + extra, int(r.max_tokens or 0) + extra,
+                          r.request_id in st.late))
         ctx += r.num_computed_tokens
     if not local:
         local = any((r.max_tokens or 0) > 1 and _prefilling(r)
                     for r in sched.waiting)
     return out, ctx, local
+
+
+def _late(r) -> bool:
+    """Was the request's first token computed after its TTFT SLO (`TTFT_DUE`, unix s,
+    which the frontend sets; 0: no SLO)? Asked when it is first seen decoding here: its
+    first token came from a prefill worker then (`P_FIRST_AT`), or from this engine now."""
+    sp = getattr(r, "sampling_params", None)
+    try:
+        due = float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return due > 0 and (_first_token_at(r) or time.time()) > due
 
 
 def _first_token_at(r) -> float:
@@ -370,6 +387,7 @@ def install() -> bool:
         if len(st.first) > 4 * max(1, len(self.running)) + 64:
             live = {r.request_id for r in self.running}
             st.first = {k: v for k, v in st.first.items() if k in live}
+            st.late &= live
         if len(st.pending) > 64:        # outputs that never came back (aborted batches)
             st.pending.clear()
         return res

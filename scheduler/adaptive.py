@@ -26,6 +26,10 @@ A local prefill also costs the streams already running on D: its steps take thei
 (the engine enforces the allowance, down to its floor); a local option's score is at most
 1 - safety * step / allowance (0.1 for a step that uses the allowance exactly, as a
 stream held to safety * SLO scores against its SLO), and -1 when they have no slack left.
+Streams whose first token comes after the TTFT SLO (`late` in the timeline) count for
+neither: they have missed their SLOs already, and their engine keeps no slack for them
+(pdserve/step_budget.py), so a prompt beside only such streams goes at the pace of an
+engine with none.
 Without this cap (tried: the engine's budget bounds the cost, so why count it?) the
 decode engine took prompts beside streams that had none, at its floor's pace, and the
 prefill-dominated mix lost to two replicas in every cell (0.47-0.91x, against 1.01-2.13x
@@ -60,6 +64,9 @@ class SLO:
     # a remote option's first token: with_stream (always kept for the stream), adaptive
     # (kept where the SLOs favour it) or early (sent when computed)
     first_token: str = "with_stream"
+    # streams whose first token missed the TTFT SLO keep no slack on their engine
+    # (pdserve/step_budget.py, `Stream.late`; PDSERVE_LATE_STREAMS=keep: they do)
+    late: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,9 @@ class Node:
     cached: int = 0              # prompt tokens of this request it holds
     excess_s: float = 0.0        # its streams' recent steps beyond plain decode steps
     transfer_s: float = 0.0      # KV of this prompt into it (decode side)
-    # its streams over time: (start s, end s, sequences, context tokens) from now, those
-    # decoding now and those booked to start (empty: `streams` run for good)
+    # its streams over time: (start s, end s, sequences, context tokens[, late]) from now,
+    # those decoding now and those booked to start (empty: `streams` run for good); a late
+    # one's first token comes after its TTFT SLO: its engine keeps no slack for it
     streams_at: tuple = ()
     # the KV's handoff at its recent 90th percentile (None: too few handoffs yet)
     transfer_tail_s: float | None = 0.0
@@ -129,8 +137,10 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     there too.
 
     The engine's rules (pdserve/step_budget.py), over `n`'s stream timeline (`streams_at`):
-    while no stream runs, unchunked (a remote prefill) or in `alone` chunks (a local one);
-    while streams run, the tokens that keep each step within safety * SLO beside them
+    while no stream runs, unchunked (a remote prefill) or in `alone` chunks (a local one),
+    and so while only late streams run (their steps are longer by their decode work);
+    while streams with an SLO left run, the tokens that keep each step within safety * SLO
+    beside them
     (`stream_tokens`; the first step takes the slack they have now, `allow_s`). Streams end
     and start meanwhile: the ones decoding now end, and the prompts booked before this one
     start theirs when their prefill ends, so a decode engine whose streams are short is
@@ -151,7 +161,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         steps += 1
         seqs, ctx, nxt = sweep.at(t)
         left = todo - done
-        if seqs <= 0:
+        if sweep.kept <= 0:      # no stream with an SLO to keep
             chunk = min(alone_chunk, left, cap)
         else:
             chunk = stream_tokens(n.coef, slo.tpot_s, seqs, ctx, cached + done, slo.safety,
@@ -184,22 +194,25 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
 
 class Sweep:
     """A stream timeline walked forward in time: (streams, their context tokens, the next
-    start or end) at each `at(t)`, for non-decreasing t. Intervals are [start, end)."""
+    start or end) at each `at(t)`, for non-decreasing t, and `kept`: how many of those
+    streams are not late (an SLO left to keep). Intervals are [start, end)."""
 
     def __init__(self, busy: tuple) -> None:
         ev = []
-        for start, end, n, c in busy:
-            ev.append((start, n, c))
+        for start, end, n, c, *late in busy:
+            k = 0 if late and late[0] else n
+            ev.append((start, n, c, k))
             if math.isfinite(end):
-                ev.append((end, -n, -c))
+                ev.append((end, -n, -c, -k))
         ev.sort(key=lambda e: e[0])
-        self.ev, self.i, self.seqs, self.ctx = ev, 0, 0, 0.0
+        self.ev, self.i, self.seqs, self.ctx, self.kept = ev, 0, 0, 0.0, 0
 
     def at(self, t: float) -> tuple[int, float, float]:
         ev = self.ev
         while self.i < len(ev) and ev[self.i][0] <= t:
-            _, n, c = ev[self.i]
+            _, n, c, k = ev[self.i]
             self.seqs, self.ctx, self.i = self.seqs + n, self.ctx + c, self.i + 1
+            self.kept += k
         return self.seqs, max(0.0, self.ctx), ev[self.i][0] if self.i < len(ev) else math.inf
 
 
@@ -280,7 +293,12 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = d.backlog_s + t + d.local_first_over_s
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
-    running = Sweep(d.streams_at).at(0.0)[0] if d.streams_at else d.streams
+    if d.streams_at:
+        now = Sweep(d.streams_at)
+        now.at(0.0)
+        running = now.kept       # late streams have no slack to take
+    else:
+        running = d.streams
     if running > 0 and chunk:    # what one of its steps costs the streams already there
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
         allow = allowance(d, slo)

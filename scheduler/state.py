@@ -247,11 +247,12 @@ class Registry:
                 end = max(0.0, end - b.prefill_s)
         return ends
 
-    def timelines(self, now: float, tpot_s: float) -> dict[str, tuple]:
-        """Each worker's decode streams over time, (start s, end s, 1, context tokens) from
-        now (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there, for
-        (output tokens - 1) x their predicted TPOT (`tpot_s` when none was predicted), from
-        the end of their prefill (`prefill_ends`). Streams a worker's engine reported and no
+    def timelines(self, now: float, tpot_s: float, ttft_s: float = 0.0) -> dict[str, tuple]:
+        """Each worker's decode streams over time, (start s, end s, 1, context tokens, late)
+        from now (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there,
+        for (output tokens - 1) x their predicted TPOT (`tpot_s` when none was predicted),
+        from the end of their prefill (`prefill_ends`); late: that end is (predicted) past
+        its arrival + `ttft_s` (0: none is). Streams a worker's engine reported and no
         booking explains (another scheduler's) run for good. One pass over the bookings."""
         ends = self.prefill_ends(now)
         out: dict[str, list] = {}
@@ -260,11 +261,13 @@ class Registry:
             step = b.pred_tpot_s or tpot_s
             life = max(1, n_out - 1) * step
             ctx = b.prompt_tokens + n_out / 2
+            due = b.created - b.held_s + ttft_s - now    # its first token, from now
             if b.prefill_done:
-                span = (0.0, max(step, b.decode_start + life - now), 1, ctx)
+                span = (0.0, max(step, b.decode_start + life - now), 1, ctx,
+                        ttft_s > 0 and b.decode_start - now > due)
             else:
                 start = ends.get(b.booking_id, 0.0)
-                span = (start, start + life, 1, ctx)
+                span = (start, start + life, 1, ctx, ttft_s > 0 and start > due)
             out.setdefault(b.decode, []).append(span)
         for w in self.workers.values():
             if w.worker_id not in out and w.step_decode_seqs > 0:
@@ -396,7 +399,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     max_tokens: int, now: float) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
-    timelines = reg.timelines(now, slo.safety * slo.tpot_s)
+    timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
     for p in prefills:
         n = _node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)
         if n is None:

@@ -3,6 +3,7 @@
 Pure: no network, no engines, time passed in."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -168,17 +169,21 @@ def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
     ends = r.prefill_ends(now)
     assert sorted(ends.values()) == pytest.approx([0.5, 1.0, 2.0, 3.0])
     got = sorted(r.timelines(now, 0.1)["d"])
-    want = [(0.5, 0.6, 1, 201.5), (1.0, 1.4, 1, 1004.5), (2.0, 2.4, 1, 1004.5),
-            (3.0, 3.4, 1, 1004.5)]
+    want = [(0.5, 0.6, 1, 201.5, 0), (1.0, 1.4, 1, 1004.5, 0), (2.0, 2.4, 1, 1004.5, 0),
+            (3.0, 3.4, 1, 1004.5, 0)]
     assert [x for g in got for x in g] == pytest.approx([x for w in want for x in w])
+    # with a TTFT SLO of 2.5 s, the streams whose prefill ends later than that are late
+    # (their first token comes after it: their engine keeps no slack for them)
+    assert [g[4] for g in sorted(r.timelines(now, 0.1, 2.5)["d"])] == [
+        False, False, False, True]
     # the first remote prefill is done at 10.8: it decodes from then on
     first = next(iter(r.bookings))
     r.prefill_done(first, 10.8)
     got = sorted(r.timelines(10.8, 0.1)["d"])
-    assert any(list(x) == pytest.approx([0.0, 0.4, 1, 1004.5]) for x in got)
+    assert any(list(x[:4]) == pytest.approx([0.0, 0.4, 1, 1004.5]) for x in got)
     # one running past its predicted end still holds the engine for a step
     late = r.timelines(20.0, 0.1)["d"]
-    assert any(list(x) == pytest.approx([0.0, 0.05, 1, 1004.5]) for x in late)
+    assert any(list(x[:4]) == pytest.approx([0.0, 0.05, 1, 1004.5]) for x in late)
     # streams the engine reports and no booking explains run for good
     other = W("o", "decode")
     other.step_decode_seqs, other.step_decode_ctx = 2, 900
@@ -398,3 +403,21 @@ def test_the_fixed_rules_keep_the_first_token_as_the_chooser_would(first):
     assert d.mode == "disagg" and d.hold_first == (first == "with_stream")
     local = place(r, pinned, "m", 8, no_cache, book=warm_book("p", "d"), slo=slo, now=10.0)
     assert local.mode == "local" and not local.hold_first
+
+
+def test_a_local_prefill_beside_late_streams_goes_at_its_alone_pace():
+    """Streams whose first token comes after the TTFT SLO (`late` in the timeline) keep
+    no slack on their engine: a local prefill beside them goes in `alone` chunks, as on
+    an engine with no stream (its steps longer by their decode work), and what its steps
+    cost them does not cap the option's score."""
+    slo = A.SLO(ttft_s=4.0, tpot_s=0.03)
+    busy = A.Node("d", C, streams=3, ctx=1500, streams_at=((0.0, 5.0, 3, 1500),))
+    late = replace(busy, streams_at=((0.0, 5.0, 3, 1500, True),))
+    idle = A.Node("d", C)
+    t_busy = A.prefill_on(busy, 2000, slo, local=True)[0]
+    t_late = A.prefill_on(late, 2000, slo, local=True)[0]
+    t_idle = A.prefill_on(idle, 2000, slo, local=True)[0]
+    assert t_idle < t_late < t_busy
+    on, off = A.local(busy, 2000, 16, slo), A.local(late, 2000, 16, slo)
+    assert off.ttft_s < on.ttft_s and off.score > on.score
+    # without a TTFT SLO the registry marks none late (tests above: `timelines`)

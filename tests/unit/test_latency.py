@@ -302,3 +302,25 @@ def test_slack_sized_chunks_shrink_by_how_far_such_steps_ran_over_the_model():
     behind = [Stream(6.0, 33, 65)]              # no slack: the floor, as before
     assert budget(behind, TRUE, slo, 1000, 4096, over=2.0).tokens == 16
     assert not budget(behind, TRUE, slo, 1000, 4096).sized
+
+
+def test_streams_that_missed_their_ttft_slo_keep_no_slack():
+    """A stream whose first token came after its TTFT SLO has missed its SLOs whatever its
+    TPOT: a prompt beside it is not held to its slack, and with only such streams the
+    engine steps as with none (`alone` chunks for a prompt that decodes here)."""
+    slo = 0.1
+    fresh = Stream(0.0, 1, 65)
+    behind = Stream(6.0, 33, 65)                       # no slack at all
+    late = Stream(6.0, 33, 65, late=True)              # the same, after its TTFT SLO
+    assert allowance([behind], slo) < 0 and allowance([late], slo) == math.inf
+    assert allowance([fresh, late], slo, 0.9, 0.04) == allowance([fresh], slo, 0.9, 0.04)
+    assert budget([late], TRUE, slo, 1000, 4096) == budget([], TRUE, slo, 0, 4096)
+    alone_b = budget([late] * 3, TRUE, slo, 1000, 4096, local_prefill=True)
+    assert alone_b == budget([], TRUE, slo, 0, 4096, local_prefill=True)
+    floor = budget([behind], TRUE, slo, 1000, 4096, local_prefill=True).tokens
+    assert alone_b.tokens > floor == MIN_CHUNK
+    # beside a stream with an SLO left, only its slack counts (the step's decode work is
+    # every stream's)
+    both = budget([fresh, late], TRUE, slo, 1000, 4096)
+    assert both.allow_s == pytest.approx(
+        allowance([fresh], slo, 0.9, TRUE.decode_step(2, 1000)))

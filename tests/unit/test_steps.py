@@ -196,3 +196,43 @@ def test_only_slack_sized_chunk_steps_are_measured_against_the_model():
     for _ in range(7):
         _note_overrun(st, chunk, sized=True)
     assert st.over == 0.13 / pred > 1             # what the budget is given from now
+
+
+def test_a_stream_whose_first_token_missed_its_ttft_slo_is_late():
+    """The frontend dates each request's first token (`TTFT_DUE`); the engine asks once,
+    when the stream is first seen decoding, whether its first token was computed after
+    that: on a prefill worker (`P_FIRST_AT`), or here, now."""
+    import time
+    from types import SimpleNamespace as NS
+
+    from kv_transfer.handle import P_FIRST_AT
+    from pdserve.sampling import TTFT_DUE
+    from pdserve.step_hook import _streams
+
+    wall = time.time()
+
+    def req(rid, due, params=None):
+        return NS(request_id=rid, num_computed_tokens=101, num_prompt_tokens=100,
+                  num_output_tokens=1, max_tokens=8, kv_transfer_params=params,
+                  sampling_params=NS(extra_args={TTFT_DUE: due} if due else None))
+
+    running = [req("local-on-time", wall + 5), req("local-late", wall - 1),
+               req("remote-late", wall - 1, {P_FIRST_AT: wall - 0.5}),
+               req("remote-on-time", wall - 1, {P_FIRST_AT: wall - 2}),  # handed over after
+               req("no-slo", 0.0)]
+    st = _State(30.0, "")
+    streams, _, _ = _streams(NS(running=running, waiting=[]), st, time.monotonic())
+    assert [s.late for s in streams] == [False, True, True, False, False]
+    # decided once: the on-time stream stays on time however long it runs
+    again = _streams(NS(running=running[:1], waiting=[]), st, time.monotonic() + 60)[0]
+    assert not again[0].late
+
+
+def test_the_decode_worker_hands_the_due_time_to_its_engine():
+    from pdserve.rpc import pd_pb2
+    from pdserve.sampling import TTFT_DUE, to_vllm
+
+    sp = pd_pb2.SamplingParams(max_tokens=8)
+    assert TTFT_DUE not in (to_vllm(sp, max_tokens=8).extra_args or {})   # no SLO: none
+    got = to_vllm(sp, max_tokens=7, generated=1, ttft_due=1.7e9, kv_transfer_params={"a": 1})
+    assert got.extra_args[TTFT_DUE] == 1.7e9 and got.extra_args["kv_transfer_params"] == {"a": 1}
