@@ -29,7 +29,10 @@ stream held to safety * SLO scores against its SLO), and -1 when they have no sl
 Streams whose first token comes after the TTFT SLO (`late` in the timeline) count for
 neither: they have missed their SLOs already, and their engine keeps no slack for them
 (pdserve/step_budget.py), so a prompt beside only such streams goes at the pace of an
-engine with none.
+engine with none, and a stream that lands meanwhile waits for such a step. A prompt that
+misses its own TTFT SLO anyway pays that too: its cap counts the streams that are not late
+and land while it computes (a late request yields to streams that can still make their
+SLOs).
 Without this cap (tried: the engine's budget bounds the cost, so why count it?) the
 decode engine took prompts beside streams that had none, at its floor's pace, and the
 prefill-dominated mix lost to two replicas in every cell (0.47-0.91x, against 1.01-2.13x
@@ -216,21 +219,35 @@ class Sweep:
         return self.seqs, max(0.0, self.ctx), ev[self.i][0] if self.i < len(ev) else math.inf
 
 
-def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0) -> float:
+def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
+            late: bool = False) -> float:
     """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
     streams there took beyond plain decode steps lately (prompt chunks beside them, a
     busy memory bus), plus the prefill work booked on `d` as far as the engine lets
     streams absorb it, plus `extra_s` (a KV transfer) and, when it lands during a local
-    prefill alone, that step."""
+    prefill alone, that step. `late`: its first token comes after the TTFT SLO, so its
+    engine keeps no slack for it: those steps and that work are not held to its SLO."""
     per = max(1, out - 1)
     base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
+    if late:
+        return base + max(0.0, d.excess_s) + (d.backlog_s + extra_s) / per
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
     est = min(base + max(0.0, d.excess_s), max(base, slo.safety * slo.tpot_s))
     if d.backlog_s > 0:
         est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
-        if d.streams <= 0:
+        if kept(d) <= 0:     # no stream with an SLO to keep: it prefills alone
             extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return est + extra_s / per
+
+
+def kept(d: Node, until: float = 0.0) -> int:
+    """`d`'s streams that are not late (their engine keeps their slack), decoding now,
+    or, with `until` (s from now), at any time before it."""
+    if not d.streams_at:
+        return d.streams
+    return sum(n for start, end, n, _c, *late in d.streams_at
+               if not (late and late[0]) and start <= until and end > 0
+               and (until > 0 or start <= 0.0))
 
 
 def alone_step(coef: Coef, slo: SLO) -> float:
@@ -293,13 +310,12 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = d.backlog_s + t + d.local_first_over_s
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
-    if d.streams_at:
-        now = Sweep(d.streams_at)
-        now.at(0.0)
-        running = now.kept       # late streams have no slack to take
-    else:
-        running = d.streams
-    if running > 0 and chunk:    # what one of its steps costs the streams already there
+    # what one of its steps costs the streams decoding there (late ones have no slack to
+    # take), and, for a prompt that misses its TTFT SLO anyway, the streams landing while
+    # it computes too (each waits for the step in progress): a late request yields to
+    # streams that can still make their SLOs
+    running = kept(d, d.backlog_s + t if ttft > slo.ttft_s else 0.0)
+    if running > 0 and chunk:
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
         allow = allowance(d, slo)
         s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
@@ -308,14 +324,37 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
-            slo: SLO, local_ok: set[str], pairs_ok=lambda p, d: True) -> list[Option]:
+            slo: SLO, local_ok: set[str], pairs_ok=lambda p, d: True,
+            held_s: float = 0.0) -> list[Option]:
     """Every remote (P, D) pair that `pairs_ok` allows and every local option on the
-    decode-capable workers in `local_ok`; best first."""
+    decode-capable workers in `local_ok`; best first. `held_s`: how long the request has
+    waited already (late binding), for `as_late`."""
     out = max_tokens or DEFAULT_OUTPUT
     opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
             if p.worker_id != d.worker_id and pairs_ok(p.worker_id, d.worker_id)]
     opts += [local(d, tokens, out, slo) for d in decodes if d.worker_id in local_ok]
+    if slo.late:
+        by_id = {d.worker_id: d for d in decodes}
+        opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
     return ranked(opts, slo)
+
+
+def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) -> Option:
+    """`o` as predicted for a request whose first token is computed after its TTFT SLO
+    (it has waited `held_s` already): its engine keeps no TPOT slack for it, so its TPOT
+    is the steps beside it as they come (`tpot_on(late=True)`). Its score stays the one
+    with its slack kept: a late request counts for no goodput, and its TPOT does not
+    decide where it goes; the prediction says what it will see."""
+    if held_s + o.first_s <= slo.ttft_s:
+        return o
+    per = max(1, out - 1)
+    if o.kind == "local":
+        tpot = tpot_on(d, tokens, out, slo, late=True)
+    elif o.hold:
+        tpot = tpot_on(d, tokens, out, slo, late=True) * (out - 2) / per
+    else:
+        tpot = tpot_on(d, tokens, out, slo, d.transfer_s, late=True)
+    return replace(o, tpot_s=max(o.tpot_s, tpot))
 
 
 def ranked(opts: list[Option], slo: SLO) -> list[Option]:

@@ -267,12 +267,12 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             return out
         return overlap_of
 
-    def _place(self, request, ids):
-        """(decision, seconds the choice took)."""
+    def _place(self, request, ids, held_s: float = 0.0):
+        """(decision, seconds the choice took); `held_s`: how long it has been held."""
         t0 = time.perf_counter()
         d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
                   frozenset(request.exclude_workers), self.rng, self.book, self.slo,
-                  request.max_tokens, self.clock())
+                  request.max_tokens, self.clock(), held_s)
         return d, time.perf_counter() - t0
 
     async def _admit(self, d, context, ahead_s: float = 0.0) -> None:
@@ -317,7 +317,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     await gate.wait(POLL_S)
                     continue
                 if waited:          # the picture changed while it waited
-                    d, took = self._place(request, ids)
+                    d, took = self._place(request, ids, self.clock() - t_in)
                 held = self.clock() - t_in
                 if (deadline and d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s
                         and gate.defer(model, ticket)):

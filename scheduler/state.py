@@ -323,7 +323,7 @@ class Registry:
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
           overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
           book: LatencyBook | None = None, slo: A.SLO | None = None, max_tokens: int = 0,
-          now: float = 0.0) -> Decision:
+          now: float = 0.0, held_s: float = 0.0) -> Decision:
     """Choose the decode worker, the mode (disaggregated or local prefill) and the prefill
     worker. `overlap_of(workers) -> {worker_id: cached tokens}` looks up the prefix index.
     With the adaptive policy and a warm latency model (`book`), by predicted SLO
@@ -341,7 +341,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     pinned = cfg.local_prefill_max_tokens or cfg.prefill_saturation_tokens
     if cfg.policy == "adaptive" and book is not None and slo is not None and not pinned:
         d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
-                            max_tokens, now)
+                            max_tokens, now, held_s)
         if d is not None:
             return d
     pcands = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
@@ -396,7 +396,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
                     decodes: list[Worker], cached: dict[str, int], num_tokens: int,
-                    max_tokens: int, now: float) -> Decision | None:
+                    max_tokens: int, now: float, held_s: float = 0.0) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
@@ -419,7 +419,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
     opts = A.options(pn, dn, num_tokens, max_tokens, slo, local_ok,
-                     lambda p, d: hashes[p] == hashes[d])
+                     lambda p, d: hashes[p] == hashes[d], held_s)
     if not opts:
         return None
     best = opts[0]

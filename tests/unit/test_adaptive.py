@@ -421,3 +421,47 @@ def test_a_local_prefill_beside_late_streams_goes_at_its_alone_pace():
     on, off = A.local(busy, 2000, 16, slo), A.local(late, 2000, 16, slo)
     assert off.ttft_s < on.ttft_s and off.score > on.score
     # without a TTFT SLO the registry marks none late (tests above: `timelines`)
+
+
+def test_a_late_local_prefill_yields_to_streams_landing_while_it_computes():
+    """Beside late streams only, a local prefill goes in `alone` steps, and a stream that
+    lands meanwhile waits for the step in progress. A prompt that misses its TTFT SLO
+    anyway prices that for the on-time streams booked to land while it computes (it yields
+    to them); one that makes its SLO does not. A new stream placed there is predicted to
+    wait for such a step, as on an engine with no stream."""
+    slo = A.SLO(ttft_s=2.0, tpot_s=0.03)
+    late_now = (0.0, 5.0, 2, 1000, True)
+    landing = (0.3, 1.0, 1, 200, False)       # on time, lands in 0.3 s
+    quiet = A.Node("d", C, streams=2, ctx=1000, streams_at=(late_now,))
+    busy = replace(quiet, streams=3, streams_at=(late_now, landing))
+    assert A.kept(quiet) == 0 and A.kept(busy) == 0 and A.kept(busy, 1.0) == 1
+    long_q, long_b = A.local(quiet, 1500, 16, slo), A.local(busy, 1500, 16, slo)
+    assert long_q.ttft_s > slo.ttft_s                  # hopeless: it yields
+    assert long_b.score < long_q.score
+    assert long_b.score < A.score(long_b.ttft_s, long_b.tpot_s, slo)   # capped
+    short_q, short_b = A.local(quiet, 300, 16, slo), A.local(busy, 300, 16, slo)
+    assert short_q.ttft_s < slo.ttft_s       # (the landing stream slows it a little)
+    assert short_b.score == pytest.approx(A.score(short_b.ttft_s, short_b.tpot_s, slo))
+    # a stream placed on a decode engine that prefills alone beside late streams
+    backlog = replace(quiet, backlog_s=0.5)
+    waits = A.tpot_on(backlog, 100, 16, slo) - A.tpot_on(replace(backlog, backlog_s=0.0),
+                                                         100, 16, slo)
+    assert waits > A.alone_step(C, slo) / 15 * 0.99
+
+
+def test_a_late_requests_tpot_is_predicted_without_its_slack_and_scored_with_it():
+    """A request whose first token comes after its TTFT SLO (here: held that long) gets
+    no TPOT slack on its engine: the prediction says so (the prefill work booked there
+    lands in its steps), while the score, which decides where it goes, is the one with
+    its slack kept."""
+    slo = A.SLO(ttft_s=2.0, tpot_s=0.03)
+    p = A.Node("p", C)
+    d = A.Node("d", C, backlog_s=1.0, streams=1, ctx=500, excess_s=0.02)
+    fresh = {o.kind: o for o in A.options([p], [d], 500, 16, slo, {"d"})}
+    late = {o.kind: o for o in A.options([p], [d], 500, 16, slo, {"d"}, held_s=5.0)}
+    for kind in ("remote", "local"):
+        assert late[kind].tpot_s > fresh[kind].tpot_s + 1.0 / 15 * 0.9   # the backlog
+        assert late[kind].score == fresh[kind].score
+    kept = replace(slo, late=False)      # PDSERVE_LATE_STREAMS=keep: as before
+    assert A.options([p], [d], 500, 16, kept, {"d"}, held_s=5.0)[0].tpot_s == \
+        A.options([p], [d], 500, 16, kept, {"d"})[0].tpot_s
