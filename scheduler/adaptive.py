@@ -235,7 +235,7 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
     est = min(base + max(0.0, d.excess_s), max(base, slo.safety * slo.tpot_s))
     if d.backlog_s > 0:
         est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
-        if kept(d) <= 0:     # no stream with an SLO to keep: it prefills alone
+        if d.streams <= 0:
             extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return est + extra_s / per
 
