@@ -117,8 +117,10 @@ def test_latency_model_predicts_from_real_steps(roles_cluster):
     c = roles_cluster
     for i in range(6):
         complete(c, words(200 + 50 * i, seed=950 + i), 8)
-    w = wait_until(lambda: [w for w in c.workers() if w.step_samples > 0 and w.step_coef]
-                   if len(c.workers()) == 2 else None)
+    # both workers' fits (a list of one is truthy: the prefill worker's heartbeat may come
+    # a moment after the decode worker's)
+    w = wait_until(lambda: (lambda ws: ws if len(ws) == 2 else None)(
+        [w for w in c.workers() if w.step_samples > 0 and w.step_coef]))
     assert len(w) == 2 and all(x.step_coef[1] > 0 for x in w)    # per-token prefill cost
     body, route = complete(c, words(300, seed=999), 8)
     assert " predicted_ttft_ms=" in route and "runner_up: " in route, route
