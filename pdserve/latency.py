@@ -45,6 +45,9 @@ class StepSample:
     prefill_attn: float = 0.0     # sum of chunk * (computed before + chunk / 2), tokens^2
     decode_seqs: int = 0
     decode_ctx: int = 0           # context tokens of the decode sequences
+    # decode streams ran, none with an SLO left (pdserve/step_budget.py, `Stream.late`): the
+    # step was not held to their slack, so it says nothing of what an on-time stream sees
+    late_only: bool = False
 
     def features(self) -> list[float]:
         return step_features(self.prefill_tokens, self.prefill_attn, self.decode_seqs,

@@ -50,8 +50,9 @@ from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens, over
 
 log = logging.getLogger("vllm.pdserve.steps")
 
-# seconds, prefill tokens, prefill attention, decode seqs, decode ctx, allow_s, budget tokens
-WIRE = struct.Struct("<dIdIIdI")
+# seconds, prefill tokens, prefill attention, decode seqs, decode ctx, allow_s, budget tokens,
+# late streams only
+WIRE = struct.Struct("<dIdIIdIB")
 _PATCHED = False
 # an engine's first steps pay lazy initialisation (measured on CPU: 2.8-3.5 s for a
 # 4-token prompt, 0.16 s for the next one): they would teach the model nothing true
@@ -71,12 +72,12 @@ def encode(s: StepSample, allow_s: float, tokens: int) -> bytes:
     carries both as they are: the first version sent inf as -1 and read every negative
     allowance back as no stream at all)."""
     return WIRE.pack(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs, s.decode_ctx,
-                     allow_s, tokens)
+                     allow_s, tokens, int(s.late_only))
 
 
 def decode(b: bytes) -> tuple[StepSample, float, int]:
-    sec, p, a, d, c, allow, tok = WIRE.unpack(b)
-    return StepSample(sec, p, a, d, c), allow, tok
+    sec, p, a, d, c, allow, tok, late = WIRE.unpack(b)
+    return StepSample(sec, p, a, d, c, bool(late)), allow, tok
 
 
 class _State:
@@ -367,7 +368,8 @@ def install() -> bool:
             else:
                 d += 1
                 c += before
-        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c), b.allow_s, b.tokens,
+        late_only = bool(streams) and all(s.late for s in streams)
+        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only), b.allow_s, b.tokens,
                                len(held), b.sized and not held)
         return out
 
@@ -377,7 +379,7 @@ def install() -> bool:
         if got is not None and scheduler_output.total_num_scheduled_tokens > 0:
             t0, s, allow, tokens, held, sized = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
-                                s.decode_seqs, s.decode_ctx)
+                                s.decode_seqs, s.decode_ctx, s.late_only)
             if st.skip > 0:
                 st.skip -= 1
             else:

@@ -55,7 +55,7 @@ class StepReceiver:
             self.received += 1
             self.buf.append(pd_pb2.StepSample(
                 seconds=s.seconds, prefill_tokens=s.prefill_tokens, prefill_attn=s.prefill_attn,
-                decode_seqs=s.decode_seqs, decode_ctx=s.decode_ctx))
+                decode_seqs=s.decode_seqs, decode_ctx=s.decode_ctx, late_only=s.late_only))
 
     def take(self, n: int = MAX_PER_HEARTBEAT) -> list[pd_pb2.StepSample]:
         """The newest `n` steps not sent yet (older ones are dropped)."""

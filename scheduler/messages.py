@@ -30,7 +30,7 @@ def load_pb(ld: Load) -> pd_pb2.WorkerLoad:
 
 def samples(pbs) -> list[StepSample]:
     return [StepSample(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs,
-                       s.decode_ctx) for s in pbs if s.seconds > 0]
+                       s.decode_ctx, s.late_only) for s in pbs if s.seconds > 0]
 
 
 def worker_ref(w) -> pd_pb2.WorkerRef:

@@ -65,6 +65,9 @@ class Recent:
                                    # (prompt chunks beside them, a busy memory bus)
     seqs: float = 0.0              # their mean decode sequences
     ctx: float = 0.0               # ...and those sequences' mean context tokens
+    # excess_s over the steps held to some stream's slack (not beside late streams only,
+    # StepSample.late_only): what a stream with an SLO sees beside prompt chunks
+    held_excess_s: float = 0.0
 
     @property
     def plain_s(self) -> float:
@@ -122,7 +125,7 @@ class LatencyBook:
             if s.decode_seqs:
                 plain = c.decode_step(s.decode_seqs, s.decode_ctx) if c is not None else s.seconds
                 r.append((now, s.seconds, s.prefill_tokens > 0, s.seconds - plain,
-                          s.decode_seqs, s.decode_ctx))
+                          s.decode_seqs, s.decode_ctx, s.late_only))
 
     def observe_transfer(self, decode_worker: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -214,6 +217,9 @@ class LatencyBook:
         if not r:
             return Recent()
         n = len(r)
+        # a step beside late streams only was not held to any stream's slack: its excess
+        # is not what a stream with an SLO sees
+        held = [x[3] for x in r if not x[6]]
         return Recent(n, sum(1 for x in r if x[2]) / n, sum(x[1] for x in r) / n,
                       sum(x[3] for x in r) / n, sum(x[4] for x in r) / n,
-                      sum(x[5] for x in r) / n)
+                      sum(x[5] for x in r) / n, sum(held) / len(held) if held else 0.0)

@@ -389,7 +389,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
-                  book.recent_of(w.worker_id, now).excess_s, transfer_s, timeline, tail_s,
+                  book.recent_of(w.worker_id, now).held_excess_s, transfer_s, timeline, tail_s,
                   under, mid_s, book.first_over_s(w.worker_id, "remote"),
                   book.first_over_s(w.worker_id, "local"))
 

@@ -85,18 +85,20 @@ class WorkerLoad(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., kv_leases_held: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., step_allow_ms: _Optional[float] = ..., step_budget_tokens: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
 
 class StepSample(_message.Message):
-    __slots__ = ("seconds", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx")
+    __slots__ = ("seconds", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx", "late_only")
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ATTN_FIELD_NUMBER: _ClassVar[int]
     DECODE_SEQS_FIELD_NUMBER: _ClassVar[int]
     DECODE_CTX_FIELD_NUMBER: _ClassVar[int]
+    LATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     prefill_tokens: int
     prefill_attn: float
     decode_seqs: int
     decode_ctx: int
-    def __init__(self, seconds: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., prefill_attn: _Optional[float] = ..., decode_seqs: _Optional[int] = ..., decode_ctx: _Optional[int] = ...) -> None: ...
+    late_only: bool
+    def __init__(self, seconds: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., prefill_attn: _Optional[float] = ..., decode_seqs: _Optional[int] = ..., decode_ctx: _Optional[int] = ..., late_only: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "stop_token_ids", "repetition_penalty", "min_tokens", "cache_salt", "logit_bias", "prompt_logprobs", "structured", "min_p", "allowed_token_ids", "bad_words", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "logprob_token_ids")

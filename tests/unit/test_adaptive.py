@@ -459,3 +459,21 @@ def test_a_late_requests_tpot_is_predicted_without_its_slack_and_scored_with_it(
     kept = replace(slo, late=False)      # PDSERVE_LATE_STREAMS=keep: as before
     assert A.options([p], [d], 500, 16, kept, {"d"}, held_s=5.0)[0].tpot_s == \
         A.options([p], [d], 500, 16, kept, {"d"})[0].tpot_s
+
+
+def test_steps_beside_late_streams_only_do_not_teach_what_an_on_time_stream_sees():
+    """A step beside late streams only was not held to any stream's slack (its engine ran
+    an `alone` chunk): what it took beyond a plain decode step is left out of the excess a
+    new stream's TPOT is predicted with (`held_excess_s`), and kept in the mean the role
+    planner reads plain decode steps from (`excess_s`)."""
+    book = warm_book("p", "d")
+    before = book.recent_of("d", 10.0)
+    big = StepSample(C.step_time(2048, chunk_attn(2048, 0), 4, 2000), 2048,
+                     chunk_attn(2048, 0), 4, 2000, late_only=True)
+    book.observe_steps("d", "m", [big] * 8, now=10.0)
+    after = book.recent_of("d", 10.0)
+    assert after.held_excess_s == pytest.approx(before.held_excess_s)
+    assert after.excess_s > before.excess_s + 0.1
+    assert after.plain_s == pytest.approx(
+        (before.plain_s * before.stream_steps + C.decode_step(4, 2000) * 8)
+        / after.stream_steps, rel=0.01)

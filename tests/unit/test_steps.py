@@ -15,6 +15,8 @@ def test_wire_round_trip():
     assert math.isinf(decode(encode(s, float("inf"), 0))[1])
     # streams that are behind: a negative allowance, not "no stream"
     assert decode(encode(s, -0.25, 16))[1] == -0.25
+    late = StepSample(0.2, 300, 45000.0, 2, 900, late_only=True)   # beside late streams only
+    assert decode(encode(late, 0.09, 300))[0] == late
 
 
 def test_engine_sends_worker_keeps_the_newest_and_the_last_allowance():
