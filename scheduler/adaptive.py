@@ -202,8 +202,9 @@ class Sweep:
 
     def __init__(self, busy: tuple) -> None:
         ev = []
-        for start, end, n, c, *late in busy:
-            k = 0 if late and late[0] else n
+        for span in busy:
+            start, end, n, c = span[:4]
+            k = 0 if is_late(span) else n
             ev.append((start, n, c, k))
             if math.isfinite(end):
                 ev.append((end, -n, -c, -k))
@@ -240,14 +241,25 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
     return est + extra_s / per
 
 
+def is_late(span: tuple) -> bool:
+    """Is a `Node.streams_at` span late (its optional fifth field)?"""
+    return len(span) > 4 and bool(span[4])
+
+
 def kept(d: Node, until: float = 0.0) -> int:
     """`d`'s streams that are not late (their engine keeps their slack), decoding now,
     or, with `until` (s from now), at any time before it."""
     if not d.streams_at:
         return d.streams
-    return sum(n for start, end, n, _c, *late in d.streams_at
-               if not (late and late[0]) and start <= until and end > 0
-               and (until > 0 or start <= 0.0))
+    return sum(span[2] for span in d.streams_at
+               if not is_late(span) and span[0] <= until and span[1] > 0)
+
+
+def seen_tpot(step: float, d: Node, out: int, hold: bool) -> float:
+    """The TPOT a client sees of a remote-prefilled stream on `d` whose steps take `step`:
+    a kept first token comes with the second (one gap fewer); an early one is followed by
+    the handoff (the KV load), spread over the stream."""
+    return step * (out - 2) / (out - 1) if hold else step + d.transfer_s / max(1, out - 1)
 
 
 def alone_step(coef: Coef, slo: SLO) -> float:
@@ -273,7 +285,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = p.backlog_s + t + p.first_over_s
     step = tpot_on(d, tokens, out, slo)       # the stream's own; the handoff spreads on it
     per = max(1, out - 1)
-    tpot = step + d.transfer_s / per
+    tpot = seen_tpot(step, d, out, hold=False)
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
                  score(ttft, tpot, slo), min(p.cached, tokens), first_over_s=p.first_over_s)
     if out < 2 or slo.first_token == "early":
@@ -282,7 +294,7 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     # tokens together, so its TPOT is a little less (what is predicted): a bonus, not a
     # reason
     h_ttft = ttft + max(d.transfer_s, d.transfer_mid_s) + step
-    kept = replace(opt, ttft_s=h_ttft, tpot_s=step * (out - 2) / (out - 1),
+    kept = replace(opt, ttft_s=h_ttft, tpot_s=seen_tpot(step, d, out, hold=True),
                    score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
     if slo.first_token == "with_stream":
         return kept
@@ -347,13 +359,8 @@ def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) 
     decide where it goes; the prediction says what it will see."""
     if held_s + o.first_s <= slo.ttft_s:
         return o
-    per = max(1, out - 1)
-    if o.kind == "local":
-        tpot = tpot_on(d, tokens, out, slo, late=True)
-    elif o.hold:
-        tpot = tpot_on(d, tokens, out, slo, late=True) * (out - 2) / per
-    else:
-        tpot = tpot_on(d, tokens, out, slo, d.transfer_s, late=True)
+    step = tpot_on(d, tokens, out, slo, late=True)
+    tpot = step if o.kind == "local" else seen_tpot(step, d, out, o.hold)
     return replace(o, tpot_s=max(o.tpot_s, tpot))
 
 

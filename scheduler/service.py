@@ -316,9 +316,9 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     waited = True
                     await gate.wait(POLL_S)
                     continue
-                if waited:          # the picture changed while it waited
-                    d, took = self._place(request, ids, self.clock() - t_in)
                 held = self.clock() - t_in
+                if waited:          # the picture changed while it waited
+                    d, took = self._place(request, ids, held)
                 if (deadline and d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s
                         and gate.defer(model, ticket)):
                     SM.SCHED_DEFERRED.inc()
