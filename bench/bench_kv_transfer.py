@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         from pdserve.models import ensure_bundled_model
         ns.model = str(ensure_bundled_model())
     lengths = [int(x) for x in ns.tokens.split(",")]
-    cfg = argparse.Namespace(model=ns.model, served_name="model", max_model_len=4096,
+    cfg = argparse.Namespace(model=ns.model, served_name="model", max_model_len=4096, dtype="auto",
                              max_num_seqs=32, max_num_batched_tokens=4096, kv_cache_gib=1,
                              baseline_quiet_wait=False, pdserve_arg=ns.pdserve_arg,
                              variants={f"pdserve-{m}": ["--kv-mode", m]

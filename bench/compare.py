@@ -119,7 +119,7 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
     argv = ["taskset", "-c", cores, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", ns.model, "--served-model-name", ns.served_name,
             "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", resolve_dtype(getattr(ns, "dtype", "auto")),
+            "--dtype", resolve_dtype(ns.dtype),
             "--max-model-len", str(ns.max_model_len), "--block-size", "128",
             "--max-num-seqs", str(ns.max_num_seqs),
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
@@ -177,6 +177,7 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
             "--scheduler-port", str(sport), "--kv-cache-gib", str(ns.kv_cache_gib),
             "--max-model-len", str(ns.max_model_len), "--max-num-seqs", str(ns.max_num_seqs),
             "--max-num-batched-tokens", str(ns.max_num_batched_tokens),
+            "--dtype", resolve_dtype(ns.dtype),
             "--expose-routing",      # the x-pdserve-route header: options taken, forecasts
             *ns.pdserve_arg,
             *[a for a in ns.variants.get(setup, []) if not ENV_ARG.match(a)]],
@@ -352,6 +353,9 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--dtype", default="auto",
+                    help="every engine's (auto: bfloat16 where the CPU computes it natively, "
+                         "else float32)")
     ap.add_argument("--baseline-quiet-wait", action="store_true",
                     help="give vLLM's servers pdserve's quiet-wait plugin too")
     ap.add_argument("--pdserve-url", default="",

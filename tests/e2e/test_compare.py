@@ -36,6 +36,9 @@ def test_compare_two_setups_small_run(cluster, tiny_model, tmp_path):
          "--setups", "vllm-nixl-pd,pdserve", "--pdserve-url", cluster.url,
          "--num-requests", "3", "--input", "mix:0.34:300:60", "--output", "fixed:6",
          "--vocab", "900", "--warmup", "1", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500",
+         # the shared cluster's dtype; and vLLM's own P/D decode server died of SIGILL at
+         # its first step in bfloat16 on an AMX host (its amx attention kernel)
+         "--dtype", "float32",
          "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "c.json"),
          "--plot", str(tmp_path / "c")],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
