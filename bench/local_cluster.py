@@ -202,3 +202,31 @@ def start_frontend(c: Cluster, log_path: Path, extra: list[str] | None = None,
         stop_cluster_proc(proc)
         raise
     return proc, url
+
+
+def start_zygote(folder: Path, timeout: float = 180,
+                 preload: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A fork server (pdserve/zygote.py) with pdserve's and vLLM's modules imported:
+    (its process, its socket) once it listens. Clusters started while PDSERVE_ZYGOTE names
+    the socket fork their workers, scheduler and frontend from it instead of importing
+    afresh (a tiny-model cluster: ready in 8-11 s instead of 20-21 s on a 2-core host).
+    Stop it with `stop_cluster_proc` once no cluster uses it. `preload`: its modules
+    (comma list; default: pdserve's processes' and vLLM's)."""
+    sock = folder / "d" / "z.sock"
+    logf = open(folder / "zygote.log", "w")
+    extra = ["--preload", preload] if preload is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.zygote", "--socket", str(sock),
+                             *extra],
+                            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the zygote exited; see {folder / 'zygote.log'}")
+        return sock.exists()
+    try:
+        wait_until(up, timeout, step=0.2, what="the zygote")
+    except BaseException:
+        stop_cluster_proc(proc)
+        raise
+    return proc, str(sock)

@@ -19,9 +19,21 @@ import sys
 PARENT_ENV = "PDSERVE_PARENT_PID"
 
 
-def spawn(argv: list[str], env: dict[str, str | None] | None = None) -> subprocess.Popen:
-    """`argv` with our environment updated by `env` (a None value removes a variable)."""
+def spawn(argv: list[str], env: dict[str, str | None] | None = None):
+    """`argv` with our environment updated by `env` (a None value removes a variable): a
+    `subprocess.Popen`, or, for `python -m pdserve.cli ...` where PDSERVE_ZYGOTE names a
+    running zygote, a child it forked with its imports done (pdserve/zygote.py, the same
+    calls)."""
     full = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    zygote = full.get("PDSERVE_ZYGOTE", "")
+    if zygote and argv[:3] == [sys.executable, "-m", "pdserve.cli"]:
+        from pdserve import zygote as Z
+
+        try:
+            return Z.fork_cli(zygote, argv[3:], full)
+        except OSError as e:    # gone, or not up yet: a new interpreter, as without one
+            print(f"pdserve: zygote {zygote} unavailable ({e}); starting {argv[3:4]} "
+                  "as a new process", file=sys.stderr)
     return subprocess.Popen(argv, start_new_session=True,
                             env={**full, PARENT_ENV: str(os.getpid())})
 

@@ -22,6 +22,7 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     creds,
     metric_value,
     start_cluster,
+    start_zygote,
     stop_cluster_proc,
     wait_until,
 )

@@ -24,7 +24,7 @@ FLOOR = {"pdserve", "pdserve.auth", "pdserve.config", "pdserve.errors", "pdserve
          "pdserve.latency", "pdserve.lease_client", "pdserve.logs", "pdserve.metrics",
          "pdserve.models", "pdserve.procs", "pdserve.rpc", "pdserve.rpc.gen", "pdserve.rpc.pd_pb2",
          "pdserve.rpc.pd_pb2_grpc", "pdserve.sampling", "pdserve.step_budget",
-         "pdserve.vllm_args"}
+         "pdserve.vllm_args", "pdserve.zygote"}
 ROOF = {"pdserve.cli", "pdserve.launcher", "pdserve.flags"}
 # runtime group -> the runtime groups it may import (besides its own and the floor)
 RUNTIME = {
