@@ -28,15 +28,14 @@ from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, valida
 
 log = logging.getLogger(__name__)
 
-# Test switch: each prefill waits this long before it reaches the engine, so a decode
-# worker's push offer is outstanding for that long (tests/e2e/test_push.py). Never set
-# in production.
-DEBUG_DELAY_S = float(os.environ.get("PDSERVE_DEBUG_PREFILL_DELAY_S") or 0)
-
-
 class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, rt: WorkerRuntime) -> None:
         self.rt = rt
+        # Test switch: each prefill waits this long before it reaches the engine, so a
+        # decode worker's push offer is outstanding for that long (tests/e2e/test_push.py).
+        # Never set in production. Read here, not at import: a process forked from a
+        # zygote imported this module with the zygote's environment (pdserve/zygote.py).
+        self.debug_delay_s = float(os.environ.get("PDSERVE_DEBUG_PREFILL_DELAY_S") or 0)
 
     async def Prefill(self, request, context):
         sp = request.sampling
@@ -58,8 +57,8 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         self.rt.prefill_tokens += ntok       # reported as load in heartbeats
         self.rt.inflight += 1
         try:
-            if DEBUG_DELAY_S:   # test switch: a slow prefill (push-mode fault tests)
-                await asyncio.sleep(DEBUG_DELAY_S)
+            if self.debug_delay_s:   # test switch: a slow prefill (push-mode fault tests)
+                await asyncio.sleep(self.debug_delay_s)
             async for out in self.rt.engine.generate(
                     engine_prompt(list(request.token_ids), sp), params, request.request_id,
                     **reasoning_args(sp)):
