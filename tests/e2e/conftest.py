@@ -3,6 +3,7 @@ import random
 import re
 import subprocess
 import time
+import warnings
 
 import pytest
 
@@ -31,7 +32,12 @@ def _zygote(tmp_path_factory):
     if os.environ.get("PDSERVE_TEST_ZYGOTE", "1") == "0":
         yield
         return
-    proc, sock = start_zygote(tmp_path_factory.mktemp("zygote"))
+    try:
+        proc, sock = start_zygote(tmp_path_factory.mktemp("zygote"))
+    except Exception as e:      # an accelerator; its own tests: tests/component/test_zygote.py
+        warnings.warn(f"no zygote, clusters start new interpreters: {e}", stacklevel=2)
+        yield
+        return
     os.environ["PDSERVE_ZYGOTE"] = sock
     yield
     os.environ.pop("PDSERVE_ZYGOTE", None)
