@@ -29,7 +29,8 @@ PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
 name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
-end, and the prompts held back for a handoff step.
+end, the prompts held back for a handoff step, and 1 where every stream in the step was
+late (its first token after its TTFT SLO, `_late`).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class _State:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
                              f"{sample.decode_ctx} {allow:.4f} {tokens} "
-                             f"{time.monotonic():.3f} {held}\n")
+                             f"{time.monotonic():.3f} {held} {int(sample.late_only)}\n")
         if self.sock is None:
             return
         try:

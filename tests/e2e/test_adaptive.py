@@ -1,7 +1,8 @@
 """Adaptive disaggregation with real engines: chunked local prefill beside a running stream
-equals colocated vLLM; the latency model predicts from real steps; roles change under
-load with no request lost and no KV block leaked; the role planner flips a role when the
-mix shifts, and not before."""
+equals colocated vLLM, and beside a late one (its first token after the TTFT SLO) goes at
+the pace of an engine without streams; the latency model predicts from real steps; roles
+change under load with no request lost and no KV block leaked; the role planner flips a
+role when the mix shifts, and not before."""
 
 import concurrent.futures as cf
 import time
@@ -102,6 +103,52 @@ def test_a_stream_landing_during_a_local_prefill_gets_steps_without_prompt_chunk
     assert handoffs, "no step held a local prefill back for a landing stream"
     # a handoff step computes the landing streams' last prompt tokens, not a prompt chunk
     assert all(int(s[1]) <= 16 * len(remote) for s in handoffs), handoffs
+    loads = c.wait_idle()
+    assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
+
+
+@pytest.fixture(scope="module")
+def late(tiny_model, tmp_path_factory):
+    """The `chunked` cluster with a 1 ms TTFT SLO: every stream's first token comes after
+    it (the frontend dates it: arrival + SLO), so no stream has an SLO left to keep, and
+    nothing is refused for a forecast over the SLO (`--admit-ttft-factor 0`)."""
+    trace = tmp_path_factory.mktemp("steps") / "steps.txt"
+    for c in serving(tiny_model, tmp_path_factory, "late",
+                     env={"PDSERVE_STEP_TRACE": str(trace)},
+                     extra=["--local-prefill-max-tokens", "1600", "--tpot-slo-ms", "1",
+                            "--ttft-slo-ms", "1", "--admit-ttft-factor", "0"]):
+        c.trace = trace
+        yield c
+
+
+def test_a_late_stream_keeps_no_slack_and_the_output_is_colocated_vllms(late, tokenizer,
+                                                                        tmp_path_factory):
+    """The first token's due time reaches the decode engine: beside a stream whose first
+    token came after it, the engine marks its steps late-only and computes a local
+    prompt in the chunks of an engine with no stream, not at the floor it keeps beside an
+    on-time stream (test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm, the
+    same requests with a TTFT SLO they meet: at most 16 tokens a step). Same output."""
+    c = late
+    long_stream = words(40, seed=901)
+    prompt = words(300, seed=1200)
+    ids = [tokenizer.encode(p) for p in (long_stream, prompt)]
+    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"),
+                    sampling=[{"ignore_eos": True}])
+    ref += reference(c.model_dir, ids[1:], 16, tmp_path_factory.mktemp("ref2"))
+    start = len(steps(c.trace))
+    with cf.ThreadPoolExecutor(2) as ex:
+        stream = ex.submit(complete, c, long_stream, 400, ignore_eos=True)
+        wait_until(lambda: any(int(s[3]) >= 1 for s in steps(c.trace, start)))
+        mark = len(steps(c.trace))
+        out, route = complete(c, prompt, 16)
+        body, _ = stream.result()
+    assert route.startswith("local:"), route
+    assert out["choices"][0]["text"] == ref[1]["text"]
+    assert body["choices"][0]["text"] == ref[0]["text"]
+    beside = [s for s in steps(c.trace, mark) if int(s[1]) > 0 and int(s[3]) >= 1]
+    assert beside, "the prompt was not computed beside the stream"
+    assert all(len(s) >= 10 and s[9] == "1" for s in beside), beside[:5]   # late only
+    assert max(int(s[1]) for s in beside) > 16, beside[:5]     # not the on-time floor
     loads = c.wait_idle()
     assert all(not (v.running or v.kv_usage or v.kv_leases_held) for v in loads.values())
 
