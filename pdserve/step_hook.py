@@ -256,21 +256,37 @@ def _landing_first(sched) -> None:
         q.prepend_requests(reversed(first))
 
 
+def _admission_limit(sched) -> str:
+    """The attribute vLLM's scheduler admits waiting requests up to (running ones counted)."""
+    return "max_num_active_reqs" if hasattr(sched, "max_num_active_reqs") \
+        else "max_num_running_reqs"
+
+
 def _hold_prompts(sched) -> list:
     """Take the prompts being computed out of vLLM's running list for one step (they get
     no tokens in it: what a budget that ran out before them does); `_restore` puts them
     back in front, in their order. Should the step run out of KV blocks, vLLM preempts
-    from what is left in the list (the newest stream first), not a held prompt."""
+    from what is left in the list (the newest stream first), not a held prompt.
+
+    The held prompts keep their slots: vLLM's admission limit goes down by as many for
+    the step. Without that, vLLM filled the slots they had left from its waiting queue,
+    the restored list held more than `max_num_seqs`, and the next step's own check killed
+    the engine core (`assert len(self.running) <= self.max_num_running_reqs`; the
+    autoscaler's decode burst, 12 streams on 2 slots, in one suite run of four)."""
     held = [r for r in sched.running if _prefilling(r)]
     if held:
         keep = {id(r) for r in held}
         sched.running = [r for r in sched.running if id(r) not in keep]
+        attr = _admission_limit(sched)
+        setattr(sched, attr, getattr(sched, attr) - len(held))
     return held
 
 
 def _restore(sched, held: list) -> None:
     if held:
         sched.running = held + sched.running
+        attr = _admission_limit(sched)
+        setattr(sched, attr, getattr(sched, attr) + len(held))
 
 
 def _partial_prefills(sched) -> int:

@@ -120,13 +120,24 @@ def test_a_landing_stream_gets_handoff_steps_without_prompt_chunks():
     alone_budget = Budget(0.2016, 100)
     prompt = req("p", 300, 1000)
     fresh = req("r", 0, 501, remote=True)
-    sched = NS(running=[prompt], waiting=[fresh], kv_holding_waiting=[])
+    sched = NS(running=[prompt], waiting=[fresh], kv_holding_waiting=[],
+               max_num_active_reqs=2, max_num_running_reqs=2)
     assert _handoff_step(sched, st, [], alone_budget, 10.0)
     held = _hold_prompts(sched)
     assert held == [prompt] and sched.running == []
+    # the held prompt keeps its slot: vLLM admits up to one request meanwhile, not two
+    assert sched.max_num_active_reqs == 1 and sched.max_num_running_reqs == 2
     sched.running.append(fresh)            # what vLLM's schedule may add meanwhile
     _restore(sched, held)
     assert sched.running == [prompt, fresh]
+    assert sched.max_num_active_reqs == 2 and len(sched.running) <= sched.max_num_running_reqs
+    # a vLLM without the separate admission limit admits up to max_num_running_reqs
+    stream = req("s", 600, 500)            # decoding: not held
+    old = NS(running=[prompt, stream], max_num_running_reqs=2)
+    held = _hold_prompts(old)
+    assert old.max_num_running_reqs == 1 and old.running == [stream]
+    _restore(old, held)
+    assert old.max_num_running_reqs == 2 and old.running == [prompt, stream]
     # a request vLLM cannot admit (no free blocks: the held prompt may hold them) holds
     # the prompt back for one SLO-sized step's time, not for ever
     sched = NS(running=[prompt], waiting=[fresh], kv_holding_waiting=[])
