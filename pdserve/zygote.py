@@ -51,12 +51,13 @@ MAX_REQUEST = 1 << 20
 
 
 class Forked:
-    """A child the zygote forked: what the launcher and the local actuator use of `Popen`."""
+    """A child the zygote forked: what the launcher and the local actuator use of `Popen`
+    (they signal its process group by `pid`). `buf`: what came after the pid line."""
 
-    def __init__(self, conn: socket.socket, pid: int, args: list[str]) -> None:
+    def __init__(self, conn: socket.socket, pid: int, args: list[str], buf: bytes = b"") -> None:
         self.conn, self.pid, self.args = conn, pid, args
         self.returncode: int | None = None
-        self._buf = b""
+        self._buf = buf
 
     def _read(self, timeout: float | None) -> None:
         while self.returncode is None:
@@ -89,18 +90,6 @@ class Forked:
             self._read(left)
         return self.returncode
 
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 10.0) -> Forked:
@@ -124,9 +113,7 @@ def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 1
         if not line.startswith(b"pid "):
             raise OSError(f"the zygote refused: {line.decode(errors='replace')}")
         conn.settimeout(None)
-        child = Forked(conn, int(line[4:]), [sys.executable, "-m", MODULE, *args])
-        child._buf = rest
-        return child
+        return Forked(conn, int(line[4:]), [sys.executable, "-m", MODULE, *args], rest)
     except BaseException:
         conn.close()
         raise
