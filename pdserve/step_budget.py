@@ -95,6 +95,12 @@ def overrun(ratios) -> float:
     return min(MAX_OVERRUN, max(1.0, v[len(v) // 2]))
 
 
+def late_only(streams: list[Stream]) -> bool:
+    """Streams run, and none has an SLO left to keep (`Stream.late`): the engine steps as
+    with none, and such a step says nothing of what an on-time stream sees."""
+    return bool(streams) and all(s.late for s in streams)
+
+
 def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
               base_s: float = 0.0) -> float:
     """The longest this step may take with every stream still ending within safety * SLO,
@@ -118,7 +124,7 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     (`overrun`): the chunk is sized for the model's step times that much."""
     if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
-    if all(s.late for s in streams):    # none, or none with an SLO left to keep
+    if not streams or late_only(streams):    # none with an SLO left to keep
         if not local_prefill:
             return Budget(float("inf"), 0)
         # a stream that lands will be held to safety * SLO

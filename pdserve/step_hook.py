@@ -47,7 +47,8 @@ from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_budget import SAFETY, Stream, alone, budget, fcfs_tokens, overrun
+from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
+                                 overrun)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -385,9 +386,8 @@ def install() -> bool:
             else:
                 d += 1
                 c += before
-        late_only = bool(streams) and all(s.late for s in streams)
-        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only), b.allow_s, b.tokens,
-                               len(held), b.sized and not held)
+        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only(streams)),
+                               b.allow_s, b.tokens, len(held), b.sized and not held)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
