@@ -45,11 +45,12 @@ def steps(trace, start=0):
     return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) >= 7]
 
 
-def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, tokenizer,
-                                                                    tmp_path_factory):
-    c = chunked
+def beside_a_stream(c, prompts: list[str], tokenizer, tmp_path_factory):
+    """A long stream (40-token prompt, 400 tokens, EOS ignored) on `c`, and once it decodes,
+    `prompts` (16 tokens each) one after another beside it: (the stream's body, each
+    prompt's (body, route), colocated vLLM's outputs for the stream then the prompts, the
+    trace line from which the prompts ran)."""
     long_stream = words(40, seed=901)
-    prompts = [words(n, seed=900 + n) for n in (300, 700)]
     ids = [tokenizer.encode(p) for p in [long_stream] + prompts]
     # the stream ignores EOS, and so does its reference (where the model's greedy path meets
     # EOS early, as in bfloat16 on an AVX512-BF16 host, the two would differ otherwise)
@@ -62,7 +63,15 @@ def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, to
         wait_until(lambda: any(int(s[3]) >= 1 for s in steps(c.trace, start)))
         mark = len(steps(c.trace))
         outs = [complete(c, p, 16) for p in prompts]
-        body, route = stream.result()
+        body, _ = stream.result()
+    return body, outs, ref, mark
+
+
+def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, tokenizer,
+                                                                    tmp_path_factory):
+    c = chunked
+    prompts = [words(n, seed=900 + n) for n in (300, 700)]
+    body, outs, ref, mark = beside_a_stream(c, prompts, tokenizer, tmp_path_factory)
     assert body["choices"][0]["text"] == ref[0]["text"]
     for (out, route), want in zip(outs, ref[1:]):
         assert route.startswith("local:short_prompt"), route
@@ -129,19 +138,8 @@ def test_a_late_stream_keeps_no_slack_and_the_output_is_colocated_vllms(late, to
     on-time stream (test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm, the
     same requests with a TTFT SLO they meet: at most 16 tokens a step). Same output."""
     c = late
-    long_stream = words(40, seed=901)
-    prompt = words(300, seed=1200)
-    ids = [tokenizer.encode(p) for p in (long_stream, prompt)]
-    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"),
-                    sampling=[{"ignore_eos": True}])
-    ref += reference(c.model_dir, ids[1:], 16, tmp_path_factory.mktemp("ref2"))
-    start = len(steps(c.trace))
-    with cf.ThreadPoolExecutor(2) as ex:
-        stream = ex.submit(complete, c, long_stream, 400, ignore_eos=True)
-        wait_until(lambda: any(int(s[3]) >= 1 for s in steps(c.trace, start)))
-        mark = len(steps(c.trace))
-        out, route = complete(c, prompt, 16)
-        body, _ = stream.result()
+    body, [(out, route)], ref, mark = beside_a_stream(c, [words(300, seed=1200)], tokenizer,
+                                                      tmp_path_factory)
     assert route.startswith("local:"), route
     assert out["choices"][0]["text"] == ref[1]["text"]
     assert body["choices"][0]["text"] == ref[0]["text"]
