@@ -294,10 +294,10 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     # tokens together, so its TPOT is a little less (what is predicted): a bonus, not a
     # reason
     h_ttft = ttft + max(d.transfer_s, d.transfer_mid_s) + step
-    kept = replace(opt, ttft_s=h_ttft, tpot_s=seen_tpot(step, d, out, hold=True),
-                   score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
+    with_stream = replace(opt, ttft_s=h_ttft, tpot_s=seen_tpot(step, d, out, hold=True),
+                          score=score(h_ttft, step, slo), hold=True, ready_s=ttft)
     if slo.first_token == "with_stream":
-        return kept
+        return with_stream
     tail = d.transfer_tail_s
     if tail is None:
         # not learned yet (TAIL_MIN handoffs): a stream that lands while the decode engine
@@ -312,8 +312,8 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     u = d.tpot_under
     risk = max(step + tail / per if tail > 0 else 0.0, tpot * (1.0 + u) if u > 0 else 0.0)
     if (risk > 0 and score(ttft, risk, slo) < MARGIN
-            and kept.score >= MARGIN and kept.score > opt.score):
-        return kept
+            and with_stream.score >= MARGIN and with_stream.score > opt.score):
+        return with_stream
     return opt
 
 
