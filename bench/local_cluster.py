@@ -157,7 +157,7 @@ def _start_cluster(model_dir: str, log_path: Path, env: dict[str, str] | None,
         except Exception:
             stop_cluster_proc(proc)      # never leave a cluster behind a failed start
             raise
-        time.sleep(1)
+        time.sleep(0.2)
     stop_cluster_proc(proc)
     raise RuntimeError(f"cluster not healthy in {timeout}s; see {log_path}")
 
@@ -214,7 +214,8 @@ def start_zygote(folder: Path, timeout: float = 180,
     (comma list; default: pdserve's processes' and vLLM's)."""
     sock = folder / "d" / "z.sock"
     logf = open(folder / "zygote.log", "w")
-    extra = ["--preload", preload] if preload is not None else []
+    # a light preload (component tests) has no vLLM to warm
+    extra = ["--preload", preload, "--warm", ""] if preload is not None else []
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.zygote", "--socket", str(sock),
                              *extra],
                             stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,

@@ -311,3 +311,35 @@ def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferCon
             "expect_transport": kv.expect_transport, "ucx_err_mode": kv.ucx_err_mode,
             "checksum": kv.checksum,
             "kv_mode": kv.mode, "push_ttl_s": kv.push_ttl_s}
+
+
+def warm_compiled_ops() -> None:
+    """Compile here the kernel vLLM's sampler builds with torch.compile on first use: the
+    rank of each sampled (or prompt) token among its logprobs (`batched_count_greater_than`,
+    Inductor). An engine pays it at its first request with logprobs: 2.2-2.7 s of one core
+    on a 2-core AVX512 host, most of a tiny-model worker's warm-up. A process forked from
+    this one, and the engine cores forked from that (`forked_core`), inherit the compiled
+    code: the zygote (pdserve/zygote.py) calls this once, so that no worker it forks
+    compiles it again (measured: that first call takes 0.001 s in a child at one thread).
+
+    Shaped as the sampler calls it: float32 logprobs, the batch dimension unbacked, and two
+    vocabulary sizes, so that dimension is dynamic and any model's fits. Run at one thread
+    and left at none: Dynamo guards on the thread count (an engine at one core matches; at
+    more, a cheap recompile from Inductor's cache, ~0.1 s), and a process that ran an
+    OpenMP team cannot fork safely (a child's first parallel region can hang in libgomp);
+    with one thread no team is started."""
+    import torch
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for vocab in (1000, 1001):
+                logprobs = torch.zeros(2, vocab)
+                picked = logprobs.gather(-1, torch.zeros(2, 1, dtype=torch.long))
+                torch._dynamo.decorators.mark_unbacked(logprobs, 0)
+                torch._dynamo.decorators.mark_unbacked(picked, 0)
+                batched_count_greater_than(logprobs, picked)
+    finally:
+        torch.set_num_threads(threads)

@@ -23,6 +23,8 @@ child did.
 Only one user: the socket lives in a directory only its owner can enter, and the zygote
 serves only its own uid (SO_PEERCRED). The zygote never starts threads of its own (a fork
 copies only the thread that calls it); it waits with `select` and reaps with `waitpid`.
+Once imported it runs its `--warm` callables: work every child would repeat, done once
+(vLLM's sampler kernel, compiled at one thread: `pdserve.engine.warm_compiled_ops`).
 
 Used by the test suite (tests/e2e/conftest.py), where it saves those imports at every
 cluster start; an operator may run one beside `pdserve serve` the same way.
@@ -47,6 +49,8 @@ ENV = "PDSERVE_ZYGOTE"
 MODULE = "pdserve.cli"
 PRELOAD = ("pdserve.cli", "pdserve.worker", "decode_worker.server", "prefill_worker.server",
            "scheduler.server", "frontend.app", "vllm.v1.engine.async_llm", "vllm.v1.engine.core")
+# called once the modules are imported: work every forked process would otherwise repeat
+WARM = ("pdserve.engine:warm_compiled_ops",)
 MAX_REQUEST = 1 << 20
 
 
@@ -223,9 +227,14 @@ def _child(req: dict, fds: list[int], close: list[socket.socket], ready: int) ->
             os._exit(code)
 
 
-def serve(path: str, preload: list[str]) -> None:
+def serve(path: str, preload: list[str], warm: list[str] = ()) -> None:
     for name in preload:
         importlib.import_module(name)
+    for spec in warm:       # "module:function", called with no argument
+        mod, _, fn = spec.partition(":")
+        t0 = time.monotonic()
+        getattr(importlib.import_module(mod), fn)()
+        print(f"zygote: {spec} took {time.monotonic() - t0:.2f}s", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     d = os.path.dirname(os.path.abspath(path))
@@ -344,9 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True, help="where to listen (its folder: mode 0700)")
     ap.add_argument("--preload", default=",".join(PRELOAD),
                     help="modules to import before forking (comma list)")
+    ap.add_argument("--warm", default=",".join(WARM),
+                    help="module:function callables to run once the modules are imported "
+                         "(comma list; default: compile vLLM's sampler kernel)")
     ns = ap.parse_args(argv)
     _die_with_parent()       # and its children with it
-    serve(ns.socket, [m for m in ns.preload.split(",") if m])
+    serve(ns.socket, [m for m in ns.preload.split(",") if m],
+          [w for w in ns.warm.split(",") if w])
     return 0
 
 
