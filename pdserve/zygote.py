@@ -11,7 +11,8 @@ sends it a `python -m pdserve.cli ...` command line, the environment and its std
 and stderr (SCM_RIGHTS), where PDSERVE_ZYGOTE names the socket. The zygote forks; the
 child starts its own session, takes those descriptors, that environment and directory,
 and runs `pdserve.cli` as `python -m` would. Anything else, or no zygote, is started as a
-new interpreter, as before.
+new interpreter, as before. (`fork_module` asks for another module: the test suite's
+ground-truth vLLM engines, tests/e2e/cluster.py.)
 
 The caller gets a `Popen`-like handle (`Forked`): the pid, `poll`, `wait` and
 `returncode` come over the same connection ("pid N", then "exit CODE", negative for a
@@ -99,14 +100,23 @@ class Forked:
 def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 10.0) -> Forked:
     """`python -m pdserve.cli *args` forked by the zygote at `path`, with `env`, this
     process's directory and its stdin, stdout and stderr. OSError when it cannot."""
+    return fork_module(path, MODULE, args, env, timeout=timeout)
+
+
+def fork_module(path: str, module: str, args: list[str], env: dict[str, str],
+                fds: tuple[int, int, int] = (0, 1, 2), timeout: float = 10.0) -> Forked:
+    """`python -m module *args` forked by the zygote at `path`, with `env`, this process's
+    directory and `fds` as its stdin, stdout and stderr (the caller keeps its copies).
+    OSError when it cannot."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         conn.connect(path)
-        body = json.dumps({"args": args, "env": env, "cwd": os.getcwd()}).encode()
+        body = json.dumps({"module": module, "args": args, "env": env,
+                           "cwd": os.getcwd()}).encode()
         if len(body) + 4 > MAX_REQUEST:
             raise OSError("command line and environment too large for the zygote")
-        socket.send_fds(conn, [struct.pack("!I", len(body)) + body], [0, 1, 2])
+        socket.send_fds(conn, [struct.pack("!I", len(body)) + body], list(fds))
         buf = b""
         while b"\n" not in buf:
             data = conn.recv(4096)
@@ -117,7 +127,7 @@ def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 1
         if not line.startswith(b"pid "):
             raise OSError(f"the zygote refused: {line.decode(errors='replace')}")
         conn.settimeout(None)
-        return Forked(conn, int(line[4:]), [sys.executable, "-m", MODULE, *args], rest)
+        return Forked(conn, int(line[4:]), [sys.executable, "-m", module, *args], rest)
     except BaseException:
         conn.close()
         raise
@@ -146,9 +156,11 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
             data += more
         n = struct.unpack("!I", data[:4])[0]
         req = json.loads(data[4:4 + n])
+        module = req.setdefault("module", MODULE)
         if len(fds) != 3 or not isinstance(req.get("args"), list) \
-                or not isinstance(req.get("env"), dict):
-            raise ValueError("a request is args, env, cwd and three descriptors")
+                or not isinstance(req.get("env"), dict) or not isinstance(module, str) \
+                or not all(p.isidentifier() for p in module.split(".")):
+            raise ValueError("a request is a module, args, env, cwd and three descriptors")
         return req, fds
     except BaseException:
         for fd in fds:
@@ -182,7 +194,7 @@ def _title(argv: list[str]) -> None:
 
 
 def _child(req: dict, fds: list[int], close: list[socket.socket], ready: int) -> None:
-    """In the forked child: become `python -m pdserve.cli *args`; never returns. `ready`:
+    """In the forked child: become `python -m module *args`; never returns. `ready`:
     a pipe to tell the zygote that the child leads its own process group and takes
     signals as a new process does (before that, a SIGTERM to its group missed it)."""
     code = 1
@@ -200,14 +212,14 @@ def _child(req: dict, fds: list[int], close: list[socket.socket], ready: int) ->
         # our parent is the zygote: it stops us when the caller goes (PR_SET_PDEATHSIG ties
         # us to the zygote, which lives longer)
         _die_with_parent()
-        _title([sys.executable, "-m", MODULE, *map(str, req["args"])])
+        _title([sys.executable, "-m", req["module"], *map(str, req["args"])])
         os.chdir(req.get("cwd") or "/")
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
         sys.argv = [sys.argv[0], *map(str, req["args"])]
         import runpy
 
-        runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

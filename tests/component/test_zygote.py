@@ -14,7 +14,7 @@ import pytest
 
 from bench.local_cluster import ROOT, start_zygote, stop_cluster_proc, wait_until
 from pdserve import procs
-from pdserve.zygote import Forked
+from pdserve.zygote import Forked, fork_module
 
 CLI = [sys.executable, "-m", "pdserve.cli"]
 # a long-running pdserve process that needs no engine
@@ -80,6 +80,23 @@ def test_a_caller_that_dies_takes_its_children_with_it(zygote, tmp_path):
     caller.kill()
     caller.wait(timeout=30)
     wait_until(lambda: not _alive(child), 30, what="the orphan to be stopped")
+
+
+def test_another_module_runs_on_the_descriptors_given(zygote):
+    """`fork_module`: the ground-truth engines' way (tests/e2e/cluster.py), with pipes."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    p = fork_module(zygote, "json.tool", ["--sort-keys"], dict(os.environ),
+                    fds=(in_r, out_w, 2))
+    os.close(in_r)
+    os.close(out_w)
+    with os.fdopen(in_w, "w") as w:
+        w.write('{"b": 1, "a": [2]}')
+    with os.fdopen(out_r) as r:
+        assert r.read().split() == ["{", '"a":', "[", "2", "],", '"b":', "1", "}"]
+    assert p.wait(timeout=60) == 0
+    with pytest.raises(OSError, match="refused"):
+        fork_module(zygote, "not a module", [], dict(os.environ))
 
 
 def test_a_request_without_descriptors_is_refused(zygote):

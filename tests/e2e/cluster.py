@@ -26,6 +26,7 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     stop_cluster_proc,
     wait_until,
 )
+from pdserve import zygote
 from pdserve.rpc import pd_pb2_grpc
 
 
@@ -62,19 +63,48 @@ def assert_prompt_loaded_not_recomputed(before: str, after: str, n: int) -> None
 
 class ReferenceEngine:
     """A colocated vLLM engine kept for the session (`reference_gen.py`), one per
-    configuration: starting one costs three generations of vLLM imports."""
+    configuration: starting one costs three generations of vLLM imports, or none where
+    PDSERVE_ZYGOTE names a running zygote (the e2e session's), which forks it with vLLM
+    imported and its sampler kernel compiled."""
 
-    def __init__(self, argv: list[str], log: Path, timeout: float = 600) -> None:
-        self.proc = subprocess.Popen([*argv, "--log", str(log)], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     start_new_session=True)
+    MODULE = "tests.e2e.reference_gen"
+
+    def __init__(self, args: list[str], log: Path, timeout: float = 600) -> None:
+        args = [*args, "--log", str(log)]
         self.log = log
+        self.proc = None
+        if os.environ.get(zygote.ENV):
+            try:
+                self.proc, self.stdin, self.stdout = self._fork(os.environ[zygote.ENV], args)
+            except OSError as e:    # a new interpreter, as without one
+                print(f"reference engine: zygote unavailable ({e})", file=sys.stderr)
+        if self.proc is None:
+            p = subprocess.Popen([sys.executable, "-m", self.MODULE, *args], cwd=ROOT,
+                                 text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 start_new_session=True)
+            self.proc, self.stdin, self.stdout = p, p.stdin, p.stdout
         if "ready" not in self._answer(timeout):
             raise RuntimeError(f"reference engine did not start; see {log}")
 
+    def _fork(self, path: str, args: list[str]):
+        """Forked by the zygote, with pipes for its requests and answers."""
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            proc = zygote.fork_module(path, self.MODULE, args, dict(os.environ),
+                                      fds=(in_r, out_w, 2))
+        except BaseException:
+            os.close(in_w)
+            os.close(out_r)
+            raise
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        return proc, os.fdopen(in_w, "w"), os.fdopen(out_r, "r")
+
     def _answer(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
+        ready, _, _ = select.select([self.stdout], [], [], timeout)
+        line = self.stdout.readline() if ready else ""
         if not line:
             self.close()
             raise RuntimeError(f"reference engine gave no answer in {timeout:.0f}s or "
@@ -82,8 +112,8 @@ class ReferenceEngine:
         return json.loads(line)
 
     def run(self, req: dict, timeout: float = 600) -> list[dict]:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
+        self.stdin.write(json.dumps(req) + "\n")
+        self.stdin.flush()
         ans = self._answer(timeout)
         if "error" in ans:
             raise RuntimeError(f"reference engine: {ans['error']}")
@@ -93,7 +123,7 @@ class ReferenceEngine:
         """EOF on stdin stops it; its process group is killed if it lingers."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()
+                self.stdin.close()
                 self.proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -123,8 +153,8 @@ def reference(model_dir: str, prompts: list[list[int]], max_tokens: int, tmp: Pa
     key = (model_dir, cores, max_num_batched_tokens, block_size)
     if key not in _REFERENCES or _REFERENCES[key].proc.poll() is not None:
         _REFERENCES[key] = ReferenceEngine(
-            [sys.executable, str(ROOT / "tests/e2e/reference_gen.py"), "--model", model_dir,
-             "--cores", cores, "--max-num-batched-tokens", str(max_num_batched_tokens),
+            ["--model", model_dir, "--cores", cores,
+             "--max-num-batched-tokens", str(max_num_batched_tokens),
              "--block-size", str(block_size)], tmp / "reference.log")
     try:
         return _REFERENCES[key].run({"max_tokens": max_tokens, "prompts": prompts,

@@ -1,6 +1,6 @@
 """Ground truth: one colocated vLLM engine (no connector), same model, dtype, thread count.
 
-    python tests/e2e/reference_gen.py --model DIR --cores 1 --log FILE
+    python -m tests.e2e.reference_gen --model DIR --cores 1 --log FILE
 
 A long-lived server, so the suite starts one such engine per configuration rather than one
 per test module: each line on stdin is a request, each answer one line on the stdout it was
