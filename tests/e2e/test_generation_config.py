@@ -8,14 +8,14 @@ and pdserve's frontend without the folder answers differently, so the check can 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import httpx
 import pytest
 
-from bench.compare import Procs, vllm_server, wait_ready
+from bench.compare import Procs, wait_ready
 from bench.local_cluster import start_frontend, stop_cluster_proc
+from tests.e2e.cluster import start_vllm_api
 from tests.e2e.conftest import words
 
 PROMPT = words(40, seed=601)
@@ -33,13 +33,11 @@ def gen_dir(tmp_path_factory):
 def servers(cluster, tiny_model, gen_dir, tmp_path_factory):
     """(pdserve's second frontend on `cluster`, vLLM's server), both with the folder."""
     logs = tmp_path_factory.mktemp("gen-logs")
-    ns = argparse.Namespace(model=tiny_model, served_name=cluster.model_name,
-                            max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
-                            kv_cache_gib=1, baseline_quiet_wait=True, dtype="float32")
     procs = Procs(logs)
     fe = None
     try:
-        theirs = vllm_server(procs, ns, "vllm-gen", "1", ["--generation-config", gen_dir])
+        theirs = start_vllm_api(procs, tiny_model, cluster.model_name, "vllm-gen",
+                          ["--generation-config", gen_dir])
         fe, ours = start_frontend(cluster, logs / "frontend.log",
                                   ["--generation-config", gen_dir])
         wait_ready(theirs, procs)

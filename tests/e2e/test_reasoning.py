@@ -16,15 +16,14 @@ step-hook test below runs here."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import httpx
 import pytest
 
-from bench.compare import Procs, vllm_server, wait_ready
-from tests.e2e.cluster import wait_until
+from bench.compare import Procs, wait_ready
+from tests.e2e.cluster import start_vllm_api, wait_until
 from tests.e2e.conftest import words
 
 REASONING = ["--reasoning-parser", "deepseek_v3"]     # as cond_cluster's
@@ -38,12 +37,9 @@ def rcluster(cond_cluster):
 
 @pytest.fixture(scope="module")
 def vllm_r(rcluster, tiny_model, tmp_path_factory):
-    ns = argparse.Namespace(model=tiny_model, served_name=rcluster.model_name,
-                            max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
-                            kv_cache_gib=1, baseline_quiet_wait=True, dtype="float32")
     procs = Procs(tmp_path_factory.mktemp("vllm-reasoning"))
     try:
-        url = vllm_server(procs, ns, "vllm-reasoning", "1", REASONING)
+        url = start_vllm_api(procs, tiny_model, rcluster.model_name, "vllm-reasoning", REASONING)
         wait_ready(url, procs)
         yield url
     finally:

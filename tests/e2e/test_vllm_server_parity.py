@@ -12,12 +12,12 @@ test_smollm2.py: this tiny word-level model cannot write JSON.)"""
 
 from __future__ import annotations
 
-import argparse
 
 import httpx
 import pytest
 
-from bench.compare import Procs, vllm_server, wait_ready
+from bench.compare import Procs, wait_ready
+from tests.e2e.cluster import start_vllm_api
 from tests.e2e.conftest import words
 
 P1, P2 = words(30, seed=501), words(180, seed=502)
@@ -25,13 +25,10 @@ P1, P2 = words(30, seed=501), words(180, seed=502)
 
 @pytest.fixture(scope="module")
 def vllm_api(cluster, tiny_model, tmp_path_factory):
-    ns = argparse.Namespace(model=tiny_model, served_name=cluster.model_name,
-                            max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
-                            kv_cache_gib=1, baseline_quiet_wait=True,   # whole GiB
-                            dtype="float32")      # as the tests' clusters (conftest.py)
     procs = Procs(tmp_path_factory.mktemp("vllm-api"))
     try:
-        url = vllm_server(procs, ns, "vllm-api", "1", ["--trust-request-chat-template"])
+        url = start_vllm_api(procs, tiny_model, cluster.model_name, "vllm-api",
+                       ["--trust-request-chat-template"])
         wait_ready(url, procs)
         yield url
     finally:
