@@ -1,5 +1,6 @@
 """Does vLLM's own client agree with ours? Run `vllm bench serve` (the installed package,
-through `python -m bench.vllm_cli`) and `bench.serve` with the same command line (vLLM's
+through `python -m bench.vllm_cli`, forked by the zygote PDSERVE_ZYGOTE names, if any) and
+`bench.serve` with the same command line (vLLM's
 flags: random prompts from the tokenizer, or a ShareGPT file) against the same endpoint,
 one after the other, and print their result files' fields side by side.
 
@@ -15,12 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("completed", "total_output_tokens", "median_ttft_ms", "p99_ttft_ms",
            "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "request_goodput")
 
@@ -40,10 +39,11 @@ def common_argv(url: str, model: str, tokenizer: str, ns) -> list[str]:
 
 
 def run_vllm_bench(argv: list[str], out_dir: Path, timeout_s: float) -> dict:
-    p = subprocess.run([sys.executable, "-m", "bench.vllm_cli", "bench", "serve", *argv,
-                        "--save-result", "--result-dir", str(out_dir),
-                        "--result-filename", "vllm.json"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    from bench.local_cluster import run_module
+
+    p = run_module("bench.vllm_cli", ["bench", "serve", *argv, "--save-result",
+                                      "--result-dir", str(out_dir),
+                                      "--result-filename", "vllm.json"], timeout=timeout_s)
     if p.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({p.returncode}):\n"
                            f"{(p.stdout + p.stderr)[-3000:]}")

@@ -104,16 +104,17 @@ def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 1
 
 
 def fork_module(path: str, module: str, args: list[str], env: dict[str, str],
-                fds: tuple[int, int, int] = (0, 1, 2), timeout: float = 10.0) -> Forked:
-    """`python -m module *args` forked by the zygote at `path`, with `env`, this process's
-    directory and `fds` as its stdin, stdout and stderr (the caller keeps its copies).
-    OSError when it cannot."""
+                fds: tuple[int, int, int] = (0, 1, 2), timeout: float = 10.0,
+                cwd: str | None = None) -> Forked:
+    """`python -m module *args` forked by the zygote at `path`, with `env`, `cwd` (default:
+    this process's directory) and `fds` as its stdin, stdout and stderr (the caller keeps
+    its copies). OSError when it cannot."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         conn.connect(path)
         body = json.dumps({"module": module, "args": args, "env": env,
-                           "cwd": os.getcwd()}).encode()
+                           "cwd": cwd or os.getcwd()}).encode()
         if len(body) + 4 > MAX_REQUEST:
             raise OSError("command line and environment too large for the zygote")
         socket.send_fds(conn, [struct.pack("!I", len(body)) + body], list(fds))

@@ -173,9 +173,12 @@ def test_long_prompts_scale_prefill_then_drain(scaled):
 def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     c = scaled
     assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-    # 12 streams on 2 slots: each waits for about 5 others before its first decode step,
-    # a TPOT breach however fast the host (with 6, a 5 ms decode step kept TPOT at 10 ms)
-    phase = scale_up_phase(c, "decode", "decode", 12, 4)
+    # 20 streams on 2 slots: each waits for about 9 others to finish before its first
+    # decode step, and that wait falls between its first token and its second: TPOT about
+    # 9 decode steps, a breach however fast the host (with 6, a 5 ms decode step kept TPOT
+    # at 10 ms; with 12, a 3-4 ms step kept TPOT p90 near the 20 ms SLO, and the planner
+    # waited 25-80 s for a breach)
+    phase = scale_up_phase(c, "decode", "decode", 20, 4)
     log = c.log_path.read_text()
     assert "local: started decode-auto1 on core 1" in log
     assert "started prefill-auto2" not in log

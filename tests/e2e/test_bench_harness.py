@@ -3,9 +3,8 @@ and its measurements agree with what the server itself recorded."""
 
 import asyncio
 import json
-import subprocess
-import sys
 
+from bench.local_cluster import run_module
 from bench.serve import sweep
 from tests.e2e.cluster import ROOT, metric_value
 
@@ -46,11 +45,11 @@ def test_harness_small_run_matches_the_servers_own_counts(cluster):
 
 
 def test_harness_command_writes_json_and_plots(cluster, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.serve", "--url", cluster.url, "--num-requests", "4",
-         "--rates", "4,8", "--input", "fixed:64", "--output", "fixed:6", "--vocab", "900",
-         "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_module(
+        "bench.serve", ["--url", cluster.url, "--num-requests", "4",
+                        "--rates", "4,8", "--input", "fixed:64", "--output", "fixed:6",
+                        "--vocab", "900", "--out", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "r")], timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads((tmp_path / "r.json").read_text())
     assert [r["summary"]["rate"] for r in runs] == [4.0, 8.0]
@@ -63,16 +62,16 @@ def test_vllm_flags_a_sharegpt_file_and_chat_write_vllms_result_file(cluster, ti
                                                                      tmp_path):
     """`vllm bench serve`'s command line works as is: a ShareGPT file sampled by vLLM's
     own code, sent to the chat endpoint, and a result file in vLLM's shape."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.serve", "--base-url", cluster.url,
-         "--backend", "openai-chat", "--model", cluster.model_name, "--tokenizer", tiny_model,
+    out = run_module("bench.serve", [
+         "--base-url", cluster.url, "--backend", "openai-chat", "--model", cluster.model_name,
+         "--tokenizer", tiny_model,
          "--dataset-name", "sharegpt",
          "--dataset-path", str(ROOT / "tests/data/sharegpt_tiny.json"),
          "--num-prompts", "5", "--request-rate", "inf", "--max-concurrency", "2",
          "--ignore-eos", "--goodput", "ttft:5000", "tpot:500", "--save-result",
          "--result-dir", str(tmp_path), "--result-filename", "v.json",
          "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads((tmp_path / "v.json").read_text())
     assert r["completed"] == 5 and r["backend"] == "openai-chat" and r["max_concurrency"] == 2

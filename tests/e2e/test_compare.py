@@ -7,11 +7,11 @@ fake backends in tests/component/test_bench_proxy.py: left out to keep the suite
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from bench.check_vllm_bench import compare
+from bench.local_cluster import run_module
 from tests.e2e.cluster import ROOT
 
 
@@ -31,8 +31,8 @@ def _live(pids: list[int]) -> list[int]:
 def test_compare_two_setups_small_run(cluster, tiny_model, tmp_path):
     before = set(int(p) for p in subprocess.run(["pgrep", "-f", "api_server|bench.proxy"],
                                                  capture_output=True, text=True).stdout.split())
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--model", tiny_model, "--rates", "3",
+    out = run_module(
+        "bench.compare", ["--model", tiny_model, "--rates", "3",
          "--setups", "vllm-nixl-pd,pdserve", "--pdserve-url", cluster.url,
          "--num-requests", "3", "--input", "mix:0.34:300:60", "--output", "fixed:6",
          "--vocab", "900", "--warmup", "1", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "500",
@@ -40,8 +40,7 @@ def test_compare_two_setups_small_run(cluster, tiny_model, tmp_path):
          # its first step in bfloat16 on an AMX host (its amx attention kernel)
          "--dtype", "float32",
          "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "c.json"),
-         "--plot", str(tmp_path / "c")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+         "--plot", str(tmp_path / "c")], timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     data = json.loads((tmp_path / "c.json").read_text())
     res = data["results"]
