@@ -46,7 +46,7 @@ def run_vllm_bench(argv: list[str], out_dir: Path, timeout_s: float) -> dict:
                                       "--result-filename", "vllm.json"], timeout=timeout_s)
     if p.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({p.returncode}):\n"
-                           f"{(p.stdout + p.stderr)[-3000:]}")
+                           f"{p.stdout[-3000:]}")
     return json.loads((out_dir / "vllm.json").read_text())
 
 

@@ -234,32 +234,36 @@ def start_zygote(folder: Path, timeout: float = 180,
     return proc, str(sock)
 
 
+def start_module(module: str, args: list[str], out, env: dict[str, str] | None = None):
+    """`python -m module *args` in ROOT and its own session, its stdout and stderr to the
+    file `out`: forked by the zygote PDSERVE_ZYGOTE names where one answers (vLLM and the
+    serving stack already imported: about 8 s sooner), else a new interpreter. A `Popen`,
+    or the zygote's `Popen`-like handle (pid, poll, wait)."""
+    full = {**os.environ, **(env or {})}
+    if full.get(zygote.ENV):
+        with open(os.devnull) as null:
+            try:
+                return zygote.fork_module(full[zygote.ENV], module, args, full, cwd=str(ROOT),
+                                          fds=(null.fileno(), out.fileno(), out.fileno()))
+            except OSError:
+                pass
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=full,
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 def run_module(module: str, args: list[str], timeout: float,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m module *args` in ROOT, run to its end with its output captured (text), as
-    `subprocess.run` gives it: forked by the zygote PDSERVE_ZYGOTE names where one answers
-    (vLLM and the serving stack already imported: a benchmark command starts about 8 s
-    sooner), else in a new interpreter."""
-    full = {**os.environ, **(env or {})}
-    argv = [sys.executable, "-m", module, *args]
-    if full.get(zygote.ENV):
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                open(os.devnull) as null:
-            try:
-                p = zygote.fork_module(full[zygote.ENV], module, args, full, cwd=str(ROOT),
-                                       fds=(null.fileno(), out.fileno(), err.fileno()))
-            except OSError:
-                p = None
-            if p is not None:
-                try:
-                    rc = p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(10)
-                    raise
-                out.seek(0)
-                err.seek(0)
-                return subprocess.CompletedProcess(argv, rc, out.read().decode(errors="replace"),
-                                                   err.read().decode(errors="replace"))
-    return subprocess.run(argv, cwd=ROOT, env=full, capture_output=True, text=True,
-                          timeout=timeout)
+    """`start_module` run to its end, its output as `subprocess.run(..., text=True,
+    stdout=PIPE, stderr=STDOUT)` gives it: stdout and stderr together in `stdout`."""
+    with tempfile.TemporaryFile() as out:
+        p = start_module(module, args, out, env)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+            raise
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *args], rc, text)

@@ -50,10 +50,10 @@ def test_harness_command_writes_json_and_plots(cluster, tmp_path):
                         "--rates", "4,8", "--input", "fixed:64", "--output", "fixed:6",
                         "--vocab", "900", "--out", str(tmp_path / "r.json"),
                         "--plot", str(tmp_path / "r")], timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:]
     runs = json.loads((tmp_path / "r.json").read_text())
     assert [r["summary"]["rate"] for r in runs] == [4.0, 8.0]
-    assert "goodput" in out.stdout and "4/4" in out.stderr     # tqdm's bar
+    assert "goodput" in out.stdout and "4/4" in out.stdout     # tqdm's bar
     for png in ("r-cdf.png", "r-goodput.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -72,7 +72,7 @@ def test_vllm_flags_a_sharegpt_file_and_chat_write_vllms_result_file(cluster, ti
          "--result-dir", str(tmp_path), "--result-filename", "v.json",
          "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"],
         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stdout[-2000:]
     r = json.loads((tmp_path / "v.json").read_text())
     assert r["completed"] == 5 and r["backend"] == "openai-chat" and r["max_concurrency"] == 2
     # --ignore-eos: every answer as long as the dataset's reply

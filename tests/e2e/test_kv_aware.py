@@ -178,23 +178,19 @@ def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
 def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
     """A `pdserve prefill` started by hand against the running scheduler registers, gets
     traffic, and on SIGTERM deregisters (drained first) without failing any request."""
-    import subprocess
-    import sys
-
-    from tests.e2e.cluster import ROOT, TEST_SECRET
+    from bench.local_cluster import start_module
+    from tests.e2e.cluster import TEST_SECRET
     from tests.e2e.conftest import TEST_DTYPE
     c = kv_cluster
     log = open(tmp_path / "extra.log", "w")
     # joining takes the cluster's secret, as on another host: here by file
     secret = tmp_path / "cluster-secret"
     secret.write_text(TEST_SECRET)
-    p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "prefill", "--worker-id",
-                          "prefill-extra", "--cores", "0", "--scheduler", c.scheduler,
-                          "--model", c.model_dir, "--kv-cache-gib", "0.25",
-                          *TEST_DTYPE,       # its KV layout must match the cluster's
-                          "--cluster-secret-file", str(secret)],
-                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = start_module("pdserve.cli", ["prefill", "--worker-id",
+                                     "prefill-extra", "--cores", "0", "--scheduler", c.scheduler,
+                                     "--model", c.model_dir, "--kv-cache-gib", "0.25",
+                                     *TEST_DTYPE,   # its KV layout must match the cluster's
+                                     "--cluster-secret-file", str(secret)], log)
     try:
         def registered():
             assert p.poll() is None, (tmp_path / "extra.log").read_text()[-3000:]
@@ -214,7 +210,7 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
                 s.Drain(pd_pb2.DrainRequest(worker_id=o, drain=False))
         # leave: drain, then SIGTERM; requests meanwhile go elsewhere and succeed
         s.Drain(pd_pb2.DrainRequest(worker_id="prefill-extra", drain=True))
-        p.send_signal(signal.SIGTERM)
+        os.kill(p.pid, signal.SIGTERM)
         for i in range(3):
             _, route = complete(c, words(150, seed=800 + i))
             assert route["prefill"] != "prefill-extra"

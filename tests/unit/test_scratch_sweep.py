@@ -3,8 +3,6 @@ live owner's (its flock held, here by another process), a fresh one and anything
 ours stay."""
 
 import os
-import subprocess
-import sys
 import time
 
 from pdserve.worker import SCRATCH_LOCK, SCRATCH_PREFIX, hold_scratch_dir, sweep_scratch_dirs
@@ -25,12 +23,22 @@ def _dir(root, name, lock=True, old=True):
 
 def test_sweep_removes_only_dead_owners_dirs(tmp_path):
     live = _dir(tmp_path, f"{SCRATCH_PREFIX}1-live")
-    holder = subprocess.Popen(   # another process holds the owner lock, as a worker does
-        [sys.executable, "-c", "import sys; from pdserve.worker import hold_scratch_dir; "
-         f"hold_scratch_dir({str(live)!r}); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    held_r, held_w = os.pipe()
+    go_r, go_w = os.pipe()
+    holder = os.fork()     # another process holds the owner lock, as a worker does
+    if holder == 0:
+        try:
+            os.close(go_w)
+            os.close(held_r)
+            hold_scratch_dir(str(live))
+            os.write(held_w, b"1")
+            os.read(go_r, 1)        # until the test lets go (or dies: EOF)
+        finally:
+            os._exit(0)
+    os.close(held_w)
+    os.close(go_r)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert os.read(held_r, 1) == b"1"
         os.utime(live, (OLD, OLD))
         dead = _dir(tmp_path, f"{SCRATCH_PREFIX}2-dead")            # lock file, nobody holds it
         legacy = _dir(tmp_path, f"{SCRATCH_PREFIX}abc", lock=False)  # an older pdserve's
@@ -41,8 +49,9 @@ def test_sweep_removes_only_dead_owners_dirs(tmp_path):
         assert live.exists() and fresh.exists() and other.exists()
         assert sweep_scratch_dirs(str(tmp_path)) == []
     finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
+        os.close(go_w)
+        os.close(held_r)
+        os.waitpid(holder, 0)
     # the holder is gone: its lock went with it
     assert sweep_scratch_dirs(str(tmp_path)) == [str(live)]
 
