@@ -179,15 +179,12 @@ def start_frontend(c: Cluster, log_path: Path, extra: list[str] | None = None,
                    timeout: float = 120) -> tuple[subprocess.Popen, str]:
     """A second HTTP frontend (`pdserve frontend ...extra`) on a running cluster's
     scheduler, as an operator adds one; (its process, its URL) once it answers. Stop it
-    with `stop_cluster_proc`."""
+    with `stop_cluster_proc`. Forked by the zygote where one answers (`start_module`)."""
     port = free_port()
-    argv = [sys.executable, "-m", "pdserve.cli", "frontend", "--model", c.model_dir,
-            "--served-model-name", c.model_name, "--scheduler", c.scheduler,
-            "--port", str(port), *(extra or [])]
-    logf = open(log_path, "w")
-    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, auth.ENV_SECRET: SECRET},
-                            start_new_session=True)
+    proc = start_module("pdserve.cli", [
+        "frontend", "--model", c.model_dir, "--served-model-name", c.model_name,
+        "--scheduler", c.scheduler, "--port", str(port), *(extra or [])],
+        open(log_path, "w"), env={auth.ENV_SECRET: SECRET})
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

@@ -86,6 +86,10 @@ class Forked:
         self._read(0)
         return self.returncode
 
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
@@ -203,8 +207,11 @@ def _child(req: dict, fds: list[int], close: list[socket.socket], ready: int) ->
         for s in close:
             s.close()
         os.setsid()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        # the handlers a new interpreter starts with: Ctrl-C raises KeyboardInterrupt (the
+        # commands stop cleanly on it), the others are the system's defaults
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.write(ready, b"1")
         os.close(ready)
         for i, fd in enumerate(fds):

@@ -63,6 +63,19 @@ def test_signals_come_back_as_popen_gives_them(zygote, monkeypatch):
     assert p.wait(timeout=30) == -signal.SIGKILL
 
 
+def test_a_forked_command_starts_with_a_new_interpreters_signal_handlers(zygote, tmp_path):
+    """Ctrl-C is Python's KeyboardInterrupt in the child, as in a new interpreter (the
+    commands stop cleanly on it; a forked frontend that got the system's default instead
+    died of SIGINT, where a new one exits 0), the others the system's defaults."""
+    from bench.local_cluster import run_module
+
+    forked = run_module("tests.component.signal_probe", [], 60, {"PDSERVE_ZYGOTE": zygote})
+    fresh = run_module("tests.component.signal_probe", [], 60, {"PDSERVE_ZYGOTE": ""})
+    assert forked.returncode == fresh.returncode == 0
+    assert forked.stdout == fresh.stdout, (forked.stdout, fresh.stdout)
+    assert "default_int_handler" in forked.stdout.splitlines()[0]
+
+
 def test_a_caller_that_dies_takes_its_children_with_it(zygote, tmp_path):
     """What PR_SET_PDEATHSIG does for a child the caller started itself."""
     caller = subprocess.Popen(

@@ -69,12 +69,12 @@ def start_vllm_api(procs: Procs, model_dir: str, served_name: str, name: str,
     float32 as the tests' clusters; its URL (`bench.compare.wait_ready` it). Its engine runs
     in one process (the uniprocess executor, as pdserve's engines at one rank): the same
     outputs, and 8 s less to start than vLLM's CPU default, which spawns a third interpreter
-    for the model (measured: ready in 17.5 s instead of 25.6 s on a 2-core AVX512 host)."""
+    for the model (`bench.compare --vllm-one-process`; measured: ready in 17.5 s instead of
+    25.6 s on a 2-core AVX512 host)."""
     ns = argparse.Namespace(model=model_dir, served_name=served_name, max_model_len=2048,
                             max_num_seqs=32, max_num_batched_tokens=4096, kv_cache_gib=1,
-                            baseline_quiet_wait=True, dtype="float32")
-    return vllm_server(procs, ns, name, "1", ["--distributed-executor-backend", "uni", *extra],
-                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                            baseline_quiet_wait=True, dtype="float32", vllm_one_process=True)
+    return vllm_server(procs, ns, name, "1", list(extra))
 
 
 class ReferenceEngine:

@@ -210,7 +210,7 @@ def test_a_prefill_worker_joins_and_leaves_at_runtime(kv_cluster, tmp_path):
                 s.Drain(pd_pb2.DrainRequest(worker_id=o, drain=False))
         # leave: drain, then SIGTERM; requests meanwhile go elsewhere and succeed
         s.Drain(pd_pb2.DrainRequest(worker_id="prefill-extra", drain=True))
-        os.kill(p.pid, signal.SIGTERM)
+        p.send_signal(signal.SIGTERM)
         for i in range(3):
             _, route = complete(c, words(150, seed=800 + i))
             assert route["prefill"] != "prefill-extra"
