@@ -63,17 +63,18 @@ def test_signals_come_back_as_popen_gives_them(zygote, monkeypatch):
     assert p.wait(timeout=30) == -signal.SIGKILL
 
 
-def test_a_forked_command_starts_with_a_new_interpreters_signal_handlers(zygote, tmp_path):
-    """Ctrl-C is Python's KeyboardInterrupt in the child, as in a new interpreter (the
-    commands stop cleanly on it; a forked frontend that got the system's default instead
-    died of SIGINT, where a new one exits 0), the others the system's defaults."""
+def test_a_forked_command_starts_with_a_new_interpreters_signal_handlers(zygote):
+    """Ctrl-C is Python's KeyboardInterrupt in the child, as in a new interpreter started
+    from a shell (the commands stop cleanly on it; a forked frontend that got the system's
+    default instead died of SIGINT, where a new one exits 0), the others the system's
+    defaults. (A new interpreter would also inherit signals its caller ignores, as under
+    nohup; a forked one starts from these.)"""
     from bench.local_cluster import run_module
 
     forked = run_module("tests.component.signal_probe", [], 60, {"PDSERVE_ZYGOTE": zygote})
-    fresh = run_module("tests.component.signal_probe", [], 60, {"PDSERVE_ZYGOTE": ""})
-    assert forked.returncode == fresh.returncode == 0
-    assert forked.stdout == fresh.stdout, (forked.stdout, fresh.stdout)
-    assert "default_int_handler" in forked.stdout.splitlines()[0]
+    assert forked.returncode == 0, forked.stdout
+    assert forked.stdout.split("\n")[:4] == [
+        repr(signal.default_int_handler), *[repr(signal.SIG_DFL)] * 3], forked.stdout
 
 
 def test_a_caller_that_dies_takes_its_children_with_it(zygote, tmp_path):
