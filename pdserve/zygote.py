@@ -109,16 +109,16 @@ def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 1
 
 def fork_module(path: str, module: str, args: list[str], env: dict[str, str],
                 fds: tuple[int, int, int] = (0, 1, 2), timeout: float = 10.0,
-                cwd: str | None = None) -> Forked:
+                cwd: str | None = None, cpus: list[int] | None = None) -> Forked:
     """`python -m module *args` forked by the zygote at `path`, with `env`, `cwd` (default:
     this process's directory) and `fds` as its stdin, stdout and stderr (the caller keeps
-    its copies). OSError when it cannot."""
+    its copies); bound to `cpus` if given, as `taskset -c` would. OSError when it cannot."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         conn.connect(path)
         body = json.dumps({"module": module, "args": args, "env": env,
-                           "cwd": cwd or os.getcwd()}).encode()
+                           "cwd": cwd or os.getcwd(), "cpus": cpus}).encode()
         if len(body) + 4 > MAX_REQUEST:
             raise OSError("command line and environment too large for the zygote")
         socket.send_fds(conn, [struct.pack("!I", len(body)) + body], list(fds))
@@ -162,10 +162,14 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
         n = struct.unpack("!I", data[:4])[0]
         req = json.loads(data[4:4 + n])
         module = req.setdefault("module", MODULE)
+        cpus = req.get("cpus")
         if len(fds) != 3 or not isinstance(req.get("args"), list) \
                 or not isinstance(req.get("env"), dict) or not isinstance(module, str) \
-                or not all(p.isidentifier() for p in module.split(".")):
-            raise ValueError("a request is a module, args, env, cwd and three descriptors")
+                or not all(p.isidentifier() for p in module.split(".")) \
+                or not (cpus is None or isinstance(cpus, list)
+                        and all(isinstance(c, int) for c in cpus)):
+            raise ValueError("a request is a module, args, env, cwd, cpus and three "
+                             "descriptors")
         return req, fds
     except BaseException:
         for fd in fds:
@@ -221,6 +225,8 @@ def _child(req: dict, fds: list[int], close: list[socket.socket], ready: int) ->
         # us to the zygote, which lives longer)
         _die_with_parent()
         _title([sys.executable, "-m", req["module"], *map(str, req["args"])])
+        if req.get("cpus"):
+            os.sched_setaffinity(0, req["cpus"])
         os.chdir(req.get("cwd") or "/")
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
