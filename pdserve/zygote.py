@@ -11,8 +11,10 @@ sends it a `python -m pdserve.cli ...` command line, the environment and its std
 and stderr (SCM_RIGHTS), where PDSERVE_ZYGOTE names the socket. The zygote forks; the
 child starts its own session, takes those descriptors, that environment and directory,
 and runs `pdserve.cli` as `python -m` would. Anything else, or no zygote, is started as a
-new interpreter, as before. (`fork_module` asks for another module: the test suite's
-ground-truth vLLM engines, tests/e2e/cluster.py.)
+new interpreter, as before. (`fork_module` asks for another module, on descriptors and
+cores of the caller's choosing: the test suite's ground-truth vLLM engines,
+tests/e2e/cluster.py, and benchmark commands and servers, bench/local_cluster.py and
+bench/compare.py.)
 
 The caller gets a `Popen`-like handle (`Forked`): the pid, `poll`, `wait` and
 `returncode` come over the same connection ("pid N", then "exit CODE", negative for a

@@ -109,6 +109,14 @@ def test_another_module_runs_on_the_descriptors_given(zygote):
     with os.fdopen(out_r) as r:
         assert r.read().split() == ["{", '"a":', "[", "2", "],", '"b":', "1", "}"]
     assert p.wait(timeout=60) == 0
+    # bound to the cores asked for, as `taskset -c` (bench.compare's servers)
+    out_r, out_w = os.pipe()
+    p = fork_module(zygote, "tests.component.signal_probe", [], dict(os.environ),
+                    fds=(0, out_w, 2), cpus=[0])
+    os.close(out_w)
+    with os.fdopen(out_r) as r:
+        assert r.read().splitlines()[-1] == "[0]"
+    assert p.wait(timeout=60) == 0
     with pytest.raises(OSError, match="refused"):
         fork_module(zygote, "not a module", [], dict(os.environ))
 
