@@ -261,7 +261,12 @@ def serve(path: str, preload: list[str], warm: list[str] = ()) -> None:
     for spec in warm:       # "module:function", called with no argument
         mod, _, fn = spec.partition(":")
         t0 = time.monotonic()
-        getattr(importlib.import_module(mod), fn)()
+        try:
+            getattr(importlib.import_module(mod), fn)()
+        except Exception as e:      # noqa: BLE001 - a saving, not a duty: children redo it
+            print(f"zygote: {spec} failed ({type(e).__name__}: {e}); children will do it "
+                  "themselves", file=sys.stderr)
+            continue
         print(f"zygote: {spec} took {time.monotonic() - t0:.2f}s", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
