@@ -35,6 +35,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,27 @@ SETUPS = {
 }
 OURS = "pdserve"
 ENV_ARG = re.compile(r"^[A-Z_][A-Z0-9_]*=")   # a variant's NAME=VALUE: environment
+
+
+def quiet_port(host: str = "127.0.0.1") -> int:
+    """A free port below the kernel's ephemeral range, for a server that binds it long after
+    it is chosen (vLLM's NIXL side channel, once its engine is up: 10-20 s). No port the
+    kernel hands out meanwhile (another `free_port`, a connection's own end) can be this
+    one; a `free_port` was, and vLLM's P/D prefill server then lost its handshake listener
+    to "address already in use" and the test waited on it."""
+    import random
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 def forked(argv: list[str], env: dict[str, str], log):
@@ -186,9 +208,9 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
             "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"})]
         side = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
         p = vllm_server(procs, ns, "vllm-prefill", "0", kv,
-                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(quiet_port())})
         d = vllm_server(procs, ns, "vllm-decode", "1", kv,
-                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+                        {**side, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(quiet_port())})
         for u in (p, d):
             wait_ready(u, procs)
         url = proxy(procs, "proxy-pd", ["--mode", "pd", "--prefill", p, "--decode", d])
