@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 
 from pdserve.config import resolve_dtype
-from pdserve import zygote
+from bench.local_cluster import start_module
 from pdserve.engine import free_port, id_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,25 +80,6 @@ def quiet_port(host: str = "127.0.0.1") -> int:
     return free_port(host)
 
 
-def forked(argv: list[str], env: dict[str, str], log):
-    """`[taskset -c CORES] python -m MODULE ...` forked by the zygote PDSERVE_ZYGOTE names
-    (bound to those cores; vLLM already imported: a stock server 8 s sooner), or None (not
-    such a command, or no zygote answers)."""
-    cpus = None
-    if argv[:2] == ["taskset", "-c"]:
-        cpus = [int(c) for c in id_list(argv[2])]
-        argv = argv[3:]
-    if argv[:2] != [sys.executable, "-m"] or len(argv) < 3:
-        return None
-    try:
-        with open(os.devnull) as null:
-            return zygote.fork_module(env[zygote.ENV], argv[2], argv[3:], env, cwd=str(ROOT),
-                                      fds=(null.fileno(), log.fileno(), log.fileno()),
-                                      cpus=cpus)
-    except OSError:
-        return None
-
-
 class Procs:
     """Processes of one setup, each in its own session; stopped by PID (its group)."""
 
@@ -110,11 +91,15 @@ class Procs:
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
-        full = {**os.environ, **(env or {})}
-        p = forked(argv, full, log) if full.get(zygote.ENV) else None
-        if p is None:
+        # `[taskset -c CORES] python -m MODULE ...`: forked by the zygote PDSERVE_ZYGOTE
+        # names, if one answers (`start_module`; a stock server 8 s sooner)
+        cpus = [int(c) for c in id_list(argv[2])] if argv[:2] == ["taskset", "-c"] else None
+        cmd = argv[3:] if cpus else argv
+        if cmd[:2] == [sys.executable, "-m"] and len(cmd) > 2:
+            p = start_module(cmd[2], cmd[3:], log, env, cpus=cpus)
+        else:
             p = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 env=full, start_new_session=True)
+                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append((name, p))
         return p
 

@@ -231,22 +231,29 @@ def start_zygote(folder: Path, timeout: float = 180,
     return proc, str(sock)
 
 
-def start_module(module: str, args: list[str], out, env: dict[str, str] | None = None):
-    """`python -m module *args` in ROOT and its own session, its stdout and stderr to the
-    file `out`: forked by the zygote PDSERVE_ZYGOTE names where one answers (vLLM and the
-    serving stack already imported: about 8 s sooner), else a new interpreter. A `Popen`,
-    or the zygote's `Popen`-like handle (pid, poll, wait)."""
+def start_module(module: str, args: list[str], stdout, env: dict[str, str] | None = None,
+                 stdin=None, stderr=None, cpus: list[int] | None = None):
+    """`python -m module *args` in ROOT and its own session: forked by the zygote
+    PDSERVE_ZYGOTE names where one answers (vLLM and the serving stack already imported:
+    about 8 s sooner), else a new interpreter. `stdout`, `stdin` (default: none) and
+    `stderr` (default: with stdout) are files or descriptors; `cpus`: bound to those cores,
+    as `taskset -c`. A `Popen`, or the zygote's `Popen`-like handle (pid, poll, wait,
+    send_signal)."""
     full = {**os.environ, **(env or {})}
-    if full.get(zygote.ENV):
-        with open(os.devnull) as null:
+    with open(os.devnull) as null:
+        fds = [f if isinstance(f, int) else f.fileno()
+               for f in (null if stdin is None else stdin, stdout,
+                         stdout if stderr is None else stderr)]
+        if full.get(zygote.ENV):
             try:
-                return zygote.fork_module(full[zygote.ENV], module, args, full, cwd=str(ROOT),
-                                          fds=(null.fileno(), out.fileno(), out.fileno()))
+                return zygote.fork_module(full[zygote.ENV], module, args, full,
+                                          cwd=str(ROOT), fds=tuple(fds), cpus=cpus)
             except OSError:
                 pass
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=full,
-                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+        return subprocess.Popen([*pin, sys.executable, "-m", module, *args], cwd=ROOT,
+                                env=full, stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                                start_new_session=True)
 
 
 def run_module(module: str, args: list[str], timeout: float,

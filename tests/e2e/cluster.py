@@ -10,7 +10,6 @@ import re
 import select
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exported
@@ -23,12 +22,12 @@ from bench.local_cluster import (  # noqa: F401 - the tests' harness, re-exporte
     creds,
     metric_value,
     start_cluster,
+    start_module,
     start_zygote,
     stop_cluster_proc,
     wait_until,
 )
 from bench.compare import Procs, vllm_server
-from pdserve import zygote
 from pdserve.rpc import pd_pb2_grpc
 
 
@@ -64,7 +63,7 @@ def assert_prompt_loaded_not_recomputed(before: str, after: str, n: int) -> None
 
 
 def start_vllm_api(procs: Procs, model_dir: str, served_name: str, name: str,
-             extra: list[str] = ()) -> str:
+                   extra: list[str] = ()) -> str:
     """vLLM's own OpenAI server on core 1 (`vllm serve`: the ground truth of the API tests),
     float32 as the tests' clusters; its URL (`bench.compare.wait_ready` it). Its engine runs
     in one process (the uniprocess executor, as pdserve's engines at one rank): the same
@@ -86,29 +85,12 @@ class ReferenceEngine:
     MODULE = "tests.e2e.reference_gen"
 
     def __init__(self, args: list[str], log: Path, timeout: float = 600) -> None:
-        args = [*args, "--log", str(log)]
         self.log = log
-        self.proc = None
-        if os.environ.get(zygote.ENV):
-            try:
-                self.proc, self.stdin, self.stdout = self._fork(os.environ[zygote.ENV], args)
-            except OSError as e:    # a new interpreter, as without one
-                print(f"reference engine: zygote unavailable ({e})", file=sys.stderr)
-        if self.proc is None:
-            p = subprocess.Popen([sys.executable, "-m", self.MODULE, *args], cwd=ROOT,
-                                 text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 start_new_session=True)
-            self.proc, self.stdin, self.stdout = p, p.stdin, p.stdout
-        if "ready" not in self._answer(timeout):
-            raise RuntimeError(f"reference engine did not start; see {log}")
-
-    def _fork(self, path: str, args: list[str]):
-        """Forked by the zygote, with pipes for its requests and answers."""
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
-            proc = zygote.fork_module(path, self.MODULE, args, dict(os.environ),
-                                      fds=(in_r, out_w, 2))
+            self.proc = start_module(self.MODULE, [*args, "--log", str(log)], out_w,
+                                     stdin=in_r, stderr=2)
         except BaseException:
             os.close(in_w)
             os.close(out_r)
@@ -116,7 +98,9 @@ class ReferenceEngine:
         finally:
             os.close(in_r)
             os.close(out_w)
-        return proc, os.fdopen(in_w, "w"), os.fdopen(out_r, "r")
+        self.stdin, self.stdout = os.fdopen(in_w, "w"), os.fdopen(out_r, "r")
+        if "ready" not in self._answer(timeout):
+            raise RuntimeError(f"reference engine did not start; see {log}")
 
     def _answer(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.stdout], [], [], timeout)
