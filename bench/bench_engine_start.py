@@ -1,16 +1,18 @@
 """How an engine starts: pdserve's engine at one rank on CPU with vLLM's worker inside
 the engine core (the uniprocess executor) and that process forked (`uni`, pdserve's
 default), the same spawned (`uni-spawn`, `PDSERVE_ENGINE_FORK=0`: what vLLM's CPU
-platform asks for), and vLLM's multiprocess executor (`mp`,
-`--distributed-executor-backend mp`, what vLLM's CPU platform picks), started one after
-the other on the same core in one run.
+platform asks for), vLLM's multiprocess executor (`mp`, `--distributed-executor-backend
+mp`, what vLLM's CPU platform picks) with its processes forked (`mp`) or spawned
+(`mp-spawn`), and two ranks (`tp2`, `--tensor-parallel-size 2` on `--tp-cores`, forked;
+`tp2-spawn`), started one after the other in one run.
 
     .venv/bin/python -m bench.bench_engine_start                 # tiny model, 2 starts each
     .venv/bin/python -m bench.bench_engine_start --model PATH --repeat 3
+    .venv/bin/python -m bench.bench_engine_start --kinds tp2,tp2-spawn
 
 Prints per start: seconds to ready, CPU seconds of the engine's processes by then, the
 processes, a short prompt's time to its first token (120 words) and a greedy generation's time per
-output token; the generations must match.
+output token; the generations at the same number of ranks must match.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
-KINDS = ("uni", "uni-spawn", "mp")
+KINDS = ("uni", "uni-spawn", "mp", "mp-spawn", "tp2", "tp2-spawn")
 
 
 def child(model: str, executor: str, cores: str) -> dict:
@@ -41,7 +43,8 @@ def child(model: str, executor: str, cores: str) -> dict:
     from pdserve.config import EngineConfig
     from pdserve.engine import build_engine
 
-    vllm = {"distributed_executor_backend": executor} if executor == "mp" else {}
+    vllm = {"distributed_executor_backend": "mp"} if executor.startswith("mp") else \
+        {"tensor_parallel_size": 2} if executor.startswith("tp2") else {}
     cfg = EngineConfig(model=model, cpu_cores=cores, kv_cache_bytes=128 << 20,
                        block_size=32, max_model_len=1024, vllm=vllm)
     eng = build_engine(cfg, None, None)
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="default: the tiny test model")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cores", default="0")
+    ap.add_argument("--tp-cores", default="0,1", help="the cores of tp2: one per rank")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -96,10 +100,10 @@ def main(argv=None) -> int:
         for ex in kinds:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.bench_engine_start", "--model", model,
-                 "--cores", a.cores, "--child", ex],
+                 "--cores", a.tp_cores if ex.startswith("tp2") else a.cores, "--child", ex],
                 cwd=ROOT, capture_output=True, text=True, timeout=900,
                 env={**os.environ, "PYTHONPATH": str(ROOT),
-                     "PDSERVE_ENGINE_FORK": "0" if ex == "uni-spawn" else "1"})
+                     "PDSERVE_ENGINE_FORK": "0" if ex.endswith("-spawn") else "1"})
             line = [x for x in out.stdout.splitlines() if x.startswith("{")]
             if out.returncode or not line:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -109,7 +113,10 @@ def main(argv=None) -> int:
             print(f"{ex:9} start {i + 1}: ready {r['ready_s']:5.1f} s  cpu {r['cpu_s']:5.1f} s  "
                   f"TTFT {r['ttft_ms']:6.1f} ms  TPOT {r['tpot_ms']:6.1f} ms  "
                   f"processes {', '.join(r['procs'])}", flush=True)
-    same = len({tuple(r["ids"]) for r in rows}) == 1
+    # one rank against one rank, two against two (a sum over ranks may round otherwise)
+    groups = {r["executor"].startswith("tp2") for r in rows}
+    same = all(len({tuple(r["ids"]) for r in rows if r["executor"].startswith("tp2") == g})
+               == 1 for g in groups)
     for ex in kinds:
         rs = [r for r in rows if r["executor"] == ex]
         ready, cpu, ttft, tpot = (float(np.median([r[k] for r in rs]))

@@ -42,17 +42,34 @@ def test_tensor_parallel_engines_get_a_core_per_rank():
     assert omp_bind("0|1", 2) == "0|1"
 
 
-def _config(backend: str):
+def _config(backend: str, dp: int = 1):
     from types import SimpleNamespace
-    return SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend))
+    return SimpleNamespace(parallel_config=SimpleNamespace(
+        distributed_executor_backend=backend, data_parallel_size=dp))
+
+
+def _forked_report() -> list:
+    """Fork; the child reports its affinity and torch threads, and goes."""
+    import json
+
+    import torch
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, json.dumps([sorted(os.sched_getaffinity(0)),
+                                torch.get_num_threads()]).encode())
+        os._exit(0)
+    os.close(w)
+    got = json.loads(os.read(r, 4096))
+    os.close(r)
+    os.waitpid(pid, 0)
+    return got
 
 
 def test_a_forked_engine_core_binds_itself_and_the_worker_keeps_its_own(monkeypatch):
     """The engine-core process is forked at one rank; the child pins itself to the engine's
     cores with as many torch threads, and the worker's own affinity and threads stay."""
-    import json
-    import os
-
     import torch
 
     from pdserve.config import EngineConfig
@@ -65,15 +82,7 @@ def test_a_forked_engine_core_binds_itself_and_the_worker_keeps_its_own(monkeypa
     with forked_core(EngineConfig(model="m", cpu_cores=str(core)), _config("uni")):
         assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
         assert os.sched_getaffinity(0) == before
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:                # the child reports what it got, and goes
-            os.write(w, json.dumps([sorted(os.sched_getaffinity(0)),
-                                    torch.get_num_threads()]).encode())
-            os._exit(0)
-        os.close(w)
-        got = json.loads(os.read(r, 4096))
-        os.waitpid(pid, 0)
+        got = _forked_report()
     assert got == [[core], 1]
     assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
@@ -84,9 +93,38 @@ def test_a_forked_engine_core_binds_itself_and_the_worker_keeps_its_own(monkeypa
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
-def test_the_engine_core_is_spawned_with_ranks_or_when_asked():
-    import os
+def test_ranks_fork_and_each_binds_to_its_cores(monkeypatch):
+    """With ranks (vLLM's multiprocess executor) the engine core is forked unbound, and a
+    process forked inside vLLM's `configure_omp_envs` for a rank binds to that rank's
+    cores with as many torch threads, as a spawned one reads them from OMP_PLACES."""
+    import torch
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
 
+    from pdserve.config import EngineConfig
+    from pdserve.engine import forked_core
+
+    monkeypatch.delenv("PDSERVE_ENGINE_FORK", raising=False)
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    core = sorted(os.sched_getaffinity(0))[-1]
+    before, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    manager = object.__new__(OMPProcessManager)   # as vLLM's executor builds it, bound by hand
+    manager.skip_setup, manager.use_iomp, manager.use_gomp = False, False, False
+    manager.cpu_lists = [[before[0]], [core]]
+    with forked_core(EngineConfig(model="m", cpu_cores="0,1"), _config("mp")):
+        assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+        assert _forked_report() == [before, threads]          # the engine core: unbound
+        with manager.configure_omp_envs(rank=1, local_rank=1):
+            assert os.environ["OMP_PLACES"] == "{%d}" % core  # vLLM's own part still runs
+            assert _forked_report() == [[core], 1]            # rank 1's worker
+        assert _forked_report() == [before, threads]          # outside a rank: as it was
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert sorted(os.sched_getaffinity(0)) == before and torch.get_num_threads() == threads
+    manager.skip_setup = True                                 # VLLM_CPU_OMP_THREADS_BIND=nobind
+    with manager.configure_omp_envs(rank=1, local_rank=1):
+        assert _forked_report() == [before, threads]
+
+
+def test_the_engine_core_is_spawned_with_data_parallel_or_when_asked():
     import pytest
 
     from pdserve.config import EngineConfig
@@ -96,13 +134,14 @@ def test_the_engine_core_is_spawned_with_ranks_or_when_asked():
     cfg = EngineConfig(model="m", cpu_cores="0")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        with forked_core(cfg, _config("mp")):            # vLLM's multiprocess executor
+        with forked_core(cfg, _config("mp", dp=2)):       # an engine core per DP rank
             assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
             assert os.sched_getaffinity(0) == before
         mp.setenv("PDSERVE_ENGINE_FORK", "0")
-        with forked_core(cfg, _config("uni")):
-            assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-            assert os.sched_getaffinity(0) == before
+        for backend in ("uni", "mp"):
+            with forked_core(cfg, _config(backend)):
+                assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+                assert os.sched_getaffinity(0) == before
 
 
 def test_only_a_process_own_command_line_names_vllms_log_prefix(monkeypatch):
