@@ -161,7 +161,9 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
         "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(ns.kv_cache_gib),
         "PDSERVE_QUIET_WAIT": "1" if ns.baseline_quiet_wait else "0",
         # vLLM's CPU platform turns "uni" into its multiprocess executor unless this reads 0
-        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if one else {}), **(env or {})})
+        # and its engine core forked, not spawned (pdserve/engine_fork.py)
+        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PDSERVE_FORK_ENGINE": "1"} if one else {}),
+        **(env or {})})
     procs.urls[name] = f"http://127.0.0.1:{port}"
     return procs.urls[name]
 
@@ -397,7 +399,8 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
                     help="vLLM's servers run their engine in one process (the uniprocess "
                          "executor, as pdserve's engines at one rank) instead of spawning a "
                          "worker for the model: the same outputs and about 8 s less to start "
-                         "(quick checks such as the test suite's; figures of record keep "
+                         "(and their engine processes forked from the server; quick checks "
+                         "such as the test suite's; figures of record keep "
                          "vLLM's default)")
     ap.add_argument("--pdserve-url", default="",
                     help="measure the pdserve already serving at this URL (a deployment on "

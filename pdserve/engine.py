@@ -241,108 +241,15 @@ def build_engine(cfg: EngineConfig, kv_role: str | None, kv_extra: dict[str, Any
 
 @contextlib.contextmanager
 def forked_core(cfg: EngineConfig, config):
-    """Fork vLLM's engine-core process from this one instead of spawning it (at one rank
-    the uniprocess executor, `one_process`). vLLM's CPU platform asks for spawn, which
-    imports vLLM, torch and transformers again in the new process: 13-19 s of CPU per
-    engine on a 2-core AVX2 host, about 40% of its start. A fork inherits them.
+    """vLLM's engine processes forked from this one instead of spawned (pdserve/
+    engine_fork.py): at one rank (the uniprocess executor, `one_process`) the engine core,
+    bound to the engine's cores; with ranks the engine core and each rank's worker, bound
+    to the rank's. `PDSERVE_ENGINE_FORK=0` keeps vLLM's spawn."""
+    from pdserve.engine_fork import fork_engine_processes
 
-    Spawn is there for OpenMP: a spawned process reads its binding from the environment
-    when it loads OpenMP, and a forked one has loaded it already, in this process, with
-    this process's settings. So the child binds itself first thing after the fork (an
-    `os.register_at_fork` hook, armed only inside this context): its thread pinned to the
-    engine's cores, torch's intra-op threads set to their number; the OpenMP threads it
-    starts later inherit the pin. This process keeps its own affinity and threads (pinning
-    it for the fork instead would also pin the threads vLLM's client starts meanwhile to
-    the engine's core). This process has run no parallel
-    region (it computes nothing), so the child has no OpenMP thread pool to inherit.
-    With ranks (vLLM's multiprocess executor, one engine per node) the engine core is
-    forked too, and does not compute: it keeps this process's binding. It forks the rank
-    workers in turn, each inside vLLM's `configure_omp_envs` for its rank, which pdserve
-    wraps (`_bind_ranks`) so that the worker forked there binds itself to that rank's
-    cores as the spawned one would read them from its environment.
-    `PDSERVE_ENGINE_FORK=0` keeps vLLM's spawn."""
-    global _CHILD_BINDING
-    parallel = config.parallel_config
-    backend = parallel.distributed_executor_backend
-    if os.environ.get("PDSERVE_ENGINE_FORK", "1") != "1" or backend not in ("uni", "mp") \
-            or (backend == "mp" and not _fork_ranks(parallel)):
+    cores = frozenset(int(c) for c in id_list(cfg.cpu_cores)) if cfg.cpu_cores else None
+    with fork_engine_processes(config, cores):
         yield
-        return
-    cores = frozenset(int(c) for c in id_list(cfg.cpu_cores)) \
-        if cfg.cpu_cores and backend == "uni" else None
-    _arm_child_binding()
-    if backend == "mp":
-        _bind_ranks()
-    method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-    _CHILD_BINDING = cores
-    try:
-        yield
-    finally:
-        _CHILD_BINDING = None
-        if method is None:
-            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
-        else:
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = method
-
-
-_CHILD_BINDING: frozenset[int] | None = None     # cores a child forked now binds to
-_ARMED = False
-
-
-def _arm_child_binding() -> None:
-    global _ARMED
-    if not _ARMED:
-        os.register_at_fork(after_in_child=bind_forked_child)
-        _ARMED = True
-
-
-def _fork_ranks(parallel) -> bool:
-    """Ranks fork on vLLM's CPU platform, one engine core per node (no data parallelism)."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu() and int(getattr(parallel, "data_parallel_size", 1)) == 1
-
-
-def _bind_ranks() -> None:
-    """Wrap vLLM's `OMPProcessManager.configure_omp_envs` (once per process; inherited by
-    the engine core forked after): a process forked inside it binds to the rank's cores
-    (`cpu_lists[local_rank]`, the list the wrapped context writes to OMP_PLACES). A spawn
-    does not run fork hooks, so it still reads its environment as before."""
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-    original = OMPProcessManager.configure_omp_envs
-    if getattr(original, "_pdserve", False):
-        return
-
-    @contextlib.contextmanager
-    def configure_omp_envs(self, rank: int, local_rank: int):
-        global _CHILD_BINDING
-        with original(self, rank, local_rank):
-            lists = getattr(self, "cpu_lists", None)
-            if getattr(self, "skip_setup", True) or not lists:
-                yield
-                return
-            _CHILD_BINDING = frozenset(int(c) for c in lists[local_rank])
-            try:
-                yield
-            finally:
-                _CHILD_BINDING = None
-
-    configure_omp_envs._pdserve = True
-    OMPProcessManager.configure_omp_envs = configure_omp_envs
-
-
-def bind_forked_child() -> None:
-    """In a process just forked inside `forked_core`: bind to the engine's cores."""
-    global _CHILD_BINDING
-    cores, _CHILD_BINDING = _CHILD_BINDING, None
-    if not cores:
-        return
-    import torch
-
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
 
 
 def kv_extra(engine_id: str, agent_host: str, agent_port: int, kv: KVTransferConfig,

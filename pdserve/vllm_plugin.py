@@ -27,6 +27,10 @@ chunks to the running streams' TPOT allowance and reports each step to the worke
 The second patch (PDSERVE_HOLD_WAIT=1) lets an engine core sleep while its requests wait
 only on KV transfers (`_register_hold_wait`, kv_transfer/wakeup.py).
 
+PDSERVE_FORK_ENGINE=1 (`bench.compare --vllm-one-process`: the test suite's vLLM servers)
+makes vLLM's own server fork its engine processes instead of spawning them
+(pdserve/engine_fork.py: `stock_server_forks`).
+
 PDSERVE_QUICK_EXIT=1 skips the interpreter's last garbage collection when an engine
 process exits (`_register_quick_exit`): seconds of every stop. PDSERVE_CONTINUATION=1
 (pdserve/continuation.py) lets a decode engine continue from another engine's first token.
@@ -57,6 +61,9 @@ def register() -> None:
     if os.environ.get("PDSERVE_CONTINUATION", "0") == "1":   # (imports torch: only then)
         from pdserve import continuation
         continuation.install()
+    if os.environ.get("PDSERVE_FORK_ENGINE", "0") == "1":    # vLLM's own server, quick start
+        from pdserve.engine_fork import stock_server_forks
+        stock_server_forks()
 
 
 _EXIT_PATCHED = False

@@ -192,3 +192,42 @@ def test_something_else_on_the_frontends_port_is_not_healthy():
     url = f"http://127.0.0.1:{srv.getsockname()[1]}/health"
     assert _wait_healthy(url, 10, [Child()], 1, 1) is False
     srv.close()
+
+
+def test_vllms_own_server_forks_its_engine_core_bound_as_itself(monkeypatch):
+    """With PDSERVE_FORK_ENGINE=1 pdserve's plugin makes vLLM's server fork its engine core
+    (`stock_server_forks`): the child keeps the server's cores (a server under `taskset -c 1`
+    computes on core 1) with a torch thread per core, as a spawned child would start."""
+    import contextlib
+
+    import torch
+    from vllm.v1.engine import core_client
+
+    from pdserve.engine_fork import stock_server_forks
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    seen = {}
+
+    @contextlib.contextmanager
+    def launch(vllm_config, *args, **kwargs):            # vLLM's, starting one process
+        seen["method"] = os.environ["VLLM_WORKER_MULTIPROC_METHOD"]
+        seen["child"] = _forked_report()
+        yield "launched"
+
+    monkeypatch.setattr(core_client, "launch_core_engines", launch)
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    monkeypatch.delenv("PDSERVE_ENGINE_FORK", raising=False)
+    threads, before = torch.get_num_threads(), os.sched_getaffinity(0)
+    stock_server_forks()
+    stock_server_forks()                                  # once only
+    assert core_client.launch_core_engines is not launch
+    os.sched_setaffinity(0, {core})                       # the server, under taskset -c
+    try:
+        with core_client.launch_core_engines(_config("uni"),
+                                             None, False, None) as got:
+            assert got == "launched"
+    finally:
+        os.sched_setaffinity(0, before)
+    assert seen == {"method": "fork", "child": [[core], 1]}
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert torch.get_num_threads() == threads
