@@ -5,6 +5,7 @@ change under load with no request lost and no KV block leaked; the role planner 
 role when the mix shifts, and not before."""
 
 import concurrent.futures as cf
+import threading
 import time
 
 import httpx
@@ -238,13 +239,26 @@ def test_planner_flips_a_role_when_the_mix_shifts_and_only_then(planner_cluster)
         complete(c, words(400, seed=2000 + i), 1)
         i += 1
     assert all(w.role_changes == 0 for w in c.workers())
-    # decode-heavy: many concurrent long streams on the decode worker
+    # decode-heavy: 12 concurrent long streams on the decode worker, new ones started until
+    # the planner flips the prefill worker (then those in flight finish across the flip)
+    stop = threading.Event()
+
+    def streams(k: int) -> list[dict]:
+        out = []
+        while not stop.is_set():
+            out.append(complete(c, words(8, seed=3000 + k + 12 * len(out)), 600,
+                                ignore_eos=True)[0])
+        return out
+
     with cf.ThreadPoolExecutor(12) as ex:
-        futs = [ex.submit(complete, c, words(8, seed=3000 + j), 600, ignore_eos=True)
-                for j in range(48)]
-        flipped = wait_until(lambda: next((w for w in c.workers() if w.worker_id == p and
-                                           w.role == pd_pb2.ROLE_MIXED), None), timeout=120)
-        for f in futs:
-            assert f.result()[0]["usage"]["completion_tokens"] == 600
+        futs = [ex.submit(streams, k) for k in range(12)]
+        try:
+            flipped = wait_until(lambda: next((w for w in c.workers() if w.worker_id == p
+                                               and w.role == pd_pb2.ROLE_MIXED), None),
+                                 timeout=120)
+        finally:
+            stop.set()
+        bodies = [b for f in futs for b in f.result()]
+    assert len(bodies) >= 12 and all(b["usage"]["completion_tokens"] == 600 for b in bodies)
     assert flipped.role_changes == 1
     assert "role planner: " in c.log_path.read_text()

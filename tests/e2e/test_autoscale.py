@@ -1,11 +1,14 @@
 """Autoscaling with real processes: the planner in the scheduler and the local actuator.
 
 One cluster (tiny model, 1 prefill + 1 decode, max_num_seqs 2), tight SLOs (TTFT p90 600 ms,
-TPOT p90 20 ms), a 1 s planner tick and short cooldowns. Calibrated on this machine: a
-burst of 1,800-token prompts at concurrency 16 gives TTFT p90 about 2.6 s and no TPOT
-sample (max_tokens 1); a burst of 200-token generations at concurrency 6 gives TPOT p90
-about 40 ms (the decode engine's two slots queue the rest) and TTFT p90 about 15 ms:
-each signal is about twice its SLO in its own phase and far below it in the other.
+TPOT p90 20 ms), a 1 s planner tick and short cooldowns, and each first token sent as soon
+as it is prefilled (`--first-token early`). A burst of 1,800-token prompts at concurrency 16
+gives TTFT p90 over 1 s and no TPOT sample (max_tokens 1); a burst of 200-token
+generations at concurrency 20 queues for the decode engine's two slots between each
+stream's first and second tokens: TPOT p90 27 ms and TTFT p90 under 200 ms (2026-12-04, a
+2-core AVX512 host; a slower host's longer steps press TPOT harder). With the first token
+kept for the stream, as the defaults do, that wait fell in TTFT, TPOT p90 stayed at 5-12
+ms, and the decode phase waited 25-80 s for a chance breach.
 
 1. Long prompts: the planner starts a second *prefill* worker (never a decode worker), it
    registers and serves requests; after the burst it is drained and stopped.
@@ -30,6 +33,7 @@ import httpx
 import pytest
 
 from pdserve.rpc import pd_pb2
+from tests.e2e.cluster import wait_until
 from tests.e2e.conftest import serving
 
 PHASE_LIMIT_S = 240
@@ -51,7 +55,10 @@ def scaled(tiny_model, tmp_path_factory):
         "--role-planner", "off",
         # the bursts must breach the SLO and be served late, not refused (429): the
         # autoscaler reacts to the latency admission control would cut off
-        "--admit-ttft-factor", "0"]):
+        "--admit-ttft-factor", "0",
+        # a stream's first token leaves as soon as it is prefilled: its wait for a decode
+        # slot falls between its first and second tokens, in TPOT (decode phase)
+        "--first-token", "early"]):
         c.record = record
         # serving() then checks that no process is left, the workers the autoscaler
         # started included
@@ -65,7 +72,7 @@ def workers(c, role):
 async def burst(c, kind: str, concurrency: int, light: int, decided, started, until,
                 limit_s: float):
     """Closed-loop load at `concurrency` until `decided()`, one request every 2 s until
-    `started()`, then `light` concurrent until `until()` (checked every second), or
+    `started()`, then `light` concurrent until `until()` (checked every 0.25 s), or
     limit_s."""
     rng = random.Random(kind)
     results: list[tuple[int, str]] = []
@@ -91,7 +98,7 @@ async def burst(c, kind: str, concurrency: int, light: int, decided, started, un
         t0 = time.monotonic()
         phase = "burst"
         while time.monotonic() - t0 < limit_s:
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.25)
             if phase == "burst" and await asyncio.to_thread(decided):
                 phase, active["n"], active["pause"] = "trickle", 1, 2.0
             if phase == "trickle" and await asyncio.to_thread(started):
@@ -103,16 +110,6 @@ async def burst(c, kind: str, concurrency: int, light: int, decided, started, un
     async with httpx.AsyncClient(timeout=300) as client:
         await asyncio.gather(watch(), *[loop(client, i) for i in range(concurrency)])
     return results
-
-
-def wait_for(pred, limit_s: float, what: str):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s:
-        v = pred()
-        if v:
-            return v
-        time.sleep(1)
-    raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
 
 
 def served_by(results, role: str, worker: str) -> int:
@@ -145,8 +142,8 @@ def scale_up_phase(c, pool: str, kind: str, concurrency: int, light: int) -> lis
 
 def drained_and_stopped(c, pool: str, role) -> None:
     new = f"{pool}-auto1"
-    wait_for(lambda: f"local: {new} stopped" in c.log_path.read_text(), 120,
-             f"the scale-down of {new}")
+    wait_until(lambda: f"local: {new} stopped" in c.log_path.read_text(), 120,
+               what=f"the scale-down of {new}")
     assert set(workers(c, role)) == {f"{pool}-0"}
     log = c.log_path.read_text()
     assert re.search(rf"local: draining {new}: .*scale down by 1", log)
@@ -173,11 +170,9 @@ def test_long_prompts_scale_prefill_then_drain(scaled):
 def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     c = scaled
     assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-    # 20 streams on 2 slots: each waits for about 9 others to finish before its first
-    # decode step, and that wait falls between its first token and its second: TPOT about
-    # 9 decode steps, a breach however fast the host (with 6, a 5 ms decode step kept TPOT
-    # at 10 ms; with 12, a 3-4 ms step kept TPOT p90 near the 20 ms SLO, and the planner
-    # waited 25-80 s for a breach)
+    # 20 streams on 2 slots: a stream waits for others to finish before its first decode
+    # step, and with the first token sent early that wait falls between its first token
+    # and its second (the module's docstring)
     phase = scale_up_phase(c, "decode", "decode", 20, 4)
     log = c.log_path.read_text()
     assert "local: started decode-auto1 on core 1" in log
@@ -191,9 +186,9 @@ def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     # planner decided if it never comes
     url = f"http://{metrics_address(c)}/metrics"
     try:
-        sched = wait_for(lambda: scrape_if(url, 'pdserve_planner_desired_replicas'
-                                                '{pool="decode"} 1.0'),
-                         30, "the planner's desired decode replicas back at 1")
+        sched = wait_until(lambda: scrape_if(url, 'pdserve_planner_desired_replicas'
+                                                  '{pool="decode"} 1.0'),
+                           30, what="the planner's desired decode replicas back at 1")
     except AssertionError as e:
         decisions = [x for x in c.log_path.read_text().splitlines()
                      if "planner:" in x or "local:" in x]
