@@ -247,7 +247,9 @@ def forked_core(cfg: EngineConfig, config):
     to the rank's. `PDSERVE_ENGINE_FORK=0` keeps vLLM's spawn."""
     from pdserve.engine_fork import fork_engine_processes
 
-    cores = frozenset(int(c) for c in id_list(cfg.cpu_cores)) if cfg.cpu_cores else None
+    one = config.parallel_config.distributed_executor_backend == "uni"   # else "0|1": ranks
+    cores = frozenset(int(c) for c in id_list(cfg.cpu_cores)) if cfg.cpu_cores and one \
+        else None
     with fork_engine_processes(config, cores):
         yield
 

@@ -110,7 +110,7 @@ def test_ranks_fork_and_each_binds_to_its_cores(monkeypatch):
     manager = object.__new__(OMPProcessManager)   # as vLLM's executor builds it, bound by hand
     manager.skip_setup, manager.use_iomp, manager.use_gomp = False, False, False
     manager.cpu_lists = [[before[0]], [core]]
-    with forked_core(EngineConfig(model="m", cpu_cores="0,1"), _config("mp")):
+    with forked_core(EngineConfig(model="m", cpu_cores="0|1"), _config("mp")):  # a rank each
         assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
         assert _forked_report() == [before, threads]          # the engine core: unbound
         with manager.configure_omp_envs(rank=1, local_rank=1):
