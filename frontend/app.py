@@ -25,6 +25,7 @@ from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 from vllm.sampling_params import SamplingParams
 from pdserve import auth, metrics as M
 from pdserve.config import FrontendConfig
+from pdserve.procs import freeze_heap
 from pdserve.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -67,8 +68,10 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             state["gen"] = gen_config.load(cfg.model, cfg.generation_config,
                                            cfg.override_generation_config)
         _reasoner()      # an unknown parser stops the start, as vLLM's server
-        log.info("frontend serving model %s on http://%s:%d (scheduler %s)",
-                 cfg.served_model_name, cfg.host, cfg.port, cfg.scheduler_address)
+        frozen = freeze_heap()   # out of GC's way, as vLLM's server does (pdserve/procs.py)
+        log.info("frontend serving model %s on http://%s:%d (scheduler %s); %d objects of "
+                 "the start-up heap frozen out of GC", cfg.served_model_name, cfg.host,
+                 cfg.port, cfg.scheduler_address, frozen)
 
     def _reasoner():
         """vLLM's reasoning parser named by --reasoning-parser (None: none), loaded once."""

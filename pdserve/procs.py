@@ -50,3 +50,19 @@ def die_with_parent() -> None:
         pass
     if os.getppid() != int(want):
         sys.exit("parent process gone before start-up")
+
+
+def freeze_heap() -> int:
+    """Once a serving process is up: collect, then move every object it holds to the
+    garbage collector's permanent generation, which later collections skip (what vLLM's
+    server does after its start, `vllm.utils.gc_utils.freeze_gc_heap`). A process that has
+    imported vLLM, torch and transformers tracks about a million objects; each collection
+    of the oldest generation walks them all, in the middle of whatever the event loop was
+    doing. PDSERVE_GC_FREEZE=0 leaves the heap as it is. Returns the objects frozen."""
+    import gc
+
+    if os.environ.get("PDSERVE_GC_FREEZE", "1") != "1":
+        return 0
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

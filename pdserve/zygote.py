@@ -36,6 +36,7 @@ cluster start; an operator may run one beside `pdserve serve` the same way.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -268,6 +269,12 @@ def serve(path: str, preload: list[str], warm: list[str] = ()) -> None:
                   "themselves", file=sys.stderr)
             continue
         print(f"zygote: {spec} took {time.monotonic() - t0:.2f}s", file=sys.stderr)
+    # what every child inherits, out of the collector's way: a child's collections neither
+    # walk it nor write its objects' headers, so its pages stay shared with this process
+    # (Python's gc docs: freeze right before forking); a serving child freezes its own
+    # start-up heap later (pdserve.procs.freeze_heap)
+    gc.collect()
+    gc.freeze()
     sys.stdout.flush()
     sys.stderr.flush()
     d = os.path.dirname(os.path.abspath(path))

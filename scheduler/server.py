@@ -10,6 +10,7 @@ import grpc
 
 from pdserve import auth
 from pdserve import metrics as M
+from pdserve.procs import freeze_heap
 from pdserve.rpc import pd_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.service import SchedulerServicer
@@ -46,8 +47,9 @@ async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = N
     server, port, svc = await create_server(cfg)
     await server.start()
     mport = M.serve_metrics(cfg.metrics_port, cfg.host)
-    log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s", cfg.host, port,
-             mport, cfg.placement)
+    log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s; %d objects of "
+             "the start-up heap frozen out of GC", cfg.host, port, mport, cfg.placement,
+             freeze_heap())
     tasks = [asyncio.create_task(svc.reap_forever())]
     scaler = None
     if cfg.autoscale.mode != "off":
