@@ -3,10 +3,11 @@
 One cluster (tiny model, 1 prefill + 1 decode, max_num_seqs 2), tight SLOs (TTFT p90 600 ms,
 TPOT p90 20 ms), a 1 s planner tick and short cooldowns, and each first token sent as soon
 as it is prefilled (`--first-token early`). A burst of 1,800-token prompts at concurrency 16
-gives TTFT p90 over 1 s and no TPOT sample (max_tokens 1); a burst of 200-token
-generations at concurrency 20 queues for the decode engine's two slots between each
-stream's first and second tokens: TPOT p90 27 ms and TTFT p90 under 200 ms (2026-12-04, a
-2-core AVX512 host; a slower host's longer steps press TPOT harder). With the first token
+gives TTFT p90 over 1 s and no TPOT sample (max_tokens 1); a burst of 100-token
+generations at concurrency 28 queues for the decode engine's two slots between each
+stream's first and second tokens: TPOT p90 35 ms (23-27 ms at concurrency 20) and TTFT p90
+under 200 ms (2026-12-04, a 2-core AVX512 host; a slower host's longer steps press TPOT
+harder). With the first token
 kept for the stream, as the defaults do, that wait fell in TTFT, TPOT p90 stayed at 5-12
 ms, and the decode phase waited 25-80 s for a chance breach.
 
@@ -89,7 +90,7 @@ async def burst(c, kind: str, concurrency: int, light: int, decided, started, un
                 body = {"model": c.model_name, "max_tokens": 1,
                         "prompt": [rng.randrange(10, 900) for _ in range(1800)]}
             else:
-                body = {"model": c.model_name, "max_tokens": 200, "ignore_eos": True,
+                body = {"model": c.model_name, "max_tokens": 100, "ignore_eos": True,
                         "prompt": [rng.randrange(10, 900) for _ in range(20)]}
             r = await client.post(f"{c.url}/v1/completions", json=body)
             results.append((r.status_code, r.headers.get("x-pdserve-route", "")))
@@ -170,10 +171,10 @@ def test_long_prompts_scale_prefill_then_drain(scaled):
 def test_decode_heavy_burst_scales_decode_not_prefill(scaled):
     c = scaled
     assert set(workers(c, pd_pb2.ROLE_DECODE)) == {"decode-0"}
-    # 20 streams on 2 slots: a stream waits for others to finish before its first decode
+    # 28 streams on 2 slots: a stream waits for others to finish before its first decode
     # step, and with the first token sent early that wait falls between its first token
     # and its second (the module's docstring)
-    phase = scale_up_phase(c, "decode", "decode", 20, 4)
+    phase = scale_up_phase(c, "decode", "decode", 28, 4)
     log = c.log_path.read_text()
     assert "local: started decode-auto1 on core 1" in log
     assert "started prefill-auto2" not in log
