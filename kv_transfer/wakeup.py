@@ -67,11 +67,17 @@ class WakeListener:
                 self._on_wake()
 
     def stop(self) -> None:
+        """Stop listening; the socket's name is free once this returns. The shutdown wakes
+        the thread's `recv`; a close alone would not, and while that call is in the kernel
+        the socket, and so its name, lives on (a new listener for this pid then failed
+        with "address already in use" on a busy host)."""
         self._stopped = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
         self.sock.close()
 
 
