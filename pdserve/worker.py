@@ -47,12 +47,12 @@ def hold_scratch_dir(path: str) -> int:
 
 def sweep_scratch_dirs(tmp: str | None = None, min_age_s: float = SCRATCH_MIN_AGE_S
                        ) -> list[str]:
-    """Remove the scratch directories (agent address, event sockets, UCX log) of workers
-    that died without cleaning up (kill -9, OOM). A directory goes when its owner lock can
-    be taken (the owner is gone: an flock, so pid namespaces sharing /tmp cannot confuse
-    it), or when it has no lock file (an older pdserve's), and in both cases only once it
-    is `min_age_s` old (a worker that is creating its own is never caught between mkdir
-    and lock). Returns the directories removed."""
+    """Remove the scratch directories (agent address, event sockets, UCX log, vLLM's ZMQ
+    sockets) of workers that died without cleaning up (kill -9, OOM). A directory goes when
+    its owner lock can be taken (the owner is gone: an flock, so pid namespaces sharing
+    /tmp cannot confuse it), or when it has no lock file (an older pdserve's), and in both
+    cases only once it is `min_age_s` old (a worker that is creating its own is never
+    caught between mkdir and lock). Returns the directories removed."""
     import fcntl
     import shutil
 
@@ -130,6 +130,12 @@ class WorkerRuntime:
         self._tmp = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         self._tmp_lock = hold_scratch_dir(self._tmp.name)
         addr_file = os.path.join(self._tmp.name, "agent_address")
+        # vLLM's ZMQ sockets between its processes (ipc://<base>/<uuid>) in the scratch
+        # folder, which goes with the worker (or the next sweep), not in the system's
+        # temporary folder, where a killed engine's stayed behind; unless the user chose
+        # a base, or the path would pass a Unix socket's 107 bytes
+        if "VLLM_RPC_BASE_PATH" not in os.environ and len(self._tmp.name) < 60:
+            os.environ["VLLM_RPC_BASE_PATH"] = self._tmp.name
         # the engine core times its steps, holds prefill chunks to its streams' TPOT
         # allowance and sends each step here (pdserve/step_hook.py)
         self.steps = StepReceiver()
