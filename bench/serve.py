@@ -92,6 +92,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request,
                 if piece:
                     res.text += piece
                     now = time.perf_counter()
+                    res.token_times.append(now)
                     if last is None:
                         res.ttft = now - t0
                     else:

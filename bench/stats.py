@@ -33,6 +33,10 @@ class Result:
     route_text: str = ""      # the whole route (the runner-up's forecast too)
     text: str = ""            # what was generated
     kv: dict = field(default_factory=dict)   # pdserve's kv_transfer record (disaggregated)
+    # each streamed piece's arrival, `time.perf_counter()`: CLOCK_MONOTONIC on Linux, the
+    # clock of the engines' step trace (PDSERVE_STEP_TRACE's monotonic end), so a client's
+    # gap can be set against the steps the engine ran meanwhile
+    token_times: list[float] = field(default_factory=list)
 
     @property
     def tpot(self) -> float:

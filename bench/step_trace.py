@@ -6,12 +6,21 @@ model (pdserve/latency.py) is from them.
         --variant 'pdserve-t=PDSERVE_STEP_TRACE=/tmp/tr/trace-%p.txt'
     .venv/bin/python -m bench.step_trace /tmp/tr/trace-*.txt
 
+    .venv/bin/python -m bench.step_trace /tmp/tr/trace-*.txt --gaps results.json
+
 Per trace file (one engine): steps by kind (decode only, prompt tokens only, both in
 one step: "mixed"), their seconds, by number of decode sequences; the step model fitted
 from the same steps as the engine fits them, and its median signed and absolute error
 per kind. A mixed step costs more than the decode step with as many sequences plus its
 prompt tokens' share: the model's `mixed` term; a bias left in one kind is what the model
 still lacks.
+
+With `--gaps` (a bench JSON: bench.compare's or bench.matrix's `--out`), each gap longer
+than `--gap-ms` between two pieces a client got is set against the steps each engine ended
+meanwhile (the client's `token_times` and the trace's monotonic end share a clock). Steps
+ended inside a stream's gap mean the engine computed while the stream's tokens did not
+arrive: held between the engine and the client, or the stream sat those steps out. None
+means the engine itself was not stepping.
 """
 
 from __future__ import annotations
@@ -72,11 +81,48 @@ def report(steps: list[StepSample]) -> dict:
     return out
 
 
+def step_ends(path: str) -> list[float]:
+    """The monotonic end of every traced step (the trace's eighth column), in order."""
+    with open(path) as f:
+        return [float(x[7]) for x in (line.split() for line in f) if len(x) >= 8]
+
+
+def client_gaps(token_times: list[list[float]], min_s: float) -> list[tuple[float, float]]:
+    """(start, end) of every gap longer than `min_s` between a stream's pieces."""
+    return [(t[i - 1], t[i]) for t in token_times for i in range(1, len(t))
+            if t[i] - t[i - 1] > min_s]
+
+
+def steps_in_gaps(gaps: list[tuple[float, float]], ends: list[float]) -> list[int]:
+    """For each gap, how many of the steps ended strictly inside it. Pure."""
+    import bisect
+
+    ends = sorted(ends)
+    return [bisect.bisect_left(ends, b) - bisect.bisect_right(ends, a) for a, b in gaps]
+
+
+def results_token_times(path: str) -> list[list[float]]:
+    """Every request's `token_times` in a bench JSON (all setups and runs)."""
+    import json
+
+    data = json.loads(open(path).read())["results"]
+    return [q.get("token_times") or [] for runs in data.values() for r in runs
+            for q in r["requests"]]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("traces", nargs="+")
+    ap.add_argument("--gaps", default="", help="a bench JSON with the clients' token times")
+    ap.add_argument("--gap-ms", type=float, default=100.0)
     ns = ap.parse_args(argv)
+    gaps = client_gaps(results_token_times(ns.gaps), ns.gap_ms / 1e3) if ns.gaps else []
     for path in ns.traces:
+        if ns.gaps:
+            inside = steps_in_gaps(gaps, step_ends(path))
+            by = {k: sum(1 for n in inside if (n >= 2 if k == 2 else n == k)) for k in (0, 1, 2)}
+            print(f"== {path}: {len(gaps)} client gaps over {ns.gap_ms:.0f} ms; steps this "
+                  f"engine ended inside one: none {by[0]}, one {by[1]}, two or more {by[2]}")
         r = report(read(path))
         print(f"== {path}")
         for k, v in r.items():
