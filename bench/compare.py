@@ -88,18 +88,13 @@ class Procs:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.urls: dict[str, str] = {}     # server name -> its own endpoint
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
+    def start(self, name: str, module: str, args: list[str],
+              env: dict[str, str] | None = None, cpus: list[int] | None = None):
+        """`python -m module *args` on `cpus` (all: None), logging to `<name>.log`: forked
+        by the zygote PDSERVE_ZYGOTE names if one answers (a stock server 8 s sooner),
+        else a new interpreter under `taskset -c` (`start_module`)."""
         log = open(self.log_dir / f"{name}.log", "w")
-        # `[taskset -c CORES] python -m MODULE ...`: forked by the zygote PDSERVE_ZYGOTE
-        # names, if one answers (`start_module`; a stock server 8 s sooner)
-        cpus = [int(c) for c in id_list(argv[2])] if argv[:2] == ["taskset", "-c"] else None
-        cmd = argv[3:] if cpus else argv
-        if cmd[:2] == [sys.executable, "-m"] and len(cmd) > 2:
-            p = start_module(cmd[2], cmd[3:], log, env, cpus=cpus)
-        else:
-            p = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 env={**os.environ, **(env or {})}, start_new_session=True)
+        p = start_module(module, args, log, env, cpus=cpus)
         self.procs.append((name, p))
         return p
 
@@ -146,8 +141,7 @@ def wait_ready(url: str, procs: Procs, timeout_s: float = 400.0) -> None:
 def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
                 env: dict[str, str] | None = None) -> str:
     port = free_port()
-    argv = ["taskset", "-c", cores, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", ns.model, "--served-model-name", ns.served_name,
+    argv = ["--model", ns.model, "--served-model-name", ns.served_name,
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", resolve_dtype(ns.dtype),
             "--max-model-len", str(ns.max_model_len), "--block-size", "128",
@@ -157,7 +151,8 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
     one = getattr(ns, "vllm_one_process", False)
     if one:
         argv += ["--distributed-executor-backend", "uni"]
-    procs.start(name, argv, env={
+    cpus = [int(c) for c in id_list(cores)]
+    procs.start(name, "vllm.entrypoints.openai.api_server", argv, cpus=cpus, env={
         "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(ns.kv_cache_gib),
         "PDSERVE_QUIET_WAIT": "1" if ns.baseline_quiet_wait else "0",
         # vLLM's CPU platform turns "uni" into its multiprocess executor unless this reads 0
@@ -170,7 +165,7 @@ def vllm_server(procs: Procs, ns, name: str, cores: str, extra: list[str] = (),
 
 def proxy(procs: Procs, name: str, args: list[str]) -> str:
     port = free_port()
-    procs.start(name, [sys.executable, "-m", "bench.proxy", "--port", str(port), *args])
+    procs.start(name, "bench.proxy", ["--port", str(port), *args])
     return f"http://127.0.0.1:{port}"
 
 
@@ -208,8 +203,8 @@ def start_setup(setup: str, ns, procs: Procs) -> str:
         return ns.pdserve_url
     if setup == OURS or setup in ns.variants:
         port, sport = free_port(), free_port()
-        procs.start("pdserve", [
-            sys.executable, "-m", "pdserve.cli", "serve", "--model", ns.model,
+        procs.start("pdserve", "pdserve.cli", [
+            "serve", "--model", ns.model,
             "--served-model-name", ns.served_name, "--port", str(port),
             "--scheduler-port", str(sport), "--kv-cache-gib", str(ns.kv_cache_gib),
             "--max-model-len", str(ns.max_model_len), "--max-num-seqs", str(ns.max_num_seqs),
