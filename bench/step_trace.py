@@ -26,7 +26,10 @@ means the engine itself was not stepping.
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
 from collections import defaultdict
+from pathlib import Path
 
 from bench.stats import percentile
 from pdserve.latency import StepModel, StepSample
@@ -95,17 +98,13 @@ def client_gaps(token_times: list[list[float]], min_s: float) -> list[tuple[floa
 
 def steps_in_gaps(gaps: list[tuple[float, float]], ends: list[float]) -> list[int]:
     """For each gap, how many of the steps ended strictly inside it. Pure."""
-    import bisect
-
     ends = sorted(ends)
     return [bisect.bisect_left(ends, b) - bisect.bisect_right(ends, a) for a, b in gaps]
 
 
 def results_token_times(path: str) -> list[list[float]]:
     """Every request's `token_times` in a bench JSON (all setups and runs)."""
-    import json
-
-    data = json.loads(open(path).read())["results"]
+    data = json.loads(Path(path).read_text())["results"]
     return [q.get("token_times") or [] for runs in data.values() for r in runs
             for q in r["requests"]]
 
@@ -120,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in ns.traces:
         if ns.gaps:
             inside = steps_in_gaps(gaps, step_ends(path))
-            by = {k: sum(1 for n in inside if (n >= 2 if k == 2 else n == k)) for k in (0, 1, 2)}
+            none, one = inside.count(0), inside.count(1)
             print(f"== {path}: {len(gaps)} client gaps over {ns.gap_ms:.0f} ms; steps this "
-                  f"engine ended inside one: none {by[0]}, one {by[1]}, two or more {by[2]}")
+                  f"engine ended inside one: none {none}, one {one}, two or more "
+                  f"{len(inside) - none - one}")
         r = report(read(path))
         print(f"== {path}")
         for k, v in r.items():
