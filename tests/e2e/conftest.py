@@ -29,13 +29,9 @@ def _vllm_sockets(tmp_path_factory):
     """vLLM's ZMQ sockets of every engine the session starts (its clusters' and the ground
     truth's) in the session's folder, not the system's temporary folder: an engine killed
     on purpose leaves its sockets behind."""
-    before = os.environ.get("VLLM_RPC_BASE_PATH")
-    os.environ["VLLM_RPC_BASE_PATH"] = str(tmp_path_factory.mktemp("zmq"))
-    yield
-    if before is None:
-        os.environ.pop("VLLM_RPC_BASE_PATH", None)
-    else:
-        os.environ["VLLM_RPC_BASE_PATH"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_RPC_BASE_PATH", str(tmp_path_factory.mktemp("zmq")))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

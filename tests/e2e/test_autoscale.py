@@ -7,9 +7,8 @@ gives TTFT p90 over 1 s and no TPOT sample (max_tokens 1); a burst of 100-token
 generations at concurrency 28 queues for the decode engine's two slots between each
 stream's first and second tokens: TPOT p90 35 ms (23-27 ms at concurrency 20) and TTFT p90
 under 200 ms (2026-12-04, a 2-core AVX512 host; a slower host's longer steps press TPOT
-harder). With the first token
-kept for the stream, as the defaults do, that wait fell in TTFT, TPOT p90 stayed at 5-12
-ms, and the decode phase waited 25-80 s for a chance breach.
+harder). With the first token kept for the stream, as the defaults do, that wait fell in
+TTFT, TPOT p90 stayed at 5-12 ms, and the decode phase waited 25-80 s for a chance breach.
 
 1. Long prompts: the planner starts a second *prefill* worker (never a decode worker), it
    registers and serves requests; after the burst it is drained and stopped.
