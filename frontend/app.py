@@ -23,7 +23,7 @@ from frontend.timing import Timing
 from frontend.tokens import ChatOptions, Tokenizer, Truncation, check_ids
 from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 from vllm.sampling_params import SamplingParams
-from pdserve import auth, metrics as M
+from pdserve import auth, loop_lag, metrics as M
 from pdserve.config import FrontendConfig
 from pdserve.procs import freeze_heap
 from pdserve.errors import (
@@ -68,6 +68,7 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
             state["gen"] = gen_config.load(cfg.model, cfg.generation_config,
                                            cfg.override_generation_config)
         _reasoner()      # an unknown parser stops the start, as vLLM's server
+        state["loop_lag"] = loop_lag.export("frontend")
         frozen = freeze_heap()   # out of GC's way, as vLLM's server does (pdserve/procs.py)
         log.info("frontend serving model %s on http://%s:%d (scheduler %s); %d objects of "
                  "the start-up heap frozen out of GC", cfg.served_model_name, cfg.host,
@@ -81,6 +82,8 @@ def create_app(cfg: FrontendConfig, client: ClusterClient | None = None,
 
     @app.on_event("shutdown")
     async def _shutdown() -> None:
+        if state.get("loop_lag") is not None:
+            state.pop("loop_lag").cancel()
         if state["client"] is not None:
             await state["client"].close()
 

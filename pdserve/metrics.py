@@ -85,6 +85,12 @@ WORKER_REQUESTS = Counter("pdserve_worker_requests", "Requests served by a worke
 PREFILL_SECONDS = Histogram("pdserve_prefill_seconds", "Prefill time per request on the worker",
                             buckets=_LAT)
 
+# -- every serving process (pdserve/loop_lag.py)
+EVENT_LOOP_LAG = Histogram(
+    "pdserve_event_loop_lag_seconds", "How much later than due the process's asyncio event "
+    "loop woke a 10 ms timer: blocking work in the loop, or the process waiting for a CPU",
+    ["process"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
 # -- scheduler
 REJECTED = Counter("pdserve_rejected_requests", "Requests refused by admission control",
                    ["reason"])

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from pdserve import auth, metrics as M
+from pdserve import auth, loop_lag, metrics as M
 from pdserve.config import WorkerConfig
 from kv_transfer.agent import read_agent_address
 from kv_transfer.transport import RANK as TRANSPORT_CLASSES
@@ -328,10 +328,12 @@ class WorkerRuntime:
             ready.set()
         self._stop = stop = stop or asyncio.Event()
         watch = asyncio.create_task(self._watch_engine())
+        lag = loop_lag.export("worker")
         try:
             await stop.wait()
         finally:
             watch.cancel()
+            lag.cancel()
             await self.stop()
         if self.engine_dead:
             raise EngineDied("the vLLM engine died")

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from pdserve import auth
+from pdserve import auth, loop_lag
 from pdserve import metrics as M
 from pdserve.procs import freeze_heap
 from pdserve.rpc import pd_pb2_grpc
@@ -50,7 +50,7 @@ async def serve(cfg: SchedulerConfig, ready=None, stop: asyncio.Event | None = N
     log.info("scheduler serving gRPC on %s:%d, metrics on :%d, placement %s; %d objects of "
              "the start-up heap frozen out of GC", cfg.host, port, mport, cfg.placement,
              freeze_heap())
-    tasks = [asyncio.create_task(svc.reap_forever())]
+    tasks = [asyncio.create_task(svc.reap_forever()), loop_lag.export("scheduler")]
     scaler = None
     if cfg.autoscale.mode != "off":
         scaler = start_autoscaler(svc, cfg, port)

@@ -242,8 +242,11 @@ def test_metrics_endpoints(cluster):
                  "pdserve_inter_token_latency_seconds_count",
                  "pdserve_e2e_request_latency_seconds_count", "pdserve_requests_total"):
         assert metric_value(fe, name) > 0, name
+    # each serving process watches its own event loop (pdserve/loop_lag.py)
+    assert metric_value(fe, "pdserve_event_loop_lag_seconds_count", process="frontend") > 0
     for w in cluster.workers():
         text = cluster.metrics(w)
+        assert metric_value(text, "pdserve_event_loop_lag_seconds_count", process="worker") > 0
         role = "prefill" if w.role == pd_pb2.ROLE_PREFILL else "decode"
         assert "pdserve_worker_kv_usage_ratio" in text and "vllm:num_requests_running" in text
         assert metric_value(text, "pdserve_worker_requests_total", role=role) > 0

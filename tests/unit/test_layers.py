@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pdserve", "kv_transfer", "scheduler", "frontend", "prefill_worker",
             "decode_worker", "bench", "tests")
 FLOOR = {"pdserve", "pdserve.auth", "pdserve.config", "pdserve.errors", "pdserve.kvhash",
-         "pdserve.latency", "pdserve.lease_client", "pdserve.logs", "pdserve.metrics",
+         "pdserve.latency", "pdserve.lease_client", "pdserve.logs", "pdserve.loop_lag",
+         "pdserve.metrics",
          "pdserve.models", "pdserve.procs", "pdserve.rpc", "pdserve.rpc.gen", "pdserve.rpc.pd_pb2",
          "pdserve.rpc.pd_pb2_grpc", "pdserve.sampling", "pdserve.step_budget",
          "pdserve.vllm_args", "pdserve.zygote"}
