@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.loop_lag import Stalls, watch
+
 from bench.serve_args import add_workload_args  # noqa: F401 - the workload flags, for others
 from bench.stats import Result, parse_route, result_dict, summarize
 from bench.workload import Request, WorkloadSpec, build, from_samples
@@ -111,10 +113,11 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Request,
 
 async def run_once(url: str, model: str, reqs: list[Request], concurrency: int,
                    label: str, timeout_s: float, endpoint: str = COMPLETIONS,
-                   ignore_eos: bool = True, tqdm_off: bool = False
-                   ) -> tuple[list[Result], float]:
+                   ignore_eos: bool = True, tqdm_off: bool = False,
+                   stalls: Stalls | None = None) -> tuple[list[Result], float]:
     """Send `reqs` at their offsets, at most `concurrency` in flight when > 0 (vLLM's
-    `--request-rate` with `--max-concurrency`); a tqdm bar counts them done."""
+    `--request-rate` with `--max-concurrency`); a tqdm bar counts them done. `stalls`:
+    records this client's own event-loop stalls meanwhile (pdserve/loop_lag.py)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(reqs), desc=label, disable=tqdm_off, file=sys.stderr)
@@ -132,10 +135,15 @@ async def run_once(url: str, model: str, reqs: list[Request], concurrency: int,
                     res = await one(client, url, model, r, endpoint, ignore_eos)
             bar.update(1)
             return res
+        # on the token times' clock
+        lag = (asyncio.create_task(watch(stalls, clock=time.perf_counter))
+               if stalls is not None else None)
         try:
             results = await asyncio.gather(*[send(r) for r in reqs])
         finally:
             bar.close()
+            if lag is not None:
+                lag.cancel()
         return list(results), time.perf_counter() - t0
 
 
@@ -240,15 +248,23 @@ async def sweep(url: str, ns, label: str) -> list[dict]:
         if warm and reqs:     # vLLM's --num-warmups: the first request, one at a time
             await run_once(url, model, [replace(reqs[0], at=0.0)] * warm, 1, f"{tag} warm-up",
                            ns.timeout_s, endpoint, ignore_eos, True)
+        stalls = Stalls()
         results, dur = await run_once(url, model, reqs, ns.concurrency, tag, ns.timeout_s,
-                                      endpoint, ignore_eos, getattr(ns, "disable_tqdm", False))
+                                      endpoint, ignore_eos, getattr(ns, "disable_tqdm", False),
+                                      stalls)
         summary = summarize(results, dur, ns.slo_ttft_ms / 1e3, ns.slo_tpot_ms / 1e3)
         summary.update(rate=rate if math.isfinite(rate) else "inf",
                        concurrency=ns.concurrency, model=model, setup=label,
-                       endpoint=endpoint)
+                       endpoint=endpoint, client_stalls=len(stalls.seen),
+                       client_stall_max_ms=stalls.worst_s() * 1e3)
         runs.append({"label": tag, "summary": summary,
-                     "requests": [result_dict(r) for r in results]})
+                     "requests": [result_dict(r) for r in results],
+                     "client_stalls": stalls.seen})
         print(format_summary(tag, summary), flush=True)
+        if stalls.seen:     # the gaps the client saw then are its own, not the server's
+            print(f"  (this client's event loop stalled {len(stalls.seen)} times for "
+                  f"{stalls.min_s * 1e3:.0f} ms or more, at worst {stalls.worst_s() * 1e3:.0f} "
+                  "ms: bench.step_trace --gaps names the gaps inside them)", flush=True)
     return runs
 
 

@@ -16,17 +16,16 @@ prompt tokens' share: the model's `mixed` term; a bias left in one kind is what 
 still lacks.
 
 With `--gaps` (a bench JSON: bench.compare's or bench.matrix's `--out`), each gap longer
-than `--gap-ms` between two pieces a client got is set against the steps each engine ended
-meanwhile (the client's `token_times` and the trace's monotonic end share a clock). Steps
-ended inside a stream's gap mean the engine computed while the stream's tokens did not
-arrive: held between the engine and the client, or the stream sat those steps out. None
-means the engine itself was not stepping.
+than `--gap-ms` between two pieces a client got is put down to what took at least half of
+it (`gap_cause`): one engine step that carried streams and a prompt's tokens, a plain
+decode step, the client's own event-loop stall (its `client_stalls`), or none of them (the
+tokens held between the engine and the client). The client's `token_times`, its stalls
+and the trace's monotonic step ends share a clock.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -84,10 +83,12 @@ def report(steps: list[StepSample]) -> dict:
     return out
 
 
-def step_ends(path: str) -> list[float]:
-    """The monotonic end of every traced step (the trace's eighth column), in order."""
+def step_spans(path: str) -> list[tuple[float, float, int, int]]:
+    """(start, end, prompt tokens, decode sequences) of every traced step: monotonic, from
+    the trace's eighth column (the end) and first (the step's seconds)."""
     with open(path) as f:
-        return [float(x[7]) for x in (line.split() for line in f) if len(x) >= 8]
+        rows = [x for x in (line.split() for line in f) if len(x) >= 8]
+    return [(float(x[7]) - float(x[0]), float(x[7]), int(x[1]), int(x[3])) for x in rows]
 
 
 def client_gaps(token_times: list[list[float]], min_s: float) -> list[tuple[float, float]]:
@@ -96,17 +97,53 @@ def client_gaps(token_times: list[list[float]], min_s: float) -> list[tuple[floa
             if t[i] - t[i - 1] > min_s]
 
 
-def steps_in_gaps(gaps: list[tuple[float, float]], ends: list[float]) -> list[int]:
-    """For each gap, how many of the steps ended strictly inside it. Pure."""
-    ends = sorted(ends)
-    return [bisect.bisect_left(ends, b) - bisect.bisect_right(ends, a) for a, b in gaps]
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def results_token_times(path: str) -> list[list[float]]:
-    """Every request's `token_times` in a bench JSON (all setups and runs)."""
+def gap_cause(gap: tuple[float, float], steps: list[tuple[float, float, int, int]],
+              stalls: list[tuple[float, float]], share: float = 0.75) -> tuple[str, int]:
+    """Why a client waited `gap`, and a step's prompt tokens where a step is why. Pure.
+
+    - "client": the client's own event loop stalled for `share` of the gap or more (its
+      `client_stalls`: when each late wake-up was due, how late it came);
+    - "prompt step": one step that carried decode streams and prompt tokens took that
+      share (a prompt computed beside the streams, as the step budget allowed);
+    - "decode step": a step of decode streams only did (the engine itself was slow);
+    - "between": none of these. The engines stepped as usual: the tokens were held
+      between the engine and the client (the decode worker, the frontend: see
+      `pdserve_event_loop_lag_seconds`), or the stream sat the steps out (its KV loading).
+    """
+    a, b = gap
+    need = share * (b - a)
+    if any(_overlap(a, b, due, due + lag) >= need for due, lag in stalls):
+        return "client", 0
+    longest = max((s for s in steps if s[3] > 0), key=lambda s: _overlap(a, b, s[0], s[1]),
+                  default=None)
+    if longest is not None and _overlap(a, b, longest[0], longest[1]) >= need:
+        return ("prompt step", longest[2]) if longest[2] else ("decode step", 0)
+    return "between", 0
+
+
+CAUSES = ("prompt step", "decode step", "client", "between")
+
+
+def results_token_times(path: str) -> tuple[list[list[float]], list[tuple[float, float]]]:
+    """Every request's `token_times` in a bench JSON (all setups and runs), and every
+    run's `client_stalls`."""
     data = json.loads(Path(path).read_text())["results"]
-    return [q.get("token_times") or [] for runs in data.values() for r in runs
-            for q in r["requests"]]
+    runs = [r for rs in data.values() for r in rs]
+    return ([q.get("token_times") or [] for r in runs for q in r["requests"]],
+            [tuple(x) for r in runs for x in r.get("client_stalls", [])])
+
+
+def gaps_report(gaps: list[tuple[float, float]], steps: list[tuple[float, float, int, int]],
+                stalls: list[tuple[float, float]]) -> str:
+    causes = [gap_cause(g, steps, stalls) for g in gaps]
+    counts = {c: sum(k == c for k, _ in causes) for c in CAUSES}
+    tokens = [t for k, t in causes if k == "prompt step"]
+    tok = f" (prompt tokens p50 {percentile(tokens, 50):.0f})" if tokens else ""
+    return ", ".join(f"{c} {n}{tok if c == 'prompt step' else ''}" for c, n in counts.items())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,14 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gaps", default="", help="a bench JSON with the clients' token times")
     ap.add_argument("--gap-ms", type=float, default=100.0)
     ns = ap.parse_args(argv)
-    gaps = client_gaps(results_token_times(ns.gaps), ns.gap_ms / 1e3) if ns.gaps else []
+    if ns.gaps:
+        times, stalls = results_token_times(ns.gaps)
+        gaps = client_gaps(times, ns.gap_ms / 1e3)
+        steps = [s for path in ns.traces for s in step_spans(path)]
+        print(f"== {len(gaps)} client gaps over {ns.gap_ms:.0f} ms, by what took most "
+              f"of each: {gaps_report(gaps, steps, stalls)}")
     for path in ns.traces:
-        if ns.gaps:
-            inside = steps_in_gaps(gaps, step_ends(path))
-            none, one = inside.count(0), inside.count(1)
-            print(f"== {path}: {len(gaps)} client gaps over {ns.gap_ms:.0f} ms; steps this "
-                  f"engine ended inside one: none {none}, one {one}, two or more "
-                  f"{len(inside) - none - one}")
         r = report(read(path))
         print(f"== {path}")
         for k, v in r.items():

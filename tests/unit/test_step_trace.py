@@ -1,7 +1,7 @@
 """bench/step_trace.py: steps by kind from a step trace, and the step model's error per
 kind (a synthetic engine whose mixed steps pay a fixed part of their own)."""
 
-from bench.step_trace import client_gaps, main, read, report, step_ends, steps_in_gaps
+from bench.step_trace import client_gaps, gap_cause, main, read, report, step_spans
 
 
 def test_a_fixed_part_of_mixed_steps_shows_as_the_models_error(tmp_path):
@@ -25,24 +25,36 @@ def test_a_fixed_part_of_mixed_steps_shows_as_the_models_error(tmp_path):
     assert all(abs(v["err_p50"]) < 0.02 for v in r.values()), r
 
 
-def test_client_gaps_are_set_against_the_steps_ended_inside_them(tmp_path, capsys):
-    """A stream's gap with two steps ended inside it (the engine computed, the tokens did
-    not arrive), one with a single step at its very edge (not inside), none shorter than
-    the bound; the command reads a bench JSON's token times."""
+def test_client_gaps_are_put_down_to_what_took_them(tmp_path, capsys):
+    """A gap held by a step with a prompt beside the streams, one by a plain decode step
+    that ran long, one by the client's own stalled loop, one with the engine stepping as
+    usual (the tokens held on the way), and gaps shorter than the bound left out; the
+    command reads a bench JSON's token times and client stalls."""
     import json
 
     trace = tmp_path / "trace-1.txt"
-    trace.write_text("".join(f"0.050 0 0 1 500 0.01 0 {end} 0 0\n"
-                             for end in (10.00, 10.05, 10.10, 10.15, 10.60, 11.00)))
-    ends = step_ends(str(trace))
-    assert ends == [10.0, 10.05, 10.1, 10.15, 10.6, 11.0]
-    times = [[9.98, 10.02, 10.17, 10.2], [10.3, 10.6, 10.61]]
+    # seconds, prompt tokens, attention, decode seqs, context, allow, tokens, end, held, late
+    rows = [(0.05, 0, 2, 10.00), (0.30, 454, 2, 10.30),       # a prompt beside 2 streams
+            (0.05, 0, 2, 10.35), (0.20, 0, 2, 10.55),         # a slow decode step
+            (0.05, 0, 2, 10.60), (0.05, 0, 2, 10.65), (0.05, 0, 2, 10.70),
+            (0.05, 0, 2, 10.75), (0.05, 0, 2, 10.80), (0.05, 0, 2, 10.85),
+            (0.40, 512, 0, 10.80)]                            # a prefill engine's: no streams
+    trace.write_text("".join(f"{sec} {p} 0 {d} 500 0.01 0 {end} 0 0\n"
+                             for sec, p, d, end in rows))
+    steps = step_spans(str(trace))
+    assert steps[1] == (10.0, 10.3, 454, 2)
+    times = [[10.0, 10.3, 10.35, 10.55, 10.6],       # 300 ms (prompt), 200 ms (decode)
+             [10.6, 10.75, 10.8],                    # 150 ms: the client stalled 120 of it
+             [10.6, 10.62, 10.85]]                   # 230 ms: the engine stepped as usual
     gaps = client_gaps(times, 0.1)
-    assert gaps == [(10.02, 10.17), (10.3, 10.6)]         # 60 ms and 10 ms gaps left out
-    assert steps_in_gaps(gaps, ends) == [3, 0]            # 10.05, 10.10, 10.15; 10.6 is the edge
+    assert gaps == [(10.0, 10.3), (10.35, 10.55), (10.6, 10.75), (10.62, 10.85)]
+    stalls = [(10.61, 0.12)]
+    assert [gap_cause(g, steps, stalls) for g in gaps] == [
+        ("prompt step", 454), ("decode step", 0), ("client", 0), ("between", 0)]
     out = tmp_path / "r.json"
     out.write_text(json.dumps({"results": {"pdserve": [{"requests": [
-        {"token_times": t} for t in times]}]}}))
+        {"token_times": t} for t in times], "client_stalls": stalls}]}}))
     main([str(trace), "--gaps", str(out)])
-    assert "2 client gaps over 100 ms; steps this engine ended inside one: none 1, one 0, " \
-           "two or more 1" in capsys.readouterr().out
+    assert ("4 client gaps over 100 ms, by what took at least half of each: prompt step 1 "
+            "(prompt tokens p50 454), decode step 1, client 1, between 1"
+            in capsys.readouterr().out)
