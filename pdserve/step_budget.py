@@ -117,14 +117,11 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
 
 def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
            max_tokens: int, min_chunk: int = MIN_CHUNK, safety: float = SAFETY,
-           local_prefill: bool = False, least: int = LEAST, over: float = 1.0,
-           due: tuple = ()) -> Budget:
+           local_prefill: bool = False, least: int = LEAST, over: float = 1.0) -> Budget:
     """`ctx_tokens`: context the streams attend to; `max_tokens`: the engine's own cap;
     `local_prefill`: a prompt being computed will decode here; `least`: the floor's
     least tokens (`floor_tokens`); `over`: how far slack-sized steps run over the model
-    (`overrun`): the chunk is sized for the model's step times that much; `due`: the
-    local prompts being computed, each (tokens left, seconds to its TTFT deadline, tokens
-    computed), which get at least the pace that meets it (`deadline_tokens`)."""
+    (`overrun`): the chunk is sized for the model's step times that much."""
     if tpot_slo_s <= 0 or not (streams or local_prefill):
         return Budget(float("inf"), 0)
     if not streams or late_only(streams):    # none with an SLO left to keep
@@ -141,46 +138,9 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         return Budget(allow, 0)
     tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
     floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety, least)
-    # a local prompt's TTFT deadline raises the floor: each prompt being computed gets an
-    # equal share of the step's tokens (the engine's long_prefill_token_threshold)
-    need = max((deadline_tokens(coef, n, s, len(streams), ctx_tokens, before, safety, over)
-                for n, s, before in due), default=0) * len(due)
-    floor = max(floor, need)
     sized = tok > floor
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
     return Budget(allow, tok, hold=tok <= 0, sized=sized)
-
-
-def deadline_tokens(coef: Coef, left: int, left_s: float, seqs: float, ctx: float,
-                    before: int = 0, safety: float = SAFETY, over: float = 1.0) -> int:
-    """The fewest prompt tokens per step that compute a local prompt's `left` tokens
-    within safety * `left_s` (the time to its TTFT deadline) beside `seqs` streams, with
-    steps `over` times the model's; 0 when nothing is left, or when no chunk makes it (the
-    prompt is late whatever the steps take, and yields to the streams).
-
-    Without it a local prompt placed while its decode engine was free, on a prediction
-    well within its TTFT SLO, computed at the floor's pace once remote-prefilled streams
-    with no slack landed beside it: one or two tokens a step, and a first token after
-    11.8 s against a 4 s SLO and 234 ms predicted (docs/benchmarks.md, "Where the long
-    gaps are"). The scheduler had placed those streams expecting them to absorb the work
-    booked on the engine (scheduler/adaptive.py, `tpot_on`); the engine refused it."""
-    if left <= 0 or left_s <= 0:
-        return 0
-    room = safety * left_s / max(1.0, over)
-
-    def fits(k: int) -> bool:
-        return coef.steps_time(left, k, before, seqs, ctx) <= room
-
-    if not fits(left):
-        return 0
-    lo, hi = 1, left          # steps_time falls as the chunk grows (fewer fixed parts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def floor_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,

@@ -91,9 +91,6 @@ class _State:
         self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
-        # local prompts keep the pace of their TTFT deadline (step_budget.deadline_tokens);
-        # PDSERVE_PROMPT_DEADLINES=0: the floor only (comparisons)
-        self.deadlines = os.environ.get("PDSERVE_PROMPT_DEADLINES", "1") != "0"
         self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
         self.sock = None
         self.address = unix_address(address)
@@ -176,34 +173,15 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
     return out, ctx, local
 
 
-def _due(sched, now_unix: float) -> tuple:
-    """The local prompts being computed that have a TTFT deadline still ahead, each as
-    (tokens left, seconds to the deadline, tokens computed): `step_budget.budget`'s `due`."""
-    out = []
-    for r in sched.running:
-        if not _prefilling(r) or (r.max_tokens or 0) <= 1 or _remote(r):
-            continue
-        left_s = _ttft_due(r) - now_unix
-        if left_s > 0:
-            out.append((r.num_prompt_tokens - r.num_computed_tokens, left_s,
-                        r.num_computed_tokens))
-    return tuple(out)
-
-
-def _ttft_due(r) -> float:
-    """The request's TTFT deadline (`TTFT_DUE`, unix s, which the frontend sets; 0: none)."""
-    sp = getattr(r, "sampling_params", None)
-    try:
-        return float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
-    except (TypeError, ValueError, AttributeError):
-        return 0.0
-
-
 def _late(r) -> bool:
     """Was the request's first token computed after its TTFT SLO (`TTFT_DUE`, unix s,
     which the frontend sets; 0: no SLO)? Asked when it is first seen decoding here: its
     first token came from a prefill worker then (`P_FIRST_AT`), or from this engine now."""
-    due = _ttft_due(r)
+    sp = getattr(r, "sampling_params", None)
+    try:
+        due = float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
+    except (TypeError, ValueError, AttributeError):
+        return False
     return due > 0 and (_first_token_at(r) or time.time()) > due
 
 
@@ -369,8 +347,7 @@ def install() -> bool:
         if st.slo_s > 0 and st.handoffs:
             _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
-                   least=st.least, over=st.over,
-                   due=_due(self, time.time()) if st.deadlines and streams else ())
+                   least=st.least, over=st.over)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:

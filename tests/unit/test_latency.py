@@ -9,8 +9,7 @@ import pytest
 from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
                              chunk_attn)
 from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, OVERRUN_MIN, Stream, allowance,
-                                 budget, deadline_tokens, fcfs_tokens, floor_tokens, overrun,
-                                 stream_tokens)
+                                 budget, fcfs_tokens, floor_tokens, overrun, stream_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01, mixed=0.003)
@@ -243,36 +242,6 @@ def test_a_floor_of_zero_gives_streams_with_no_room_decode_only_steps():
                                                                     4096)
     roomy = Coef(step=0.02, prefill_ktok=0.5)             # room for the usual floor
     assert budget(behind, roomy, 0.088, 600, 4096, least=0).tokens == MIN_CHUNK
-
-
-def test_a_local_prompt_keeps_the_pace_of_its_ttft_deadline():
-    """Beside streams with no slack the floor computes a prompt a token or two a step: a
-    500-token prompt would take hundreds of steps. With its TTFT deadline ahead, each step
-    takes the fewest tokens that finish it in time (safety * the time left, steps run
-    `over` the model); a prompt that cannot make it, whatever the steps, keeps the floor."""
-    cpu = Coef(step=0.05, prefill_ktok=0.5, decode_seq=0.002)
-    behind = [Stream(elapsed_s=3.0, produced=20, target=40)] * 4
-    floor = budget(behind, cpu, 0.06, 2000, 4096)
-    assert floor.tokens < MIN_CHUNK                         # no slack: the floor
-    k = deadline_tokens(cpu, 500, 2.0, 4, 2000)
-    assert cpu.steps_time(500, k, 0, 4, 2000) <= 0.9 * 2.0 < cpu.steps_time(500, k - 1, 0, 4,
-                                                                            2000)
-    assert floor.tokens < k < 500
-    got = budget(behind, cpu, 0.06, 2000, 4096, due=((500, 2.0, 0),))
-    assert got.tokens == k and not got.sized and got.allow_s == floor.allow_s
-    # two prompts being computed share each step's tokens: each gets the pace it needs
-    two = budget(behind, cpu, 0.06, 2000, 4096, due=((500, 2.0, 0), (100, 3.0, 0)))
-    assert two.tokens == 2 * k
-    # slower steps than the model's: a larger chunk
-    assert deadline_tokens(cpu, 500, 2.0, 4, 2000, over=1.3) > k
-    # hopeless (not even one step of it all fits), done, or past its deadline: the floor
-    assert deadline_tokens(cpu, 500, 0.2, 4, 2000) == 0
-    assert deadline_tokens(cpu, 0, 2.0, 4, 2000) == deadline_tokens(cpu, 500, 0.0, 4, 2000) == 0
-    assert budget(behind, cpu, 0.06, 2000, 4096, due=((500, 0.2, 0),)) == floor
-    # streams with slack to spare give more than the deadline needs: the slack rules
-    fresh = [Stream(0.0, 1, 400)]
-    roomy = budget(fresh, cpu, 0.06, 500, 4096)
-    assert budget(fresh, cpu, 0.06, 500, 4096, due=((500, 60.0, 0),)) == roomy
 
 
 def test_steps_time_closed_form_equals_stepping():

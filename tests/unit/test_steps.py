@@ -249,26 +249,3 @@ def test_the_decode_worker_hands_the_due_time_to_its_engine():
     assert TTFT_DUE not in (to_vllm(sp, max_tokens=8).extra_args or {})   # no SLO: none
     got = to_vllm(sp, max_tokens=7, generated=1, ttft_due=1.7e9, kv_transfer_params={"a": 1})
     assert got.extra_args[TTFT_DUE] == 1.7e9 and got.extra_args["kv_transfer_params"] == {"a": 1}
-
-
-def test_local_prompts_being_computed_hand_their_ttft_deadline_to_the_budget():
-    """`_due`: each local prompt being computed with its deadline ahead, as (tokens left,
-    seconds to go, tokens computed); not a remote-prefilled request's last tokens, a
-    prefill worker's one-token request, a prompt past its deadline or one with none."""
-    from types import SimpleNamespace as NS
-
-    from kv_transfer.handle import P_REMOTE_PREFILL
-    from pdserve.sampling import TTFT_DUE
-    from pdserve.step_hook import _due
-
-    now = 1000.0
-
-    def req(due, computed=200, max_tokens=32, params=None):
-        return NS(request_id=str(due), num_computed_tokens=computed, num_prompt_tokens=500,
-                  max_tokens=max_tokens, kv_transfer_params=params,
-                  sampling_params=NS(extra_args={TTFT_DUE: due} if due else None))
-
-    running = [req(now + 2.5), req(now + 3, params={P_REMOTE_PREFILL: True}),
-               req(now + 3, max_tokens=1), req(now - 1), req(0.0),
-               req(now + 4, computed=500)]            # a stream, not a prompt
-    assert _due(NS(running=running), now) == ((300, 2.5, 200),)
