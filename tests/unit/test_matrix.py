@@ -58,8 +58,10 @@ def test_calibration_scales_slos_and_rates_from_unloaded_latency():
     assert cal["b"]["rates"][1] == round(1.0 / 0.9, 4)
 
 
-def run(rate, goodput, tpot_p99, local_tpots=(), good=None):
-    reqs = [{"ok": True, "route": "local", "tpot": t} for t in local_tpots]
+def run(rate, goodput, tpot_p99, local_tpots=(), good=None, local_ttfts=None):
+    ttfts = local_ttfts or [0.5] * len(local_tpots)
+    reqs = [{"ok": True, "route": "local", "tpot": t, "ttft": f}
+            for t, f in zip(local_tpots, ttfts)]
     good = round(goodput * 100) if good is None else good
     return {"summary": {"rate": rate, "goodput": goodput, "good": good, "completed": 10,
                         "requests": 10,
@@ -83,7 +85,7 @@ def test_mix_report_compares_each_cell_with_the_best_peer():
     assert "MISSED] latency model" in text
     res["pdserve"][1] = run(0.2, 0.1, 60)
     text, out = MX.mix_report("prefill", res, cal)
-    assert not out["every_cell"] and "MISSED" in text.splitlines()[-6]
+    assert not out["every_cell"] and "MISSED" in text.splitlines()[-7]
     # as many within SLOs, a little less per second (the last one ended later): met; one
     # fewer: missed, whatever the goodput per second
     res["pdserve"][1] = run(0.2, 0.149, 60, good=15)
@@ -91,6 +93,20 @@ def test_mix_report_compares_each_cell_with_the_best_peer():
     res["pdserve"][1] = run(0.2, 0.16, 60, good=14)
     _, out = MX.mix_report("prefill", res, cal)
     assert not out["every_cell"] and out["cells"][1]["peer_good"] == 15
+
+
+def test_locally_prefilled_tpot_is_split_by_whether_their_ttft_met_the_slo():
+    """The target counts every locally prefilled request; the report says how much of a
+    miss is late requests', whose streams keep no slack by design."""
+    res = {"vllm-2x": [run(0.1, 0.10, 90)],
+           "pdserve": [run(0.1, 0.10, 50, [0.05, 0.06, 0.2], local_ttfts=[1.0, 2.9, 3.5])]}
+    text, out = MX.mix_report("prefill", res, {"ttft_ms": 3000, "tpot_ms": 100})
+    assert out["local_tpot_p99_ms"] == pytest.approx(197.2, rel=0.01)
+    assert out["local_tpot_p99_on_time_ms"] == pytest.approx(59.8, rel=0.01)
+    assert out["local_tpot_p99_late_ms"] == pytest.approx(200.0)
+    assert "MISSED] TPOT p99 of locally prefilled requests" in text
+    assert "with TTFT within its SLO: 59.9 ms (2); late, whose streams keep no slack: " \
+           "200.0 ms (1)" in text
 
 
 def test_a_variant_of_ours_is_reported_against_the_peers_and_is_never_a_peer():
