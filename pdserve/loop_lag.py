@@ -5,8 +5,9 @@ the time the loop could not run it: a callback that blocked the loop, or the pro
 waiting for a CPU. On a host whose cores also run vLLM engines (a CPU deployment, or a
 GPU node whose CPU is overcommitted), the second happens: a frontend's or a benchmark
 client's loop was seen waiting 100-360 ms in the kernel's run queue while both of a
-2-core host's cores ran engine steps (docs/benchmarks.md, "Where the long gaps are"),
-and every stream it served showed that gap, though the engines had computed the tokens.
+2-core host's cores ran engine steps (docs/benchmarks.md, "Where the long gaps are,
+measured"), and every stream it served showed that gap, though the engines had computed
+the tokens.
 
 Every serving process exports it (`pdserve_event_loop_lag_seconds`, by process), and the
 benchmark client records its own stalls beside its measurements (bench/serve.py): a gap
@@ -20,6 +21,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from pdserve import metrics as M
 
 PERIOD_S = 0.01          # how often the loop is asked to wake: 100 wake-ups a second
 STALL_S = 0.05           # a lag this long is a stall worth its own record
@@ -54,8 +57,6 @@ async def watch(observe: Callable[[float, float], None], period_s: float = PERIO
 
 def export(process: str) -> asyncio.Task:
     """Watch the running loop into `pdserve_event_loop_lag_seconds{process=...}`."""
-    from pdserve import metrics as M
-
     hist = M.EVENT_LOOP_LAG.labels(process)
     return asyncio.get_running_loop().create_task(
         watch(lambda _due, lag: hist.observe(lag)), name=f"loop-lag-{process}")
