@@ -42,6 +42,12 @@ def test_harness_small_run_matches_the_servers_own_counts(cluster):
     assert metric_value(after, gen) - metric_value(before, gen) == 6 * 12
     assert s["good"] == 6 and s["goodput"] > 0          # generous SLOs on a tiny model
     assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
+    # the client's own event-loop stalls, on its token times' clock (pdserve/loop_lag.py)
+    start, end = min(r["token_times"][0] for r in reqs), max(r["token_times"][-1] for r in reqs)
+    assert s["client_stalls"] == len(run["client_stalls"])
+    assert all(start - 60 < due < end + 60 and lag >= 0.05 for due, lag in run["client_stalls"])
+    assert s["client_stall_max_ms"] == max((lag * 1e3 for _, lag in run["client_stalls"]),
+                                           default=0.0)
 
 
 def test_harness_command_writes_json_and_plots(cluster, tmp_path):
