@@ -16,10 +16,10 @@ prompt tokens' share: the model's `mixed` term; a bias left in one kind is what 
 still lacks.
 
 With `--gaps` (a bench JSON: bench.compare's or bench.matrix's `--out`), each gap longer
-than `--gap-ms` between two pieces a client got is put down to what took at least half of
-it (`gap_cause`): one engine step that carried streams and a prompt's tokens, a plain
-decode step, the client's own event-loop stall (its `client_stalls`), or none of them (the
-tokens held between the engine and the client). The client's `token_times`, its stalls
+than `--gap-ms` between two pieces a client got is put down to what took three quarters
+of it or more (`gap_cause`): one engine step that carried streams and a prompt's tokens,
+a plain decode step, the client's own event-loop stall (its `client_stalls`), or none of
+them (the tokens held between the engine and the client). The client's `token_times`, its stalls
 and the trace's monotonic step ends share a clock.
 """
 

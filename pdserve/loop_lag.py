@@ -5,9 +5,9 @@ the time the loop could not run it: a callback that blocked the loop, or the pro
 waiting for a CPU. On a host whose cores also run vLLM engines (a CPU deployment, or a
 GPU node whose CPU is overcommitted), the second happens: a frontend's or a benchmark
 client's loop was seen waiting 100-360 ms in the kernel's run queue while both of a
-2-core host's cores ran engine steps (docs/benchmarks.md, "Where the long gaps are,
-measured"), and every stream it served showed that gap, though the engines had computed
-the tokens.
+2-core host's cores ran engine steps, and every stream it served showed that gap, though
+the engines had computed the tokens. The cause there was Linux's autogroup scheduling
+(docs/benchmarks.md, "Where the long gaps are, measured"; docs/operations.md).
 
 Every serving process exports it (`pdserve_event_loop_lag_seconds`, by process), and the
 benchmark client records its own stalls beside its measurements (bench/serve.py): a gap
