@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 
 from bench import compare as C
-from bench.stats import Result, percentile
+from bench.stats import Result, percentile, sign_test_p, within_slo_dict
 
 MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
     "prefill": ("uniform:384:640", "fixed:8"),
@@ -167,6 +167,22 @@ def _local_tpot_p99(runs: list[dict], ttft_slo_s: float = math.inf,
     return (percentile(xs, 99) * 1e3 if xs else math.nan), len(xs)
 
 
+def paired(ours: list[dict], peer: list[dict], ttft_slo_s: float,
+           tpot_slo_s: float) -> tuple[int, int, float]:
+    """Request by request over a mix's rates (every setup serves the same requests at the
+    same times): how many only `ours` served within both SLOs, how many only `peer` did,
+    and the sign test's p (`stats.sign_test_p`): under about 0.05, a difference this run's
+    noise is unlikely to make; above, one it could."""
+    def made(runs):
+        return {(x["summary"]["rate"], r["index"]): within_slo_dict(r, ttft_slo_s, tpot_slo_s)
+                for x in runs for r in x["requests"]}
+    a, b = made(ours), made(peer)
+    both = a.keys() & b.keys()
+    wins = sum(1 for k in both if a[k] and not b[k])
+    losses = sum(1 for k in both if b[k] and not a[k])
+    return wins, losses, sign_test_p(wins, losses)
+
+
 def ceiling_lines(ceil: dict[str, dict], best_peak: float) -> tuple[list[str], dict]:
     """What the engines can complete at all: each setup's requests per second with every
     request sent at once (no SLO), against the 1.5x-peak target. Goodput at any rate is
@@ -234,6 +250,12 @@ def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
                routes=[x["summary"].get("routes", {}) for x in res[ours]])
     lines.append(f"  [{'MET ' if all_ok else 'MISSED'}] requests within SLOs >= the best peer's "
                  "in every cell")
+    out["paired"] = {}
+    for p in peers:
+        wins, losses, pval = paired(res[ours], res[p], cal["ttft_ms"] / 1e3, cal["tpot_ms"] / 1e3)
+        out["paired"][p] = {"only_ours": wins, "only_peer": losses, "p": pval}
+        lines.append(f"         request by request against {p}: {wins} within SLOs only with "
+                     f"{ours}, {losses} only with {p} (sign test p = {pval:.2f})")
     if tpot_breaks:
         lines.append(f"  [{'MET ' if pr >= 1.5 else 'MISSED'}] peak goodput >= 1.5x the best "
                      f"peer's peak (a peer's TPOT p99 breaks the SLO): {pr:.2f}x")

@@ -59,6 +59,26 @@ def within_slo(r: Result, ttft_slo: float, tpot_slo: float) -> bool:
     return r.output_tokens < 2 or r.tpot <= tpot_slo
 
 
+def within_slo_dict(d: dict, ttft_slo: float, tpot_slo: float) -> bool:
+    """`within_slo` of a request as `result_dict` wrote it (a results JSON)."""
+    if not d["ok"] or d["ttft"] > ttft_slo:
+        return False
+    return d["output_tokens"] < 2 or d["tpot"] <= tpot_slo
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's, exact) of paired outcomes: the chance of a
+    split at least this uneven between `wins` and `losses` if either side were as likely
+    to win each discordant pair. The setups of a benchmark serve the same requests at the
+    same arrival times, so each request is a pair; ties (both made it, or both missed)
+    say nothing of which is better."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2.0 * tail / 2.0 ** n)
+
+
 def parse_route(header: str) -> tuple[str, float, float]:
     """(mode, predicted TTFT s, predicted TPOT s) from an x-pdserve-route header."""
     mode = header.split(":", 1)[0] if header else ""

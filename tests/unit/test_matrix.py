@@ -6,7 +6,7 @@ import math
 import pytest
 
 from bench import matrix as MX
-from bench.stats import Result, model_error, parse_route, summarize
+from bench.stats import Result, model_error, parse_route, sign_test_p, summarize
 from bench.workload import WorkloadSpec, build, parse_dist
 
 
@@ -60,8 +60,8 @@ def test_calibration_scales_slos_and_rates_from_unloaded_latency():
 
 def run(rate, goodput, tpot_p99, local_tpots=(), good=None, local_ttfts=None):
     ttfts = local_ttfts or [0.5] * len(local_tpots)
-    reqs = [{"ok": True, "route": "local", "tpot": t, "ttft": f}
-            for t, f in zip(local_tpots, ttfts)]
+    reqs = [{"index": i, "ok": True, "route": "local", "tpot": t, "ttft": f, "output_tokens": 8}
+            for i, (t, f) in enumerate(zip(local_tpots, ttfts))]
     good = round(goodput * 100) if good is None else good
     return {"summary": {"rate": rate, "goodput": goodput, "good": good, "completed": 10,
                         "requests": 10,
@@ -85,7 +85,7 @@ def test_mix_report_compares_each_cell_with_the_best_peer():
     assert "MISSED] latency model" in text
     res["pdserve"][1] = run(0.2, 0.1, 60)
     text, out = MX.mix_report("prefill", res, cal)
-    assert not out["every_cell"] and "MISSED" in text.splitlines()[-7]
+    assert not out["every_cell"] and "[MISSED] requests within SLOs" in text
     # as many within SLOs, a little less per second (the last one ended later): met; one
     # fewer: missed, whatever the goodput per second
     res["pdserve"][1] = run(0.2, 0.149, 60, good=15)
@@ -135,3 +135,40 @@ def test_the_ceiling_says_whether_the_peak_target_is_within_reach():
     text, out = MX.mix_report("prefill", res, cal, ceil=ceil)
     assert out["peak_target_reachable"] and "within pdserve's ceiling" in text
     assert "ceiling" not in MX.mix_report("prefill", res, cal)[1]    # none measured
+
+
+def test_the_sign_test_of_paired_requests():
+    """Exact two-sided sign test: 0 against 5 discordant pairs is p = 2/32; a tie or no
+    discordant pair says nothing (p = 1)."""
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert sign_test_p(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(4, 3) == sign_test_p(3, 4) == 1.0
+
+
+def req(i, ttft, tpot, ok=True):
+    return {"index": i, "ok": ok, "ttft": ttft, "tpot": tpot, "output_tokens": 8,
+            "route": "disagg"}
+
+
+def test_setups_are_compared_request_by_request():
+    """The same requests in both setups: only the pairs where one made both SLOs and the
+    other did not count, per (rate, request); a failed request made none."""
+    def runs(*cells):
+        return [{"summary": {"rate": rate}, "requests": rs} for rate, rs in cells]
+    ours = runs((1.0, [req(0, 0.1, 0.05), req(1, 0.1, 0.05), req(2, 0.9, 0.05)]),
+                (2.0, [req(0, 0.1, 0.05), req(1, 0.1, 0.05, ok=False)]))
+    peer = runs((1.0, [req(0, 0.1, 0.2), req(1, 0.1, 0.05), req(2, 0.1, 0.05)]),
+                (2.0, [req(0, 0.1, 0.2), req(1, 0.1, 0.05)]))
+    wins, losses, p = MX.paired(ours, peer, 0.5, 0.1)
+    assert (wins, losses) == (2, 2) and p == 1.0        # (1,0),(2,0) against (1,2),(2,1)
+    peer[1]["requests"][1] = req(1, 0.1, 0.05, ok=False)
+    assert MX.paired(ours, peer, 0.5, 0.1)[:2] == (2, 1)
+    cal = {"ttft_ms": 500, "tpot_ms": 100}
+    res = {"vllm-2x": [dict(r, summary=dict(run(r["summary"]["rate"], 1, 50)["summary"]))
+                       for r in peer],
+           "pdserve": [dict(r, summary=dict(run(r["summary"]["rate"], 1, 50)["summary"]))
+                       for r in ours]}
+    text, out = MX.mix_report("prefill", res, cal)
+    assert out["paired"]["vllm-2x"] == {"only_ours": 2, "only_peer": 1, "p": 1.0}
+    assert "2 within SLOs only with pdserve, 1 only with vllm-2x (sign test p = 1.00)" in text
