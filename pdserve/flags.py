@@ -33,9 +33,7 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                      "be free; at most this many seconds (0: place on arrival)"),
     "--hold-order": ("hold_order", str, "late binding's order: deadline (a request "
                      "predicted to miss its TTFT SLO lets the held requests that can still "
-                     "meet theirs go first), backfill (deadline, and a later request goes "
-                     "ahead to a free worker that no earlier one wants) or fifo (arrival "
-                     "order)"),
+                     "meet theirs go first) or fifo (arrival order)"),
     "--first-token": ("first_token", str, "a remote prefill's first token: with_stream (the "
                       "frontend keeps it until the decode worker's first token, so the "
                       "handoff counts in TTFT, not TPOT, as vLLM's and SGLang's P/D do), "

@@ -22,13 +22,6 @@ request misses it, one after the other (what a replica's FIFO queue does). A req
 that steps aside stays served, later; it was going to miss its SLO anyway. Late
 requests keep their arrival order among themselves.
 
-With `--hold-order backfill`, a request behind the head need not wait for it when its own
-best option computes on a worker that no request ahead of it wants (`want`, each held
-request's last choice) and that is about free: a short prompt the decode engine can take
-now goes ahead of a long one waiting for the prefill worker. The requests ahead keep every
-worker they want, in arrival order among them (EASY backfilling, as batch schedulers
-do it: a later job runs early only where it takes nothing an earlier one is waiting for).
-
 A request is dispatched a little before its worker is predicted free (`LOOKAHEAD` of its
 own prefill time, at least `MIN_AHEAD_S`), so the round trip to the engine does not leave
 the engine idle. The hold is bounded by `max_hold_s` and by the caller's deadline.
@@ -67,7 +60,6 @@ class Gate:
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
         self.prefill_s: dict[int, float] = {}    # each held request's own prefill, last seen
-        self.want: dict[int, str] = {}           # the worker its last choice computes on
 
     def enter(self, model: str) -> int:
         t = next(self._ids)
@@ -88,7 +80,6 @@ class Gate:
                 self.notify()
         self._late.discard(ticket)
         self.prefill_s.pop(ticket, None)
-        self.want.pop(ticket, None)
 
     def head(self, model: str, ticket: int) -> bool:
         """`ticket` chooses next: the oldest request held for `model` that is not late, or
@@ -98,17 +89,6 @@ class Gate:
             return False
         first = next((t for t in q if t not in self._late), q[0])
         return first == ticket
-
-    def wanted_ahead(self, model: str, ticket: int) -> set[str]:
-        """The workers wanted by the requests held for `model` ahead of `ticket` that are
-        not late (what a backfilled request must leave to them)."""
-        out = set()
-        for t in self._queues.get(model, ()):
-            if t == ticket:
-                break
-            if t not in self._late and t in self.want:
-                out.add(self.want[t])
-        return out
 
     def late(self, ticket: int) -> bool:
         return ticket in self._late

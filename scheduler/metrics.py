@@ -34,9 +34,6 @@ SCHED_HELD_SECONDS = Histogram("pdserve_scheduler_held_seconds",
 SCHED_DEFERRED = Counter("pdserve_scheduler_deferred_requests",
                          "Held requests predicted to miss their TTFT SLO that let the ones "
                          "held behind them go first (late binding, --hold-order deadline)")
-SCHED_BACKFILLED = Counter("pdserve_scheduler_backfilled_requests",
-                           "Held requests placed ahead of earlier ones, on a free worker no "
-                           "earlier one wanted (late binding, --hold-order backfill)")
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")

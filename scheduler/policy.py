@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
-HOLD_ORDERS = ("deadline", "backfill", "fifo")
+HOLD_ORDERS = ("deadline", "fifo")
 FIRST_TOKENS = ("with_stream", "adaptive", "early")
 
 
@@ -57,8 +57,7 @@ class PlacementConfig:
     # its best option names is busy, for at most this long (0: route on arrival)
     hold_max_s: float = 60.0
     # ...in arrival order ("fifo"), or with requests predicted to miss their TTFT SLO
-    # stepping aside for those that can still meet it ("deadline"), and with later
-    # requests going ahead to workers no earlier one wants ("backfill")
+    # stepping aside for those that can still meet it ("deadline")
     hold_order: str = "deadline"
     # a remote prefill's first token: kept by the frontend until the decode worker's first
     # token, always ("with_stream": the handoff then falls in TTFT, not in TPOT) or where

@@ -307,23 +307,16 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         max_hold = self.cfg.placement.hold_max_s
         if left is not None:
             max_hold = min(max_hold, left - 1.0)
-        order = self.cfg.placement.hold_order
-        deadline = order in ("deadline", "backfill")
+        deadline = self.cfg.placement.hold_order == "deadline"
         try:
             while True:
-                held = self.clock() - t_in
                 # a late request held max_hold leaves whether it is the head or not
                 if not gate.head(model, ticket) and not (
-                        gate.late(ticket) and held >= max_hold):
-                    if waited and order == "backfill" and not gate.late(ticket):
-                        d, took = self._place(request, ids, held)
-                    if order == "backfill" and self._backfill(d, model, ticket, held, max_hold):
-                        SM.SCHED_BACKFILLED.inc()
-                        gate.notify()       # the requests ahead look again at what it took
-                        return d, took, held
+                        gate.late(ticket) and self.clock() - t_in >= max_hold):
                     waited = True
                     await gate.wait(POLL_S)
                     continue
+                held = self.clock() - t_in
                 if waited:          # the picture changed while it waited
                     d, took = self._place(request, ids, held)
                 if (deadline and d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s
@@ -332,7 +325,6 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     waited = True
                     continue
                 w = self.reg.workers[d.prefill or d.decode]
-                gate.want[ticket] = w.worker_id
                 pause = hold_for(self.reg.backlog(w, self.clock()), d.prefill_s, held,
                                  max_hold) if d.prefill_s > 0 else 0.0
                 if not pause:
@@ -345,24 +337,6 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         finally:
             gate.leave(model, ticket)
             SM.SCHED_HELD.set(gate.held())
-
-    def _backfill(self, d, model: str, ticket: int, held: float, max_hold: float) -> bool:
-        """May held request `ticket`, not at the head, go now with decision `d`
-        (`--hold-order backfill`, scheduler/holding.py)? Where `d` computes on a worker no
-        request ahead of it wants, that worker is about free, and `d` is predicted to meet
-        the TTFT SLO. Records the worker it wants either way."""
-        gate = self.gate
-        wid = d.prefill or d.decode
-        if not wid or wid not in self.reg.workers:
-            return False
-        gate.want[ticket] = wid
-        if wid in gate.wanted_ahead(model, ticket):
-            return False
-        if d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s:
-            return False
-        w = self.reg.workers[wid]
-        return not (d.prefill_s > 0 and hold_for(self.reg.backlog(w, self.clock()),
-                                                 d.prefill_s, held, max_hold))
 
     async def Route(self, request, context):
         ids = list(request.token_ids)
