@@ -40,8 +40,8 @@ with it).
 
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
-predicted TTFT among the options that meet both with a margin (near-ties go to remote),
-else the best score; the next one is reported as the runner-up.
+predicted TTFT, as the client sees it, among the options that meet both with a margin
+(near-ties go to remote), else the best score; the next one is reported as the runner-up.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ class Option:
 
     @property
     def first_s(self) -> float:
-        """When the first token is computed: what the ranking compares (a held first token
-        waits within the TTFT SLO, and only when that scores better)."""
+        """When the first token is computed (a kept one then waits for its stream): what
+        makes a request late, and what orders options none of which meets the SLOs."""
         return self.ready_s if self.ready_s >= 0 else self.ttft_s
 
     def describe(self) -> str:
@@ -371,21 +371,24 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
     does for replicas, here with predicted seconds instead of counts), so a queue on the
     prefill workers overflows onto decode engines whose streams can afford it. TTFTs
     within TIE of the SLO of the lowest are a tie: remote first (disaggregation keeps
-    decode engines for decoding), then the lower TTFT. When no option is predicted to
-    make it, the best score first (the least-missed SLO; within MARGIN of it, the lower
-    TTFT)."""
+    decode engines for decoding), then the lower TTFT. The TTFT compared is the one the
+    client sees (`ttft_s`): a remote option whose first token waits for its stream
+    (`hold`) is that much later, so a free decode engine takes a short prompt itself
+    instead of answering a handoff later. When no option is predicted to make it, the
+    best score first (the least-missed SLO; within MARGIN of it, the sooner computed)."""
     ok = [o for o in opts if o.score >= MARGIN]
-    if not ok:      # the least-missed; as good as it within MARGIN: the sooner first
+    if not ok:      # the least-missed; as good as it within MARGIN: the sooner computed
         best = max(o.score for o in opts)
         near = sorted((o for o in opts if o.score >= best - MARGIN),
                       key=lambda o: (round(o.first_s, 4), -o.score))
         return near + sorted((o for o in opts if o.score < best - MARGIN),
                              key=lambda o: (-o.score, o.tpot_s))
-    fastest = min(o.first_s for o in ok)
+    # the TTFT the client sees: a kept first token's includes its handoff
+    fastest = min(o.ttft_s for o in ok)
     tie = fastest + TIE * slo.ttft_s
-    tied = sorted((o for o in ok if o.first_s <= tie),
-                  key=lambda o: (o.kind != "remote", round(o.first_s, 4), -o.score))
-    rest = sorted((o for o in ok if o.first_s > tie), key=lambda o: (o.first_s, -o.score))
+    tied = sorted((o for o in ok if o.ttft_s <= tie),
+                  key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score))
+    rest = sorted((o for o in ok if o.ttft_s > tie), key=lambda o: (o.ttft_s, -o.score))
     miss = sorted((o for o in opts if o.score < MARGIN), key=lambda o: (-o.score, o.tpot_s))
     return tied + rest + miss
 

@@ -28,7 +28,7 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     assert kept.score == pytest.approx(A.score(kept.ttft_s, step, SLO))   # scored by a step
     assert kept.tpot_s == pytest.approx(step * 6 / 7)   # the first two tokens together
     assert kept.ttft_s == pytest.approx(early.ttft_s + 0.2 + step)
-    assert kept.first_s == early.ttft_s         # ranked by when the token is computed
+    assert kept.first_s == early.ttft_s         # when the token is computed
     assert "first=with_stream" in kept.describe()
     # the prefill worker's queue leaves no TTFT room: sent as soon as it is computed
     busy = A.Node("p", CPU, backlog_s=3.8)
@@ -43,6 +43,23 @@ def test_the_handoff_goes_in_ttft_where_tpot_binds_and_ttft_has_room():
     d_tail = A.Node("d", CPU, transfer_s=0.05, transfer_tail_s=0.25)
     assert A.remote(p, A.Node("d", CPU, transfer_s=0.05), 500, 8, SLO).score >= A.MARGIN
     assert A.remote(p, d_tail, 500, 8, SLO).hold
+
+
+def test_options_are_ranked_by_the_ttft_the_client_sees():
+    """A kept first token reaches the client after its handoff: a free decode engine that
+    computes a short prompt as fast as the prefill worker answers it a handoff sooner, and
+    takes it where that is more than a tie; within a tie, remote (the decode engine stays
+    for decoding)."""
+    ws = dataclasses.replace(SLO, ttft_s=0.6, first_token="with_stream")
+    p, d = A.Node("p", CPU), A.Node("d", CPU, transfer_s=0.02)
+    opts = A.options([p], [d], 64, 16, ws, {"d"})
+    kinds = {o.kind: o for o in opts}
+    remote, local = kinds["remote"], kinds["local"]
+    assert remote.hold and remote.first_s == pytest.approx(local.first_s)   # computed alike
+    assert remote.ttft_s - local.ttft_s > A.TIE * ws.ttft_s                  # seen: a handoff
+    assert opts[0].kind == "local" and min(remote.score, local.score) >= A.MARGIN
+    loose = dataclasses.replace(ws, ttft_s=4.0)          # the handoff is within a tie
+    assert A.options([p], [d], 64, 16, loose, {"d"})[0].kind == "remote"
 
 
 def test_with_stream_keeps_every_first_token_that_has_a_stream():
