@@ -53,17 +53,20 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(v, q)) if v else math.nan
 
 
-def within_slo(r: Result, ttft_slo: float, tpot_slo: float) -> bool:
-    if not r.ok or r.ttft > ttft_slo:
+def _within(ok: bool, ttft: float, output_tokens: int, tpot: float, ttft_slo: float,
+            tpot_slo: float) -> bool:
+    if not ok or ttft > ttft_slo:
         return False
-    return r.output_tokens < 2 or r.tpot <= tpot_slo
+    return output_tokens < 2 or tpot <= tpot_slo
+
+
+def within_slo(r: Result, ttft_slo: float, tpot_slo: float) -> bool:
+    return _within(r.ok, r.ttft, r.output_tokens, r.tpot, ttft_slo, tpot_slo)
 
 
 def within_slo_dict(d: dict, ttft_slo: float, tpot_slo: float) -> bool:
     """`within_slo` of a request as `result_dict` wrote it (a results JSON)."""
-    if not d["ok"] or d["ttft"] > ttft_slo:
-        return False
-    return d["output_tokens"] < 2 or d["tpot"] <= tpot_slo
+    return _within(d["ok"], d["ttft"], d["output_tokens"], d["tpot"], ttft_slo, tpot_slo)
 
 
 def sign_test_p(wins: int, losses: int) -> float:
