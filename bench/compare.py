@@ -326,14 +326,14 @@ def goals(results: dict[str, list[dict]], ours: str = OURS) -> list[tuple[str, b
               for rate, s in peer.items() if rate in mine}
         ok = all(v <= 0.5 for v in rs.values()) if rs else None
         out.append(("TPOT p99 <= 0.5x one colocated vLLM (vllm-1) at every rate", ok,
-                    ", ".join(f"{k:g}: {v:.2f}x" for k, v in rs.items())))
+                    ", ".join(f"{float(k):g}: {v:.2f}x" for k, v in rs.items())))
     if mine and "vllm-nixl-pd" in results:
         peer = by_rate(results["vllm-nixl-pd"])
         rs = {rate: (mine[rate]["goodput"], s["goodput"]) for rate, s in peer.items()
               if rate in mine}
         ok = all(a >= b for a, b in rs.values()) if rs else None
         out.append(("goodput >= vLLM NixlConnector 1P1D (vllm-nixl-pd) at every rate", ok,
-                    ", ".join(f"{k:g}: {a:.3f} vs {b:.3f}" for k, (a, b) in rs.items())))
+                    ", ".join(f"{float(k):g}: {a:.3f} vs {b:.3f}" for k, (a, b) in rs.items())))
     return out
 
 
@@ -364,13 +364,13 @@ def plots(results: dict[str, list[dict]], prefix: str) -> list[str]:
 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     out = [f"{prefix}-goodput.png"]
-    plot_goodput({s: [(r["summary"]["rate"], r["summary"]["goodput"]) for r in runs]
+    plot_goodput({s: [(float(r["summary"]["rate"]), r["summary"]["goodput"]) for r in runs]
                   for s, runs in results.items()}, out[0])
     rates = sorted({r["summary"]["rate"] for runs in results.values() for r in runs})
     for rate in rates:
         runs = [dict(r, label=s) for s, rs in results.items() for r in rs
                 if r["summary"]["rate"] == rate]
-        path = f"{prefix}-cdf-{rate:g}.png"
+        path = f"{prefix}-cdf-{float(rate):g}.png"
         plot_cdfs(runs, path)
         out.append(path)
     return out
@@ -459,13 +459,15 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {}
     for s in setups:
         results[s] = run_setup(s, ns)
+    args = sys.argv[1:] if argv is None else argv
+    if ns.out:      # the measurements first: a report that fails must not lose them
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps({"argv": args, "results": results}, indent=1))
     text = report(results)
     print("\n" + text, flush=True)
     if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({
-            "argv": sys.argv[1:] if argv is None else argv, "report": text,
-            "results": results}, indent=1))
+        Path(ns.out).write_text(json.dumps({"argv": args, "report": text,
+                                            "results": results}, indent=1))
     if ns.plot:
         for p in plots(results, ns.plot):
             print(f"wrote {p}", flush=True)

@@ -106,3 +106,12 @@ def test_kv_transfer_report_ratios():
     assert by_mode["push"]["gbps"] != by_mode["push"]["gbps"]   # NaN: spans the forward
     assert by_mode["push-whole"]["c"] == 0.0 and by_mode["push-whole"]["gbps"] == 5.0
     assert by_mode["push"]["ttft_s"] == 0.55 and by_mode["pull"]["t2_s"] == 0.6
+
+
+def test_a_closed_loop_run_reports():
+    """`--rates 0` (as fast as the concurrency allows) labels its runs "inf", a string:
+    the report and its goals print it like any rate."""
+    res = {s: [dict(runs[0], summary=dict(runs[0]["summary"], rate="inf"))]
+           for s, runs in RESULTS.items()}
+    text = report(res)
+    assert "inf: 0.15x" in text and "inf: 0.200 vs 0.180" in text
