@@ -53,7 +53,8 @@ from pdserve.latency import Coef, chunk_attn
 from pdserve.step_budget import SAFETY, alone, stream_tokens
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
-TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast
+TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast,
+TIE_REL = 0.25            # ...and this close (share of the lower one): what a client sees
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
 
@@ -370,8 +371,10 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
     those the work finishes soonest where it waits least (what a least-outstanding proxy
     does for replicas, here with predicted seconds instead of counts), so a queue on the
     prefill workers overflows onto decode engines whose streams can afford it. TTFTs
-    within TIE of the SLO of the lowest are a tie: remote first (disaggregation keeps
-    decode engines for decoding), then the lower TTFT. The TTFT compared is the one the
+    within TIE of the SLO of the lowest, and within TIE_REL of the lowest itself, are a
+    tie: remote first (disaggregation keeps decode engines for decoding), then the lower
+    TTFT. (The SLO alone made a loose one a licence to double a short prompt's TTFT: 72
+    against 131 ms under a 5 s SLO.) The TTFT compared is the one the
     client sees (`ttft_s`): a remote option whose first token waits for its stream
     (`hold`) is that much later, so a free decode engine takes a short prompt itself
     instead of answering a handoff later. When no option is predicted to make it, the
@@ -385,7 +388,7 @@ def ranked(opts: list[Option], slo: SLO) -> list[Option]:
                              key=lambda o: (-o.score, o.tpot_s))
     # the TTFT the client sees: a kept first token's includes its handoff
     fastest = min(o.ttft_s for o in ok)
-    tie = fastest + TIE * slo.ttft_s
+    tie = fastest + min(TIE * slo.ttft_s, TIE_REL * fastest)
     tied = sorted((o for o in ok if o.ttft_s <= tie),
                   key=lambda o: (o.kind != "remote", round(o.ttft_s, 4), -o.score))
     rest = sorted((o for o in ok if o.ttft_s > tie), key=lambda o: (o.ttft_s, -o.score))

@@ -230,6 +230,11 @@ def test_ranking_meets_slos_first_then_lowest_ttft():
     near = 1.0 + A.TIE * SLO.ttft_s * 0.9
     got = A.ranked([opt("local", 0.2, 1.0), opt("remote", 0.2, near)], SLO)
     assert [o.kind for o in got] == ["remote", "local"]
+    # ...unless the gap is over TIE_REL of the lower TTFT: a client sees it
+    short = 0.5 * A.TIE * SLO.ttft_s / A.TIE_REL     # the same gap over a shorter TTFT
+    got = A.ranked([opt("local", 0.2, short), opt("remote", 0.2, short + 0.9 * A.TIE
+                                                   * SLO.ttft_s)], SLO)
+    assert [o.kind for o in got] == ["local", "remote"]
     # an option predicted to miss comes after every one predicted to meet, however fast
     got = A.ranked([opt("local", -0.1, 0.1), opt("remote", 0.1, 2.5)], SLO)
     assert [o.kind for o in got] == ["remote", "local"]

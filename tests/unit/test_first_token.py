@@ -58,8 +58,17 @@ def test_options_are_ranked_by_the_ttft_the_client_sees():
     assert remote.hold and remote.first_s == pytest.approx(local.first_s)   # computed alike
     assert remote.ttft_s - local.ttft_s > A.TIE * ws.ttft_s                  # seen: a handoff
     assert opts[0].kind == "local" and min(remote.score, local.score) >= A.MARGIN
-    loose = dataclasses.replace(ws, ttft_s=4.0)          # the handoff is within a tie
-    assert A.options([p], [d], 64, 16, loose, {"d"})[0].kind == "remote"
+    # a loose SLO puts the handoff within TIE of it, but the client still sees a TTFT
+    # that much longer: not a tie while it is over TIE_REL of the faster one
+    loose = dataclasses.replace(ws, ttft_s=4.0)
+    assert remote.ttft_s - local.ttft_s < A.TIE * loose.ttft_s
+    assert remote.ttft_s - local.ttft_s > A.TIE_REL * local.ttft_s
+    assert A.options([p], [d], 64, 16, loose, {"d"})[0].kind == "local"
+    # a long prompt computed alike either way: its handoff is a small share, a tie
+    opts = A.options([p], [d], 2000, 16, loose, {"d"})
+    kinds = {o.kind: o for o in opts}
+    assert kinds["remote"].ttft_s - kinds["local"].ttft_s < A.TIE_REL * kinds["local"].ttft_s
+    assert opts[0].kind == "remote"
 
 
 def test_with_stream_keeps_every_first_token_that_has_a_stream():
