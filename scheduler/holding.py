@@ -26,6 +26,14 @@ A request is dispatched a little before its worker is predicted free (`LOOKAHEAD
 own prefill time, at least `MIN_AHEAD_S`), so the round trip to the engine does not leave
 the engine idle. The hold is bounded by `max_hold_s` and by the caller's deadline.
 
+Dispatched one at a time, every prompt would get a step of its own and pay the step's
+fixed part alone. So a short prompt may join the prompts already queued behind the step in
+progress on a prefill worker with no stream (`join`): it is dispatched at once, to share
+their step, when what its tokens add to each of them costs them less, together, than the
+fixed part it saves, and they still make their TTFT SLOs. The fitted step model decides
+which prompts are short: on a CPU, where a step's fixed part is a few dozen prompt tokens'
+worth, two or three prompts share a step; on a GPU, where it is hundreds, many do.
+
 `hold_for` is pure; `Gate` is the FIFO and the wake-up, on asyncio alone.
 """
 
@@ -48,6 +56,45 @@ def hold_for(backlog_s: float, prefill_s: float, held_s: float, max_hold_s: floa
     if backlog_s <= ahead or held_s >= max_hold_s:
         return 0.0
     return max(0.0, min(backlog_s - ahead, POLL_S, max_hold_s - held_s))
+
+
+def joins(queued_tokens: int, own_tokens: int, step_tokens: int, batch_end_s: float,
+          own_s: float, fixed_s: float, dues_s: list[float]) -> bool:
+    """Whether a held request may join the prompts queued on its prefill worker (booked
+    behind the step in progress, so they share the next step). The engine packs queued
+    prompts into one step up to `step_tokens` (pdserve/step_budget.py `fcfs_tokens`), so a
+    request that joins them pays no step's fixed part (`fixed_s`) of its own, where one
+    dispatched after them waits for their step and then pays one; its `own_s` of compute
+    delays each of them instead. It joins only when that costs them less, together, than
+    the fixed part saves it (short prompts where a step's fixed part is most of it; a long
+    prompt never joins: joining at any cost the SLOs allowed lost on long prompts,
+    docs/design.md), and only while they still make their TTFT SLOs; their step is
+    predicted to end in `batch_end_s`, `dues_s` is seconds from now to each one's due (one
+    already predicted past it is late and keeps no SLO)."""
+    if queued_tokens <= 0 or queued_tokens + own_tokens > step_tokens:
+        return False
+    if len(dues_s) * own_s >= fixed_s:
+        return False
+    return all(batch_end_s + own_s <= due for due in dues_s if batch_end_s <= due)
+
+
+def join(started_s: float, queued_tokens: int, dues_s: list[float], own_tokens: int,
+         coef, step_tokens: int) -> tuple[float, float] | None:
+    """A prompt of `own_tokens` facing prompts queued behind the step in progress on a
+    prefill worker with no stream (`started_s`: seconds until that step ends; `coef`: the
+    worker's fitted step model, pdserve/latency.py): when it may join them (`joins`),
+    (seconds until their shared step starts: what it waits for before dispatch, the
+    backlog its TTFT is predicted behind: that wait plus the queued prompts' tokens, the
+    shared step's fixed part being in its own prefill's prediction). None: it waits for
+    the whole backlog."""
+    if coef is None or queued_tokens <= 0:
+        return None
+    per = coef.per_token()
+    batch_end = started_s + coef.step + queued_tokens * per
+    if not joins(queued_tokens, own_tokens, step_tokens, batch_end, own_tokens * per,
+                 coef.step, dues_s):
+        return None
+    return started_s, started_s + queued_tokens * per
 
 
 class Gate:

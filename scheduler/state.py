@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from scheduler import adaptive as A
+from pdserve.step_budget import OVERHEAD, packing_floor
+from scheduler.holding import join
 from scheduler.models import LatencyBook
 from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementConfig,
                               choose_decode, choose_mode, choose_prefill)
@@ -63,6 +65,8 @@ class Worker:
     booked_streams: int = 0       # bookings that decode here
     booked_ctx: int = 0           # their prompt tokens
     busy_until: float = 0.0       # predicted end of the prefill work booked here
+    queued_s: float = 0.0         # of it, booked behind work in progress: the next step's
+    queued_tokens: int = 0        # ...and its prompt tokens (Booking.queued)
     pending_role: str = ""        # a role change waiting for its drain
     role_since: float = 0.0
     role_changes: int = 0
@@ -104,6 +108,9 @@ class Booking:
     pred_handoff_s: float = 0.0   # of pred_ttft_s, the kept first token's handoff
     decode_streams: int = -1      # streams on the decode worker when chosen (-1: not known)
     pred_first_over_s: float = 0.0   # of pred_ttft_s, the learned fixed part (first_over_s)
+    # booked while its prefilling worker was busy: it waits in the engine's queue with the
+    # others booked so, and they start together when the work in progress ends
+    queued: bool = False
 
 
 class NoPlacement(Exception):
@@ -129,6 +136,7 @@ class Registry:
             w.draining = w.draining or old.draining
             w.booked_streams, w.booked_ctx = old.booked_streams, old.booked_ctx
             w.busy_until = old.busy_until
+            w.queued_s, w.queued_tokens = old.queued_s, old.queued_tokens
             w.role = old.role           # the scheduler gives roles; a change in progress
             w.pending_role = old.pending_role            # survives a re-registration
             w.role_since, w.role_changes = old.role_since, old.role_changes
@@ -222,9 +230,35 @@ class Registry:
         dw.booked_streams += 1
         dw.booked_ctx += b.prompt_tokens
         w = self.workers[b.prefill or b.decode]
+        if w.busy_until > now:
+            b.queued = True
+            w.queued_s += b.prefill_s
+            w.queued_tokens += b.prefill_tokens
         w.busy_until = max(now, w.busy_until) + b.prefill_s
         self.bookings[b.booking_id] = b
         return b
+
+    def started_backlog(self, w: Worker, now: float) -> float:
+        """Of `backlog`, the work in progress: what the queued bookings wait for."""
+        return max(0.0, self.backlog(w, now) - w.queued_s)
+
+    def queued_on(self, w: Worker) -> list[Booking]:
+        return [b for b in self.bookings.values() if b.queued and not b.prefill_done
+                and (b.prefill or b.decode) == w.worker_id]
+
+    def join_backlog(self, w: Worker, now: float, coef, own_tokens: int,
+                     ttft_s: float) -> tuple[float, float] | None:
+        """(dispatch wait, predicted backlog) for a prompt of `own_tokens` that may join
+        the prompts queued on `w` (scheduler/holding.py `join`): only on a worker with no
+        stream, whose engine packs queued prompts into one step up to its packing floor
+        (pdserve/step_budget.py `fcfs_tokens`). None: the whole backlog."""
+        if coef is None or w.queued_tokens <= 0 or _streams(w):
+            return None
+        cap = w.load.max_num_batched_tokens or 1 << 30
+        step = min(cap, packing_floor(coef, OVERHEAD, cap))
+        dues = [b.created - b.held_s + ttft_s - now for b in self.queued_on(w)]
+        return join(self.started_backlog(w, now), w.queued_tokens, dues, own_tokens, coef,
+                    step)
 
     def backlog(self, w: Worker, now: float) -> float:
         """Predicted seconds of prefill work booked on `w` and not yet done."""
@@ -281,9 +315,12 @@ class Registry:
         b.decode_start = now
         w = self.workers.get(b.prefill or b.decode)
         if w is not None:   # what is still booked on it has not started: it ends after it
-            left = sum(o.prefill_s for o in self.bookings.values()
-                       if not o.prefill_done and (o.prefill or o.decode) == w.worker_id)
-            w.busy_until = now + left
+            left = [o for o in self.bookings.values()
+                    if not o.prefill_done and (o.prefill or o.decode) == w.worker_id]
+            w.busy_until = now + sum(o.prefill_s for o in left)
+            for o in left:      # the engine's next step takes the queued ones
+                o.queued = False
+            w.queued_s, w.queued_tokens = 0.0, 0
         if b.prefill is None:
             return
         p = self.workers.get(b.prefill)
@@ -378,16 +415,18 @@ def _streams(w: Worker) -> int:
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
           timelines: dict[str, tuple], transfer_s: float = 0.0,
           tail_s: float | None = 0.0, under: float = 0.0,
-          mid_s: float = 0.0) -> A.Node | None:
+          mid_s: float = 0.0, backlog_s: float | None = None) -> A.Node | None:
     coef = book.coef(w.worker_id, w.model)
     if coef is None:
         return None
+    if backlog_s is None:
+        backlog_s = reg.backlog(w, now)
     decodes = w.can("decode")          # a role that prefills locally decodes too
     streams = _streams(w) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
-    return A.Node(w.worker_id, coef, reg.backlog(w, now), streams, ctx, allow,
+    return A.Node(w.worker_id, coef, backlog_s, streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,
                   book.recent_of(w.worker_id, now).held_excess_s, transfer_s, timeline, tail_s,
                   under, mid_s, book.first_over_s(w.worker_id, "remote"),
@@ -401,7 +440,10 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
     for p in prefills:
-        n = _node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)
+        c = cached.get(p.worker_id, 0)
+        j = reg.join_backlog(p, now, book.coef(p.worker_id, p.model), num_tokens - c,
+                             slo.ttft_s)
+        n = _node(reg, book, p, c, now, timelines, backlog_s=None if j is None else j[1])
         if n is None:
             return None
         pn.append(n)

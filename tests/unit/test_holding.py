@@ -2,7 +2,9 @@
 
 import asyncio
 
-from scheduler.holding import LOOKAHEAD, MIN_AHEAD_S, POLL_S, Gate, hold_for
+import pytest
+
+from scheduler.holding import LOOKAHEAD, MIN_AHEAD_S, POLL_S, Gate, hold_for, join, joins
 
 
 def test_dispatch_when_the_worker_is_about_to_be_free():
@@ -18,6 +20,22 @@ def test_the_hold_is_bounded():
     assert hold_for(10.0, 1.0, 60.0, 60.0) == 0.0
     assert abs(hold_for(10.0, 1.0, 59.9, 60.0) - 0.1) < 1e-9
     assert hold_for(10.0, 1.0, 0.0, 0.0) == 0.0                       # no hold at all
+
+
+def test_a_held_prompt_joins_the_queued_step_when_it_costs_them_less_than_it_saves():
+    # 100 tokens queued behind the step in progress, their step ends in 0.3 s, due in 0.5 s;
+    # a step's fixed part is 0.06 s
+    assert joins(100, 50, 1000, 0.3, 0.05, 0.06, [0.5])
+    assert not joins(0, 50, 1000, 0.3, 0.05, 0.06, [])          # nothing queued to join
+    assert not joins(100, 950, 1000, 0.3, 0.05, 0.06, [0.5])    # the engine's step is full
+    assert not joins(100, 50, 1000, 0.3, 0.25, 1.0, [0.5])      # it would make them late
+    assert joins(100, 50, 1000, 0.3, 0.25, 1.0, [0.2])          # late anyway: no SLO to keep
+    assert not joins(100, 50, 1000, 0.3, 0.25, 1.0, [0.2, 0.5])  # ...but one on time is
+    # a long prompt delays the queued ones by more than a step's fixed part: it waits
+    assert not joins(100, 500, 1000, 0.3, 0.26, 0.06, [5.0])
+    # two queued ones delayed 0.025 s each cost 0.05 s < 0.06 s; three cost 0.075 s
+    assert joins(100, 50, 1000, 0.3, 0.025, 0.06, [5.0, 5.0])
+    assert not joins(100, 50, 1000, 0.3, 0.025, 0.06, [5.0, 5.0, 5.0])
 
 
 async def test_gate_is_fifo_per_model_and_leaves_cleanly():
@@ -88,3 +106,22 @@ async def test_late_requests_step_aside_and_keep_their_order():
     assert g.head("m", c) and g.held() == 1
     g.leave("m", c)
     assert g.held() == 0 and not g._late
+
+
+def test_join_waits_only_for_the_step_in_progress_and_predicts_the_shared_step():
+    from pdserve.latency import Coef
+    # a CPU-like engine: 57 ms a step, 0.52 ms a prompt token
+    c = Coef(step=0.057, prefill_ktok=0.52)
+    # 40 tokens queued behind a step that ends in 20 ms, due in 1 s: a 40-token prompt
+    # (21 ms of its own) joins them, dispatched at once to catch their step
+    wait, backlog = join(0.02, 40, [1.0], 40, c, 2000)
+    assert wait == 0.02 and backlog == pytest.approx(0.02 + 0.0208)
+    # its TTFT: that backlog, then its own prefill (the step's fixed part and its tokens),
+    # is the shared step's end
+    assert backlog + c.prefill_time(40) == pytest.approx(0.02 + c.step_time(80))
+    assert join(0.02, 40, [1.0], 400, c, 2000) is None       # 208 ms against 57: it waits
+    assert join(0.02, 0, [], 40, c, 2000) is None             # nothing queued
+    assert join(0.02, 40, [1.0], 40, None, 2000) is None      # no model yet
+    # a GPU-like engine, whose step is mostly its fixed part, packs longer prompts
+    g = Coef(step=0.015, prefill_ktok=0.01)
+    assert join(0.02, 2000, [1.0], 1000, g, 8192) is not None

@@ -1,5 +1,6 @@
 """Registry, placement, booking and rollback: pure, no network."""
 
+import dataclasses
 import random
 
 import pytest
@@ -75,6 +76,45 @@ def test_prefill_done_releases_prefill_only_once():
     assert (p.booked_requests, p.booked_prefill_tokens, d.booked_requests) == (0, 0, 1)
     r.finish(b.booking_id)
     assert (d.booked_requests, d.booked_blocks) == (0, 0)
+
+
+def test_bookings_behind_work_in_progress_are_queued_until_it_ends():
+    """A prompt booked while its worker computes another waits in the engine's queue with
+    every other booked so: they start together when the work in progress ends."""
+    r = reg(W("p1", "prefill"), W("d1", "decode"))
+    d = dataclasses.replace(place(r, CFG, "m", 160, no_cache), prefill_s=0.4)
+    p = r.workers["p1"]
+    first = r.book(d, now=0.0)                      # the worker was free: it starts now
+    assert not first.queued and (p.queued_s, p.queued_tokens) == (0.0, 0)
+    second, third = r.book(d, now=0.3), r.book(d, now=0.35)
+    assert second.queued and third.queued and p.queued_tokens == 320
+    assert r.backlog(p, 0.35) == pytest.approx(0.85)
+    assert r.started_backlog(p, 0.35) == pytest.approx(0.05)    # what the queued wait for
+    assert r.queued_on(p) == [second, third]
+    r.prefill_done(first.booking_id, now=0.4)        # the engine's next step takes both
+    assert not second.queued and not third.queued and r.queued_on(p) == []
+    assert r.started_backlog(p, 0.4) == r.backlog(p, 0.4) == pytest.approx(0.8)
+    r.finish(second.booking_id, now=0.5)
+    fourth = r.book(d, now=0.5)
+    assert fourth.queued and p.queued_tokens == 160
+
+
+def test_a_short_prompt_joins_the_queued_ones_only_on_a_worker_with_no_stream(monkeypatch):
+    from pdserve.latency import Coef
+    c = Coef(step=0.057, prefill_ktok=0.52)          # 40 tokens: 21 ms beside 57
+    r = reg(W("p1", "prefill", max_num_batched_tokens=2048), W("d1", "decode"))
+    d = dataclasses.replace(place(r, CFG, "m", 40, no_cache), prefill_s=0.078)
+    p = r.workers["p1"]
+    assert r.join_backlog(p, 0.0, c, 40, 1.0) is None           # nothing queued
+    r.book(d, now=0.0)
+    r.book(d, now=0.06)                               # queued behind the first
+    wait, backlog = r.join_backlog(p, 0.07, c, 40, 1.0)
+    assert wait == pytest.approx(0.008) and backlog == pytest.approx(0.008 + 0.0208)
+    assert r.join_backlog(p, 0.07, c, 400, 1.0) is None         # a long prompt waits
+    # the queued one is due in 90 ms: on time after 86, not after 107
+    assert r.join_backlog(p, 0.07, c, 40, 0.1) is None
+    p.booked_streams = 1                              # a worker with streams: never
+    assert r.join_backlog(p, 0.07, c, 40, 1.0) is None
 
 
 def test_bookings_of_a_vanished_frontend_expire():
