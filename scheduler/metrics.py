@@ -34,6 +34,9 @@ SCHED_HELD_SECONDS = Histogram("pdserve_scheduler_held_seconds",
 SCHED_DEFERRED = Counter("pdserve_scheduler_deferred_requests",
                          "Held requests predicted to miss their TTFT SLO that let the ones "
                          "held behind them go first (late binding, --hold-order deadline)")
+SCHED_JOINED = Counter("pdserve_scheduler_joined_requests",
+                       "Held requests dispatched at once to share the next step of the "
+                       "prompts queued on their prefill worker (late binding's join)")
 SCHED_BOOKINGS = Gauge("pdserve_scheduler_bookings", "Routed requests not yet reported done")
 SCHED_FAILED_REQUESTS = Counter("pdserve_scheduler_failed_requests",
                                 "Requests whose booking was rolled back (failed or cancelled)")

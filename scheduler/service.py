@@ -325,9 +325,11 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     waited = True
                     continue
                 w = self.reg.workers[d.prefill or d.decode]
-                pause = hold_for(self._backlog(w, d), d.prefill_s, held,
-                                 max_hold) if d.prefill_s > 0 else 0.0
+                wait_s, joined = self._backlog(w, d)
+                pause = hold_for(wait_s, d.prefill_s, held, max_hold) if d.prefill_s > 0 else 0.0
                 if not pause:
+                    if joined:
+                        SM.SCHED_JOINED.inc()
                     if gate.late(ticket):   # it stepped aside: say so in the route
                         d = replace(d, reason="deferred")
                     return d, took, held if waited else 0.0
@@ -338,16 +340,16 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             gate.leave(model, ticket)
             SM.SCHED_HELD.set(gate.held())
 
-    def _backlog(self, w, d) -> float:
+    def _backlog(self, w, d) -> tuple[float, bool]:
         """What a held request waits for before dispatch on the worker that would compute
-        its prompt: the whole backlog, or only the work in progress when it joins the
-        prompts queued behind it (Registry.join_backlog)."""
+        its prompt, and whether it joins: the whole backlog, or only the work in progress
+        when it joins the prompts queued behind it (Registry.join_backlog)."""
         now = self.clock()
         j = None
         if d.prefill is not None:
             j = self.reg.join_backlog(w, now, self.book.coef(w.worker_id, w.model),
                                       d.prefill_tokens, self.slo.ttft_s)
-        return self.reg.backlog(w, now) if j is None else j[0]
+        return (self.reg.backlog(w, now), False) if j is None else (j[0], True)
 
     async def Route(self, request, context):
         ids = list(request.token_ids)

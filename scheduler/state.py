@@ -19,8 +19,8 @@ import itertools
 import math
 from dataclasses import dataclass, field, replace
 
-from scheduler import adaptive as A
 from pdserve.step_budget import OVERHEAD, packing_floor
+from scheduler import adaptive as A
 from scheduler.holding import join
 from scheduler.models import LatencyBook
 from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementConfig,

@@ -8,6 +8,7 @@ import pytest
 from scheduler.config import AutoscaleConfig, SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.server import create_server
+from tests.component.sched_helpers import reg, steps, wait_for
 
 
 @pytest.fixture
@@ -22,13 +23,6 @@ async def sched():
     reaper.cancel()
     await ch.close()
     await server.stop(0)
-
-
-def reg(wid, role, running=0, compat="h"):
-    return pd_pb2.RegisterRequest(
-        worker_id=wid, role=role, address=f"127.0.0.1:{hash(wid) % 1000 + 1000}",
-        agent_address="127.0.0.1:1", layout=pd_pb2.KVLayout(model="m", compat_hash=compat),
-        load=pd_pb2.WorkerLoad(running=running))
 
 
 async def test_route_needs_both_roles_then_picks_least_loaded(sched):
@@ -151,12 +145,6 @@ async def test_kv_events_without_worker_id_is_invalid(sched):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def steps(n, prefill=0, decode=0, ctx=0, seconds=0.1):
-    return [pd_pb2.StepSample(seconds=seconds, prefill_tokens=prefill,
-                              prefill_attn=prefill * prefill / 2, decode_seqs=decode,
-                              decode_ctx=ctx) for _ in range(n)]
-
-
 async def test_an_engine_that_stopped_stepping_has_no_streams(sched):
     """The streams a decode worker's last step had are over once its heartbeats carry no
     steps: a local prefill there is then predicted alone, not beside them."""
@@ -259,11 +247,6 @@ async def test_late_binding_holds_requests_in_order_until_their_worker_frees(hel
     assert e.held_ms == 0
     st = await sched.IndexStats(pd_pb2.IndexStatsRequest())
     assert sum(st.decisions.values()) == 4        # a, b, c, e: the cancelled one booked nothing
-
-
-async def wait_for(cond, poll_s=0.01):
-    while not cond():
-        await asyncio.sleep(poll_s)
 
 
 @pytest.mark.parametrize("held_sched", [3.5], indirect=True)
