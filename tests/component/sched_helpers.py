@@ -1,9 +1,26 @@
-"""Helpers for tests of the scheduler's gRPC server: a worker's registration, engine steps
-as a heartbeat carries them, and a poll until a condition holds."""
+"""Helpers for tests of the scheduler's gRPC server: the server itself, a worker's
+registration, engine steps as a heartbeat carries them, and a poll until a condition holds."""
 
 import asyncio
+import contextlib
 
-from pdserve.rpc import pd_pb2
+import grpc
+
+from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from scheduler.server import create_server
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg):
+    """The scheduler's gRPC server on loopback (cfg's port 0): (a stub, its servicer)."""
+    server, port, svc = await create_server(cfg)
+    await server.start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pd_pb2_grpc.SchedulerStub(ch), svc
+    finally:
+        await ch.close()
+        await server.stop(0)
 
 
 def reg(wid, role, running=0, compat="h"):

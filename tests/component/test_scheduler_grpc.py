@@ -8,7 +8,7 @@ import pytest
 from scheduler.config import AutoscaleConfig, SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.server import create_server
-from tests.component.sched_helpers import reg, steps, wait_for
+from tests.component.sched_helpers import reg, serving, steps, wait_for
 
 
 @pytest.fixture
@@ -179,12 +179,8 @@ async def held_sched(request):
     cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
                           heartbeat_timeout_s=30.0,
                           placement=PlacementConfig(admit_ttft_factor=factor))
-    server, port, svc = await create_server(cfg)
-    await server.start()
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pd_pb2_grpc.SchedulerStub(ch), svc
-    await ch.close()
-    await server.stop(0)
+    async with serving(cfg) as s:
+        yield s
 
 
 async def one_busy_prefill_worker(sched):

@@ -3,26 +3,19 @@ prompt joins the one queued behind the step in progress, a long one waits."""
 
 import asyncio
 
-import grpc
 import pytest
 
-from pdserve.rpc import pd_pb2, pd_pb2_grpc
+from pdserve.rpc import pd_pb2
 from scheduler import metrics as SM
 from scheduler.config import SchedulerConfig
-from scheduler.server import create_server
-from tests.component.sched_helpers import reg, steps, wait_for
+from tests.component.sched_helpers import reg, serving, steps, wait_for
 
 
 @pytest.fixture
 async def sched():
-    cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
-                          heartbeat_timeout_s=30.0)
-    server, port, svc = await create_server(cfg)
-    await server.start()
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pd_pb2_grpc.SchedulerStub(ch), svc
-    await ch.close()
-    await server.stop(0)
+    async with serving(SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
+                                       heartbeat_timeout_s=30.0)) as s:
+        yield s
 
 
 def joined() -> float:
