@@ -65,8 +65,6 @@ class Worker:
     booked_streams: int = 0       # bookings that decode here
     booked_ctx: int = 0           # their prompt tokens
     busy_until: float = 0.0       # predicted end of the prefill work booked here
-    queued_s: float = 0.0         # of it, booked behind work in progress: the next step's
-    queued_tokens: int = 0        # ...and its prompt tokens (Booking.queued)
     pending_role: str = ""        # a role change waiting for its drain
     role_since: float = 0.0
     role_changes: int = 0
@@ -136,7 +134,6 @@ class Registry:
             w.draining = w.draining or old.draining
             w.booked_streams, w.booked_ctx = old.booked_streams, old.booked_ctx
             w.busy_until = old.busy_until
-            w.queued_s, w.queued_tokens = old.queued_s, old.queued_tokens
             w.role = old.role           # the scheduler gives roles; a change in progress
             w.pending_role = old.pending_role            # survives a re-registration
             w.role_since, w.role_changes = old.role_since, old.role_changes
@@ -230,21 +227,24 @@ class Registry:
         dw.booked_streams += 1
         dw.booked_ctx += b.prompt_tokens
         w = self.workers[b.prefill or b.decode]
-        if w.busy_until > now:
-            b.queued = True
-            w.queued_s += b.prefill_s
-            w.queued_tokens += b.prefill_tokens
+        b.queued = w.busy_until > now
         w.busy_until = max(now, w.busy_until) + b.prefill_s
         self.bookings[b.booking_id] = b
         return b
 
-    def started_backlog(self, w: Worker, now: float) -> float:
-        """Of `backlog`, the work in progress: what the queued bookings wait for."""
-        return max(0.0, self.backlog(w, now) - w.queued_s)
-
     def queued_on(self, w: Worker) -> list[Booking]:
+        """The bookings waiting on `w` behind its work in progress (the next step's)."""
         return [b for b in self.bookings.values() if b.queued and not b.prefill_done
                 and (b.prefill or b.decode) == w.worker_id]
+
+    def queued_tokens(self, w: Worker) -> int:
+        return sum(b.prefill_tokens for b in self.queued_on(w))
+
+    def started_backlog(self, w: Worker, now: float,
+                        queued: list[Booking] | None = None) -> float:
+        """Of `backlog`, the work in progress: what the queued bookings wait for."""
+        queued = self.queued_on(w) if queued is None else queued
+        return max(0.0, self.backlog(w, now) - sum(b.prefill_s for b in queued))
 
     def join_backlog(self, w: Worker, now: float, coef, own_tokens: int,
                      ttft_s: float) -> tuple[float, float] | None:
@@ -252,13 +252,16 @@ class Registry:
         the prompts queued on `w` (scheduler/holding.py `join`): only on a worker with no
         stream, whose engine packs queued prompts into one step up to its packing floor
         (pdserve/step_budget.py `fcfs_tokens`). None: the whole backlog."""
-        if coef is None or w.queued_tokens <= 0 or _streams(w):
+        if coef is None or _streams(w):
+            return None
+        queued = self.queued_on(w)
+        if not queued:
             return None
         cap = w.load.max_num_batched_tokens or 1 << 30
         step = min(cap, packing_floor(coef, OVERHEAD, cap))
-        dues = [b.created - b.held_s + ttft_s - now for b in self.queued_on(w)]
-        return join(self.started_backlog(w, now), w.queued_tokens, dues, own_tokens, coef,
-                    step)
+        dues = [b.created - b.held_s + ttft_s - now for b in queued]
+        return join(self.started_backlog(w, now, queued), sum(b.prefill_tokens for b in queued),
+                    dues, own_tokens, coef, step)
 
     def backlog(self, w: Worker, now: float) -> float:
         """Predicted seconds of prefill work booked on `w` and not yet done."""
@@ -320,7 +323,6 @@ class Registry:
             w.busy_until = now + sum(o.prefill_s for o in left)
             for o in left:      # the engine's next step takes the queued ones
                 o.queued = False
-            w.queued_s, w.queued_tokens = 0.0, 0
         if b.prefill is None:
             return
         p = self.workers.get(b.prefill)

@@ -49,16 +49,16 @@ async def test_a_short_prompt_joins_the_queued_one_and_a_long_one_waits(sched):
     assert a.prefill.worker_id == "p" and a.held_ms == 0
     b = await route(1, 16)                  # held until a's step is about to end
     assert b.prefill.worker_id == "p" and b.held_ms > 0 and joined() == before
-    assert svc.reg.workers["p"].queued_tokens == 16
+    assert svc.reg.queued_tokens(svc.reg.workers["p"]) == 16
     c = await route(2, 16)                  # b is queued: c shares its step
     assert c.prefill.worker_id == "p" and joined() == before + 1
-    assert svc.reg.workers["p"].queued_tokens == 32
+    assert svc.reg.queued_tokens(svc.reg.workers["p"]) == 32
     # a long prompt does not join: it waits for the queued step, reported done below
     long_ = route(3, 600)
     await asyncio.wait_for(wait_for(lambda: svc.gate.held() == 1), 10)
     await sched.Report(pd_pb2.ReportRequest(booking_id=a.booking_id,
                                             phase=pd_pb2.PHASE_PREFILL_DONE))
-    assert svc.reg.workers["p"].queued_tokens == 0      # b and c started together
+    assert svc.reg.queued_tokens(svc.reg.workers["p"]) == 0      # b and c started together
     for r in (b, c):
         await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
                                                 phase=pd_pb2.PHASE_PREFILL_DONE))

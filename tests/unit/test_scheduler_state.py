@@ -85,9 +85,9 @@ def test_bookings_behind_work_in_progress_are_queued_until_it_ends():
     d = dataclasses.replace(place(r, CFG, "m", 160, no_cache), prefill_s=0.4)
     p = r.workers["p1"]
     first = r.book(d, now=0.0)                      # the worker was free: it starts now
-    assert not first.queued and (p.queued_s, p.queued_tokens) == (0.0, 0)
+    assert not first.queued and r.queued_on(p) == [] and r.queued_tokens(p) == 0
     second, third = r.book(d, now=0.3), r.book(d, now=0.35)
-    assert second.queued and third.queued and p.queued_tokens == 320
+    assert second.queued and third.queued and r.queued_tokens(p) == 320
     assert r.backlog(p, 0.35) == pytest.approx(0.85)
     assert r.started_backlog(p, 0.35) == pytest.approx(0.05)    # what the queued wait for
     assert r.queued_on(p) == [second, third]
@@ -96,10 +96,10 @@ def test_bookings_behind_work_in_progress_are_queued_until_it_ends():
     assert r.started_backlog(p, 0.4) == r.backlog(p, 0.4) == pytest.approx(0.8)
     r.finish(second.booking_id, now=0.5)
     fourth = r.book(d, now=0.5)
-    assert fourth.queued and p.queued_tokens == 160
+    assert fourth.queued and r.queued_tokens(p) == 160
 
 
-def test_a_short_prompt_joins_the_queued_ones_only_on_a_worker_with_no_stream(monkeypatch):
+def test_a_short_prompt_joins_the_queued_ones_only_on_a_worker_with_no_stream():
     from pdserve.latency import Coef
     c = Coef(step=0.057, prefill_ktok=0.52)          # 40 tokens: 21 ms beside 57
     r = reg(W("p1", "prefill", max_num_batched_tokens=2048), W("d1", "decode"))
