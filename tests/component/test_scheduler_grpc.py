@@ -7,7 +7,6 @@ import pytest
 
 from scheduler.config import AutoscaleConfig, SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from scheduler.server import create_server
 from tests.component.sched_helpers import reg, serving, steps, wait_for
 
 
@@ -15,14 +14,10 @@ from tests.component.sched_helpers import reg, serving, steps, wait_for
 async def sched():
     cfg = SchedulerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=0.1,
                           heartbeat_timeout_s=0.5)
-    server, port, svc = await create_server(cfg)
-    await server.start()
-    reaper = asyncio.create_task(svc.reap_forever())
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pd_pb2_grpc.SchedulerStub(ch)
-    reaper.cancel()
-    await ch.close()
-    await server.stop(0)
+    async with serving(cfg) as (stub, svc):
+        reaper = asyncio.create_task(svc.reap_forever())
+        yield stub
+        reaper.cancel()
 
 
 async def test_route_needs_both_roles_then_picks_least_loaded(sched):
@@ -297,11 +292,7 @@ async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(
                           placement=PlacementConfig(admit_ttft_factor=0.0, hold_order=order),
                           autoscale=AutoscaleConfig(planner=PlannerConfig(
                               prefill=PoolPolicy(target_ms=6000))))
-    server, port, svc = await create_server(cfg)
-    await server.start()
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    sched = pd_pb2_grpc.SchedulerStub(ch)
-    try:
+    async with serving(cfg) as (sched, svc):
         await one_busy_prefill_worker(sched)
 
         def route(i, n):
@@ -332,9 +323,6 @@ async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(
             rc = await asyncio.wait_for(c, 10)
             assert rc.held_ms > rb.held_ms
         assert svc.gate.held() == 0 and not svc.gate._late
-    finally:
-        await ch.close()
-        await server.stop(0)
 
 
 async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held_sched):
