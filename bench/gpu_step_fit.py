@@ -22,7 +22,7 @@ import argparse
 import statistics
 import time
 
-from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
+from pdserve.latency import STEP_FEATURES, Coef, OnlineLinear, StepModel, StepSample, chunk_attn
 from pdserve.step_budget import OVERHEAD, packing_floor
 from scheduler.holding import join
 
@@ -92,7 +92,29 @@ def packs(coef: Coef, prompt: int, cap: int) -> int:
     return k
 
 
-def report(label: str, coef: Coef, samples: list[StepSample] | None, cap: int) -> None:
+def fitted(samples: list[StepSample]) -> Coef:
+    fit = StepModel(mixed=False)
+    for _ in range(3):          # the online fit weighs recent steps; three passes
+        for s in samples:
+            fit.observe(s)
+    return Coef.of(fit.coef())
+
+
+def decode_term_error(samples: list[StepSample]) -> str:
+    """The same weighted fit with one more feature, 1 in a step with decode sequences (a
+    decode step's fixed part of its own): its median and worst relative error."""
+    fit = OnlineLinear(len(STEP_FEATURES) + 1)
+    rows = [(s.features() + [1.0 if s.decode_seqs else 0.0], s.seconds) for s in samples]
+    for _ in range(3):
+        for x, y in rows:
+            fit.observe(x, y, 1.0 / max(y, 1e-4) ** 2)
+    errs = [abs(fit.predict(x) - y) / y for x, y in rows]
+    return (f"median |error| {statistics.median(errs):.1%}, worst {max(errs):.1%}, "
+            f"that term {fit.coef()[-1] * 1e3:.3f} ms")
+
+
+def report(label: str, coef: Coef, samples: list[StepSample] | None, cap: int,
+           verbose: bool = True, packing: bool = True) -> None:
     print(f"== {label}")
     print(f"  step {coef.step * 1e3:.3f} ms, prefill {coef.prefill_ktok * 1e3:.3f} ms/ktok, "
           f"attention {coef.prefill_attn_mtok2 * 1e3:.3f} ms/Mtok^2, decode "
@@ -102,6 +124,15 @@ def report(label: str, coef: Coef, samples: list[StepSample] | None, cap: int) -
                                    s.decode_ctx) - s.seconds) / s.seconds for s in samples]
         print(f"  fit on its {len(samples)} steps: median |error| "
               f"{statistics.median(errs):.1%}, worst {max(errs):.1%}")
+        if verbose:
+            print("    step: prompt tokens, decode seqs, context -> measured, predicted ms")
+        for s, e in zip(samples, errs if verbose else []):
+            guess = coef.step_time(s.prefill_tokens, s.prefill_attn, s.decode_seqs,
+                                   s.decode_ctx)
+            print(f"    {s.prefill_tokens:6d} {s.decode_seqs:4d} {s.decode_ctx:7d} -> "
+                  f"{s.seconds * 1e3:8.2f} {guess * 1e3:8.2f}  ({e:.0%})")
+    if not packing:
+        return
     print(f"  packing floor (a step's fixed part at most {OVERHEAD:.0%} of it): "
           f"{packing_floor(coef, OVERHEAD, cap)} tokens (cap {cap})")
     print("  prompts that late binding lets share one prefill step: "
@@ -120,11 +151,15 @@ def main() -> None:
     ns = ap.parse_args()
     for shape in ns.shapes.split(","):
         samples = steps(shape, ns.device, ns.quick, ns.reps)
-        fit = StepModel(mixed=False)
-        for _ in range(3):          # the online fit weighs recent steps; three passes
-            for s in samples:
-                fit.observe(s)
-        report(f"{shape} on {ns.device}", Coef.of(fit.coef()), samples, ns.cap)
+        report(f"{shape} on {ns.device}", fitted(samples), samples, ns.cap)
+        print(f"  with a decode-step term: {decode_term_error(samples)}")
+        # each pool's engine sees its own kind of step: fit each kind on its own
+        for kind, some in (("prefill steps only (a prefill engine)",
+                            [s for s in samples if s.prefill_tokens]),
+                           ("decode steps only (a decode engine)",
+                            [s for s in samples if s.decode_seqs])):
+            report(f"{shape} on {ns.device}, {kind}", fitted(some), some, ns.cap,
+                   verbose=False, packing="prefill" in kind)
     step, ktok = (float(x) for x in ns.cpu_coef.split(","))
     report("CPU coefficients given (--cpu-coef)", Coef(step=step, prefill_ktok=ktok), None,
            2048)
