@@ -101,10 +101,12 @@ def simulate(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None)
                                 getattr(cfg, p).target_ms) for p in POOLS}
         change = ""
         if roles is not None:
-            # the decode TPOT were a mixed worker to stop decoding
-            after = (model_latency("decode", rate, isl, osl, share["decode"] - 0.5, ns,
-                                   cfg.decode.target_ms) or 0.0) if mixed else math.inf
-            mixed, change = _roles_tick(roles, t, lat, after, isl, ns, cfg,
+            # the decode TPOT were a mixed worker to stop decoding, or one more to start
+            tpot = [model_latency("decode", rate, isl, osl, share["decode"] + extra, ns,
+                                  cfg.decode.target_ms) or 0.0 for extra in (-0.5, 0.5)]
+            after = tpot[0] if mixed else math.inf
+            more = tpot[1] if replicas["prefill"] > mixed else math.inf
+            mixed, change = _roles_tick(roles, t, lat, after, more, isl, ns, cfg,
                                         replicas["prefill"], mixed)
         metrics = {p: PoolMetrics(latency_p90_ms=lat[p], request_rate=rate,
                                   mean_input_tokens=isl, mean_output_tokens=osl)
@@ -122,14 +124,16 @@ def simulate(ns, cfg: PlannerConfig, roles_cfg: RolePlannerConfig | None = None)
     return steps
 
 
-def _roles_tick(roles: RolePlanner, t: float, lat: dict, after: float, isl: float, ns,
-                cfg: PlannerConfig, n_prefill: int, mixed: int) -> tuple[int, str]:
+def _roles_tick(roles: RolePlanner, t: float, lat: dict, after: float, more: float,
+                isl: float, ns, cfg: PlannerConfig, n_prefill: int, mixed: int
+                ) -> tuple[int, str]:
     tpot, ttft = lat["decode"] or 0.0, lat["prefill"] or 0.0
     queueing = max(0.0, ttft - isl / ns.prefill_tok_s * 1e3)
     allow = 0.9 * cfg.decode.target_ms
     sig = Signals(tpot / allow, queueing / cfg.prefill.target_ms,
                   {f"prefill-{i}": "mixed" if i < mixed else "prefill"
-                   for i in range(n_prefill)}, after / allow)
+                   for i in range(n_prefill)}, after / allow,
+                  (tpot - more) / allow, (after - tpot) / allow)
     for f in roles.tick(t, sig):
         mixed += 1 if f.role == "mixed" else -1
         return mixed, f"{f.worker_id} -> {f.role} ({f.reason})"

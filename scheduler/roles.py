@@ -18,7 +18,14 @@ becomes mixed while the decode side is under pressure and the prefill side is no
 mixed worker goes back to prefill while the prefill side is under pressure and the other
 decode-capable workers could carry its streams without being pressed in turn (with the
 old test, the decode side's pressure now, a mixed worker whose streams filled their
-budget never went back). A condition must hold at every
+budget never went back). Both directions are priced by what one decode-capable worker
+more or fewer does to the decode step, from the fitted step model: a worker becomes mixed
+only if one more decoder would take a real share off the decode step (on an engine whose
+step is mostly its fixed part, spreading streams saves next to nothing, and a decode
+pressure near the threshold at batch 1 made a prefill worker mixed for no gain), and a
+mixed worker goes back when one decoder fewer would cost the streams next to nothing
+(else, once the decode load had passed, it stayed mixed until prefill pressure built up
+on it). A condition must hold at every
 tick for `window_s` (one noisy tick resets it), a flip waits `dwell_s` after the last one,
 and the thresholds to enter and leave differ, so a noisy trace does not flap.
 """
@@ -33,7 +40,7 @@ KINDS = {"prefill": frozenset({"prefill"}),
          "decode": frozenset({"decode", "local"}),
          "mixed": frozenset({"prefill", "decode", "local"})}
 # reason codes (bounded: a Prometheus label)
-REASONS = ("decode_pressure", "prefill_pressure", "admin")
+REASONS = ("decode_pressure", "prefill_pressure", "decode_slack", "admin")
 
 
 def kinds(role: str, pending: str = "") -> frozenset[str]:
@@ -49,6 +56,8 @@ class RolePlannerConfig:
     decode_enter: float = 0.8        # decode pressure: plain decode step / (safety * TPOT SLO)
     prefill_enter: float = 0.5       # prefill pressure: backlog or prefill p90 / TTFT SLO
     prefill_leave: float = 0.2
+    gain_enter: float = 0.1          # mixed only if one more decoder takes this much pressure off
+    loss_leave: float = 0.05         # back to prefill when one fewer adds less than this
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,10 @@ class Signals:
     # decode pressure with one decode-capable worker fewer, its streams spread over the
     # rest: what a flip back to prefill would leave (inf: no decoder would be left)
     decode_after: float = math.inf
+    # the decode pressure one more decode-capable worker would take off, and the pressure
+    # one fewer would add (inf: not known, the old rules alone)
+    decode_gain: float = math.inf
+    decode_loss: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -78,11 +91,14 @@ class RolePlanner:
 
     def tick(self, now: float, s: Signals) -> list[Flip]:
         c = self.cfg
-        want_mixed = s.decode_pressure >= c.decode_enter and s.prefill_pressure < c.prefill_leave
+        want_mixed = (s.decode_pressure >= c.decode_enter and s.prefill_pressure < c.prefill_leave
+                      and s.decode_gain >= c.gain_enter)
         # back to prefill only if the decode side alone stays under the pressure that
-        # makes a worker mixed (else the next window flips it again)
-        want_prefill = (s.prefill_pressure >= c.prefill_enter
-                        and s.decode_after < c.decode_enter)
+        # makes a worker mixed (else the next window flips it again), or if its decoding
+        # buys next to nothing
+        pressed = s.prefill_pressure >= c.prefill_enter and s.decode_after < c.decode_enter
+        slack = s.decode_loss < c.loss_leave
+        want_prefill = pressed or slack
         for key, on in (("to_mixed", want_mixed), ("to_prefill", want_prefill)):
             if not on:
                 self.since[key] = None
@@ -92,7 +108,8 @@ class RolePlanner:
             return []
         for key, role_from, role_to, why in (
                 ("to_mixed", "prefill", "mixed", "decode_pressure"),
-                ("to_prefill", "mixed", "prefill", "prefill_pressure")):
+                ("to_prefill", "mixed", "prefill",
+                 "prefill_pressure" if pressed else "decode_slack")):
             t0 = self.since[key]
             if t0 is None or now - t0 < c.window_s:
                 continue
@@ -102,6 +119,7 @@ class RolePlanner:
             self.last_flip = now
             self.since[key] = None
             return [Flip(cands[0], role_to, why,
-                         f"decode pressure {s.decode_pressure:.2f}, prefill pressure "
-                         f"{s.prefill_pressure:.2f} for {now - t0:.0f}s")]
+                         f"decode pressure {s.decode_pressure:.2f} (one decoder more "
+                         f"-{s.decode_gain:.2f}, one fewer +{s.decode_loss:.2f}), prefill "
+                         f"pressure {s.prefill_pressure:.2f} for {now - t0:.0f}s")]
         return []

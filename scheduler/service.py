@@ -154,7 +154,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
           never went back to prefill while long prompts queued on it);
         - the same with one decode-capable worker fewer, its streams spread over the rest
           (what flipping a mixed worker back to prefill would leave; inf: none would be
-          left);
+          left), and what one more or one fewer would take off or add, from the fitted
+          decode step (the measured pressure is the fit's own plain step);
         - prefill pressure: the prefill backlog, or the p90 of recent prefill latencies
           (routed, held included, to the prompt computed), over the TTFT SLO (a backlog
           drains between bursts; the latencies keep what it cost)."""
@@ -162,12 +163,25 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         allow = self.slo.safety * self.slo.tpot_s
         dec = [(w, self.book.recent_of(w.worker_id, now)) for w in ws if w.can("decode")]
         dp = max((r.plain_s / allow for _, r in dec if r.stream_steps >= 16), default=0.0)
-        after = math.inf
-        coefs = [c for c in (self.book.coef(w.worker_id, w.model) for w, _ in dec) if c]
-        if len(dec) > 1 and coefs:
-            n = len(dec) - 1
-            seqs, ctx = (sum(r.seqs for _, r in dec) / n, sum(r.ctx for _, r in dec) / n)
-            after = max(c.decode_step(seqs, ctx) for c in coefs) / allow
+        after = gain = loss = math.inf
+        # the spread is priced with the decode steps of workers that ran streams, the
+        # decode role's first: a worker just made mixed has its prefill engine's fixed
+        # part and no decode fit of its own yet (with the max over every decoder, its
+        # flat fit made one decoder more or fewer look worth next to nothing)
+        ran = [w for w, r in dec if r.stream_steps >= 16]
+        ref = [w for w in ran if w.role == "decode"] or ran
+        coefs = [c for c in (self.book.coef(w.worker_id, w.model) for w in ref) if c]
+        seqs, ctx = sum(r.seqs for _, r in dec), sum(r.ctx for _, r in dec)
+        if coefs or not seqs:               # no stream lately: nothing to spread
+
+            def spread(n: int) -> float:     # the decode pressure with n decoders
+                return max((c.decode_step(seqs / n, ctx / n) for c in coefs),
+                           default=0.0) / allow
+            n = len(dec)
+            gain = spread(n) - spread(n + 1) if n else math.inf
+            if n > 1:
+                after = spread(n - 1)
+                loss = after - spread(n)
         # requests held for late binding are prefill work too, shared by the workers that
         # could take it
         held = self.gate.held_prefill_s() / max(1, sum(w.can("prefill") for w in ws))
@@ -177,7 +191,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         if lat is not None:
             pp = max(pp, lat / self.slo.ttft_s)
         return Signals(dp, pp, {w.worker_id: w.role for w in ws if not w.pending_role},
-                       after)
+                       after, gain, loss)
 
     def plan_roles(self, now: float) -> None:
         if self.roles is None:

@@ -346,6 +346,16 @@ async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held
     assert whole > 0.8 and s.decode_pressure < 0.5, (whole, s)
     # 8 streams on one worker: more than the 4 on each, less than twice as slow
     assert s.decode_pressure < s.decode_after < 2 * s.decode_pressure, s
+    # what one decoder more or fewer takes off or adds, from the fitted decode step
+    coefs = [svc.book.coef(w, "m") for w in ("m", "d")]
+    seqs, ctx = (sum(svc.book.recent_of(w, svc.clock()).seqs for w in ("m", "d")),
+                 sum(svc.book.recent_of(w, svc.clock()).ctx for w in ("m", "d")))
+
+    def spread(n):
+        return max(c.decode_step(seqs / n, ctx / n) for c in coefs) / allow
+    assert s.decode_loss == pytest.approx(spread(1) - spread(2))
+    assert s.decode_gain == pytest.approx(spread(2) - spread(3))
+    assert 0 < s.decode_gain < s.decode_loss, s
     assert s.prefill_pressure == 0.0
     # a prompt computed 0.6 x the TTFT SLO after it was routed; the client's TTFT (what a
     # kept first token also waited for on the decode side) is not the prefill side's
@@ -362,7 +372,36 @@ async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held
     assert svc.signals(t[0]).prefill_pressure == pytest.approx(0.6)
     # with one decode-capable worker, none would be left to flip back to prefill
     await sched.Deregister(pd_pb2.DeregisterRequest(worker_id="d"))
-    assert svc.signals(svc.clock()).decode_after == float("inf")
+    s = svc.signals(svc.clock())
+    assert s.decode_after == s.decode_loss == float("inf") and s.decode_gain > 0, s
+
+
+async def test_a_new_mixed_workers_prefill_steps_do_not_price_the_decoders_spread(held_sched):
+    """Just made mixed, a prefill worker has run no stream: its engine's fixed part is a
+    prefill step's and its decode terms are not its own. One decoder more or fewer is
+    priced with the decode worker's steps (with the max over both, the flat prefill fit
+    won and a mixed worker carrying half of twelve streams looked worth nothing)."""
+    sched, svc = held_sched
+    await sched.Register(reg("m", pd_pb2.ROLE_MIXED))
+    await sched.Register(reg("d", pd_pb2.ROLE_DECODE))
+    allow = svc.slo.safety * svc.slo.tpot_s
+    await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="m", steps=(
+        steps(20, prefill=512, seconds=2.0 * allow) + steps(20, prefill=64, seconds=1.6 * allow))))
+    await sched.Heartbeat(pd_pb2.HeartbeatRequest(worker_id="d", steps=(
+        steps(20, decode=2, ctx=1000, seconds=0.3 * allow)
+        + steps(20, decode=12, ctx=6000, seconds=0.8 * allow))))
+    s = svc.signals(svc.clock())
+    c = svc.book.coef("d", "m")
+    r = svc.book.recent_of("d", svc.clock())
+
+    def spread(n):
+        return c.decode_step(r.seqs / n, r.ctx / n) / allow
+    assert s.decode_loss == pytest.approx(spread(1) - spread(2)) and s.decode_loss > 0.1, s
+    assert s.decode_gain == pytest.approx(spread(2) - spread(3)), s
+    # once the streams' steps have left the recent window there is nothing to spread: a
+    # mixed worker's decoding buys nothing (were it unknown, it would stay mixed)
+    s = svc.signals(svc.clock() + 31)
+    assert (s.decode_gain, s.decode_loss, s.decode_after) == (0.0, 0.0, 0.0), s
 
 
 async def test_a_clean_stop_ends_open_kv_event_streams_without_an_error(caplog):

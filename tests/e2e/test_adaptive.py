@@ -226,7 +226,7 @@ def planner_cluster(tiny_model, tmp_path_factory):
     """A role planner with a short window, and a TPOT SLO a decode-heavy load presses."""
     yield from serving(tiny_model, tmp_path_factory, "planner",
                        extra=["--role-window-s", "4", "--role-dwell-s", "5",
-                              "--tpot-slo-ms", "6"])
+                              "--tpot-slo-ms", "4"])
 
 
 def test_planner_flips_a_role_when_the_mix_shifts_and_only_then(planner_cluster):
@@ -262,3 +262,8 @@ def test_planner_flips_a_role_when_the_mix_shifts_and_only_then(planner_cluster)
     assert len(bodies) >= 12 and all(b["usage"]["completion_tokens"] == 600 for b in bodies)
     assert flipped.role_changes == 1
     assert "role planner: " in c.log_path.read_text()
+    # the streams are over: once their steps leave the recent window (30 s), one decoder
+    # fewer costs nothing, and the worker goes back to prefill
+    back = wait_until(lambda: next((w for w in c.workers() if w.worker_id == p
+                                    and w.role == pd_pb2.ROLE_PREFILL), None), timeout=120)
+    assert back.role_changes == 2 and "-> prefill: decode pressure" in c.log_path.read_text()

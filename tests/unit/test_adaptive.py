@@ -1,5 +1,6 @@
-"""Adaptive placement (scheduler/adaptive.py through scheduler/state.py) and worker roles
-(scheduler/roles.py): predictions, the choice, role changes and the role planner.
+"""Adaptive placement (scheduler/adaptive.py through scheduler/state.py) and role changes
+in the registry: predictions, the choice, draining. The role planner's own tests are
+tests/unit/test_roles.py.
 Pure: no network, no engines, time passed in."""
 
 import math
@@ -11,7 +12,6 @@ from pdserve.latency import Coef, StepSample, chunk_attn
 from scheduler import adaptive as A
 from scheduler.models import LatencyBook
 from scheduler.policy import Decision, PlacementConfig
-from scheduler.roles import RolePlanner, RolePlannerConfig, Signals, kinds
 from scheduler.state import Load, Registry, Worker, place
 
 # an engine: 4 ms per step, 1 s per 1,000 prompt tokens, 2 ms per decode sequence
@@ -281,13 +281,7 @@ def test_new_worker_borrows_its_pools_fit():
         book.coef("old", "m").decode_step(1, 500), rel=0.05)
 
 
-# ---------------------------------------------------------------------- roles
-
-def test_role_kinds():
-    assert kinds("prefill") == {"prefill"}
-    assert kinds("mixed") == {"prefill", "decode", "local"}
-    assert kinds("mixed", "prefill") == {"prefill"}          # draining decode work
-
+# ------------------------------------------------------ role changes in the registry
 
 def test_gaining_work_flips_at_once_losing_work_drains_first():
     r = Registry(5.0)
@@ -316,48 +310,6 @@ def test_gaining_work_flips_at_once_losing_work_drains_first():
     assert r.workers["d"].role == "prefill" and r.workers["d"].role_changes == 1
     assert {w.worker_id for w in r.live("prefill")} == {"p", "d"}
     assert {w.worker_id for w in r.live("decode")} == {"p", "d2"}
-
-
-def test_role_planner_flips_only_after_a_sustained_shift():
-    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
-    roles = {"p": "prefill", "d": "decode"}
-    decode_heavy = Signals(decode_pressure=1.2, prefill_pressure=0.0, roles=roles)
-    assert pl.tick(0.0, decode_heavy) == []
-    assert pl.tick(20.0, decode_heavy) == []
-    flips = pl.tick(31.0, decode_heavy)
-    assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "mixed",
-                                                                 "decode_pressure")]
-    roles = {"p": "mixed", "d": "decode"}
-    prefill_heavy = Signals(0.2, 0.9, roles, decode_after=0.6)
-    assert pl.tick(40.0, prefill_heavy) == []
-    assert pl.tick(80.0, prefill_heavy) == []         # 40 s of it, but inside the dwell
-    assert [f.role for f in pl.tick(92.0, prefill_heavy)] == ["prefill"]
-
-
-def test_a_mixed_worker_stays_mixed_while_the_decode_side_could_not_carry_its_streams():
-    """Prefill pressure alone is not enough to go back: were the mixed worker's streams
-    to move, the decode worker would be pressed past the point that made it mixed."""
-    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
-    roles = {"p": "mixed", "d": "decode"}
-    for t in range(0, 300, 5):
-        assert pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.9)) == []
-    # the same pressures, but one worker could carry every stream: back after the window
-    flips = [f for t in range(300, 380, 5)
-             for f in pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.7))]
-    assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "prefill",
-                                                                 "prefill_pressure")]
-
-
-def test_role_planner_does_not_flap_on_a_noisy_trace():
-    pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
-    roles = {"p": "prefill", "d": "decode"}
-    flips = []
-    for i in range(600):          # pressure flickers above and below the thresholds
-        t = i * 1.0
-        dp = 1.0 if (i // 7) % 2 else 0.3
-        pp = 0.6 if (i // 11) % 2 else 0.1
-        flips += pl.tick(t, Signals(dp, pp, roles))
-    assert flips == []
 
 
 def test_node_allowance_is_infinite_without_streams():
