@@ -62,6 +62,8 @@ def _route_str(r: pd_pb2.RouteResponse) -> str:
                 f" predicted_tpot_ms={r.predicted_tpot_ms:.1f} chunk={r.chunk_tokens}")
     if r.held_ms > 0:
         out += f" held_ms={r.held_ms:.0f}"
+    if r.joined:
+        out += " joined=queued_step"
     if r.hold_first_token:
         out += " first=with_stream"
     if r.runner_up:

@@ -117,6 +117,7 @@ class Decision:
     pred_handoff_s: float = 0.0   # of pred_ttft_s, the kept first token's handoff
     decode_streams: int = -1      # streams on the decode worker when chosen (-1: not known)
     pred_first_over_s: float = 0.0   # of pred_ttft_s, the learned fixed part (first_over_s)
+    joined: bool = False          # late binding sent it to share the queued prompts' step
 
 
 def prefill_cost(cfg: PlacementConfig, c: Candidate, num_tokens: int) -> float:

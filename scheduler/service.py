@@ -344,6 +344,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                 if not pause:
                     if joined:
                         SM.SCHED_JOINED.inc()
+                        d = replace(d, joined=True)
                     if gate.late(ticket):   # it stepped aside: say so in the route
                         d = replace(d, reason="deferred")
                     return d, took, held if waited else 0.0
@@ -400,7 +401,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             reason=d.reason, cached_tokens=d.cached_tokens,
             predicted_ttft_ms=d.pred_ttft_s * 1e3, predicted_tpot_ms=d.pred_tpot_s * 1e3,
             runner_up=d.runner_up, chunk_tokens=d.chunk_tokens, held_ms=held * 1e3,
-            hold_first_token=d.hold_first)
+            hold_first_token=d.hold_first, joined=d.joined)
         if d.pred_ttft_s:
             SM.SCHED_PREDICTED.labels("ttft").observe(d.pred_ttft_s)
             SM.SCHED_PREDICTED.labels("tpot").observe(d.pred_tpot_s)

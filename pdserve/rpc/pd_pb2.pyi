@@ -304,7 +304,7 @@ class WorkerRef(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens", "push_ticket", "held_ms", "hold_first_token")
+    __slots__ = ("prefill", "decode", "booking_id", "mode", "reason", "cached_tokens", "predicted_ttft_ms", "predicted_tpot_ms", "runner_up", "chunk_tokens", "push_ticket", "held_ms", "hold_first_token", "joined")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     BOOKING_ID_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +318,7 @@ class RouteResponse(_message.Message):
     PUSH_TICKET_FIELD_NUMBER: _ClassVar[int]
     HELD_MS_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerRef
     decode: WorkerRef
     booking_id: str
@@ -331,7 +332,8 @@ class RouteResponse(_message.Message):
     push_ticket: bytes
     held_ms: float
     hold_first_token: bool
-    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ..., held_ms: _Optional[float] = ..., hold_first_token: _Optional[bool] = ...) -> None: ...
+    joined: bool
+    def __init__(self, prefill: _Optional[_Union[WorkerRef, _Mapping]] = ..., decode: _Optional[_Union[WorkerRef, _Mapping]] = ..., booking_id: _Optional[str] = ..., mode: _Optional[_Union[RouteMode, str]] = ..., reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., runner_up: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., push_ticket: _Optional[bytes] = ..., held_ms: _Optional[float] = ..., hold_first_token: _Optional[bool] = ..., joined: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("booking_id", "phase", "failed_worker_id", "ttft_ms", "tpot_ms", "output_tokens", "kv_bytes", "kv_seconds", "first_gap_ms", "first_held_ms")

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from frontend.client import _route_str
 from pdserve.rpc import pd_pb2
 from scheduler import metrics as SM
 from scheduler.config import SchedulerConfig
@@ -46,12 +47,14 @@ async def test_a_short_prompt_joins_the_queued_one_and_a_long_one_waits(sched):
 
     before = joined()
     a = await route(0, 16)
-    assert a.prefill.worker_id == "p" and a.held_ms == 0
+    assert a.prefill.worker_id == "p" and a.held_ms == 0 and not a.joined
     b = await route(1, 16)                  # held until a's step is about to end
     assert b.prefill.worker_id == "p" and b.held_ms > 0 and joined() == before
+    assert not b.joined
     assert svc.reg.queued_tokens(svc.reg.workers["p"]) == 16
     c = await route(2, 16)                  # b is queued: c shares its step
-    assert c.prefill.worker_id == "p" and joined() == before + 1
+    assert c.prefill.worker_id == "p" and joined() == before + 1 and c.joined
+    assert "joined=queued_step" in _route_str(c) and "joined" not in _route_str(b)
     assert svc.reg.queued_tokens(svc.reg.workers["p"]) == 32
     # a long prompt does not join: it waits for the queued step, reported done below
     long_ = route(3, 600)
@@ -64,6 +67,7 @@ async def test_a_short_prompt_joins_the_queued_one_and_a_long_one_waits(sched):
                                                 phase=pd_pb2.PHASE_PREFILL_DONE))
     d = await asyncio.wait_for(long_, 30)
     assert d.prefill.worker_id == "p" and d.held_ms > 0 and joined() == before + 1
+    assert not d.joined
     for r in (a, b, c, d):
         await sched.Report(pd_pb2.ReportRequest(booking_id=r.booking_id,
                                                 phase=pd_pb2.PHASE_DONE))
