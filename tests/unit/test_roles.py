@@ -4,6 +4,11 @@ Pure: time passed in."""
 from scheduler.roles import RolePlanner, RolePlannerConfig, Signals, kinds
 
 
+def ticks(pl, s, start, end, every=5):
+    """The flips of ticks every `every` s over [start, end), all with signals `s`."""
+    return [f for t in range(start, end, every) for f in pl.tick(float(t), s)]
+
+
 def test_role_kinds():
     assert kinds("prefill") == {"prefill"}
     assert kinds("mixed") == {"prefill", "decode", "local"}
@@ -31,11 +36,9 @@ def test_a_mixed_worker_stays_mixed_while_the_decode_side_could_not_carry_its_st
     to move, the decode worker would be pressed past the point that made it mixed."""
     pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
     roles = {"p": "mixed", "d": "decode"}
-    for t in range(0, 300, 5):
-        assert pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.9)) == []
+    assert ticks(pl, Signals(0.6, 0.9, roles, decode_after=0.9), 0, 300) == []
     # the same pressures, but one worker could carry every stream: back after the window
-    flips = [f for t in range(300, 380, 5)
-             for f in pl.tick(float(t), Signals(0.6, 0.9, roles, decode_after=0.7))]
+    flips = ticks(pl, Signals(0.6, 0.9, roles, decode_after=0.7), 300, 380)
     assert [(f.worker_id, f.role, f.reason) for f in flips] == [("p", "prefill",
                                                                  "prefill_pressure")]
 
@@ -46,10 +49,8 @@ def test_no_flip_to_mixed_where_one_more_decoder_would_save_next_to_nothing():
     saw a prefill worker made mixed at pressure 0.81 against 0.80, then lose cells)."""
     pl = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
     roles = {"p": "prefill", "d": "decode"}
-    for t in range(0, 300, 5):
-        assert pl.tick(float(t), Signals(0.81, 0.08, roles, decode_gain=0.02)) == []
-    flips = [f for t in range(300, 340, 5)
-             for f in pl.tick(float(t), Signals(1.1, 0.08, roles, decode_gain=0.3))]
+    assert ticks(pl, Signals(0.81, 0.08, roles, decode_gain=0.02), 0, 300) == []
+    flips = ticks(pl, Signals(1.1, 0.08, roles, decode_gain=0.3), 300, 340)
     assert [(f.worker_id, f.role) for f in flips] == [("p", "mixed")]
 
 
@@ -59,8 +60,7 @@ def test_a_mixed_worker_goes_back_once_its_decoding_buys_next_to_nothing():
     pl.last_flip = 0.0                      # it just became mixed
     busy = Signals(0.9, 0.1, roles, decode_after=1.2, decode_gain=0.1, decode_loss=0.3)
     idle = Signals(0.3, 0.1, roles, decode_after=0.31, decode_gain=0.0, decode_loss=0.01)
-    for t in range(0, 200, 5):
-        assert pl.tick(float(t), busy) == []
+    assert ticks(pl, busy, 0, 200) == []
     assert pl.tick(200.0, idle) == []
     assert pl.tick(220.0, idle) == []                 # inside its window
     flips = pl.tick(231.0, idle)
@@ -69,7 +69,7 @@ def test_a_mixed_worker_goes_back_once_its_decoding_buys_next_to_nothing():
     # inside the dwell after a flip: not again
     pl2 = RolePlanner(RolePlannerConfig(window_s=30, dwell_s=60))
     pl2.last_flip = 0.0
-    assert all(pl2.tick(float(t), idle) == [] for t in range(0, 60, 5))
+    assert ticks(pl2, idle, 0, 60) == []
 
 
 def test_role_planner_does_not_flap_on_a_noisy_trace():
