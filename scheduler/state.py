@@ -237,8 +237,9 @@ class Registry:
         return [b for b in self.bookings.values() if b.queued and not b.prefill_done
                 and (b.prefill or b.decode) == w.worker_id]
 
-    def queued_tokens(self, w: Worker) -> int:
-        return sum(b.prefill_tokens for b in self.queued_on(w))
+    def queued_tokens(self, w: Worker, queued: list[Booking] | None = None) -> int:
+        queued = self.queued_on(w) if queued is None else queued
+        return sum(b.prefill_tokens for b in queued)
 
     def started_backlog(self, w: Worker, now: float,
                         queued: list[Booking] | None = None) -> float:
@@ -260,7 +261,7 @@ class Registry:
         cap = w.load.max_num_batched_tokens or 1 << 30
         step = min(cap, packing_floor(coef, OVERHEAD, cap))
         dues = [b.created - b.held_s + ttft_s - now for b in queued]
-        return join(self.started_backlog(w, now, queued), sum(b.prefill_tokens for b in queued),
+        return join(self.started_backlog(w, now, queued), self.queued_tokens(w, queued),
                     dues, own_tokens, coef, step)
 
     def backlog(self, w: Worker, now: float) -> float:

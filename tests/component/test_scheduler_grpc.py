@@ -325,6 +325,16 @@ async def test_a_request_that_will_miss_its_ttft_slo_lets_the_next_one_go_first(
         assert svc.gate.held() == 0 and not svc.gate._late
 
 
+def spread(svc, n, coef_of=("d",), streams_of=("m", "d")):
+    """The decode pressure with the recent streams of `streams_of` spread over n decoders,
+    priced with the decode steps of `coef_of` (the decode worker's)."""
+    now = svc.clock()
+    seqs = sum(svc.book.recent_of(w, now).seqs for w in streams_of)
+    ctx = sum(svc.book.recent_of(w, now).ctx for w in streams_of)
+    return max(svc.book.coef(w, "m").decode_step(seqs / n, ctx / n)
+               for w in coef_of) / (svc.slo.safety * svc.slo.tpot_s)
+
+
 async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held_sched):
     """Decode pressure is the streams' plain decode step over the allowance, not the whole
     step an engine fills with prompt chunks up to it; `decode_after` is that pressure with
@@ -347,14 +357,8 @@ async def test_role_signals_leave_prompt_chunks_out_and_project_a_flip_back(held
     # 8 streams on one worker: more than the 4 on each, less than twice as slow
     assert s.decode_pressure < s.decode_after < 2 * s.decode_pressure, s
     # what one decoder more or fewer takes off or adds, from the fitted decode step
-    coefs = [svc.book.coef(w, "m") for w in ("m", "d")]
-    seqs, ctx = (sum(svc.book.recent_of(w, svc.clock()).seqs for w in ("m", "d")),
-                 sum(svc.book.recent_of(w, svc.clock()).ctx for w in ("m", "d")))
-
-    def spread(n):
-        return max(c.decode_step(seqs / n, ctx / n) for c in coefs) / allow
-    assert s.decode_loss == pytest.approx(spread(1) - spread(2))
-    assert s.decode_gain == pytest.approx(spread(2) - spread(3))
+    assert s.decode_loss == pytest.approx(spread(svc, 1) - spread(svc, 2))
+    assert s.decode_gain == pytest.approx(spread(svc, 2) - spread(svc, 3))
     assert 0 < s.decode_gain < s.decode_loss, s
     assert s.prefill_pressure == 0.0
     # a prompt computed 0.6 x the TTFT SLO after it was routed; the client's TTFT (what a
@@ -391,13 +395,9 @@ async def test_a_new_mixed_workers_prefill_steps_do_not_price_the_decoders_sprea
         steps(20, decode=2, ctx=1000, seconds=0.3 * allow)
         + steps(20, decode=12, ctx=6000, seconds=0.8 * allow))))
     s = svc.signals(svc.clock())
-    c = svc.book.coef("d", "m")
-    r = svc.book.recent_of("d", svc.clock())
-
-    def spread(n):
-        return c.decode_step(r.seqs / n, r.ctx / n) / allow
-    assert s.decode_loss == pytest.approx(spread(1) - spread(2)) and s.decode_loss > 0.1, s
-    assert s.decode_gain == pytest.approx(spread(2) - spread(3)), s
+    loss = spread(svc, 1) - spread(svc, 2)
+    assert s.decode_loss == pytest.approx(loss) and s.decode_loss > 0.1, s
+    assert s.decode_gain == pytest.approx(spread(svc, 2) - spread(svc, 3)), s
     # once the streams' steps have left the recent window there is nothing to spread: a
     # mixed worker's decoding buys nothing (were it unknown, it would stay mixed)
     s = svc.signals(svc.clock() + 31)
