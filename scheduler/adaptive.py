@@ -5,7 +5,14 @@ Options (the workers' roles say which exist, scheduler/roles.py):
 - remote: a prefill-capable worker P computes the prompt, the KV moves to a
   decode-capable worker D, which decodes;
 - local: D computes the prompt itself, chunked beside its running streams under the
-  per-step budget its engine enforces (pdserve/step_budget.py), then decodes.
+  per-step budget its engine enforces (pdserve/step_budget.py), then decodes;
+- overflow: a prefill worker computes the prompt and decodes it too, as a local option on
+  a worker whose role is prefill. Offered only when no other option is predicted to meet
+  both SLOs and this one is (`overflow_options`): the decode side is full and the prefill
+  side has room, as in a burst of short prompts, when one decode engine would run every
+  stream while the prefill core waits for the next prompt. Its stream then holds that
+  worker's later prompts to its TPOT (the same engine budget), which the choices after it
+  see on that worker's timeline.
 
 Predictions, from each worker's fitted step model (pdserve/latency.py) and what is booked
 on it:
@@ -104,7 +111,7 @@ class Node:
 
 @dataclass(frozen=True)
 class Option:
-    kind: str                    # "remote" | "local"
+    kind: str                    # "remote" | "local" | "overflow" (local on a prefill worker)
     prefill: str                 # the worker that computes the prompt
     decode: str
     ttft_s: float
@@ -338,10 +345,11 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
             slo: SLO, local_ok: set[str], pairs_ok=lambda p, d: True,
-            held_s: float = 0.0) -> list[Option]:
+            held_s: float = 0.0, spare: tuple = ()) -> list[Option]:
     """Every remote (P, D) pair that `pairs_ok` allows and every local option on the
-    decode-capable workers in `local_ok`; best first. `held_s`: how long the request has
-    waited already (late binding), for `as_late`."""
+    decode-capable workers in `local_ok`, and, when none of them is predicted to meet both
+    SLOs, the overflow options on the prefill workers in `spare` that are; best first.
+    `held_s`: how long the request has waited already (late binding), for `as_late`."""
     out = max_tokens or DEFAULT_OUTPUT
     opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
             if p.worker_id != d.worker_id and pairs_ok(p.worker_id, d.worker_id)]
@@ -349,7 +357,26 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     if slo.late:
         by_id = {d.worker_id: d for d in decodes}
         opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
+    if spare and not any(o.score >= MARGIN for o in opts):
+        opts += overflow_options(spare, tokens, out, slo, held_s)
     return ranked(opts, slo)
+
+
+def overflow_options(spare, tokens: int, out: int, slo: SLO, held_s: float) -> list[Option]:
+    """The whole request on a prefill worker (computed and decoded there), on each of
+    `spare` where that is predicted to meet both SLOs with MARGIN (after `held_s` held).
+    The caller offers them only when nothing else is: a prefill worker's stream holds its
+    later prompts to that stream's TPOT for as long as it decodes, a cost the chooser
+    cannot price when it decides (those prompts have not arrived), so it is paid only for
+    a request that would otherwise be predicted lost."""
+    found = []
+    for s in spare:
+        o = replace(local(s, tokens, out, slo), kind="overflow")
+        if slo.late:
+            o = as_late(o, s, tokens, out, slo, held_s)
+        if o.score >= MARGIN and held_s + o.first_s <= slo.ttft_s:
+            found.append(o)
+    return found
 
 
 def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) -> Option:
@@ -361,7 +388,7 @@ def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) 
     if held_s + o.first_s <= slo.ttft_s:
         return o
     step = tpot_on(d, tokens, out, slo, late=True)
-    tpot = step if o.kind == "local" else seen_tpot(step, d, out, o.hold)
+    tpot = step if o.kind != "remote" else seen_tpot(step, d, out, o.hold)
     return replace(o, tpot_s=max(o.tpot_s, tpot))
 
 

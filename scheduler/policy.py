@@ -31,6 +31,7 @@ from dataclasses import dataclass
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
 FIRST_TOKENS = ("with_stream", "adaptive", "early")
+ONOFF = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class PlacementConfig:
     # token, always ("with_stream": the handoff then falls in TTFT, not in TPOT) or where
     # that scores better against the SLOs ("adaptive"), or sent when computed ("early")
     first_token: str = "with_stream"
+    # overflow (scheduler/adaptive.py): a request no other option is predicted to serve
+    # within its SLOs may be computed and decoded whole on a prefill worker ("on"/"off")
+    overflow: str = "off"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -74,6 +78,8 @@ class PlacementConfig:
         if self.first_token not in FIRST_TOKENS:
             raise ValueError(f"first_token must be one of {FIRST_TOKENS}, not "
                              f"{self.first_token!r}")
+        if self.overflow not in ONOFF:
+            raise ValueError(f"overflow must be one of {ONOFF}, not {self.overflow!r}")
         if self.temperature < 0 or self.overlap_weight < 0:
             raise ValueError("temperature and overlap_weight must be >= 0")
 

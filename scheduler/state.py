@@ -381,7 +381,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     pinned = cfg.local_prefill_max_tokens or cfg.prefill_saturation_tokens
     if cfg.policy == "adaptive" and book is not None and slo is not None and not pinned:
         d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
-                            max_tokens, now, held_s)
+                            max_tokens, now, held_s, cfg.overflow == "on")
         if d is not None:
             return d
     pcands = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
@@ -424,7 +424,10 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
         return None
     if backlog_s is None:
         backlog_s = reg.backlog(w, now)
-    decodes = w.can("decode")          # a role that prefills locally decodes too
+    # a role that prefills locally decodes too, and a prefill worker decodes the overflow
+    # requests booked on it (scheduler/adaptive.py): their streams hold its prompts to
+    # their TPOT
+    decodes = w.can("decode") or w.booked_streams > 0
     streams = _streams(w) if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
     allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
@@ -438,7 +441,8 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
 
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
                     decodes: list[Worker], cached: dict[str, int], num_tokens: int,
-                    max_tokens: int, now: float, held_s: float = 0.0) -> Decision | None:
+                    max_tokens: int, now: float, held_s: float = 0.0,
+                    overflow: bool = False) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
@@ -463,20 +467,26 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
         dn.append(n)
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
+    # overflow (scheduler/adaptive.py): a whole request on a prefill worker with KV room
+    # (one changing role is not here: its work is what both roles allow, so no prefill)
+    spare = [_node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)
+             for p in prefills if overflow and not p.can("local") and p.kv_usage() < 0.95]
     opts = A.options(pn, dn, num_tokens, max_tokens, slo, local_ok,
-                     lambda p, d: hashes[p] == hashes[d], held_s)
+                     lambda p, d: hashes[p] == hashes[d], held_s, tuple(spare))
     if not opts:
         return None
     best = opts[0]
     dw = reg.workers[best.decode]
     blocks = -(-num_tokens // (dw.block_size or 1)) + 1
-    local = best.kind == "local"
+    local = best.kind != "remote"
+    why = "overflow" if best.kind == "overflow" else A.reason(best)
     return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
-                    A.reason(best), max(0, num_tokens - best.cached), best.cached, blocks,
+                    why, max(0, num_tokens - best.cached), best.cached, blocks,
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,
                     pred_tpot_s=best.tpot_s,
                     runner_up=opts[1].describe() if len(opts) > 1 else "",
                     chunk_tokens=best.chunk, out_tokens=max_tokens, hold_first=best.hold,
                     pred_handoff_s=best.ttft_s - best.first_s if best.hold else 0.0,
-                    decode_streams=next(n.streams for n in dn if n.worker_id == best.decode),
+                    decode_streams=next(n.streams for n in dn + spare
+                                        if n.worker_id == best.decode),
                     pred_first_over_s=best.first_over_s)

@@ -1,0 +1,84 @@
+"""Overflow (scheduler/adaptive.py, `overflow_options`): a whole request on a prefill worker,
+offered only when no other option is predicted to meet both SLOs and this one is.
+Pure: no network, no engines, time passed in."""
+
+from dataclasses import replace
+
+import pytest
+
+from scheduler import adaptive as A
+from scheduler.state import Registry, place
+from tests.unit.adaptive_helpers import CFG, C, W, no_cache, warm_book
+
+# a tight TPOT SLO: the fitted decode step (4 ms + 2 ms a stream) meets it with margin up
+# to 6 streams (4 + 2 * 6 = 16 ms < 0.95 * 20 ms)
+SLO = A.SLO(ttft_s=1.0, tpot_s=0.02, first_token="early")
+ON = replace(CFG, overflow="on")
+
+
+def full(wid="d", n=10):
+    """A decode engine whose streams fill its TPOT SLO: one stream more misses it."""
+    return A.Node(wid, C, streams=n, ctx=n * 500, allow_s=C.decode_step(n, n * 500))
+
+
+def test_a_full_decode_engine_overflows_onto_the_idle_prefill_worker():
+    p, d = A.Node("p", C), full()
+    opts = A.options([p], [d], 64, 32, SLO, {"d"})
+    assert opts[0].score < A.MARGIN                       # without: every option misses
+    opts = A.options([p], [d], 64, 32, SLO, {"d"}, spare=(p,))
+    best = opts[0]
+    assert (best.kind, best.prefill, best.decode) == ("overflow", "p", "p")
+    assert best.score >= A.MARGIN and best.tpot_s == pytest.approx(C.decode_step(1, 64 + 16))
+    assert best.describe().startswith("overflow decode=p")
+    assert {o.kind for o in opts[1:]} == {"remote", "local"}      # the runner-ups
+
+
+def test_no_overflow_while_another_option_meets_the_slos():
+    p, d = A.Node("p", C), A.Node("d", C, streams=2, ctx=1000)
+    opts = A.options([p], [d], 64, 32, SLO, {"d"}, spare=(p,))
+    assert opts[0].score >= A.MARGIN and "overflow" not in {o.kind for o in opts}
+
+
+def test_no_overflow_onto_a_prefill_worker_whose_prompts_have_no_room():
+    # the prefill worker's queue alone takes the TTFT SLO: the whole request there would
+    # miss it too, and its stream would slow every prompt queued behind it
+    p, d = A.Node("p", C, backlog_s=1.2), full()
+    opts = A.options([p], [d], 64, 32, SLO, {"d"}, spare=(p,))
+    assert "overflow" not in {o.kind for o in opts}
+    # ...nor for a request held so long that its first token comes late wherever it goes
+    p = A.Node("p", C)
+    opts = A.options([p], [d], 64, 32, SLO, {"d"}, held_s=0.99, spare=(p,))
+    assert "overflow" not in {o.kind for o in opts}
+
+
+def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode", max_num_seqs=64)):
+        r.register(w)
+    book = warm_book("p", "d")
+    r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
+    off = place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    assert off.reason != "overflow" and off.decode == "d"      # the default: off
+    d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    assert (d.mode, d.prefill, d.decode, d.reason) == ("local", None, "p", "overflow")
+    assert d.runner_up and d.pred_tpot_s < SLO.tpot_s
+    before = place(r, ON, "m", 2000, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    b = r.book(d, 10.0)
+    assert r.backlog(r.workers["p"], 10.0) == pytest.approx(d.prefill_s)
+    r.prefill_done(b.booking_id, 10.1)
+    # the stream now decodes on the prefill worker: a long prompt there goes in chunks
+    # beside it (its engine holds them to the stream's TPOT), slower than alone
+    after = place(r, ON, "m", 2000, no_cache, book=book, slo=SLO, max_tokens=32, now=10.1)
+    assert before.prefill == after.prefill == "p"
+    assert before.chunk_tokens == 0 and after.chunk_tokens > 0
+    assert after.prefill_s > 1.1 * before.prefill_s
+
+
+def test_a_mixed_worker_takes_whole_requests_as_local_not_as_overflow():
+    r = Registry(5.0)
+    for w in (W("p", "mixed"), W("d", "decode", max_num_seqs=64)):
+        r.register(w)
+    book = warm_book("p", "d")
+    r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
+    d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    assert (d.mode, d.decode, d.reason) == ("local", "p", "slo")
