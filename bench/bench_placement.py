@@ -68,7 +68,7 @@ def build_scheduler(n_workers: int, n_blocks: int, block_size: int, prompt_token
 
 
 def micro_route(ns) -> dict:
-    from scheduler.state import place
+    from scheduler.placement import place
 
     t0 = time.perf_counter()
     svc, prefixes = build_scheduler(ns.workers, ns.blocks, ns.block_size, ns.prompt_tokens)

@@ -7,7 +7,7 @@ import argparse
 
 from scheduler.config import AutoscaleConfig
 from scheduler.planner import PlannerConfig, PoolPolicy
-from scheduler.policy import FIRST_TOKENS, HOLD_ORDERS, ONOFF, POLICIES, PlacementConfig
+from scheduler.policy import FIRST_TOKENS, HOLD_ORDERS, OVERFLOWS, POLICIES, PlacementConfig
 
 
 PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
@@ -39,11 +39,10 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                       "handoff counts in TTFT, not TPOT, as vLLM's and SGLang's P/D do), "
                       "adaptive (kept where the SLOs favour it) or early (sent as soon as "
                       "the prefill worker computes it)"),
-    "--overflow": ("overflow", str, "on: a request that no other option is predicted to "
-                   "serve within its SLOs may be computed and decoded whole on a prefill "
-                   "worker whose prompts have room (a burst that one decode engine cannot "
-                   "carry); off: prefill workers only prefill, until the role planner makes "
-                   "them mixed"),
+    "--overflow": ("overflow", str, "a whole request on a prefill worker: fallback (the "
+                   "default: when no decode-capable worker is left, dead, draining or "
+                   "excluded after a failure), on (also when no other option is predicted "
+                   "to serve it within its SLOs and that one is), off (never)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 
@@ -80,7 +79,7 @@ PLACEMENT_ALIASES = {"--placement-temperature": ("--temperature",)}
 def placement_args(p: argparse.ArgumentParser) -> None:
     d = PlacementConfig()
     choices = {"--policy": POLICIES, "--hold-order": HOLD_ORDERS, "--first-token": FIRST_TOKENS,
-               "--overflow": ONOFF}
+               "--overflow": OVERFLOWS}
     for flag, (name, typ, hlp) in PLACEMENT_FLAGS.items():
         p.add_argument(flag, *PLACEMENT_ALIASES.get(flag, ()), dest=name, type=typ,
                        default=getattr(d, name), help=hlp, choices=choices.get(flag))

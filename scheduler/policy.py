@@ -31,7 +31,7 @@ from dataclasses import dataclass
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
 FIRST_TOKENS = ("with_stream", "adaptive", "early")
-ONOFF = ("on", "off")
+OVERFLOWS = ("fallback", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ class PlacementConfig:
     # token, always ("with_stream": the handoff then falls in TTFT, not in TPOT) or where
     # that scores better against the SLOs ("adaptive"), or sent when computed ("early")
     first_token: str = "with_stream"
-    # overflow (scheduler/adaptive.py): a request no other option is predicted to serve
-    # within its SLOs may be computed and decoded whole on a prefill worker ("on"/"off")
-    overflow: str = "off"
+    # a whole request on a prefill worker (computed and decoded there): "fallback" when no
+    # decode-capable worker is left (dead, draining, excluded), "on" also when no other
+    # option is predicted to serve it within its SLOs (scheduler/adaptive.py), "off" never
+    overflow: str = "fallback"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -78,8 +79,8 @@ class PlacementConfig:
         if self.first_token not in FIRST_TOKENS:
             raise ValueError(f"first_token must be one of {FIRST_TOKENS}, not "
                              f"{self.first_token!r}")
-        if self.overflow not in ONOFF:
-            raise ValueError(f"overflow must be one of {ONOFF}, not {self.overflow!r}")
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"overflow must be one of {OVERFLOWS}, not {self.overflow!r}")
         if self.temperature < 0 or self.overlap_weight < 0:
             raise ValueError("temperature and overlap_weight must be >= 0")
 

@@ -1,8 +1,9 @@
 """gRPC shell around the registry, the prefix index and the placement policy.
 
-Everything that decides lives in scheduler/state.py, scheduler/policy.py and
-scheduler/index.py (pure), and the message translations in scheduler/messages.py; this
-module only answers calls, keeps time and exports metrics. scheduler/server.py starts it.
+Everything that decides lives in scheduler/state.py, scheduler/placement.py,
+scheduler/policy.py and scheduler/index.py (pure), and the message translations in
+scheduler/messages.py; this module only answers calls, keeps time and exports metrics.
+scheduler/server.py starts it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from scheduler import messages as MSG
 from scheduler.messages import MODE_PB, ROLE, ROLE_PB
 from scheduler.planner import SlidingWindow
 from scheduler.roles import RolePlanner, Signals
-from scheduler.state import NoPlacement, Registry, Worker, place
+from scheduler.placement import place
+from scheduler.state import NoPlacement, Registry, Worker
 
 log = logging.getLogger(__name__)
 

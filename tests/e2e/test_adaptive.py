@@ -1,8 +1,9 @@
 """Adaptive disaggregation with real engines: chunked local prefill beside a running stream
 equals colocated vLLM, and beside a late one (its first token after the TTFT SLO) goes at
 the pace of an engine without streams; the latency model predicts from real steps; roles
-change under load with no request lost and no KV block leaked; the role planner flips a
-role when the mix shifts, and not before."""
+change under load with no request lost and no KV block leaked; with no decode worker left
+the prefill worker serves whole requests; the role planner flips a role when the mix
+shifts, and not before."""
 
 import concurrent.futures as cf
 import threading
@@ -219,6 +220,33 @@ def test_role_changes_under_load_lose_nothing_and_leak_nothing(roles_cluster):
     s.SetRole(pd_pb2.SetRoleRequest(worker_id=p, role=pd_pb2.ROLE_PREFILL))
     wait_until(lambda: {w.worker_id: w.role for w in c.workers()} ==
                {p: pd_pb2.ROLE_PREFILL, d: pd_pb2.ROLE_DECODE})
+
+
+def test_with_the_decode_worker_drained_the_prefill_worker_serves_whole_requests(
+        roles_cluster, tokenizer, tmp_path_factory):
+    """Overflow's fallback (the default): no decode-capable worker is routable (drained
+    here; dead or excluded after a failure alike), so the prefill worker computes the
+    prompt and decodes it too, on its own engine. Greedy text equals colocated vLLM; nothing is held after."""
+    c = roles_cluster
+    s = sched(c)
+    ids = {w.role: w.worker_id for w in c.workers()}
+    p, d = ids[pd_pb2.ROLE_PREFILL], ids[pd_pb2.ROLE_DECODE]
+    prompts = [words(90, seed=1300), words(400, seed=1301)]
+    ref = reference(c.model_dir, [tokenizer.encode(x) for x in prompts], 24,
+                    tmp_path_factory.mktemp("ref-overflow"))
+    assert s.Drain(pd_pb2.DrainRequest(worker_id=d, drain=True)).found
+    try:
+        for prompt, want in zip(prompts, ref):
+            body, route = complete(c, prompt, 24)
+            assert route.startswith(f"local:no_decode_worker decode={p}"), route
+            assert body["choices"][0]["text"] == want["text"]
+    finally:
+        s.Drain(pd_pb2.DrainRequest(worker_id=d, drain=False))
+    loads = c.wait_idle()
+    assert all(not (v.running or v.waiting or v.kv_usage or v.kv_leases_held)
+               for v in loads.values()), loads
+    _, route = complete(c, prompts[0], 4)
+    assert f"decode={d}" in route, route            # undrained: decoding goes back
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Adaptive placement (scheduler/adaptive.py through scheduler/state.py) and role changes
+"""Adaptive placement (scheduler/adaptive.py through scheduler/placement.py) and role changes
 in the registry: predictions, the choice, draining. The role planner's own tests are
 tests/unit/test_roles.py.
 Pure: no network, no engines, time passed in."""
@@ -12,7 +12,8 @@ from pdserve.latency import Coef, StepSample, chunk_attn
 from scheduler import adaptive as A
 from scheduler.models import LatencyBook
 from scheduler.policy import Decision, PlacementConfig
-from scheduler.state import Registry, place
+from scheduler.placement import place
+from scheduler.state import Registry
 from tests.unit.adaptive_helpers import CFG, SLO, C, W, no_cache, warm_book
 
 

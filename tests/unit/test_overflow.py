@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from scheduler import adaptive as A
-from scheduler.state import Registry, place
+from scheduler.placement import place
+from scheduler.state import Registry
 from tests.unit.adaptive_helpers import CFG, C, W, no_cache, warm_book
 
 # a tight TPOT SLO: the fitted decode step (4 ms + 2 ms a stream) meets it with margin up
@@ -58,7 +59,7 @@ def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
     book = warm_book("p", "d")
     r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
     off = place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
-    assert off.reason != "overflow" and off.decode == "d"      # the default: off
+    assert off.reason != "overflow" and off.decode == "d"      # not by default
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert (d.mode, d.prefill, d.decode, d.reason) == ("local", None, "p", "overflow")
     assert d.runner_up and d.pred_tpot_s < SLO.tpot_s
@@ -82,3 +83,26 @@ def test_a_mixed_worker_takes_whole_requests_as_local_not_as_overflow():
     r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert (d.mode, d.decode, d.reason) == ("local", "p", "slo")
+
+
+def test_with_no_decode_worker_left_a_prefill_worker_serves_whole_requests():
+    from scheduler.state import NoPlacement
+    r = Registry(5.0)
+    for w in (W("p1", "prefill"), W("p2", "prefill"), W("d", "decode")):
+        r.register(w)
+    book = warm_book("p1", "p2", "d")
+    gone = frozenset({"d"})         # excluded after a failure, as a retry's Route says
+    with pytest.raises(NoPlacement, match="no decode worker"):
+        place(r, replace(CFG, overflow="off"), "m", 64, no_cache, gone, book=book, slo=SLO,
+              now=10.0)
+    got = []
+    for _ in range(4):        # the default, "fallback"
+        d = place(r, CFG, "m", 64, no_cache, gone, book=book, slo=SLO, max_tokens=8, now=10.0)
+        assert (d.mode, d.prefill, d.reason) == ("local", None, "no_decode_worker")
+        r.book(d, 10.0)
+        got.append(d.decode)
+    assert sorted(got) == ["p1", "p1", "p2", "p2"]      # by the prefill costs: spread
+    # the decode worker drains: the same
+    r.workers["d"].draining = True
+    assert place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, now=10.0).reason == \
+        "no_decode_worker"

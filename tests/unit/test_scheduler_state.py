@@ -6,7 +6,8 @@ import random
 import pytest
 
 from scheduler.policy import PlacementConfig
-from scheduler.state import Load, NoPlacement, Registry, Worker, place
+from scheduler.placement import place
+from scheduler.state import Load, NoPlacement, Registry, Worker
 
 CFG = PlacementConfig()
 
@@ -164,8 +165,12 @@ def test_draining_and_excluded_workers_get_no_new_requests():
     r = reg(W("p1", "prefill"), W("p2", "prefill", running=5), W("d1", "decode"))
     r.workers["p1"].draining = True
     assert place(r, CFG, "m", 10, no_cache).prefill == "p2"
+    # no decode worker left: the live prefill worker serves whole requests (overflow's
+    # fallback, tests/unit/test_overflow.py), unless overflow is off
+    d = place(r, CFG, "m", 10, no_cache, exclude=frozenset({"d1"}))
+    assert (d.prefill, d.decode, d.reason) == (None, "p2", "no_decode_worker")
     with pytest.raises(NoPlacement, match="no decode"):
-        place(r, CFG, "m", 10, no_cache, exclude=frozenset({"d1"}))
+        place(r, PlacementConfig(overflow="off"), "m", 10, no_cache, exclude=frozenset({"d1"}))
 
 
 def test_heartbeat_and_expiry():
