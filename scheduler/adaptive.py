@@ -107,6 +107,9 @@ class Node:
     # routing, RPCs), learned: a remote prefill's here, and a local one's
     first_over_s: float = 0.0
     local_first_over_s: float = 0.0
+    # streams expected to start here while a new one decodes: requests held behind it
+    # (late binding) whose prompts are computed meanwhile (`landing`)
+    landing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,9 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
     prefill alone, that step. `late`: its first token comes after the TTFT SLO, so its
     engine keeps no slack for it: those steps and that work are not held to its SLO."""
     per = max(1, out - 1)
-    base = d.coef.step_time(decode_seqs=d.streams + 1, decode_ctx=d.ctx + tokens + out / 2)
+    more = 1 + d.landing            # it, and the held requests landing beside it
+    base = d.coef.step_time(decode_seqs=d.streams + more,
+                            decode_ctx=d.ctx + (tokens + out / 2) * more)
     if late:
         return base + max(0.0, d.excess_s) + (d.backlog_s + extra_s) / per
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
@@ -247,6 +252,22 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
         if d.streams <= 0:
             extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return est + extra_s / per
+
+
+def landing(behind: int, behind_s: float, out: int, slo: SLO, prefillers: int,
+            decoders: int) -> float:
+    """Streams each of `decoders` decode-capable workers can expect to start while a new
+    stream of `out` tokens decodes (at safety * SLO a token): of the `behind` requests held
+    after it, whose prompts take `behind_s` predicted seconds over `prefillers` workers,
+    those computed within that time, spread evenly. Without them a burst's first streams
+    were predicted at 18-20 ms a token and ran at 33-37 ms beside the 24 that landed
+    (docs/design.md, "Streams that land beside it")."""
+    if behind <= 0 or decoders <= 0:
+        return 0.0
+    life = max(1, out - 1) * slo.safety * slo.tpot_s
+    span = behind_s / max(1, prefillers)
+    k = behind if span <= life else behind * life / span
+    return k / decoders
 
 
 def is_late(span: tuple) -> bool:

@@ -166,6 +166,17 @@ class Gate:
         guess = sum(known) / len(known) if known else own_s
         return sum(self.prefill_s.get(t, guess) for t in q)
 
+    def behind(self, model: str, ticket: int) -> tuple[int, float]:
+        """The requests held for `model` after `ticket` (in arrival order) and their
+        predicted prefill seconds (`work_ahead`'s estimate)."""
+        q = list(self._queues.get(model, ()))
+        if ticket not in q:
+            return 0, 0.0
+        after = q[q.index(ticket) + 1:]
+        known = self.prefill_s.values()
+        guess = sum(known) / len(known) if known else 0.0
+        return len(after), sum(self.prefill_s.get(t, guess) for t in after)
+
     def held_prefill_s(self) -> float:
         """Predicted prefill work held, every model's (`work_ahead`'s estimate; nothing
         while no held request has chosen yet)."""

@@ -18,11 +18,14 @@ from scheduler.state import NoPlacement, Registry, Worker
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
           overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
           book: LatencyBook | None = None, slo: A.SLO | None = None, max_tokens: int = 0,
-          now: float = 0.0, held_s: float = 0.0) -> Decision:
+          now: float = 0.0, held_s: float = 0.0, behind: tuple[int, float] = (0, 0.0)
+          ) -> Decision:
     """Choose the decode worker, the mode (disaggregated or local prefill) and the prefill
     worker. `overlap_of(workers) -> {worker_id: cached tokens}` looks up the prefix index.
     With the adaptive policy and a warm latency model (`book`), by predicted SLO
-    attainment (scheduler/adaptive.py); otherwise by the cost functions. Mutates nothing."""
+    attainment (scheduler/adaptive.py); otherwise by the cost functions. `behind`: the
+    requests held after this one (late binding) and their predicted prefill seconds.
+    Mutates nothing."""
     decodes = [w for w in reg.live("decode", model, routable=True)
                if w.worker_id not in exclude and w.can("decode")]
     prefills = [w for w in reg.live("prefill", model, routable=True)
@@ -39,7 +42,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     pinned = cfg.local_prefill_max_tokens or cfg.prefill_saturation_tokens
     if cfg.policy == "adaptive" and book is not None and slo is not None and not pinned:
         d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
-                            max_tokens, now, held_s, cfg.overflow == "on")
+                            max_tokens, now, held_s, cfg.overflow == "on", behind)
         if d is not None:
             return d
     pcands = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
@@ -95,7 +98,8 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
                     decodes: list[Worker], cached: dict[str, int], num_tokens: int,
                     max_tokens: int, now: float, held_s: float = 0.0,
-                    overflow: bool = False) -> Decision | None:
+                    overflow: bool = False, behind: tuple[int, float] = (0, 0.0)
+                    ) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
@@ -120,6 +124,10 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
         dn.append(n)
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
+    if behind[0]:       # the held requests' streams that will land beside this one's
+        lands = A.landing(*behind, max_tokens or A.DEFAULT_OUTPUT, slo,
+                          len({w.worker_id for w in prefills} | local_ok), len(dn))
+        dn = [replace(n, landing=lands) for n in dn]
     # overflow (scheduler/adaptive.py): a whole request on a prefill worker with KV room
     # (one changing role is not here: its work is what both roles allow, so no prefill)
     spare = [_node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)

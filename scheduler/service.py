@@ -283,12 +283,13 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
             return out
         return overlap_of
 
-    def _place(self, request, ids, held_s: float = 0.0):
-        """(decision, seconds the choice took); `held_s`: how long it has been held."""
+    def _place(self, request, ids, held_s: float = 0.0, behind: tuple[int, float] = (0, 0.0)):
+        """(decision, seconds the choice took); `held_s`: how long it has been held;
+        `behind`: the requests held after it and their prefill seconds."""
         t0 = time.perf_counter()
         d = place(self.reg, self.cfg.placement, request.model, len(ids), self._overlap(ids),
                   frozenset(request.exclude_workers), self.rng, self.book, self.slo,
-                  request.max_tokens, self.clock(), held_s)
+                  request.max_tokens, self.clock(), held_s, behind)
         return d, time.perf_counter() - t0
 
     async def _admit(self, d, context, ahead_s: float = 0.0) -> None:
@@ -334,7 +335,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
                     continue
                 held = self.clock() - t_in
                 if waited:          # the picture changed while it waited
-                    d, took = self._place(request, ids, held)
+                    d, took = self._place(request, ids, held, gate.behind(model, ticket))
                 if (deadline and d.pred_ttft_s and held + d.pred_ttft_s > self.slo.ttft_s
                         and gate.defer(model, ticket)):
                     SM.SCHED_DEFERRED.inc()

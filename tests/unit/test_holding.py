@@ -58,6 +58,17 @@ async def test_gate_is_fifo_per_model_and_leaves_cleanly():
     g.leave("m", a)                  # twice: nothing
 
 
+def test_gate_counts_the_requests_held_behind_one():
+    g = Gate()
+    a, b, c = g.enter("m"), g.enter("m"), g.enter("m")
+    g.enter("other")
+    assert g.behind("m", a) == (2, 0.0)          # nothing known of their prefills yet
+    g.prefill_s[b], g.prefill_s[c] = 0.2, 0.4
+    assert g.behind("m", a) == (2, pytest.approx(0.6))
+    assert g.behind("m", b) == (1, pytest.approx(0.4)) and g.behind("m", c) == (0, 0.0)
+    assert g.behind("other", a) == (0, 0.0) and g.behind("none", a) == (0, 0.0)
+
+
 async def test_gate_wait_wakes_on_notify_and_times_out():
     g = Gate()
     loop = asyncio.get_running_loop()

@@ -106,3 +106,34 @@ def test_with_no_decode_worker_left_a_prefill_worker_serves_whole_requests():
     r.workers["d"].draining = True
     assert place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, now=10.0).reason == \
         "no_decode_worker"
+
+
+def test_streams_held_behind_a_request_land_beside_it():
+    """A burst: 23 short prompts held behind this one, computed within its stream's life,
+    all decode on the one decode worker; a queue of long prompts lands a stream or less."""
+    burst = A.landing(23, 23 * 0.05, 48, SLO, prefillers=2, decoders=1)
+    assert burst == 23
+    assert A.landing(23, 23 * 0.05, 48, SLO, prefillers=2, decoders=2) == 11.5
+    slow = A.landing(10, 10 * 0.4, 8, SLO, prefillers=2, decoders=1)
+    assert 0 < slow < 1 and A.landing(0, 0.0, 48, SLO, 2, 1) == 0.0
+    # the decode step predicted for a new stream counts them
+    d = A.Node("d", C, streams=1, ctx=100)
+    alone, crowded = (A.tpot_on(replace(d, landing=k), 64, 48, A.SLO(1.0, 1.0)) for k in (0, 23))
+    assert alone == pytest.approx(C.decode_step(2, 100 + 88))
+    assert crowded == pytest.approx(C.decode_step(25, 100 + 88 * 24))
+
+
+def test_a_burst_held_behind_sends_whole_requests_to_the_prefill_worker():
+    """With the requests held behind counted, the decode engine is predicted full at the
+    burst's start and overflow takes whole requests onto the prefill worker; without them
+    it was predicted free (one stream) and took them all."""
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode", max_num_seqs=64)):
+        r.register(w)
+    book = warm_book("p", "d")
+    free = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    assert free.reason != "overflow" and free.pred_tpot_s < SLO.tpot_s
+    full = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0,
+                 behind=(15, 15 * 0.07))
+    assert (full.decode, full.reason) == ("p", "overflow")
+    assert "decode=d" in full.runner_up
