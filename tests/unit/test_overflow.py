@@ -52,12 +52,18 @@ def test_no_overflow_onto_a_prefill_worker_whose_prompts_have_no_room():
     assert "overflow" not in {o.kind for o in opts}
 
 
-def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
+def full_cluster(p_role="prefill"):
+    """A registry with p (`p_role`) and a decode worker d whose engine runs 10 streams,
+    and a warm latency book for both."""
     r = Registry(5.0)
-    for w in (W("p", "prefill"), W("d", "decode", max_num_seqs=64)):
+    for w in (W("p", p_role), W("d", "decode", max_num_seqs=64)):
         r.register(w)
-    book = warm_book("p", "d")
     r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
+    return r, warm_book("p", "d")
+
+
+def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
+    r, book = full_cluster()
     off = place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert off.reason != "overflow" and off.decode == "d"      # not by default
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
@@ -76,11 +82,7 @@ def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
 
 
 def test_a_mixed_worker_takes_whole_requests_as_local_not_as_overflow():
-    r = Registry(5.0)
-    for w in (W("p", "mixed"), W("d", "decode", max_num_seqs=64)):
-        r.register(w)
-    book = warm_book("p", "d")
-    r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
+    r, book = full_cluster("mixed")
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert (d.mode, d.decode, d.reason) == ("local", "p", "slo")
 
