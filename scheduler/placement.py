@@ -15,6 +15,7 @@ from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementCon
                               choose_decode, choose_mode, choose_prefill)
 from scheduler.state import NoPlacement, Registry, Worker
 
+
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
           overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
           book: LatencyBook | None = None, slo: A.SLO | None = None, max_tokens: int = 0,
