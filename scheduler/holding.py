@@ -159,12 +159,16 @@ class Gate:
     def work_ahead(self, model: str, own_s: float) -> float:
         """Predicted prefill seconds held for `model` now (ahead of a request entering):
         each one's own where known, else the known mean, else `own_s`."""
-        q = self._queues.get(model, ())
-        if not q:
+        return self._prefill_of(self._queues.get(model, ()), own_s)
+
+    def _prefill_of(self, tickets, guess_s: float) -> float:
+        """The held `tickets`' predicted prefill seconds: each one's own where known, else
+        the known mean, else `guess_s`."""
+        if not tickets:
             return 0.0
         known = self.prefill_s.values()
-        guess = sum(known) / len(known) if known else own_s
-        return sum(self.prefill_s.get(t, guess) for t in q)
+        guess = sum(known) / len(known) if known else guess_s
+        return sum(self.prefill_s.get(t, guess) for t in tickets)
 
     def behind(self, model: str, ticket: int) -> tuple[int, float]:
         """The requests held for `model` after `ticket` (in arrival order) and their
@@ -173,9 +177,7 @@ class Gate:
         if ticket not in q:
             return 0, 0.0
         after = q[q.index(ticket) + 1:]
-        known = self.prefill_s.values()
-        guess = sum(known) / len(known) if known else 0.0
-        return len(after), sum(self.prefill_s.get(t, guess) for t in after)
+        return len(after), self._prefill_of(after, 0.0)
 
     def held_prefill_s(self) -> float:
         """Predicted prefill work held, every model's (`work_ahead`'s estimate; nothing
