@@ -46,8 +46,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
                             max_tokens, now, held_s, cfg.overflow == "on", behind)
         if d is not None:
             return d
-    pcands = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
-                        p.running()) for p in prefills]
+    pcands = _candidates(prefills, cached)
     prefill = choose_prefill(cfg, pcands, num_tokens, rng, reg.route_seq)
     if prefill is not None:   # decode must be able to read that prefill worker's blocks
         ph = reg.workers[prefill.worker_id].compat_hash
@@ -70,6 +69,12 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     # the fixed rules' remote prefills keep their first token as the chooser's would
     held = d.mode == "disagg" and slo is not None and slo.first_token == "with_stream"
     return replace(d, out_tokens=max_tokens, hold_first=held)
+
+
+def _candidates(prefills: list[Worker], cached: dict[str, int]) -> list[Candidate]:
+    """The prefill workers as the prefill cost functions see them."""
+    return [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
+                      p.running()) for p in prefills]
 
 
 def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
@@ -130,9 +135,10 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                           len({w.worker_id for w in prefills} | local_ok), len(dn))
         dn = [replace(n, landing=lands) for n in dn]
     # overflow (scheduler/adaptive.py): a whole request on a prefill worker with KV room
-    # (one changing role is not here: its work is what both roles allow, so no prefill)
-    spare = [_node(reg, book, p, cached.get(p.worker_id, 0), now, timelines)
-             for p in prefills if overflow and not p.can("local") and p.kv_usage() < 0.95]
+    # (one changing role is not here: its work is what both roles allow, so no prefill);
+    # its own prompt waits for the whole backlog there, joining no queued step
+    spare = [replace(n, backlog_s=reg.backlog(p, now)) for p, n in zip(prefills, pn)
+             if overflow and not p.can("local") and p.kv_usage() < 0.95]
     opts = A.options(pn, dn, num_tokens, max_tokens, slo, local_ok,
                      lambda p, d: hashes[p] == hashes[d], held_s, tuple(spare))
     if not opts:
@@ -160,9 +166,7 @@ def _no_decoder(cfg: PlacementConfig, prefills: list[Worker], cached: dict[str, 
     overflow is not off: the whole request on the prefill worker the prefill costs pick, as a
     decode worker takes whole requests when no prefill worker is left
     (`PlacementConfig.local_fallback`)."""
-    pc = [Candidate(p.worker_id, cached.get(p.worker_id, 0), p.queued_prefill_tokens(),
-                    p.running()) for p in prefills]
-    p = choose_prefill(cfg, pc, num_tokens, rng, seq)
+    p = choose_prefill(cfg, _candidates(prefills, cached), num_tokens, rng, seq)
     w = next(x for x in prefills if x.worker_id == p.worker_id)
     blocks = -(-num_tokens // (w.block_size or 1)) + 1
     return Decision(None, w.worker_id, "local", "no_decode_worker",
