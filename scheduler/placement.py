@@ -12,7 +12,7 @@ from dataclasses import replace
 from scheduler import adaptive as A
 from scheduler.models import LatencyBook
 from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementConfig,
-                              choose_decode, choose_mode, choose_prefill)
+                              choose_decode, choose_mode, choose_prefill, kv_blocks)
 from scheduler.state import NoPlacement, Registry, Worker
 
 
@@ -145,7 +145,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
         return None
     best = opts[0]
     dw = reg.workers[best.decode]
-    blocks = -(-num_tokens // (dw.block_size or 1)) + 1
+    blocks = kv_blocks(num_tokens, dw.block_size)
     local = best.kind != "remote"
     why = "overflow" if best.kind == "overflow" else A.reason(best)
     return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
@@ -168,7 +168,7 @@ def _no_decoder(cfg: PlacementConfig, prefills: list[Worker], cached: dict[str, 
     (`PlacementConfig.local_fallback`)."""
     p = choose_prefill(cfg, _candidates(prefills, cached), num_tokens, rng, seq)
     w = next(x for x in prefills if x.worker_id == p.worker_id)
-    blocks = -(-num_tokens // (w.block_size or 1)) + 1
+    blocks = kv_blocks(num_tokens, w.block_size)
     return Decision(None, w.worker_id, "local", "no_decode_worker",
                     max(0, num_tokens - p.cached_tokens), p.cached_tokens, blocks,
                     num_tokens, out_tokens=max_tokens)

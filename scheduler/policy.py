@@ -178,9 +178,15 @@ def has_room(cfg: PlacementConfig, d: DecodeCandidate) -> bool:
     return d.kv_usage < cfg.decode_room_kv and run_ok
 
 
+def kv_blocks(num_tokens: int, block_size: int) -> int:
+    """KV blocks a request takes on the worker that decodes it: its prompt's, and one more
+    for the tokens it generates first."""
+    return -(-num_tokens // (block_size or 1)) + 1
+
+
 def choose_mode(cfg: PlacementConfig, num_tokens: int, prefill: Candidate | None,
                 pool: list[Candidate], decode: DecodeCandidate, block_size: int) -> Decision:
-    blocks = -(-num_tokens // block_size) + 1
+    blocks = kv_blocks(num_tokens, block_size)
     local_uncached = max(0, num_tokens - decode.cached_tokens)
 
     def local(reason: str) -> Decision:
