@@ -84,8 +84,51 @@ def split(p: Plan, text: str, ids: list[int], prompt: list[int], model: str
     return (reasoning if p.include else None), content, parser.count_reasoning_tokens(ids)
 
 
+_CONTEXT = 6     # tokens before a delta decoded with it (vLLM's detokenizer keeps as many)
+
+
+def pieces(tokenizer: Any, before: list[int], ids: list[int], text: str) -> list[str] | None:
+    """`text`, the text of tokens `ids` that follow `before`, cut into each token's share
+    as a detokenizer streaming them one by one emits it (a character split across tokens
+    comes with its last one), or None where the tokenizer's own text for them is not
+    `text` (a stop string cut it, special tokens were skipped)."""
+    ctx = before[-_CONTEXT:]
+    last = tokenizer.decode(ctx)
+    out: list[str] = []
+    for k in range(1, len(ids) + 1):
+        cur = tokenizer.decode(ctx + ids[:k])
+        if cur.endswith("\ufffd"):           # an unfinished character: held back
+            out.append("")
+            continue
+        if not cur.startswith(last):
+            return None
+        out.append(cur[len(last):])
+        last = cur
+    return out if "".join(out) == text else None
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Two consecutive deltas' fields as one: texts joined, lists extended."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, str) and isinstance(out.get(k), str):
+            out[k] += v
+        elif isinstance(v, list) and isinstance(out.get(k), list):
+            out[k] = out[k] + v
+        else:
+            out[k] = v
+    return out
+
+
 class Stream:
-    """One streamed choice: its deltas through vLLM's parser, with its own state."""
+    """One streamed choice: its deltas through vLLM's parser, with its own state.
+
+    A delta of several tokens (the decode worker sends what the engine made while the
+    previous chunk was on its way) goes to the parser one token at a time. vLLM's parsers
+    read a marker alone differently from a marker among other tokens (deepseek_r1 drops a
+    lone `</think>` delta with its text, and gives a mixed delta's text before the marker
+    to the reasoning), so feeding whole deltas would make the split depend on timing.
+    Token by token, the stream adds up to what vLLM's server streams when it keeps up."""
 
     def __init__(self, p: Plan, prompt: list[int], model: str) -> None:
         self.p, self.prompt, self.model = p, prompt, model
@@ -96,8 +139,19 @@ class Stream:
 
     def feed(self, text: str, ids: list[int], finished: bool) -> dict:
         """The delta's fields ({} when it carries nothing for the client yet)."""
+        before = (self.ids if len(self.ids) >= _CONTEXT
+                  else self.prompt[-_CONTEXT:] + self.ids)
+        cut = pieces(self.p.tokenizer, before, ids, text) if len(ids) > 1 else None
         self.ids += ids
-        d = self.parser.parse_delta(text, list(ids), self.p.vllm_request(self.model),
+        if cut is None:
+            return self._one(text, list(ids), finished)
+        out: dict = {}
+        for k, (t, i) in enumerate(zip(cut, ids)):
+            out = merge(out, self._one(t, [i], finished and k == len(ids) - 1))
+        return out
+
+    def _one(self, text: str, ids: list[int], finished: bool) -> dict:
+        d = self.parser.parse_delta(text, ids, self.p.vllm_request(self.model),
                                     self.prompt if self.first else None, finished=finished)
         self.first = False
         return d.model_dump(exclude_none=True) if d is not None else {}

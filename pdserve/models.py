@@ -102,14 +102,11 @@ _CHAT_TEMPLATE = (
 THINK_MARKERS = ["<think>", "</think>"]
 
 
-def build_tiny_model(out: Path, seed: int = 0, vocab_words: int = 1000) -> Path:
-    """A random seeded Llama for fast tests (~10 MB)."""
-    out = Path(out)
-    if (out / _READY).exists():
-        return out
-    import torch
+def tiny_tokenizer(vocab_words: int = 1000):
+    """The tiny model's tokenizer: whole words, decoded joined by spaces, with a thinking
+    model's markers as its last two words."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     words = sorted(set(_TINY_TEXT.split()))
@@ -130,7 +127,19 @@ def build_tiny_model(out: Path, seed: int = 0, vocab_words: int = 1000) -> Path:
         bos_token="<|endoftext|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"])
     fast.chat_template = _CHAT_TEMPLATE
+    return fast
 
+
+def build_tiny_model(out: Path, seed: int = 0, vocab_words: int = 1000) -> Path:
+    """A random seeded Llama for fast tests (~10 MB)."""
+    out = Path(out)
+    if (out / _READY).exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = tiny_tokenizer(vocab_words)
+    vocab = fast.get_vocab()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=256, intermediate_size=512, num_hidden_layers=4,

@@ -12,6 +12,7 @@ from frontend import reasoning
 from frontend.app import create_app
 from frontend.client import Chunk
 from pdserve.config import FrontendConfig
+from pdserve.models import tiny_tokenizer
 
 THINK, END = 900, 901
 
@@ -154,3 +155,44 @@ def test_an_unknown_parser_or_a_tokenizer_without_its_markers_stops_the_start():
             return {"a": 1}
     with pytest.raises(SystemExit, match="reasoning-parser deepseek_r1"):
         reasoning.load("deepseek_r1", Bare())
+
+
+# the tiny model's tokens as the decode worker streams them after a prompt (vLLM's
+# detokenizer: each word with the space before it)
+ANSWER = [" w860", " </think>", " dog", " lazy", " brown"]
+
+
+def fed(groups: list[list[int]]) -> tuple[str, str]:
+    """(reasoning, content) a stream adds up to when the answer's tokens come in `groups`."""
+    tok = tiny_tokenizer()
+    ids = [tok.convert_tokens_to_ids(t.strip()) for t in ANSWER]
+    prompt = tok.encode("the quick fox\n", add_special_tokens=False)
+    st = reasoning.Stream(reasoning.Plan(reasoning.load("deepseek_r1", tok), tok), prompt, "m")
+    said = {"reasoning": "", "content": ""}
+    for g in groups:
+        d = st.feed("".join(ANSWER[i] for i in g), [ids[i] for i in g], g[-1] == len(ids) - 1)
+        for k in said:
+            said[k] += d.get(k) or ""
+    return said["reasoning"], said["content"]
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2], [3, 4]], [[0], [1, 2, 3, 4]],
+                                    [[0, 1, 2, 3, 4]]], ids=["3+2", "1+4", "5"])
+def test_a_delta_of_several_tokens_splits_as_its_tokens_one_by_one(groups):
+    """A delta with the end marker among other tokens: vLLM's deepseek_r1 parser, fed it
+    whole, gives the marker's space to the reasoning (' w860 '); fed token by token (vLLM's
+    server when it keeps up), it drops a lone marker with its text."""
+    one = fed([[i] for i in range(len(ANSWER))])
+    assert one == (" w860", " dog lazy brown")
+    assert fed(groups) == one
+
+
+def test_a_delta_whose_text_is_not_its_tokens_text_goes_whole():
+    """A stop string cut the text, or the engine skipped special tokens: no split."""
+    tok = tiny_tokenizer()
+    ids = [tok.convert_tokens_to_ids(t.strip()) for t in ANSWER]
+    assert reasoning.pieces(tok, ids[:2], ids[2:4], " dog lazy") == [" dog", " lazy"]
+    assert reasoning.pieces(tok, ids[:2], ids[2:4], " dog la") is None
+    assert reasoning.pieces(tok, ids[:2], ids[2:4], " dog") is None
+    assert reasoning.merge({"reasoning": "a"}, {"reasoning": "b", "content": "c"}) == {
+        "reasoning": "ab", "content": "c"}
