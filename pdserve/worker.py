@@ -425,6 +425,18 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 INPUT_ERRORS = _input_errors()
 
 
+def engine_failed(structured: bool) -> tuple[grpc.StatusCode, str]:
+    """The status for a request vLLM ended with finish_reason "error" (FINISHED_ERROR; it
+    freed the request's blocks). With structured output, its grammar rejected the model's
+    token (a vocabulary that cannot spell the format: the tiny test model and
+    `json_object`): the request, not the server, cannot be served. vLLM's own server
+    answers 500 (and in a stream, an error event)."""
+    if structured:
+        return (grpc.StatusCode.INVALID_ARGUMENT, "the model cannot produce output in the "
+                "requested structured format (the grammar rejected its next token)")
+    return grpc.StatusCode.INTERNAL, "the engine failed the request"
+
+
 def _engine_dead_errors() -> tuple[type[BaseException], ...]:
     try:
         from vllm.v1.engine.exceptions import EngineDeadError

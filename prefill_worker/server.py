@@ -24,7 +24,8 @@ from pdserve.sampling import (
     reasoning_args,
     to_vllm,
 )
-from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
+from pdserve.worker import (ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, engine_failed, now,
+                            validate_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,9 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         c = final.outputs[0]
         kvp = final.kv_transfer_params
         if c.finish_reason == "error":
-            # vLLM ended the request (FINISHED_ERROR; it freed the blocks): with structured
-            # output, its grammar rejected the model's token (a vocabulary that cannot
-            # spell the format: the tiny test model and `json_object`). vLLM's own server
-            # answers 500; the request, not the server, is what cannot be served
             bad = sp.HasField("structured")
             M.WORKER_REQUESTS.labels("prefill", "invalid" if bad else "error").inc()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT if bad else grpc.StatusCode.INTERNAL,
-                "the model cannot produce output in the requested structured format (the "
-                "grammar rejected its first token)" if bad else "the engine failed the request")
+            await context.abort(*engine_failed(bad))
         finish = ""
         if sp.max_tokens <= 1 or c.finish_reason == "stop":
             finish = "stop" if c.finish_reason == "stop" else "length"

@@ -1,9 +1,11 @@
 """Conditional disaggregation: short uncached prompts are prefilled on the decode worker."""
 
+import json
+
 import httpx
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value
+from tests.e2e.cluster import assert_idle, metric_value
 from tests.e2e.conftest import words
 from tests.e2e.cluster import sched
 
@@ -19,7 +21,6 @@ def run(c, prompt, stream=False):
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    import json
                     d = json.loads(line[6:])
                     assert "error" not in d, d
                     text += d["choices"][0]["text"] if d["choices"] else ""
@@ -76,3 +77,35 @@ def test_a_local_prefill_returns_the_prompts_logprobs_too(cond_cluster, cluster)
         assert a.keys() == b.keys()
         assert all(abs(a[k]["logprob"] - b[k]["logprob"]) < 1e-3 for k in a)
     assert local_lp[0] is None and len(local_lp) == len(remote_lp)
+
+
+def test_a_format_the_model_cannot_spell_is_a_400_on_every_path(cond_cluster):
+    """The tiny vocabulary has no `{`: vLLM's grammar rejects the first token of a JSON
+    object, or the second of `dog{` (the first is forced to `dog`), and ends the request
+    with finish_reason "error". On the decode engine (a short prompt, prefilled there; or
+    the token after a remote prefill's first) as on the prefill engine: the client gets
+    an invalid_request_error, as a 400 or, once a stream has begun, in the stream, and
+    never a choice that finished with "error". Nothing stays held, and the next request
+    works."""
+    c = cond_cluster
+    for prompt in (words(20, seed=601), words(180, seed=602)):
+        for so in ({"json_object": True}, {"regex": "dog\\{"}):
+            body = {"model": c.model_name, "prompt": prompt, "max_tokens": 8,
+                    "temperature": 0, "structured_outputs": so}
+            r = httpx.post(f"{c.url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 400, (so, r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert "structured format" in r.json()["error"]["message"]
+            with httpx.stream("POST", f"{c.url}/v1/completions", timeout=120,
+                              json={**body, "stream": True}) as s:
+                lines = [ln for ln in s.iter_lines() if ln.startswith("data: {")]
+                status = s.status_code
+            assert status in (200, 400), status
+            if status == 200:        # begun: the error comes in the stream
+                events = [json.loads(ln[6:]) for ln in lines]
+                assert events[-1]["error"]["type"] == "invalid_request_error", events
+                assert all(ch.get("finish_reason") != "error"
+                           for e in events for ch in e.get("choices", [])), events
+    assert run(c, words(20, seed=603))[0]
+    assert run(c, words(180, seed=604))[0]
+    assert_idle(c, c.workers())
