@@ -106,7 +106,11 @@ def test_reasoning_equals_vllms_server(rcluster, vllm_r, prompt, constrained):
     if constraint:     # the answer after the marker obeys it
         assert re.fullmatch(constraint["regex"], a["content"].replace(" ", "")), a
     s1, s2 = (streamed(url, rcluster.model_name, body) for url in (rcluster.url, vllm_r))
-    assert s1[:2] == s2[:2]
+    # vLLM's server splits a delta at the marker as the delta came: a `</think>` among
+    # other tokens gives its leading space to the reasoning, a lone one drops it. Its
+    # stream coalesces tokens when it falls behind (a slow host), so its trailing space
+    # is timing; pdserve's is not (token by token: tests/component/test_reasoning.py)
+    assert (s1[0].rstrip(), s1[1]) == (s2[0].rstrip(), s2[1])
     assert s1[2]["completion_tokens_details"] == s2[2]["completion_tokens_details"] == details
     # the same words as the whole answer (vLLM's own stream and whole answer differ in the
     # spaces around the marker)
