@@ -28,8 +28,7 @@ from pdserve.sampling import (
     reasoning_args,
     to_vllm,
 )
-from pdserve.worker import (ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, engine_failed,
-                            validate_prompt)
+from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +122,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                     msg.logprobs.extend(logprobs_to_wire(token_ids, c.logprobs, sp.logprobs,
                                                          bool(sp.logprob_token_ids)))
                 if out.finished and c.finish_reason == "error":
-                    bad = sp.HasField("structured")
-                    M.WORKER_REQUESTS.labels("decode", "invalid" if bad else "error").inc()
-                    await context.abort(*engine_failed(bad))    # vLLM freed its blocks
+                    await self.rt.abort_engine_failed(context, "decode", sp.HasField("structured"))
                 if out.finished or stopped:
                     msg.finish_reason = "stop" if stopped else (c.finish_reason or "stop")
                     why = stop_reason_to_wire(stops.matched if stopped else c.stop_reason)

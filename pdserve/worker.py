@@ -355,6 +355,21 @@ class WorkerRuntime:
         self.engine_died()
         await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine died")
 
+    async def abort_engine_failed(self, context, role: str, structured: bool) -> None:
+        """vLLM ended a request with finish_reason "error" (FINISHED_ERROR; it freed the
+        request's blocks). With structured output, its grammar rejected the model's token
+        (a vocabulary that cannot spell the format: the tiny test model and
+        `json_object`): the request, not the server, cannot be served, INVALID_ARGUMENT.
+        vLLM's own server answers 500 (and in a stream, an error event)."""
+        M.WORKER_REQUESTS.labels(role, "invalid" if structured else "error").inc()
+        if structured:
+            code, why = (grpc.StatusCode.INVALID_ARGUMENT, "the model cannot produce output "
+                         "in the requested structured format (the grammar rejected its next "
+                         "token)")
+        else:
+            code, why = grpc.StatusCode.INTERNAL, "the engine failed the request"
+        await context.abort(code, why)
+
     async def _watch_engine(self, every_s: float = 0.5) -> None:
         while not self.engine.errored:    # vLLM's engine-core monitor sets this
             await asyncio.sleep(every_s)
@@ -423,18 +438,6 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 INPUT_ERRORS = _input_errors()
-
-
-def engine_failed(structured: bool) -> tuple[grpc.StatusCode, str]:
-    """The status for a request vLLM ended with finish_reason "error" (FINISHED_ERROR; it
-    freed the request's blocks). With structured output, its grammar rejected the model's
-    token (a vocabulary that cannot spell the format: the tiny test model and
-    `json_object`): the request, not the server, cannot be served. vLLM's own server
-    answers 500 (and in a stream, an error event)."""
-    if structured:
-        return (grpc.StatusCode.INVALID_ARGUMENT, "the model cannot produce output in the "
-                "requested structured format (the grammar rejected its next token)")
-    return grpc.StatusCode.INTERNAL, "the engine failed the request"
 
 
 def _engine_dead_errors() -> tuple[type[BaseException], ...]:

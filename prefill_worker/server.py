@@ -24,8 +24,7 @@ from pdserve.sampling import (
     reasoning_args,
     to_vllm,
 )
-from pdserve.worker import (ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, engine_failed, now,
-                            validate_prompt)
+from pdserve.worker import ENGINE_DEAD, INPUT_ERRORS, WorkerRuntime, now, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +92,7 @@ class PrefillServicer(pd_pb2_grpc.PrefillWorkerServicer):
         c = final.outputs[0]
         kvp = final.kv_transfer_params
         if c.finish_reason == "error":
-            bad = sp.HasField("structured")
-            M.WORKER_REQUESTS.labels("prefill", "invalid" if bad else "error").inc()
-            await context.abort(*engine_failed(bad))
+            await self.rt.abort_engine_failed(context, "prefill", sp.HasField("structured"))
         finish = ""
         if sp.max_tokens <= 1 or c.finish_reason == "stop":
             finish = "stop" if c.finish_reason == "stop" else "length"
