@@ -52,13 +52,14 @@ def test_no_overflow_onto_a_prefill_worker_whose_prompts_have_no_room():
     assert "overflow" not in {o.kind for o in opts}
 
 
-def full_cluster(p_role="prefill"):
-    """A registry with p (`p_role`) and a decode worker d whose engine runs 10 streams,
-    and a warm latency book for both."""
+def full_cluster(p_role="prefill", streams=10):
+    """A registry with p (`p_role`) and a decode worker d whose engine runs `streams`
+    streams, and a warm latency book for both."""
     r = Registry(5.0)
     for w in (W("p", p_role), W("d", "decode", max_num_seqs=64)):
         r.register(w)
-    r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = 10, 5000
+    if streams:
+        r.workers["d"].step_decode_seqs, r.workers["d"].step_decode_ctx = streams, 5000
     return r, warm_book("p", "d")
 
 
@@ -129,10 +130,7 @@ def test_a_burst_held_behind_sends_whole_requests_to_the_prefill_worker():
     """With the requests held behind counted, the decode engine is predicted full at the
     burst's start and overflow takes whole requests onto the prefill worker; without them
     it was predicted free (one stream) and took them all."""
-    r = Registry(5.0)
-    for w in (W("p", "prefill"), W("d", "decode", max_num_seqs=64)):
-        r.register(w)
-    book = warm_book("p", "d")
+    r, book = full_cluster(streams=0)
     free = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert free.reason != "overflow" and free.pred_tpot_s < SLO.tpot_s
     full = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0,
