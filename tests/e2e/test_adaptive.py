@@ -47,8 +47,8 @@ def steps(trace, start=0):
     return [ln.split() for ln in trace.read_text().splitlines()[start:] if len(ln.split()) >= 7]
 
 
-def beside_a_stream(c, prompts: list[str], tokenizer, tmp_path_factory):
-    """A long stream (40-token prompt, 400 tokens, EOS ignored) on `c`, and once it decodes,
+def beside_a_stream(c, prompts: list[str], tokenizer, tmp_path_factory, out: int = 400):
+    """A long stream (40-token prompt, `out` tokens, EOS ignored) on `c`, and once it decodes,
     `prompts` (16 tokens each) one after another beside it: (the stream's body, each
     prompt's (body, route), colocated vLLM's outputs for the stream then the prompts, the
     trace line from which the prompts ran)."""
@@ -56,12 +56,12 @@ def beside_a_stream(c, prompts: list[str], tokenizer, tmp_path_factory):
     ids = [tokenizer.encode(p) for p in [long_stream] + prompts]
     # the stream ignores EOS, and so does its reference (where the model's greedy path meets
     # EOS early, as in bfloat16 on an AVX512-BF16 host, the two would differ otherwise)
-    ref = reference(c.model_dir, ids[:1], 400, tmp_path_factory.mktemp("ref1"),
+    ref = reference(c.model_dir, ids[:1], out, tmp_path_factory.mktemp("ref1"),
                     sampling=[{"ignore_eos": True}])
     ref += reference(c.model_dir, ids[1:], 16, tmp_path_factory.mktemp("ref2"))
     start = len(steps(c.trace))
     with cf.ThreadPoolExecutor(2) as ex:
-        stream = ex.submit(complete, c, long_stream, 400, ignore_eos=True)
+        stream = ex.submit(complete, c, long_stream, out, ignore_eos=True)
         wait_until(lambda: any(int(s[3]) >= 1 for s in steps(c.trace, start)))
         mark = len(steps(c.trace))
         outs = [complete(c, p, 16) for p in prompts]
@@ -73,7 +73,11 @@ def test_chunked_local_prefill_beside_a_stream_equals_colocated_vllm(chunked, to
                                                                     tmp_path_factory):
     c = chunked
     prompts = [words(n, seed=900 + n) for n in (300, 700)]
-    body, outs, ref, mark = beside_a_stream(c, prompts, tokenizer, tmp_path_factory)
+    # the first prompt (one token a step) must find the stream still running for 300
+    # steps: on a fast host the tiny model's decode step is under 2 ms, and the stream ran
+    # 118 steps alone before that prompt reached the engine, so 400 tokens were too few
+    body, outs, ref, mark = beside_a_stream(c, prompts, tokenizer, tmp_path_factory,
+                                            out=1000)
     assert body["choices"][0]["text"] == ref[0]["text"]
     for (out, route), want in zip(outs, ref[1:]):
         assert route.startswith("local:short_prompt"), route
