@@ -103,9 +103,15 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                                  ids[-1], self._decoder()) if across else None)
         gen = self.rt.engine.generate(engine_prompt(ids, sp), params, rid,
                                       **reasoning_args(sp, continues=continues))
+        # the transfer's record, asked of the KV agent (in the engine-core process) as soon
+        # as the load is over, so that the last token does not wait on that call: on a
+        # saturated host it took ~2 ms at the median and up to 130 ms (docs/design.md)
+        record: asyncio.Task | None = None
         try:
             async for out in gen:
                 loaded.set()
+                if record is None and not local:
+                    record = asyncio.create_task(self._transfer_record(rid))
                 c = out.outputs[0]
                 text, token_ids, stopped = c.text, list(c.token_ids), False
                 if stops is not None:
@@ -128,7 +134,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                     why = stop_reason_to_wire(stops.matched if stopped else c.stop_reason)
                     if why is not None:
                         msg.stop_reason.CopyFrom(why)
-                    rec = await self._transfer_record(rid)
+                    rec = None if record is None else await record
                     if rec is not None:
                         msg.kv_transfer.CopyFrom(rec)
                         msg.num_external_tokens = rec.tokens if rec.status == "ok" else 0
@@ -152,7 +158,9 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                 renew.cancel()
             self.active.pop(rid, None)
             self.rt.inflight -= 1
-            if not finished:
+            if record is not None:
+                await record       # done or nearly: it also drops an aborted one's record
+            elif not finished and not local:
                 await self._transfer_record(rid)  # drop the record of an aborted request
 
     def _decoder(self):
