@@ -22,10 +22,17 @@ log = logging.getLogger(__name__)
 # a Route may wait in the scheduler for its worker (late binding, scheduler/holding.py);
 # the scheduler bounds the wait by this deadline
 ROUTE_TIMEOUT_S = 120.0
-# a kept first token goes out by this share of the TTFT SLO, at the latest: keeping it
-# longer moves the rest of its handoff from the client's TPOT into its TTFT, which stays
-# met; the share left covers the frontend's delivery (docs/design.md)
+# A kept first token goes out by this share of the TTFT SLO at the latest, or earlier by
+# DELIVERY_S where that is more: keeping it longer moves the rest of its handoff from the
+# client's TPOT into its TTFT, which stays met; what is left covers the frontend's and the
+# network's delivery, 20-30 ms at worst on a saturated 2-core host (docs/design.md)
 SAFETY = 0.97
+DELIVERY_S = 0.05
+
+
+def release_at(t0: float, ttft_slo_s: float) -> float:
+    """When a first token kept for its stream goes out anyway (`t0`: the request's arrival)."""
+    return t0 + max(0.0, min(SAFETY * ttft_slo_s, ttft_slo_s - DELIVERY_S))
 
 
 @dataclass
@@ -101,7 +108,7 @@ class ClusterClient:
                  max_attempts: int = 3, kv_mode: str = "pull", creds=None,
                  ttft_slo_s: float = 0.0) -> None:
         self.push = kv_mode.startswith("push")
-        self.ttft_slo_s = ttft_slo_s      # a kept first token goes by SAFETY * this
+        self.ttft_slo_s = ttft_slo_s      # a kept first token goes by release_at()
         self.late_yield = late_streams_yield()
         self.channels = Channels(creds)     # the frontend's token on every internal call
         self.leases = AsyncLeaseClient(agent_stubs(self.channels))
@@ -207,7 +214,7 @@ class ClusterClient:
                     gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first,
                                        due)
                     if pulled and route.hold_first_token and self.ttft_slo_s > 0:
-                        gen = _kept_first(gen, t0 + SAFETY * self.ttft_slo_s, ready)
+                        gen = _kept_first(gen, release_at(t0, self.ttft_slo_s), ready)
                 async for c in gen:
                     if c.token_ids and not t_first:
                         t_first = time.perf_counter()

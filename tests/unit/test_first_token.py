@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from frontend.client import Chunk, _kept_first
+from frontend.client import Chunk, _kept_first, release_at
 from pdserve.latency import Coef
 from scheduler import adaptive as A
 from scheduler.models import TAIL_MIN, LatencyBook, handoff_s, load_bucket
@@ -264,3 +264,9 @@ def test_a_first_tokens_fixed_way_to_the_client_is_learned_per_worker_and_kind()
     assert here.ttft_s == pytest.approx(base.ttft_s + 0.03) and here.first_over_s == 0.03
     assert A.local(dataclasses.replace(d, local_first_over_s=0.04), 50, 8, SLO).ttft_s \
         == pytest.approx(A.local(d, 50, 8, SLO).ttft_s + 0.04)
+
+
+def test_the_deadline_keeps_room_to_deliver():
+    assert release_at(10.0, 2.0) == pytest.approx(10.0 + 1.94)     # 3% of a loose SLO
+    assert release_at(10.0, 0.75) == pytest.approx(10.0 + 0.70)    # 50 ms of a tight one
+    assert release_at(10.0, 0.03) == 10.0                          # tighter: at once
