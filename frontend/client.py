@@ -25,7 +25,7 @@ ROUTE_TIMEOUT_S = 120.0
 # A kept first token goes out by this share of the TTFT SLO at the latest, or earlier by
 # DELIVERY_S where that is more: keeping it longer moves the rest of its handoff from the
 # client's TPOT into its TTFT, which stays met; what is left covers the frontend's and the
-# network's delivery, 20-30 ms at worst on a saturated 2-core host (docs/design.md)
+# network's delivery, up to 30 ms on a saturated 2-core host (docs/design.md)
 SAFETY = 0.97
 DELIVERY_S = 0.05
 
