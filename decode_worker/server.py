@@ -105,7 +105,8 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
                                       **reasoning_args(sp, continues=continues))
         # the transfer's record, asked of the KV agent (in the engine-core process) as soon
         # as the load is over, so that the last token does not wait on that call: on a
-        # saturated host it took ~2 ms at the median and up to 130 ms (docs/design.md)
+        # saturated host it added ~2 ms to the last gap at the median, more in the tail
+        # (docs/design.md, "Control plane")
         record: asyncio.Task | None = None
         try:
             async for out in gen:
