@@ -68,7 +68,8 @@ def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: fl
         ttfts += [r.ttft for r in ok]
         tpots += [r.tpot for r in ok if not math.isnan(r.tpot)]
         e2e = sum(r.e2e for r in ok) / len(ok)
-        out[mix] = {"unloaded_e2e_s": e2e, "rates": [round(m / e2e, 4) for m in mults]}
+        out[mix] = {"unloaded_e2e_s": e2e, "min_e2e_s": min(r.e2e for r in ok),
+                    "rates": [round(m / e2e, 4) for m in mults]}
     slo = {"ttft_ms": ttft_scale * max(ttfts) * 1e3,
            "tpot_ms": tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3}
     for c in out.values():
@@ -203,6 +204,22 @@ def ceiling_lines(ceil: dict[str, dict], best_peak: float) -> tuple[list[str], d
                              "peak_target_reachable": reachable}
 
 
+def arrival_bounds(runs: list[dict], min_e2e_s: float) -> dict[float, float]:
+    """The most goodput any setup could reach in each cell (req/s): every request within
+    its SLOs, the last one sent served as fast as the fastest request of the mix
+    unloaded, so n / (the sends' span + `min_e2e_s`). Goodput's clock starts with the run
+    (at or before the first send), so the true most is lower still: a target above every
+    cell's bound is out of reach at these rates and arrival times whatever the setup (a
+    peer that already serves close to its offered rate leaves no room for 1.5x). Pure."""
+    out = {}
+    for x in runs:
+        sends = [r["token_times"][0] - r["ttft"] for r in x["requests"] if r.get("token_times")]
+        if len(sends) >= 2 and min_e2e_s > 0:
+            n = x["summary"].get("requests", len(x["requests"]))
+            out[x["summary"]["rate"]] = n / (max(sends) - min(sends) + min_e2e_s)
+    return out
+
+
 def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
                ceil: dict[str, dict] | None = None) -> tuple[str, dict]:
     lines = [f"=== mix {mix}: input {MIXES[mix][0]}, output {MIXES[mix][1]}; SLO TTFT "
@@ -261,6 +278,16 @@ def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
                      f"peer's peak (a peer's TPOT p99 breaks the SLO): {pr:.2f}x")
     else:
         lines.append(f"  [n/a ] no peer's TPOT p99 breaks the SLO; peak ratio {pr:.2f}x")
+    bounds = arrival_bounds(res[ours], cal.get("min_e2e_s", 0.0))
+    if bounds:
+        need = 1.5 * best_peak
+        top = max(bounds.values())
+        out.update(arrival_bound=bounds, peak_target_within_arrival_bound=not need > top)
+        lines.append("  most any setup could reach per rate (all within SLOs, the last request "
+                     "as fast as the fastest unloaded): "
+                     + ", ".join(f"{r:g}: {b:.3f}" for r, b in sorted(bounds.items()))
+                     + (f"; 1.5x the best peer's peak ({need:.3f}) is above every one: out of "
+                        "reach at these rates, whatever the setup" if need > top else ""))
     more, cap = ceiling_lines(ceil or {}, best_peak)
     lines += more
     out.update(cap)

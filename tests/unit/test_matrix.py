@@ -56,6 +56,7 @@ def test_calibration_scales_slos_and_rates_from_unloaded_latency():
     e2e = (1.5 + 3.0) / 2                                 # rates per mix
     assert cal["a"]["rates"] == [round(0.5 / e2e, 4), round(1.0 / e2e, 4)]
     assert cal["b"]["rates"][1] == round(1.0 / 0.9, 4)
+    assert cal["a"]["min_e2e_s"] == 1.5 and cal["b"]["min_e2e_s"] == 0.7
 
 
 def run(rate, goodput, tpot_p99, local_tpots=(), good=None, local_ttfts=None):
@@ -135,6 +136,28 @@ def test_the_ceiling_says_whether_the_peak_target_is_within_reach():
     text, out = MX.mix_report("prefill", res, cal, ceil=ceil)
     assert out["peak_target_reachable"] and "within pdserve's ceiling" in text
     assert "ceiling" not in MX.mix_report("prefill", res, cal)[1]    # none measured
+
+
+def test_the_arrival_times_bound_what_any_setup_could_reach():
+    """Four requests sent over 1.5 s, the fastest unloaded in 0.5 s: no setup serves more
+    than 4 / 2.0 = 2 req/s within SLOs there, so 1.5x a peer's peak of 1.5 req/s (its
+    offered rate, nearly) is out of reach at that rate whatever the placement."""
+    res = {"vllm-2x": [run(1.0, 1.0, 90), run(2.0, 1.5, 200)],
+           "pdserve": [run(1.0, 1.0, 50), run(2.0, 1.8, 60)]}
+    for x, at in zip(res["pdserve"], ([0.0, 1.0, 2.0, 3.0], [10.0, 10.5, 11.0, 11.5])):
+        x["summary"]["requests"] = 4
+        x["requests"] = [{"index": i, "ok": True, "route": "disagg", "ttft": 0.1,
+                          "tpot": 0.01, "output_tokens": 8,
+                          "token_times": [t + 0.1]} for i, t in enumerate(at)]
+    cal = {"ttft_ms": 3000, "tpot_ms": 100, "min_e2e_s": 0.5}
+    text, out = MX.mix_report("prefill", res, cal)
+    assert out["arrival_bound"] == {1.0: pytest.approx(4 / 3.5), 2.0: pytest.approx(2.0)}
+    assert not out["peak_target_within_arrival_bound"]
+    assert "out of reach at these rates, whatever the setup" in text
+    res["vllm-2x"][1]["summary"]["goodput"] = 1.2         # 1.5x is 1.8: within 2.0
+    text, out = MX.mix_report("prefill", res, cal)
+    assert out["peak_target_within_arrival_bound"] and "out of reach at these" not in text
+    assert "arrival_bound" not in MX.mix_report("prefill", res, {**cal, "min_e2e_s": 0})[1]
 
 
 def test_the_sign_test_of_paired_requests():
