@@ -32,7 +32,8 @@ where a peer's TPOT p99 breaks the SLO; TPOT p99 of pdserve's locally prefilled 
 within the SLO) and the latency model's median absolute error of TTFT and TPOT per mix.
 After its sweeps each setup serves --ceiling-requests of each mix all at once: the
 requests per second its engines complete saturated, an upper bound on its goodput at any
-rate, printed against the 1.5x-peak target.
+rate, printed against the 1.5x-peak target; and per rate the most goodput any setup could
+reach with those arrival times (`arrival_bounds`).
 """
 
 from __future__ import annotations
