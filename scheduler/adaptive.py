@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from pdserve.latency import Coef, chunk_attn
-from pdserve.step_budget import SAFETY, alone, stream_tokens
+from pdserve.step_budget import SAFETY, alone, floor_tokens, stream_tokens
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast,
@@ -154,8 +154,10 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     while no stream runs, unchunked (a remote prefill) or in `alone` chunks (a local one),
     and so while only late streams run (their steps are longer by their decode work);
     while streams with an SLO left run, the tokens that keep each step within safety * SLO
-    beside them
-    (`stream_tokens`; the first step takes the slack they have now, `allow_s`). Streams end
+    beside them (`stream_tokens`; the first step takes the slack they have now, `allow_s`),
+    except that while the streams decoding now run, their slack is spent after that first
+    step (or from the start, by the prompts booked before this one): the floor until they
+    end (`spent_until`). Streams end
     and start meanwhile: the ones decoding now end, and the prompts booked before this one
     start theirs when their prefill ends, so a decode engine whose streams are short is
     free between them, however many requests are booked on it."""
@@ -169,6 +171,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     alone_chunk = alone(n.coef, slo.tpot_s, slo.safety)[1] if local else todo
     cap = n.max_step_tokens or todo
     t0 = t = n.backlog_s
+    spent = spent_until(busy) if math.isfinite(n.allow_s) else 0.0
     done, first, steps = 0, 0, 0
     sweep = Sweep(busy)
     while done < todo and steps < MAX_SEGMENTS:
@@ -180,8 +183,12 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         else:
             chunk = stream_tokens(n.coef, slo.tpot_s, seqs, ctx, cached + done, slo.safety,
                                   slo.least)
+            floor = floor_tokens(n.coef, slo.tpot_s, seqs, ctx, safety=slo.safety,
+                                 least=slo.least) if spent else chunk
             if t == 0.0 and math.isfinite(n.allow_s):   # the slack they have now
-                chunk = max(chunk, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
+                chunk = max(floor, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
+            elif t < spent:     # ...taken, by it or the prompts before it: the floor
+                chunk = floor
             chunk = min(chunk, left, cap)
             if chunk <= 0:      # a floor of 0 and no room: the prompt waits for a change
                 if math.isfinite(nxt):
@@ -204,6 +211,18 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     if done < todo:     # a timeline longer than MAX_SEGMENTS: the rest at the last pace
         t += n.coef.steps_time(todo - done, chunk, cached + done, seqs, ctx)
     return t - t0, first
+
+
+def spent_until(busy: tuple) -> float:
+    """When the last of the streams decoding now with an SLO to keep ends (0: none, or one
+    with no known end). Until then the engine's slack is theirs: it hands it out first come
+    first served (pdserve/step_budget.py), the slack they have now (`Node.allow_s`) to the
+    prompt at the head, and then steps at the floor, since a stream that lands meanwhile
+    brings slack that the older streams' spent one bounds (the allowance is the least over
+    the streams). So a prompt behind others, or one larger than that slack, goes at the
+    floor until they end, not at the long-run pace (`stream_tokens`)."""
+    ends = [span[1] for span in busy if span[0] <= 0.0 < span[1] and not is_late(span)]
+    return max(ends) if ends and all(math.isfinite(e) for e in ends) else 0.0
 
 
 class Sweep:

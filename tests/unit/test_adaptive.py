@@ -127,6 +127,39 @@ def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_
     assert opts[0].kind == "local" and opts[0].ttft_s < opts[1].ttft_s
 
 
+def test_streams_whose_slack_is_spent_hold_a_prompt_to_the_floor_until_they_end():
+    """The engine hands the streams' slack out first come first served, then steps at the
+    floor (pdserve/step_budget.py): a prompt that finds the slack of the streams decoding
+    now spent goes at the floor until they end, not at the long-run pace of steps of
+    safety * SLO (under a TPOT SLO ten times the decode step, that pace is 80 prompt
+    tokens a step, the floor 16)."""
+    ends = ((0.0, 3.0, 2, 1000),)
+    spent = A.Node("d", C, streams=2, ctx=1000, allow_s=0.02, streams_at=ends)
+    floor = 16
+    t, first = A.prefill_on(spent, 1000, SLO, local=True)
+    assert first == floor
+    assert t == pytest.approx(C.steps_time(1000, floor, 0, 2, 1000), rel=0.01)
+    # with the slack they have now the first step takes the whole prompt
+    rich = replace(spent, allow_s=2.0)
+    t_rich, first_rich = A.prefill_on(rich, 1000, SLO, local=True)
+    assert first_rich == 0
+    assert t_rich == pytest.approx(C.step_time(1000, chunk_attn(1000, 0), 2, 1000))
+    # streams that end sooner free the engine sooner: then the long-run pace
+    soon = replace(spent, streams_at=((0.0, 0.3, 2, 1000),))
+    t_soon, _ = A.prefill_on(soon, 1000, SLO, local=True)
+    assert t_soon < t
+    # behind a booked prompt the slack is that prompt's: the floor from the start
+    behind = replace(rich, backlog_s=0.5)
+    assert A.prefill_on(behind, 1000, SLO, local=True)[1] == floor
+    # late streams keep no slack, and streams with no known end (another frontend's) are
+    # predicted at the long-run pace, as before
+    late = replace(spent, streams_at=((0.0, 3.0, 2, 1000, True),))
+    assert A.prefill_on(late, 1000, SLO, local=True)[0] < 0.8 * t
+    forever = replace(spent, streams_at=())
+    t_forever, first_forever = A.prefill_on(forever, 1000, SLO, local=True)
+    assert first_forever > floor and t_forever < t
+
+
 def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
     r = Registry(5.0)
     for w in (W("p", "prefill"), W("d", "decode")):
