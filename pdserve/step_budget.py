@@ -115,6 +115,17 @@ def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
     return best
 
 
+def left_after(allow_s: float, step_s: float, rest_s: float) -> float:
+    """The allowance the streams have after a step of `step_s` that was given `allow_s`:
+    each stream's slack loses the step and gains the later step it no longer needs
+    (`rest_s`, the budget's decode step / safety). What the scheduler reads from a worker
+    (pdserve/steps.py): the allowance a step was given is the slack before it, and after a
+    long prompt step on a 2-core host (0.83 s) the chooser read a second of slack the
+    step had just spent and predicted the next prompt in one step, 0.8 s; it crawled at
+    the floor for 4.4 s (docs/benchmarks.md, "Forty-fourth run")."""
+    return allow_s if allow_s == float("inf") else allow_s - step_s + rest_s
+
+
 def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_tokens: int,
            max_tokens: int, min_chunk: int = MIN_CHUNK, safety: float = SAFETY,
            local_prefill: bool = False, least: int = LEAST, over: float = 1.0) -> Budget:

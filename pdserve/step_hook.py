@@ -48,7 +48,7 @@ from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
-                                 overrun)
+                                 left_after, overrun)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -116,6 +116,12 @@ class _State:
         return self.coef
 
     def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0) -> None:
+        """The step to the worker with the slack it left (`left_after`); the trace keeps
+        the allowance the step was given."""
+        coef = self.current()
+        rest = (coef.decode_step(sample.decode_seqs, sample.decode_ctx) / SAFETY
+                if coef is not None and sample.decode_seqs else 0.0)
+        left = left_after(allow, sample.seconds, rest)
         if self.trace is not None:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
@@ -124,7 +130,7 @@ class _State:
         if self.sock is None:
             return
         try:
-            self.sock.sendto(encode(sample, allow, tokens), self.address)
+            self.sock.sendto(encode(sample, left, tokens), self.address)
         except OSError:
             pass   # the worker is not reading (yet): the sample is lost, never the step
 

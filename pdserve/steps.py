@@ -2,8 +2,9 @@
 
 An abstract Unix datagram socket, unique to this process: the engine core sends one
 datagram per step, the worker keeps the newest ones for its next heartbeat (the
-scheduler's latency model is fitted from them) and the last step's allowance and budget
-for its load report. Nothing blocks either side: a full socket drops steps.
+scheduler's latency model is fitted from them) and the slack the last step left its
+streams (`step_budget.left_after`) and its budget for its load report. Nothing blocks
+either side: a full socket drops steps.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class StepReceiver:
         return out
 
     def allowance(self) -> tuple[float, int]:
-        """(seconds the streams afford per step, prompt tokens per step) at the last step;
-        (0, 0) when no stream was running."""
+        """(the slack the last step left its streams, seconds; its prompt tokens) (0, 0)
+        when no stream was running."""
         if self.allow_s == float("inf"):
             return 0.0, 0
         return max(1e-6, self.allow_s), self.budget   # > 0: streams are running

@@ -6,7 +6,6 @@ time passed in; nothing here mutates the registry."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from scheduler import adaptive as A
@@ -92,7 +91,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
     decodes = w.can("decode") or w.booked_streams > 0
     streams = w.streams() if decodes else 0
     ctx = max(w.step_decode_ctx, w.booked_ctx) if streams else 0
-    allow = w.load.step_allow_ms / 1e3 if w.load.step_allow_ms > 0 else math.inf
+    allow = w.allow_s()
     timeline = timelines.get(w.worker_id, ()) if decodes else ()
     return A.Node(w.worker_id, coef, backlog_s, streams, ctx, allow,
                   w.load.max_num_batched_tokens, cached,

@@ -70,6 +70,20 @@ class Worker:
     # the engine's streams at its last reported step (ground truth, other frontends too)
     step_decode_seqs: int = 0
     step_decode_ctx: int = 0
+    # predicted seconds of the prompts it computed for itself (local, overflow) since its
+    # last heartbeat: the slack they took, not yet in its reported allowance (`allow_s`)
+    spent_s: float = 0.0
+
+    def allow_s(self) -> float:
+        """The step time its streams afford now (inf: none running): the allowance its
+        engine last reported, less the prompts it computed for itself since
+        (`_release_prefill`). A heartbeat is a second old at worst, and a prompt step can
+        spend that slack in one step: counting it, the chooser does not predict a prompt
+        in one step beside streams whose slack the one before it took. Their steps'
+        decode part is counted too, so this errs low."""
+        if self.load.step_allow_ms <= 0:
+            return math.inf
+        return self.load.step_allow_ms / 1e3 - self.spent_s
 
     def can(self, kind: str) -> bool:
         return kind in kinds(self.role, self.pending_role)
@@ -158,7 +172,7 @@ class Registry:
         w = self.workers.get(worker_id)
         if w is None:
             return None
-        w.load, w.last_seen = load, now
+        w.load, w.last_seen, w.spent_s = load, now, 0.0
         return w
 
     def remove(self, worker_id: str) -> Worker | None:
@@ -328,6 +342,8 @@ class Registry:
             for o in left:      # the engine's next step takes the queued ones
                 o.queued = False
         if b.prefill is None:
+            if w is not None:
+                w.spent_s += b.prefill_s
             return
         p = self.workers.get(b.prefill)
         if p is not None:

@@ -240,3 +240,24 @@ def test_decode_prefers_low_kv_usage_and_fast_tpot():
 def test_bad_policy_is_rejected():
     with pytest.raises(ValueError, match="policy"):
         PlacementConfig(policy="random")
+
+
+def test_the_slack_a_local_prompt_took_counts_until_the_next_heartbeat():
+    """A decode worker's reported allowance is up to a heartbeat old: the prompts it
+    computed for itself since took slack the report does not show. Remote prefills take
+    none of its slack."""
+    r = reg(W("p", "prefill"), W("d", "decode", step_allow_ms=990.0))
+    assert r.workers["d"].allow_s() == pytest.approx(0.99)
+    local = dataclasses.replace(place(r, PlacementConfig(policy="round_robin"), "m", 1000,
+                                      no_cache), prefill=None, mode="local", prefill_s=0.8)
+    remote = dataclasses.replace(local, prefill="p", mode="disagg", prefill_s=0.3)
+    b_local, b_remote = r.book(local, 1.0), r.book(remote, 1.0)
+    r.prefill_done(b_remote.booking_id, 1.2)
+    assert r.workers["d"].allow_s() == pytest.approx(0.99)
+    r.prefill_done(b_local.booking_id, 1.9)
+    r.prefill_done(b_local.booking_id, 1.95)      # reported twice: counted once
+    assert r.workers["d"].allow_s() == pytest.approx(0.19)
+    r.heartbeat("d", Load(step_allow_ms=250.0), 2.0)   # the engine's own figure again
+    assert r.workers["d"].allow_s() == pytest.approx(0.25)
+    r.heartbeat("d", Load(), 3.0)                      # no stream running
+    assert r.workers["d"].allow_s() == float("inf")

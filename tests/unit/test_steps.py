@@ -3,6 +3,8 @@
 
 import math
 
+import pytest
+
 from pdserve.latency import Coef, StepSample
 from pdserve.step_hook import _note_overrun, _State, decode, encode
 from pdserve.steps import StepReceiver
@@ -28,9 +30,34 @@ def test_engine_sends_worker_keeps_the_newest_and_the_last_allowance():
             tx.send(StepSample(0.01 * (i + 1), 0, 0.0, i + 1, 100 * i), 0.05, 16 + i)
         got = rx.take()
         assert [g.decode_seqs for g in got] == [3, 4, 5]       # the newest `keep`
-        assert rx.allowance() == (0.05, 20) and rx.take() == []
+        # the slack the last step left: it was given 50 ms and took 50 (no fit yet: no
+        # later step is known to be saved)
+        assert rx.allowance() == (1e-6, 20) and rx.take() == []
+        tx.send(StepSample(0.02, 0, 0.0, 2, 100), 0.5, 7)
+        assert len(rx.take()) == 1 and rx.allowance() == (0.48, 7)
         tx.send(StepSample(0.5, 1000, 5e5), float("inf"), 0)   # no stream: unchunked
         assert rx.take()[0].prefill_tokens == 1000 and rx.allowance() == (0.0, 0)
+    finally:
+        rx.stop()
+
+
+def test_the_worker_reads_the_slack_a_step_left_and_the_trace_what_it_was_given(tmp_path):
+    """A step given 1 s of slack that took 0.83 s leaves 0.17 s, plus the later decode
+    step its streams no longer need (the fit's, / safety): what the scheduler's chooser
+    must see next. The step trace keeps the allowance the step was given."""
+    rx = StepReceiver()
+    try:
+        tx = _State(100.0, rx.address)
+        tx.coef = Coef(step=0.016, decode_seq=0.002, decode_ctx_10ktok=0.01)
+        tx.model.fit.samples = 1    # not a refit step: the coefficients above stand
+        tx.trace = open(tmp_path / "trace.txt", "w")
+        tx.send(StepSample(0.83, 1025, 5e5, 7, 7000), 1.0, 1940)
+        tx.trace.close()
+        rx.drain()
+        rest = (0.016 + 7 * 0.002 + 0.7 * 0.01) / 0.9
+        allow, tok = rx.allowance()
+        assert allow == pytest.approx(1.0 - 0.83 + rest) and tok == 1940
+        assert (tmp_path / "trace.txt").read_text().split()[5] == "1.0000"
     finally:
         rx.stop()
 
