@@ -116,11 +116,12 @@ class _State:
         return self.coef
 
     def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0) -> None:
-        """The step to the worker with the slack it left (`left_after`); the trace keeps
-        the allowance the step was given."""
-        coef = self.current()
+        """The step to the worker with the slack it left (`left_after`, with the decode
+        step of the coefficients its budget used); the trace keeps the allowance the step
+        was given."""
+        coef = self.coef
         rest = (coef.decode_step(sample.decode_seqs, sample.decode_ctx) / SAFETY
-                if coef is not None and sample.decode_seqs else 0.0)
+                if coef is not None else 0.0)
         left = left_after(allow, sample.seconds, rest)
         if self.trace is not None:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "

@@ -48,8 +48,7 @@ def test_the_worker_reads_the_slack_a_step_left_and_the_trace_what_it_was_given(
     rx = StepReceiver()
     try:
         tx = _State(100.0, rx.address)
-        tx.coef = Coef(step=0.016, decode_seq=0.002, decode_ctx_10ktok=0.01)
-        tx.model.fit.samples = 1    # not a refit step: the coefficients above stand
+        tx.coef = Coef(step=0.016, decode_seq=0.002, decode_ctx_10ktok=0.01)   # the budget's
         tx.trace = open(tmp_path / "trace.txt", "w")
         tx.send(StepSample(0.83, 1025, 5e5, 7, 7000), 1.0, 1940)
         tx.trace.close()
