@@ -48,6 +48,7 @@ class StepSample:
     # decode streams ran, none with an SLO left (pdserve/step_budget.py, `Stream.late`): the
     # step was not held to their slack, so it says nothing of what an on-time stream sees
     late_only: bool = False
+    prefill_seqs: int = 0         # requests whose prompt tokens the step computed
 
     def features(self) -> list[float]:
         return step_features(self.prefill_tokens, self.prefill_attn, self.decode_seqs,

@@ -29,8 +29,9 @@ PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
 name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
-end, the prompts held back for a handoff step, and 1 where every stream in the step was
-late (its first token after its TTFT SLO, `_late`).
+end, the prompts held back for a handoff step, 1 where every stream in the step was
+late (its first token after its TTFT SLO, `_late`), and how many requests computed prompt
+tokens in it (a local prompt's chunk, a landing request's last token).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class _State:
             self.trace.write(f"{sample.seconds:.6f} {sample.prefill_tokens} "
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
                              f"{sample.decode_ctx} {allow:.4f} {tokens} "
-                             f"{time.monotonic():.3f} {held} {int(sample.late_only)}\n")
+                             f"{time.monotonic():.3f} {held} {int(sample.late_only)} "
+                             f"{sample.prefill_seqs}\n")
         if self.sock is None:
             return
         try:
@@ -381,7 +383,7 @@ def install() -> bool:
             out = orig_schedule(self, *args, **kwargs)
         finally:
             _restore(self, held)
-        p, attn, d, c = 0, 0.0, 0, 0
+        p, attn, d, c, seqs = 0, 0.0, 0, 0, 0
         for rid, n in out.num_scheduled_tokens.items():
             r = self.requests.get(rid)
             if r is None:
@@ -389,11 +391,12 @@ def install() -> bool:
             before = r.num_computed_tokens - n       # vLLM advanced it in schedule()
             if before < r.num_prompt_tokens:
                 p += n
+                seqs += 1
                 attn += chunk_attn(n, before)
             else:
                 d += 1
                 c += before
-        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only(streams)),
+        st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only(streams), seqs),
                                b.allow_s, b.tokens, len(held), b.sized and not held)
         return out
 
@@ -403,7 +406,7 @@ def install() -> bool:
         if got is not None and scheduler_output.total_num_scheduled_tokens > 0:
             t0, s, allow, tokens, held, sized = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
-                                s.decode_seqs, s.decode_ctx, s.late_only)
+                                s.decode_seqs, s.decode_ctx, s.late_only, s.prefill_seqs)
             if st.skip > 0:
                 st.skip -= 1
             else:

@@ -50,13 +50,14 @@ def test_the_worker_reads_the_slack_a_step_left_and_the_trace_what_it_was_given(
         tx = _State(100.0, rx.address)
         tx.coef = Coef(step=0.016, decode_seq=0.002, decode_ctx_10ktok=0.01)   # the budget's
         tx.trace = open(tmp_path / "trace.txt", "w")
-        tx.send(StepSample(0.83, 1025, 5e5, 7, 7000), 1.0, 1940)
+        tx.send(StepSample(0.83, 1025, 5e5, 7, 7000, prefill_seqs=2), 1.0, 1940)
         tx.trace.close()
         rx.drain()
         rest = (0.016 + 7 * 0.002 + 0.7 * 0.01) / 0.9
         allow, tok = rx.allowance()
         assert allow == pytest.approx(1.0 - 0.83 + rest) and tok == 1940
-        assert (tmp_path / "trace.txt").read_text().split()[5] == "1.0000"
+        line = (tmp_path / "trace.txt").read_text().split()
+        assert line[5] == "1.0000" and line[10] == "2"   # and how many prompts it computed
     finally:
         rx.stop()
 
