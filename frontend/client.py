@@ -90,8 +90,10 @@ def _to_chunk(msg: pd_pb2.GenerateResponse) -> Chunk:
 
 
 def _worker_down(e: grpc.RpcError) -> bool:
-    # a killed or vanished worker: the connection is refused or reset
-    return e.code() == grpc.StatusCode.UNAVAILABLE
+    """A killed or vanished worker: the connection is refused or reset (UNAVAILABLE), or
+    the worker's server ended the call as it stopped (CANCELLED: a call this frontend
+    cancels raises asyncio.CancelledError, never this status)."""
+    return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class ClusterClient:

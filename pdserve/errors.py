@@ -129,5 +129,10 @@ def from_grpc_error(err: grpc.RpcError, what: str) -> PDError:
     details = err.details() if hasattr(err, "details") else str(err)
     if code == grpc.StatusCode.UNAVAILABLE and "no " not in (details or ""):
         return PDError(f"{what}: peer unavailable ({details})", kind=ErrorKind.WORKER_UNAVAILABLE)
+    if code == grpc.StatusCode.CANCELLED:
+        # a call we cancel raises asyncio.CancelledError here, never this status: the peer
+        # ended it (a server stopping, as a worker does when its engine dies), not the client
+        return PDError(f"{what}: the peer ended the call ({details})",
+                       kind=ErrorKind.WORKER_UNAVAILABLE)
     kind = _BY_GRPC.get(code, ErrorKind.INTERNAL)
     return PDError(f"{what}: {details}", kind=kind)
