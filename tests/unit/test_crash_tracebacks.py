@@ -1,6 +1,7 @@
 """A pdserve process, and an engine core forked from it, that dies in native code leaves
 its Python stacks in its stderr (the launcher's log): pdserve.procs.crash_tracebacks."""
 
+import os
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ deep_in_native_code()
 
 
 def _run(fork: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     return subprocess.run([sys.executable, "-c", CRASH.format(fork=fork)], capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+                          text=True, timeout=60, env=env)
 
 
 def test_a_crash_in_native_code_leaves_the_python_stack():
