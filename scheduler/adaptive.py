@@ -110,6 +110,10 @@ class Node:
     # streams expected to start here while a new one decodes: requests held behind it
     # (late binding) whose prompts are computed meanwhile (`landing`)
     landing: float = 0.0
+    # a local prefill whose engine part is predicted at `local_slow_from_s` or more takes
+    # `local_slow` times it, as recent ones here did (LatencyBook.local_slow)
+    local_slow: float = 1.0
+    local_slow_from_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -367,7 +371,10 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     t, chunk = prefill_on(d, tokens, slo, local=True)
-    ttft = d.backlog_s + t + d.local_first_over_s
+    engine = d.backlog_s + t
+    if engine >= d.local_slow_from_s:
+        engine *= d.local_slow
+    ttft = engine + d.local_first_over_s
     tpot = tpot_on(d, tokens, out, slo)
     s = score(ttft, tpot, slo)
     # what one of its steps costs the streams decoding there (late ones have no slack to

@@ -28,6 +28,9 @@ def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None) -
         raw = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
         book.observe_first(b.prefill or b.decode, "remote" if b.prefill is not None else "local",
                            ready_ms / 1e3 - raw)
+        if b.prefill is None:       # a local prefill: its engine part, without its hold
+            book.observe_local(b.decode, raw - b.held_s,
+                               ready_ms / 1e3 - b.held_s - b.pred_first_over_s)
     if r.ttft_ms > r.first_held_ms > 0 and b.pred_ttft_s > b.pred_handoff_s > 0:
         # a kept first token: its TTFT in two parts, until the prefill worker computed it
         # (`ready`) and the handoff to the decode engine's first token

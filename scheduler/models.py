@@ -109,6 +109,9 @@ class LatencyBook:
         self.firsts: dict[tuple[str, str], deque] = {}  # (worker, kind) -> first token's
                                                         # time beyond the engine model
         self.unders: dict[str, deque] = {}     # decode worker -> TPOT measured / predicted - 1
+        # worker -> (predicted, measured) seconds until a local prefill's first token was
+        # computed there, its fixed part and its hold left out
+        self.locals: dict[str, deque] = {}
 
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
@@ -178,9 +181,24 @@ class LatencyBook:
         their predicted TPOT, as a share of it (0: none did, or fewer than TAIL_MIN)."""
         return _tail(self.unders, decode_worker, 90) or 0.0
 
+    def observe_local(self, worker_id: str, predicted_s: float, measured_s: float) -> None:
+        """A local prefill's first token on `worker_id`: the engine part of its TTFT (its
+        wait there and its prompt steps) as predicted and as measured."""
+        if predicted_s > 0 and measured_s > 0:
+            _push(self.locals, worker_id, (predicted_s, measured_s))
+
+    def local_slow(self, worker_id: str, from_s: float) -> float:
+        """How many times their prediction recent local prefills on `worker_id` took, of
+        those predicted at `from_s` or more: the median of measured / predicted, at least 1;
+        1 until TAIL_MIN of them. A long local prompt computes beside streams, and the
+        requests that arrive after it is placed land beside it too, which no timeline at
+        placement holds (docs/design.md, "Local prompts run long")."""
+        v = sorted(m / p for p, m in self.locals.get(worker_id, ()) if p >= from_s)
+        return max(1.0, v[len(v) // 2]) if len(v) >= TAIL_MIN else 1.0
+
     def forget(self, worker_id: str) -> None:
         for d in (self.workers, self.recent, self.transfers, self.pool_of, self.overs,
-                  self.unders):
+                  self.unders, self.locals):
             d.pop(worker_id, None)
         for tails in (self.overs_at, self.firsts):
             for k in [k for k in tails if k[0] == worker_id]:

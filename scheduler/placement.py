@@ -14,6 +14,10 @@ from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementCon
                               choose_decode, choose_mode, choose_prefill, kv_blocks)
 from scheduler.state import NoPlacement, Registry, Worker
 
+# local prefills whose engine part is predicted at this share of the TTFT SLO or more are
+# corrected by how far recent ones that long ran over (LatencyBook.local_slow)
+LOCAL_SLOW_SHARE = 0.25
+
 
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
           overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
@@ -126,7 +130,9 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                   0.0 if mid is None else fit + mid)
         if n is None:
             return None
-        dn.append(n)
+        from_s = LOCAL_SLOW_SHARE * slo.ttft_s
+        dn.append(replace(n, local_slow=book.local_slow(d.worker_id, from_s),
+                          local_slow_from_s=from_s))
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
     if behind[0]:       # the held requests' streams that will land beside this one's
