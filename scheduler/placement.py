@@ -112,6 +112,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
+    slow_from_s = LOCAL_SLOW_SHARE * slo.ttft_s
     for p in prefills:
         c = cached.get(p.worker_id, 0)
         j = reg.join_backlog(p, now, book.coef(p.worker_id, p.model), num_tokens - c,
@@ -130,9 +131,8 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                   0.0 if mid is None else fit + mid)
         if n is None:
             return None
-        from_s = LOCAL_SLOW_SHARE * slo.ttft_s
-        dn.append(replace(n, local_slow=book.local_slow(d.worker_id, from_s),
-                          local_slow_from_s=from_s))
+        dn.append(replace(n, local_slow=book.local_slow(d.worker_id, slow_from_s),
+                          local_slow_from_s=slow_from_s))
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
     if behind[0]:       # the held requests' streams that will land beside this one's
