@@ -58,6 +58,11 @@ def test_the_worker_reads_the_slack_a_step_left_and_the_trace_what_it_was_given(
         assert allow == pytest.approx(1.0 - 0.83 + rest) and tok == 1940
         line = (tmp_path / "trace.txt").read_text().split()
         assert line[5] == "1.0000" and line[10] == "2"   # and how many prompts it computed
+        # a local prompt's step with no stream beside it: no later decode step is saved
+        tx.trace = None
+        tx.send(StepSample(0.09, 90, 4e3, 0, 0), 0.5, 90)
+        rx.drain()
+        assert rx.allowance()[0] == pytest.approx(0.5 - 0.09)
     finally:
         rx.stop()
 
