@@ -15,6 +15,9 @@ settings meet the same host in one run.
 Mixes (`MIXES`): prefill-dominated (uniform long prompts, short outputs), decode-dominated
 (short prompts, long outputs), the long-prompt mix (a quarter long prompts) and a
 shifting mix (prefill-dominated for the first half of each run, decode-dominated after).
+`--mix NAME=INPUT,OUTPUT` (repeatable) adds a mix of one's own, in bench/workload.py's
+length forms, e.g. `--mix chat=uniform:32:1536,uniform:8:96 --mixes chat`: a check on a
+mix nobody tuned for.
 
 The matrix means the same on a fast or a slow host: before it, each mix's requests are
 sent one at a time to the calibration setup (the first in --setups; by default vllm-2x, one
@@ -78,8 +81,22 @@ def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: fl
     return out
 
 
+def parse_mix(spec: str) -> tuple[str, tuple[str, str]]:
+    """`NAME=INPUT,OUTPUT` -> (NAME, (INPUT, OUTPUT)), the lengths checked
+    (bench/workload.py's forms). Pure."""
+    from bench.workload import parse_dist
+
+    name, eq, rest = spec.partition("=")
+    inp, comma, out = rest.partition(",")
+    if not (name.strip() and eq and comma and inp and out) or "," in out:
+        raise ValueError(f"bad mix {spec!r}: NAME=INPUT,OUTPUT")
+    parse_dist(inp)
+    parse_dist(out)
+    return name.strip(), (inp, out)
+
+
 def mix_ns(ns, mix: str, cal: dict | None = None, idx: int = 0) -> argparse.Namespace:
-    inp, out = MIXES[mix]
+    inp, out = getattr(ns, "mix_defs", MIXES)[mix]
     d = {**vars(ns), "input": inp, "output": out, "seed": ns.seed + 100_000 * idx}
     if cal is not None:
         d.update(slo_ttft_ms=cal["ttft_ms"], slo_tpot_ms=cal["tpot_ms"],
@@ -222,8 +239,10 @@ def arrival_bounds(runs: list[dict], min_e2e_s: float) -> dict[float, float]:
 
 
 def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
-               ceil: dict[str, dict] | None = None) -> tuple[str, dict]:
-    lines = [f"=== mix {mix}: input {MIXES[mix][0]}, output {MIXES[mix][1]}; SLO TTFT "
+               ceil: dict[str, dict] | None = None,
+               lengths: tuple[str, str] | None = None) -> tuple[str, dict]:
+    inp, outp = lengths or MIXES[mix]
+    lines = [f"=== mix {mix}: input {inp}, output {outp}; SLO TTFT "
              f"{cal['ttft_ms']:.0f} ms, TPOT {cal['tpot_ms']:.1f} ms", C.table(res)]
     peers = [s for s in res if not s.startswith(C.OURS)]
     out: dict = {"cells": [], "mix": mix, "setup": ours}
@@ -312,6 +331,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_setup_args(ap, ",".join(SETUP_ORDER), "/tmp/pdserve-matrix")
     ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--mix", action="append", default=[], metavar="NAME=INPUT,OUTPUT",
+                    help="a mix of one's own (bench/workload.py's length forms); name it "
+                         "in --mixes to run it")
     ap.add_argument("--ttft-scale", type=float, default=2.0)
     ap.add_argument("--tpot-scale", type=float, default=1.5)
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
@@ -324,14 +346,22 @@ def main(argv=None) -> int:
     ap.set_defaults(num_requests=8, input="fixed:128", output="fixed:8")
     ns = C.finish_args(ap.parse_args(argv))
     ns.setup_list = C.setup_list(ap, ns)
+    ns.mix_defs = dict(MIXES)
+    for spec in ns.mix:
+        try:
+            name, lengths = parse_mix(spec)
+        except ValueError as e:
+            ap.error(str(e))
+        ns.mix_defs[name] = lengths
     for m in ns.mixes.split(","):
-        if m.strip() and m.strip() not in MIXES:
-            ap.error(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
+        if m.strip() and m.strip() not in ns.mix_defs:
+            ap.error(f"unknown mix {m!r}; known: {', '.join(ns.mix_defs)}")
     results, cals, ceilings = run_matrix(ns)
     texts, summary = [], []
     for mix, res in results.items():
         for ours in [s for s in res if s.startswith(C.OURS)]:
-            text, out = mix_report(mix, res, cals[mix], ours, ceilings.get(mix))
+            text, out = mix_report(mix, res, cals[mix], ours, ceilings.get(mix),
+                                   ns.mix_defs[mix])
             texts.append(text)
             summary.append(out)
     print("\n\n".join(texts), flush=True)

@@ -195,3 +195,25 @@ def test_setups_are_compared_request_by_request():
     text, out = MX.mix_report("prefill", res, cal)
     assert out["paired"]["vllm-2x"] == {"only_ours": 2, "only_peer": 1, "p": 1.0}
     assert "2 within SLOs only with pdserve, 1 only with vllm-2x (sign test p = 1.00)" in text
+
+
+def test_parse_mix_reads_a_mix_of_ones_own_and_refuses_bad_ones():
+    assert MX.parse_mix("chat=uniform:32:1536,uniform:8:96") == (
+        "chat", ("uniform:32:1536", "uniform:8:96"))
+    assert MX.parse_mix(" rag =mix:0.5:2048:256,fixed:32")[0] == "rag"
+    for bad in ("chat", "chat=uniform:32:1536", "=fixed:8,fixed:8", "c=fixed:8,fixed:8,x",
+                "c=uniform:9:1,fixed:8", "c=fixed:8,lognormal:3"):
+        with pytest.raises(ValueError):
+            MX.parse_mix(bad)
+
+
+def test_a_mix_of_ones_own_runs_with_its_own_lengths():
+    import argparse
+    ns = argparse.Namespace(seed=7, mix_defs={**MX.MIXES, "chat": ("uniform:32:64", "fixed:4")})
+    m = MX.mix_ns(ns, "chat", {"ttft_ms": 900.0, "tpot_ms": 30.0, "rates": [1.0, 2.0]}, 1)
+    assert (m.input, m.output, m.seed, m.rates) == ("uniform:32:64", "fixed:4", 100_007, "1,2")
+    res = {"vllm-2x": [run(1.0, 0.5, 20)], "pdserve": [run(1.0, 0.6, 20)]}
+    text, out = MX.mix_report("chat", res, {"ttft_ms": 900, "tpot_ms": 30},
+                              lengths=("uniform:32:64", "fixed:4"))
+    assert "=== mix chat: input uniform:32:64, output fixed:4;" in text
+    assert out["mix"] == "chat" and out["every_cell"]
