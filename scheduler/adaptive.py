@@ -19,7 +19,8 @@ on it:
 - TTFT = backlog(W) + prefill(W), where W is the worker that computes the prompt, the
   backlog is the prefill work booked on W and not yet done (predicted seconds), and the
   prefill follows the engine's rules (`prefill_on`);
-- TPOT = the decode step of D with one more stream and its context
+- TPOT = the decode step of D with one more stream and its context, beside the streams of
+    D's timeline over the new stream's life (scheduler/timeline.py, `mean_load`)
   + what D's streams' steps took lately beyond plain decode steps (prompt chunks beside
     them, contention), on average
   + the prefill work booked on D spread over the output tokens, up to what the engine
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.latency import Coef, chunk_attn
 from pdserve.step_budget import SAFETY, alone, floor_tokens, stream_tokens
+from scheduler.timeline import Sweep, is_late, mean_load, spent_until
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast,
@@ -217,55 +219,25 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     return t - t0, first
 
 
-def spent_until(busy: tuple) -> float:
-    """When the last of the streams decoding now with an SLO to keep ends (0: none, or one
-    with no known end). Until then the engine's slack is theirs: it hands it out first come
-    first served (pdserve/step_budget.py), the slack they have now (`Node.allow_s`) to the
-    prompt at the head, and then steps at the floor, since a stream that lands meanwhile
-    brings slack that the older streams' spent one bounds (the allowance is the least over
-    the streams). So a prompt behind others, or one larger than that slack, goes at the
-    floor until they end, not at the long-run pace (`stream_tokens`)."""
-    ends = [span[1] for span in busy if span[0] <= 0.0 < span[1] and not is_late(span)]
-    return max(ends) if ends and all(math.isfinite(e) for e in ends) else 0.0
-
-
-class Sweep:
-    """A stream timeline walked forward in time: (streams, their context tokens, the next
-    start or end) at each `at(t)`, for non-decreasing t, and `kept`: how many of those
-    streams are not late (an SLO left to keep). Intervals are [start, end)."""
-
-    def __init__(self, busy: tuple) -> None:
-        ev = []
-        for span in busy:
-            start, end, n, c = span[:4]
-            k = 0 if is_late(span) else n
-            ev.append((start, n, c, k))
-            if math.isfinite(end):
-                ev.append((end, -n, -c, -k))
-        ev.sort(key=lambda e: e[0])
-        self.ev, self.i, self.seqs, self.ctx, self.kept = ev, 0, 0, 0.0, 0
-
-    def at(self, t: float) -> tuple[int, float, float]:
-        ev = self.ev
-        while self.i < len(ev) and ev[self.i][0] <= t:
-            _, n, c, k = ev[self.i]
-            self.seqs, self.ctx, self.i = self.seqs + n, self.ctx + c, self.i + 1
-            self.kept += k
-        return self.seqs, max(0.0, self.ctx), ev[self.i][0] if self.i < len(ev) else math.inf
-
-
 def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
-            late: bool = False) -> float:
+            late: bool = False, start_s: float = 0.0) -> float:
     """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
     streams there took beyond plain decode steps lately (prompt chunks beside them, a
     busy memory bus), plus the prefill work booked on `d` as far as the engine lets
     streams absorb it, plus `extra_s` (a KV transfer) and, when it lands during a local
     prefill alone, that step. `late`: its first token comes after the TTFT SLO, so its
-    engine keeps no slack for it: those steps and that work are not held to its SLO."""
+    engine keeps no slack for it: those steps and that work are not held to its SLO.
+    `start_s`: when it starts decoding (s from now); the streams beside it are those of
+    `d`'s timeline over its life (`mean_load`), or, with no timeline, those running now."""
     per = max(1, out - 1)
     more = 1 + d.landing            # it, and the held requests landing beside it
-    base = d.coef.step_time(decode_seqs=d.streams + more,
-                            decode_ctx=d.ctx + (tokens + out / 2) * more)
+    own = (tokens + out / 2) * more
+
+    def step(seqs: float, ctx: float) -> float:
+        return d.coef.step_time(decode_seqs=seqs + more, decode_ctx=ctx + own)
+    base = step(d.streams, d.ctx)
+    if d.streams_at:    # its life at the pace of this step, and the steps over that life
+        base = step(*mean_load(d.streams_at, start_s, per * base))
     if late:
         return base + max(0.0, d.excess_s) + (d.backlog_s + extra_s) / per
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
@@ -291,11 +263,6 @@ def landing(behind: int, behind_s: float, out: int, slo: SLO, prefillers: int,
     span = behind_s / max(1, prefillers)
     k = behind if span <= life else behind * life / span
     return k / decoders
-
-
-def is_late(span: tuple) -> bool:
-    """Is a `Node.streams_at` span late (its optional fifth field)?"""
-    return len(span) > 4 and bool(span[4])
 
 
 def kept(d: Node, until: float = 0.0) -> int:
@@ -335,7 +302,8 @@ def remote(p: Node, d: Node, tokens: int, out: int, slo: SLO) -> Option:
     later first token would buy headroom no request needs."""
     t, chunk = prefill_on(p, tokens, slo)
     ttft = p.backlog_s + t + p.first_over_s
-    step = tpot_on(d, tokens, out, slo)       # the stream's own; the handoff spreads on it
+    # the stream's own steps, from its handoff on; the handoff spreads on it
+    step = tpot_on(d, tokens, out, slo, start_s=p.backlog_s + t + d.transfer_s)
     per = max(1, out - 1)
     tpot = seen_tpot(step, d, out, hold=False)
     opt = Option("remote", p.worker_id, d.worker_id, ttft, tpot, t, chunk,
@@ -375,7 +343,7 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     if engine >= d.local_slow_from_s:
         engine *= d.local_slow
     ttft = engine + d.local_first_over_s
-    tpot = tpot_on(d, tokens, out, slo)
+    tpot = tpot_on(d, tokens, out, slo, start_s=engine)
     s = score(ttft, tpot, slo)
     # what one of its steps costs the streams decoding there (late ones have no slack to
     # take), and, for a prompt that misses its TTFT SLO anyway, the streams landing while
@@ -434,7 +402,7 @@ def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) 
     decide where it goes; the prediction says what it will see."""
     if held_s + o.first_s <= slo.ttft_s:
         return o
-    step = tpot_on(d, tokens, out, slo, late=True)
+    step = tpot_on(d, tokens, out, slo, late=True, start_s=o.first_s)
     tpot = step if o.kind != "remote" else seen_tpot(step, d, out, o.hold)
     return replace(o, tpot_s=max(o.tpot_s, tpot))
 
