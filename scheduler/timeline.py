@@ -57,7 +57,7 @@ def mean_load(busy: tuple, start_s: float, life_s: float) -> tuple[float, float]
     decode steps are linear in both (pdserve/latency.py), so its mean step is the step of
     these means. (The count now, held for the whole life, predicted a 1,500-token prompt's
     stream on a 2-core host at 24.7 ms a token beside a stream that ended a second before
-    it started; it ran at 19.5 ms: docs/design.md, "The streams beside it over its life".)"""
+    it started; it ran at 19.6 ms: docs/design.md, "The streams beside it over its life".)"""
     sweep = Sweep(busy)
     seqs, ctx, nxt = sweep.at(start_s)
     if life_s <= 0:
