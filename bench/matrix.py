@@ -96,7 +96,7 @@ def parse_mix(spec: str) -> tuple[str, tuple[str, str]]:
 
 
 def mix_ns(ns, mix: str, cal: dict | None = None, idx: int = 0) -> argparse.Namespace:
-    inp, out = getattr(ns, "mix_defs", MIXES)[mix]
+    inp, out = ns.mix_defs[mix]
     d = {**vars(ns), "input": inp, "output": out, "seed": ns.seed + 100_000 * idx}
     if cal is not None:
         d.update(slo_ttft_ms=cal["ttft_ms"], slo_tpot_ms=cal["tpot_ms"],

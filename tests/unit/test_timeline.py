@@ -31,7 +31,7 @@ def test_mean_load_averages_the_streams_over_a_life():
 
 def test_a_stream_that_ends_before_the_new_one_starts_does_not_slow_it():
     """The count of streams now, held for the whole life, predicted a stream beside one
-    that had ended a second before it started (24.7 ms a token against 19.5 measured)."""
+    that had ended a second before it started (24.7 ms a token against 19.6 measured)."""
     d = A.Node("d", C, streams=1, ctx=1000, streams_at=((0.0, 0.05, 1, 1000),))
     alone = C.decode_step(1, 500 + 8)
     assert A.tpot_on(d, 500, 16, LOOSE, start_s=1.0) == pytest.approx(alone)
