@@ -168,6 +168,7 @@ class StepModel:
         PDSERVE_STEP_MIXED=0 for comparisons)."""
         self.fit = OnlineLinear(len(STEP_FEATURES), half_life)
         self.mixed = mixed
+        self._warm = False
 
     def observe(self, s: StepSample) -> None:
         # relative error is what matters (steps span milliseconds to seconds, and a decode
@@ -188,8 +189,13 @@ class StepModel:
         return self.fit.samples
 
     def warm(self) -> bool:
-        """Enough steps to say anything: some with prompt tokens, some with decodes."""
-        return self.fit.exercised(1) and self.fit.exercised(3)
+        """Enough steps to say anything: some with prompt tokens, some with decodes. Once
+        warm, always: the faded counts fall under the bar after ~200 decode-only steps
+        (a stream decoding alone), and the budget that then had no model let a whole
+        300-token prompt into one step beside a stream with a 1 ms TPOT SLO (a CI run);
+        the faded statistics still hold what the prompts taught."""
+        self._warm = self._warm or (self.fit.exercised(1) and self.fit.exercised(3))
+        return self._warm
 
     def coef(self) -> list[float]:
         return self.fit.coef()

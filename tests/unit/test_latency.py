@@ -64,6 +64,22 @@ def test_a_mixed_steps_own_fixed_part_is_fitted_and_priced_beside_streams():
     assert cpu.chunk_budget(0.1, 0, 0) == no_mixed.chunk_budget(0.1, 0, 0)   # alone: none
 
 
+def test_a_warm_model_stays_warm_through_a_long_decode_only_stretch():
+    """An engine's warm-up prompt, a stream's prompt, then the stream decoding alone for
+    1,000 steps (the faded count of prompt steps falls under the bar after ~200 of them):
+    the model keeps its coefficients, so a prompt that comes then is budgeted, not let in
+    whole (a CI run: 300 tokens in one step beside a stream with a 1 ms TPOT SLO)."""
+    m = StepModel()
+    m.observe(StepSample(0.030, 512, chunk_attn(512, 0)))
+    m.observe(StepSample(0.004, 40, chunk_attn(40, 0)))
+    for i in range(1000):
+        m.observe(StepSample(0.0015, 0, 0.0, 1, 40 + i))
+        assert m.warm() or i < 1, i
+    got = Coef.of(m.coef())
+    assert got.decode_step(1, 1000) == pytest.approx(0.0015, rel=0.05)
+    assert 0 < got.chunk_budget(0.010, 1, 1000) < 1000
+
+
 def test_fit_is_non_negative_and_unseen_features_are_unknown():
     m = StepModel()
     rng = random.Random(2)
