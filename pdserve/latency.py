@@ -190,10 +190,12 @@ class StepModel:
 
     def warm(self) -> bool:
         """Enough steps to say anything: some with prompt tokens, some with decodes. Once
-        warm, always: the faded counts fall under the bar after ~200 decode-only steps
-        (a stream decoding alone), and the budget that then had no model let a whole
-        300-token prompt into one step beside a stream with a 1 ms TPOT SLO (a CI run);
-        the faded statistics still hold what the prompts taught."""
+        warm, always: the faded counts fall under the bar after a few hundred steps of
+        one kind (a stream decoding alone; a prefill worker, which decodes only in its
+        warm-up), and the faded statistics still hold what the other kind taught. Without
+        it a decode engine's budget had no model and let a whole 300-token prompt into
+        one step beside a stream with a 1 ms TPOT SLO (a CI run), and a prefill worker
+        dropped out of the scheduler's choice (tests/unit/test_adaptive.py)."""
         self._warm = self._warm or (self.fit.exercised(1) and self.fit.exercised(3))
         return self._warm
 

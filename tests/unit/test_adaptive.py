@@ -274,6 +274,25 @@ def test_cold_model_falls_back_to_the_costs():
     assert (d.mode, d.reason, d.pred_ttft_s) == ("disagg", "kv", 0.0)
 
 
+def test_a_prefill_worker_that_only_prefills_keeps_its_place_in_the_choice():
+    """A prefill worker's engine computes prompts and decodes nothing after its warm-up:
+    its fit stays warm however long that lasts (the faded count of decode steps fell
+    under the bar once, after 1,700 prompt steps here, and the worker dropped out of the
+    adaptive choice: no remote option, the fixed rules' route)."""
+    r = Registry(5.0)
+    for w in (W("p", "prefill"), W("d", "decode")):
+        r.register(w)
+    book = warm_book("p", "d")
+    prompt = StepSample(C.step_time(512, chunk_attn(512, 0)), 512, chunk_attn(512, 0))
+    for i in range(60):
+        book.observe_steps("p", "m", [prompt] * 50, now=10.0 + i)
+    book.observe_steps("d", "m", [StepSample(C.decode_step(2, 1000), 0, 0.0, 2, 1000)],
+                       now=70.0)
+    d = place(r, CFG, "m", 1000, no_cache, book=book, slo=SLO, max_tokens=64, now=70.0)
+    assert (d.mode, d.prefill, d.reason) == ("disagg", "p", "slo")
+    assert d.pred_ttft_s == pytest.approx(C.prefill_time(1000), rel=0.05)
+
+
 def test_new_worker_borrows_its_pools_fit():
     book = warm_book("old")
     assert book.coef("new", "m") is not None   # same model: the pool's coefficients
