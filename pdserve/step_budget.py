@@ -142,8 +142,9 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
-    if coef is None:
-        return Budget(allowance(streams, tpot_slo_s, safety), 0)
+    if coef is None:    # no model yet (an engine's first prompts): streams first, the
+        allow = allowance(streams, tpot_slo_s, safety)      # prompts at MIN_CHUNK a step
+        return Budget(allow, 0 if allow == float("inf") else min(min_chunk, max_tokens))
     allow = allowance(streams, tpot_slo_s, safety, coef.decode_step(len(streams), ctx_tokens))
     if allow == float("inf"):
         return Budget(allow, 0)

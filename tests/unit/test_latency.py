@@ -185,7 +185,11 @@ def test_budget():
     assert 16 < got < 4096
     behind = [Stream(6.0, 33, 65)]                         # no slack: the floor keeps
     assert budget(behind, TRUE, slo, 1000, 4096).tokens == 16   # prompts moving
-    assert budget(s, None, slo, 4000, 4096).tokens == 0    # no model yet: vLLM's own
+    # no model yet (an engine's first prompts): the streams first, the prompts at 16 a
+    # step (vLLM's own budget let a 300-token prompt into one step beside a stream with
+    # a 1 ms TPOT SLO); with no stream to keep, vLLM's own
+    assert budget(s, None, slo, 4000, 4096).tokens == 16
+    assert budget([Stream(0.0, 1, 1)], None, slo, 4000, 4096).tokens == 0
 
 
 def test_fcfs_budget_ends_prompts_in_arrival_order():
