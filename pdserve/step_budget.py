@@ -142,8 +142,10 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
-    if coef is None:    # no model yet (an engine's first prompts): streams first, the
-        allow = allowance(streams, tpot_slo_s, safety)      # prompts at MIN_CHUNK a step
+    if coef is None:
+        # no model yet (an engine's first prompts): the streams first, prompts at
+        # `min_chunk` tokens a step (docs/design.md, "Where the samples come from")
+        allow = allowance(streams, tpot_slo_s, safety)
         return Budget(allow, 0 if allow == float("inf") else min(min_chunk, max_tokens))
     allow = allowance(streams, tpot_slo_s, safety, coef.decode_step(len(streams), ctx_tokens))
     if allow == float("inf"):
