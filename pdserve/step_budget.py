@@ -142,14 +142,14 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
+    base = coef.decode_step(len(streams), ctx_tokens) if coef is not None else 0.0
+    allow = allowance(streams, tpot_slo_s, safety, base)
+    if allow == float("inf"):
+        return Budget(allow, 0)
     if coef is None:
         # no model yet (an engine's first prompts): the streams first, prompts at
         # `min_chunk` tokens a step (docs/design.md, "Where the samples come from")
-        allow = allowance(streams, tpot_slo_s, safety)
-        return Budget(allow, 0 if allow == float("inf") else min(min_chunk, max_tokens))
-    allow = allowance(streams, tpot_slo_s, safety, coef.decode_step(len(streams), ctx_tokens))
-    if allow == float("inf"):
-        return Budget(allow, 0)
+        return Budget(allow, min(min_chunk, max_tokens))
     tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
     floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety, least)
     sized = tok > floor
