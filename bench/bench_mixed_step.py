@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="steps measured per setting")
     ap.add_argument("--core", type=int, default=(os.cpu_count() or 1) - 1)
     ns = ap.parse_args(argv)
+    chunks = [int(x) for x in ns.chunks.split(",")]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"      # the engine core in-process
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(ns.core)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         max_num_batched_tokens=4096, max_num_seqs=64, enable_prefix_caching=True))
     sched = eng.engine_core.engine_core.scheduler
     base = sched.scheduler_config.long_prefill_token_threshold
-    out = ns.steps * (len(ns.chunks.split(",")) * 2 + 2) + 64
+    out = ns.steps * (len(chunks) * 2 + 2) + 64
 
     def step() -> float:
         t = time.perf_counter()
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         step()
     print(f"{ns.streams} streams, {ns.ctx}-token prompts, core {ns.core}, {model}")
     print(f"{'chunk':>6} {'decode ms':>10} {'with chunk ms':>14} {'added ms':>9}")
-    for n, k in enumerate(int(x) for x in ns.chunks.split(",")):
+    for n, k in enumerate(chunks):
         sched.scheduler_config.long_prefill_token_threshold = base
         plain = [step() for _ in range(ns.steps)]
         sched.scheduler_config.long_prefill_token_threshold = k

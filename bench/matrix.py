@@ -50,6 +50,7 @@ from pathlib import Path
 
 from bench import compare as C
 from bench.stats import Result, percentile, sign_test_p, within_slo_dict
+from bench.workload import parse_dist
 
 MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
     "prefill": ("uniform:384:640", "fixed:8"),
@@ -84,8 +85,6 @@ def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: fl
 def parse_mix(spec: str) -> tuple[str, tuple[str, str]]:
     """`NAME=INPUT,OUTPUT` -> (NAME, (INPUT, OUTPUT)), the lengths checked
     (bench/workload.py's forms). Pure."""
-    from bench.workload import parse_dist
-
     name, eq, rest = spec.partition("=")
     inp, comma, out = rest.partition(",")
     if not (name.strip() and eq and comma and inp and out) or "," in out:
