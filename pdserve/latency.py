@@ -153,8 +153,8 @@ class OnlineLinear:
         feature whose identifying samples have faded under HOLD_BELOW keeps the
         estimate it had then (`held`), and the others are fitted with it fixed: fading
         is for following an engine whose speed changes, and a sample that does not
-        exercise a feature says nothing of it (without this, past the ridge, its faded
-        statistics lose their precision after some 10,000 steps)."""
+        exercise a feature says nothing of it (with the scaled ridge alone, its faded
+        statistics still lose their precision after some 10,000 steps)."""
         if self._coef is not None:
             return self._coef
         n = self.n

@@ -93,11 +93,11 @@ def decode_only(coef: Coef, n: int, rng: random.Random):
 
 def test_a_feature_no_recent_step_identifies_keeps_its_estimate():
     """A decode engine that computed prompts, then 20,000 steps with none (every prompt
-    prefilled remotely: two minutes at 6 ms a step): a 1,024-token prompt that comes
+    prefilled remotely: two minutes or more of decode steps): a 1,024-token prompt that comes
     then is predicted as before. The faded statistics once shrank the prompt token's
     cost to a tenth of itself after 5,000 such steps (the ridge, relative to the decode
-    features' far larger weight, took it over), and then to nothing: the engine's budget
-    let whole prompts in beside streams and the chooser saw local prefills as free."""
+    features' far larger weight, took it over), and then to nothing: the engine's budget,
+    which fits on its own, would have let whole prompts in beside streams."""
     rng = random.Random(11)
     m = StepModel()
     for s in engine_steps(TRUE, 400, rng):
