@@ -80,6 +80,70 @@ def test_a_warm_model_stays_warm_through_a_long_decode_only_stretch():
     assert 0 < got.chunk_budget(0.010, 1, 1000) < 1000
 
 
+def decode_only(coef: Coef, n: int, rng: random.Random):
+    """A decode engine while every prompt is prefilled remotely: decode steps, and every
+    tenth step a remote-prefilled request's one sampled prompt token beside them."""
+    for i in range(n):
+        d = rng.randint(1, 16)
+        c = d * rng.randint(100, 1500)
+        p = 1 if i % 10 == 0 else 0
+        a = chunk_attn(p, 500) if p else 0.0
+        yield StepSample(coef.step_time(p, a, d, c), p, a, d, c)
+
+
+def test_a_feature_no_recent_step_identifies_keeps_its_estimate():
+    """A decode engine that computed prompts, then 20,000 steps with none (every prompt
+    prefilled remotely: two minutes or more of decode steps): a 1,024-token prompt that comes
+    then is predicted as before. The faded statistics once shrank the prompt token's
+    cost to a tenth of itself after 5,000 such steps (the ridge, relative to the decode
+    features' far larger weight, took it over), and then to nothing: the engine's budget,
+    which fits on its own, would have let whole prompts in beside streams."""
+    rng = random.Random(11)
+    m = StepModel()
+    for s in engine_steps(TRUE, 400, rng):
+        m.observe(s)
+    truth = TRUE.step_time(1024, chunk_attn(1024, 0), 4, 4000)
+    before = Coef.of(m.coef()).step_time(1024, chunk_attn(1024, 0), 4, 4000)
+    assert before == pytest.approx(truth, rel=0.02)
+    for k in range(4):
+        for s in decode_only(TRUE, 5000, rng):
+            m.observe(s)
+        got = Coef.of(m.coef())
+        assert got.step_time(1024, chunk_attn(1024, 0), 4, 4000) == pytest.approx(
+            truth, rel=0.02), k
+        assert got.decode_step(8, 8000) == pytest.approx(TRUE.decode_step(8, 8000), rel=0.02)
+        assert 0 < got.chunk_budget(0.05, 4, 4000) < 60
+    assert not m.fit.known(1)     # a pool-mate's fresher estimate may still be preferred
+    # the engine slowed meanwhile: a few prompt steps and the fit follows it again
+    slower = Coef.of([c * (1.5 if j in (1, 2) else 1.0) for j, c in enumerate(TRUE.as_list())])
+    for p in (256, 512, 1024, 128, 768, 384, 640, 896):
+        m.observe(StepSample(slower.step_time(p, chunk_attn(p, 0)), p, chunk_attn(p, 0)))
+    assert Coef.of(m.coef()).prefill_time(1024) == pytest.approx(slower.prefill_time(1024),
+                                                                 rel=0.05)
+
+
+def test_a_warm_up_of_few_prompt_sizes_still_prices_each_prompt_token():
+    """An engine's first steps: prompts of two sizes (a short request and a long warm-up
+    prompt) and a few decode steps, with 20% noise. Where the sizes cannot tell the
+    per-token term from the attention term, the attention term yields (`STEP_RIDGE`).
+    With one tiny ridge for every feature the fit put the whole prompt cost on the
+    attention term in 47 of 300 such warm-ups, the per-token cost at 0 (a real engine's
+    in the e2e suite once: tests/e2e/test_adaptive.py)."""
+    true = Coef(step=0.002, prefill_ktok=0.15, prefill_attn_mtok2=0.05, decode_seq=0.0008,
+                decode_ctx_10ktok=0.002)
+    for seed in range(100):
+        rng = random.Random(seed)
+        steps = [StepSample(true.step_time(p, chunk_attn(p, 0)) * rng.uniform(0.8, 1.2), p,
+                            chunk_attn(p, 0)) for p in (5, 512, 512)]
+        steps += [StepSample(true.decode_step(1, 520 + i) * rng.uniform(0.8, 1.2), 0, 0.0, 1,
+                             520 + i) for i in range(8)]
+        rng.shuffle(steps)
+        m = StepModel()
+        for s in steps:
+            m.observe(s)
+        assert Coef.of(m.coef()).prefill_ktok > 0, seed
+
+
 def test_fit_is_non_negative_and_unseen_features_are_unknown():
     m = StepModel()
     rng = random.Random(2)
