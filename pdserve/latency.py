@@ -35,10 +35,6 @@ STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "d
                  "mixed")
 TRANSFER_FEATURES = ("transfer", "gbytes")
 IDENTIFY_TOKENS = 16      # prompt tokens a step needs for its prefill terms to count as known
-HOLD_BELOW = 4.0          # identifying samples (faded) under which a fit holds a feature's estimate
-# the step fit's ridge, relative to each feature's own weight: the attention term yields to
-# the per-token term where the prompt sizes cannot tell them apart (a warm-up of two sizes)
-STEP_RIDGE = (1e-6, 1e-6, 1e-2, 1e-6, 1e-6, 1e-6)
 
 
 @dataclass(frozen=True)
@@ -96,21 +92,16 @@ class OnlineLinear:
     Keeps the weighted sufficient statistics (A = sum w x x^T, b = sum w x y), so one
     sample costs O(n^2) and a solve O(n^3) for a handful of features. `half_life` is in
     samples. A feature no sample has exercised gets coefficient 0 and counts as unknown
-    (`known`), so a caller can borrow it from another fit (a pool-mate's); one that samples
-    identified once and no longer do keeps its estimate (`coef`)."""
+    (`known`), so a caller can borrow it from another fit (a pool-mate's)."""
 
-    def __init__(self, n: int, half_life: float = 500.0,
-                 ridge: float | tuple[float, ...] = 1e-6) -> None:
-        """`ridge`: relative to each feature's own weight; one for all, or one each."""
+    def __init__(self, n: int, half_life: float = 500.0, ridge: float = 1e-6) -> None:
         self.n = n
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
-        self.ridge = tuple(ridge) if isinstance(ridge, tuple) else (ridge,) * n
+        self.ridge = ridge
         self.a = [[0.0] * n for _ in range(n)]
         self.b = [0.0] * n
         self.seen = [0.0] * n          # (faded) count of samples with feature j != 0
         self.solid = [0.0] * n         # ...of those that identify it (`observe`'s `counts`)
-        # each feature's estimate when the samples identifying it fell under HOLD_BELOW
-        self.held: list[float | None] = [None] * n
         self.samples = 0
         self._coef: list[float] | None = None
 
@@ -121,10 +112,6 @@ class OnlineLinear:
         if len(x) != self.n or not math.isfinite(y) or y < 0 or weight <= 0:
             return
         g = self.decay
-        for j in range(self.n):     # the samples identifying j are about to fall too few
-            ok = bool(x[j]) if counts is None else counts[j]
-            if self.solid[j] >= HOLD_BELOW > g * self.solid[j] + (1.0 if ok else 0.0):
-                self.held[j] = self.coef()[j]
         for i in range(self.n):
             self.b[i] = g * self.b[i] + weight * x[i] * y
             self.seen[i] = g * self.seen[i] + (1.0 if x[i] else 0.0)   # samples, not weight
@@ -137,9 +124,7 @@ class OnlineLinear:
         self._coef = None
 
     def known(self, j: int, min_samples: float = 1.5) -> bool:
-        """At least two samples identified feature j (a faded count: 1.5) lately: a
-        caller may prefer another fit's fresher estimate (a pool-mate's) to the one this
-        fit holds."""
+        """At least two samples identified feature j (a faded count: 1.5)."""
         return self.solid[j] >= min_samples
 
     def exercised(self, j: int, min_samples: float = 1.5) -> bool:
@@ -148,36 +133,18 @@ class OnlineLinear:
 
     def coef(self) -> list[float]:
         """Non-negative least squares over the features seen so far (active set: a
-        feature whose coefficient comes out negative is dropped and the rest refitted).
-
-        Solved on the features scaled to unit weight, with the ridge relative to each
-        feature's own weight (`STEP_RIDGE` for steps: the attention term yields to the
-        per-token term where prompt sizes cannot tell them apart, as a warm-up's two
-        sizes cannot): a ridge relative to all of them shrank a feature whose
-        samples were few or old next to the rest (a decode engine's prompt steps next
-        to its thousands of decode steps: 3% low while it computed prompts, and after
-        5,000 decode-only steps the prompt token's cost was a tenth of its own). A
-        feature whose identifying samples have faded under HOLD_BELOW keeps the
-        estimate it had then (`held`), and the others are fitted with it fixed: fading
-        is for following an engine whose speed changes, and a sample that does not
-        exercise a feature says nothing of it (with the scaled ridge alone, its faded
-        statistics still lose their precision after some 10,000 steps)."""
+        feature whose coefficient comes out negative is dropped and the rest refitted)."""
         if self._coef is not None:
             return self._coef
-        n = self.n
-        fixed = {j: v for j, v in enumerate(self.held)
-                 if v is not None and self.solid[j] < HOLD_BELOW}
-        b = [self.b[i] - sum(self.a[i][j] * v for j, v in fixed.items()) for i in range(n)]
-        active = [j for j in range(n) if self.seen[j] > 0 and j not in fixed]
-        out = [fixed.get(j, 0.0) for j in range(n)]
+        active = [j for j in range(self.n) if self.seen[j] > 0]
+        out = [0.0] * self.n
         while active:
-            d = [math.sqrt(self.a[j][j]) or 1.0 for j in active]
-            a = [[self.a[i][j] / (d[p] * d[q]) + (self.ridge[i] if p == q else 0.0)
-                  for q, j in enumerate(active)] for p, i in enumerate(active)]
-            x = _solve(a, [b[i] / d[p] for p, i in enumerate(active)])
+            scale = sum(self.a[j][j] for j in active) / len(active)
+            lam = self.ridge * scale + 1e-12
+            a = [[self.a[i][j] + (lam if i == j else 0.0) for j in active] for i in active]
+            x = _solve(a, [self.b[i] for i in active])
             if x is None:
                 break
-            x = [v / d[k] for k, v in enumerate(x)]
             neg = [k for k, v in enumerate(x) if v < 0]
             if not neg:
                 for k, j in enumerate(active):
@@ -199,7 +166,7 @@ class StepModel:
     def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
         """`mixed`: fit the mixed step's own part (False: it stays 0, the five-term model;
         PDSERVE_STEP_MIXED=0 for comparisons)."""
-        self.fit = OnlineLinear(len(STEP_FEATURES), half_life, STEP_RIDGE)
+        self.fit = OnlineLinear(len(STEP_FEATURES), half_life)
         self.mixed = mixed
         self._warm = False
 

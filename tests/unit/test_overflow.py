@@ -75,12 +75,11 @@ def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
     assert r.backlog(r.workers["p"], 10.0) == pytest.approx(d.prefill_s)
     r.prefill_done(b.booking_id, 10.1)
     # the stream now decodes on the prefill worker: a long prompt there goes in chunks
-    # beside it (its engine holds them to the stream's TPOT), slower than alone: each
-    # chunk pays a step's fixed part and the stream's decode
+    # beside it (its engine holds them to the stream's TPOT), slower than alone
     after = place(r, ON, "m", 2000, no_cache, book=book, slo=SLO, max_tokens=32, now=10.1)
     assert before.prefill == after.prefill == "p"
     assert before.chunk_tokens == 0 and after.chunk_tokens > 0
-    assert after.prefill_s > 1.05 * before.prefill_s
+    assert after.prefill_s > 1.1 * before.prefill_s
 
 
 def test_a_mixed_worker_takes_whole_requests_as_local_not_as_overflow():
