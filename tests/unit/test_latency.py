@@ -80,6 +80,71 @@ def test_a_warm_model_stays_warm_through_a_long_decode_only_stretch():
     assert 0 < got.chunk_budget(0.010, 1, 1000) < 1000
 
 
+def decode_only(coef: Coef, n: int, rng: random.Random):
+    """A decode engine while every prompt is prefilled remotely: decode steps, and every
+    tenth step a remote-prefilled request's one sampled prompt token beside them."""
+    for i in range(n):
+        d = rng.randint(1, 16)
+        c = d * rng.randint(100, 1500)
+        p = 1 if i % 10 == 0 else 0
+        a = chunk_attn(p, 500) if p else 0.0
+        yield StepSample(coef.step_time(p, a, d, c), p, a, d, c)
+
+
+def test_a_feature_no_recent_step_identifies_keeps_its_estimate():
+    """A decode engine that computed prompts, then 20,000 steps with none (every prompt
+    prefilled remotely: minutes of decode steps): a 1,024-token prompt that comes then is
+    predicted as before. With the ridge pulling towards 0 the prompt token's cost shrank
+    to a tenth of itself after 5,000 such steps, then to nothing, and the engine's budget
+    (which fits on its own) would have let whole prompts in beside streams."""
+    rng = random.Random(11)
+    m = StepModel()
+    for s in engine_steps(TRUE, 400, rng):
+        m.observe(s)
+    truth = TRUE.step_time(1024, chunk_attn(1024, 0), 4, 4000)
+    before = Coef.of(m.coef()).step_time(1024, chunk_attn(1024, 0), 4, 4000)
+    assert before == pytest.approx(truth, rel=0.05)
+    for k in range(4):
+        for s in decode_only(TRUE, 5000, rng):
+            m.observe(s)
+        got = Coef.of(m.coef())
+        assert got.step_time(1024, chunk_attn(1024, 0), 4, 4000) == pytest.approx(
+            before, rel=0.02), k
+        assert got.decode_step(8, 8000) == pytest.approx(TRUE.decode_step(8, 8000), rel=0.02)
+        assert 0 < got.chunk_budget(0.05, 4, 4000) < 60
+    assert not m.fit.known(1)     # a pool-mate's fresher estimate may still be preferred
+    # the engine slowed meanwhile: prompt steps come back and the fit follows them as
+    # closely as a new engine's fit of the same steps does
+    slower = Coef.of([c * (1.5 if j in (1, 2) else 1.0) for j, c in enumerate(TRUE.as_list())])
+    fresh = StepModel()
+    for s in engine_steps(slower, 400, rng):
+        m.observe(s)
+        fresh.observe(s)
+    want = Coef.of(fresh.coef()).prefill_time(1024)
+    assert want == pytest.approx(slower.prefill_time(1024), rel=0.1)
+    assert Coef.of(m.coef()).prefill_time(1024) == pytest.approx(want, rel=0.03)
+
+
+def test_the_hold_changes_nothing_until_two_half_lives_pass_without_the_feature():
+    """The fit with the hold is the plain ridge fit up to the hold: the same coefficients
+    through 999 steps after the last prompt step (a half-life of 500), and the held
+    prompt cost above the plain fit's, which fades, after it."""
+    rng = random.Random(5)
+    held, plain = OnlineLinear(6, 500.0), OnlineLinear(6, 500.0, hold_after=10**9)
+    steps = list(engine_steps(TRUE, 300, rng)) + list(decode_only(TRUE, 1500, rng))
+    last = max(i for i, s in enumerate(steps) if s.prefill_tokens >= 16)
+    for i, s in enumerate(steps):
+        big = s.prefill_tokens >= 16
+        counts = [True, big, big, bool(s.decode_seqs), bool(s.decode_ctx),
+                  bool(s.prefill_tokens and s.decode_seqs)]
+        for f in (held, plain):
+            f.observe(s.features(), s.seconds, 1.0 / s.seconds ** 2, counts)
+        if i < last + 1000:
+            assert held.coef() == plain.coef(), i
+    assert last + 1000 < len(steps)
+    assert held.coef()[1] > 1.01 * plain.coef()[1]
+
+
 def test_fit_is_non_negative_and_unseen_features_are_unknown():
     m = StepModel()
     rng = random.Random(2)
