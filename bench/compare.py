@@ -414,8 +414,17 @@ def add_setup_args(ap: argparse.ArgumentParser, setups: str, log_dir: str) -> No
     ap.add_argument("--plot", default="")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the run as Ctrl-C does: through `run_setup`'s `finally`, which stops the
+    servers it started (by default SIGTERM ended the interpreter there and left them
+    running)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def finish_args(ns):
-    """The bundled model when none is named; the log directory made; no variants yet."""
+    """The bundled model when none is named; the log directory made; no variants yet;
+    SIGTERM stops the servers too (`stop_on_sigterm`)."""
+    stop_on_sigterm()
     if not ns.model:
         from pdserve.models import ensure_bundled_model
         ns.model = str(ensure_bundled_model())

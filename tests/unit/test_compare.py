@@ -115,3 +115,25 @@ def test_a_closed_loop_run_reports():
            for s, runs in RESULTS.items()}
     text = report(res)
     assert "inf: 0.15x" in text and "inf: 0.200 vs 0.180" in text
+
+
+def test_sigterm_runs_the_cleanup_that_stops_the_servers(tmp_path):
+    """A benchmark ended with SIGTERM stops what it started (`run_setup`'s `finally`), as
+    one ended with Ctrl-C does; by default SIGTERM left the servers running."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "stopped"
+    code = ("import sys, time\nfrom bench.compare import stop_on_sigterm\nstop_on_sigterm()\n"
+            "print('ready', flush=True)\ntry:\n    time.sleep(60)\nfinally:\n"
+            f"    open({str(marker)!r}, 'w').write('stopped')\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+        p.wait()
+    assert marker.read_text() == "stopped"
