@@ -152,7 +152,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     dw = reg.workers[best.decode]
     blocks = kv_blocks(num_tokens, dw.block_size)
     local = best.kind != "remote"
-    why = "overflow" if best.kind == "overflow" else A.reason(best)
+    why = "overflow" if best.kind == "overflow" else A.reason(best, slo, held_s)
     return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
                     why, max(0, num_tokens - best.cached), best.cached, blocks,
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,

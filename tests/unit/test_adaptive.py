@@ -211,6 +211,25 @@ def test_near_ties_go_to_remote():
     assert opts[1].ttft_s < opts[0].ttft_s      # local is a little faster, not enough
 
 
+def test_a_held_request_counts_its_wait_in_what_meets_the_slos():
+    """Scores count from now; a request held (late binding) has waited already. A near
+    tie goes remote, but held so long that only the faster local option still makes the
+    TTFT SLO with the margin an option must keep, it goes local; held past the SLO, its
+    route says it is best effort."""
+    p, d = A.Node("p", C, backlog_s=0.03), A.Node("d", C, transfer_s=0.001)
+    fresh = A.options([p], [d], 500, 64, SLO, {"d"})
+    assert [o.kind for o in fresh] == ["remote", "local"]
+    r, lo = fresh[0].ttft_s, fresh[1].ttft_s
+    held = (1 - A.MARGIN) * SLO.ttft_s - (r + lo) / 2
+    opts = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=held)
+    assert [o.kind for o in opts] == ["local", "remote"]
+    assert A.reason(opts[0], SLO, held) == "slo"
+    # held past the SLO: every option misses, in the order of their scores from now
+    late = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=SLO.ttft_s)
+    assert late[0].score >= late[1].score
+    assert A.reason(late[0], SLO, SLO.ttft_s) == "best_effort"
+
+
 def test_a_prefill_queue_overflows_to_the_decode_engine_while_its_streams_afford_it():
     # 2 s queued on the prefill worker: the idle decode engine starts the prompt at once
     p, d = A.Node("p", C, backlog_s=2.0), A.Node("d", C)
