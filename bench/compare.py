@@ -104,16 +104,19 @@ class Procs:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{name} exited ({p.returncode}); log tail:\n{tail}")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGINT to every server, `grace_s` for all of them to end, then SIGKILL to
+        each one's process group."""
         for _name, p in reversed(self.procs):
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
+        deadline = time.monotonic() + grace_s     # one grace period for all, not one each
         for _name, p in reversed(self.procs):
             try:
-                p.wait(timeout=60)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             try:   # engine-core children share the group: make sure none is left

@@ -137,3 +137,30 @@ def test_sigterm_runs_the_cleanup_that_stops_the_servers(tmp_path):
         p.kill()
         p.wait()
     assert marker.read_text() == "stopped"
+
+
+def test_stopping_servers_that_ignore_sigint_takes_one_grace_period_for_all(tmp_path):
+    """Servers still starting ignore SIGINT: each is killed once the one grace period
+    for all of them is over (waiting a full period for each took minutes)."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.compare import Procs
+
+    procs = Procs(tmp_path)
+    code = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)")
+    for name in ("a", "b", "c"):
+        procs.procs.append((name, subprocess.Popen([sys.executable, "-c", code], text=True,
+                                                   stdout=subprocess.PIPE,
+                                                   start_new_session=True)))
+    ps = [p for _, p in procs.procs]
+    assert [p.stdout.readline().strip() for p in ps] == ["ready"] * 3   # SIGINT ignored
+    t0 = time.monotonic()
+    procs.stop(grace_s=1.0)
+    took = time.monotonic() - t0
+    assert all(p.poll() is not None for p in ps) and not procs.procs
+    assert 0.9 < took < 2.5      # one period (1 s), not three
+    for p in ps:
+        p.stdout.close()
