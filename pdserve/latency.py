@@ -123,8 +123,9 @@ class OnlineLinear:
         if len(x) != self.n or not math.isfinite(y) or y < 0 or weight <= 0:
             return
         g = self.decay
+        ok = [bool(v) for v in x] if counts is None else counts
         for j in range(self.n):
-            if bool(x[j]) if counts is None else counts[j]:
+            if ok[j]:
                 self.since[j] = 0
                 continue
             self.since[j] += 1
@@ -135,8 +136,7 @@ class OnlineLinear:
         for i in range(self.n):
             self.b[i] = g * self.b[i] + weight * x[i] * y
             self.seen[i] = g * self.seen[i] + (1.0 if x[i] else 0.0)   # samples, not weight
-            ok = bool(x[i]) if counts is None else counts[i]
-            self.solid[i] = g * self.solid[i] + (1.0 if ok else 0.0)
+            self.solid[i] = g * self.solid[i] + (1.0 if ok[i] else 0.0)
             row = self.a[i]
             for j in range(self.n):
                 row[j] = g * row[j] + weight * x[i] * x[j]

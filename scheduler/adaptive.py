@@ -383,8 +383,7 @@ def met(o: Option, slo: SLO, held_s: float = 0.0) -> bool:
     count from now: a request held 336 ms went local predicted at 1,578 ms from then under
     a 1,698 ms SLO, and its route said `slo` (the client saw 2,340 ms; m119). Within the
     options that meet, the order is the scores' (`ranked`)."""
-    return o.score >= MARGIN and (held_s <= 0 or
-                                  1.0 - (held_s + o.ttft_s) / slo.ttft_s >= MARGIN)
+    return o.score >= MARGIN and 1.0 - (held_s + o.ttft_s) / slo.ttft_s >= MARGIN
 
 
 def overflow_options(spare, tokens: int, out: int, slo: SLO, held_s: float) -> list[Option]:
@@ -399,7 +398,7 @@ def overflow_options(spare, tokens: int, out: int, slo: SLO, held_s: float) -> l
         o = replace(local(s, tokens, out, slo), kind="overflow")
         if slo.late:
             o = as_late(o, s, tokens, out, slo, held_s)
-        if met(o, slo, held_s) and held_s + o.first_s <= slo.ttft_s:
+        if met(o, slo, held_s):     # its first token is its TTFT: within the SLO too
             found.append(o)
     return found
 

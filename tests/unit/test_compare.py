@@ -2,8 +2,12 @@
 hand-made summaries."""
 
 import math
+import signal
+import subprocess
+import sys
+import time
 
-from bench.compare import goals, ratio, ratios, report, table
+from bench.compare import Procs, goals, ratio, ratios, report, table
 from bench.proxy import LeastOutstanding
 
 
@@ -120,10 +124,6 @@ def test_a_closed_loop_run_reports():
 def test_sigterm_runs_the_cleanup_that_stops_the_servers(tmp_path):
     """A benchmark ended with SIGTERM stops what it started (`run_setup`'s `finally`), as
     one ended with Ctrl-C does; by default SIGTERM left the servers running."""
-    import signal
-    import subprocess
-    import sys
-
     marker = tmp_path / "stopped"
     code = ("import sys, time\nfrom bench.compare import stop_on_sigterm\nstop_on_sigterm()\n"
             "print('ready', flush=True)\ntry:\n    time.sleep(60)\nfinally:\n"
@@ -142,12 +142,6 @@ def test_sigterm_runs_the_cleanup_that_stops_the_servers(tmp_path):
 def test_stopping_servers_that_ignore_sigint_takes_one_grace_period_for_all(tmp_path):
     """Servers still starting ignore SIGINT: each is killed once the one grace period
     for all of them is over (waiting a full period for each took minutes)."""
-    import subprocess
-    import sys
-    import time
-
-    from bench.compare import Procs
-
     procs = Procs(tmp_path)
     code = ("import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
             "print('ready', flush=True); time.sleep(60)")

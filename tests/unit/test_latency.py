@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from pdserve.latency import (Coef, OnlineLinear, StepModel, StepSample, TransferModel,
-                             chunk_attn)
+from pdserve.latency import (IDENTIFY_TOKENS, STEP_FEATURES, Coef, OnlineLinear, StepModel,
+                             StepSample, TransferModel, chunk_attn)
 from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, OVERRUN_MIN, Stream, allowance,
                                  budget, fcfs_tokens, floor_tokens, overrun, stream_tokens)
 
@@ -130,15 +130,13 @@ def test_the_hold_changes_nothing_until_two_half_lives_pass_without_the_feature(
     through 999 steps after the last prompt step (a half-life of 500), and the held
     prompt cost above the plain fit's, which fades, after it."""
     rng = random.Random(5)
-    held, plain = OnlineLinear(6, 500.0), OnlineLinear(6, 500.0, hold_after=10**9)
+    held, plain = StepModel(), StepModel()
+    plain.fit = OnlineLinear(len(STEP_FEATURES), 500.0, hold_after=10**9)
     steps = list(engine_steps(TRUE, 300, rng)) + list(decode_only(TRUE, 1500, rng))
-    last = max(i for i, s in enumerate(steps) if s.prefill_tokens >= 16)
+    last = max(i for i, s in enumerate(steps) if s.prefill_tokens >= IDENTIFY_TOKENS)
     for i, s in enumerate(steps):
-        big = s.prefill_tokens >= 16
-        counts = [True, big, big, bool(s.decode_seqs), bool(s.decode_ctx),
-                  bool(s.prefill_tokens and s.decode_seqs)]
-        for f in (held, plain):
-            f.observe(s.features(), s.seconds, 1.0 / s.seconds ** 2, counts)
+        held.observe(s)
+        plain.observe(s)
         if i < last + 1000:
             assert held.coef() == plain.coef(), i
     assert last + 1000 < len(steps)
