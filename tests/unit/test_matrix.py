@@ -207,11 +207,24 @@ def test_parse_mix_reads_a_mix_of_ones_own_and_refuses_bad_ones():
             MX.parse_mix(bad)
 
 
+def test_a_mix_gets_the_same_requests_whichever_mixes_run_beside_it():
+    """A run of some mixes is the whole matrix's cells: each mix's seed follows its place
+    among the known mixes, not in --mixes (the long-prompt mix run second had other
+    prompts, and another calibration, than in the whole matrix)."""
+    import argparse
+    ns = argparse.Namespace(seed=7, mix_defs=dict(MX.MIXES), mixes="long-mix")
+    alone = MX.mix_ns(ns, "long-mix")
+    whole = MX.mix_ns(argparse.Namespace(**{**vars(ns), "mixes": ",".join(MX.MIXES)}),
+                      "long-mix")
+    assert alone.seed == whole.seed == 200_007
+    assert MX.mix_ns(ns, "prefill").seed == 7
+
+
 def test_a_mix_of_ones_own_runs_with_its_own_lengths():
     import argparse
     ns = argparse.Namespace(seed=7, mix_defs={**MX.MIXES, "chat": ("uniform:32:64", "fixed:4")})
-    m = MX.mix_ns(ns, "chat", {"ttft_ms": 900.0, "tpot_ms": 30.0, "rates": [1.0, 2.0]}, 1)
-    assert (m.input, m.output, m.seed, m.rates) == ("uniform:32:64", "fixed:4", 100_007, "1,2")
+    m = MX.mix_ns(ns, "chat", {"ttft_ms": 900.0, "tpot_ms": 30.0, "rates": [1.0, 2.0]})
+    assert (m.input, m.output, m.seed, m.rates) == ("uniform:32:64", "fixed:4", 400_007, "1,2")
     res = {"vllm-2x": [run(1.0, 0.5, 20)], "pdserve": [run(1.0, 0.6, 20)]}
     text, out = MX.mix_report("chat", res, {"ttft_ms": 900, "tpot_ms": 30},
                               lengths=("uniform:32:64", "fixed:4"))
