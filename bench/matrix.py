@@ -105,8 +105,19 @@ def mix_ns(ns, mix: str, cal: dict | None = None) -> argparse.Namespace:
     d = {**vars(ns), "input": inp, "output": out, "seed": ns.seed + 100_000 * idx}
     if cal is not None:
         d.update(slo_ttft_ms=cal["ttft_ms"], slo_tpot_ms=cal["tpot_ms"],
-                 rates=",".join(f"{r:g}" for r in cal["rates"]))
+                 rates=",".join(f"{r:g}" for r in cal["rates"]),
+                 rate_seed_offsets=[rate_seed_offset(float(m))
+                                    for m in ns.rate_mult.split(",")])
     return argparse.Namespace(**d)
+
+
+def rate_seed_offset(mult: float) -> int:
+    """A cell's seed offset from its rate multiplier, not its place in --rate-mult: the
+    0.6x ladder (0.6, 1.2, 1.8, 2.4, 3.0) keeps the offsets its places gave it (0, 1000,
+    2000, ...), and a run of some of its rates gets the same requests in the same cells
+    (before, `--rate-mult 1.2,1.8,2.4` served the whole matrix's 0.6-1.8x requests at
+    1.2-2.4x). Pure."""
+    return round(1000 * (mult / 0.6 - 1))
 
 
 async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:

@@ -238,10 +238,11 @@ async def sweep(url: str, ns, label: str) -> list[dict]:
     # a synthetic prompt's length is exact only if the end of sequence never cuts it
     ignore_eos = getattr(ns, "ignore_eos", False) or dataset is None
     runs = []
+    offsets = getattr(ns, "rate_seed_offsets", None)   # bench.matrix: by rate multiplier
     for i, rate in enumerate(rates_of(ns)):
         # each rate its own prompts (no prefix-cache hits from the previous rate's run), the
         # same for every setup measured with the same seed
-        spec = spec_for(ns, rate, seed=ns.seed + 1000 * i)
+        spec = spec_for(ns, rate, seed=ns.seed + (offsets[i] if offsets else 1000 * i))
         reqs = requests_for(ns, spec, tok)
         tag = f"{label} {rate:g} req/s" + (f" c={ns.concurrency}" if ns.concurrency else "")
         warm = getattr(ns, "num_warmups", 0)

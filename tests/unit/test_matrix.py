@@ -218,11 +218,21 @@ def test_a_mix_gets_the_same_requests_whichever_mixes_run_beside_it():
                       "long-mix")
     assert alone.seed == whole.seed == 200_007
     assert MX.mix_ns(ns, "prefill").seed == 7
+    # ...and a cell gets the same requests whichever rates run beside it: its seed offset
+    # follows its rate multiplier (the 0.6x ladder keeps the offsets its places gave it)
+    cal = {"ttft_ms": 900.0, "tpot_ms": 30.0, "rates": [1.0, 2.0, 3.0]}
+    full = MX.mix_ns(argparse.Namespace(**{**vars(ns), "rate_mult": "0.6,1.2,1.8,2.4"}),
+                     "long-mix", cal)
+    some = MX.mix_ns(argparse.Namespace(**{**vars(ns), "rate_mult": "1.2,1.8,3.0"}),
+                     "long-mix", cal)
+    assert full.rate_seed_offsets == [0, 1000, 2000, 3000]
+    assert some.rate_seed_offsets == [1000, 2000, 4000]
 
 
 def test_a_mix_of_ones_own_runs_with_its_own_lengths():
     import argparse
-    ns = argparse.Namespace(seed=7, mix_defs={**MX.MIXES, "chat": ("uniform:32:64", "fixed:4")})
+    ns = argparse.Namespace(seed=7, mix_defs={**MX.MIXES, "chat": ("uniform:32:64", "fixed:4")},
+                            rate_mult="0.6,1.2")
     m = MX.mix_ns(ns, "chat", {"ttft_ms": 900.0, "tpot_ms": 30.0, "rates": [1.0, 2.0]})
     assert (m.input, m.output, m.seed, m.rates) == ("uniform:32:64", "fixed:4", 400_007, "1,2")
     res = {"vllm-2x": [run(1.0, 0.5, 20)], "pdserve": [run(1.0, 0.6, 20)]}
