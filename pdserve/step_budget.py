@@ -102,11 +102,12 @@ def late_only(streams: list[Stream]) -> bool:
 
 
 def allowance(streams: list[Stream], tpot_slo_s: float, safety: float = SAFETY,
-              base_s: float = 0.0) -> float:
+              base_s: float = 0.0, rest_s: float = 0.0) -> float:
     """The longest this step may take with every stream still ending within safety * SLO,
-    when each of its later steps takes `base_s / safety` (a decode step, with margin)."""
+    when each of its later steps takes `base_s / safety` (a decode step, with margin), or
+    `rest_s` where that is longer (a floor step beside prompts, `later_step`)."""
     best = float("inf")
-    rest = base_s / safety if safety > 0 else base_s
+    rest = max(rest_s, base_s / safety if safety > 0 else base_s)
     for s in streams:
         left = s.target - s.produced
         if left <= 0 or s.target < 2 or s.late:
@@ -143,7 +144,9 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
     base = coef.decode_step(len(streams), ctx_tokens) if coef is not None else 0.0
-    allow = allowance(streams, tpot_slo_s, safety, base)
+    rest = 0.0 if coef is None else later_step(coef, tpot_slo_s, len(streams), ctx_tokens,
+                                               min_chunk, safety, least)
+    allow = allowance(streams, tpot_slo_s, safety, base, rest)
     if allow == float("inf"):
         return Budget(allow, 0)
     if coef is None:
@@ -155,6 +158,20 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     sized = tok > floor
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
     return Budget(allow, tok, hold=tok <= 0, sized=sized)
+
+
+def later_step(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,
+               min_chunk: int = MIN_CHUNK, safety: float = SAFETY, least: int = LEAST) -> float:
+    """What the streams' later steps are planned at while prompts are computed beside
+    them: a floor step (`floor_tokens`, at most safety * SLO unless not one token fits),
+    which the allowance counts instead of a plain decode step (`base / safety`) where it
+    is longer. Counting plain steps, a fresh 8-token stream's first step was given the
+    slack of its whole life (0.9 x SLO x 7 gaps less 6 plain steps: 59 ms under a 47.5 ms
+    SLO) while the prompts beside it went on at the floor, at up to 0.9 x SLO a step:
+    the plan itself averaged over 0.9 x SLO, and a 30% overrun of that one step lost the
+    stream (docs/benchmarks.md, "Sixty-fourth run")."""
+    tok = floor_tokens(coef, tpot_slo_s, seqs, ctx, min_chunk, safety, least)
+    return coef.step_time(tok, chunk_attn(tok, 0), seqs, ctx)
 
 
 def floor_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,
@@ -169,8 +186,9 @@ def stream_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float, before
                   safety: float = SAFETY, least: int = LEAST) -> int:
     """Prompt tokens per step beside `seqs` streams in the long run: what keeps each step
     within safety * SLO (streams that run at that pace end within it), at least the floor.
-    The engine hands a new stream's slack out at once and then steps at the floor; on
-    average it is this (what the scheduler predicts a prompt's progress from)."""
+    The engine hands a new stream's slack beyond its floor steps out at once and then
+    steps at the floor; on average it is this (what the scheduler predicts a prompt's
+    progress from)."""
     return max(floor_tokens(coef, tpot_slo_s, seqs, ctx, safety=safety, least=least),
                coef.chunk_budget(safety * tpot_slo_s, seqs, ctx, before))
 

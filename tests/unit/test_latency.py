@@ -9,7 +9,8 @@ import pytest
 from pdserve.latency import (IDENTIFY_TOKENS, STEP_FEATURES, Coef, OnlineLinear, StepModel,
                              StepSample, TransferModel, chunk_attn)
 from pdserve.step_budget import (ALONE_OVERHEAD, MIN_CHUNK, OVERRUN_MIN, Stream, allowance,
-                                 budget, fcfs_tokens, floor_tokens, overrun, stream_tokens)
+                                 budget, fcfs_tokens, floor_tokens, later_step, overrun,
+                                 stream_tokens)
 
 TRUE = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
             decode_ctx_10ktok=0.01, mixed=0.003)
@@ -238,8 +239,10 @@ def test_budget():
     assert alone.tokens == TRUE.chunk_budget(0.09, 0, 0) > 16    # steps
     s = [Stream(0.0, 1, 65)] * 4
     b = budget(s, TRUE, slo, 4000, 4096)
-    base = TRUE.decode_step(4, 4000)
-    assert b.allow_s == pytest.approx(0.09 * 64 - 63 * base / 0.9)
+    # the later steps are planned as floor steps beside the prompts (`later_step`)
+    rest = TRUE.step_time(MIN_CHUNK, chunk_attn(MIN_CHUNK, 0), 4, 4000)
+    assert rest > TRUE.decode_step(4, 4000) / 0.9
+    assert b.allow_s == pytest.approx(0.09 * 64 - 63 * rest)
     want = TRUE.chunk_budget(b.allow_s, 4, 4000)
     assert want > 4096 and b.tokens == 4096                # up to the engine's own cap
     # a stream near its end has little slack left: it rules
@@ -253,6 +256,32 @@ def test_budget():
     # a 1 ms TPOT SLO); with no stream to keep, vLLM's own
     assert budget(s, None, slo, 4000, 4096).tokens == 16
     assert budget([Stream(0.0, 1, 1)], None, slo, 4000, 4096).tokens == 0
+
+
+def test_a_fresh_streams_slack_is_not_one_steps_when_prompts_go_on_beside_it():
+    """While prompts are computed beside a stream, its later steps are floor steps, not
+    plain decode steps: the allowance plans them so (`later_step`). Planned as plain
+    steps, a fresh 8-token stream's first step got the slack of its whole life (on a
+    host whose decode step is 0.76 x SLO: 1.2 x the SLO in one step) while every later
+    step ran at the floor, near safety x SLO: the plan averaged over safety x SLO before
+    any overrun, and one such step ran 30% over and lost the stream."""
+    slo = 0.0475
+    cpu = Coef(step=0.033, prefill_ktok=1.5, decode_seq=0.002, decode_ctx_10ktok=0.02)
+    fresh = [Stream(elapsed_s=0.0, produced=1, target=8)]
+    base = cpu.decode_step(1, 600)
+    assert 0.7 < base / slo < 0.8
+    b = budget(fresh, cpu, slo, 600, 4096, local_prefill=True)
+    rest = later_step(cpu, slo, 1, 600)
+    assert base / 0.9 < rest <= 0.9 * slo * 1.0001      # a floor step beside the stream
+    # the plan, this step and six floor steps, keeps the stream within safety x SLO
+    assert b.allow_s + 6 * rest <= 0.9 * slo * 7 * 1.0001
+    assert b.allow_s < slo
+    old = allowance(fresh, slo, 0.9, base)               # the plan with plain steps
+    assert old > 1.2 * slo and old + 6 * rest > 0.9 * slo * 7
+    # with no prompt work left to plan for, a stream near its end keeps what it has
+    ending = [Stream(elapsed_s=6 * 0.03, produced=7, target=8)]
+    assert budget(ending, cpu, slo, 600, 4096).allow_s == pytest.approx(
+        0.9 * slo * 7 - 6 * 0.03)
 
 
 def test_fcfs_budget_ends_prompts_in_arrival_order():
@@ -279,10 +308,12 @@ def test_local_prefill_alone_keeps_the_fixed_part_a_small_share_of_each_step():
     assert cpu.step / step == pytest.approx(ALONE_OVERHEAD, rel=0.05)
     assert b.allow_s == pytest.approx(0.9 * 0.21)      # what a landing stream is held to
     # streams running: their allowance rules, whatever the fixed part: a fresh stream of
-    # 17 tokens affords one step of 16 x 0.189 - 15 x 0.11 / 0.9 = 1.19 s
+    # 17 tokens affords one step of 16 x 0.189 less its 15 later floor steps (15 prompt
+    # tokens beside it: 0.185 s each)
     s = [Stream(0.0, 1, 17)]
     b = budget(s, cpu, 0.21, 100, 4096)
-    assert b.allow_s == pytest.approx(16 * 0.189 - 15 * 0.11 / 0.9)
+    assert later_step(cpu, 0.21, 1, 100) == pytest.approx(0.11 + 15 * 0.005)
+    assert b.allow_s == pytest.approx(16 * 0.189 - 15 * 0.185)
     assert b.tokens == cpu.chunk_budget(b.allow_s, 1, 100)
     # a stream that used its slack already: the floor
     used = Stream(elapsed_s=b.allow_s, produced=2, target=17)
@@ -317,12 +348,14 @@ def test_a_floor_of_zero_gives_streams_with_no_room_decode_only_steps():
     assert one.tokens == 1 and not one.hold              # the default floor: one token
     assert cpu.step_time(1, 0, 1, 600) + cpu.mixed > 0.9 * 0.088
     none = budget(behind, cpu, 0.088, 600, 4096, least=0)
-    assert none.hold and none.tokens == 0 and none.allow_s == one.allow_s
+    assert none.hold and none.tokens == 0
+    assert none.allow_s > one.allow_s        # its later steps are decode-only: shorter
     assert floor_tokens(cpu, 0.088, 1, 600, least=0) == 0
     assert stream_tokens(cpu, 0.088, 1, 600, least=0) == 0
     fresh = [Stream(0.5, 38, 40)]                         # slack: a chunk either way
-    assert budget(fresh, cpu, 0.088, 600, 4096, least=0) == budget(fresh, cpu, 0.088, 600,
-                                                                    4096)
+    zero, one = budget(fresh, cpu, 0.088, 600, 4096, least=0), budget(fresh, cpu, 0.088, 600,
+                                                                       4096)
+    assert zero.tokens > 1 and one.tokens > 1 and not (zero.hold or one.hold)
     roomy = Coef(step=0.02, prefill_ktok=0.5)             # room for the usual floor
     assert budget(behind, roomy, 0.088, 600, 4096, least=0).tokens == MIN_CHUNK
 
@@ -406,4 +439,4 @@ def test_streams_that_missed_their_ttft_slo_keep_no_slack():
     # every stream's)
     both = budget([fresh, late], TRUE, slo, 1000, 4096)
     assert both.allow_s == pytest.approx(
-        allowance([fresh], slo, 0.9, TRUE.decode_step(2, 1000)))
+        allowance([fresh], slo, 0.9, TRUE.decode_step(2, 1000), later_step(TRUE, slo, 2, 1000)))
