@@ -99,7 +99,7 @@ def mix_ns(ns, mix: str, cal: dict | None = None) -> argparse.Namespace:
     built-in ones, then --mix's), not its place in --mixes: a run of some mixes gets the
     same requests, and the same calibration, as the whole matrix (before, the long-prompt
     mix run alone or second had other prompts, and its 4 calibration requests could hold
-    no 1,024-token prompt: a TTFT SLO of 755-807 ms against the whole matrix's 1,698)."""
+    no 1,024-token prompt: a TTFT SLO of 755-826 ms against the whole matrix's 1,698)."""
     inp, out = ns.mix_defs[mix]
     idx = list(ns.mix_defs).index(mix)
     d = {**vars(ns), "input": inp, "output": out, "seed": ns.seed + 100_000 * idx}

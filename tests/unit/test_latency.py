@@ -278,7 +278,7 @@ def test_a_fresh_streams_slack_is_not_one_steps_when_prompts_go_on_beside_it():
     assert b.allow_s < slo
     old = allowance(fresh, slo, 0.9, base)               # the plan with plain steps
     assert old > 1.2 * slo and old + 6 * rest > 0.9 * slo * 7
-    # with no prompt work left to plan for, a stream near its end keeps what it has
+    # a stream at its last token has no later step to plan: this step gets all its slack
     ending = [Stream(elapsed_s=6 * 0.03, produced=7, target=8)]
     assert budget(ending, cpu, slo, 600, 4096).allow_s == pytest.approx(
         0.9 * slo * 7 - 6 * 0.03)
