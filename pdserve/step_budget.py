@@ -143,35 +143,33 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
         if coef is None:
             return Budget(safety * tpot_slo_s, 0)
         return Budget(safety * tpot_slo_s, min(alone(coef, tpot_slo_s, safety)[1], max_tokens))
-    base = coef.decode_step(len(streams), ctx_tokens) if coef is not None else 0.0
-    rest = 0.0 if coef is None else later_step(coef, tpot_slo_s, len(streams), ctx_tokens,
-                                               min_chunk, safety, least)
-    allow = allowance(streams, tpot_slo_s, safety, base, rest)
-    if allow == float("inf"):
-        return Budget(allow, 0)
     if coef is None:
         # no model yet (an engine's first prompts): the streams first, prompts at
         # `min_chunk` tokens a step (docs/design.md, "Where the samples come from")
-        return Budget(allow, min(min_chunk, max_tokens))
-    tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
+        allow = allowance(streams, tpot_slo_s, safety)
+        return Budget(allow, 0 if allow == float("inf") else min(min_chunk, max_tokens))
     floor = floor_tokens(coef, tpot_slo_s, len(streams), ctx_tokens, min_chunk, safety, least)
+    allow = allowance(streams, tpot_slo_s, safety, coef.decode_step(len(streams), ctx_tokens),
+                      later_step(coef, len(streams), ctx_tokens, floor))
+    if allow == float("inf"):
+        return Budget(allow, 0)
+    tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
     sized = tok > floor
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
     return Budget(allow, tok, hold=tok <= 0, sized=sized)
 
 
-def later_step(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,
-               min_chunk: int = MIN_CHUNK, safety: float = SAFETY, least: int = LEAST) -> float:
+def later_step(coef: Coef, seqs: float, ctx: float, floor: int) -> float:
     """What the streams' later steps are planned at while prompts are computed beside
-    them: a floor step (`floor_tokens`, at most safety * SLO unless not one token fits),
+    them: a step with the floor's `floor` prompt tokens (`floor_tokens`, at most safety *
+    SLO unless not one token fits),
     which the allowance counts instead of a plain decode step (`base / safety`) where it
     is longer. Counting plain steps, a fresh 8-token stream's first step was given the
     slack of its whole life (0.9 x SLO x 7 gaps less 6 plain steps: 59 ms under a 47.5 ms
     SLO) while the prompts beside it went on at the floor, at up to 0.9 x SLO a step:
     the plan itself averaged over 0.9 x SLO, and a 30% overrun of that one step lost the
     stream (docs/benchmarks.md, "Sixty-fourth run")."""
-    tok = floor_tokens(coef, tpot_slo_s, seqs, ctx, min_chunk, safety, least)
-    return coef.step_time(tok, chunk_attn(tok, 0), seqs, ctx)
+    return coef.step_time(floor, chunk_attn(floor, 0), seqs, ctx)
 
 
 def floor_tokens(coef: Coef, tpot_slo_s: float, seqs: float, ctx: float,

@@ -271,7 +271,7 @@ def test_a_fresh_streams_slack_is_not_one_steps_when_prompts_go_on_beside_it():
     base = cpu.decode_step(1, 600)
     assert 0.7 < base / slo < 0.8
     b = budget(fresh, cpu, slo, 600, 4096, local_prefill=True)
-    rest = later_step(cpu, slo, 1, 600)
+    rest = later_step(cpu, 1, 600, floor_tokens(cpu, slo, 1, 600))
     assert base / 0.9 < rest <= 0.9 * slo * 1.0001      # a floor step beside the stream
     # the plan, this step and six floor steps, keeps the stream within safety x SLO
     assert b.allow_s + 6 * rest <= 0.9 * slo * 7 * 1.0001
@@ -312,7 +312,8 @@ def test_local_prefill_alone_keeps_the_fixed_part_a_small_share_of_each_step():
     # tokens beside it: 0.185 s each)
     s = [Stream(0.0, 1, 17)]
     b = budget(s, cpu, 0.21, 100, 4096)
-    assert later_step(cpu, 0.21, 1, 100) == pytest.approx(0.11 + 15 * 0.005)
+    fl = floor_tokens(cpu, 0.21, 1, 100)
+    assert later_step(cpu, 1, 100, fl) == pytest.approx(0.11 + 15 * 0.005)
     assert b.allow_s == pytest.approx(16 * 0.189 - 15 * 0.185)
     assert b.tokens == cpu.chunk_budget(b.allow_s, 1, 100)
     # a stream that used its slack already: the floor
@@ -439,4 +440,5 @@ def test_streams_that_missed_their_ttft_slo_keep_no_slack():
     # every stream's)
     both = budget([fresh, late], TRUE, slo, 1000, 4096)
     assert both.allow_s == pytest.approx(
-        allowance([fresh], slo, 0.9, TRUE.decode_step(2, 1000), later_step(TRUE, slo, 2, 1000)))
+        allowance([fresh], slo, 0.9, TRUE.decode_step(2, 1000), later_step(TRUE, 2, 1000,
+                                                 floor_tokens(TRUE, slo, 2, 1000))))
