@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 
 from pdserve.config import resolve_dtype
+from bench import host
 from bench.local_cluster import start_module
 from pdserve.engine import free_port, id_list
 
@@ -465,6 +466,8 @@ def main(argv=None) -> int:
                     output="fixed:64", slo_ttft_ms=5000.0, slo_tpot_ms=80.0)
     ns = finish_args(ap.parse_args(argv))
     setups = setup_list(ap, ns)
+    hf = host.facts()
+    print(host.describe(hf), flush=True)
     print(f"workload: {ns.num_requests} requests per rate, rates {ns.rates}, input "
           f"{ns.input}, output {ns.output}, {ns.arrival}, seed {ns.seed}; SLO TTFT "
           f"{ns.slo_ttft_ms:g} ms, TPOT {ns.slo_tpot_ms:g} ms", flush=True)
@@ -474,11 +477,12 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if ns.out:      # the measurements first: a report that fails must not lose them
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({"argv": args, "results": results}, indent=1))
+        Path(ns.out).write_text(json.dumps({"argv": args, "host": hf, "results": results},
+                                            indent=1))
     text = report(results)
     print("\n" + text, flush=True)
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"argv": args, "report": text,
+        Path(ns.out).write_text(json.dumps({"argv": args, "host": hf, "report": text,
                                             "results": results}, indent=1))
     if ns.plot:
         for p in plots(results, ns.plot):

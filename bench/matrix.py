@@ -48,7 +48,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench import compare as C
+from bench import compare as C, host
 from bench.stats import Result, percentile, sign_test_p, within_slo_dict
 from bench.workload import parse_dist
 
@@ -372,6 +372,8 @@ def main(argv=None) -> int:
     for m in ns.mixes.split(","):
         if m.strip() and m.strip() not in ns.mix_defs:
             ap.error(f"unknown mix {m!r}; known: {', '.join(ns.mix_defs)}")
+    hf = host.facts()
+    print(host.describe(hf), flush=True)
     results, cals, ceilings = run_matrix(ns)
     texts, summary = [], []
     for mix, res in results.items():
@@ -380,11 +382,12 @@ def main(argv=None) -> int:
                                    ns.mix_defs[mix])
             texts.append(text)
             summary.append(out)
+    texts.insert(0, host.describe(hf))
     print("\n\n".join(texts), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                            "calibration": cals, "summary": summary,
+                                            "host": hf, "calibration": cals, "summary": summary,
                                             "ceilings": ceilings,
                                             "report": "\n\n".join(texts),
                                             "results": results}, indent=1))

@@ -240,3 +240,16 @@ def test_a_mix_of_ones_own_runs_with_its_own_lengths():
                               lengths=("uniform:32:64", "fixed:4"))
     assert "=== mix chat: input uniform:32:64, output fixed:4;" in text
     assert out["mix"] == "chat" and out["every_cell"]
+
+
+def test_host_facts_name_the_cpu_and_the_autogroup_setting():
+    from bench import host
+    info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
+    assert host.cpu_model(info) == "AMD EPYC 9B14"
+    assert host.cpu_model("processor : 0\n") == ""
+    f = {"cpu": "AMD EPYC 9B14", "cores": 2, "kernel": "6.18", "autogroup": False}
+    assert host.describe(f) == ("host: AMD EPYC 9B14, 2 cores, Linux 6.18, "
+                                "autogroup scheduling off")
+    assert host.describe({**f, "autogroup": None}).endswith("autogroup scheduling n/a")
+    live = host.facts()
+    assert live["cores"] >= 1 and live["autogroup"] in (True, False, None)

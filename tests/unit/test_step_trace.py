@@ -1,6 +1,8 @@
 """bench/step_trace.py: steps by kind from a step trace, and the step model's error per
 kind (a synthetic engine whose mixed steps pay a fixed part of their own)."""
 
+import json
+
 from bench.step_trace import client_gaps, gap_cause, main, read, report, step_spans
 
 
@@ -58,3 +60,18 @@ def test_client_gaps_are_put_down_to_what_took_them(tmp_path, capsys):
     assert ("4 client gaps over 100 ms, by what took most of each: prompt step 1 "
             "(prompt tokens p50 454), decode step 1, client 1, between 1"
             in capsys.readouterr().out)
+
+
+def test_token_times_are_read_from_compare_and_matrix_results(tmp_path):
+    from bench.step_trace import results_token_times
+    run = {"requests": [{"token_times": [1.0, 1.2]}, {"token_times": None}],
+           "client_stalls": [[1.1, 0.06]]}
+    compare = tmp_path / "c.json"
+    compare.write_text(json.dumps({"results": {"pdserve": [run], "vllm-2x": [run]}}))
+    matrix = tmp_path / "m.json"
+    matrix.write_text(json.dumps({"results": {"prefill": {"pdserve": [run]},
+                                              "shift": {"pdserve": [run, run]}}}))
+    times, stalls = results_token_times(str(compare))
+    assert times == [[1.0, 1.2], [], [1.0, 1.2], []] and stalls == [(1.1, 0.06)] * 2
+    times, stalls = results_token_times(str(matrix))
+    assert len(times) == 6 and times[4] == [1.0, 1.2] and len(stalls) == 3
