@@ -7,6 +7,7 @@ the KV transfer, the decode stream's TPOT error). No I/O beyond the metrics it e
 from __future__ import annotations
 
 import logging
+import math
 
 from scheduler import metrics as SM
 from scheduler.models import LatencyBook, handoff_s
@@ -15,9 +16,12 @@ from scheduler.state import Booking, Worker
 log = logging.getLogger(__name__)
 
 
-def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None) -> None:
+def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None,
+                      long_from_s: float = math.inf) -> None:
     """`r`: the frontend's ReportRequest for booking `b`; `decode`: its decode worker, if
-    still registered."""
+    still registered; `long_from_s`: a local prefill whose engine part was predicted at
+    this or more is long (LatencyBook.local_slow): how far it ran over is a factor of its
+    length, which the first token's fixed part does not learn."""
     err = SM.SCHED_PRED_ERROR
     if r.ttft_ms > 0 and b.pred_ttft_s > 0:
         err.labels("ttft").observe(b.pred_ttft_s * 1e3 / r.ttft_ms - 1)
@@ -26,10 +30,17 @@ def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None) -
     ready_ms = r.ttft_ms - r.first_held_ms     # until the prefilling worker computed it
     if ready_ms > 0 and b.pred_ttft_s > 0:
         raw = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
-        book.observe_first(b.prefill or b.decode, "remote" if b.prefill is not None else "local",
-                           ready_ms / 1e3 - raw)
-        if b.prefill is None:       # a local prefill: its engine part, without its hold
-            book.observe_local(b.decode, raw - b.held_s,
+        if b.prefill is not None:
+            book.observe_first(b.prefill, "remote", ready_ms / 1e3 - raw)
+        else:
+            # a local prefill: its residual is the fixed part only where its engine part
+            # was short. A long one runs over by a share of its length (the prompts and
+            # streams that land beside it), which local_slow learns: taken as a fixed
+            # part too, the long ones' 0.2-0.5 s put a 35-token prompt on an idle decode
+            # engine at 345 ms, the remote option at 170 (docs/benchmarks.md, m133)
+            if raw - b.held_s < long_from_s:
+                book.observe_first(b.decode, "local", ready_ms / 1e3 - raw)
+            book.observe_local(b.decode, raw - b.held_s,      # its engine part, no hold
                                ready_ms / 1e3 - b.held_s - b.pred_first_over_s)
     if r.ttft_ms > r.first_held_ms > 0 and b.pred_ttft_s > b.pred_handoff_s > 0:
         # a kept first token: its TTFT in two parts, until the prefill worker computed it

@@ -86,3 +86,34 @@ def test_placement_hands_each_decode_worker_its_learned_local_overrun(monkeypatc
     monkeypatch.setattr(A, "options", spy)
     _place_adaptive(reg, book, slo, [p], [d], {}, 2000, 16, 1.0)
     assert seen["d"] == (pytest.approx(1.5), pytest.approx(LOCAL_SLOW_SHARE * 3.0))
+
+
+def test_only_short_local_prefills_teach_the_first_tokens_fixed_part():
+    """A long local prefill's overrun is a share of its length (local_slow), not a fixed
+    part: taken as one, it put every short local prompt that much later."""
+    def report(ttft_ms):
+        return NS(ttft_ms=ttft_ms, tpot_ms=25.0, first_held_ms=0.0, first_gap_ms=0.0,
+                  output_tokens=16, kv_bytes=0, kv_seconds=0.0)
+
+    # engine part predicted 1.1 s (1.3 less 0.2 held), measured 1.5 s: 0.4 s over
+    long = Booking("l", None, "d", 1024, 8, 0.0, pred_ttft_s=1.3, held_s=0.2)
+    short = Booking("s", None, "d", 64, 1, 0.0, pred_ttft_s=0.1)
+    b = LatencyBook()
+    for _ in range(TAIL_MIN):
+        learn_from_report(b, long, report(1700.0), None, long_from_s=0.5)
+    assert b.first_over_s("d", "local") == 0.0
+    assert b.local_slow("d", 0.5) == pytest.approx(1.5 / 1.1)
+    for _ in range(TAIL_MIN):
+        learn_from_report(b, short, report(130.0), None, long_from_s=0.5)
+    assert b.first_over_s("d", "local") == pytest.approx(0.03)
+    assert b.local_slow("d", 0.5) == pytest.approx(1.5 / 1.1)    # the short ones: not here
+
+    everything = LatencyBook()          # no threshold: the long ones' overrun as fixed part
+    for _ in range(TAIL_MIN):
+        learn_from_report(everything, long, report(1700.0), None)
+    assert everything.first_over_s("d", "local") == pytest.approx(0.4)
+
+    remote = dataclasses.replace(long, prefill="p")    # a remote prefill's: always
+    for _ in range(TAIL_MIN):
+        learn_from_report(b, remote, report(1700.0), None, long_from_s=0.5)
+    assert b.first_over_s("p", "remote") == pytest.approx(0.4)
