@@ -16,6 +16,17 @@ from scheduler.state import Booking, Worker
 log = logging.getLogger(__name__)
 
 
+def forget_worker(worker_id: str) -> None:
+    """Drop a worker's learned-part gauges (it left, or expired)."""
+    for g, labels in ((SM.SCHED_FIRST_OVER, (worker_id, "remote")),
+                      (SM.SCHED_FIRST_OVER, (worker_id, "local")),
+                      (SM.SCHED_LOCAL_SLOW, (worker_id,))):
+        try:
+            g.remove(*labels)
+        except KeyError:
+            pass
+
+
 def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None,
                       long_from_s: float = math.inf) -> None:
     """`r`: the frontend's ReportRequest for booking `b`; `decode`: its decode worker, if
@@ -42,6 +53,10 @@ def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None,
                 book.observe_first(b.decode, "local", ready_ms / 1e3 - raw)
             book.observe_local(b.decode, raw - b.held_s,      # its engine part, no hold
                                ready_ms / 1e3 - b.held_s - b.pred_first_over_s)
+            SM.SCHED_LOCAL_SLOW.labels(b.decode).set(book.local_slow(b.decode, long_from_s))
+        kind = "remote" if b.prefill is not None else "local"
+        who = b.prefill or b.decode
+        SM.SCHED_FIRST_OVER.labels(who, kind).set(book.first_over_s(who, kind))
     if r.ttft_ms > r.first_held_ms > 0 and b.pred_ttft_s > b.pred_handoff_s > 0:
         # a kept first token: its TTFT in two parts, until the prefill worker computed it
         # (`ready`) and the handoff to the decode engine's first token

@@ -54,6 +54,14 @@ SCHED_HANDOFF = Histogram("pdserve_scheduler_handoff_seconds",
                           "A remote prefill's handoff as its client saw it: the first gap "
                           "(first token to second) beyond the request's other gaps",
                           buckets=_LAT)
+SCHED_FIRST_OVER = Gauge("pdserve_scheduler_first_token_fixed_seconds",
+                         "Latency model: the fixed part of a first token's way to the client "
+                         "that no engine step holds, learned per prefilling worker, for "
+                         "remote and (short) local prefills", ["worker", "kind"])
+SCHED_LOCAL_SLOW = Gauge("pdserve_scheduler_local_slow_ratio",
+                         "Latency model: how many times their prediction recent long local "
+                         "prefills took on this decode worker (1 until eight of them)",
+                         ["worker"])
 SCHED_ROLE_CHANGES = Counter("pdserve_scheduler_role_changes",
                              "Worker role changes by new role and reason", ["role", "reason"])
 SCHED_ROLE_PENDING = Gauge("pdserve_scheduler_role_changes_pending",

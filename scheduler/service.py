@@ -27,7 +27,7 @@ from scheduler.adaptive import SLO
 from scheduler.admission import retry_after_s
 from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex
-from scheduler.feedback import learn_from_report
+from scheduler.feedback import forget_worker, learn_from_report
 from scheduler.models import RECENT_S, LatencyBook
 from scheduler import messages as MSG
 from scheduler.messages import MODE_PB, ROLE, ROLE_PB
@@ -71,6 +71,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
     def _forget(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
         self.book.forget(worker_id)
+        forget_worker(worker_id)
 
     # ------------------------------------------------------------ membership
     async def Register(self, request, context):

@@ -117,3 +117,33 @@ def test_only_short_local_prefills_teach_the_first_tokens_fixed_part():
     for _ in range(TAIL_MIN):
         learn_from_report(b, remote, report(1700.0), None, long_from_s=0.5)
     assert b.first_over_s("p", "remote") == pytest.approx(0.4)
+
+
+def test_the_learned_parts_are_exported_per_worker_and_dropped_with_it():
+    from prometheus_client import REGISTRY
+
+    from scheduler.feedback import forget_worker
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels)
+
+    r = NS(ttft_ms=130.0, tpot_ms=25.0, first_held_ms=0.0, first_gap_ms=0.0,
+           output_tokens=16, kv_bytes=0, kv_seconds=0.0)
+    short = Booking("s", None, "dx", 64, 1, 0.0, pred_ttft_s=0.1)
+    long = Booking("l", None, "dx", 1024, 8, 0.0, pred_ttft_s=1.0)
+    b = LatencyBook()
+    for _ in range(TAIL_MIN):
+        learn_from_report(b, short, r, None, long_from_s=0.5)
+        learn_from_report(b, long, NS(**{**vars(r), "ttft_ms": 1500.0}), None,
+                          long_from_s=0.5)
+    fixed = "pdserve_scheduler_first_token_fixed_seconds"
+    assert value(fixed, worker="dx", kind="local") == pytest.approx(0.03)
+    assert value("pdserve_scheduler_local_slow_ratio", worker="dx") == pytest.approx(1.5)
+    learn_from_report(b, dataclasses.replace(short, prefill="px"), r, None, long_from_s=0.5)
+    assert value(fixed, worker="px", kind="remote") == 0.0      # one of TAIL_MIN: not yet
+    for w in ("dx", "px"):
+        forget_worker(w)
+    assert value(fixed, worker="dx", kind="local") is None
+    assert value("pdserve_scheduler_local_slow_ratio", worker="dx") is None
+    assert value(fixed, worker="px", kind="remote") is None
+    forget_worker("never-seen")                                   # no error
