@@ -133,9 +133,8 @@ def results_token_times(path: str) -> tuple[list[list[float]], list[tuple[float,
     every run's `client_stalls`."""
     data = json.loads(Path(path).read_text())["results"]
     # bench.compare's {setup: [run]}, or bench.matrix's {mix: {setup: [run]}}
-    nested = [v for v in data.values() if isinstance(v, dict)]
-    runs = [r for rs in (v for d in nested for v in d.values()) for r in rs] if nested \
-        else [r for rs in data.values() for r in rs]
+    lists = [v for x in data.values() for v in (x.values() if isinstance(x, dict) else [x])]
+    runs = [r for rs in lists for r in rs]
     return ([q.get("token_times") or [] for r in runs for q in r["requests"]],
             [tuple(x) for r in runs for x in r.get("client_stalls", [])])
 

@@ -162,13 +162,12 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
 def later_step(coef: Coef, seqs: float, ctx: float, floor: int) -> float:
     """What the streams' later steps are planned at while prompts are computed beside
     them: a step with the floor's `floor` prompt tokens (`floor_tokens`, at most safety *
-    SLO unless not one token fits),
-    which the allowance counts instead of a plain decode step (`base / safety`) where it
-    is longer. Counting plain steps, a fresh 8-token stream's first step was given the
-    slack of its whole life (0.9 x SLO x 7 gaps less 6 plain steps: 59 ms under a 47.5 ms
-    SLO) while the prompts beside it went on at the floor, at up to 0.9 x SLO a step:
-    the plan itself averaged over 0.9 x SLO, and a 30% overrun of that one step lost the
-    stream (docs/benchmarks.md, "Sixty-fourth run")."""
+    SLO unless not one token fits), which the allowance counts instead of a plain decode
+    step (`base / safety`) where it is longer. Counting plain steps, a fresh 8-token
+    stream's first step was given the slack of its whole life (0.9 x SLO x 7 gaps less 6
+    plain steps: 59 ms under a 47.5 ms SLO) while the prompts beside it went on at the
+    floor, at up to 0.9 x SLO a step: the plan itself averaged over 0.9 x SLO, and a 30%
+    overrun of that one step lost the stream (docs/benchmarks.md, "Sixty-fourth run")."""
     return coef.step_time(floor, chunk_attn(floor, 0), seqs, ctx)
 
 

@@ -19,6 +19,12 @@ from scheduler.state import NoPlacement, Registry, Worker
 LOCAL_SLOW_SHARE = 0.25
 
 
+def long_local_from_s(slo: A.SLO) -> float:
+    """Where a local prefill counts as long: corrected by `local_slow` here, and its
+    overrun kept out of the local fixed part (scheduler/feedback.py)."""
+    return LOCAL_SLOW_SHARE * slo.ttft_s
+
+
 def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
           overlap_of, exclude: frozenset[str] = frozenset(), rng=None,
           book: LatencyBook | None = None, slo: A.SLO | None = None, max_tokens: int = 0,
@@ -112,7 +118,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
     timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
-    slow_from_s = LOCAL_SLOW_SHARE * slo.ttft_s
+    slow_from_s = long_local_from_s(slo)
     for p in prefills:
         c = cached.get(p.worker_id, 0)
         j = reg.join_backlog(p, now, book.coef(p.worker_id, p.model), num_tokens - c,

@@ -33,7 +33,7 @@ from scheduler import messages as MSG
 from scheduler.messages import MODE_PB, ROLE, ROLE_PB
 from scheduler.planner import SlidingWindow
 from scheduler.roles import RolePlanner, Signals
-from scheduler.placement import LOCAL_SLOW_SHARE, place
+from scheduler.placement import long_local_from_s, place
 from scheduler.state import NoPlacement, Registry, Worker
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         b = self.reg.bookings.get(request.booking_id)
         if b is not None:
             learn_from_report(self.book, b, request, self.reg.workers.get(b.decode),
-                              LOCAL_SLOW_SHARE * self.slo.ttft_s)
+                              long_local_from_s(self.slo))
             if request.phase == pd_pb2.PHASE_PREFILL_DONE and not b.prefill_done:
                 # booked (or held) until computed: the prefill side's latency, without
                 # what a kept first token waits for on the decode side
