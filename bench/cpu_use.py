@@ -1,0 +1,149 @@
+"""Where a setup's CPU goes while it serves: CPU seconds per process and per role (the
+engines, the serving processes around them, the client) over one sweep.
+
+    .venv/bin/python -m bench.cpu_use --setups pdserve,vllm-2x --input mix:0.25:1024:128 \\
+        --output fixed:16 --rates 2.2 --num-requests 36 --slo-ttft-ms 3600 --slo-tpot-ms 48
+
+On a 2-core host every CPU second a frontend, scheduler, worker or proxy spends is one an
+engine does not get, so this is what pdserve's control plane costs against vLLM's API
+servers and a proxy. Each setup starts as `bench.compare` starts it (`--pdserve-arg`,
+`--variant` as there), is warmed up, then serves the sweep between two readings of
+/proc for every process under this one (each thread's utime + stime).
+
+`snapshot` reads /proc; `usage`, `role` and `report` are pure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+# (role, a cmdline prefix or fragment): the first that matches names the process
+ROLES = (
+    ("engine", "VLLM::"),                 # vLLM's engine core and model workers (setproctitle)
+    ("frontend", "pdserve.cli frontend"),
+    ("scheduler", "pdserve.cli scheduler"),
+    ("worker", "pdserve.cli prefill"), ("worker", "pdserve.cli decode"),
+    ("worker", "pdserve.cli worker"),
+    ("launcher", "pdserve.cli serve"),
+    ("api-server", "vllm.entrypoints.openai.api_server"), ("api-server", "vllm serve"),
+    ("proxy", "bench.proxy"),
+)
+
+
+def role(cmdline: str, client: bool = False) -> str:
+    """The role of a process from its command line; `client` for the benchmark itself."""
+    if client:
+        return "client"
+    for name, frag in ROLES:
+        if cmdline.startswith(frag) or f" {frag}" in cmdline or f"-m {frag}" in cmdline:
+            return name
+    return "other"
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = defaultdict(list)
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                st = Path(f"/proc/{p}/stat").read_text()
+            except OSError:
+                continue
+            kids[int(st[st.rindex(")") + 2:].split()[1])].append(int(p))
+    return kids
+
+
+def snapshot(root: int) -> dict[tuple[int, int], tuple[str, str, float]]:
+    """{(pid, tid): (cmdline, thread name, CPU seconds so far)} for `root` and every
+    process under it."""
+    kids, todo, out = _children(), [root], {}
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                st = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                fields = st[st.rindex(")") + 2:].split()
+                out[(pid, int(tid))] = (cmd, st[st.index("(") + 1:st.rindex(")")],
+                                        (int(fields[11]) + int(fields[12])) / TICK)
+        except OSError:        # ended between the listing and the read
+            continue
+    return out
+
+
+def usage(before: dict, after: dict, client: int) -> dict:
+    """CPU seconds between two snapshots: {"roles": {role: s}, "procs": [[s, pid, role,
+    cmdline], ...] (most first), "threads": [[s, pid, name], ...] (most first)}. A thread
+    that began between them counts from 0; one that ended is not seen (its time is lost,
+    so the figures are a lower bound)."""
+    procs: dict[int, list] = {}
+    threads: dict[tuple[int, str], float] = defaultdict(float)
+    for key, (cmd, name, cpu) in after.items():
+        d = max(0.0, cpu - before.get(key, (cmd, name, 0.0))[2])
+        pid = key[0]
+        procs.setdefault(pid, [0.0, pid, role(cmd, pid == client), cmd[:100]])[0] += d
+        threads[(pid, name)] += d
+    roles: dict[str, float] = defaultdict(float)
+    for s, _pid, r, _cmd in procs.values():
+        roles[r] += s
+    return {"roles": dict(sorted(roles.items(), key=lambda x: -x[1])),
+            "procs": sorted(procs.values(), key=lambda x: -x[0]),
+            "threads": sorted(([s, pid, n] for (pid, n), s in threads.items()),
+                              key=lambda x: -x[0])}
+
+
+def report(setup: str, wall_s: float, cores: int, u: dict, top: int = 8) -> str:
+    total = sum(u["roles"].values())
+    lines = [f"== {setup}: {total:.1f} CPU s over {wall_s:.1f} s on {cores} cores "
+             f"({100 * total / max(wall_s * cores, 1e-9):.0f}% of them)"]
+    for r, s in u["roles"].items():
+        lines.append(f"   {r:11s} {s:7.2f} s  {100 * s / max(total, 1e-9):5.1f}%")
+    lines.append("   busiest threads:")
+    for s, pid, name in u["threads"][:top]:
+        if s >= 0.01:
+            lines.append(f"   {s:7.2f} s  {pid:7d} {name}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from bench import compare as C
+    from bench.serve import sweep
+    from bench.serve_args import add_workload_args
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_setup_args(ap, "pdserve,vllm-2x", "/tmp/pdserve-cpu-use")
+    add_workload_args(ap)
+    ns = C.finish_args(ap.parse_args(argv))
+    cores = len(os.sched_getaffinity(0))
+    me, out = os.getpid(), {}
+    for setup in C.setup_list(ap, ns):
+        def body(url, setup=setup):
+            a, t0 = snapshot(me), time.monotonic()
+            runs = asyncio.run(sweep(url, ns, setup))
+            wall, b = time.monotonic() - t0, snapshot(me)
+            return {"wall_s": wall, "cpu": usage(a, b, me), "runs": runs}
+        r = C.run_setup(setup, ns, body)
+        out[setup] = r
+        print(report(setup, r["wall_s"], cores, r["cpu"]), flush=True)
+        for run in r["runs"]:
+            s = run["summary"]
+            print(f"   rate {s.get('rate')}: {s.get('completed')} completed, goodput "
+                  f"{s.get('goodput', 0):.3f} req/s", flush=True)
+    if ns.out:
+        Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
+                                            "results": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""bench.cpu_use: who a process is, CPU seconds between two readings, and a real reading
+of a child process that burned a known amount of CPU."""
+
+import os
+import subprocess
+import sys
+
+from bench.cpu_use import report, role, snapshot, usage
+
+
+def test_role_from_command_line():
+    py = "/repo/.venv/bin/python -m "
+    assert role("VLLM::EngineCore") == "engine"
+    assert role("VLLM::Worker") == "engine"
+    assert role(py + "pdserve.cli frontend --model m --host 127.0.0.1") == "frontend"
+    assert role(py + "pdserve.cli scheduler --port 5") == "scheduler"
+    assert role(py + "pdserve.cli decode --worker-id decode-0") == "worker"
+    assert role(py + "pdserve.cli prefill --worker-id prefill-0") == "worker"
+    assert role(py + "pdserve.cli serve --port 8000") == "launcher"
+    assert role(py + "vllm.entrypoints.openai.api_server --model m") == "api-server"
+    assert role(py + "bench.proxy --port 1 --mode least-outstanding") == "proxy"
+    assert role("/usr/bin/sleep 10") == "other"
+    assert role(py + "pdserve.cli frontend", client=True) == "client"
+
+
+def test_usage_counts_what_each_thread_spent_between_the_readings():
+    eng, fe = "VLLM::EngineCore", "python -m pdserve.cli frontend"
+    before = {(10, 10): (eng, "VLLM::EngineCor", 5.0), (20, 20): (fe, "python", 1.0),
+              (20, 21): (fe, "event_engine", 0.5), (30, 30): ("python -m x", "python", 2.0)}
+    after = {(10, 10): (eng, "VLLM::EngineCor", 9.0), (20, 20): (fe, "python", 1.25),
+             (20, 21): (fe, "event_engine", 0.75),
+             (20, 22): (fe, "grpc_new", 0.5),            # began between the readings
+             (30, 30): ("python -m x", "python", 3.0)}
+    u = usage(before, after, client=30)
+    assert u["roles"] == {"engine": 4.0, "frontend": 1.0, "client": 1.0}
+    assert list(u["roles"])[0] == "engine"                # most first
+    assert [p[:3] for p in u["procs"]] == [[4.0, 10, "engine"], [1.0, 20, "frontend"],
+                                           [1.0, 30, "client"]]
+    assert u["threads"][0] == [4.0, 10, "VLLM::EngineCor"]
+    assert [0.5, 20, "grpc_new"] in u["threads"]
+    text = report("pdserve", 4.0, 2, u)
+    assert "6.0 CPU s over 4.0 s on 2 cores (75% of them)" in text
+    assert "engine         4.00 s   66.7%" in text
+
+
+def test_snapshot_reads_a_child_that_burned_cpu():
+    burn = ("import sys, time\n"
+            "while time.process_time() < 0.3:\n    pass\n"
+            "print('done', flush=True)\nsys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "done"
+        s = snapshot(os.getpid())
+        mine = [v for (pid, _tid), v in s.items() if pid == p.pid]
+        assert mine, "the child is under this process"
+        assert sum(cpu for _cmd, _name, cpu in mine) >= 0.25   # /proc counts whole ticks
+        assert "-c" in mine[0][0]
+        u = usage({}, s, client=os.getpid())
+        assert u["roles"]["client"] > 0 and u["roles"]["other"] >= 0.25
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
