@@ -96,6 +96,22 @@ class BodyLimit:
             scope, receive, send)
 
 
+class ApiKey:
+    """401 for a guarded route without one of `keys`; CORS preflights pass. Plain ASGI, as
+    the limits here: a streamed response's chunks go straight to the server."""
+
+    def __init__(self, app, keys: tuple[str, ...], protect_metrics: bool) -> None:
+        self.app, self.keys, self.protect_metrics = app, keys, protect_metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+            request = Request(scope)
+            if (guarded(request.url.path, self.protect_metrics)
+                    and not key_ok(request.headers.get("authorization"), self.keys)):
+                return await unauthorized()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -132,12 +148,7 @@ def install(app: FastAPI, keys: tuple[str, ...], protect_metrics: bool = False,
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     if keys:
-        @app.middleware("http")
-        async def _api_key(request: Request, call_next):
-            if (request.method != "OPTIONS" and guarded(request.url.path, protect_metrics)
-                    and not key_ok(request.headers.get("authorization"), keys)):
-                return unauthorized()
-            return await call_next(request)
+        app.add_middleware(ApiKey, keys=keys, protect_metrics=protect_metrics)
     if allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),

@@ -162,3 +162,28 @@ async def test_stream_usage_as_vllm_counts_it(path, body):
     async with client(app(Three(), enable_force_include_usage=True)) as c:
         u = await _usages(c, path, s)
         assert [x["completion_tokens"] for x in u][-4:] == [1, 3, 4, 4]
+
+
+async def test_every_response_carries_the_request_id_streamed_or_not():
+    """The client's x-request-id comes back on streamed and plain responses and on a
+    refusal; without one each response gets its own; a stream's error names it."""
+    async with client(app(Three())) as c:
+        async with c.stream("POST", "/v1/completions", json={**BODY, "stream": True},
+                            headers={"x-request-id": "rid-1"}) as r:
+            assert r.status_code == 200 and r.headers["x-request-id"] == "rid-1"
+            assert [ln async for ln in r.aiter_lines() if ln.startswith("data: ")][-1] == \
+                "data: [DONE]"
+        r = await c.post("/v1/completions", json={**BODY, "max_tokens": -1},
+                         headers={"x-request-id": "rid-2"})
+        assert r.status_code == 400 and r.headers["x-request-id"] == "rid-2"
+        ids = {(await c.post("/v1/completions", json=BODY)).headers["x-request-id"]
+               for _ in range(3)}
+        assert len(ids) == 3 and all(len(i) == 32 for i in ids)
+        for path in ("/v1/models", "/health"):       # endpoints that set none themselves
+            r = await c.get(path, headers={"x-request-id": "rid-4"})
+            assert r.status_code in (200, 503) and r.headers["x-request-id"] == "rid-4"
+    async with client(app(Cluster(RuntimeError("boom")))) as c:
+        r = await c.post("/v1/completions", json={**BODY, "stream": True},
+                         headers={"x-request-id": "rid-3"})
+        assert r.headers["x-request-id"] == "rid-3" and "rid-3" in r.text
+        assert "boom" not in r.text
