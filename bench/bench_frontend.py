@@ -19,7 +19,8 @@ import time
 import httpx
 
 
-class _Tokenizer:
+class FixedTokenizer:
+    """Every text is the same three token ids (the component tests use it too)."""
     vocab_size, max_token_chars = 1000, 4
 
     async def encode_async(self, text, max_tokens=0, *args, **kw):
@@ -51,7 +52,7 @@ async def measure(requests: int, chunks: int, reps: int) -> list[float]:
     from pdserve.config import FrontendConfig
 
     app = create_app(FrontendConfig(model="unused", served_model_name="m"),
-                     client=_Cluster(chunks), tokenizer=_Tokenizer())
+                     client=_Cluster(chunks), tokenizer=FixedTokenizer())
     body = {"model": "m", "prompt": "hi", "max_tokens": chunks, "stream": True}
     out = []
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),

@@ -7,25 +7,12 @@ import asyncio
 import httpx
 import pytest
 
+from bench.bench_frontend import FixedTokenizer as Tok
 from frontend.app import create_app
 from frontend.client import Chunk
 from pdserve.config import FrontendConfig
 from pdserve.errors import Overloaded
 from scheduler.admission import retry_after_s
-
-
-class Tok:
-    vocab_size = 1000
-    max_token_chars = 4
-
-    async def encode_async(self, text, max_tokens=0, *args, **kw):
-        return [1, 2, 3]
-
-    def truncate(self, ids, trunc):
-        return ids
-
-    async def chat_async(self, messages, max_tokens=0, **kw):
-        return [1, 2, 3]
 
 
 class Cluster:
