@@ -42,16 +42,14 @@ def learn_from_report(book: LatencyBook, b: Booking, r, decode: Worker | None,
     if ready_ms > 0 and b.pred_ttft_s > 0:
         raw = b.pred_ttft_s - b.pred_handoff_s - b.pred_first_over_s
         who, kind = (b.prefill, "remote") if b.prefill is not None else (b.decode, "local")
-        if b.prefill is not None:
+        # a local prefill's residual is the fixed part only where its engine part was
+        # short. A long one runs over by a share of its length (the prompts and streams
+        # that land beside it), which local_slow learns: taken as a fixed part too, the
+        # long ones' 0.2-0.5 s put a 35-token prompt on an idle decode engine at 345 ms,
+        # the remote option at 170 (docs/benchmarks.md, m133)
+        if kind == "remote" or raw - b.held_s < long_from_s:
             book.observe_first(who, kind, ready_ms / 1e3 - raw)
-        else:
-            # a local prefill: its residual is the fixed part only where its engine part
-            # was short. A long one runs over by a share of its length (the prompts and
-            # streams that land beside it), which local_slow learns: taken as a fixed
-            # part too, the long ones' 0.2-0.5 s put a 35-token prompt on an idle decode
-            # engine at 345 ms, the remote option at 170 (docs/benchmarks.md, m133)
-            if raw - b.held_s < long_from_s:
-                book.observe_first(who, kind, ready_ms / 1e3 - raw)
+        if kind == "local":
             book.observe_local(b.decode, raw - b.held_s,      # its engine part, no hold
                                ready_ms / 1e3 - b.held_s - b.pred_first_over_s)
             SM.SCHED_LOCAL_SLOW.labels(b.decode).set(book.local_slow(b.decode, long_from_s))
