@@ -33,8 +33,8 @@ class RequestId:
     and on every response that does not carry one already. Plain ASGI: a streamed
     response's chunks go straight to the server. Starlette's `BaseHTTPMiddleware`, which
     this was, copies each one through a memory stream: a 16-chunk stream through the app
-    cost 2.1 ms of CPU with it and 1.1 without (docs/benchmarks.md, "Where the CPU goes
-    while serving")."""
+    cost 1.8 ms of CPU with it and 0.9 without (`bench.bench_frontend`; docs/benchmarks.md,
+    "Where the CPU goes while serving")."""
 
     def __init__(self, app) -> None:
         self.app = app
