@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -60,44 +61,74 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def snapshot(root: int) -> dict[tuple[int, int], tuple[str, str, float]]:
-    """{(pid, tid): (cmdline, thread name, CPU seconds so far)} for `root` and every
-    process under it."""
-    kids, todo, out = _children(), [root], {}
+def _run_delay(pid: int, tid: str) -> float:
+    """Seconds the thread was ready to run but waited for a CPU (schedstat's second
+    field; 0 where the kernel keeps no schedstats)."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _worker_id(cmd: str) -> str:
+    m = re.search(r"--worker-id (\S+)", cmd)
+    return m.group(1) if m else ""
+
+
+def snapshot(root: int) -> dict[tuple[int, int], tuple[str, str, float, float]]:
+    """{(pid, tid): (cmdline, thread name, CPU seconds so far, seconds it waited for a
+    CPU so far)} for `root` and every process under it. An engine's command line gets its
+    worker's id (`VLLM::EngineCore [decode-0]`), from the process that started it."""
+    kids, todo, out = _children(), [(root, "")], {}
     while todo:
-        pid = todo.pop()
-        todo += kids.get(pid, [])
+        pid, parent = todo.pop()
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
                 errors="replace").strip()
+            wid = _worker_id(cmd) or (parent if cmd.startswith("VLLM::") else "")
+            todo += [(k, wid) for k in kids.get(pid, [])]
+            if cmd.startswith("VLLM::") and wid:
+                cmd = f"{cmd} [{wid}]"
             for tid in os.listdir(f"/proc/{pid}/task"):
                 st = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
                 fields = st[st.rindex(")") + 2:].split()
                 out[(pid, int(tid))] = (cmd, st[st.index("(") + 1:st.rindex(")")],
-                                        (int(fields[11]) + int(fields[12])) / TICK)
+                                        (int(fields[11]) + int(fields[12])) / TICK,
+                                        _run_delay(pid, tid))
         except OSError:        # ended between the listing and the read
             continue
     return out
 
 
 def usage(before: dict, after: dict, client: int) -> dict:
-    """CPU seconds between two snapshots: {"roles": {role: s}, "procs": [[s, pid, role,
-    cmdline], ...] (most first), "threads": [[s, pid, name], ...] (most first)}. A thread
-    that began between them counts from 0; one that ended is not seen (its time is lost,
-    so the figures are a lower bound)."""
+    """CPU seconds between two snapshots: {"roles": {role: s}, "waits": {role: s},
+    "procs": [[s, pid, role, cmdline, waited s], ...] (most CPU first), "threads": [[s,
+    pid, name, waited s], ...] (most CPU first)}. "waits" and the waited seconds: how long
+    threads were ready to run and waited for a CPU (for a pinned engine's busiest thread,
+    what the other threads on its core took from its steps; a process's sum also counts
+    its threads waiting on each other). A thread that began between them counts
+    from 0; one that ended is not seen (its time is lost, so the figures are a lower
+    bound)."""
     procs: dict[int, list] = {}
-    threads: dict[tuple[int, str], float] = defaultdict(float)
-    for key, (cmd, name, cpu) in after.items():
-        d = max(0.0, cpu - before.get(key, (cmd, name, 0.0))[2])
+    threads: dict[tuple[int, str], list] = defaultdict(lambda: [0.0, 0.0])
+    for key, (cmd, name, cpu, wait) in after.items():
+        _c, _n, cpu0, wait0 = before.get(key, (cmd, name, 0.0, 0.0))
+        d = max(0.0, cpu - cpu0)
         pid = key[0]
-        procs.setdefault(pid, [0.0, pid, role(cmd, pid == client), cmd[:100]])[0] += d
-        threads[(pid, name)] += d
+        p = procs.setdefault(pid, [0.0, pid, role(cmd, pid == client), cmd[:100], 0.0])
+        p[0] += d
+        p[4] += max(0.0, wait - wait0)
+        threads[(pid, name)][0] += d
+        threads[(pid, name)][1] += max(0.0, wait - wait0)
     roles: dict[str, float] = defaultdict(float)
-    for s, _pid, r, _cmd in procs.values():
+    waits: dict[str, float] = defaultdict(float)
+    for s, _pid, r, _cmd, w in procs.values():
         roles[r] += s
+        waits[r] += w
     return {"roles": dict(sorted(roles.items(), key=lambda x: -x[1])),
+            "waits": dict(waits),
             "procs": sorted(procs.values(), key=lambda x: -x[0]),
-            "threads": sorted(([s, pid, n] for (pid, n), s in threads.items()),
+            "threads": sorted(([s, pid, n, w] for (pid, n), (s, w) in threads.items()),
                               key=lambda x: -x[0])}
 
 
@@ -105,12 +136,18 @@ def report(setup: str, wall_s: float, cores: int, u: dict, top: int = 8) -> str:
     total = sum(u["roles"].values())
     lines = [f"== {setup}: {total:.1f} CPU s over {wall_s:.1f} s on {cores} cores "
              f"({100 * total / max(wall_s * cores, 1e-9):.0f}% of them)"]
+    waits = u.get("waits", {})
     for r, s in u["roles"].items():
-        lines.append(f"   {r:11s} {s:7.2f} s  {100 * s / max(total, 1e-9):5.1f}%")
+        lines.append(f"   {r:11s} {s:7.2f} s  {100 * s / max(total, 1e-9):5.1f}%"
+                     f"   waited for a CPU {waits.get(r, 0.0):6.2f} s")
+    lines.append("   engines:")
+    for s, pid, r, cmd, w in u["procs"]:
+        if r == "engine" and s >= 0.01:
+            lines.append(f"   {s:7.2f} s, waited {w:6.2f} s  {pid:7d} {cmd}")
     lines.append("   busiest threads:")
-    for s, pid, name in u["threads"][:top]:
+    for s, pid, name, w in u["threads"][:top]:
         if s >= 0.01:
-            lines.append(f"   {s:7.2f} s  {pid:7d} {name}")
+            lines.append(f"   {s:7.2f} s, waited {w:6.2f} s  {pid:7d} {name}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from bench.cpu_use import report, role, snapshot, usage
+from bench.cpu_use import _worker_id, report, role, snapshot, usage
 
 
 def test_role_from_command_line():
@@ -21,26 +21,35 @@ def test_role_from_command_line():
     assert role(py + "bench.proxy --port 1 --mode least-outstanding") == "proxy"
     assert role("/usr/bin/sleep 10") == "other"
     assert role(py + "pdserve.cli frontend", client=True) == "client"
+    # an engine is named after the worker that started it
+    assert _worker_id(py + "pdserve.cli decode --worker-id decode-0 --cores 1") == "decode-0"
+    assert _worker_id(py + "pdserve.cli frontend --port 1") == ""
 
 
 def test_usage_counts_what_each_thread_spent_between_the_readings():
     eng, fe = "VLLM::EngineCore", "python -m pdserve.cli frontend"
-    before = {(10, 10): (eng, "VLLM::EngineCor", 5.0), (20, 20): (fe, "python", 1.0),
-              (20, 21): (fe, "event_engine", 0.5), (30, 30): ("python -m x", "python", 2.0)}
-    after = {(10, 10): (eng, "VLLM::EngineCor", 9.0), (20, 20): (fe, "python", 1.25),
-             (20, 21): (fe, "event_engine", 0.75),
-             (20, 22): (fe, "grpc_new", 0.5),            # began between the readings
-             (30, 30): ("python -m x", "python", 3.0)}
+    before = {(10, 10): (eng, "VLLM::EngineCor", 5.0, 1.0),
+              (20, 20): (fe, "python", 1.0, 0.0),
+              (20, 21): (fe, "event_engine", 0.5, 0.0),
+              (30, 30): ("python -m x", "python", 2.0, 0.0)}
+    after = {(10, 10): (eng, "VLLM::EngineCor", 9.0, 1.5),
+             (20, 20): (fe, "python", 1.25, 0.25),
+             (20, 21): (fe, "event_engine", 0.75, 0.0),
+             (20, 22): (fe, "grpc_new", 0.5, 0.125),     # began between the readings
+             (30, 30): ("python -m x", "python", 3.0, 0.0)}
     u = usage(before, after, client=30)
     assert u["roles"] == {"engine": 4.0, "frontend": 1.0, "client": 1.0}
     assert list(u["roles"])[0] == "engine"                # most first
+    assert u["waits"] == {"engine": 0.5, "frontend": 0.375, "client": 0.0}
     assert [p[:3] for p in u["procs"]] == [[4.0, 10, "engine"], [1.0, 20, "frontend"],
                                            [1.0, 30, "client"]]
-    assert u["threads"][0] == [4.0, 10, "VLLM::EngineCor"]
-    assert [0.5, 20, "grpc_new"] in u["threads"]
+    assert u["procs"][0][4] == 0.5
+    assert u["threads"][0] == [4.0, 10, "VLLM::EngineCor", 0.5]
+    assert [0.5, 20, "grpc_new", 0.125] in u["threads"]
     text = report("pdserve", 4.0, 2, u)
     assert "6.0 CPU s over 4.0 s on 2 cores (75% of them)" in text
-    assert "engine         4.00 s   66.7%" in text
+    assert "engine         4.00 s   66.7%   waited for a CPU   0.50 s" in text
+    assert "4.00 s, waited   0.50 s       10 VLLM::EngineCore" in text
 
 
 def test_snapshot_reads_a_child_that_burned_cpu():
@@ -54,7 +63,8 @@ def test_snapshot_reads_a_child_that_burned_cpu():
         s = snapshot(os.getpid())
         mine = [v for (pid, _tid), v in s.items() if pid == p.pid]
         assert mine, "the child is under this process"
-        assert sum(cpu for _cmd, _name, cpu in mine) >= 0.25   # /proc counts whole ticks
+        assert sum(cpu for _cmd, _name, cpu, _wait in mine) >= 0.25   # whole ticks
+        assert all(wait >= 0 for *_x, wait in mine)
         assert "-c" in mine[0][0]
         u = usage({}, s, client=os.getpid())
         assert u["roles"]["client"] > 0 and u["roles"]["other"] >= 0.25
