@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode workers pull and lay out blocks of another size (CPU, pull)")
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
+    s.add_argument("--serving-cores", default=os.environ.get("PDSERVE_SERVING_CORES", "auto"),
+                   help="cores of the processes around the engines (frontend, scheduler, "
+                        "workers): 'auto' (CPU engines on cores of their own: the prefill "
+                        "pool's, off the decode engines' steps), 'all' (wherever the kernel "
+                        "puts them), or a comma list (default: $PDSERVE_SERVING_CORES or "
+                        "auto)")
     s.add_argument("--keep-going", default=False,
                    action=argparse.BooleanOptionalAction,
                    help="a worker that exits (after its restarts) does not stop the cluster "

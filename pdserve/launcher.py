@@ -196,6 +196,29 @@ def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int 
     return engines(pc, n_p, tp_p), engines(dc, n_d, tp_d)
 
 
+def serving_cores(spec: str, p_cores: list[str], d_cores: list[str], gpus: bool
+                  ) -> set[int] | None:
+    """The cores the processes around the engines (frontend, scheduler, workers) run on;
+    the engines bind themselves to their own. None: wherever the kernel puts them.
+
+    `spec`: "all" (None), a comma list, or "auto": on CPU engines whose pools have cores of
+    their own, the prefill pool's. A decode step is most of the TPOT SLO there and every
+    millisecond another process takes from its core lengthens it: with the serving
+    processes free to run anywhere, the decode engine's compute thread waited for its own
+    core for 18% of the time it ran (`bench.cpu_use`, docs/benchmarks.md), while a prompt
+    on the prefill engine has a TTFT SLO of seconds to absorb the same share. With GPU
+    engines (or a shared core) the engines do not compute on these cores: "auto" leaves
+    them alone."""
+    if spec == "all":
+        return None
+    if spec != "auto":
+        return {int(c) for c in spec.split(",") if c.strip()}
+    flat = [{int(c) for e in pool for c in e.split("|")} for pool in (p_cores, d_cores)]
+    if gpus or not all(flat) or flat[0] & flat[1]:
+        return None
+    return flat[0]
+
+
 def cluster_credentials() -> dict[str, str | None]:
     """Internal auth with no setup: a new secret for this cluster unless one is given.
 
@@ -274,6 +297,13 @@ def run_cluster(ns, parse_args) -> int:
         n_p, n_d = ns.prefill_workers, ns.decode_workers
         p_cores, d_cores = assign_cores(cores, n_p, n_d, pool_tp(pools["prefill"]),
                                         pool_tp(pools["decode"]))
+        mine = serving_cores(ns.serving_cores, p_cores, d_cores,
+                             bool(ns.prefill_gpus or ns.decode_gpus))
+        if mine:
+            # inherited by every process started from here on (the engines rebind)
+            os.sched_setaffinity(0, mine)
+            log.info("frontend, scheduler and workers on cores %s; engines on their own",
+                     ",".join(map(str, sorted(mine))))
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
                       "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)

@@ -106,8 +106,10 @@ class Forked:
 
 def fork_cli(path: str, args: list[str], env: dict[str, str], timeout: float = 10.0) -> Forked:
     """`python -m pdserve.cli *args` forked by the zygote at `path`, with `env`, this
-    process's directory and its stdin, stdout and stderr. OSError when it cannot."""
-    return fork_module(path, MODULE, args, env, timeout=timeout)
+    process's directory, stdin, stdout, stderr and cores (as a child it started itself
+    would have). OSError when it cannot."""
+    return fork_module(path, MODULE, args, env, timeout=timeout,
+                       cpus=sorted(os.sched_getaffinity(0)))
 
 
 def fork_module(path: str, module: str, args: list[str], env: dict[str, str],

@@ -6,6 +6,8 @@ core 1, one thread each), and a colocated vLLM engine for ground truth.
 
 import asyncio
 import json
+import os
+import re
 
 import httpx
 import openai
@@ -256,3 +258,38 @@ def test_metrics_endpoints(cluster):
             # UCX's own endpoint log: bulk KV over shared memory (CMA) on one host
             assert metric_value(text, "pdserve_kv_transport_peers", transport="shm") == 1
             assert metric_value(text, "pdserve_kv_transport_fallback_peers") == 0
+
+
+def _engines_of(pid: int) -> list[int]:
+    """vLLM engine processes (`VLLM::...`) started by process `pid`."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            st = open(f"/proc/{p}/stat").read()
+            cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(st[st.rindex(")") + 2:].split()[1]) == pid and cmd.startswith(b"VLLM::"):
+            out.append(int(p))
+    return out
+
+
+def test_serving_processes_keep_off_the_decode_engines_core(cluster):
+    """`--serving-cores auto` (the default, CPU engines): the frontend, scheduler and
+    workers run on the prefill pool's core, and each engine on its own core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: the pools share it, and the serving processes with them")
+    p_core, d_core = cores[0], cores[1]     # launcher.assign_cores, one engine each
+    kids = {n: int(pid) for n, pid in re.findall(r"started (\S+) \(pid (\d+)\)",
+                                                 cluster.log_path.read_text())}
+    assert {"frontend", "scheduler", "prefill-0", "decode-0"} <= set(kids), kids
+    for name in ("frontend", "scheduler", "prefill-0", "decode-0"):
+        assert os.sched_getaffinity(kids[name]) == {p_core}, name
+    for worker, core in (("prefill-0", p_core), ("decode-0", d_core)):
+        engines = _engines_of(kids[worker])
+        assert engines, f"{worker} started no engine process"
+        for e in engines:
+            assert os.sched_getaffinity(e) == {core}, (worker, e)

@@ -15,6 +15,21 @@ def test_pools_get_disjoint_cores():
     assert not set(p) & set(d) and len(set(p)) == 4
 
 
+def test_serving_processes_go_to_the_prefill_pools_cores():
+    from pdserve.launcher import serving_cores
+    assert serving_cores("auto", ["0"], ["1"], gpus=False) == {0}
+    assert serving_cores("auto", ["0", "1"], ["2", "3"], gpus=False) == {0, 1}
+    assert serving_cores("auto", ["0|1"], ["2"], gpus=False) == {0, 1}   # TP ranks
+    assert serving_cores("auto", ["0"], ["0"], gpus=False) is None       # one core
+    assert serving_cores("auto", ["0|1"], ["1"], gpus=False) is None     # shared
+    assert serving_cores("auto", [], ["1", "0"], gpus=False) is None     # no prefill pool
+    assert serving_cores("auto", ["0"], ["1"], gpus=True) is None        # GPU engines
+    assert serving_cores("all", ["0"], ["1"], gpus=False) is None
+    assert serving_cores("3,5", ["0"], ["1"], gpus=True) == {3, 5}       # as asked
+    from pdserve.cli import parse_args
+    assert parse_args(["serve", "--model", "m"]).serving_cores == "auto"
+
+
 def test_one_core_or_one_pool():
     assert assign_cores(["0"], 2, 1) == (["0", "0"], ["0"])
     assert assign_cores(["0", "1"], 0, 2) == ([], ["1", "0"])
