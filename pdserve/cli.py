@@ -16,7 +16,7 @@ from pdserve.config import (
     KVTransferConfig,
     WorkerConfig,
 )
-from pdserve import auth, vllm_args
+from pdserve import auth, launcher, vllm_args
 from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, placement_args,
                            planner_config, role_args, role_config)
 from frontend.flags import http_args
@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode workers pull and lay out blocks of another size (CPU, pull)")
     s.add_argument("--cores", default="",
                    help="comma list of cores to spread workers over (default: all allowed)")
-    s.add_argument("--serving-cores", default=os.environ.get("PDSERVE_SERVING_CORES", "auto"),
+    s.add_argument("--serving-cores", type=launcher.serving_cores_arg,
+                   default=os.environ.get("PDSERVE_SERVING_CORES", "auto"),
                    help="cores of the processes around the engines (frontend, scheduler, "
                         "workers): 'auto' (CPU engines on cores of their own: the prefill "
                         "pool's, off the decode engines' steps), 'all' (wherever the kernel "

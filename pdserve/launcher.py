@@ -9,6 +9,7 @@ period is killed by process group.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -196,6 +197,18 @@ def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int 
     return engines(pc, n_p, tp_p), engines(dc, n_d, tp_d)
 
 
+def serving_cores_arg(v: str) -> str:
+    """`--serving-cores`: auto, all, or a comma list of core numbers (argparse type)."""
+    v = v.strip()
+    if v in ("auto", "all"):
+        return v
+    parts = [c.strip() for c in v.split(",")]
+    if not parts or not all(c.isdigit() for c in parts):
+        raise argparse.ArgumentTypeError(
+            f"{v!r}: auto, all, or a comma list of core numbers (e.g. 0,1)")
+    return ",".join(parts)
+
+
 def serving_cores(spec: str, p_cores: list[str], d_cores: list[str], gpus: bool
                   ) -> set[int] | None:
     """The cores the processes around the engines (frontend, scheduler, workers) run on;
@@ -301,7 +314,13 @@ def run_cluster(ns, parse_args) -> int:
                              bool(ns.prefill_gpus or ns.decode_gpus))
         if mine:
             # inherited by every process started from here on (the engines rebind)
-            os.sched_setaffinity(0, mine)
+            try:
+                os.sched_setaffinity(0, mine)
+            except OSError as e:
+                log.error("--serving-cores %s: %s (cores this process may use: %s)",
+                          ",".join(map(str, sorted(mine))), e.strerror,
+                          ",".join(cores))
+                return 2
             log.info("frontend, scheduler and workers on cores %s; engines on their own",
                      ",".join(map(str, sorted(mine))))
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,

@@ -293,3 +293,16 @@ def test_serving_processes_keep_off_the_decode_engines_core(cluster):
         assert engines, f"{worker} started no engine process"
         for e in engines:
             assert os.sched_getaffinity(e) == {core}, (worker, e)
+
+
+def test_serving_cores_the_host_does_not_allow_stop_the_launcher_with_a_message(tiny_model):
+    """Cores that are not this host's: `pdserve serve` says so and exits 2 before it
+    starts anything (the cluster above is not touched)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--model", tiny_model,
+                        "--serving-cores", "4095", "--port", "1", "--scheduler-port", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--serving-cores 4095: Invalid argument" in r.stderr, r.stderr[-2000:]
+    assert "started" not in r.stderr

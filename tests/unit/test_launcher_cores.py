@@ -28,6 +28,18 @@ def test_serving_processes_go_to_the_prefill_pools_cores():
     assert serving_cores("3,5", ["0"], ["1"], gpus=True) == {3, 5}       # as asked
     from pdserve.cli import parse_args
     assert parse_args(["serve", "--model", "m"]).serving_cores == "auto"
+    assert parse_args(["serve", "--model", "m", "--serving-cores", " 0, 2"]
+                      ).serving_cores == "0,2"
+
+
+def test_bad_serving_cores_are_refused_with_a_message(capsys):
+    import pytest
+    from pdserve.cli import parse_args
+    for bad in ("zero", "0,,1", "-1", "0;1", ""):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["serve", "--model", "m", "--serving-cores", bad])
+        assert e.value.code == 2
+        assert "auto, all, or a comma list of core numbers" in capsys.readouterr().err
 
 
 def test_one_core_or_one_pool():
