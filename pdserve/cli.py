@@ -22,7 +22,7 @@ from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, pl
 from frontend.flags import http_args
 from pdserve.logs import setup_logging
 from pdserve.models import resolve_model
-from pdserve.procs import crash_tracebacks, die_with_parent
+from pdserve.procs import crash_tracebacks, die_with_parent, pin_serving
 from scheduler.config import SchedulerConfig
 from scheduler.policy import PlacementConfig
 
@@ -177,6 +177,7 @@ def cmd_scheduler(ns) -> int:
                           heartbeat_timeout_s=ns.heartbeat_timeout_s, placement=placement,
                           autoscale=autoscale_config(ns),
                           role_planning=ns.role_planner == "on", roles=role_config(ns))
+    pin_serving()
     asyncio.run(_until_signal(lambda stop: serve(cfg, stop=stop)))
     return 0
 
@@ -217,7 +218,9 @@ def cmd_frontend(ns) -> int:
         logging.getLogger("pdserve.frontend").warning(
             "no API key: anyone who reaches %s:%d can use the API (--api-key)", cfg.host,
             cfg.port)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
+    app = create_app(cfg)
+    pin_serving()
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
                 timeout_graceful_shutdown=ns.shutdown_grace_s,
                 ssl_certfile=ns.ssl_certfile or None,
                 ssl_keyfile=ns.ssl_keyfile or None)

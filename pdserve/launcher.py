@@ -24,7 +24,7 @@ import urllib.request
 
 from pdserve import vllm_args
 from pdserve.flags import autoscale_argv, placement_argv, role_argv
-from pdserve.procs import spawn
+from pdserve.procs import SERVING_CPUS_ENV, spawn
 
 log = logging.getLogger("pdserve.launcher")
 
@@ -313,16 +313,19 @@ def run_cluster(ns, parse_args) -> int:
         mine = serving_cores(ns.serving_cores, p_cores, d_cores,
                              bool(ns.prefill_gpus or ns.decode_gpus))
         if mine:
-            # inherited by every process started from here on (the engines rebind)
-            try:
-                os.sched_setaffinity(0, mine)
-            except OSError as e:
-                log.error("--serving-cores %s: %s (cores this process may use: %s)",
-                          ",".join(map(str, sorted(mine))), e.strerror,
-                          ",".join(cores))
+            # each child moves itself there once it is up (procs.pin_serving); the ones
+            # started later (restarts, the autoscaler's) inherit the variable
+            allowed = set(os.sched_getaffinity(0))
+            if not mine <= allowed:
+                log.error("--serving-cores %s: not cores this process may use (%s)",
+                          ",".join(map(str, sorted(mine))),
+                          ",".join(map(str, sorted(allowed))))
                 return 2
-            log.info("frontend, scheduler and workers on cores %s; engines on their own",
-                     ",".join(map(str, sorted(mine))))
+            os.environ[SERVING_CPUS_ENV] = ",".join(map(str, sorted(mine)))
+            log.info("frontend, scheduler and workers on cores %s once started; engines "
+                     "on their own", os.environ[SERVING_CPUS_ENV])
+        else:
+            os.environ.pop(SERVING_CPUS_ENV, None)
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
                       "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)

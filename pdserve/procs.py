@@ -81,3 +81,30 @@ def freeze_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+SERVING_CPUS_ENV = "PDSERVE_SERVING_CPUS"
+
+
+def pin_serving() -> set[int] | None:
+    """In a frontend, scheduler or worker that `pdserve serve --serving-cores` started: move
+    every thread of this process to the cores PDSERVE_SERVING_CPUS lists ("0,1"), once its
+    start-up is over (a worker's engine forked and bound to its own cores already; threads
+    started later inherit the pin). Start-up itself runs on every core: pinned from the
+    start, two workers importing vLLM on one core made a cluster ready in 41 s instead of
+    24 on a 2-core host. -> the cores, or None (not asked, or none of them allowed)."""
+    spec = os.environ.get(SERVING_CPUS_ENV, "")
+    try:
+        cpus = {int(c) for c in spec.split(",") if c.strip()}
+    except ValueError:
+        return None
+    if not cpus:
+        return None
+    done = False
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            done = True
+        except OSError:     # ended meanwhile, or cores this process may not use
+            continue
+    return cpus if done else None

@@ -16,7 +16,7 @@ from kv_transfer.agent import read_agent_address
 from kv_transfer.transport import RANK as TRANSPORT_CLASSES
 from pdserve.engine import LoadSnapshot, build_engine, event_endpoints, kv_extra
 from pdserve.kv_events import EventMirror, EventRelay
-from pdserve.procs import freeze_heap
+from pdserve.procs import freeze_heap, pin_serving
 from pdserve.steps import StepReceiver
 from pdserve.rpc import RECONNECT_OPTIONS, pd_pb2, pd_pb2_grpc
 
@@ -323,6 +323,7 @@ class WorkerRuntime:
         """Engine, then gRPC server and registration; serve until `stop` is set."""
         await self.start_engine()
         await self.start_server(add_servicer)
+        pin_serving()       # off the decode engines' cores, now that start-up is over
         log.info("%d objects of the start-up heap frozen out of GC", freeze_heap())
         if ready:
             ready.set()

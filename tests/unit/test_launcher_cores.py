@@ -258,3 +258,40 @@ def test_vllms_own_server_forks_its_engine_core_bound_as_itself(monkeypatch):
     assert seen == {"method": "fork", "child": [[core], 1]}
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert torch.get_num_threads() == threads
+
+
+def test_pin_serving_moves_every_thread_of_the_process(monkeypatch):
+    """In a forked child (this process's own threads stay as they are): every thread it
+    has, and one it starts afterwards, on the cores PDSERVE_SERVING_CPUS lists."""
+    import threading
+    from pdserve.procs import SERVING_CPUS_ENV, pin_serving
+    core = sorted(os.sched_getaffinity(0))[-1]
+    monkeypatch.setenv(SERVING_CPUS_ENV, str(core))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            hold = threading.Event()
+            t = threading.Thread(target=hold.wait)
+            t.start()
+            got = pin_serving()
+            tids = [int(x) for x in os.listdir("/proc/self/task")]
+            seen = []
+            later = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+            later.start()
+            later.join()
+            ok = (got == {core} and len(tids) >= 2 and seen == [{core}]
+                  and all(os.sched_getaffinity(x) == {core} for x in tids))
+            hold.set()
+            t.join()
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+    monkeypatch.setenv(SERVING_CPUS_ENV, "")
+    assert pin_serving() is None          # not asked: nothing moves
+    monkeypatch.setenv(SERVING_CPUS_ENV, "x")
+    assert pin_serving() is None
