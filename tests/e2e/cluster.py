@@ -41,6 +41,16 @@ def pid_of(c: Cluster, name: str) -> int:
     return int(re.findall(rf"started {name} \(pid (\d+)\)", c.log_path.read_text())[-1])
 
 
+def engine_core(worker_pid: int):
+    """The vLLM engine-core process (a `psutil.Process`) the worker `worker_pid` started."""
+    import psutil
+    (core,) = [p for p in psutil.Process(worker_pid).children()
+               if p.name().startswith("VLLM::EngineCor")]
+    # at one rank on CPU, vLLM's worker runs inside the engine core (pdserve/engine.py)
+    assert [p.name() for p in core.children()] == []
+    return core
+
+
 def by_role(c: Cluster, role) -> list:
     return [w for w in c.workers() if w.role == role]
 

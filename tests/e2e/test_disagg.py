@@ -7,14 +7,13 @@ core 1, one thread each), and a colocated vLLM engine for ground truth.
 import asyncio
 import json
 import os
-import re
 
 import httpx
 import openai
 import pytest
 
 from pdserve.rpc import pd_pb2
-from tests.e2e.cluster import metric_value, reference
+from tests.e2e.cluster import engine_core, metric_value, pid_of, reference
 from tests.e2e.conftest import words
 
 MAX_TOKENS = 24
@@ -260,22 +259,6 @@ def test_metrics_endpoints(cluster):
             assert metric_value(text, "pdserve_kv_transport_fallback_peers") == 0
 
 
-def _engines_of(pid: int) -> list[int]:
-    """vLLM engine processes (`VLLM::...`) started by process `pid`."""
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            st = open(f"/proc/{p}/stat").read()
-            cmd = open(f"/proc/{p}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if int(st[st.rindex(")") + 2:].split()[1]) == pid and cmd.startswith(b"VLLM::"):
-            out.append(int(p))
-    return out
-
-
 def test_serving_processes_keep_off_the_decode_engines_core(cluster):
     """`--serving-cores auto` (the default, CPU engines): once up, the frontend, scheduler
     and workers run on the prefill pool's core, every thread of them, and each engine on
@@ -284,17 +267,12 @@ def test_serving_processes_keep_off_the_decode_engines_core(cluster):
     if len(cores) < 2:
         pytest.skip("one core: the pools share it, and the serving processes with them")
     p_core, d_core = cores[0], cores[1]     # launcher.assign_cores, one engine each
-    kids = {n: int(pid) for n, pid in re.findall(r"started (\S+) \(pid (\d+)\)",
-                                                 cluster.log_path.read_text())}
-    assert {"frontend", "scheduler", "prefill-0", "decode-0"} <= set(kids), kids
     for name in ("frontend", "scheduler", "prefill-0", "decode-0"):
-        for tid in os.listdir(f"/proc/{kids[name]}/task"):
+        pid = pid_of(cluster, name)
+        for tid in os.listdir(f"/proc/{pid}/task"):
             assert os.sched_getaffinity(int(tid)) == {p_core}, (name, tid)
     for worker, core in (("prefill-0", p_core), ("decode-0", d_core)):
-        engines = _engines_of(kids[worker])
-        assert engines, f"{worker} started no engine process"
-        for e in engines:
-            assert os.sched_getaffinity(e) == {core}, (worker, e)
+        assert os.sched_getaffinity(engine_core(pid_of(cluster, worker)).pid) == {core}, worker
 
 
 def test_serving_cores_the_host_does_not_allow_stop_the_launcher_with_a_message(tiny_model):

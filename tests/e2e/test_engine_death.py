@@ -14,7 +14,7 @@ import pytest
 
 from pdserve.rpc import pd_pb2
 from tests.e2e.conftest import KV, serving, words
-from tests.e2e.cluster import assert_idle, by_role, pid_of, wait_until
+from tests.e2e.cluster import assert_idle, by_role, engine_core, pid_of, wait_until
 
 PROMPT = words(120, seed=31)
 
@@ -22,14 +22,6 @@ PROMPT = words(120, seed=31)
 @pytest.fixture(scope="module")
 def dc(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "engine-death", extra=KV)
-
-
-def engine_core(worker_pid: int) -> psutil.Process:
-    (core,) = [p for p in psutil.Process(worker_pid).children()
-               if p.name().startswith("VLLM::EngineCor")]
-    # at one rank on CPU, vLLM's worker runs inside the engine core (pdserve/engine.py)
-    assert [p.name() for p in core.children()] == []
-    return core
 
 
 async def complete(client, c, prompt=PROMPT):
