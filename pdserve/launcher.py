@@ -198,15 +198,21 @@ def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int 
 
 
 def serving_cores_arg(v: str) -> str:
-    """`--serving-cores`: auto, all, or a comma list of core numbers (argparse type)."""
+    """`--serving-cores`: auto, all, or core numbers in the syntax of every other core and
+    device list (`engine.id_list`: "0,2-3"), as a plain comma list (argparse type)."""
+    from pdserve.engine import id_list
+
     v = v.strip()
     if v in ("auto", "all"):
         return v
-    parts = [c.strip() for c in v.split(",")]
-    if not parts or not all(c.isdigit() for c in parts):
+    try:
+        ids = id_list(v) if all(p.strip() for p in v.split(",")) else []
+    except ValueError:
+        ids = []
+    if not ids or not all(i.isdigit() for i in ids):
         raise argparse.ArgumentTypeError(
-            f"{v!r}: auto, all, or a comma list of core numbers (e.g. 0,1)")
-    return ",".join(parts)
+            f"{v!r}: auto, all, or a comma list of core numbers (e.g. 0,1 or 0-3)")
+    return ",".join(ids)
 
 
 def serving_cores(spec: str, p_cores: list[str], d_cores: list[str], gpus: bool

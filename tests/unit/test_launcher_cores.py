@@ -30,12 +30,14 @@ def test_serving_processes_go_to_the_prefill_pools_cores():
     assert parse_args(["serve", "--model", "m"]).serving_cores == "auto"
     assert parse_args(["serve", "--model", "m", "--serving-cores", " 0, 2"]
                       ).serving_cores == "0,2"
+    assert parse_args(["serve", "--model", "m", "--serving-cores", "0,2-3"]
+                      ).serving_cores == "0,2,3"              # engine.id_list's syntax
 
 
 def test_bad_serving_cores_are_refused_with_a_message(capsys):
     import pytest
     from pdserve.cli import parse_args
-    for bad in ("zero", "0,,1", "-1", "0;1", ""):
+    for bad in ("zero", "0,,1", "-1", "0;1", "", "3-1", "0-x"):
         with pytest.raises(SystemExit) as e:
             parse_args(["serve", "--model", "m", "--serving-cores", bad])
         assert e.value.code == 2
