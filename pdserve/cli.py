@@ -22,7 +22,7 @@ from pdserve.flags import (PLACEMENT_FLAGS, autoscale_args, autoscale_config, pl
 from frontend.flags import http_args
 from pdserve.logs import setup_logging
 from pdserve.models import resolve_model
-from pdserve.procs import crash_tracebacks, die_with_parent, pin_serving
+from pdserve.procs import crash_tracebacks, die_with_parent, pin_serving, widen_for_start
 from scheduler.config import SchedulerConfig
 from scheduler.policy import PlacementConfig
 
@@ -454,6 +454,7 @@ def parse_args(argv: list[str] | None = None, own: bool = False) -> argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()       # started by the launcher or the local actuator: die with it
     crash_tracebacks()      # a crash in native code leaves its Python stacks in the log
+    widen_for_start()       # spawned by a pinned scheduler: start up on every core first
     ns = parse_args(argv, own=True)
     err = auth.check_credentials(ns)
     if err:

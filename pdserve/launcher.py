@@ -24,7 +24,7 @@ import urllib.request
 
 from pdserve import vllm_args
 from pdserve.flags import autoscale_argv, placement_argv, role_argv
-from pdserve.procs import SERVING_CPUS_ENV, spawn
+from pdserve.procs import SERVING_CPUS_ENV, START_CPUS_ENV, spawn
 
 log = logging.getLogger("pdserve.launcher")
 
@@ -328,10 +328,13 @@ def run_cluster(ns, parse_args) -> int:
                           ",".join(map(str, sorted(allowed))))
                 return 2
             os.environ[SERVING_CPUS_ENV] = ",".join(map(str, sorted(mine)))
+            # ...and start up on every core of ours, spawned by a pinned process or not
+            os.environ[START_CPUS_ENV] = ",".join(map(str, sorted(allowed)))
             log.info("frontend, scheduler and workers on cores %s once started; engines "
                      "on their own", os.environ[SERVING_CPUS_ENV])
         else:
             os.environ.pop(SERVING_CPUS_ENV, None)
+            os.environ.pop(START_CPUS_ENV, None)
         sched_argv = [sys.executable, "-m", "pdserve.cli", "scheduler", "--host", ns.host,
                       "--port", str(ns.scheduler_port)] + placement_argv(ns) + role_argv(ns)
         sched_argv += autoscale_argv(ns, skip=AUTOSCALE_LAUNCHER_FLAGS)

@@ -84,6 +84,32 @@ def freeze_heap() -> int:
 
 
 SERVING_CPUS_ENV = "PDSERVE_SERVING_CPUS"
+START_CPUS_ENV = "PDSERVE_START_CPUS"
+
+
+def _cpus(name: str) -> set[int]:
+    """The cores an environment variable lists ("0,1"); empty when unset or not numbers."""
+    try:
+        return {int(c) for c in os.environ.get(name, "").split(",") if c.strip()}
+    except ValueError:
+        return set()
+
+
+def widen_for_start() -> set[int] | None:
+    """At a pdserve process's start: run on the cores PDSERVE_START_CPUS lists (the
+    launcher's own) while starting up. A process the scheduler's autoscaler spawns, or
+    its zygote forks, inherits the scheduler's pin to the serving cores, and a worker
+    importing vLLM and starting its engine on one core is slow (two on one core: ready in
+    41 s instead of 24, above); `pin_serving` moves it back once it is up. -> the cores
+    set, or None (not asked, already there, or not allowed)."""
+    cpus = _cpus(START_CPUS_ENV)
+    if not cpus or cpus == os.sched_getaffinity(0):
+        return None
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:     # cores this process may not use (another cgroup): stay as we are
+        return None
+    return cpus
 
 
 def pin_serving() -> set[int] | None:
@@ -93,11 +119,7 @@ def pin_serving() -> set[int] | None:
     started later inherit the pin). Start-up itself runs on every core: pinned from the
     start, two workers importing vLLM on one core made a cluster ready in 41 s instead of
     24 on a 2-core host. -> the cores, or None (not asked, or none of them allowed)."""
-    spec = os.environ.get(SERVING_CPUS_ENV, "")
-    try:
-        cpus = {int(c) for c in spec.split(",") if c.strip()}
-    except ValueError:
-        return None
+    cpus = _cpus(SERVING_CPUS_ENV)
     if not cpus:
         return None
     done = False

@@ -297,3 +297,38 @@ def test_pin_serving_moves_every_thread_of_the_process(monkeypatch):
     assert pin_serving() is None          # not asked: nothing moves
     monkeypatch.setenv(SERVING_CPUS_ENV, "x")
     assert pin_serving() is None
+
+
+def test_a_process_spawned_by_a_pinned_one_starts_on_the_launchers_cores():
+    """The autoscaler runs in the scheduler, pinned to the serving cores: the workers it
+    spawns start up on the launcher's cores (PDSERVE_START_CPUS), then pin themselves."""
+    import subprocess
+    import sys
+
+    import pytest
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two cores")
+    code = ("import os; from pdserve.procs import widen_for_start, pin_serving; "
+            "os.sched_setaffinity(0, {%d}); r = widen_for_start(); "
+            "a = sorted(os.sched_getaffinity(0)); p = pin_serving(); "
+            "print(sorted(r or []), a, sorted(p or []), sorted(os.sched_getaffinity(0)))"
+            % allowed[0])
+    start = ",".join(map(str, allowed[:2]))
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, **env}, check=True)
+        return out.stdout.strip()
+
+    both, one, other = allowed[:2], [allowed[0]], [allowed[1]]
+    assert run(PDSERVE_START_CPUS=start, PDSERVE_SERVING_CPUS=str(allowed[1])) == (
+        f"{both} {both} {other} {other}")
+    # not asked: stays where it was put
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env, check=True).stdout.strip()
+    assert out == f"[] {one} [] {one}"
+    # cores it may not use, or not numbers: stays, no error
+    assert run(PDSERVE_START_CPUS="4096") == f"[] {one} [] {one}"
+    assert run(PDSERVE_START_CPUS="x") == f"[] {one} [] {one}"
