@@ -35,3 +35,16 @@ def test_watch_sees_a_blocked_loop():
         assert 0.1 <= lag < 1.0
         assert before - 0.01 <= due <= before + 0.15
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_serving_processes_watch_every_100_ms_unless_told(monkeypatch):
+    """A 10 ms timer woke each serving process ~110 times a second (1.1-1.6% of a core,
+    idle); they watch at 100 ms, PDSERVE_LOOP_LAG_PERIOD_S where it is a positive number."""
+    from pdserve.loop_lag import SERVING_PERIOD_S, serving_period_s
+    monkeypatch.delenv("PDSERVE_LOOP_LAG_PERIOD_S", raising=False)
+    assert serving_period_s() == SERVING_PERIOD_S == 0.1
+    monkeypatch.setenv("PDSERVE_LOOP_LAG_PERIOD_S", "0.01")
+    assert serving_period_s() == 0.01
+    for bad in ("0", "-1", "x", "nan", "inf", ""):
+        monkeypatch.setenv("PDSERVE_LOOP_LAG_PERIOD_S", bad)
+        assert serving_period_s() == 0.1, bad
