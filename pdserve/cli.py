@@ -59,8 +59,9 @@ def _engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lease-s", type=float, default=30.0)
     ap.add_argument("--transfer-timeout-s", type=float, default=20.0)
     ap.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute")
-    ap.add_argument("--kv-progress-delay-us", type=int, default=1000,
-                    help="producer's UCX progress thread: sleep between polls (0: no thread)")
+    ap.add_argument("--kv-progress-delay-us", type=int, default=100000,
+                    help="producer's UCX progress thread: it wakes on UCX's events, and at "
+                         "least this often (rounded up to ms; 0: no thread)")
     ap.add_argument("--kv-expect-transport", default="auto",
                     choices=["auto", "nvlink", "rdma", "shm", "tcp", "none"],
                     help="the UCX transport KV peers should use; a worse one is logged as a "

@@ -100,7 +100,7 @@ class KVTransferConfig:
     acquire_extend_s: float = 30.0   # consumer's renewal when it starts reading
     transfer_timeout_s: float = 20.0 # consumer gives up (and recomputes or fails) after this
     load_failure_policy: str = "recompute"  # "recompute" | "fail"
-    progress_delay_us: int = 1000    # producer's UCX progress thread sleep between polls
+    progress_delay_us: int = 100000  # producer's UCX progress thread: longest wait for an event
     # transport a peer pair should use: auto (shm on one host, rdma between hosts with an
     # RDMA device), nvlink, rdma, shm, tcp, none; a worse one is a loud warning + metric
     expect_transport: str = "auto"

@@ -82,7 +82,7 @@ class ConnectorConfig:
             agent_file=x.get("agent_address_file"),
             lease_s=get("lease_s", float), acquire_extend_s=get("acquire_extend_s", float),
             transfer_timeout_s=get("transfer_timeout_s", float),
-            progress_delay_us=int(x.get("progress_delay_us", 1000)) if producer else 0,
+            progress_delay_us=int(x.get("progress_delay_us", 100000)) if producer else 0,
             checksum=bool(x.get("checksum", False)),
             expect_transport=get("expect_transport"), ucx_err_mode=get("ucx_err_mode"),
             kv_mode=get("kv_mode"), push_ttl_s=get("push_ttl_s", float),

@@ -34,8 +34,8 @@ def test_defaults_without_extra_config():
     assert (c.lease_s, c.acquire_extend_s, c.transfer_timeout_s, c.push_ttl_s) == (
         30.0, 30.0, 20.0, 60.0)
     assert (c.kv_mode, c.checksum, c.max_peers, c.agent_file) == ("pull", False, 64, None)
-    # a producer's NIXL progress thread sleeps between polls; a consumer has none
-    assert c.progress_delay_us == 1000
+    # a producer runs a NIXL progress thread (woken by UCX, 100 ms at most); a consumer none
+    assert c.progress_delay_us == 100000
     assert ConnectorConfig.from_vllm(vllm_config({}, producer=False), KV_CACHE
                                      ).progress_delay_us == 0
     # no test switch is on unless the environment says so
