@@ -45,6 +45,9 @@ def set_engine_env(cfg: EngineConfig) -> None:
     # engine processes skip the interpreter's last garbage collection at exit
     # (pdserve/vllm_plugin.py; seconds of every stop)
     os.environ.setdefault("PDSERVE_QUICK_EXIT", "1")
+    # torch's idle gloo socket loops (one engine rank) run only when the core is free
+    # (pdserve/vllm_plugin.py)
+    os.environ.setdefault("PDSERVE_IDLE_HELPERS", "1")
 
 
 def load_patches() -> None:
