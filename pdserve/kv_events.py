@@ -15,6 +15,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pdserve import kvhash
 
@@ -108,7 +109,10 @@ class EventRelay:
     The queue is bounded (`max_pending` deltas): while nobody takes them (the scheduler is
     down, the stream is reconnecting) it would otherwise grow with every block the engine
     stores. Past the bound the queue is dropped and a snapshot asked for instead, which
-    the consumer sends on reconnect anyway."""
+    the consumer sends on reconnect anyway.
+
+    `on_change` (set by the consumer) is called from the relay's thread whenever there is
+    something new to take, so that the consumer waits for it instead of polling."""
 
     MAX_PENDING = 4096
 
@@ -123,6 +127,7 @@ class EventRelay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.resync_needed = False
+        self.on_change: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
@@ -157,6 +162,7 @@ class EventRelay:
                 self.resync_needed = True
             else:
                 self.pending.append(d)
+        self.on_change()
 
     def _replay(self, ctx, zmq, start: int, decoder) -> int | None:
         """Fetch batches from `start` on; returns the last seq replayed (None: none)."""
@@ -207,6 +213,7 @@ class EventRelay:
                                     expected, seq - 1)
                         with self.lock:
                             self.resync_needed = True
+                        self.on_change()
                     if last is not None and last >= seq:
                         expected = last + 1
                         continue

@@ -50,11 +50,17 @@ def test_relay_queue_is_bounded_while_nobody_takes_it():
     from pdserve.kv_events import EventRelay
 
     relay = EventRelay("ipc:///nonexistent", None, EventMirror(), max_pending=8)
+    news = []
+    relay.on_change = lambda: news.append(len(relay.pending))   # the worker's wake-up
     enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(type=KVEventBatch)
     for i in range(20):
         batch = KVEventBatch(ts=0.0, events=[stored([i], None, [i, i, i, i])])
         relay._apply(enc.encode(batch), dec)
         assert len(relay.pending) <= 8
+    # every change is announced, after it is there to take (the drop included)
+    assert len(news) == 20 and news[0] == 1 and 0 in news
+    relay._apply(enc.encode(KVEventBatch(ts=0.0, events=[stored([0], None, [0] * 4)])), dec)
+    assert len(news) == 20                 # nothing new (a block already stored): no news
     deltas, resync = relay.take()
     assert resync and len(deltas) < 8      # what came after the drop is still there
     assert sorted(relay.snapshot()) == sorted(EventMirror().apply(
