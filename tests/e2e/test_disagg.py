@@ -275,6 +275,24 @@ def test_serving_processes_keep_off_the_decode_engines_core(cluster):
         assert os.sched_getaffinity(engine_core(pid_of(cluster, worker)).pid) == {core}, worker
 
 
+def test_engine_helper_loops_run_idle_and_nothing_else_does(cluster):
+    """A one-rank engine's gloo socket loops (a dozen threads waking every 10 ms, no
+    traffic) run under SCHED_IDLE; the engine's other threads and the workers keep the
+    normal policy (pdserve/vllm_plugin.py, `idle_helpers`)."""
+    for worker in ("prefill-0", "decode-0"):
+        pid = pid_of(cluster, worker)
+        core = engine_core(pid).pid
+        policy: dict[str, set[int]] = {}
+        for tid in os.listdir(f"/proc/{core}/task"):
+            with open(f"/proc/{core}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            kind = "gloo" if name == "gloo_tcp_loop" else "other"
+            policy.setdefault(kind, set()).add(os.sched_getscheduler(int(tid)))
+        assert policy.get("gloo") == {os.SCHED_IDLE}, (worker, policy)
+        assert policy["other"] == {os.SCHED_OTHER}, (worker, policy)
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+
+
 def test_serving_cores_the_host_does_not_allow_stop_the_launcher_with_a_message(tiny_model):
     """Cores that are not this host's: `pdserve serve` says so and exits 2 before it
     starts anything (the cluster above is not touched)."""
