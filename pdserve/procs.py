@@ -112,6 +112,24 @@ def widen_for_start() -> set[int] | None:
     return cpus
 
 
+def each_thread(act, names: tuple[str, ...] | None = None) -> int:
+    """`act(tid)` for every thread of this process (only those whose name is one of
+    `names`, when given). -> how many it succeeded for: a thread that ended meanwhile, or
+    a call the kernel refused, is skipped."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if names is not None:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    if f.read().strip() not in names:
+                        continue
+            act(int(tid))
+            n += 1
+        except OSError:
+            continue
+    return n
+
+
 def pin_serving() -> set[int] | None:
     """In a frontend, scheduler or worker that `pdserve serve --serving-cores` started: move
     every thread of this process to the cores PDSERVE_SERVING_CPUS lists ("0,1"), once its
@@ -122,11 +140,5 @@ def pin_serving() -> set[int] | None:
     cpus = _cpus(SERVING_CPUS_ENV)
     if not cpus:
         return None
-    done = False
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-            done = True
-        except OSError:     # ended meanwhile, or cores this process may not use
-            continue
-    return cpus if done else None
+    # none moved: cores this process may not use
+    return cpus if each_thread(lambda tid: os.sched_setaffinity(tid, cpus)) else None

@@ -97,17 +97,9 @@ def idle_helpers(names: tuple[str, ...] = HELPER_THREADS) -> int:
     """Put this process's threads named `names` under SCHED_IDLE: they run only when
     nothing else on their cores wants to, and never preempt a thread that does. -> how
     many were moved."""
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() not in names:
-                    continue
-            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
-            n += 1
-        except OSError:     # ended meanwhile
-            continue
-    return n
+    from pdserve.procs import each_thread
+    return each_thread(lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE,
+                                                         os.sched_param(0)), names)
 
 
 def _register_idle_helpers() -> None:
