@@ -37,12 +37,6 @@ def late_streams_yield() -> bool:
     return os.environ.get("PDSERVE_LATE_STREAMS", "yield") != "keep"
 
 
-def expect_arrivals() -> bool:
-    """Does the chooser predict a local prompt beside the streams the recent arrival rate
-    expects (scheduler/arrivals.py)? On unless PDSERVE_ARRIVALS=off (for comparisons)."""
-    return os.environ.get("PDSERVE_ARRIVALS", "on") != "off"
-
-
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

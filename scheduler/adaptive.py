@@ -80,9 +80,6 @@ class SLO:
     # streams whose first token missed the TTFT SLO keep no slack on their engine
     # (pdserve/step_budget.py, `Stream.late`; PDSERVE_LATE_STREAMS=keep: they do)
     late: bool = True
-    # local prompts are predicted beside the streams the recent arrival rate expects
-    # (scheduler/arrivals.py; PDSERVE_ARRIVALS=off: beside the booked ones only)
-    arrivals: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,9 +116,6 @@ class Node:
     # `local_slow` times it, as recent ones here did (LatencyBook.local_slow)
     local_slow: float = 1.0
     local_slow_from_s: float = math.inf
-    # streams expected to start here from requests not arrived yet, as `streams_at` spans
-    # (scheduler/arrivals.py): a local prompt computes beside them too
-    arrivals: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -172,15 +166,12 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     end (`spent_until`). Streams end
     and start meanwhile: the ones decoding now end, and the prompts booked before this one
     start theirs when their prefill ends, so a decode engine whose streams are short is
-    free between them, however many requests are booked on it. A local prompt also
-    computes beside the streams expected from requests not arrived yet (`Node.arrivals`)."""
+    free between them, however many requests are booked on it."""
     cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
     todo = tokens - cached
     busy = n.streams_at
     if not busy and n.streams > 0:      # streams with no known end (another frontend's)
         busy = ((0.0, math.inf, n.streams, n.ctx),)
-    if local:       # and the ones the requests arriving meanwhile start
-        busy = tuple(busy) + n.arrivals
     if not busy and not local:
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
     alone_chunk = alone(n.coef, slo.tpot_s, slo.safety)[1] if local else todo

@@ -137,10 +137,8 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                   0.0 if mid is None else fit + mid)
         if n is None:
             return None
-        # the streams of requests not arrived yet, while a local prompt could still count
-        arrive = reg.arrivals.spans(d.worker_id, now, 2 * slo.ttft_s) if slo.arrivals else ()
         dn.append(replace(n, local_slow=book.local_slow(d.worker_id, slow_from_s),
-                          local_slow_from_s=slow_from_s, arrivals=arrive))
+                          local_slow_from_s=slow_from_s))
     hashes = {w.worker_id: w.compat_hash for w in prefills + decodes}
     local_ok = {d.worker_id for d in decodes if d.can("local") and d.kv_usage() < 0.95}
     if behind[0]:       # the held requests' streams that will land beside this one's

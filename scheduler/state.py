@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from pdserve.step_budget import OVERHEAD, packing_floor
 from scheduler import adaptive as A
-from scheduler.arrivals import Arrivals
 from scheduler.holding import join
 from scheduler.policy import Decision
 from scheduler.roles import KINDS, kinds
@@ -141,7 +140,6 @@ class Registry:
         self.bookings: dict[str, Booking] = {}
         self._ids = itertools.count(1)
         self.route_seq = 0            # decisions booked so far (round-robin position)
-        self.arrivals = Arrivals()    # streams booked lately, per decode worker
 
     # ------------------------------------------------------------ membership
     def register(self, w: Worker) -> None:
@@ -178,14 +176,12 @@ class Registry:
         return w
 
     def remove(self, worker_id: str) -> Worker | None:
-        self.arrivals.forget(worker_id)
         return self.workers.pop(worker_id, None)
 
     def expire(self, now: float) -> list[Worker]:
         dead = [w for w in self.workers.values() if now - w.last_seen > self.timeout]
         for w in dead:
             del self.workers[w.worker_id]
-            self.arrivals.forget(w.worker_id)
         return dead
 
     def live(self, role: str, model: str | None = None, routable: bool = False) -> list[Worker]:
@@ -247,8 +243,6 @@ class Registry:
         dw.booked_blocks += b.blocks
         dw.booked_streams += 1
         dw.booked_ctx += b.prompt_tokens
-        self.arrivals.add(b.decode, now, d.pred_ttft_s, b.out_tokens or A.DEFAULT_OUTPUT,
-                          d.pred_tpot_s, b.prompt_tokens)
         w = self.workers[b.prefill or b.decode]
         b.queued = w.busy_until > now
         w.busy_until = max(now, w.busy_until) + b.prefill_s
