@@ -120,8 +120,8 @@ def snapshot(root: int) -> dict[tuple[int, int], tuple[str, str, float, float, i
 def usage(before: dict, after: dict, client: int) -> dict:
     """CPU seconds between two snapshots: {"roles": {role: s}, "waits": {role: s},
     "procs": [[s, pid, role, cmdline, waited s], ...] (most CPU first), "threads": [[s,
-    pid, name, waited s, switches], ...] (most CPU first), "switches": {role: n}}; a
-    reading without switches (4 fields) counts none. "waits" and the waited seconds: how long
+    pid, name, waited s, switches], ...] (most CPU first), "switches": {role: n}}. "waits"
+    and the waited seconds: how long
     threads were ready to run and waited for a CPU (for a pinned engine's busiest thread,
     what the other threads on its core took from its steps; a process's sum also counts
     its threads waiting on each other). A thread that began between them counts
@@ -130,10 +130,10 @@ def usage(before: dict, after: dict, client: int) -> dict:
     procs: dict[int, list] = {}
     threads: dict[tuple[int, str], list] = defaultdict(lambda: [0.0, 0.0, 0])
     switches: dict[str, int] = defaultdict(int)
-    for key, (cmd, name, cpu, wait, *sw) in after.items():
-        _c, _n, cpu0, wait0, *sw0 = before.get(key, (cmd, name, 0.0, 0.0, 0))
+    for key, (cmd, name, cpu, wait, sw) in after.items():
+        _c, _n, cpu0, wait0, sw0 = before.get(key, (cmd, name, 0.0, 0.0, 0))
         d = max(0.0, cpu - cpu0)
-        n_sw = max(0, (sw[0] if sw else 0) - (sw0[0] if sw0 else 0))
+        n_sw = max(0, sw - sw0)
         pid = key[0]
         p = procs.setdefault(pid, [0.0, pid, role(cmd, pid == client), cmd[:100], 0.0])
         p[0] += d
@@ -168,7 +168,7 @@ def report(setup: str, wall_s: float, cores: int, u: dict, top: int = 8) -> str:
         if r == "engine" and s >= 0.01:
             lines.append(f"   {s:7.2f} s, waited {w:6.2f} s  {pid:7d} {cmd}")
     lines.append("   busiest threads:")
-    for s, pid, name, w, *_k in u["threads"][:top]:
+    for s, pid, name, w, _k in u["threads"][:top]:
         if s >= 0.01:
             lines.append(f"   {s:7.2f} s, waited {w:6.2f} s  {pid:7d} {name}")
     return "\n".join(lines)
@@ -178,13 +178,13 @@ def idle_report(setup: str, wall_s: float, u: dict, top: int = 8) -> str:
     """What a setup costs while it only waits: CPU (% of one core) and wake-ups a second
     per role, and the threads that wake most (a name's threads in one process summed)."""
     lines = [f"== {setup}, idle for {wall_s:.1f} s:"]
+    wall = max(wall_s, 1e-9)
     for r, s in u["roles"].items():
-        lines.append(f"   {r:11s} {100 * s / max(wall_s, 1e-9):5.2f}% of a core"
-                     f"   {u['switches'].get(r, 0) / max(wall_s, 1e-9):7.0f} wake-ups/s")
+        lines.append(f"   {r:11s} {100 * s / wall:5.2f}% of a core"
+                     f"   {u['switches'].get(r, 0) / wall:7.0f} wake-ups/s")
     lines.append("   threads that wake most:")
     for s, pid, name, _w, k in sorted(u["threads"], key=lambda t: -t[4])[:top]:
-        lines.append(f"   {k / max(wall_s, 1e-9):7.0f}/s {100 * s / max(wall_s, 1e-9):5.2f}%"
-                     f"  {pid:7d} {name}")
+        lines.append(f"   {k / wall:7.0f}/s {100 * s / wall:5.2f}%  {pid:7d} {name}")
     return "\n".join(lines)
 
 

@@ -28,15 +28,15 @@ def test_role_from_command_line():
 
 def test_usage_counts_what_each_thread_spent_between_the_readings():
     eng, fe = "VLLM::EngineCore", "python -m pdserve.cli frontend"
-    before = {(10, 10): (eng, "VLLM::EngineCor", 5.0, 1.0),
-              (20, 20): (fe, "python", 1.0, 0.0),
-              (20, 21): (fe, "event_engine", 0.5, 0.0),
-              (30, 30): ("python -m x", "python", 2.0, 0.0)}
-    after = {(10, 10): (eng, "VLLM::EngineCor", 9.0, 1.5),
-             (20, 20): (fe, "python", 1.25, 0.25),
-             (20, 21): (fe, "event_engine", 0.75, 0.0),
-             (20, 22): (fe, "grpc_new", 0.5, 0.125),     # began between the readings
-             (30, 30): ("python -m x", "python", 3.0, 0.0)}
+    before = {(10, 10): (eng, "VLLM::EngineCor", 5.0, 1.0, 0),
+              (20, 20): (fe, "python", 1.0, 0.0, 0),
+              (20, 21): (fe, "event_engine", 0.5, 0.0, 0),
+              (30, 30): ("python -m x", "python", 2.0, 0.0, 0)}
+    after = {(10, 10): (eng, "VLLM::EngineCor", 9.0, 1.5, 0),
+             (20, 20): (fe, "python", 1.25, 0.25, 0),
+             (20, 21): (fe, "event_engine", 0.75, 0.0, 0),
+             (20, 22): (fe, "grpc_new", 0.5, 0.125, 0),     # began between the readings
+             (30, 30): ("python -m x", "python", 3.0, 0.0, 0)}
     u = usage(before, after, client=30)
     assert u["roles"] == {"engine": 4.0, "frontend": 1.0, "client": 1.0}
     assert list(u["roles"])[0] == "engine"                # most first
@@ -44,7 +44,7 @@ def test_usage_counts_what_each_thread_spent_between_the_readings():
     assert [p[:3] for p in u["procs"]] == [[4.0, 10, "engine"], [1.0, 20, "frontend"],
                                            [1.0, 30, "client"]]
     assert u["procs"][0][4] == 0.5
-    assert u["threads"][0] == [4.0, 10, "VLLM::EngineCor", 0.5, 0]   # no switches read
+    assert u["threads"][0] == [4.0, 10, "VLLM::EngineCor", 0.5, 0]   # no switches between
     assert [0.5, 20, "grpc_new", 0.125, 0] in u["threads"]
     text = report("pdserve", 4.0, 2, u)
     assert "6.0 CPU s over 4.0 s on 2 cores (75% of them)" in text
