@@ -1,0 +1,84 @@
+"""bench.misses: one cell's requests, the misses picked against hand-computed SLOs."""
+
+import pytest
+
+from bench import misses as M
+
+
+def req(i, sent, ttft, tpot, prompt=128, out=16, ok=True, pred=None, route="", error=""):
+    t0 = sent + ttft
+    return {"index": i, "ok": ok, "prompt_tokens": prompt, "output_tokens": out,
+            "ttft": ttft, "tpot": tpot, "error": error, "route_text": route,
+            "pred_ttft": pred[0] if pred else None, "pred_tpot": pred[1] if pred else None,
+            "token_times": [t0 + k * tpot for k in range(out)] if ok else []}
+
+
+def run(rate, requests):
+    return {"summary": {"rate": rate}, "requests": requests}
+
+
+CELL = [
+    req(0, 10.0, 0.30, 0.040),                              # within both
+    req(1, 10.5, 2.50, 0.040, prompt=1024, pred=(1.8, 0.041), route="disagg:slo"),  # T
+    req(2, 11.0, 0.25, 0.060, pred=(0.2, 0.045), route="local:slo"),                # P
+    req(3, 11.2, 1.90, 0.045, prompt=1024),                 # long, within both
+    req(4, 11.4, 0.0, 0.0, ok=False, error="HTTP 429: overloaded"),
+    req(5, 11.6, 0.40, 0.500, out=1),                       # one token: TPOT does not count
+]
+
+
+def test_only_the_misses_by_default_in_send_order_from_the_first_send():
+    got = M.rows([run(0.5, CELL), run(1.0, [])], "0.5", 2.0, 0.050)
+    assert [r["index"] for r in got] == [1, 2, 4]
+    t, p, f = got
+    assert t["missed"] == "T-" and p["missed"] == "-P" and f["missed"] == "failed"
+    assert t["sent_s"] == pytest.approx(0.5) and p["sent_s"] == pytest.approx(1.0)
+    assert t["ttft_ms"] == pytest.approx(2500) and t["pred_ttft_ms"] == pytest.approx(1800)
+    assert p["tpot_ms"] == pytest.approx(60) and p["pred_tpot_ms"] == pytest.approx(45)
+    assert f["error"].startswith("HTTP 429")
+    assert "T- sent" in M.line(t) and "(  1800)" in M.line(t) and "failed HTTP 429" in M.line(f)
+
+
+def test_long_prompts_and_every_request_on_demand():
+    assert [r["index"] for r in M.rows([run(0.5, CELL)], "0.5", 2.0, 0.05, long_tokens=1000)
+            ] == [1, 2, 3, 4]
+    every = M.rows([run(0.5, CELL)], "0.5", 2.0, 0.05, every=True)
+    assert [r["index"] for r in every] == [0, 1, 2, 3, 4, 5]
+    assert every[5]["missed"] == "--"                      # a 500 ms "TPOT" over one token
+    assert every[0]["pred_ttft_ms"] != every[0]["pred_ttft_ms"]   # no prediction: NaN
+
+
+def test_rates_match_as_the_summaries_name_them():
+    runs = [run(0.8275, CELL[:2]), run("inf", CELL[2:3])]
+    assert [r["index"] for r in M.rows(runs, "0.8275", 2.0, 0.05)] == [1]
+    assert [r["index"] for r in M.rows(runs, "inf", 2.0, 0.05)] == [2]
+    with pytest.raises(KeyError, match="no run at rate 2.4 .*0.8275, inf"):
+        M.rows(runs, "2.4", 2.0, 0.05)
+
+
+def test_a_matrix_file_gives_its_mix_and_slos_a_compare_file_neither():
+    runs = [run(0.5, CELL)]
+    matrix = {"results": {"long-mix": {"pdserve": runs}},
+              "calibration": {"long-mix": {"ttft_ms": 2085.0, "tpot_ms": 53.4}}}
+    got, slos = M.runs_of(matrix, "pdserve", "long-mix")
+    assert got == runs and slos == pytest.approx((2.085, 0.0534))
+    with pytest.raises(KeyError, match="name one of its mixes with --mix"):
+        M.runs_of(matrix, "pdserve", None)
+    with pytest.raises(KeyError, match="no mix 'shift'"):
+        M.runs_of(matrix, "pdserve", "shift")
+    compare = {"results": {"pdserve": runs, "vllm-2x": []}}
+    assert M.runs_of(compare, "pdserve", None) == (runs, None)
+    with pytest.raises(KeyError, match="no setup 'x' here"):
+        M.runs_of(compare, "x", None)
+
+
+def test_main_prints_the_cell_and_refuses_a_file_without_slos(tmp_path, capsys):
+    import json
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"results": {"pdserve": [run(0.5, CELL)]}}))
+    with pytest.raises(SystemExit, match="no SLOs"):
+        M.main([str(f), "--rate", "0.5"])
+    M.main([str(f), "--rate", "0.5", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "50"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("SLOs: TTFT 2000 ms, TPOT 50.0 ms")
+    assert [ln.split()[0] for ln in out[1:]] == ["1", "2", "4"]
