@@ -10,7 +10,8 @@ replicas, one core each, least-outstanding proxy), vllm-2x-chunked (the same wit
 --max-num-batched-tokens 256) and pdserve with its defaults. Each starts once and serves
 every mix. `--variant 'pdserve-mixed=--mixed'` adds a setup of ours with extra `pdserve
 serve` flags, reported against the peers like the defaults (never as a peer itself), so two
-settings meet the same host in one run.
+settings meet the same host in one run; each variant's report ends with its count within
+both SLOs against the defaults' and the requests only one of the two served within them.
 
 Mixes (`MIXES`): prefill-dominated (uniform long prompts, short outputs), decode-dominated
 (short prompts, long outputs), the long-prompt mix (a quarter long prompts) and a
@@ -218,6 +219,20 @@ def paired(ours: list[dict], peer: list[dict], ttft_slo_s: float,
     return wins, losses, sign_test_p(wins, losses)
 
 
+def against_defaults(variant: list[dict], defaults: list[dict], cal: dict) -> dict:
+    """A variant's runs against the defaults' in one mix (an A/B in one run: the same
+    requests at the same times): each one's requests within both SLOs over every rate,
+    per cell as "variant/defaults", and request by request (`paired`). Pure."""
+    mine, theirs = C.by_rate(variant), C.by_rate(defaults)
+    rates = sorted(mine.keys() & theirs.keys())
+    wins, losses, pval = paired(variant, defaults, cal["ttft_ms"] / 1e3, cal["tpot_ms"] / 1e3)
+    return {"good": sum(mine[r].get("good", 0) for r in rates),
+            "defaults_good": sum(theirs[r].get("good", 0) for r in rates),
+            "cells": " / ".join(f"{mine[r].get('good', 0)}/{theirs[r].get('good', 0)}"
+                                for r in rates),
+            "only_ours": wins, "only_defaults": losses, "p": pval}
+
+
 def ceiling_lines(ceil: dict[str, dict], best_peak: float) -> tuple[list[str], dict]:
     """What the engines can complete at all: each setup's requests per second with every
     request sent at once (no SLO), against the 1.5x-peak target. Goodput at any rate is
@@ -309,6 +324,13 @@ def mix_report(mix: str, res: dict[str, list], cal: dict, ours: str = C.OURS,
         out["paired"][p] = {"only_ours": wins, "only_peer": losses, "p": pval}
         lines.append(f"         request by request against {p}: {wins} within SLOs only with "
                      f"{ours}, {losses} only with {p} (sign test p = {pval:.2f})")
+    if ours != C.OURS and C.OURS in res:    # a variant: what it changed, against the defaults
+        out["against_defaults"] = against_defaults(res[ours], res[C.OURS], cal)
+        a = out["against_defaults"]
+        lines.append(f"  against the defaults ({C.OURS}): {a['good']} within SLOs against "
+                     f"{a['defaults_good']} ({a['cells']}); request by request {a['only_ours']} "
+                     f"only with {ours}, {a['only_defaults']} only with {C.OURS} "
+                     f"(sign test p = {a['p']:.2f})")
     if tpot_breaks:
         lines.append(f"  [{'MET ' if pr >= 1.5 else 'MISSED'}] peak goodput >= 1.5x the best "
                      f"peer's peak (a peer's TPOT p99 breaks the SLO): {pr:.2f}x")

@@ -123,6 +123,27 @@ def test_a_variant_of_ours_is_reported_against_the_peers_and_is_never_a_peer():
     assert "pdserve-mixed" in text
 
 
+def test_a_variant_is_compared_with_the_defaults_request_by_request():
+    """An A/B in one run: the variant's requests within both SLOs against the defaults',
+    per cell and in total, and which requests only one of them served within them."""
+    res = {"vllm-2x": [run(0.1, 0.10, 90), run(0.2, 0.15, 200)],
+           "pdserve": [run(0.1, 0.10, 50, [0.05, 0.2, 0.05], good=2),
+                       run(0.2, 0.15, 60, [0.05, 0.05], good=2)],
+           "pdserve-x": [run(0.1, 0.10, 50, [0.05, 0.05, 0.2], good=2),
+                         run(0.2, 0.15, 60, [0.2, 0.2], good=0)]}
+    cal = {"ttft_ms": 3000, "tpot_ms": 100}
+    text, out = MX.mix_report("prefill", res, cal, "pdserve-x")
+    a = out["against_defaults"]
+    assert (a["good"], a["defaults_good"], a["cells"]) == (2, 4, "2/2 / 0/2")
+    # rate 0.1: index 1 only with the variant, index 2 only with the defaults; rate 0.2:
+    # both requests only with the defaults
+    assert (a["only_ours"], a["only_defaults"]) == (1, 3)
+    assert a["p"] == pytest.approx(sign_test_p(1, 3))
+    assert "against the defaults (pdserve): 2 within SLOs against 4 (2/2 / 0/2); request " \
+           "by request 1 only with pdserve-x, 3 only with pdserve" in text
+    assert "against_defaults" not in MX.mix_report("prefill", res, cal)[1]
+
+
 def test_the_ceiling_says_whether_the_peak_target_is_within_reach():
     res = {"vllm-2x": [run(0.1, 0.10, 90), run(0.2, 0.15, 200)],
            "pdserve": [run(0.1, 0.10, 50), run(0.2, 0.18, 60)]}
