@@ -37,6 +37,14 @@ def late_streams_yield() -> bool:
     return os.environ.get("PDSERVE_LATE_STREAMS", "yield") != "keep"
 
 
+def late_prefill_remote() -> bool:
+    """Does a request predicted to get its first token after its TTFT SLO whatever the
+    option have its prompt computed on a prefill worker where it can be (scheduler/adaptive.py
+    `ranked`)? On unless PDSERVE_LATE_PREFILL=local (the choice before it, for comparisons:
+    the sooner computed, often the decode engine)."""
+    return os.environ.get("PDSERVE_LATE_PREFILL", "remote") != "local"
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

@@ -49,7 +49,8 @@ with it).
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
 predicted TTFT, as the client sees it, among the options that meet both with a margin
-(near-ties go to remote), else the best score; the next one is reported as the runner-up.
+(near-ties go to remote), else the best score, except that a request late whatever it
+does goes to a prefill worker where it can; the next one is reported as the runner-up.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class SLO:
     # streams whose first token missed the TTFT SLO keep no slack on their engine
     # (pdserve/step_budget.py, `Stream.late`; PDSERVE_LATE_STREAMS=keep: they do)
     late: bool = True
+    # a request whose first token comes after its TTFT SLO whatever the option has its
+    # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
+    # sooner computed, as before)
+    late_remote: bool = True
 
 
 @dataclass(frozen=True)
@@ -431,8 +436,16 @@ def ranked(opts: list[Option], slo: SLO, held_s: float = 0.0) -> list[Option]:
     instead of answering a handoff later. When no option is predicted to make it, the
     best score first (the least-missed SLO; within MARGIN of it, the sooner computed).
     `held_s`: how long the request has waited already; it counts in what makes the SLOs
-    (`met`), not in the order of the options that miss them."""
+    (`met`), not in the order of the options that miss them, unless every one computes
+    its first token after the SLO (`slo.late_remote`: remote first, docs/design.md)."""
     ok = [o for o in opts if met(o, slo, held_s)]
+    if not ok and slo.late_remote and all(held_s + o.first_s > slo.ttft_s for o in opts):
+        # late whatever it does: its TTFT counts for nothing, and a decode engine computing
+        # its prompt slows every stream that lands there meanwhile; for a prefill worker
+        # it is held behind the requests that can still make their SLOs
+        # (scheduler/holding.py) and delays only those that arrive after its dispatch
+        return (sorted((o for o in opts if o.kind != "local"), key=lambda o: o.first_s)
+                + sorted((o for o in opts if o.kind == "local"), key=lambda o: o.first_s))
     if not ok:      # the least-missed; as good as it within MARGIN: the sooner computed
         best = max(o.score for o in opts)
         near = sorted((o for o in opts if o.score >= best - MARGIN),

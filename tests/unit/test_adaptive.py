@@ -198,10 +198,14 @@ def test_the_registry_times_each_booked_stream_from_the_end_of_its_prefill():
 def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_up():
     p = A.Node("p", C, backlog_s=10.0)
     d = A.Node("d", C, backlog_s=9.0)
-    opts = A.options([p], [d], 1000, 64, SLO, {"d"})
+    opts = A.options([p], [d], 1000, 64, replace(SLO, late_remote=False), {"d"})
     assert opts[0].score < 0 and A.reason(opts[0]) == "best_effort"
     assert opts[0].kind == "local"              # 9 s of backlog beats 10 s
     assert "remote prefill=p" in opts[1].describe()
+    # by default a request late whatever it does is computed remotely
+    opts = A.options([p], [d], 1000, 64, SLO, {"d"})
+    assert [o.kind for o in opts] == ["remote", "local"]
+    assert A.reason(opts[0]) == "best_effort" and "local decode=d" in opts[1].describe()
 
 
 def test_near_ties_go_to_remote():
@@ -224,10 +228,14 @@ def test_a_held_request_counts_its_wait_in_what_meets_the_slos():
     opts = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=held)
     assert [o.kind for o in opts] == ["local", "remote"]
     assert A.reason(opts[0], SLO, held) == "slo"
-    # held past the SLO: every option misses, in the order of their scores from now
+    # held past the SLO: every option misses; remote first (a request late whatever it
+    # does), or in the order of their scores from now (PDSERVE_LATE_PREFILL=local)
     late = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=SLO.ttft_s)
-    assert late[0].score >= late[1].score
+    assert [o.kind for o in late] == ["remote", "local"]
     assert A.reason(late[0], SLO, SLO.ttft_s) == "best_effort"
+    before = replace(SLO, late_remote=False)
+    late = A.options([p], [d], 500, 64, before, {"d"}, held_s=SLO.ttft_s)
+    assert late[0].score >= late[1].score
 
 
 def test_a_prefill_queue_overflows_to_the_decode_engine_while_its_streams_afford_it():
@@ -270,6 +278,30 @@ def test_ranking_meets_slos_first_then_lowest_ttft():
     # among remotes that tie, the lower TTFT
     got = A.ranked([opt("remote", 0.5, 0.3), opt("remote", 0.4, 0.2)], SLO)
     assert [o.ttft_s for o in got] == [0.2, 0.3]
+
+
+def test_a_request_late_whatever_it_does_has_its_prompt_computed_remotely():
+    """Every option's first token after the TTFT SLO (counted from the arrival of a
+    request held `held_s`): remote first, the sooner computed first, even where the
+    decode engine would compute it sooner; a request that can still make it is ranked as
+    ever."""
+    def opt(kind, score, ttft):
+        return A.Option(kind, "p" if kind != "local" else "d", "d", ttft, 0.01, ttft, 0,
+                        score)
+    slo, before = SLO, replace(SLO, late_remote=False)     # PDSERVE_LATE_PREFILL=local
+    late = [opt("local", -0.1, 3.3), opt("remote", -0.4, 4.2), opt("remote", -0.3, 3.9)]
+    assert [(o.kind, o.ttft_s) for o in A.ranked(late, slo)] == \
+        [("remote", 3.9), ("remote", 4.2), ("local", 3.3)]
+    assert A.ranked(late, before)[0].kind == "local"           # the sooner computed
+    # held 1 s: the local option's first token at 2.5 s comes after the 3 s SLO too
+    held = [opt("local", 0.1, 2.5), opt("remote", -0.2, 3.6)]
+    assert [o.kind for o in A.ranked(held, slo, held_s=1.0)] == ["remote", "local"]
+    # one option still makes it from the arrival: ranked as ever (the least-missed first)
+    assert [o.kind for o in A.ranked(held, slo, held_s=0.2)] == ["local", "remote"]
+    # a kept first token counts from when it is computed (`first_s`), not when its stream
+    # sends it: computed within the SLO, this request is not late, and is ranked as ever
+    kept = replace(opt("remote", -0.3, 3.2), ready_s=2.8)
+    assert A.ranked([opt("local", -0.05, 3.4), kept], slo)[0].kind == "local"
 
 
 def test_equally_good_prefill_workers_share_the_load():
