@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 from bench import compare as C, host
-from bench.stats import Result, percentile, sign_test_p, within_slo_dict
+from bench.stats import Result, percentile, sent_at, sign_test_p, within_slo_dict
 from bench.workload import parse_dist
 
 MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
@@ -262,7 +262,7 @@ def arrival_bounds(runs: list[dict], min_e2e_s: float) -> dict[float, float]:
     peer that already serves close to its offered rate leaves no room for 1.5x). Pure."""
     out = {}
     for x in runs:
-        sends = [r["token_times"][0] - r["ttft"] for r in x["requests"] if r.get("token_times")]
+        sends = [t for t in map(sent_at, x["requests"]) if t is not None]
         if len(sends) >= 2 and min_e2e_s > 0:
             n = x["summary"].get("requests", len(x["requests"]))
             out[x["summary"]["rate"]] = n / (max(sends) - min(sends) + min_e2e_s)

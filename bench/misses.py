@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.stats import within_slo_dict
+from bench.stats import sent_at, within_slo_dict
 
 
 def runs_of(data: dict, setup: str, mix: str | None
@@ -59,7 +59,7 @@ def rows(runs: list[dict], rate: str, ttft_slo_s: float, tpot_slo_s: float,
         have = ", ".join(str(r["summary"]["rate"]) for r in runs)
         raise KeyError(f"no run at rate {rate} (there are {have})")
     reqs = picked[0]["requests"]
-    sent = [q["token_times"][0] - q["ttft"] for q in reqs if q.get("token_times")]
+    sent = [t for t in map(sent_at, reqs) if t is not None]
     t0 = min(sent) if sent else 0.0
     out = []
     for q in sorted(reqs, key=lambda q: q["index"]):
@@ -72,9 +72,9 @@ def rows(runs: list[dict], rate: str, ttft_slo_s: float, tpot_slo_s: float,
         long = long_tokens and q.get("prompt_tokens", 0) >= long_tokens
         if not (every or long or missed != "--"):
             continue
+        at = sent_at(q)
         out.append({"index": q["index"], "missed": missed,
-                    "sent_s": (q["token_times"][0] - q["ttft"] - t0) if q.get("token_times")
-                    else float("nan"),
+                    "sent_s": at - t0 if at is not None else math.nan,
                     "prompt_tokens": q.get("prompt_tokens", 0), "ttft_ms": q["ttft"] * 1e3,
                     "pred_ttft_ms": (q.get("pred_ttft") or math.nan) * 1e3,
                     "tpot_ms": q["tpot"] * 1e3,

@@ -69,6 +69,13 @@ def within_slo_dict(d: dict, ttft_slo: float, tpot_slo: float) -> bool:
     return _within(d["ok"], d["ttft"], d["output_tokens"], d["tpot"], ttft_slo, tpot_slo)
 
 
+def sent_at(d: dict) -> float | None:
+    """When a request (as `result_dict` wrote it) was sent, on its `token_times` clock: its
+    first token less its TTFT; None for one that got no token."""
+    tt = d.get("token_times")
+    return tt[0] - d["ttft"] if tt else None
+
+
 def sign_test_p(wins: int, losses: int) -> float:
     """Two-sided exact sign test (McNemar's, exact) of paired outcomes: the chance of a
     split at least this uneven between `wins` and `losses` if either side were as likely
