@@ -408,13 +408,19 @@ def overflow_options(spare, tokens: int, out: int, slo: SLO, held_s: float) -> l
     return found
 
 
+def computed_late(o: Option, slo: SLO, held_s: float = 0.0) -> bool:
+    """`o` computes the first token of a request held `held_s` after its TTFT SLO (a kept
+    one counts from when it is computed: its deadline sends it within the SLO)."""
+    return held_s + o.first_s > slo.ttft_s
+
+
 def as_late(o: Option, d: Node, tokens: int, out: int, slo: SLO, held_s: float) -> Option:
     """`o` as predicted for a request whose first token is computed after its TTFT SLO
     (it has waited `held_s` already): its engine keeps no TPOT slack for it, so its TPOT
     is the steps beside it as they come (`tpot_on(late=True)`). Its score stays the one
     with its slack kept: a late request counts for no goodput, and its TPOT does not
     decide where it goes; the prediction says what it will see."""
-    if held_s + o.first_s <= slo.ttft_s:
+    if not computed_late(o, slo, held_s):
         return o
     step = tpot_on(d, tokens, out, slo, late=True, start_s=o.first_s)
     tpot = step if o.kind != "remote" else seen_tpot(step, d, out, o.hold)
@@ -439,13 +445,12 @@ def ranked(opts: list[Option], slo: SLO, held_s: float = 0.0) -> list[Option]:
     (`met`), not in the order of the options that miss them, unless every one computes
     its first token after the SLO (`slo.late_remote`: remote first, docs/design.md)."""
     ok = [o for o in opts if met(o, slo, held_s)]
-    if not ok and slo.late_remote and all(held_s + o.first_s > slo.ttft_s for o in opts):
+    if not ok and slo.late_remote and all(computed_late(o, slo, held_s) for o in opts):
         # late whatever it does: its TTFT counts for nothing, and a decode engine computing
         # its prompt slows every stream that lands there meanwhile; for a prefill worker
         # it is held behind the requests that can still make their SLOs
         # (scheduler/holding.py) and delays only those that arrive after its dispatch
-        return (sorted((o for o in opts if o.kind != "local"), key=lambda o: o.first_s)
-                + sorted((o for o in opts if o.kind == "local"), key=lambda o: o.first_s))
+        return sorted(opts, key=lambda o: (o.kind == "local", o.first_s))
     if not ok:      # the least-missed; as good as it within MARGIN: the sooner computed
         best = max(o.score for o in opts)
         near = sorted((o for o in opts if o.score >= best - MARGIN),
