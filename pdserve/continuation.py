@@ -33,11 +33,11 @@ are left alone.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
+from pdserve.patching import switched_once
 from pdserve.sampling import FIRST_TOKEN
 
 log = logging.getLogger("vllm.pdserve.continuation")
@@ -126,14 +126,9 @@ def _advance(runner, generator: torch.Generator) -> None:
     runner.sampler.topk_topp_sampler(row, {0: generator}, None, None)
 
 
-_PATCHED = False
-
-
+@switched_once("PDSERVE_CONTINUATION")
 def install() -> bool:
     """Patch vLLM's model runner to advance continued requests' seeded generators."""
-    global _PATCHED
-    if _PATCHED or os.environ.get("PDSERVE_CONTINUATION", "0") != "1":
-        return False
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     except ImportError:
@@ -156,5 +151,4 @@ def install() -> bool:
         return out
 
     GPUModelRunner._update_states = _update_states
-    _PATCHED = True
     return True

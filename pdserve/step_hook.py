@@ -47,6 +47,7 @@ from collections import deque
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
+from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
                                  left_after, overrun)
@@ -56,7 +57,6 @@ log = logging.getLogger("vllm.pdserve.steps")
 # seconds, prefill tokens, prefill attention, decode seqs, decode ctx, allow_s, budget tokens,
 # late streams only
 WIRE = struct.Struct("<dIdIIdIB")
-_PATCHED = False
 # an engine's first steps pay lazy initialisation (measured on CPU: 2.8-3.5 s for a
 # 4-token prompt, 0.16 s for the next one): they would teach the model nothing true
 SKIP_FIRST = 2
@@ -335,10 +335,8 @@ def _handoff_step(sched, st: "_State", streams: list, b, now: float) -> bool:
     return step_s > SAFETY * st.slo_s * 1.001 and _handoff_due(sched, st, now)
 
 
+@switched_once("PDSERVE_STEP_HOOK")
 def install() -> bool:
-    global _PATCHED
-    if _PATCHED or os.environ.get("PDSERVE_STEP_HOOK", "0") != "1":
-        return False
     try:
         from vllm.v1.core.sched.scheduler import Scheduler
     except ImportError:
@@ -423,7 +421,6 @@ def install() -> bool:
 
     Scheduler.schedule = schedule
     Scheduler.update_from_output = update_from_output
-    _PATCHED = True
     log.debug("step hook: TPOT SLO %.0f ms, samples to %s", st.slo_s * 1e3,
               st.address or "nowhere")
     return True

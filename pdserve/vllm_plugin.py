@@ -39,7 +39,8 @@ every stop. PDSERVE_CONTINUATION=1
 
 vLLM loads general plugins in the engine-core and worker processes before it creates these
 queues (vllm/v1/engine/core.py, vllm/v1/worker/worker_base.py); plugins may be loaded more
-than once, so this is idempotent.
+than once, and each patch applies once per process behind its switch
+(pdserve/patching.py: `switched_once`).
 """
 
 from __future__ import annotations
@@ -48,10 +49,9 @@ import logging
 import os
 import time
 
-log = logging.getLogger("vllm.pdserve.plugin")
+from pdserve.patching import switched_once
 
-_PATCHED = False
-_HOLD_PATCHED = False
+log = logging.getLogger("vllm.pdserve.plugin")
 
 
 def register() -> None:
@@ -69,10 +69,8 @@ def register() -> None:
         stock_server_forks()
 
 
-_EXIT_PATCHED = False
-
-
-def _register_quick_exit() -> None:
+@switched_once("PDSERVE_QUICK_EXIT")
+def _register_quick_exit() -> bool:
     """With PDSERVE_QUICK_EXIT=1 (pdserve's engines): skip the interpreter's last garbage
     collection when an engine process exits. vLLM's worker process spent about 7 s of a
     cluster's 11 s stop in it (py-spy: `gc_collect_main` under finalization), walking
@@ -80,16 +78,12 @@ def _register_quick_exit() -> None:
     `gc.freeze()` at exit moves every object to the permanent generation, which that
     collection skips; everything else of shutdown (atexit handlers, vLLM's own teardown)
     has run by then."""
-    global _EXIT_PATCHED
-    if _EXIT_PATCHED or os.environ.get("PDSERVE_QUICK_EXIT", "0") != "1":
-        return
     import atexit
     import gc
     atexit.register(gc.freeze)      # registered early, so it runs after the other handlers
-    _EXIT_PATCHED = True
+    return True
 
 
-_IDLE_PATCHED = False
 HELPER_THREADS = ("gloo_tcp_loop",)
 
 
@@ -102,7 +96,8 @@ def idle_helpers(names: tuple[str, ...] = HELPER_THREADS) -> int:
                                                          os.sched_param(0)), names)
 
 
-def _register_idle_helpers() -> None:
+@switched_once("PDSERVE_IDLE_HELPERS")
+def _register_idle_helpers() -> bool:
     """With PDSERVE_IDLE_HELPERS=1 (pdserve's engines): once an engine core of one rank is
     up, its gloo socket loops run under SCHED_IDLE. vLLM creates about a dozen gloo groups
     even for one rank, and torch gives each a thread that waits on epoll with a 10 ms
@@ -110,13 +105,10 @@ def _register_idle_helpers() -> None:
     1,300 wake-ups a second on the engine's own core, each one able to preempt its
     compute thread mid-step. With one rank those loops carry no traffic (no peer, no
     socket). With tensor or data parallelism they do, and are left alone."""
-    global _IDLE_PATCHED
-    if _IDLE_PATCHED or os.environ.get("PDSERVE_IDLE_HELPERS", "0") != "1":
-        return
     try:
         from vllm.v1.engine.core import EngineCoreProc
     except ImportError:
-        return
+        return False
     orig = EngineCoreProc.run_busy_loop
 
     def run_busy_loop(self):
@@ -126,20 +118,18 @@ def _register_idle_helpers() -> None:
         return orig(self)
 
     EngineCoreProc.run_busy_loop = run_busy_loop
-    _IDLE_PATCHED = True
+    return True
 
 
-def _register_quiet_wait() -> None:
-    global _PATCHED
-    if _PATCHED or os.environ.get("PDSERVE_QUIET_WAIT", "0") != "1":
-        return
+@switched_once("PDSERVE_QUIET_WAIT")
+def _register_quiet_wait() -> bool:
     try:
         from vllm.distributed.device_communicators import shm_broadcast as sb
     except ImportError:  # a vLLM without it: nothing to do
-        return
+        return False
     cls = getattr(sb, "SpinCondition", None)
     if cls is None or not hasattr(cls, "wait"):
-        return
+        return False
     spin_s = float(os.environ.get("PDSERVE_WAIT_SPIN_US", "200")) / 1e6
     poll_ms = max(1, int(os.environ.get("PDSERVE_WAIT_POLL_MS", "1")))
     idle_poll_ms = max(poll_ms, int(os.environ.get("PDSERVE_WAIT_IDLE_POLL_MS", "10")))
@@ -164,28 +154,26 @@ def _register_quiet_wait() -> None:
             self.local_notify_socket.recv(flags=sb.zmq.NOBLOCK, copy=False)
 
     cls.wait = wait
-    _PATCHED = True
     log.debug("quiet shm wait: spin %.0f us, poll %d ms", spin_s * 1e6, poll_ms)
+    return True
 
 
-def _register_hold_wait() -> None:
+@switched_once("PDSERVE_HOLD_WAIT")
+def _register_hold_wait() -> bool:
     """With PDSERVE_HOLD_WAIT=1 (set by pdserve for its engines): an engine core whose
     requests all wait on KV transfers blocks on its input queue instead of stepping empty
     in a loop, until a new request, a wakeup from the connector's worker half, or
     kv_transfer.wakeup.HOLD_WAIT_S (kv_transfer/wakeup.py has the why and the measurements).
     Only engines whose KV connector answers `pd_quiescent` are affected."""
-    global _HOLD_PATCHED
-    if _HOLD_PATCHED or os.environ.get("PDSERVE_HOLD_WAIT", "0") != "1":
-        return
     try:
         from vllm.v1.engine.core import EngineCoreProc
         from vllm.v1.engine import EngineCoreRequestType
     except ImportError:
-        return
+        return False
     orig = getattr(EngineCoreProc, "_process_input_queue", None)
     wakeup_type = getattr(EngineCoreRequestType, "WAKEUP", None)
     if orig is None or wakeup_type is None:
-        return
+        return False
     import queue
 
     from kv_transfer.wakeup import HOLD_WAIT_S, WakeListener
@@ -208,5 +196,5 @@ def _register_hold_wait() -> None:
         return orig(self)
 
     EngineCoreProc._process_input_queue = _process_input_queue
-    _HOLD_PATCHED = True
     log.debug("hold wait: engine cores block while only KV transfers are pending")
+    return True

@@ -91,7 +91,7 @@ def hold_wait(monkeypatch):
 
     orig = EngineCoreProc._process_input_queue
     monkeypatch.setenv("PDSERVE_HOLD_WAIT", "1")
-    monkeypatch.setattr(plugin, "_HOLD_PATCHED", False)
+    monkeypatch.setattr(plugin._register_hold_wait, "applied", False)
     plugin._register_hold_wait()
     yield EngineCoreProc._process_input_queue
     EngineCoreProc._process_input_queue = orig
@@ -175,7 +175,7 @@ def quiet_wait(monkeypatch):
     for k, v in {"PDSERVE_WAIT_SPIN_US": "200000", "PDSERVE_WAIT_POLL_MS": "1",
                  "PDSERVE_WAIT_IDLE_POLL_MS": "10", "PDSERVE_WAIT_IDLE_AFTER_MS": "400"}.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(plugin, "_PATCHED", False)
+    monkeypatch.setattr(plugin._register_quiet_wait, "applied", False)
     plugin._register_quiet_wait()
     cond = sb.SpinCondition.__new__(sb.SpinCondition)   # no sockets: the poller is faked
     cond.poller = FakePoller()
