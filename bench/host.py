@@ -4,7 +4,10 @@ The kernel's autogroup scheduling decides the long inter-token gaps on a CPU hos
 cores run the engines (docs/operations.md, "Engine settings that matter on CPU": a
 frontend or client passed over for 50-365 ms while engine threads hold the cores), so
 two runs are comparable only with the same setting; the CPU model and core count set
-the SLOs' scale.
+the SLOs' scale. A virtual machine may name every AMD host "AMD EPYC": its family, model
+and vector extensions tell them apart (bench.matrix's calibration, from requests served one
+at a time, set a TPOT SLO of 126.6 ms on a family 23 model 1 host, AVX2 only, against
+47-54 ms on the "AMD EPYC" hosts of the runs before).
 
 `facts` reads /proc and the platform; `describe` is pure."""
 
@@ -31,17 +34,38 @@ def cpu_model(cpuinfo: str) -> str:
     return ""
 
 
+ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")   # what vLLM's CPU kernels use
+
+
+def cpu_kind(cpuinfo: str) -> str:
+    """"family F model M; EXT EXT" from the first processor in /proc/cpuinfo's text (the
+    vector extensions of ISA it has), or ''."""
+    first = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip() and first:
+            break                                     # the end of the first processor
+        first.setdefault(key.strip(), value.strip())
+    if "cpu family" not in first:
+        return ""
+    flags = set(first.get("flags", "").split())
+    ext = " ".join(f for f in ISA if f in flags) or "no AVX2"
+    return f"family {first['cpu family']} model {first.get('model', '?')}; {ext}"
+
+
 def facts() -> dict:
-    """{"cpu", "cores" (this process may run on), "kernel", "autogroup" (True, False, or
-    None where the kernel has no such setting)}."""
+    """{"cpu", "cpu_kind" (cpu_kind), "cores" (this process may run on), "kernel",
+    "autogroup" (True, False, or None where the kernel has no such setting)}."""
     ag = _read("/proc/sys/kernel/sched_autogroup_enabled")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(_read("/proc/cpuinfo")) or platform.processor(),
+    info = _read("/proc/cpuinfo")
+    return {"cpu": cpu_model(info) or platform.processor(), "cpu_kind": cpu_kind(info),
             "cores": cores, "kernel": platform.release(),
             "autogroup": None if ag == "" else ag != "0"}
 
 
 def describe(f: dict) -> str:
     ag = {True: "on", False: "off", None: "n/a"}[f.get("autogroup")]
-    return (f"host: {f.get('cpu') or '?'}, {f.get('cores')} cores, Linux {f.get('kernel')}, "
-            f"autogroup scheduling {ag}")
+    kind = f" ({f['cpu_kind']})" if f.get("cpu_kind") else ""
+    return (f"host: {f.get('cpu') or '?'}{kind}, {f.get('cores')} cores, "
+            f"Linux {f.get('kernel')}, autogroup scheduling {ag}")

@@ -272,5 +272,15 @@ def test_host_facts_name_the_cpu_and_the_autogroup_setting():
     assert host.describe(f) == ("host: AMD EPYC 9B14, 2 cores, Linux 6.18, "
                                 "autogroup scheduling off")
     assert host.describe({**f, "autogroup": None}).endswith("autogroup scheduling n/a")
+    info = ("processor\t: 0\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu sse avx avx2 fma\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    assert host.cpu_kind(info) == "family 23 model 1; avx2"
+    assert host.cpu_kind(info.replace("avx2", "avx512f avx512_bf16 avx2")) == (
+        "family 23 model 1; avx2 avx512f avx512_bf16")
+    assert host.cpu_kind(info.replace(" avx2", "")) == "family 23 model 1; no AVX2"
+    assert host.cpu_kind("processor : 0\n") == ""
+    assert host.describe({**f, "cpu": "AMD EPYC", "cpu_kind": "family 23 model 1; avx2"}) == (
+        "host: AMD EPYC (family 23 model 1; avx2), 2 cores, Linux 6.18, "
+        "autogroup scheduling off")
     live = host.facts()
     assert live["cores"] >= 1 and live["autogroup"] in (True, False, None)
