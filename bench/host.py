@@ -6,7 +6,7 @@ frontend or client passed over for 50-365 ms while engine threads hold the cores
 two runs are comparable only with the same setting; the CPU model and core count set
 the SLOs' scale. A virtual machine may name every AMD host "AMD EPYC": its family, model
 and vector extensions tell them apart (bench.matrix's calibration, from requests served one
-at a time, set a TPOT SLO of 126.6 ms on a family 23 model 1 host, AVX2 only, against
+at a time, set TPOT SLOs of 126.6 and 130.8 ms on a family 23 model 1 host, AVX2 only, against
 47-54 ms on the "AMD EPYC" hosts of the runs before).
 
 `facts` reads /proc and the platform; `describe` is pure."""
