@@ -17,6 +17,8 @@ import os
 import platform
 from pathlib import Path
 
+from pdserve.config import cpu_flags
+
 
 def _read(path: str) -> str:
     try:
@@ -25,32 +27,32 @@ def _read(path: str) -> str:
         return ""
 
 
-def cpu_model(cpuinfo: str) -> str:
-    """The first `model name` in /proc/cpuinfo's text, or ''."""
+def _first(cpuinfo: str, name: str) -> str:
+    """The first value of field `name` in /proc/cpuinfo's text, or ''."""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
+        if key.strip() == name:
             return value.strip()
     return ""
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first `model name` in /proc/cpuinfo's text, or ''."""
+    return _first(cpuinfo, "model name")
 
 
 ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")   # what vLLM's CPU kernels use
 
 
 def cpu_kind(cpuinfo: str) -> str:
-    """"family F model M; EXT EXT" from the first processor in /proc/cpuinfo's text (the
-    vector extensions of ISA it has), or ''."""
-    first = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if not key.strip() and first:
-            break                                     # the end of the first processor
-        first.setdefault(key.strip(), value.strip())
-    if "cpu family" not in first:
+    """"family F model M; EXT EXT" from /proc/cpuinfo's text (the first processor's family
+    and model; the vector extensions of ISA the CPU has), or '' where it names no family."""
+    family = _first(cpuinfo, "cpu family")
+    if not family:
         return ""
-    flags = set(first.get("flags", "").split())
+    flags = cpu_flags(cpuinfo)
     ext = " ".join(f for f in ISA if f in flags) or "no AVX2"
-    return f"family {first['cpu family']} model {first.get('model', '?')}; {ext}"
+    return f"family {family} model {_first(cpuinfo, 'model') or '?'}; {ext}"
 
 
 def facts() -> dict:

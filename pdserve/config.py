@@ -54,11 +54,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return True   # unknown: keep vLLM's usual bf16
-    flags = set()
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The CPU's features in /proc/cpuinfo's text (x86 `flags`, Arm `Features` lines)."""
+    flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
             flags |= set(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return flags
 
 
 def resolve_dtype(dtype: str) -> str:
