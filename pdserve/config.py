@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.latency import KEEP
+
 
 def data_dir() -> Path:
     """Where converted models and other generated data live (outside the repo)."""
@@ -27,6 +29,17 @@ def step_switches() -> tuple[bool, int]:
     except ValueError:
         least = 1
     return mixed, least
+
+
+def step_keep() -> float:
+    """The half-lives a kind of step fades for in the step model after its last one
+    (pdserve/latency.py `StepModel`'s `keep`), read by engines and the scheduler alike:
+    PDSERVE_STEP_KEEP, latency.KEEP when unset, 0 for every kind fading for good (for
+    comparisons)."""
+    try:
+        return max(0.0, float(os.environ.get("PDSERVE_STEP_KEEP", KEEP)))
+    except ValueError:
+        return KEEP
 
 
 def late_streams_yield() -> bool:

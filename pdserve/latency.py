@@ -35,6 +35,7 @@ STEP_FEATURES = ("step", "prefill_ktok", "prefill_attn_mtok2", "decode_seqs", "d
                  "mixed")
 TRANSFER_FEATURES = ("transfer", "gbytes")
 IDENTIFY_TOKENS = 16      # prompt tokens a step needs for its prefill terms to count as known
+KEEP = 2.0                # half-lives a kind of step fades for after its last (StepModel)
 
 
 @dataclass(frozen=True)
@@ -98,28 +99,42 @@ class OnlineLinear:
     sample has identified for `hold_after` samples (two half-lives by default), the
     estimate it had when one last did. Fading is for following an engine whose speed
     changes; a step that computes no prompt token says nothing of a prompt token's cost,
-    and with a prior of 0 the ridge let a decode engine's decode-only steps erase it."""
+    and with a prior of 0 the ridge let a decode engine's decode-only steps erase it.
+
+    Samples may come in kinds (`observe`'s `kind`; `StepModel` passes `step_kind`), with
+    `keep` > 0: each kind's statistics fade as all do, with every sample, for `keep`
+    samples after its last one; a kind absent for longer stops fading there, and holds
+    what it said then. Fading is for following an engine whose speed changes, and the
+    kinds being served do that, rare ones included; a kind no longer served is the only
+    word on what it covered. Without it, a decode
+    engine that computed 384-1,024-token prompts and then, for a few thousand steps, only
+    16-64-token ones beside its streams fitted the prompt token's cost from those alone:
+    a 1,024-token prompt predicted at a third of its time (a simulation in
+    tests/unit/test_latency.py; measured: a local prompt predicted at 6.3 s took 12.3 s,
+    docs/benchmarks.md "Seventy-seventh run"). Plain decode steps do not identify the
+    prompt terms at all, and the hold covers them; short prompts do, weakly, and only
+    the kept samples outweigh them."""
 
     def __init__(self, n: int, half_life: float = 500.0, ridge: float = 1e-6,
-                 hold_after: float | None = None) -> None:
+                 hold_after: float | None = None, keep: float = 0.0) -> None:
         self.n = n
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
         self.ridge = ridge
         self.hold_after = int(2 * half_life if hold_after is None else hold_after)
+        self.keep = keep               # samples a kind fades for after its last (0: for good)
         self.since = [0] * n           # samples since one last identified feature j
         self.last = [0.0] * n          # each coefficient when a sample last identified it
         self.prior = [0.0] * n         # what the ridge pulls each coefficient towards
-        self.a = [[0.0] * n for _ in range(n)]
-        self.b = [0.0] * n
+        self.kinds: dict[object, _Stats] = {}    # kind -> its (faded) sufficient statistics
         self.seen = [0.0] * n          # (faded) count of samples with feature j != 0
         self.solid = [0.0] * n         # ...of those that identify it (`observe`'s `counts`)
         self.samples = 0
         self._coef: list[float] | None = None
 
     def observe(self, x: list[float], y: float, weight: float = 1.0,
-                counts: list[bool] | None = None) -> None:
+                counts: list[bool] | None = None, kind: object = None) -> None:
         """`counts[j]`: this sample identifies feature j (default: x[j] != 0); `known`
-        counts only those."""
+        counts only those. `kind`: which kind of sample it is (see the class)."""
         if len(x) != self.n or not math.isfinite(y) or y < 0 or weight <= 0:
             return
         g = self.decay
@@ -134,14 +149,33 @@ class OnlineLinear:
             if self.since[j] == self.hold_after:
                 self.prior[j] = self.last[j]     # ...held from now on
         for i in range(self.n):
-            self.b[i] = g * self.b[i] + weight * x[i] * y
             self.seen[i] = g * self.seen[i] + (1.0 if x[i] else 0.0)   # samples, not weight
             self.solid[i] = g * self.solid[i] + (1.0 if ok[i] else 0.0)
-            row = self.a[i]
-            for j in range(self.n):
-                row[j] = g * row[j] + weight * x[i] * x[j]
+        st = self.kinds.get(kind)
+        if st is None:
+            st = self.kinds[kind] = _Stats([0.0] * (self.n * self.n + self.n))
+        f = self._faded(st) * g      # the other kinds' samples since its last, then this one
+        wx = [weight * v for v in x]
+        new = [u * v for u in wx for v in x] + [u * y for u in wx]
+        st.ab = [f * s + t for s, t in zip(st.ab, new)]
+        st.last = self.samples + 1
         self.samples += 1
         self._coef = None
+
+    def _faded(self, st: "_Stats") -> float:
+        """What a kind's statistics are worth now against when it was last observed: the
+        decay of every sample since, or of `keep` of them if more came."""
+        since = self.samples - st.last
+        return self.decay ** (min(since, self.keep) if self.keep > 0 else since)
+
+    def _stats(self) -> tuple[list[list[float]], list[float]]:
+        """A = sum w x x^T and b = sum w x y over every kind, as faded now."""
+        n = self.n
+        ab = [0.0] * (n * n + n)
+        for st in self.kinds.values():
+            f = self._faded(st)
+            ab = [s + f * t for s, t in zip(ab, st.ab)]
+        return [ab[i * n:(i + 1) * n] for i in range(n)], ab[n * n:]
 
     def known(self, j: int, min_samples: float = 1.5) -> bool:
         """At least two samples identified feature j (a faded count: 1.5)."""
@@ -166,13 +200,14 @@ class OnlineLinear:
         plain ridge fit, coefficient for coefficient (tests/unit/test_latency.py)."""
         if self._coef is not None:
             return self._coef
+        sa, sb = self._stats()
         active = [j for j in range(self.n) if self.seen[j] > 0]
         out = [0.0] * self.n
         while active:
-            scale = sum(self.a[j][j] for j in active) / len(active)
+            scale = sum(sa[j][j] for j in active) / len(active)
             lam = self.ridge * scale + 1e-12
-            a = [[self.a[i][j] + (lam if i == j else 0.0) for j in active] for i in active]
-            x = _solve(a, [self.b[i] + lam * self.prior[i] for i in active])
+            a = [[sa[i][j] + (lam if i == j else 0.0) for j in active] for i in active]
+            x = _solve(a, [sb[i] + lam * self.prior[i] for i in active])
             if x is None:
                 break
             neg = [k for k, v in enumerate(x) if v < 0]
@@ -189,14 +224,33 @@ class OnlineLinear:
         return sum(c * v for c, v in zip(self.coef(), x))
 
 
+@dataclass
+class _Stats:
+    """One kind of sample's weighted sufficient statistics as of its last sample: A = sum
+    w x x^T (row by row), then b = sum w x y."""
+    ab: list[float]
+    last: int = 0         # `OnlineLinear.samples` after its last one
+
+
+def step_kind(s: StepSample) -> tuple[int, int, bool]:
+    """A step's kind for `OnlineLinear`'s `keep`: its prompt tokens and the furthest
+    prompt position it computed, each to a power of two, and whether it decoded too."""
+    p = s.prefill_tokens
+    end = int(s.prefill_attn / p + p / 2) if p > 0 else 0
+    return (p.bit_length(), end.bit_length(), s.decode_seqs > 0)
+
+
 class StepModel:
     """An engine's step time: `OnlineLinear` over STEP_FEATURES, with the predictions the
     scheduler and the engine's step budget need."""
 
-    def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
+    def __init__(self, half_life: float = 500.0, mixed: bool = True,
+                 keep: float = KEEP) -> None:
         """`mixed`: fit the mixed step's own part (False: it stays 0, the five-term model;
-        PDSERVE_STEP_MIXED=0 for comparisons)."""
-        self.fit = OnlineLinear(len(STEP_FEATURES), half_life)
+        PDSERVE_STEP_MIXED=0 for comparisons). `keep`: the half-lives a kind of step
+        (`step_kind`) fades for after its last one (`OnlineLinear`; 0: every kind fades
+        for good, PDSERVE_STEP_KEEP=0 for comparisons)."""
+        self.fit = OnlineLinear(len(STEP_FEATURES), half_life, keep=keep * half_life)
         self.mixed = mixed
         self._warm = False
 
@@ -212,7 +266,7 @@ class StepModel:
         big = s.prefill_tokens >= IDENTIFY_TOKENS
         self.fit.observe(x, s.seconds, 1.0 / max(s.seconds, 1e-4) ** 2,
                          [bool(x[0]), big, big and bool(x[2]), bool(x[3]), bool(x[4]),
-                          bool(x[5])])
+                          bool(x[5])], step_kind(s) if self.fit.keep > 0 else None)
 
     @property
     def samples(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pdserve.latency import Coef, StepModel, StepSample, TransferModel
+from pdserve.latency import KEEP, Coef, StepModel, StepSample, TransferModel
 from scheduler.planner import nearest_rank
 
 RECENT = 256                 # steps kept per worker for the recent-interference figures
@@ -95,8 +95,9 @@ def _tail(tails: dict, key, pct: float) -> float | None:
 
 
 class LatencyBook:
-    def __init__(self, half_life: float = 500.0, mixed: bool = True) -> None:
+    def __init__(self, half_life: float = 500.0, mixed: bool = True, keep: float = KEEP) -> None:
         self.half_life = half_life
+        self.keep = keep              # StepModel's share kept by each kind of step
         self.mixed = mixed            # StepModel's mixed-step term (False: five terms)
         self.workers: dict[str, StepModel] = {}
         self.pools: dict[str, StepModel] = {}
@@ -116,8 +117,8 @@ class LatencyBook:
     def observe_steps(self, worker_id: str, pool: str, samples: list[StepSample],
                       now: float = 0.0) -> None:
         """`now`: when they arrived (the recent figures forget old steps)."""
-        m = self.workers.setdefault(worker_id, StepModel(self.half_life, self.mixed))
-        p = self.pools.setdefault(pool, StepModel(self.half_life, self.mixed))
+        m = self.workers.setdefault(worker_id, StepModel(self.half_life, self.mixed, self.keep))
+        p = self.pools.setdefault(pool, StepModel(self.half_life, self.mixed, self.keep))
         self.pool_of[worker_id] = pool
         r = self.recent.setdefault(worker_id, deque(maxlen=RECENT))
         for s in samples:
