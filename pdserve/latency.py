@@ -101,19 +101,17 @@ class OnlineLinear:
     changes; a step that computes no prompt token says nothing of a prompt token's cost,
     and with a prior of 0 the ridge let a decode engine's decode-only steps erase it.
 
-    Samples may come in kinds (`observe`'s `kind`; `StepModel` passes `step_kind`), with
-    `keep` > 0: each kind's statistics fade as all do, with every sample, for `keep`
-    samples after its last one; a kind absent for longer stops fading there, and holds
-    what it said then. Fading is for following an engine whose speed changes, and the
-    kinds being served do that, rare ones included; a kind no longer served is the only
-    word on what it covered. Without it, a decode
-    engine that computed 384-1,024-token prompts and then, for a few thousand steps, only
-    16-64-token ones beside its streams fitted the prompt token's cost from those alone:
-    a 1,024-token prompt predicted at a third of its time (a simulation in
+    Samples may come in kinds (`observe`'s `kind`; `StepModel` passes `step_kind`). With
+    `keep` > 0 each kind's statistics fade with every sample, as before, for `keep`
+    samples after its own last one; a kind absent for longer stops fading there and keeps
+    what it said. The kinds being served, rare ones included, follow an engine whose
+    speed changes; a kind no longer served is the only word on what it covered. Without
+    it, a decode engine that computed 384-1,024-token prompts and then, for a few thousand
+    steps, only 16-64-token ones beside its streams fitted the prompt token's cost from
+    those alone: a 1,024-token prompt predicted at a third of its time (a simulation in
     tests/unit/test_latency.py; measured: a local prompt predicted at 6.3 s took 12.3 s,
-    docs/benchmarks.md "Seventy-seventh run"). Plain decode steps do not identify the
-    prompt terms at all, and the hold covers them; short prompts do, weakly, and only
-    the kept samples outweigh them."""
+    docs/design.md). Plain decode steps do not identify the prompt terms at all, and the
+    hold covers them; short prompts do, weakly, over a narrow range."""
 
     def __init__(self, n: int, half_life: float = 500.0, ridge: float = 1e-6,
                  hold_after: float | None = None, keep: float = 0.0) -> None:
@@ -197,7 +195,7 @@ class OnlineLinear:
         in beside its streams (docs/design.md). Held after 2 half-lives at what the last
         prompt steps said, it is 537 ms after 8,000 such steps, and prompt steps that
         come back outweigh it as they did the prior of 0. Until a hold the fit is the
-        plain ridge fit, coefficient for coefficient (tests/unit/test_latency.py)."""
+        same fit without one, coefficient for coefficient (tests/unit/test_latency.py)."""
         if self._coef is not None:
             return self._coef
         sa, sb = self._stats()
