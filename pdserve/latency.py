@@ -109,7 +109,7 @@ class OnlineLinear:
     it, a decode engine that computed 384-1,024-token prompts and then, for a few thousand
     steps, only 16-64-token ones beside its streams fitted the prompt token's cost from
     those alone: a 1,024-token prompt predicted at a third of its time (a simulation in
-    tests/unit/test_latency.py; measured: a local prompt predicted at 6.3 s took 12.3 s,
+    tests/unit/test_latency_kinds.py; measured: a local prompt predicted at 6.3 s took 12.3 s,
     docs/design.md). Plain decode steps do not identify the prompt terms at all, and the
     hold covers them; short prompts do, weakly, over a narrow range."""
 
