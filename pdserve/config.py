@@ -18,28 +18,23 @@ def data_dir() -> Path:
     return Path(xdg) / "pdserve"
 
 
-def step_switches() -> tuple[bool, int]:
+def step_switches() -> tuple[bool, int, float]:
     """Step-model switches for comparisons, read by engines and the scheduler alike:
     PDSERVE_STEP_MIXED=0 leaves the mixed step's own term out of the step model
     (pdserve/latency.py); PDSERVE_STEP_FLOOR is the least prompt tokens a step beside
-    streams computes (pdserve/step_budget.py `floor_tokens`, 1 when unset)."""
+    streams computes (pdserve/step_budget.py `floor_tokens`, 1 when unset);
+    PDSERVE_STEP_KEEP is the half-lives a kind of step fades for after its last one
+    (`StepModel`'s `keep`, latency.KEEP when unset; 0: every kind fades for good)."""
     mixed = os.environ.get("PDSERVE_STEP_MIXED", "1") != "0"
     try:
         least = max(0, int(os.environ.get("PDSERVE_STEP_FLOOR", "1")))
     except ValueError:
         least = 1
-    return mixed, least
-
-
-def step_keep() -> float:
-    """The half-lives a kind of step fades for in the step model after its last one
-    (pdserve/latency.py `StepModel`'s `keep`), read by engines and the scheduler alike:
-    PDSERVE_STEP_KEEP, latency.KEEP when unset, 0 for every kind fading for good (for
-    comparisons)."""
     try:
-        return max(0.0, float(os.environ.get("PDSERVE_STEP_KEEP", KEEP)))
+        keep = max(0.0, float(os.environ.get("PDSERVE_STEP_KEEP", KEEP)))
     except ValueError:
-        return KEEP
+        keep = KEEP
+    return mixed, least, keep
 
 
 def late_streams_yield() -> bool:

@@ -46,7 +46,7 @@ from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.config import step_keep, step_switches
+from pdserve.config import step_switches
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
@@ -86,8 +86,8 @@ def decode(b: bytes) -> tuple[StepSample, float, int]:
 class _State:
     def __init__(self, slo_ms: float, address: str) -> None:
         self.slo_s = slo_ms / 1e3
-        mixed, self.least = step_switches()
-        self.model = StepModel(mixed=mixed, keep=step_keep())
+        mixed, self.least, keep = step_switches()
+        self.model = StepModel(mixed=mixed, keep=keep)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
         self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen

@@ -97,7 +97,7 @@ def _tail(tails: dict, key, pct: float) -> float | None:
 class LatencyBook:
     def __init__(self, half_life: float = 500.0, mixed: bool = True, keep: float = KEEP) -> None:
         self.half_life = half_life
-        self.keep = keep              # StepModel's share kept by each kind of step
+        self.keep = keep              # StepModel's half-lives a kind of step fades for
         self.mixed = mixed            # StepModel's mixed-step term (False: five terms)
         self.workers: dict[str, StepModel] = {}
         self.pools: dict[str, StepModel] = {}

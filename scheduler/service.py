@@ -20,7 +20,7 @@ import grpc
 from scheduler import metrics as SM
 from pdserve import auth, kvhash
 from pdserve import metrics as M
-from pdserve.config import late_prefill_remote, late_streams_yield, step_keep, step_switches
+from pdserve.config import late_prefill_remote, late_streams_yield, step_switches
 from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.adaptive import SLO
@@ -50,8 +50,8 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         self.rng = random.Random(cfg.seed)
         self.decisions: dict[str, int] = {}
         self.autoscaler = None           # set by serve() when autoscaling is on
-        mixed, least = step_switches()
-        self.book = LatencyBook(mixed=mixed, keep=step_keep())
+        mixed, least, keep = step_switches()
+        self.book = LatencyBook(mixed=mixed, keep=keep)
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least,
                        first_token=cfg.placement.first_token, late=late_streams_yield(),

@@ -128,7 +128,6 @@ def test_a_feature_no_recent_step_identifies_keeps_its_estimate():
     assert Coef.of(m.coef()).prefill_time(1024) == pytest.approx(want, rel=0.06)
 
 
-
 def test_the_hold_changes_nothing_until_two_half_lives_pass_without_the_feature():
     """The fit with the hold is the plain ridge fit up to the hold: the same coefficients
     through 999 steps after the last prompt step (a half-life of 500), and the held
