@@ -159,6 +159,28 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     return Budget(allow, tok, hold=tok <= 0, sized=sized)
 
 
+def gathered(b: Budget, owed: int, chunk: int) -> tuple[Budget, int]:
+    """A floor step (`b`: not slack-sized, fewer than `chunk` prompt tokens) gathered
+    with the floor steps before it: the prompts wait (a decode-only step) until the
+    floor's tokens owed to them add up to `chunk`, then that step computes them all.
+    Returns (this step's budget, the tokens owed after it). Any other step passes and
+    clears what is owed. Pure.
+
+    A step that carries any prompt token pays a fixed part of its own beside the decode
+    work; a floor of a few tokens a step pays it on every step (a step trace of the
+    long-prompt mix on a 2-core CPU: 39 floor steps of 1-5 tokens, 35 ms each over an
+    80-85 ms decode step, docs/benchmarks.md "Seventy-ninth run"). Gathered, the prompt
+    moves as fast on average and the streams pay that part once a chunk; their TPOT, a
+    mean over their tokens, gains. Where the floor is already `chunk` tokens (a GPU,
+    whose fixed part is small) nothing changes."""
+    if b.sized or b.hold or not 0 < b.tokens < chunk or b.allow_s == float("inf"):
+        return b, 0
+    owed += b.tokens
+    if owed < chunk:
+        return Budget(b.allow_s, 0, hold=True), owed
+    return Budget(b.allow_s, owed), 0
+
+
 def later_step(coef: Coef, seqs: float, ctx: float, floor: int) -> float:
     """What the streams' later steps are planned at while prompts are computed beside
     them: a step with the floor's `floor` prompt tokens (`floor_tokens`, at most safety *

@@ -26,6 +26,9 @@ PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for compar
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
 (step_budget.floor_tokens; 0: none where not one fits, a decode-only step).
+PDSERVE_STEP_GATHER=N gathers floor steps into chunks of N prompt tokens
+(step_budget.gathered: the prompts wait decode-only steps until the floor owes them N,
+then take them in one step; 0, the default, leaves every floor step its own tokens).
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
 name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
@@ -49,8 +52,8 @@ from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
-                                 left_after, overrun)
+from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, gathered,
+                                 late_only, left_after, overrun)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -92,6 +95,13 @@ class _State:
         self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
+        # floor steps gathered into chunks of this many prompt tokens (step_budget.gathered;
+        # 0, the default until an A/B says otherwise: every floor step computes its own)
+        try:
+            self.gather = max(0, int(os.environ.get("PDSERVE_STEP_GATHER", "0")))
+        except ValueError:
+            self.gather = 0
+        self.owed = 0
         self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
         self.sock = None
         self.address = unix_address(address)
@@ -355,6 +365,8 @@ def install() -> bool:
             _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
                    least=st.least, over=st.over)
+        if st.gather:
+            b, st.owed = gathered(b, st.owed, st.gather)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:

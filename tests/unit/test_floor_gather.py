@@ -1,0 +1,63 @@
+"""Floor steps gathered into chunks (pdserve/step_budget.py `gathered`, PDSERVE_STEP_GATHER):
+pure, no engine."""
+
+from pdserve.latency import Coef, chunk_attn
+from pdserve.step_budget import MIN_CHUNK, Budget, Stream, budget, floor_tokens, gathered
+from pdserve.step_hook import _State
+
+# a 2-core CPU's decode engine: a 75 ms decode step, 5 ms a prompt token, and 27 ms of a
+# step's own for carrying any prompt token at all
+CPU = Coef(step=0.075, prefill_ktok=5.0, mixed=0.027)
+GPU = Coef(step=0.004, prefill_ktok=0.9, prefill_attn_mtok2=0.05, decode_seq=0.0015,
+           decode_ctx_10ktok=0.01, mixed=0.003)
+BEHIND = [Stream(elapsed_s=3.0, produced=20, target=40)]      # no slack left
+
+
+def test_floor_steps_wait_until_they_owe_a_chunk_then_take_it_in_one_step():
+    b = budget(BEHIND, CPU, 0.12, 600, 4096)
+    floor = b.tokens
+    assert not b.sized and 0 < floor < 4 * floor <= MIN_CHUNK   # a floor of a few tokens
+    chunk = 4 * floor
+    owed, got = 0, []
+    for _ in range(8):
+        step, owed = gathered(b, owed, chunk)
+        got.append((step.tokens, step.hold, owed))
+    first = [(0, True, floor), (0, True, 2 * floor), (0, True, 3 * floor), (chunk, False, 0)]
+    assert got == first + first
+    # the prompt moves as fast (the same tokens every four steps) and the streams wait
+    # less: one step's own part paid a chunk, not a step
+    every = 4 * CPU.step_time(floor, chunk_attn(floor, 600), 1, 600)
+    once = 3 * CPU.step_time(0, 0, 1, 600) + CPU.step_time(chunk, chunk_attn(chunk, 600), 1, 600)
+    assert once < every - 2.5 * CPU.mixed
+
+
+def test_any_other_step_passes_and_clears_what_is_owed():
+    floor = budget(BEHIND, CPU, 0.12, 600, 4096)
+    _, owed = gathered(floor, 0, 16)
+    assert owed > 0
+    fresh = budget([Stream(0.5, 38, 40)], CPU, 0.12, 600, 4096)   # slack: a sized chunk
+    assert fresh.sized
+    assert gathered(fresh, owed, 16) == (fresh, 0)
+    for other in (Budget(float("inf"), 0),                  # no stream
+                  Budget(-0.1, 0, hold=True),               # a floor of 0: decode only
+                  budget(BEHIND, CPU, 0.088, 600, 4096, least=0)):   # no token fits
+        assert other.tokens > 0 or other.allow_s == float("inf") or other.hold
+        assert gathered(other, owed, 16) == (other, 0)
+
+
+def test_a_floor_of_a_whole_chunk_is_left_as_it_is():
+    """Where the floor's own tokens fit within safety * SLO (a GPU: a small fixed part),
+    gathering changes nothing."""
+    assert floor_tokens(GPU, 0.1, 4, 4000) == MIN_CHUNK
+    b = budget([Stream(elapsed_s=3.0, produced=20, target=40)] * 4, GPU, 0.05, 4000, 8192)
+    assert not b.sized and b.tokens == MIN_CHUNK
+    assert gathered(b, 0, MIN_CHUNK) == (b, 0)
+
+
+def test_the_engine_reads_the_switch_off_by_default(monkeypatch):
+    monkeypatch.delenv("PDSERVE_STEP_GATHER", raising=False)
+    assert _State(100, "").gather == 0
+    monkeypatch.setenv("PDSERVE_STEP_GATHER", "16")
+    assert _State(100, "").gather == 16
+    monkeypatch.setenv("PDSERVE_STEP_GATHER", "lots")
+    assert _State(100, "").gather == 0
