@@ -79,6 +79,7 @@ class Budget:
     tokens: int          # prompt tokens this step may compute (0: no limit, unless hold)
     hold: bool = False   # no prompt token this step (a floor of 0 and no room)
     sized: bool = False  # the tokens are what the streams' slack affords (not the floor)
+    floor: bool = False  # the tokens are the floor's: streams with no slack (floor_tokens)
 
 
 def overrun(ratios) -> float:
@@ -156,11 +157,11 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
     sized = tok > floor
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
-    return Budget(allow, tok, hold=tok <= 0, sized=sized)
+    return Budget(allow, tok, hold=tok <= 0, sized=sized, floor=tok > 0 and not sized)
 
 
 def gathered(b: Budget, owed: int, chunk: int) -> tuple[Budget, int]:
-    """A floor step (`b`: not slack-sized, fewer than `chunk` prompt tokens) gathered
+    """A floor step (`b.floor`, fewer than `chunk` prompt tokens) gathered
     with the floor steps before it: the prompts wait (a decode-only step) until the
     floor's tokens owed to them add up to `chunk`, then that step computes them all.
     Returns (this step's budget, the tokens owed after it). Any other step passes and
@@ -172,8 +173,10 @@ def gathered(b: Budget, owed: int, chunk: int) -> tuple[Budget, int]:
     80-85 ms decode step, docs/benchmarks.md "Seventy-ninth run"). Gathered, the prompt
     moves as fast on average and the streams pay that part once a chunk; their TPOT, a
     mean over their tokens, gains. Where the floor is already `chunk` tokens (a GPU,
-    whose fixed part is small) nothing changes."""
-    if b.sized or b.hold or not 0 < b.tokens < chunk or b.allow_s == float("inf"):
+    whose fixed part is small) nothing changes, nor does a step that is not the floor's
+    (a chunk sized from slack, a local prompt's chunk with no stream, the first chunks
+    before the engine has a model)."""
+    if not b.floor or b.tokens >= chunk:
         return b, 0
     owed += b.tokens
     if owed < chunk:

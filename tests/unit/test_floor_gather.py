@@ -43,6 +43,14 @@ def test_any_other_step_passes_and_clears_what_is_owed():
                   budget(BEHIND, CPU, 0.088, 600, 4096, least=0)):   # no token fits
         assert other.tokens > 0 or other.allow_s == float("inf") or other.hold
         assert gathered(other, owed, 16) == (other, 0)
+    # chunks that are not the floor's, however small against `chunk`: a local prompt's
+    # with no stream beside it, and the first ones before the engine has a model
+    alone = budget([], CPU, 0.12, 0, 4096, local_prefill=True)
+    early = budget(BEHIND, None, 0.12, 600, 4096)
+    for other in (alone, early):
+        assert 0 < other.tokens < 1000 and not other.floor
+        assert gathered(other, owed, 1000) == (other, 0)
+    assert floor.floor and not fresh.floor
 
 
 def test_a_floor_of_a_whole_chunk_is_left_as_it_is():
