@@ -49,7 +49,7 @@ from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.config import step_switches
+from pdserve.config import step_gather, step_switches
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, gathered,
@@ -97,11 +97,7 @@ class _State:
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
         # floor steps gathered into chunks of this many prompt tokens (step_budget.gathered;
         # 0, the default until an A/B says otherwise: every floor step computes its own)
-        try:
-            self.gather = max(0, int(os.environ.get("PDSERVE_STEP_GATHER", "0")))
-        except ValueError:
-            self.gather = 0
-        self.owed = 0
+        self.gather, self.owed = step_gather(), 0
         self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
         self.sock = None
         self.address = unix_address(address)
