@@ -40,6 +40,12 @@ def step_gather() -> int:
     return _count("PDSERVE_STEP_GATHER", 0)
 
 
+def step_due() -> bool:
+    """PDSERVE_STEP_DUE=1: engines pace floor steps by the prompts' TTFT dues
+    (pdserve/step_budget.py `due_paced`); off by default. Read by engines."""
+    return os.environ.get("PDSERVE_STEP_DUE", "0") == "1"
+
+
 def _count(name: str, default: int) -> int:
     """A non-negative whole number from the environment; `default` when unset or not one."""
     try:

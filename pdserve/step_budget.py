@@ -184,6 +184,48 @@ def gathered(b: Budget, owed: int, chunk: int) -> tuple[Budget, int]:
     return Budget(b.allow_s, owed), 0
 
 
+@dataclass(frozen=True)
+class Prompt:
+    due_in_s: float      # until its first token is due (its TTFT SLO); <= 0: none, or past
+    left: int            # prompt tokens still to compute
+    done: int = 0        # ...and those computed (its attention's context)
+
+
+def due_paced(b: Budget, prompts: list[Prompt], coef: Coef | None, seqs: float, ctx: float,
+              chunk: int = MIN_CHUNK, over: float = 1.0) -> Budget:
+    """A floor step (`b.floor`, fewer than `chunk` tokens) paced by the prompts' TTFT
+    dues instead. `prompts` in the order the engine computes them; each needs the steps
+    of `chunk` tokens beside these streams that compute it and the prompts before it.
+    Decode only (`hold`) while every prompt could still end with time to spare before
+    its due if from the next step on the prompts went at that pace; a step of `chunk`
+    tokens, that pace, where one could not wait and that pace still makes its due; else
+    the floor as it is (a prompt that misses its due either way, or has none: nothing to
+    wait for, and the floor keeps it moving). Any other step, or no model, passes. Pure.
+
+    The floor computes a few tokens a step beside streams that have no slack, and each
+    such step costs them a mixed step's fixed part (docs/benchmarks.md, "Seventy-ninth
+    run": 39 floor steps of 1-5 tokens, 35 ms each over an 80-85 ms decode step, and four
+    short streams ended 0.3-6% over their TPOT SLO beside a 1,024-token prompt that had
+    2.7 s of its TTFT SLO left). Held, the streams regain slack (a decode step is under
+    safety * SLO) or end, and the prompt then goes in chunks their slack affords, or
+    alone; its due bounds how long it waits. The time to spare is a quarter of the pace's
+    own time and two of its steps, with the model's `over` on such steps."""
+    if not b.floor or b.tokens >= chunk or coef is None or not prompts:
+        return b
+    step = coef.step_time(chunk, chunk_attn(chunk, max(p.done for p in prompts)),
+                          seqs, ctx) * max(1.0, over)
+    left, wait, go = 0, True, False
+    for p in prompts:
+        left += max(0, p.left)
+        need = -(-left // chunk) * step
+        if p.due_in_s <= 1.25 * need + 2 * step:
+            wait = False
+            go = go or p.due_in_s >= need
+    if wait:
+        return Budget(b.allow_s, 0, hold=True)
+    return Budget(b.allow_s, chunk, floor=True) if go else b
+
+
 def later_step(coef: Coef, seqs: float, ctx: float, floor: int) -> float:
     """What the streams' later steps are planned at while prompts are computed beside
     them: a step with the floor's `floor` prompt tokens (`floor_tokens`, at most safety *

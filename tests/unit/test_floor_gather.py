@@ -1,9 +1,12 @@
-"""Floor steps gathered into chunks (pdserve/step_budget.py `gathered`, PDSERVE_STEP_GATHER):
-pure, no engine."""
+"""Floor steps gathered into chunks (pdserve/step_budget.py `gathered`, PDSERVE_STEP_GATHER)
+or paced by the prompts' TTFT dues (`due_paced`, PDSERVE_STEP_DUE): pure, no engine."""
+
+from types import SimpleNamespace as NS
 
 from pdserve.latency import Coef, chunk_attn
-from pdserve.step_budget import MIN_CHUNK, Budget, Stream, budget, floor_tokens, gathered
-from pdserve.step_hook import _State
+from pdserve.step_budget import (MIN_CHUNK, Budget, Prompt, Stream, budget, due_paced,
+                                 floor_tokens, gathered)
+from pdserve.step_hook import _State, _prompts
 
 # a 2-core CPU's decode engine: a 75 ms decode step, 5 ms a prompt token, and 27 ms of a
 # step's own for carrying any prompt token at all
@@ -69,3 +72,57 @@ def test_the_engine_reads_the_switch_off_by_default(monkeypatch):
     assert _State(100, "").gather == 16
     monkeypatch.setenv("PDSERVE_STEP_GATHER", "lots")
     assert _State(100, "").gather == 0
+
+
+def test_floor_steps_wait_while_the_prompts_dues_allow_then_go_in_chunks():
+    b = budget(BEHIND, CPU, 0.12, 600, 4096)
+    assert b.floor and 0 < b.tokens < MIN_CHUNK
+    # 300 tokens left: 19 steps of 16 beside the stream, each its step time
+    step = CPU.step_time(MIN_CHUNK, chunk_attn(MIN_CHUNK, 700), 1, 600)
+    need = 19 * step
+    edge = 1.25 * need + 2 * step
+    wait = due_paced(b, [Prompt(edge + 0.01, 300, 700)], CPU, 1, 600)
+    assert wait.hold and wait.tokens == 0 and not wait.floor
+    go = due_paced(b, [Prompt(edge - 0.01, 300, 700)], CPU, 1, 600)
+    assert go == Budget(b.allow_s, MIN_CHUNK, floor=True) and not go.hold
+    # a prompt that misses its due even at that pace: the floor, as it is
+    assert due_paced(b, [Prompt(need - 0.01, 300, 700)], CPU, 1, 600) == b
+    assert due_paced(b, [Prompt(need + 0.01, 300, 700)], CPU, 1, 600) == go
+    # the model's overrun on such steps counts: the same due no longer leaves room to wait
+    assert not due_paced(b, [Prompt(edge + 0.01, 300, 700)], CPU, 1, 600, over=1.2).hold
+    # every prompt queued counts, and the earliest due decides
+    two = [Prompt(edge + 5, 150, 700), Prompt(edge + 0.01, 150, 0)]
+    assert due_paced(b, two, CPU, 1, 600).hold
+    assert not due_paced(b, [two[0], Prompt(edge - 0.01, 150, 0)], CPU, 1, 600).hold
+
+
+def test_due_pacing_leaves_other_steps_and_prompts_without_a_due_alone():
+    b = budget(BEHIND, CPU, 0.12, 600, 4096)
+    far = Prompt(1e6, 300, 700)
+    for none in ([], [Prompt(0.0, 300, 700)], [far, Prompt(-1.0, 10, 0)]):
+        assert due_paced(b, none, CPU, 1, 600) == b        # no due, or past it: the floor
+    assert due_paced(b, [far], None, 1, 600) == b           # no model
+    fresh = budget([Stream(0.5, 38, 40)], CPU, 0.12, 600, 4096)
+    gpu = budget([Stream(elapsed_s=3.0, produced=20, target=40)] * 4, GPU, 0.05, 4000, 8192)
+    for other in (fresh, Budget(float("inf"), 0), gpu):     # not a floor step of a few tokens
+        assert due_paced(other, [far], CPU, 1, 600) == other
+
+
+def test_the_engine_reads_each_prompts_due():
+    from pdserve.sampling import TTFT_DUE
+    from kv_transfer.handle import P_REMOTE_PREFILL
+
+    def req(computed, prompt, due, params=None, out=8):
+        return NS(num_computed_tokens=computed, num_prompt_tokens=prompt, max_tokens=out,
+                  kv_transfer_params=params,
+                  sampling_params=NS(extra_args={TTFT_DUE: due} if due else None))
+    sched = NS(running=[req(700, 1024, 1010.0), req(101, 100, 1005.0)],    # the 2nd decodes
+               waiting=[req(0, 200, 0.0), req(0, 64, 1020.0, {P_REMOTE_PREFILL: True})])
+    assert _prompts(sched, 1000.0) == [Prompt(10.0, 324, 700), Prompt(0.0, 200, 0)]
+
+
+def test_the_engine_reads_the_due_switch_off_by_default(monkeypatch):
+    monkeypatch.delenv("PDSERVE_STEP_DUE", raising=False)
+    assert _State(100, "").due is False
+    monkeypatch.setenv("PDSERVE_STEP_DUE", "1")
+    assert _State(100, "").due is True
