@@ -26,32 +26,15 @@ def step_switches() -> tuple[bool, int, float]:
     PDSERVE_STEP_KEEP is the half-lives a kind of step fades for after its last one
     (`StepModel`'s `keep`, latency.KEEP when unset; 0: every kind fades for good)."""
     mixed = os.environ.get("PDSERVE_STEP_MIXED", "1") != "0"
-    least = _count("PDSERVE_STEP_FLOOR", 1)
+    try:
+        least = max(0, int(os.environ.get("PDSERVE_STEP_FLOOR", "1")))
+    except ValueError:
+        least = 1
     try:
         keep = max(0.0, float(os.environ.get("PDSERVE_STEP_KEEP", KEEP)))
     except ValueError:
         keep = KEEP
     return mixed, least, keep
-
-
-def step_gather() -> int:
-    """PDSERVE_STEP_GATHER: the prompt tokens an engine gathers floor steps into
-    (pdserve/step_budget.py `gathered`); 0, the default, gathers none. Read by engines."""
-    return _count("PDSERVE_STEP_GATHER", 0)
-
-
-def step_due() -> bool:
-    """PDSERVE_STEP_DUE=1: engines pace floor steps by the prompts' TTFT dues
-    (pdserve/step_budget.py `due_paced`); off by default. Read by engines."""
-    return os.environ.get("PDSERVE_STEP_DUE", "0") == "1"
-
-
-def _count(name: str, default: int) -> int:
-    """A non-negative whole number from the environment; `default` when unset or not one."""
-    try:
-        return max(0, int(os.environ.get(name, default)))
-    except ValueError:
-        return default
 
 
 def late_streams_yield() -> bool:

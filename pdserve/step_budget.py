@@ -79,7 +79,6 @@ class Budget:
     tokens: int          # prompt tokens this step may compute (0: no limit, unless hold)
     hold: bool = False   # no prompt token this step (a floor of 0 and no room)
     sized: bool = False  # the tokens are what the streams' slack affords (not the floor)
-    floor: bool = False  # the tokens are the floor's: streams with no slack (floor_tokens)
 
 
 def overrun(ratios) -> float:
@@ -157,73 +156,7 @@ def budget(streams: list[Stream], coef: Coef | None, tpot_slo_s: float, ctx_toke
     tok = coef.chunk_budget(allow / max(1.0, over), len(streams), ctx_tokens)
     sized = tok > floor
     tok = max(min(floor, max_tokens), min(tok, max_tokens))
-    return Budget(allow, tok, hold=tok <= 0, sized=sized, floor=tok > 0 and not sized)
-
-
-def gathered(b: Budget, owed: int, chunk: int) -> tuple[Budget, int]:
-    """A floor step (`b.floor`, fewer than `chunk` prompt tokens) gathered
-    with the floor steps before it: the prompts wait (a decode-only step) until the
-    floor's tokens owed to them add up to `chunk`, then that step computes them all.
-    Returns (this step's budget, the tokens owed after it). Any other step passes and
-    clears what is owed. Pure.
-
-    A step that carries any prompt token pays a fixed part of its own beside the decode
-    work; a floor of a few tokens a step pays it on every step (a step trace of the
-    long-prompt mix on a 2-core CPU: 39 floor steps of 1-5 tokens, 35 ms each over an
-    80-85 ms decode step, docs/benchmarks.md "Seventy-ninth run"). Gathered, the prompt
-    moves as fast on average and the streams pay that part once a chunk; their TPOT, a
-    mean over their tokens, gains. Where the floor is already `chunk` tokens (a GPU,
-    whose fixed part is small) nothing changes, nor does a step that is not the floor's
-    (a chunk sized from slack, a local prompt's chunk with no stream, the first chunks
-    before the engine has a model)."""
-    if not b.floor or b.tokens >= chunk:
-        return b, 0
-    owed += b.tokens
-    if owed < chunk:
-        return Budget(b.allow_s, 0, hold=True), owed
-    return Budget(b.allow_s, owed), 0
-
-
-@dataclass(frozen=True)
-class Prompt:
-    due_in_s: float      # until its first token is due (its TTFT SLO); <= 0: none, or past
-    left: int            # prompt tokens still to compute
-    done: int = 0        # ...and those computed (its attention's context)
-
-
-def due_paced(b: Budget, prompts: list[Prompt], coef: Coef | None, seqs: float, ctx: float,
-              chunk: int = MIN_CHUNK, over: float = 1.0) -> Budget:
-    """A floor step (`b.floor`, fewer than `chunk` tokens) paced by the prompts' TTFT
-    dues instead. `prompts` in the order the engine computes them; each needs the steps
-    of `chunk` tokens beside these streams that compute it and the prompts before it.
-    Decode only (`hold`) while every prompt could still end with time to spare before
-    its due if from the next step on the prompts went at that pace; a step of `chunk`
-    tokens, that pace, where one could not wait and that pace still makes its due; else
-    the floor as it is (a prompt that misses its due either way, or has none: nothing to
-    wait for, and the floor keeps it moving). Any other step, or no model, passes. Pure.
-
-    The floor computes a few tokens a step beside streams that have no slack, and each
-    such step costs them a mixed step's fixed part (docs/benchmarks.md, "Seventy-ninth
-    run": 39 floor steps of 1-5 tokens, 35 ms each over an 80-85 ms decode step, and four
-    short streams ended 0.3-6% over their TPOT SLO beside a 1,024-token prompt that had
-    2.7 s of its TTFT SLO left). Held, the streams regain slack (a decode step is under
-    safety * SLO) or end, and the prompt then goes in chunks their slack affords, or
-    alone; its due bounds how long it waits. The time to spare is a quarter of the pace's
-    own time and two of its steps, with the model's `over` on such steps."""
-    if not b.floor or b.tokens >= chunk or coef is None or not prompts:
-        return b
-    step = coef.step_time(chunk, chunk_attn(chunk, max(p.done for p in prompts)),
-                          seqs, ctx) * max(1.0, over)
-    left, wait, go = 0, True, False
-    for p in prompts:
-        left += max(0, p.left)
-        need = -(-left // chunk) * step
-        if p.due_in_s <= 1.25 * need + 2 * step:
-            wait = False
-            go = go or p.due_in_s >= need
-    if wait:
-        return Budget(b.allow_s, 0, hold=True)
-    return Budget(b.allow_s, chunk, floor=True) if go else b
+    return Budget(allow, tok, hold=tok <= 0, sized=sized)
 
 
 def later_step(coef: Coef, seqs: float, ctx: float, floor: int) -> float:

@@ -26,12 +26,6 @@ PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for compar
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
 (step_budget.floor_tokens; 0: none where not one fits, a decode-only step).
-PDSERVE_STEP_GATHER=N gathers floor steps into chunks of N prompt tokens
-(step_budget.gathered: the prompts wait decode-only steps until the floor owes them N,
-then take them in one step; 0, the default, leaves every floor step its own tokens).
-PDSERVE_STEP_DUE=1 paces floor steps by the prompts' TTFT dues (step_budget.due_paced:
-decode-only steps while the prompts can wait, chunks once their dues need them; off by
-default).
 PDSERVE_STEP_TRACE=FILE appends every step there as a text line (diagnosis; `%p` in the
 name becomes the engine core's pid, one file per engine): seconds, prompt tokens, their
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
@@ -52,11 +46,11 @@ from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.config import step_due, step_gather, step_switches
+from pdserve.config import step_switches
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_budget import (SAFETY, Prompt, Stream, alone, budget, due_paced,
-                                 fcfs_tokens, gathered, late_only, left_after, overrun)
+from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
+                                 left_after, overrun)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -98,12 +92,6 @@ class _State:
         self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
-        # floor steps gathered into chunks of this many prompt tokens (step_budget.gathered;
-        # 0, the default until an A/B says otherwise: every floor step computes its own)
-        self.gather, self.owed = step_gather(), 0
-        # floor steps paced by the prompts' TTFT dues instead (step_budget.due_paced; off
-        # by default until an A/B says otherwise)
-        self.due = step_due()
         self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
         self.sock = None
         self.address = unix_address(address)
@@ -194,36 +182,16 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
     return out, ctx, local
 
 
-def _due(r) -> float:
-    """When the request's first token is due (`TTFT_DUE`, unix s, which the frontend sets
-    from its TTFT SLO); 0: no SLO."""
+def _late(r) -> bool:
+    """Was the request's first token computed after its TTFT SLO (`TTFT_DUE`, unix s,
+    which the frontend sets; 0: no SLO)? Asked when it is first seen decoding here: its
+    first token came from a prefill worker then (`P_FIRST_AT`), or from this engine now."""
     sp = getattr(r, "sampling_params", None)
     try:
-        return float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
+        due = float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
     except (TypeError, ValueError, AttributeError):
-        return 0.0
-
-
-def _late(r) -> bool:
-    """Was the request's first token computed after its TTFT SLO (`_due`)? Asked when it
-    is first seen decoding here: its first token came from a prefill worker then
-    (`P_FIRST_AT`), or from this engine now."""
-    due = _due(r)
+        return False
     return due > 0 and (_first_token_at(r) or time.time()) > due
-
-
-def _prompts(sched, now_unix: float) -> list[Prompt]:
-    """The prompts being computed here or queued to be (not the remote-prefilled requests
-    landing), each with the seconds until its first token is due (<= 0: no due, or past)."""
-    out = []
-    for q in (sched.running, sched.waiting):
-        for r in q:
-            if _prefilling(r) and not _remote(r):
-                due = _due(r)
-                out.append(Prompt(due - now_unix if due > 0 else 0.0,
-                                  r.num_prompt_tokens - r.num_computed_tokens,
-                                  r.num_computed_tokens))
-    return out
 
 
 def _first_token_at(r) -> float:
@@ -387,11 +355,6 @@ def install() -> bool:
             _landing_first(self)
         b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
                    least=st.least, over=st.over)
-        if st.due and b.floor:
-            b = due_paced(b, _prompts(self, time.time()), st.coef, len(streams), ctx,
-                          over=st.over)
-        if st.gather:
-            b, st.owed = gathered(b, st.owed, st.gather)
         st.allow, st.tokens = b.allow_s, b.tokens
         fcfs = 0
         if not b.tokens and not streams:
