@@ -53,13 +53,6 @@ def late_prefill_remote() -> bool:
     return os.environ.get("PDSERVE_LATE_PREFILL", "remote") != "local"
 
 
-def tpot_backlog_left() -> bool:
-    """Does a new stream's predicted TPOT take only the prefill work booked on its engine
-    that is left when the stream starts (scheduler/adaptive.py, `tpot_on`)? Off unless
-    PDSERVE_TPOT_BACKLOG=left (a comparison switch; by default all of it counts)."""
-    return os.environ.get("PDSERVE_TPOT_BACKLOG", "all") == "left"
-
-
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

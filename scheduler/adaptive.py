@@ -85,9 +85,6 @@ class SLO:
     # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
     # sooner computed, as before)
     late_remote: bool = True
-    # a new stream's TPOT takes only the prefill work booked on its engine that is left
-    # when it starts (`tpot_on`; PDSERVE_TPOT_BACKLOG=all: all of it, as before)
-    backlog_left: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,18 +228,14 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
             late: bool = False, start_s: float = 0.0) -> float:
     """A new stream's TPOT on `d`: a decode step with it plus what the steps of the
     streams there took beyond plain decode steps lately (prompt chunks beside them, a
-    busy memory bus), plus the prefill work booked on `d` (with `slo.backlog_left`, only
-    what is left of it when the stream starts) as far as the engine lets streams absorb
-    it, plus `extra_s` (a KV transfer) and, when it lands during a local
+    busy memory bus), plus the prefill work booked on `d` as far as the engine lets
+    streams absorb it, plus `extra_s` (a KV transfer) and, when it lands during a local
     prefill alone, that step. `late`: its first token comes after the TTFT SLO, so its
     engine keeps no slack for it: those steps and that work are not held to its SLO.
     `start_s`: when it starts decoding (s from now); the streams beside it are those of
     `d`'s timeline over its life (`mean_load`), or, with no timeline, those running now."""
     per = max(1, out - 1)
     more = 1 + d.landing            # it, and the held requests landing beside it
-    backlog = d.backlog_s
-    if slo.backlog_left:    # booked prompts computed before it starts do not slow it
-        backlog = max(0.0, backlog - start_s)
     own = (tokens + out / 2) * more
 
     def step(seqs: float, ctx: float) -> float:
@@ -251,13 +244,13 @@ def tpot_on(d: Node, tokens: int, out: int, slo: SLO, extra_s: float = 0.0,
     if d.streams_at:    # its life at the pace of this step, and the steps over that life
         base = step(*mean_load(d.streams_at, start_s, per * base))
     if late:
-        return base + max(0.0, d.excess_s) + (backlog + extra_s) / per
+        return base + max(0.0, d.excess_s) + (d.backlog_s + extra_s) / per
     # the engine holds prompt chunks to what its streams afford (safety * SLO)
     est = min(base + max(0.0, d.excess_s), max(base, slo.safety * slo.tpot_s))
-    if backlog > 0:
-        est += min(backlog / per, max(0.0, slo.safety * slo.tpot_s - est))
+    if d.backlog_s > 0:
+        est += min(d.backlog_s / per, max(0.0, slo.safety * slo.tpot_s - est))
         if d.streams <= 0:
-            extra_s += min(backlog, alone_step(d.coef, slo))
+            extra_s += min(d.backlog_s, alone_step(d.coef, slo))
     return est + extra_s / per
 
 

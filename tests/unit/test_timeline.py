@@ -57,29 +57,3 @@ def test_the_options_predict_the_streams_beside_them_from_when_they_start():
     assert r.tpot_s == pytest.approx(C.decode_step(1, 1000 + 16))
     lo = A.local(d, 1000, 32, LOOSE)
     assert lo.tpot_s == pytest.approx(C.decode_step(1, 1000 + 16))
-
-
-def test_prompts_booked_before_a_stream_starts_do_not_slow_it_when_switched_on():
-    """With `backlog_left` (PDSERVE_TPOT_BACKLOG=left) a new stream's TPOT takes only the
-    prefill work booked on its engine that is left when it starts: a local prompt starts
-    its stream after the prompts booked before it, so none of theirs; a remote one that
-    lands while they are computed, what is left of them. By default all of it counts."""
-    slo = replace(SLO, tpot_s=0.1, first_token="early")
-    left = replace(slo, backlog_left=True)
-    d = A.Node("d", C, backlog_s=1.0, streams=1, ctx=500, allow_s=0.09,
-               streams_at=((0.0, 9.0, 1, 500),))
-    plain = A.tpot_on(replace(d, backlog_s=0.0), 500, 8, slo, start_s=1.2)
-    before = A.tpot_on(d, 500, 8, slo, start_s=1.2)
-    assert before > plain                                 # all of it, as before
-    assert A.tpot_on(d, 500, 8, left, start_s=1.2) == pytest.approx(plain)
-    during = A.tpot_on(d, 500, 8, left, start_s=0.5)      # half of it is left
-    assert plain < during < A.tpot_on(d, 500, 8, slo, start_s=0.5)
-    # the options: a local prompt's stream starts after the backlog; a remote one on an
-    # idle prefill worker lands in the middle of it
-    assert A.local(d, 200, 8, left).tpot_s < A.local(d, 200, 8, slo).tpot_s
-    lo = A.local(d, 200, 8, left)
-    assert lo.tpot_s == pytest.approx(A.tpot_on(replace(d, backlog_s=0.0), 200, 8, left,
-                                                start_s=1.0 + lo.prefill_s))
-    r = A.remote(A.Node("p", C), d, 200, 8, left)
-    assert r.prefill_s < 1.0
-    assert r.tpot_s > A.tpot_on(replace(d, backlog_s=0.0), 200, 8, left, start_s=r.prefill_s)
