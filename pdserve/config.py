@@ -53,14 +53,6 @@ def late_prefill_remote() -> bool:
     return os.environ.get("PDSERVE_LATE_PREFILL", "remote") != "local"
 
 
-def timeline_pace() -> bool:
-    """Do the streams on a decode engine's timeline end at the pace its recent steps go, if
-    slower than their predicted TPOT (scheduler/state.py, `Registry.timelines`)? Off unless
-    PDSERVE_TIMELINE_PACE=engine (a comparison switch; by default each ends at its own
-    predicted TPOT)."""
-    return os.environ.get("PDSERVE_TIMELINE_PACE", "predicted") == "engine"
-
-
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

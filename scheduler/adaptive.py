@@ -85,10 +85,6 @@ class SLO:
     # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
     # sooner computed, as before)
     late_remote: bool = True
-    # the streams on a decode engine's timeline end at its recent steps' pace where that is
-    # slower than their predicted TPOT (scheduler/state.py, `Registry.timelines`;
-    # PDSERVE_TIMELINE_PACE=engine)
-    pace: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ RECENT_S = 30.0              # ...and only those that arrived this recently coun
 # are its warm-up's, slower than it will be: measured, an autoscaled replica that kept its
 # own warm-up fit looked slower than its busy peer and was never sent a request)
 OWN_MIN_STEPS = 32
-PACE_STEPS = 32              # a decode engine's pace: its last steps with streams, this many
 
 
 MIN_HANDOFF_S = 1e-3         # a handoff sample is at least this (the fit weighs 1/t^2)
@@ -231,15 +230,6 @@ class LatencyBook:
         if m is not None and m.fit.samples >= 2:
             return max(0.0, m.predict(nbytes))
         return max(0.0, self.pooled_transfer.predict(nbytes))
-
-    def pace_s(self, worker_id: str, now: float = 0.0, steps: int = PACE_STEPS,
-               window_s: float = RECENT_S) -> float:
-        """The mean time of `worker_id`'s last `steps` steps that decoded streams (within
-        `window_s`), prompt chunks beside them included: the pace its streams go now, one
-        token a step (0: none)."""
-        r = [x[1] for x in self.recent.get(worker_id, ()) if now - x[0] <= window_s]
-        r = r[-steps:]
-        return sum(r) / len(r) if r else 0.0
 
     def recent_of(self, worker_id: str, now: float = 0.0, window_s: float = RECENT_S) -> Recent:
         r = [x for x in self.recent.get(worker_id, ()) if now - x[0] <= window_s]

@@ -117,10 +117,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
                     ) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
-    pace = {w.worker_id: book.pace_s(w.worker_id, now) for w in decodes + prefills} \
-        if slo.pace else None
-    timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0,
-                              pace)
+    timelines = reg.timelines(now, slo.safety * slo.tpot_s, slo.ttft_s if slo.late else 0.0)
     slow_from_s = long_local_from_s(slo)
     for p in prefills:
         c = cached.get(p.worker_id, 0)

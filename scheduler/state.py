@@ -302,23 +302,18 @@ class Registry:
                 end = max(0.0, end - b.prefill_s)
         return ends
 
-    def timelines(self, now: float, tpot_s: float, ttft_s: float = 0.0,
-                  pace: dict[str, float] | None = None) -> dict[str, tuple]:
+    def timelines(self, now: float, tpot_s: float, ttft_s: float = 0.0) -> dict[str, tuple]:
         """Each worker's decode streams over time, (start s, end s, 1, context tokens, late)
         from now (scheduler/adaptive.py, `Node.streams_at`): the bookings decoding there,
         for (output tokens - 1) x their predicted TPOT (`tpot_s` when none was predicted),
-        or x `pace[worker]` where that is slower (the seconds its engine's steps take
-        now: a stream emits a token a step, so where more streams landed than its
-        prediction saw, it ends later), from the end of their prefill (`prefill_ends`);
-        late: that end is (predicted) past its arrival + `ttft_s` (0: none is). Streams a
-        worker's engine reported and no booking explains (another scheduler's) run for
-        good. One pass over the bookings."""
+        from the end of their prefill (`prefill_ends`); late: that end is (predicted) past
+        its arrival + `ttft_s` (0: none is). Streams a worker's engine reported and no
+        booking explains (another scheduler's) run for good. One pass over the bookings."""
         ends = self.prefill_ends(now)
-        pace = pace or {}
         out: dict[str, list] = {}
         for b in self.bookings.values():
             n_out = b.out_tokens or A.DEFAULT_OUTPUT
-            step = max(b.pred_tpot_s or tpot_s, pace.get(b.decode, 0.0))
+            step = b.pred_tpot_s or tpot_s
             life = max(1, n_out - 1) * step
             ctx = b.prompt_tokens + n_out / 2
             due = b.created - b.held_s + ttft_s - now    # its first token, from now

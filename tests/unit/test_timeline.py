@@ -6,13 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from pdserve.latency import StepSample
 from scheduler import adaptive as A
-from scheduler.models import PACE_STEPS, LatencyBook
-from scheduler.policy import Decision
-from scheduler.state import Registry
 from scheduler.timeline import mean_load
-from tests.unit.adaptive_helpers import C, SLO, W
+from tests.unit.adaptive_helpers import C, SLO
 
 LOOSE = replace(SLO, tpot_s=1.0)     # no cap from the SLO: the steps as they are
 
@@ -61,30 +57,3 @@ def test_the_options_predict_the_streams_beside_them_from_when_they_start():
     assert r.tpot_s == pytest.approx(C.decode_step(1, 1000 + 16))
     lo = A.local(d, 1000, 32, LOOSE)
     assert lo.tpot_s == pytest.approx(C.decode_step(1, 1000 + 16))
-
-
-def test_streams_end_at_their_engines_pace_where_it_is_slower_than_predicted():
-    """A burst lands more streams on an engine than each one's prediction saw: they emit
-    a token a step, so at its pace now they end later, and a new stream's prediction sees
-    them beside it for longer."""
-    book = LatencyBook()
-    fast = [StepSample(0.08, decode_seqs=1, decode_ctx=100)] * PACE_STEPS
-    book.observe_steps("d", "m", fast, now=1.0)
-    assert book.pace_s("d", now=2.0) == pytest.approx(0.08)
-    slow = [StepSample(0.2, decode_seqs=9, decode_ctx=900)] * (PACE_STEPS // 2)
-    book.observe_steps("d", "m", slow, now=3.0)
-    # the last PACE_STEPS steps: half at 80 ms, half at 200
-    assert book.pace_s("d", now=3.0) == pytest.approx(0.14)
-    assert book.pace_s("d", now=3.0 + 1e3) == 0.0       # none recent: no pace
-    assert book.pace_s("x", now=3.0) == 0.0
-    r = Registry(5.0)
-    for w in (W("p", "prefill"), W("d", "decode")):
-        r.register(w)
-    r.book(Decision("p", "d", "disagg", "slo", 100, 0, 8, 100, prefill_s=0.5,
-                    pred_tpot_s=0.1, out_tokens=11), 0.0)
-    r.prefill_done(next(iter(r.bookings)), 0.5)
-    # predicted: 10 tokens at 100 ms from 0.5 s, so it ends 1.5 s from now (0.0)
-    assert r.timelines(0.0, 0.1)["d"][0][1] == pytest.approx(1.5)
-    # its engine steps at 140 ms now: 1.9 s; a faster pace changes nothing
-    assert r.timelines(0.0, 0.1, pace={"d": 0.14})["d"][0][1] == pytest.approx(1.9)
-    assert r.timelines(0.0, 0.1, pace={"d": 0.05})["d"][0][1] == pytest.approx(1.5)
