@@ -42,7 +42,8 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
     "--overflow": ("overflow", str, "a whole request on a prefill worker: fallback (the "
                    "default: when no decode-capable worker is left, dead, draining or "
                    "excluded after a failure), on (also when no other option is predicted "
-                   "to serve it within its SLOs and that one is), off (never)"),
+                   "to serve it within its SLOs and that one is), balance (also when that "
+                   "one scores well over the best that is), off (never)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 

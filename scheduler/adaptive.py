@@ -12,7 +12,8 @@ Options (the workers' roles say which exist, scheduler/roles.py):
   side has room, as in a burst of short prompts, when one decode engine would run every
   stream while the prefill core waits for the next prompt. Its stream then holds that
   worker's later prompts to its TPOT (the same engine budget), which the choices after it
-  see on that worker's timeline.
+  see on that worker's timeline. With `balance` (`--overflow balance`) it is also offered,
+  first, when it scores BALANCE over the best option that meets both.
 
 Predictions, from each worker's fitted step model (pdserve/latency.py) and what is booked
 on it:
@@ -63,6 +64,7 @@ from pdserve.step_budget import SAFETY, alone, floor_tokens, stream_tokens
 from scheduler.timeline import Sweep, is_late, mean_load, spent_until
 
 MARGIN = 0.05             # headroom (share of each SLO) an option must keep to count as met
+BALANCE = 2 * MARGIN      # an overflow option this much better goes first (`options`)
 TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally fast,
 TIE_REL = 0.25            # ...and this close (share of the lower one): what a client sees
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
@@ -365,10 +367,13 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
 
 def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: int,
             slo: SLO, local_ok: set[str], pairs_ok=lambda p, d: True,
-            held_s: float = 0.0, spare: tuple = ()) -> list[Option]:
+            held_s: float = 0.0, spare: tuple = (), balance: bool = False) -> list[Option]:
     """Every remote (P, D) pair that `pairs_ok` allows and every local option on the
     decode-capable workers in `local_ok`, and, when none of them is predicted to meet both
     SLOs, the overflow options on the prefill workers in `spare` that are; best first.
+    `balance`: an overflow option that scores BALANCE over the best option that meets both
+    comes first too (a decode engine's streams have little TPOT headroom left, a prefill
+    worker's engine much more: spread them, as two replicas do).
     `held_s`: how long the request has waited already (late binding), for `as_late`."""
     out = max_tokens or DEFAULT_OUTPUT
     opts = [remote(p, d, tokens, out, slo) for p in prefills for d in decodes
@@ -379,6 +384,12 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
         opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
     if spare and not any(met(o, slo, held_s) for o in opts):
         opts += overflow_options(spare, tokens, out, slo, held_s)
+    elif spare and balance:
+        best = max(o.score for o in opts if met(o, slo, held_s))
+        ahead = [o for o in overflow_options(spare, tokens, out, slo, held_s)
+                 if o.score >= best + BALANCE]
+        if ahead:
+            return ranked(ahead, slo, held_s) + ranked(opts, slo, held_s)
     return ranked(opts, slo, held_s)
 
 

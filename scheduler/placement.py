@@ -52,7 +52,7 @@ def place(reg: Registry, cfg: PlacementConfig, model: str, num_tokens: int,
     pinned = cfg.local_prefill_max_tokens or cfg.prefill_saturation_tokens
     if cfg.policy == "adaptive" and book is not None and slo is not None and not pinned:
         d = _place_adaptive(reg, book, slo, prefills, decodes, cached, num_tokens,
-                            max_tokens, now, held_s, cfg.overflow == "on", behind)
+                            max_tokens, now, held_s, cfg.overflow, behind)
         if d is not None:
             return d
     pcands = _candidates(prefills, cached)
@@ -113,7 +113,7 @@ def _node(reg: Registry, book: LatencyBook, w: Worker, cached: int, now: float,
 def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list[Worker],
                     decodes: list[Worker], cached: dict[str, int], num_tokens: int,
                     max_tokens: int, now: float, held_s: float = 0.0,
-                    overflow: bool = False, behind: tuple[int, float] = (0, 0.0)
+                    overflow: str = "fallback", behind: tuple[int, float] = (0, 0.0)
                     ) -> Decision | None:
     """None when some candidate has no model yet (the caller falls back to the costs)."""
     pn, dn = [], []
@@ -149,9 +149,10 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     # (one changing role is not here: its work is what both roles allow, so no prefill);
     # its own prompt waits for the whole backlog there, joining no queued step
     spare = [replace(n, backlog_s=reg.backlog(p, now)) for p, n in zip(prefills, pn)
-             if overflow and not p.can("local") and p.kv_usage() < 0.95]
+             if overflow in ("on", "balance") and not p.can("local") and p.kv_usage() < 0.95]
     opts = A.options(pn, dn, num_tokens, max_tokens, slo, local_ok,
-                     lambda p, d: hashes[p] == hashes[d], held_s, tuple(spare))
+                     lambda p, d: hashes[p] == hashes[d], held_s, tuple(spare),
+                     overflow == "balance")
     if not opts:
         return None
     best = opts[0]

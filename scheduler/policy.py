@@ -31,7 +31,7 @@ from dataclasses import dataclass
 POLICIES = ("adaptive", "kv", "least_loaded", "round_robin")
 HOLD_ORDERS = ("deadline", "fifo")
 FIRST_TOKENS = ("with_stream", "adaptive", "early")
-OVERFLOWS = ("fallback", "on", "off")
+OVERFLOWS = ("fallback", "on", "balance", "off")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class PlacementConfig:
     first_token: str = "with_stream"
     # a whole request on a prefill worker (computed and decoded there): "fallback" when no
     # decode-capable worker is left (dead, draining, excluded), "on" also when no other
-    # option is predicted to serve it within its SLOs (scheduler/adaptive.py), "off" never
+    # option is predicted to serve it within its SLOs (scheduler/adaptive.py), "balance"
+    # also when it scores well over the best option that is, "off" never
     overflow: str = "fallback"
 
     def __post_init__(self) -> None:

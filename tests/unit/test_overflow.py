@@ -1,5 +1,6 @@
 """Overflow (scheduler/adaptive.py, `overflow_options`): a whole request on a prefill worker,
-offered only when no other option is predicted to meet both SLOs and this one is.
+offered only when no other option is predicted to meet both SLOs and this one is, or, with
+`balance`, when it scores well over the best one that is.
 Pure: no network, no engines, time passed in."""
 
 from dataclasses import replace
@@ -137,3 +138,30 @@ def test_a_burst_held_behind_sends_whole_requests_to_the_prefill_worker():
                  behind=(15, 15 * 0.07))
     assert (full.decode, full.reason) == ("p", "overflow")
     assert "decode=d" in full.runner_up
+
+
+def test_balance_spreads_streams_onto_a_prefill_worker_with_far_more_headroom():
+    """`balance`: an overflow option that scores BALANCE over the best option meeting both
+    SLOs goes first; one that does not, or a decode engine with room, keeps the order."""
+    p = A.Node("p", C)
+    busy = A.Node("d", C, streams=5, ctx=2500)       # met: 4 + 2 * 6 = 16 ms of 20
+    opts = A.options([p], [busy], 64, 32, SLO, {"d"}, spare=(p,))
+    assert opts[0].kind != "overflow" and opts[0].score >= A.MARGIN   # "on": no overflow
+    bal = A.options([p], [busy], 64, 32, SLO, {"d"}, spare=(p,), balance=True)
+    assert (bal[0].kind, bal[0].decode) == ("overflow", "p")
+    assert bal[0].score >= opts[0].score + A.BALANCE
+    assert bal[1:] == opts                             # the rest in their order
+    idle = A.Node("d", C)
+    opts = A.options([p], [idle], 64, 32, SLO, {"d"}, spare=(p,), balance=True)
+    assert "overflow" not in {o.kind for o in opts}    # no better than the idle engine
+    # a prefill worker with prompts queued: its TTFT headroom is gone, no overflow
+    queued = A.Node("p", C, backlog_s=0.9)
+    opts = A.options([queued], [busy], 64, 32, SLO, {"d"}, spare=(queued,), balance=True)
+    assert opts[0].kind != "overflow"
+    # the placement: `--overflow balance` books the whole request on the prefill worker
+    r, book = full_cluster(streams=5)
+    d = place(r, replace(CFG, overflow="balance"), "m", 64, no_cache, book=book, slo=SLO,
+              max_tokens=32, now=100.0)
+    assert (d.mode, d.prefill, d.decode, d.reason) == ("local", None, "p", "overflow")
+    d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=100.0)
+    assert d.decode == "d" and d.reason != "overflow"
