@@ -39,11 +39,13 @@ PLACEMENT_FLAGS = {  # flag -> (PlacementConfig field, type, help)
                       "handoff counts in TTFT, not TPOT, as vLLM's and SGLang's P/D do), "
                       "adaptive (kept where the SLOs favour it) or early (sent as soon as "
                       "the prefill worker computes it)"),
-    "--overflow": ("overflow", str, "a whole request on a prefill worker: fallback (the "
-                   "default: when no decode-capable worker is left, dead, draining or "
-                   "excluded after a failure), on (also when no other option is predicted "
-                   "to serve it within its SLOs and that one is), balance (also when that "
-                   "one scores well over the best that is), off (never)"),
+    "--overflow": ("overflow", str, "a whole request on a prefill worker: fallback (when "
+                   "no decode-capable worker is left, dead, draining or excluded after a "
+                   "failure), on (also when no other option is predicted to serve it within "
+                   "its SLOs and that one is), balance (the default: also when that one "
+                   "scores well over the best that is, so a prefill worker decodes a share "
+                   "of the streams while the decode engine's are near their SLO), off "
+                   "(never)"),
 }
 # either threshold set (non-zero) pins these fixed rules instead of the adaptive choice
 

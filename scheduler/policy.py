@@ -67,8 +67,8 @@ class PlacementConfig:
     # a whole request on a prefill worker (computed and decoded there): "fallback" when no
     # decode-capable worker is left (dead, draining, excluded), "on" also when no other
     # option is predicted to serve it within its SLOs (scheduler/adaptive.py), "balance"
-    # also when it scores well over the best option that is, "off" never
-    overflow: str = "fallback"
+    # (the default) also when it scores well over the best option that is, "off" never
+    overflow: str = "balance"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

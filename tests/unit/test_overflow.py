@@ -66,8 +66,11 @@ def full_cluster(p_role="prefill", streams=10):
 
 def test_the_registry_books_an_overflow_and_later_prompts_see_its_stream():
     r, book = full_cluster()
-    off = place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
-    assert off.reason != "overflow" and off.decode == "d"      # not by default
+    fallback = replace(CFG, overflow="fallback")
+    off = place(r, fallback, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
+    assert off.reason != "overflow" and off.decode == "d"      # not with "fallback"
+    assert place(r, CFG, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32,
+                 now=10.0).reason == "overflow"                # by default ("balance")
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=10.0)
     assert (d.mode, d.prefill, d.decode, d.reason) == ("local", None, "p", "overflow")
     assert d.runner_up and d.pred_tpot_s < SLO.tpot_s
@@ -164,4 +167,4 @@ def test_balance_spreads_streams_onto_a_prefill_worker_with_far_more_headroom():
               max_tokens=32, now=100.0)
     assert (d.mode, d.prefill, d.decode, d.reason) == ("local", None, "p", "overflow")
     d = place(r, ON, "m", 64, no_cache, book=book, slo=SLO, max_tokens=32, now=100.0)
-    assert d.decode == "d" and d.reason != "overflow"
+    assert d.decode == "d" and d.reason != "overflow"      # "on": only when nothing meets
