@@ -169,7 +169,7 @@ def test_scheduler_restart_rebuilds_the_index_and_routing_continues(kv_cluster):
     assert re.findall(r"started scheduler \(pid (\d+)\)", c.log_path.read_text())[-1] != str(old)
     # every worker registers again by itself, each on its own heartbeat: the request above
     # needed only one of them (with no decode worker back yet, the prefill worker serves
-    # it whole: --overflow fallback), and until the decode worker is back so would the next
+    # it whole: overflow's fallback), and until the decode worker is back so would the next
     wait_until(lambda: before <= {w.worker_id for w in c.workers()}, 20, 0.2,
                f"{sorted(before)} registered again")
     wait_indexed(c, owner, 5)                     # the snapshot came back with the worker
