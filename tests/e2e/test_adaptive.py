@@ -228,10 +228,10 @@ def test_role_changes_under_load_lose_nothing_and_leak_nothing(roles_cluster):
 
 def test_with_the_decode_worker_drained_the_prefill_worker_serves_whole_requests(
         roles_cluster, tokenizer, tmp_path_factory):
-    """Overflow's fallback (the default): no decode-capable worker is routable (drained
-    here; dead or excluded after a failure alike), so the prefill worker computes the
-    prompt and decodes it too, on its own engine. Greedy text equals colocated vLLM;
-    nothing is held after."""
+    """Overflow's fallback (every mode but off; the default, balance, too): no
+    decode-capable worker is routable (drained here; dead or excluded after a failure
+    alike), so the prefill worker computes the prompt and decodes it too, on its own
+    engine. Greedy text equals colocated vLLM; nothing is held after."""
     c = roles_cluster
     s = sched(c)
     ids = {w.role: w.worker_id for w in c.workers()}
