@@ -382,12 +382,12 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     if slo.late:
         by_id = {d.worker_id: d for d in decodes}
         opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
-    if spare and not any(met(o, slo, held_s) for o in opts):
+    meeting = [o.score for o in opts if met(o, slo, held_s)] if spare else []
+    if spare and not meeting:
         opts += overflow_options(spare, tokens, out, slo, held_s)
     elif spare and balance:
-        best = max(o.score for o in opts if met(o, slo, held_s))
-        ahead = [o for o in overflow_options(spare, tokens, out, slo, held_s)
-                 if o.score >= best + BALANCE]
+        bar = max(meeting) + BALANCE
+        ahead = [o for o in overflow_options(spare, tokens, out, slo, held_s) if o.score >= bar]
         if ahead:
             return ranked(ahead, slo, held_s) + ranked(opts, slo, held_s)
     return ranked(opts, slo, held_s)
