@@ -87,6 +87,9 @@ class SLO:
     # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
     # sooner computed, as before)
     late_remote: bool = True
+    # the streams' slack now is one step's (`prefill_on`); PDSERVE_SLACK_STEP=batched: as
+    # many steps of its size as reach the next stream event, as before (a comparison switch)
+    slack_batched: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         steps += 1
         seqs, ctx, nxt = sweep.at(t)
         left = todo - done
+        slack_step = False
         if sweep.kept <= 0:      # no stream with an SLO to keep
             chunk = min(alone_chunk, left, cap)
         else:
@@ -200,6 +204,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
                                  least=slo.least) if spent else chunk
             if t == 0.0 and math.isfinite(n.allow_s):   # the slack they have now
                 chunk = max(floor, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
+                slack_step = not slo.slack_batched   # one step: the floor's after it
             elif t < spent:     # ...taken, by it or the prompts before it: the floor
                 chunk = floor
             chunk = min(chunk, left, cap)
@@ -212,8 +217,9 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
             first = chunk if chunk < todo else 0
         one = n.coef.step_time(chunk, chunk_attn(chunk, cached + done), seqs, ctx)
         # steps are atomic: as many as reach the next start or end of a stream
-        k = min(-(-left // chunk), max(1, math.ceil((nxt - t) / one)) if math.isfinite(nxt)
-                else -(-left // chunk))
+        k = 1 if slack_step else min(
+            -(-left // chunk), max(1, math.ceil((nxt - t) / one)) if math.isfinite(nxt)
+            else -(-left // chunk))
         if k > 1:
             k_tok = min(k * chunk, left)
             t += n.coef.steps_time(k_tok, chunk, cached + done, seqs, ctx)

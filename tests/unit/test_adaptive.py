@@ -94,6 +94,23 @@ def test_with_a_floor_of_zero_a_local_prompt_waits_for_streams_with_no_room_to_e
                                                                       local=True)
 
 
+def test_the_slack_streams_have_now_is_one_step_and_the_floor_follows():
+    """The engine hands the streams' slack now (`allow_s`) to one step of the prompt and
+    then steps at the floor until they end (a step trace on an AVX-512 host: a 279-token
+    step taking a stream's 163 ms, then 16-token steps). The plan batched steps of the
+    slack's size up to the streams' end, which forecast a 1,024-token prompt at 660 ms
+    that took 1,102."""
+    ends = ((0.0, 3.0, 2, 1000),)
+    floor = 16
+    some = A.Node("d", C, streams=2, ctx=1000, allow_s=0.2, streams_at=ends)
+    t, first = A.prefill_on(some, 1000, SLO, local=True)
+    assert floor < first < 1000
+    assert t == pytest.approx(C.step_time(first, chunk_attn(first, 0), 2, 1000)
+                              + C.steps_time(1000 - first, floor, first, 2, 1000), rel=0.01)
+    before = A.prefill_on(some, 1000, replace(SLO, slack_batched=True), local=True)
+    assert before[1] == first and before[0] < 0.8 * t
+
+
 def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_then():
     """Requests queued on the prefill worker are booked on the decode engine, but their
     streams start only when their prefill ends: until then a local prefill runs alone.
