@@ -53,13 +53,6 @@ def late_prefill_remote() -> bool:
     return os.environ.get("PDSERVE_LATE_PREFILL", "remote") != "local"
 
 
-def slack_batched() -> bool:
-    """Does the scheduler plan the streams' slack now as several steps of its size
-    (scheduler/adaptive.py, `prefill_on`)? Off unless PDSERVE_SLACK_STEP=batched (a
-    comparison switch; by default it is one step, then the floor, as the engine runs it)."""
-    return os.environ.get("PDSERVE_SLACK_STEP", "one") == "batched"
-
-
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

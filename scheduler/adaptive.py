@@ -87,9 +87,6 @@ class SLO:
     # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
     # sooner computed, as before)
     late_remote: bool = True
-    # the streams' slack now is one step's (`prefill_on`); PDSERVE_SLACK_STEP=batched: as
-    # many steps of its size as reach the next stream event, as before (a comparison switch)
-    slack_batched: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,7 +201,7 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
                                  least=slo.least) if spent else chunk
             if t == 0.0 and math.isfinite(n.allow_s):   # the slack they have now
                 chunk = max(floor, n.coef.chunk_budget(n.allow_s, seqs, ctx, cached))
-                slack_step = not slo.slack_batched   # one step: the floor's after it
+                slack_step = True   # one step: the floor's after it
             elif t < spent:     # ...taken, by it or the prompts before it: the floor
                 chunk = floor
             chunk = min(chunk, left, cap)

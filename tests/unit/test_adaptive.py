@@ -107,8 +107,8 @@ def test_the_slack_streams_have_now_is_one_step_and_the_floor_follows():
     assert floor < first < 1000
     assert t == pytest.approx(C.step_time(first, chunk_attn(first, 0), 2, 1000)
                               + C.steps_time(1000 - first, floor, first, 2, 1000), rel=0.01)
-    before = A.prefill_on(some, 1000, replace(SLO, slack_batched=True), local=True)
-    assert before[1] == first and before[0] < 0.8 * t
+    # the old plan: steps of the slack's size until the streams end (about 0.7 of that)
+    assert t > C.steps_time(1000, first, 0, 2, 1000) / 0.8
 
 
 def test_booked_streams_that_have_not_landed_leave_the_decode_engine_free_until_then():
