@@ -13,6 +13,7 @@ import grpc
 from pdserve import metrics as M
 from pdserve.config import late_streams_yield
 from pdserve.errors import ErrorKind, NoWorkers, Overloaded, PDError, from_grpc_error
+from pdserve.kept_first import release_after
 from pdserve.lease_client import AsyncLeaseClient, agent_stubs
 from pdserve.rpc import Channels, pd_pb2, pd_pb2_grpc
 from pdserve.sampling import first_text_sent, stop_reason_from_wire
@@ -22,17 +23,11 @@ log = logging.getLogger(__name__)
 # a Route may wait in the scheduler for its worker (late binding, scheduler/holding.py);
 # the scheduler bounds the wait by this deadline
 ROUTE_TIMEOUT_S = 120.0
-# A kept first token goes out by this share of the TTFT SLO at the latest, or earlier by
-# DELIVERY_S where that is more: keeping it longer moves the rest of its handoff from the
-# client's TPOT into its TTFT, which stays met; what is left covers the frontend's and the
-# network's delivery, up to 30 ms on a saturated 2-core host (docs/design.md)
-SAFETY = 0.97
-DELIVERY_S = 0.05
 
 
 def release_at(t0: float, ttft_slo_s: float) -> float:
     """When a first token kept for its stream goes out anyway (`t0`: the request's arrival)."""
-    return t0 + max(0.0, min(SAFETY * ttft_slo_s, ttft_slo_s - DELIVERY_S))
+    return t0 + release_after(ttft_slo_s)
 
 
 @dataclass

@@ -28,8 +28,8 @@ on it:
     lets a stream absorb
   + for remote, the handoff spread over the output tokens (the client waits for it
     between the first token and the second; scheduler/models.py, `handoff_s`), unless
-    the frontend keeps the first token until the stream's (`remote`: where that scores
-    better, the handoff is in TTFT instead).
+    the frontend keeps the first token until the stream's (`remote`: the handoff is in
+    TTFT instead, up to the frontend's release: `released`).
 
 A local prefill also costs the streams already running on D: its steps take their slack
 (the engine enforces the allowance, down to its floor); a local option's score is at most
@@ -41,11 +41,7 @@ neither: they have missed their SLOs already, and their engine keeps no slack fo
 engine with none, and a stream that lands meanwhile waits for such a step. A prompt that
 misses its own TTFT SLO anyway pays that too: its cap counts the streams that are not late
 and land while it computes (a late request yields to streams that can still make their
-SLOs).
-Without this cap (tried: the engine's budget bounds the cost, so why count it?) the
-decode engine took prompts beside streams that had none, at its floor's pace, and the
-prefill-dominated mix lost to two replicas in every cell (0.47-0.91x, against 1.01-2.13x
-with it).
+SLOs). Without this cap the prefill-dominated mix lost every cell (docs/design.md).
 
 Score = min(1 - TTFT / TTFT SLO, 1 - TPOT / TPOT SLO): positive when both SLOs are
 predicted met, larger with more headroom on the tighter one. `ranked` takes the lowest
@@ -59,6 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from pdserve.kept_first import release_after
 from pdserve.latency import Coef, chunk_attn
 from pdserve.step_budget import SAFETY, alone, floor_tokens, stream_tokens
 from scheduler.timeline import Sweep, is_late, mean_load, spent_until
@@ -69,6 +66,7 @@ TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally
 TIE_REL = 0.25            # ...and this close (share of the lower one): what a client sees
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
+_RELEASE = __import__("os").environ.get("PDSERVE_KEPT_RELEASE", "1") != "0"   # A/B only
 
 
 @dataclass(frozen=True)
@@ -170,10 +168,9 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
     beside them (`stream_tokens`; the first step takes the slack they have now, `allow_s`),
     except that while the streams decoding now run, their slack is spent after that first
     step (or from the start, by the prompts booked before this one): the floor until they
-    end (`spent_until`). Streams end
-    and start meanwhile: the ones decoding now end, and the prompts booked before this one
-    start theirs when their prefill ends, so a decode engine whose streams are short is
-    free between them, however many requests are booked on it."""
+    end (`spent_until`). Streams end and start meanwhile: the ones decoding now end, and
+    the prompts booked before this one start theirs when their prefill ends, so a decode
+    engine whose streams are short is free between them, however many are booked on it."""
     cached = min(n.cached, max(0, tokens - 1))     # vLLM computes at least the last token
     todo = tokens - cached
     busy = n.streams_at
@@ -385,6 +382,8 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     if slo.late:
         by_id = {d.worker_id: d for d in decodes}
         opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
+    if _RELEASE:
+        opts = [released(o, out, slo, held_s) for o in opts]
     meeting = [o.score for o in opts if met(o, slo, held_s)] if spare else []
     if spare and not meeting:
         opts += overflow_options(spare, tokens, out, slo, held_s)
@@ -396,12 +395,26 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     return ranked(opts, slo, held_s)
 
 
+def released(o: Option, out: int, slo: SLO, held_s: float = 0.0) -> Option:
+    """A kept first token as the client sees it: with its stream's first token, or at the
+    frontend's release (`release_after` the SLO, from arrival) if that is sooner, or when
+    computed if that is later (frontend/client.py `_kept_first`); sent before its stream,
+    the rest of the handoff is in TPOT (docs/design.md, "The first token")."""
+    if not o.hold:
+        return o
+    seen = max(o.first_s, min(o.ttft_s, release_after(slo.ttft_s) - held_s))
+    if seen >= o.ttft_s:
+        return o
+    tpot = o.tpot_s + (o.ttft_s - seen) / max(1, out - 1)
+    # a late one's score stays the one with its slack kept (`as_late`)
+    s = o.score if computed_late(o, slo, held_s) else score(seen, tpot, slo)
+    return replace(o, ttft_s=seen, tpot_s=tpot, score=s)
+
+
 def met(o: Option, slo: SLO, held_s: float = 0.0) -> bool:
     """`o` is predicted to meet both SLOs with MARGIN to spare, for a request that has
-    waited `held_s` already (late binding): its TTFT counts from its arrival. Scores
-    count from now: a request held 336 ms went local predicted at 1,578 ms from then under
-    a 1,698 ms SLO, and its route said `slo` (the client saw 2,340 ms; m119). Within the
-    options that meet, the order is the scores' (`ranked`)."""
+    waited `held_s` already (late binding): its TTFT counts from its arrival, where
+    scores count from now (`ranked` orders the options that meet)."""
     return o.score >= MARGIN and 1.0 - (held_s + o.ttft_s) / slo.ttft_s >= MARGIN
 
 

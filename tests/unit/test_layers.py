@@ -1,8 +1,8 @@
 """The house's layers, read from the code's imports (module-level and deferred ones alike).
 
 * floor: pdserve's base modules (configuration, errors, the wire, credentials, metrics
-  primitives, hashing, process helpers, the latency model, sampling conversion, vLLM's
-  argument parser). They import no other package of ours.
+  primitives, hashing, process helpers, the latency model, a kept first token's release,
+  sampling conversion, vLLM's argument parser). They import no other package of ours.
 * runtime: the worker runtime and engine wrapper (`pdserve.worker`, `engine`, `kv_events`,
   `steps`, `step_hook`, `vllm_plugin`), `kv_transfer`, `scheduler`, `frontend`, and the two
   workers. Each imports the floor and only the runtime packages below it (RUNTIME).
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pdserve", "kv_transfer", "scheduler", "frontend", "prefill_worker",
             "decode_worker", "bench", "tests")
 FLOOR = {"pdserve", "pdserve.auth", "pdserve.config", "pdserve.errors", "pdserve.kvhash",
-         "pdserve.latency", "pdserve.lease_client", "pdserve.logs", "pdserve.loop_lag",
-         "pdserve.metrics",
+         "pdserve.kept_first", "pdserve.latency", "pdserve.lease_client", "pdserve.logs",
+         "pdserve.loop_lag", "pdserve.metrics",
          "pdserve.models", "pdserve.procs", "pdserve.rpc", "pdserve.rpc.gen", "pdserve.rpc.pd_pb2",
          "pdserve.rpc.pd_pb2_grpc", "pdserve.sampling", "pdserve.step_budget",
          "pdserve.vllm_args", "pdserve.zygote"}
