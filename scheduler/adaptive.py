@@ -66,7 +66,6 @@ TIE = 0.05                # TTFTs this close (share of the TTFT SLO) are equally
 TIE_REL = 0.25            # ...and this close (share of the lower one): what a client sees
 DEFAULT_OUTPUT = 128      # output tokens assumed when a request does not say
 MAX_SEGMENTS = 256        # timeline segments a prefill prediction walks, at most
-_RELEASE = __import__("os").environ.get("PDSERVE_KEPT_RELEASE", "1") != "0"   # A/B only
 
 
 @dataclass(frozen=True)
@@ -382,8 +381,7 @@ def options(prefills: list[Node], decodes: list[Node], tokens: int, max_tokens: 
     if slo.late:
         by_id = {d.worker_id: d for d in decodes}
         opts = [as_late(o, by_id[o.decode], tokens, out, slo, held_s) for o in opts]
-    if _RELEASE:
-        opts = [released(o, out, slo, held_s) for o in opts]
+    opts = [released(o, out, slo, held_s) for o in opts]
     meeting = [o.score for o in opts if met(o, slo, held_s)] if spare else []
     if spare and not meeting:
         opts += overflow_options(spare, tokens, out, slo, held_s)
