@@ -1,6 +1,7 @@
 """Request by request, what one cell of a benchmark missed and what pdserve predicted.
 
     .venv/bin/python -m bench.misses results/m148.json --setup pdserve --mix long-mix --rate 0.8275
+    .venv/bin/python -m bench.misses results/m179.json --mix long-mix --rate 1.2x
     .venv/bin/python -m bench.misses results/compare.json --setup pdserve --rate 2.4 \\
         --slo-ttft-ms 3400 --slo-tpot-ms 50 --all
 
@@ -42,11 +43,34 @@ def runs_of(data: dict, setup: str, mix: str | None
     return res[setup], slos
 
 
+def rate_of(data: dict, mix: str | None, rate: str) -> str:
+    """`rate` as the summaries name it. In a bench.matrix file it may be a multiplier as
+    the matrix's tables show it ("1.2x"): the mix's calibrated rate at that place of the
+    run's --rate-mult (bench.matrix's default where the argv has none)."""
+    if not rate.endswith("x"):
+        return rate
+    argv = data.get("argv") or []
+    mults = (argv[argv.index("--rate-mult") + 1] if "--rate-mult" in argv[:-1]
+             else "0.6,1.2,1.8").split(",")
+    cal = (data.get("calibration") or {}).get(mix) if mix is not None else None
+    if not cal:
+        raise KeyError(f"{rate}: a multiplier needs a bench.matrix file and its --mix")
+    try:
+        at = [float(m) for m in mults].index(float(rate[:-1]))
+    except ValueError:
+        raise KeyError(f"no run at {rate} (the run's multipliers: "
+                       f"{', '.join(m + 'x' for m in mults)})") from None
+    return str(cal["rates"][at])
+
+
 def _rate_matches(run: dict, rate: str) -> bool:
     got = run["summary"]["rate"]
     if isinstance(got, str) or rate == "inf":
         return str(got) == rate
-    return math.isclose(float(got), float(rate), rel_tol=1e-3)
+    try:
+        return math.isclose(float(got), float(rate), rel_tol=1e-3)
+    except ValueError:
+        return False
 
 
 def rows(runs: list[dict], rate: str, ttft_slo_s: float, tpot_slo_s: float,
@@ -97,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("file", help="a bench.matrix or bench.compare --out JSON")
     ap.add_argument("--setup", default="pdserve")
     ap.add_argument("--mix", help="the mix (a bench.matrix file)")
-    ap.add_argument("--rate", required=True, help="the run's rate as its summary names it")
+    ap.add_argument("--rate", required=True,
+                    help="the run's rate as its summary names it, or (a bench.matrix file) "
+                         "its multiplier: 1.2x")
     ap.add_argument("--slo-ttft-ms", type=float, help="(a bench.compare file)")
     ap.add_argument("--slo-tpot-ms", type=float, help="(a bench.compare file)")
     ap.add_argument("--all", action="store_true", help="every request, not only the misses")
@@ -106,12 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=60, help="characters of the route shown")
     ns = ap.parse_args(argv)
     try:
-        runs, slos = runs_of(json.loads(Path(ns.file).read_text()), ns.setup, ns.mix)
+        data = json.loads(Path(ns.file).read_text())
+        runs, slos = runs_of(data, ns.setup, ns.mix)
         if ns.slo_ttft_ms and ns.slo_tpot_ms:
             slos = (ns.slo_ttft_ms / 1e3, ns.slo_tpot_ms / 1e3)
         if slos is None:
             raise KeyError("this file has no SLOs: give --slo-ttft-ms and --slo-tpot-ms")
-        found = rows(runs, ns.rate, *slos, every=ns.all, long_tokens=ns.long)
+        found = rows(runs, rate_of(data, ns.mix, ns.rate), *slos, every=ns.all,
+                     long_tokens=ns.long)
     except KeyError as e:
         raise SystemExit(f"bench.misses: {e.args[0]}") from None
     print(f"SLOs: TTFT {slos[0] * 1e3:.0f} ms, TPOT {slos[1] * 1e3:.1f} ms; "

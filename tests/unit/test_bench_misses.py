@@ -82,3 +82,38 @@ def test_main_prints_the_cell_and_refuses_a_file_without_slos(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("SLOs: TTFT 2000 ms, TPOT 50.0 ms")
     assert [ln.split()[0] for ln in out[1:]] == ["1", "2", "4"]
+
+
+def test_a_matrix_cell_by_its_multiplier_and_a_rate_that_is_no_number():
+    """--rate 1.2x in a bench.matrix file: the mix's calibrated rate at that place of the
+    run's --rate-mult (the matrix's default without one); anything else is refused with
+    what the run has, never a traceback."""
+    data = {"argv": ["--setups", "vllm-2x,pdserve", "--rate-mult", "1.2,1.8,2.4"],
+            "calibration": {"long-mix": {"rates": [1.4383, 2.1574, 2.8766]}}}
+    assert M.rate_of(data, "long-mix", "1.8x") == "2.1574"
+    assert M.rate_of(data, "long-mix", "2.1574") == "2.1574"       # a rate as it is
+    with pytest.raises(KeyError, match="no run at 3.0x .*1.2x, 1.8x, 2.4x"):
+        M.rate_of(data, "long-mix", "3.0x")
+    with pytest.raises(KeyError, match="needs a bench.matrix file and its --mix"):
+        M.rate_of(data, None, "1.2x")
+    default = {"argv": [], "calibration": {"m": {"rates": [0.5, 1.0, 1.5]}}}
+    assert M.rate_of(default, "m", "1.2x") == "1.0"
+    runs = [run(1.4383, CELL[:2])]
+    assert [r["index"] for r in M.rows(runs, M.rate_of(data, "long-mix", "1.2x"), 2.0,
+                                       0.05)] == [1]
+    with pytest.raises(KeyError, match="no run at rate fast"):
+        M.rows(runs, "fast", 2.0, 0.05)
+
+
+def test_main_takes_a_multiplier_for_a_matrix_file(tmp_path, capsys):
+    import json
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({
+        "argv": ["--rate-mult", "1.2,1.8"],
+        "calibration": {"long-mix": {"ttft_ms": 2000.0, "tpot_ms": 50.0, "rates": [0.5, 0.8]}},
+        "results": {"long-mix": {"pdserve": [run(0.5, CELL), run(0.8, [])]}}}))
+    M.main([str(f), "--mix", "long-mix", "--rate", "1.2x"])
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in out[1:]] == ["1", "2", "4"]
+    with pytest.raises(SystemExit, match="no run at 2.4x"):
+        M.main([str(f), "--mix", "long-mix", "--rate", "2.4x"])
