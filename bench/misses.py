@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+from bench.matrix import RATE_MULT
 from bench.stats import sent_at, within_slo_dict
 
 
@@ -51,7 +52,7 @@ def rate_of(data: dict, mix: str | None, rate: str) -> str:
         return rate
     argv = data.get("argv") or []
     mults = (argv[argv.index("--rate-mult") + 1] if "--rate-mult" in argv[:-1]
-             else "0.6,1.2,1.8").split(",")
+             else RATE_MULT).split(",")
     cal = (data.get("calibration") or {}).get(mix) if mix is not None else None
     if not cal:
         raise KeyError(f"{rate}: a multiplier needs a bench.matrix file and its --mix")
