@@ -51,8 +51,10 @@ def rate_of(data: dict, mix: str | None, rate: str) -> str:
     if not rate.endswith("x"):
         return rate
     argv = data.get("argv") or []
-    mults = (argv[argv.index("--rate-mult") + 1] if "--rate-mult" in argv[:-1]
-             else RATE_MULT).split(",")
+    given = [a.split("=", 1)[1] if a.startswith("--rate-mult=") else v
+             for a, v in zip(argv, [*argv[1:], ""])
+             if a == "--rate-mult" or a.startswith("--rate-mult=")]
+    mults = (given[-1] if given else RATE_MULT).split(",")     # argparse: the last counts
     cal = (data.get("calibration") or {}).get(mix) if mix is not None else None
     if not cal:
         raise KeyError(f"{rate}: a multiplier needs a bench.matrix file and its --mix")

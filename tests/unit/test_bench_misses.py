@@ -98,6 +98,8 @@ def test_a_matrix_cell_by_its_multiplier_and_a_rate_that_is_no_number():
         M.rate_of(data, None, "1.2x")
     default = {"argv": [], "calibration": {"m": {"rates": [0.5, 1.0, 1.5]}}}
     assert M.rate_of(default, "m", "1.2x") == "1.0"
+    joined = {**data, "argv": ["--rate-mult=1.2,1.8,2.4"]}          # argparse's other form
+    assert M.rate_of(joined, "long-mix", "2.4x") == "2.8766"
     runs = [run(1.4383, CELL[:2])]
     assert [r["index"] for r in M.rows(runs, M.rate_of(data, "long-mix", "1.2x"), 2.0,
                                        0.05)] == [1]
