@@ -1,5 +1,6 @@
 """Shared by the adaptive placement tests (tests/unit/test_adaptive.py,
-tests/unit/test_overflow.py): an engine's fit, workers and a warm latency book."""
+tests/unit/test_overflow.py, tests/unit/test_first_token.py): an engine's fit, workers
+and a warm latency book."""
 
 from pdserve.latency import Coef, StepSample, chunk_attn
 from scheduler import adaptive as A

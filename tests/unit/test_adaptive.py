@@ -475,37 +475,3 @@ def test_steps_beside_late_streams_only_do_not_teach_what_an_on_time_stream_sees
         (before.plain_s * before.stream_steps + C.decode_step(4, 2000) * 8)
         / after.stream_steps, rel=0.01)
 
-
-def test_a_kept_first_token_is_predicted_as_the_frontend_releases_it():
-    """With its stream's first token, or at the frontend's release (`release_after` the
-    SLO) when the handoff ends later, or when computed when that is later still; sent
-    before its stream, the rest of the handoff is in TPOT. So a prompt computed in time
-    whose handoff ends past the SLO meets the TTFT SLO, as the client sees it."""
-    from pdserve.kept_first import release_after
-
-    p, d = A.Node("p", C), A.Node("d", C, transfer_s=0.15)
-    ready = C.prefill_time(600)
-    loose = A.SLO(ttft_s=10.0, tpot_s=0.1)
-    kept = A.remote(p, d, 600, 8, loose)
-    assert kept.hold and kept.ttft_s > kept.first_s == pytest.approx(ready)
-    assert A.released(kept, 8, loose) == kept          # the handoff ends in time
-    # an SLO whose release falls between the token computed and its stream's first
-    tight = A.SLO(ttft_s=ready + 0.075 + 0.05, tpot_s=0.1)     # released 75 ms after
-    assert kept.first_s < release_after(tight.ttft_s) < kept.ttft_s
-    raw = A.remote(p, d, 600, 8, tight)
-    assert raw.score < A.MARGIN                # handed off past it: a predicted miss
-    seen = A.released(raw, 8, tight)
-    assert seen.ttft_s == pytest.approx(release_after(tight.ttft_s))
-    assert seen.tpot_s == pytest.approx(raw.tpot_s + (raw.ttft_s - seen.ttft_s) / 7)
-    assert seen.score == pytest.approx(A.score(seen.ttft_s, seen.tpot_s, tight))
-    assert seen.first_s == raw.first_s and seen.hold
-    # the options as the chooser ranks them: released
-    best = A.options([p], [d], 600, 8, tight, set())[0]
-    assert best.ttft_s == pytest.approx(seen.ttft_s) and A.met(best, tight)
-    # held until past the release: it goes out when computed
-    held = release_after(tight.ttft_s) - ready + 0.01
-    late = A.released(raw, 8, tight, held)
-    assert late.ttft_s == pytest.approx(ready)
-    assert late.tpot_s == pytest.approx(raw.tpot_s + (raw.ttft_s - ready) / 7)
-    early = A.remote(p, d, 600, 8, replace(tight, first_token="early"))
-    assert A.released(early, 8, tight) == early        # not kept: as computed

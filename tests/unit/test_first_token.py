@@ -1,5 +1,6 @@
 """A remote prefill's first token kept for the stream: the choice (scheduler/adaptive.py
-`remote`) and the frontend's keeping of it (frontend/client.py `_kept_first`)."""
+`remote`), when the chooser predicts the client sees it (`released`) and the frontend's
+keeping of it (frontend/client.py `_kept_first`)."""
 
 import asyncio
 import dataclasses
@@ -8,9 +9,11 @@ import time
 import pytest
 
 from frontend.client import Chunk, _kept_first, release_at
+from pdserve.kept_first import release_after
 from pdserve.latency import Coef
 from scheduler import adaptive as A
 from scheduler.models import TAIL_MIN, LatencyBook, handoff_s, load_bucket
+from tests.unit.adaptive_helpers import C as HC
 
 CPU = Coef(step=0.045, prefill_ktok=2.0, decode_seq=0.002)
 SLO = A.SLO(ttft_s=4.0, tpot_s=0.064, first_token="adaptive")   # the rule under test
@@ -270,3 +273,36 @@ def test_the_deadline_keeps_room_to_deliver():
     assert release_at(10.0, 2.0) == pytest.approx(10.0 + 1.94)     # 3% of a loose SLO
     assert release_at(10.0, 0.75) == pytest.approx(10.0 + 0.70)    # 50 ms of a tight one
     assert release_at(10.0, 0.03) == 10.0                          # tighter: at once
+
+
+def test_a_kept_first_token_is_predicted_as_the_frontend_releases_it():
+    """With its stream's first token, or at the frontend's release (`release_after` the
+    SLO) when the handoff ends later, or when computed when that is later still; sent
+    before its stream, the rest of the handoff is in TPOT. So a prompt computed in time
+    whose handoff ends past the SLO meets the TTFT SLO, as the client sees it."""
+    p, d = A.Node("p", HC), A.Node("d", HC, transfer_s=0.15)
+    ready = HC.prefill_time(600)
+    loose = A.SLO(ttft_s=10.0, tpot_s=0.1)
+    kept = A.remote(p, d, 600, 8, loose)
+    assert kept.hold and kept.ttft_s > kept.first_s == pytest.approx(ready)
+    assert A.released(kept, 8, loose) == kept          # the handoff ends in time
+    # an SLO whose release falls between the token computed and its stream's first
+    tight = A.SLO(ttft_s=ready + 0.075 + 0.05, tpot_s=0.1)     # released 75 ms after
+    assert kept.first_s < release_after(tight.ttft_s) < kept.ttft_s
+    raw = A.remote(p, d, 600, 8, tight)
+    assert raw.score < A.MARGIN                # handed off past it: a predicted miss
+    seen = A.released(raw, 8, tight)
+    assert seen.ttft_s == pytest.approx(release_after(tight.ttft_s))
+    assert seen.tpot_s == pytest.approx(raw.tpot_s + (raw.ttft_s - seen.ttft_s) / 7)
+    assert seen.score == pytest.approx(A.score(seen.ttft_s, seen.tpot_s, tight))
+    assert seen.first_s == raw.first_s and seen.hold
+    # the options as the chooser ranks them: released
+    best = A.options([p], [d], 600, 8, tight, set())[0]
+    assert best.ttft_s == pytest.approx(seen.ttft_s) and A.met(best, tight)
+    # held until past the release: it goes out when computed
+    held = release_after(tight.ttft_s) - ready + 0.01
+    late = A.released(raw, 8, tight, held)
+    assert late.ttft_s == pytest.approx(ready)
+    assert late.tpot_s == pytest.approx(raw.tpot_s + (raw.ttft_s - ready) / 7)
+    early = A.remote(p, d, 600, 8, dataclasses.replace(tight, first_token="early"))
+    assert A.released(early, 8, tight) == early        # not kept: as computed
