@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from scheduler import adaptive as A
+from scheduler import ranking as R
 from scheduler.models import LatencyBook
 from scheduler.policy import (Candidate, DecodeCandidate, Decision, PlacementConfig,
                               choose_decode, choose_mode, choose_prefill, kv_blocks)
@@ -159,7 +160,7 @@ def _place_adaptive(reg: Registry, book: LatencyBook, slo: A.SLO, prefills: list
     dw = reg.workers[best.decode]
     blocks = kv_blocks(num_tokens, dw.block_size)
     local = best.kind != "remote"
-    why = "overflow" if best.kind == "overflow" else A.reason(best, slo, held_s)
+    why = "overflow" if best.kind == "overflow" else R.reason(best, slo, held_s)
     return Decision(None if local else best.prefill, best.decode, "local" if local else "disagg",
                     why, max(0, num_tokens - best.cached), best.cached, blocks,
                     num_tokens, prefill_s=best.prefill_s, pred_ttft_s=best.ttft_s,

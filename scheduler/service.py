@@ -23,7 +23,7 @@ from pdserve import metrics as M
 from pdserve.config import late_prefill_remote, late_streams_yield, step_switches
 from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
-from scheduler.adaptive import SLO
+from scheduler.ranking import SLO
 from scheduler.admission import retry_after_s
 from scheduler.holding import POLL_S, Gate, hold_for
 from scheduler.index import PrefixIndex

@@ -10,6 +10,7 @@ import pytest
 
 from pdserve.latency import Coef, StepSample, chunk_attn
 from scheduler import adaptive as A
+from scheduler import ranking as R
 from scheduler.models import LatencyBook
 from scheduler.policy import Decision, PlacementConfig
 from scheduler.placement import place
@@ -216,13 +217,13 @@ def test_best_effort_when_nothing_meets_the_slo_and_the_header_names_the_runner_
     p = A.Node("p", C, backlog_s=10.0)
     d = A.Node("d", C, backlog_s=9.0)
     opts = A.options([p], [d], 1000, 64, replace(SLO, late_remote=False), {"d"})
-    assert opts[0].score < 0 and A.reason(opts[0]) == "best_effort"
+    assert opts[0].score < 0 and R.reason(opts[0]) == "best_effort"
     assert opts[0].kind == "local"              # 9 s of backlog beats 10 s
     assert "remote prefill=p" in opts[1].describe()
     # by default a request late whatever it does is computed remotely
     opts = A.options([p], [d], 1000, 64, SLO, {"d"})
     assert [o.kind for o in opts] == ["remote", "local"]
-    assert A.reason(opts[0]) == "best_effort" and "local decode=d" in opts[1].describe()
+    assert R.reason(opts[0]) == "best_effort" and "local decode=d" in opts[1].describe()
 
 
 def test_near_ties_go_to_remote():
@@ -244,12 +245,12 @@ def test_a_held_request_counts_its_wait_in_what_meets_the_slos():
     held = (1 - A.MARGIN) * SLO.ttft_s - (r + lo) / 2
     opts = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=held)
     assert [o.kind for o in opts] == ["local", "remote"]
-    assert A.reason(opts[0], SLO, held) == "slo"
+    assert R.reason(opts[0], SLO, held) == "slo"
     # held past the SLO: every option misses; remote first (a request late whatever it
     # does), or in the order of their scores from now (PDSERVE_LATE_PREFILL=local)
     late = A.options([p], [d], 500, 64, SLO, {"d"}, held_s=SLO.ttft_s)
     assert [o.kind for o in late] == ["remote", "local"]
-    assert A.reason(late[0], SLO, SLO.ttft_s) == "best_effort"
+    assert R.reason(late[0], SLO, SLO.ttft_s) == "best_effort"
     before = replace(SLO, late_remote=False)
     late = A.options([p], [d], 500, 64, before, {"d"}, held_s=SLO.ttft_s)
     assert late[0].score >= late[1].score

@@ -12,6 +12,7 @@ from frontend.client import Chunk, _kept_first, release_at
 from pdserve.kept_first import release_after
 from pdserve.latency import Coef
 from scheduler import adaptive as A
+from scheduler import ranking as R
 from scheduler.models import TAIL_MIN, LatencyBook, handoff_s, load_bucket
 from tests.unit.adaptive_helpers import C as HC
 
@@ -59,18 +60,18 @@ def test_options_are_ranked_by_the_ttft_the_client_sees():
     kinds = {o.kind: o for o in opts}
     remote, local = kinds["remote"], kinds["local"]
     assert remote.hold and remote.first_s == pytest.approx(local.first_s)   # computed alike
-    assert remote.ttft_s - local.ttft_s > A.TIE * ws.ttft_s                  # seen: a handoff
+    assert remote.ttft_s - local.ttft_s > R.TIE * ws.ttft_s                  # seen: a handoff
     assert opts[0].kind == "local" and min(remote.score, local.score) >= A.MARGIN
     # a loose SLO puts the handoff within TIE of it, but the client still sees a TTFT
     # that much longer: not a tie while it is over TIE_REL of the faster one
     loose = dataclasses.replace(ws, ttft_s=4.0)
-    assert remote.ttft_s - local.ttft_s < A.TIE * loose.ttft_s
-    assert remote.ttft_s - local.ttft_s > A.TIE_REL * local.ttft_s
+    assert remote.ttft_s - local.ttft_s < R.TIE * loose.ttft_s
+    assert remote.ttft_s - local.ttft_s > R.TIE_REL * local.ttft_s
     assert A.options([p], [d], 64, 16, loose, {"d"})[0].kind == "local"
     # a long prompt computed alike either way: its handoff is a small share, a tie
     opts = A.options([p], [d], 2000, 16, loose, {"d"})
     kinds = {o.kind: o for o in opts}
-    assert kinds["remote"].ttft_s - kinds["local"].ttft_s < A.TIE_REL * kinds["local"].ttft_s
+    assert kinds["remote"].ttft_s - kinds["local"].ttft_s < R.TIE_REL * kinds["local"].ttft_s
     assert opts[0].kind == "remote"
 
 

@@ -1,10 +1,10 @@
-"""How the chooser orders the options it predicted (scheduler/adaptive.py `ranked`): those
+"""How the chooser orders the options it predicted (scheduler/ranking.py `ranked`): those
 predicted to meet both SLOs first, the lowest TTFT first; then the least-missed; and a
 request late whatever it does on a prefill worker. Pure: options built by hand."""
 
 from dataclasses import replace
 
-from scheduler import adaptive as A
+from scheduler import ranking as A
 from tests.unit.adaptive_helpers import SLO
 
 
