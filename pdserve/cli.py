@@ -141,7 +141,7 @@ def cmd_worker(ns) -> int:
         engine=engine_config(ns, ns.cores), host=ns.host, port=ns.port,
         metrics_port=ns.metrics_port, scheduler_address=ns.scheduler,
         kv_agent_port=ns.kv_agent_port, kv=kv_config(ns), drain_timeout_s=ns.drain_timeout_s,
-        tpot_slo_ms=ns.tpot_slo_ms)
+        tpot_slo_ms=ns.tpot_slo_ms, ttft_slo_ms=ns.ttft_slo_ms)
     from pdserve.worker import EXIT_ENGINE_DEAD, EngineDied
     try:
         asyncio.run(_until_signal(lambda stop: run_worker(cfg, stop=stop)))
@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--tpot-slo-ms", type=float, default=100.0,
                        help="the engine holds prefill chunks beside running streams to what "
                             "their TPOT allows (pdserve/step_budget.py; 0: no budget)")
+        w.add_argument("--ttft-slo-ms", type=float, default=0.0,
+                       help="the TTFT SLO the frontend keeps: while local prompts are "
+                            "computed alone, streams landing from a prefill worker wait for "
+                            "them as long as this leaves them in time (0: they never wait)")
         auth.secret_arg(w)
         w.set_defaults(func=cmd_worker, role=role)
 

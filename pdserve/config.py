@@ -150,6 +150,8 @@ class WorkerConfig:
     drain_timeout_s: float = 60.0
     # the TPOT the engine's step budget protects for running streams (0: no budget)
     tpot_slo_ms: float = 100.0
+    # the TTFT SLO, for what a landing stream may wait (pdserve/step_hook.py; 0: unknown)
+    ttft_slo_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,8 @@ def engine_argv(ns) -> list[str]:
             "--kv-ucx-err-mode", ns.kv_ucx_err_mode,
             "--kv-mode", ns.kv_mode, "--kv-push-ttl-s", str(ns.kv_push_ttl_s),
             "--drain-timeout-s", str(ns.drain_timeout_s),
-            "--tpot-slo-ms", str(getattr(ns, "tpot_slo_ms", 100.0))]
+            "--tpot-slo-ms", str(getattr(ns, "tpot_slo_ms", 100.0)),
+            "--ttft-slo-ms", str(getattr(ns, "ttft_slo_ms", 0.0))]
     if ns.served_model_name:
         argv += ["--served-model-name", ns.served_model_name]
     if ns.no_prefix_caching:

@@ -226,3 +226,20 @@ def fcfs_tokens(head_left: int, coef: Coef | None, max_tokens: int,
         return 0
     tok = max(head_left, packing_floor(coef, overhead, max_tokens), MIN_CHUNK)
     return 0 if tok >= max_tokens else tok
+
+
+def landing_wait(prompts, now: float, coef: Coef, tpot_slo_s: float, over: float = 1.0,
+                 safety: float = SAFETY) -> float:
+    """Until when (on `now`'s clock) a stream landing from a prefill worker may wait, so
+    that the local prompts being computed here end alone within their TTFT SLOs.
+    `prompts`: (uncomputed tokens, computed tokens, due) of each, in the order the engine
+    computes them (due 0: none). They are computed alone, in `alone` steps run over by
+    `over`, one after another, and the wait lasts until the last of them that ends by its
+    due does; -inf where none does (a prompt late anyway does not hold a stream back)."""
+    tok = alone(coef, tpot_slo_s, safety)[1]
+    t, until = now, float("-inf")
+    for left, done, due in prompts:
+        t += over * coef.steps_time(left, tok, done)
+        if due > 0 and t <= due:
+            until = t
+    return until

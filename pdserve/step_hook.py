@@ -22,6 +22,10 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
   forwards samples to the scheduler's latency model in its heartbeats.
 
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
+PDSERVE_TTFT_SLO_MS is the TTFT SLO (0: unknown): with it, while local prompts are computed
+alone, streams landing from a prefill worker wait for them where the prompts can still end
+within their TTFT SLOs and the streams start before the frontend sends their kept first
+token (`_defer_landing`); PDSERVE_LANDING_WAIT=0 turns that off (for comparisons).
 PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for comparisons:
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
@@ -31,7 +35,8 @@ name becomes the engine core's pid, one file per engine): seconds, prompt tokens
 attention work, decode sequences, their context, allowance, budget, monotonic time at the
 end, the prompts held back for a handoff step, 1 where every stream in the step was
 late (its first token after its TTFT SLO, `_late`), and how many requests computed prompt
-tokens in it (a local prompt's chunk, a landing request's last token).
+tokens in it (a local prompt's chunk, a landing request's last token), and the landing
+requests that waited for local prompts in it (`_defer_landing`).
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from collections import deque
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
+from pdserve.kept_first import release_after
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, late_only,
-                                 left_after, overrun)
+from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, landing_wait,
+                                 late_only, left_after, overrun)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
@@ -84,15 +90,17 @@ def decode(b: bytes) -> tuple[StepSample, float, int]:
 
 
 class _State:
-    def __init__(self, slo_ms: float, address: str) -> None:
+    def __init__(self, slo_ms: float, address: str, ttft_slo_ms: float = 0.0) -> None:
         self.slo_s = slo_ms / 1e3
+        self.ttft_s = ttft_slo_ms / 1e3
+        self.wait_landing = os.environ.get("PDSERVE_LANDING_WAIT", "1") != "0"
         mixed, self.least, keep = step_switches()
         self.model = StepModel(mixed=mixed, keep=keep)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
         self.late: set[str] = set()             # ... whose first token missed its TTFT SLO
         self.landing: dict[tuple, float] = {}   # (req id, phase) -> when first seen
         self.handoffs = os.environ.get("PDSERVE_HANDOFF_STEPS", "1") != "0"
-        self.pending: dict[int, tuple[float, StepSample, float, int, int]] = {}
+        self.pending: dict[int, tuple] = {}
         self.sock = None
         self.address = unix_address(address)
         self.allow, self.tokens = float("inf"), 0
@@ -116,7 +124,8 @@ class _State:
             self.coef = Coef.of(m.coef()) if m.warm() else None
         return self.coef
 
-    def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0) -> None:
+    def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0,
+             waited: int = 0) -> None:
         """The step to the worker with the slack it left (`left_after`, with the decode
         step of the coefficients its budget used); the trace keeps the allowance the step
         was given."""
@@ -129,7 +138,7 @@ class _State:
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
                              f"{sample.decode_ctx} {allow:.4f} {tokens} "
                              f"{time.monotonic():.3f} {held} {int(sample.late_only)} "
-                             f"{sample.prefill_seqs}\n")
+                             f"{sample.prefill_seqs} {waited}\n")
         if self.sock is None:
             return
         try:
@@ -183,15 +192,21 @@ def _streams(sched, st: _State, now: float) -> tuple[list[Stream], int, bool]:
 
 
 def _late(r) -> bool:
-    """Was the request's first token computed after its TTFT SLO (`TTFT_DUE`, unix s,
-    which the frontend sets; 0: no SLO)? Asked when it is first seen decoding here: its
-    first token came from a prefill worker then (`P_FIRST_AT`), or from this engine now."""
+    """Was the request's first token computed after its TTFT SLO? Asked when it is first
+    seen decoding here: its first token came from a prefill worker then (`P_FIRST_AT`),
+    or from this engine now."""
+    due = _due(r)
+    return due > 0 and (_first_token_at(r) or time.time()) > due
+
+
+def _due(r) -> float:
+    """When the request's TTFT SLO ends (`TTFT_DUE`, unix s, which the frontend sets; 0:
+    no SLO)."""
     sp = getattr(r, "sampling_params", None)
     try:
-        due = float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
+        return float(((sp.extra_args if sp is not None else None) or {}).get(TTFT_DUE) or 0.0)
     except (TypeError, ValueError, AttributeError):
-        return False
-    return due > 0 and (_first_token_at(r) or time.time()) > due
+        return 0.0
 
 
 def _first_token_at(r) -> float:
@@ -264,6 +279,40 @@ def _landing_first(sched) -> None:
     if first and any(not _remote(r) for r in itertools.islice(q, len(first))):
         q.remove_requests(first)
         q.prepend_requests(reversed(first))
+
+
+def _defer_landing(sched, st: "_State", streams: list) -> list:
+    """Take out of vLLM's waiting queue, for this step, the remote-prefilled requests that
+    have not started their KV load, while the engine computes local prompts with no stream
+    that has an SLO left beside them: they wait until the prompts that can still end
+    within their TTFT SLOs alone have (`step_budget.landing_wait`), as long as each still
+    starts, after the step in progress and its own first step, before the frontend sends
+    its kept first token anyway (`release_after` its TTFT SLO). `_put_back` returns them.
+
+    Without it a stream that landed took the prompt's steps: beside it the prompt went
+    at the floor, a few tokens a step, and missed its TTFT SLO (a 1,024-token prompt at
+    1.9 s against 1.28, beside two short streams whose own TTFTs had a second to spare)."""
+    coef, q = st.coef, sched.waiting
+    if (not st.wait_landing or coef is None or st.slo_s <= 0 or st.ttft_s <= 0
+            or not isinstance(q, deque) or any(not s.late for s in streams)):
+        return []
+    landing = [r for r in q if _remote(r) and r.num_computed_tokens == 0 and _due(r) > 0]
+    prompts = [(r.num_prompt_tokens - r.num_computed_tokens, r.num_computed_tokens, _due(r))
+               for r in sched.running if _prefilling(r) and (r.max_tokens or 0) > 1]
+    if not landing or not prompts:
+        return []
+    until = landing_wait(prompts, time.time(), coef, st.slo_s, st.over)
+    lead = alone(coef, st.slo_s)[0] + coef.decode_step(len(streams) + 1, 0)
+    gap = st.ttft_s - release_after(st.ttft_s)
+    wait = [r for r in landing if until + lead <= _due(r) - gap]
+    if wait:
+        q.remove_requests(wait)
+    return wait
+
+
+def _put_back(sched, wait: list) -> None:
+    if wait:
+        sched.waiting.prepend_requests(reversed(wait))
 
 
 def _admission_limit(sched) -> str:
@@ -342,7 +391,8 @@ def install() -> bool:
     except ImportError:
         return False
     st = _State(float(os.environ.get("PDSERVE_TPOT_SLO_MS") or 0),
-                os.environ.get("PDSERVE_STEP_SOCKET", ""))
+                os.environ.get("PDSERVE_STEP_SOCKET", ""),
+                float(os.environ.get("PDSERVE_TTFT_SLO_MS") or 0))
     orig_schedule, orig_update = Scheduler.schedule, Scheduler.update_from_output
 
     def schedule(self, *args, **kwargs):
@@ -351,36 +401,38 @@ def install() -> bool:
         if not hasattr(self, "_pd_base_threshold"):
             self._pd_base_threshold = self.scheduler_config.long_prefill_token_threshold
         streams, ctx, local = _streams(self, st, now)
-        if st.slo_s > 0 and st.handoffs:
-            _landing_first(self)
-        b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
-                   least=st.least, over=st.over)
-        st.allow, st.tokens = b.allow_s, b.tokens
-        fcfs = 0
-        if not b.tokens and not streams:
-            head, queued = _head(self)
-            fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
-        held = _hold_prompts(self) if b.hold or _handoff_step(self, st, streams, b, now) else []
-        # room for remote-prefilled streams to start, whatever the prompts take
-        ready = _waiting_decodes(self) if held or b.tokens or fcfs else 0
-        if held or b.hold:   # a handoff or decode-only step: the streams, no prompt
-            self.max_num_scheduled_tokens = min(cap, len(streams) + ready)
-            self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
-        elif b.tokens:
-            self.max_num_scheduled_tokens = min(cap, len(streams) + ready + b.tokens)
-            # each prompt being computed gets its share: together they stay within it
-            self.scheduler_config.long_prefill_token_threshold = max(
-                1, b.tokens // max(1, _partial_prefills(self)))
-        elif fcfs:      # prompts one after another (step_budget.fcfs_tokens)
-            self.max_num_scheduled_tokens = min(cap, fcfs + ready)
-            self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
-        else:
-            self.max_num_scheduled_tokens = cap
-            self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
-        try:
+        wait, held = _defer_landing(self, st, streams), []
+        try:     # the deferred requests go back whatever happens
+            if st.slo_s > 0 and st.handoffs:
+                _landing_first(self)
+            b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
+                       least=st.least, over=st.over)
+            st.allow, st.tokens = b.allow_s, b.tokens
+            fcfs = 0
+            if not b.tokens and not streams:
+                head, queued = _head(self)
+                fcfs = fcfs_tokens(head, st.current(), cap) if queued > 1 else 0
+            held = _hold_prompts(self) if b.hold or _handoff_step(self, st, streams, b, now) else []
+            # room for remote-prefilled streams to start, whatever the prompts take
+            ready = _waiting_decodes(self) if held or b.tokens or fcfs else 0
+            if held or b.hold:   # a handoff or decode-only step: the streams, no prompt
+                self.max_num_scheduled_tokens = min(cap, len(streams) + ready)
+                self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
+            elif b.tokens:
+                self.max_num_scheduled_tokens = min(cap, len(streams) + ready + b.tokens)
+                # each prompt being computed gets its share: together they stay within it
+                self.scheduler_config.long_prefill_token_threshold = max(
+                    1, b.tokens // max(1, _partial_prefills(self)))
+            elif fcfs:      # prompts one after another (step_budget.fcfs_tokens)
+                self.max_num_scheduled_tokens = min(cap, fcfs + ready)
+                self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
+            else:
+                self.max_num_scheduled_tokens = cap
+                self.scheduler_config.long_prefill_token_threshold = self._pd_base_threshold
             out = orig_schedule(self, *args, **kwargs)
         finally:
             _restore(self, held)
+            _put_back(self, wait)
         p, attn, d, c, seqs = 0, 0.0, 0, 0, 0
         for rid, n in out.num_scheduled_tokens.items():
             r = self.requests.get(rid)
@@ -395,14 +447,14 @@ def install() -> bool:
                 d += 1
                 c += before
         st.pending[id(out)] = (now, StepSample(0.0, p, attn, d, c, late_only(streams), seqs),
-                               b.allow_s, b.tokens, len(held), b.sized and not held)
+                               b.allow_s, b.tokens, len(held), b.sized and not held, len(wait))
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         res = orig_update(self, scheduler_output, model_runner_output)
         got = st.pending.pop(id(scheduler_output), None)
         if got is not None and scheduler_output.total_num_scheduled_tokens > 0:
-            t0, s, allow, tokens, held, sized = got
+            t0, s, allow, tokens, held, sized, waited = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
                                 s.decode_seqs, s.decode_ctx, s.late_only, s.prefill_seqs)
             if st.skip > 0:
@@ -410,7 +462,7 @@ def install() -> bool:
             else:
                 _note_overrun(st, sample, sized)
                 st.model.observe(sample)
-                st.send(sample, allow, tokens, held)
+                st.send(sample, allow, tokens, held, waited)
         if len(st.first) > 4 * max(1, len(self.running)) + 64:
             live = {r.request_id for r in self.running}
             st.first = {k: v for k, v in st.first.items() if k in live}

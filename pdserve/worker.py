@@ -141,7 +141,8 @@ class WorkerRuntime:
         # allowance and sends each step here (pdserve/step_hook.py)
         self.steps = StepReceiver()
         os.environ.update(PDSERVE_STEP_HOOK="1", PDSERVE_STEP_SOCKET=self.steps.address,
-                          PDSERVE_TPOT_SLO_MS=str(self.cfg.tpot_slo_ms))
+                          PDSERVE_TPOT_SLO_MS=str(self.cfg.tpot_slo_ms),
+                          PDSERVE_TTFT_SLO_MS=str(self.cfg.ttft_slo_ms))
         self.engine = build_engine(
             self.cfg.engine, KV_ROLE,
             kv_extra(self.cfg.worker_id, self.cfg.host, self.cfg.kv_agent_port, self.cfg.kv,
