@@ -22,10 +22,10 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
   forwards samples to the scheduler's latency model in its heartbeats.
 
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
-PDSERVE_TTFT_SLO_MS is the TTFT SLO (0: unknown): with it, while local prompts are computed
-alone, streams landing from a prefill worker wait for them where the prompts can still end
-within their TTFT SLOs and the streams start before the frontend sends their kept first
-token (`_defer_landing`); PDSERVE_LANDING_WAIT=0 turns that off (for comparisons).
+PDSERVE_LANDING_WAIT=1 (off by default: not yet measured to gain, docs/design.md) and the
+TTFT SLO in PDSERVE_TTFT_SLO_MS: while local prompts are computed alone, streams landing
+from a prefill worker wait for them where the prompts can still end within their TTFT SLOs
+and the streams start before the frontend sends their kept first token (`_defer_landing`).
 PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for comparisons:
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
@@ -93,7 +93,7 @@ class _State:
     def __init__(self, slo_ms: float, address: str, ttft_slo_ms: float = 0.0) -> None:
         self.slo_s = slo_ms / 1e3
         self.ttft_s = ttft_slo_ms / 1e3
-        self.wait_landing = os.environ.get("PDSERVE_LANDING_WAIT", "1") != "0"
+        self.wait_landing = os.environ.get("PDSERVE_LANDING_WAIT", "0") == "1"
         mixed, self.least, keep = step_switches()
         self.model = StepModel(mixed=mixed, keep=keep)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
@@ -302,6 +302,8 @@ def _defer_landing(sched, st: "_State", streams: list) -> list:
     if not landing or not prompts:
         return []
     until = landing_wait(prompts, time.time(), coef, st.slo_s, st.over)
+    if until == float("-inf"):     # no prompt that can still make its SLO
+        return []
     lead = alone(coef, st.slo_s)[0] + coef.decode_step(len(streams) + 1, 0)
     gap = st.ttft_s - release_after(st.ttft_s)
     wait = [r for r in landing if until + lead <= _due(r) - gap]
