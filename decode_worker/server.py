@@ -90,8 +90,7 @@ class DecodeServicer(pd_pb2_grpc.DecodeWorkerServicer):
             params = to_vllm(sp, max_tokens=sp.max_tokens - 1, generated=1,
                              first_token=request.first_token_id, engine_stops=not across,
                              kv_transfer_params=KVHandle.from_proto(request.kv).load_params(
-                                 rid, first_token_at=received,
-                                 kept_until=request.first_kept_until_unix), ttft_due=due)
+                                 rid, first_token_at=received), ttft_due=due)
         self.active[rid] = asyncio.current_task()
         self.rt.inflight += 1
         finished = False

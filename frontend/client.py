@@ -208,11 +208,9 @@ class ClusterClient:
                                             timeout_s, due)
                 else:
                     pulled = first is None      # the client's second token comes after a pull
-                    kept = pulled and route.hold_first_token and self.ttft_slo_s > 0
                     gen = self._disagg(route, request_id, token_ids, sampling, timeout_s, first,
-                                       due, kept_until=due - self.ttft_slo_s
-                                       + release_after(self.ttft_slo_s) if kept and due else 0.0)
-                    if kept:
+                                       due)
+                    if pulled and route.hold_first_token and self.ttft_slo_s > 0:
                         gen = _kept_first(gen, release_at(t0, self.ttft_slo_s), ready)
                 async for c in gen:
                     if c.token_ids and not t_first:
@@ -282,9 +280,8 @@ class ClusterClient:
             raise
 
     async def _disagg(self, route, request_id, token_ids, sampling, timeout_s,
-                      first: Chunk | None, due: float = 0.0, kept_until: float = 0.0):
-        """`first` set: the client already has the first token (a retry); continue from it.
-        `kept_until`: the first token waits for the stream's first, until then (unix s)."""
+                      first: Chunk | None, due: float = 0.0):
+        """`first` set: the client already has the first token (a retry); continue from it."""
         prefill = pd_pb2_grpc.PrefillWorkerStub(self.channels.get(route.prefill.address))
         try:
             pf = await prefill.Prefill(pd_pb2.PrefillRequest(
@@ -320,7 +317,7 @@ class ClusterClient:
                 request_id=request_id, prompt_token_ids=token_ids,
                 first_token_id=first.token_ids[0], kv=kv, sampling=sampling,
                 first_token_text=first.text + first.held, first_text_sent=len(first.text),
-                ttft_due_unix=due, first_kept_until_unix=kept_until), timeout=timeout_s)
+                ttft_due_unix=due), timeout=timeout_s)
             async for msg in stream:
                 started = True
                 yield _to_chunk(msg)

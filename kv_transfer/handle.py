@@ -29,8 +29,6 @@ P_PUSH = "pd_push"                       # push mode (both sides)
 P_KEY = "transfer_key"                   # the client-facing id: key of the stats record
 P_FIRST_AT = "pd_first_token_at"         # a decode request: when its first token went out
                                          # (unix s), so its engine counts that gap in TPOT
-P_KEPT_UNTIL = "pd_first_kept_until"     # ...unless the frontend keeps it for the stream's
-                                         # first token, until this time at the latest
 
 
 @dataclass(frozen=True)
@@ -58,16 +56,12 @@ class KVHandle:
                 "num_tokens": self.num_tokens, "compat_hash": self.compat_hash,
                 "block_size": self.block_size, "lease_expires_unix": self.lease_expires_unix}
 
-    def load_params(self, transfer_key: str, first_token_at: float = 0.0,
-                    kept_until: float = 0.0) -> dict[str, Any]:
+    def load_params(self, transfer_key: str, first_token_at: float = 0.0) -> dict[str, Any]:
         """A decode request's kv_transfer_params: load these blocks before computing.
-        `first_token_at`: when the first token (the prefill worker's) reached the frontend;
-        `kept_until`: the frontend keeps it for the stream's first token, or until then."""
+        `first_token_at`: when the client got the first token (the prefill worker's)."""
         p = {P_REMOTE_PREFILL: True, P_KEY: transfer_key, **self.to_params()}
         if first_token_at > 0:
             p[P_FIRST_AT] = first_token_at
-        if kept_until > 0:
-            p[P_KEPT_UNTIL] = kept_until
         return p
 
     @classmethod

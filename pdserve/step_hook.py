@@ -49,7 +49,7 @@ import struct
 import time
 from collections import deque
 
-from kv_transfer.handle import P_FIRST_AT, P_KEPT_UNTIL, P_REMOTE_PREFILL
+from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches
 from pdserve.kept_first import release_after
@@ -209,29 +209,19 @@ def _due(r) -> float:
         return 0.0
 
 
-def _first_token_at(r, key: str = P_FIRST_AT) -> float:
+def _first_token_at(r) -> float:
     p = getattr(r, "kv_transfer_params", None)
     try:
-        return float(p.get(key) or 0.0) if isinstance(p, dict) else 0.0
+        return float(p.get(P_FIRST_AT) or 0.0) if isinstance(p, dict) else 0.0
     except (TypeError, ValueError):
         return 0.0
 
 
 def _handoff_s(r) -> float:
     """Seconds since the client got this request's first token from a prefill worker
-    (0: it did not); at most MAX_HANDOFF_S, whatever the clocks say. A first token the
-    frontend keeps for the stream's (`P_KEPT_UNTIL`) reaches the client with it, now, or
-    at its release if that came first: the handoff before then is in the client's TTFT,
-    not in its TPOT (counted there, it took a 100 ms gap the client never saw out of an
-    8-token stream's slack)."""
+    (0: it did not); at most MAX_HANDOFF_S, whatever the clocks say."""
     at = _first_token_at(r)
-    if not at:
-        return 0.0
-    now = time.time()
-    kept = _first_token_at(r, P_KEPT_UNTIL)
-    if kept and os.environ.get("PDSERVE_KEPT_CLOCK", "1") != "0":   # (A/B switch, temporary)
-        at = max(at, min(kept, now))
-    return min(MAX_HANDOFF_S, max(0.0, now - at))
+    return min(MAX_HANDOFF_S, max(0.0, time.time() - at)) if at else 0.0
 
 
 def _waiting_decodes(sched) -> int:

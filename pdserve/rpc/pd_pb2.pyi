@@ -562,7 +562,7 @@ class WorkerStatusResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., agent_address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "kv", "sampling", "local_prefill", "push", "first_token_text", "first_text_sent", "ttft_due_unix", "first_kept_until_unix")
+    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "kv", "sampling", "local_prefill", "push", "first_token_text", "first_text_sent", "ttft_due_unix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -573,7 +573,6 @@ class GenerateRequest(_message.Message):
     FIRST_TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TEXT_SENT_FIELD_NUMBER: _ClassVar[int]
     TTFT_DUE_UNIX_FIELD_NUMBER: _ClassVar[int]
-    FIRST_KEPT_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
@@ -584,8 +583,7 @@ class GenerateRequest(_message.Message):
     first_token_text: str
     first_text_sent: int
     ttft_due_unix: float
-    first_kept_until_unix: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., push: _Optional[_Union[KVPush, _Mapping]] = ..., first_token_text: _Optional[str] = ..., first_text_sent: _Optional[int] = ..., ttft_due_unix: _Optional[float] = ..., first_kept_until_unix: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., kv: _Optional[_Union[KVHandle, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., push: _Optional[_Union[KVPush, _Mapping]] = ..., first_token_text: _Optional[str] = ..., first_text_sent: _Optional[int] = ..., ttft_due_unix: _Optional[float] = ...) -> None: ...
 
 class KVPush(_message.Message):
     __slots__ = ("transfer_id", "agent_address", "ticket")

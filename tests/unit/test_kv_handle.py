@@ -42,10 +42,6 @@ def test_a_decode_request_loads_from_the_handle_and_releases_at_its_source():
     assert source(p) == ("127.0.0.1:5000", "req-1")
     assert P_FIRST_AT not in p      # when the first token went out, only when said
     assert h.load_params("cmpl-9", first_token_at=123.5)[P_FIRST_AT] == 123.5
-    # a first token the frontend keeps for the stream's: until when, only when said
-    from kv_transfer.handle import P_KEPT_UNTIL
-    assert P_KEPT_UNTIL not in h.load_params("cmpl-9", first_token_at=123.5)
-    assert h.load_params("cmpl-9", first_token_at=123.5, kept_until=124.0)[P_KEPT_UNTIL] == 124.0
 
 
 def test_push_requests_carry_no_handle_only_their_source():

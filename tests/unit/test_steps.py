@@ -281,35 +281,3 @@ def test_the_decode_worker_hands_the_due_time_to_its_engine():
     assert TTFT_DUE not in (to_vllm(sp, max_tokens=8).extra_args or {})   # no SLO: none
     got = to_vllm(sp, max_tokens=7, generated=1, ttft_due=1.7e9, kv_transfer_params={"a": 1})
     assert got.extra_args[TTFT_DUE] == 1.7e9 and got.extra_args["kv_transfer_params"] == {"a": 1}
-
-
-def test_a_kept_first_tokens_handoff_is_not_in_its_streams_tpot():
-    """The frontend keeps a remote prefill's first token for the stream's first (or until
-    its release): the client sees the two together, so the engine starts the stream's TPOT
-    clock then, not when the first token reached the frontend; after the release, from the
-    release."""
-    import time
-    from types import SimpleNamespace as NS
-
-    from kv_transfer.handle import P_FIRST_AT, P_KEPT_UNTIL
-    from pdserve.step_hook import _handoff_s, _streams
-
-    wall = time.time()
-
-    def req(rid, kept_until=0.0):
-        p = {P_FIRST_AT: wall - 0.3}
-        if kept_until:
-            p[P_KEPT_UNTIL] = kept_until
-        return NS(request_id=rid, num_computed_tokens=101, num_prompt_tokens=100,
-                  num_output_tokens=1, max_tokens=7, kv_transfer_params=p,
-                  sampling_params=NS(extra_args=None))
-
-    early, kept, released = req("early"), req("kept", wall + 1.0), req("released", wall - 0.1)
-    assert _handoff_s(early) == pytest.approx(0.3, abs=0.05)
-    assert _handoff_s(kept) == pytest.approx(0.0, abs=0.05)
-    assert _handoff_s(released) == pytest.approx(0.1, abs=0.05)
-    streams, _, _ = _streams(NS(running=[early, kept, released], waiting=[]), _State(30.0, ""),
-                             time.monotonic())
-    # each counts the first token as produced: the kept one's came with the stream's
-    assert [s.produced for s in streams] == [2, 2, 2] and [s.target for s in streams] == [8] * 3
-    assert streams[1].elapsed_s < streams[2].elapsed_s < streams[0].elapsed_s
