@@ -94,6 +94,13 @@ def test_objects_fit_together(overlay):
         assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"]
         assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"])
         assert "grpc" in c["startupProbe"]
+    # one pair of SLOs: the engines' step budget protects the TPOT the scheduler plans for
+    for name, dep in deps.items():
+        cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        if name in ("pdserve-prefill", "pdserve-decode", "pdserve-scheduler"):
+            assert "--tpot-slo-ms" in cmd, name
+        if "--tpot-slo-ms" in cmd:
+            assert cmd[cmd.index("--tpot-slo-ms") + 1] == "$(PDSERVE_TPOT_SLO_MS)", name
     for svc in by["Service"].values():
         sel = svc["spec"]["selector"]
         assert any(sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
@@ -192,6 +199,8 @@ def test_systemd_units_verify(tmp_path):
         if "@" in u.name:        # workers drain before they stop
             assert stop > float(env["PDSERVE_DRAIN_TIMEOUT_S"])
             assert "LimitMEMLOCK=infinity" in text and "--drain-timeout-s" in text
+            # the engines' step budget protects the TPOT SLO the scheduler plans for
+            assert "--tpot-slo-ms ${PDSERVE_TPOT_SLO_MS}" in text, u.name
     sh = subprocess.run(["bash", "-n", str(DEPLOY / "systemd" / "install.sh")])
     assert sh.returncode == 0
 
