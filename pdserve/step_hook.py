@@ -22,7 +22,7 @@ which pdserve sets for its own engines only. It wraps two methods of vLLM's v1
   forwards samples to the scheduler's latency model in its heartbeats.
 
 PDSERVE_TPOT_SLO_MS is the SLO the allowance protects (0: no budget, samples only).
-PDSERVE_LANDING_WAIT=1 (off by default: not yet measured to gain, docs/design.md) and the
+PDSERVE_LANDING_WAIT=1 (off by default: two A/B runs were ties, docs/design.md) and the
 TTFT SLO in PDSERVE_TTFT_SLO_MS: while local prompts are computed alone, streams landing
 from a prefill worker wait for them where the prompts can still end within their TTFT SLOs
 and the streams start before the frontend sends their kept first token (`_defer_landing`).
