@@ -60,7 +60,6 @@ MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
     "shift": ("shift:uniform:384:640~uniform:16:64", "shift:fixed:8~fixed:48"),
 }
 SETUP_ORDER = ("vllm-2x", "vllm-1", "vllm-2x-chunked", "pdserve")
-RATE_MULT = "0.6,1.2,1.8"   # --rate-mult's default (bench.misses reads old runs by it)
 
 
 def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: float,
@@ -375,7 +374,7 @@ def main(argv=None) -> int:
                          "in --mixes to run it")
     ap.add_argument("--ttft-scale", type=float, default=2.0)
     ap.add_argument("--tpot-scale", type=float, default=1.5)
-    ap.add_argument("--rate-mult", default=RATE_MULT)
+    ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
     ap.add_argument("--calibration-requests", type=int, default=4)
     ap.add_argument("--ceiling-requests", type=int, default=24,
                     help="after its sweeps, each setup serves this many requests of each "

@@ -22,7 +22,6 @@ import json
 import math
 from pathlib import Path
 
-from bench.matrix import RATE_MULT
 from bench.stats import sent_at, within_slo_dict
 
 
@@ -46,24 +45,24 @@ def runs_of(data: dict, setup: str, mix: str | None
 
 def rate_of(data: dict, mix: str | None, rate: str) -> str:
     """`rate` as the summaries name it. In a bench.matrix file it may be a multiplier as
-    the matrix's tables show it ("1.2x"): the mix's calibrated rate at that place of the
-    run's --rate-mult (bench.matrix's default where the argv has none)."""
+    the matrix's tables show it ("1.2x"): the mix's calibrated rate that is that many times
+    its serial capacity (bench.matrix `calibrate`: rate = multiplier / unloaded e2e), so
+    the run's own calibration says which, whatever its command line or the default was."""
     if not rate.endswith("x"):
         return rate
-    argv = data.get("argv") or []
-    given = [a.split("=", 1)[1] if a.startswith("--rate-mult=") else v
-             for a, v in zip(argv, [*argv[1:], ""])
-             if a == "--rate-mult" or a.startswith("--rate-mult=")]
-    mults = (given[-1] if given else RATE_MULT).split(",")     # argparse: the last counts
     cal = (data.get("calibration") or {}).get(mix) if mix is not None else None
     if not cal:
         raise KeyError(f"{rate}: a multiplier needs a bench.matrix file and its --mix")
+    mults = [r * cal["unloaded_e2e_s"] for r in cal["rates"]]
     try:
-        at = [float(m) for m in mults].index(float(rate[:-1]))
+        want = float(rate[:-1])
     except ValueError:
-        raise KeyError(f"no run at {rate} (the run's multipliers: "
-                       f"{', '.join(m + 'x' for m in mults)})") from None
-    return str(cal["rates"][at])
+        want = math.nan
+    for r, m in zip(cal["rates"], mults):
+        if math.isclose(m, want, rel_tol=1e-3):      # the rates are rounded to 4 places
+            return str(r)
+    raise KeyError(f"no run at {rate} (the run's multipliers: "
+                   f"{', '.join(f'{m:.3g}x' for m in mults)})")
 
 
 def _rate_matches(run: dict, rate: str) -> bool:

@@ -85,21 +85,26 @@ def test_main_prints_the_cell_and_refuses_a_file_without_slos(tmp_path, capsys):
 
 
 def test_a_matrix_cell_by_its_multiplier_and_a_rate_that_is_no_number():
-    """--rate 1.2x in a bench.matrix file: the mix's calibrated rate at that place of the
-    run's --rate-mult (the matrix's default without one); anything else is refused with
-    what the run has, never a traceback."""
+    """--rate 1.2x in a bench.matrix file: the mix's calibrated rate that many times its
+    serial capacity (1 / its unloaded e2e); anything else is refused with what the run
+    has, never a traceback."""
     data = {"argv": ["--setups", "vllm-2x,pdserve", "--rate-mult", "1.2,1.8,2.4"],
-            "calibration": {"long-mix": {"rates": [1.4383, 2.1574, 2.8766]}}}
+            "calibration": {"long-mix": {"rates": [1.4383, 2.1574, 2.8766],
+                                         "unloaded_e2e_s": 0.83432}}}
     assert M.rate_of(data, "long-mix", "1.8x") == "2.1574"
     assert M.rate_of(data, "long-mix", "2.1574") == "2.1574"       # a rate as it is
     with pytest.raises(KeyError, match="no run at 3.0x .*1.2x, 1.8x, 2.4x"):
         M.rate_of(data, "long-mix", "3.0x")
     with pytest.raises(KeyError, match="needs a bench.matrix file and its --mix"):
         M.rate_of(data, None, "1.2x")
-    default = {"argv": [], "calibration": {"m": {"rates": [0.5, 1.0, 1.5]}}}
+    # the calibration says it, whatever the command line (the default, argparse's forms)
+    default = {"argv": [], "calibration": {"m": {"rates": [0.5, 1.0, 1.5],
+                                                 "unloaded_e2e_s": 1.2}}}
     assert M.rate_of(default, "m", "1.2x") == "1.0"
-    joined = {**data, "argv": ["--rate-mult=1.2,1.8,2.4"]}          # argparse's other form
+    joined = {**data, "argv": ["--rate-mult=1.2,1.8,2.4"]}
     assert M.rate_of(joined, "long-mix", "2.4x") == "2.8766"
+    with pytest.raises(KeyError, match="no run at fastx"):
+        M.rate_of(data, "long-mix", "fastx")
     runs = [run(1.4383, CELL[:2])]
     assert [r["index"] for r in M.rows(runs, M.rate_of(data, "long-mix", "1.2x"), 2.0,
                                        0.05)] == [1]
@@ -112,8 +117,9 @@ def test_main_takes_a_multiplier_for_a_matrix_file(tmp_path, capsys):
     f = tmp_path / "m.json"
     f.write_text(json.dumps({
         "argv": ["--rate-mult", "1.2,1.8"],
-        "calibration": {"long-mix": {"ttft_ms": 2000.0, "tpot_ms": 50.0, "rates": [0.5, 0.8]}},
-        "results": {"long-mix": {"pdserve": [run(0.5, CELL), run(0.8, [])]}}}))
+        "calibration": {"long-mix": {"ttft_ms": 2000.0, "tpot_ms": 50.0, "rates": [0.5, 0.75],
+                                     "unloaded_e2e_s": 2.4}},
+        "results": {"long-mix": {"pdserve": [run(0.5, CELL), run(0.75, [])]}}}))
     M.main([str(f), "--mix", "long-mix", "--rate", "1.2x"])
     out = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in out[1:]] == ["1", "2", "4"]
