@@ -25,7 +25,10 @@ sent one at a time to the calibration setup (the first in --setups; by default v
 engine per core, the per-engine hardware pdserve's workers get). One pair of SLOs holds for
 every mix, as a user states them once: multiples of that unloaded latency (TTFT:
 --ttft-scale x the slowest unloaded TTFT of any mix; TPOT: --tpot-scale x the median
-unloaded TPOT), given to pdserve as its --ttft-slo-ms/--tpot-slo-ms. The rates are
+unloaded TPOT), given to pdserve as its --ttft-slo-ms/--tpot-slo-ms (the matrix's own
+--ttft-slo-ms/--tpot-slo-ms fix them instead: the slowest unloaded TTFT swings with the
+prompts the calibration draws, 706 or 1,547 ms on one host, so A/B runs that must meet the
+same SLO name it). The rates are
 multiples (--rate-mult) of one engine's serial capacity for each mix (1 / its mean
 unloaded end-to-end latency).
 
@@ -63,9 +66,10 @@ SETUP_ORDER = ("vllm-2x", "vllm-1", "vllm-2x-chunked", "pdserve")
 
 
 def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: float,
-              mults: list[float]) -> dict[str, dict]:
+              mults: list[float], ttft_ms: float = 0.0, tpot_ms: float = 0.0
+              ) -> dict[str, dict]:
     """One pair of SLOs for every mix, and each mix's rates, from requests served one at
-    a time. Pure."""
+    a time; `ttft_ms`/`tpot_ms` (> 0) fix an SLO instead. Pure."""
     out, ttfts, tpots = {}, [], []
     for mix, results in by_mix.items():
         ok = [r for r in results if r.ok]
@@ -76,8 +80,8 @@ def calibrate(by_mix: dict[str, list[Result]], ttft_scale: float, tpot_scale: fl
         e2e = sum(r.e2e for r in ok) / len(ok)
         out[mix] = {"unloaded_e2e_s": e2e, "min_e2e_s": min(r.e2e for r in ok),
                     "rates": [round(m / e2e, 4) for m in mults]}
-    slo = {"ttft_ms": ttft_scale * max(ttfts) * 1e3,
-           "tpot_ms": tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3}
+    slo = {"ttft_ms": ttft_ms or ttft_scale * max(ttfts) * 1e3,
+           "tpot_ms": tpot_ms or tpot_scale * (percentile(tpots, 50) if tpots else 0.0) * 1e3}
     for c in out.values():
         c.update(slo)
     return out
@@ -134,7 +138,8 @@ async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
         by_mix[mix], _ = await run_once(url, await served_model(url), reqs, 1,
                                         f"calibrate {mix}", ns.timeout_s)
     cals = calibrate(by_mix, ns.ttft_scale, ns.tpot_scale,
-                     [float(x) for x in ns.rate_mult.split(",")])
+                     [float(x) for x in ns.rate_mult.split(",")], ns.ttft_slo_ms,
+                     ns.tpot_slo_ms)
     for mix, cal in cals.items():
         print(f"calibration {mix}: SLO TTFT {cal['ttft_ms']:.0f} ms, TPOT "
               f"{cal['tpot_ms']:.1f} ms, rates {cal['rates']} req/s (unloaded e2e "
@@ -374,6 +379,12 @@ def main(argv=None) -> int:
                          "in --mixes to run it")
     ap.add_argument("--ttft-scale", type=float, default=2.0)
     ap.add_argument("--tpot-scale", type=float, default=1.5)
+    ap.add_argument("--ttft-slo-ms", type=float, default=0.0,
+                    help="a TTFT SLO of one's own instead of --ttft-scale's (the slowest "
+                         "unloaded TTFT swings with the prompts the calibration draws: "
+                         "A/B runs that must meet the same SLO fix it)")
+    ap.add_argument("--tpot-slo-ms", type=float, default=0.0,
+                    help="likewise for TPOT")
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
     ap.add_argument("--calibration-requests", type=int, default=4)
     ap.add_argument("--ceiling-requests", type=int, default=24,

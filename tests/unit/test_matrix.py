@@ -57,6 +57,13 @@ def test_calibration_scales_slos_and_rates_from_unloaded_latency():
     assert cal["a"]["rates"] == [round(0.5 / e2e, 4), round(1.0 / e2e, 4)]
     assert cal["b"]["rates"][1] == round(1.0 / 0.9, 4)
     assert cal["a"]["min_e2e_s"] == 1.5 and cal["b"]["min_e2e_s"] == 0.7
+    # SLOs of one's own (A/B runs that must meet the same ones); the rates stay measured
+    fixed = MX.calibrate({"a": a, "b": b}, ttft_scale=4, tpot_scale=1.5, mults=[0.5, 1.0],
+                         ttft_ms=706, tpot_ms=66)
+    assert all(c["ttft_ms"] == 706 and c["tpot_ms"] == 66 for c in fixed.values())
+    assert fixed["a"]["rates"] == cal["a"]["rates"]
+    only = MX.calibrate({"a": a}, ttft_scale=4, tpot_scale=1.5, mults=[1.0], ttft_ms=900)
+    assert only["a"]["ttft_ms"] == 900 and only["a"]["tpot_ms"] == pytest.approx(1.5 * 150)
 
 
 def run(rate, goodput, tpot_p99, local_tpots=(), good=None, local_ttfts=None):
