@@ -15,14 +15,17 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 from pdserve import vllm_args
+from pdserve.core_share import CORES_ENV, DIR_ENV, shared_cores
 from pdserve.flags import autoscale_argv, placement_argv, role_argv
 from pdserve.procs import SERVING_CPUS_ENV, START_CPUS_ENV, spawn
 
@@ -173,6 +176,21 @@ def engine_argv(ns) -> list[str]:
     return argv + list(getattr(ns, "vllm_argv", []))
 
 
+def lend_cores(ns, engine_cores: list[str]) -> str:
+    """With PDSERVE_CORE_SHARE=1: the lock folder through which the engines lend each
+    other their cores (pdserve/core_share.py), in the environment the workers inherit."""
+    cores = shared_cores(engine_cores, bool(ns.prefill_gpus or ns.decode_gpus),
+                         ns.autoscale == "local")
+    for k in (DIR_ENV, CORES_ENV):
+        os.environ.pop(k, None)
+    if not cores:
+        return ""
+    folder = tempfile.mkdtemp(prefix="pdserve-cores-")
+    os.environ.update({DIR_ENV: folder, CORES_ENV: cores})
+    log.info("engines lend each other cores %s between their steps (%s)", cores, folder)
+    return folder
+
+
 def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int = 1
                  ) -> tuple[list[str], list[str]]:
     """One core per engine and tensor-parallel rank, round-robin within its pool's share of
@@ -307,6 +325,7 @@ def run_cluster(ns, parse_args) -> int:
     scheduler = f"{ns.host}:{ns.scheduler_port}"
     children: list[Child] = []
     stopping = {"flag": False}
+    share_dir = ""
 
     def _on_signal(signum, frame):
         stopping["flag"] = True
@@ -319,6 +338,7 @@ def run_cluster(ns, parse_args) -> int:
                                         pool_tp(pools["decode"]))
         mine = serving_cores(ns.serving_cores, p_cores, d_cores,
                              bool(ns.prefill_gpus or ns.decode_gpus))
+        share_dir = lend_cores(ns, p_cores + d_cores)
         if mine:
             # each child moves itself there once it is up (procs.pin_serving); the ones
             # started later (restarts, the autoscaler's) inherit the variable
@@ -415,3 +435,5 @@ def run_cluster(ns, parse_args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # the frontend lets streams finish for its grace period before it is killed
         stop_all(children, max(GRACE_S, ns.shutdown_grace_s + 5))
+        if share_dir:
+            shutil.rmtree(share_dir, ignore_errors=True)

@@ -36,7 +36,8 @@ attention work, decode sequences, their context, allowance, budget, monotonic ti
 end, the prompts held back for a handoff step, 1 where every stream in the step was
 late (its first token after its TTFT SLO, `_late`), and how many requests computed prompt
 tokens in it (a local prompt's chunk, a landing request's last token), and the landing
-requests that waited for local prompts in it (`_defer_landing`).
+requests that waited for local prompts in it (`_defer_landing`), and the cores it
+borrowed (pdserve/core_share.py).
 """
 
 from __future__ import annotations
@@ -125,10 +126,10 @@ class _State:
         return self.coef
 
     def send(self, sample: StepSample, allow: float, tokens: int, held: int = 0,
-             waited: int = 0) -> None:
+             waited: int = 0, borrowed: int = 0) -> None:
         """The step to the worker with the slack it left (`left_after`, with the decode
         step of the coefficients its budget used); the trace keeps the allowance the step
-        was given."""
+        was given. A step on `borrowed` cores more than the engine's is only traced."""
         coef = self.coef
         rest = (coef.decode_step(sample.decode_seqs, sample.decode_ctx) / SAFETY
                 if coef is not None else 0.0)
@@ -138,8 +139,8 @@ class _State:
                              f"{sample.prefill_attn:.0f} {sample.decode_seqs} "
                              f"{sample.decode_ctx} {allow:.4f} {tokens} "
                              f"{time.monotonic():.3f} {held} {int(sample.late_only)} "
-                             f"{sample.prefill_seqs} {waited}\n")
-        if self.sock is None:
+                             f"{sample.prefill_seqs} {waited} {borrowed}\n")
+        if self.sock is None or borrowed:
             return
         try:
             self.sock.sendto(encode(sample, left, tokens), self.address)
@@ -459,8 +460,11 @@ def install() -> bool:
             t0, s, allow, tokens, held, sized, waited = got
             sample = StepSample(time.monotonic() - t0, s.prefill_tokens, s.prefill_attn,
                                 s.decode_seqs, s.decode_ctx, s.late_only, s.prefill_seqs)
+            borrowed = getattr(self, "_pd_borrowed", 0)   # pdserve/core_share.py
             if st.skip > 0:
                 st.skip -= 1
+            elif borrowed:      # faster than this engine's cores: traced, not fitted
+                st.send(sample, allow, tokens, held, waited, borrowed)
             else:
                 _note_overrun(st, sample, sized)
                 st.model.observe(sample)

@@ -61,6 +61,9 @@ def register() -> None:
     _register_hold_wait()
     from pdserve.step_hook import install   # PDSERVE_STEP_HOOK=1: step budget and samples
     install()
+    if os.environ.get("PDSERVE_CORE_SHARE_DIR"):   # cores lent between engines (after: outside)
+        from pdserve import core_share
+        core_share.install()
     if os.environ.get("PDSERVE_CONTINUATION", "0") == "1":   # (imports torch: only then)
         from pdserve import continuation
         continuation.install()
