@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 
 from pdserve.rpc import pd_pb2
-from pdserve.step_hook import WIRE, decode, unix_address
+from pdserve.step_wire import WIRE, decode, unix_address
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,18 @@ import fcntl
 import os
 import re
 
+import httpx
 import pytest
 
 from tests.e2e.cluster import reference, wait_until
 from tests.e2e.conftest import serving, words
-from tests.e2e.test_adaptive import complete
+
+
+def complete(c, prompt, max_tokens):
+    r = httpx.post(f"{c.url}/v1/completions", timeout=300, json={
+        "model": c.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json(), r.headers.get("x-pdserve-route", "")
 
 
 @pytest.fixture(scope="module")
