@@ -53,6 +53,14 @@ def late_prefill_remote() -> bool:
     return os.environ.get("PDSERVE_LATE_PREFILL", "remote") != "local"
 
 
+def whole_alone() -> bool:
+    """Does a local prompt computed alone go in whole steps where its `alone` chunks would
+    end after its TTFT SLO and whole steps would not (pdserve/step_budget.py
+    `whole_alone`)? Read by the engines, which step so, and the scheduler, which predicts
+    it. Off unless PDSERVE_WHOLE_ALONE=1."""
+    return os.environ.get("PDSERVE_WHOLE_ALONE", "0") == "1"
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
     Without it, torch's bf16 matmul falls back to scalar code: measured on an AVX2-only

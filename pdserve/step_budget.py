@@ -49,6 +49,7 @@ pdserve/vllm_plugin.py applies the budget inside vLLM's engine core before each 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pdserve.latency import Coef, chunk_attn
@@ -208,6 +209,20 @@ def alone(coef: Coef, tpot_slo_s: float, safety: float = SAFETY,
     tok = max(MIN_CHUNK, coef.chunk_budget(allow, 0, 0))
     tok = max(tok, packing_floor(coef, overhead, tok))
     return max(allow, coef.step_time(tok, chunk_attn(tok, 0))), tok
+
+
+def whole_alone(coef: Coef | None, left: int, computed: int, chunk: int,
+                seconds_left: float, max_tokens: int = 0) -> bool:
+    """Should a local prompt computed alone (no stream with an SLO beside it) take its
+    `left` tokens in whole steps (up to `max_tokens`) instead of `alone` chunks of
+    `chunk`? Where the chunks would end after its TTFT SLO (`seconds_left` from now) and
+    whole steps would not: the chunks are for a stream that may land meanwhile, which may
+    not come, and each costs the step's fixed part again (up to a quarter of the prompt's
+    speed, `ALONE_OVERHEAD`)."""
+    if coef is None or chunk <= 0 or left <= chunk or not math.isfinite(seconds_left):
+        return False
+    return (coef.steps_time(left, chunk, computed) > seconds_left
+            >= coef.prefill_time(left, computed, max_tokens))
 
 
 def fcfs_tokens(head_left: int, coef: Coef | None, max_tokens: int,

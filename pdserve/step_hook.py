@@ -26,6 +26,8 @@ PDSERVE_LANDING_WAIT=1 (off by default: two A/B runs were ties, docs/design.md) 
 TTFT SLO in PDSERVE_TTFT_SLO_MS: while local prompts are computed alone, streams landing
 from a prefill worker wait for them where the prompts can still end within their TTFT SLOs
 and the streams start before the frontend sends their kept first token (`_defer_landing`).
+PDSERVE_WHOLE_ALONE=1: a local prompt computed alone goes in whole steps where its `alone`
+chunks would end after its TTFT SLO and whole steps would not (`_whole_alone`).
 PDSERVE_HANDOFF_STEPS=0 turns handoff steps and `_landing_first` off (for comparisons:
 bench.matrix `--variant 'pdserve-nohandoff=PDSERVE_HANDOFF_STEPS=0'`).
 PDSERVE_STEP_FLOOR is the least prompt tokens a step beside streams computes
@@ -46,24 +48,21 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import time
 from collections import deque
 
 from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
-from pdserve.config import step_switches
+from pdserve.config import step_switches, whole_alone as whole_alone_on
 from pdserve.kept_first import release_after
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_budget import (SAFETY, Stream, alone, budget, fcfs_tokens, landing_wait,
-                                 late_only, left_after, overrun)
+from pdserve.step_wire import WIRE, decode, encode, unix_address  # noqa: F401 (their home)
+from pdserve.step_budget import (SAFETY, Budget, Stream, alone, budget, fcfs_tokens,
+                                 landing_wait, late_only, left_after, overrun, whole_alone)
 
 log = logging.getLogger("vllm.pdserve.steps")
 
-# seconds, prefill tokens, prefill attention, decode seqs, decode ctx, allow_s, budget tokens,
-# late streams only
-WIRE = struct.Struct("<dIdIIdIB")
 # an engine's first steps pay lazy initialisation (measured on CPU: 2.8-3.5 s for a
 # 4-token prompt, 0.16 s for the next one): they would teach the model nothing true
 SKIP_FIRST = 2
@@ -72,29 +71,12 @@ MAX_HANDOFF_S = 30.0   # a first token older than this is a clock to distrust
 MAX_WAITING_DECODE_TOKENS = 16   # budget one waiting remote-prefilled request adds, at most
 
 
-def unix_address(name: str) -> str:
-    """`@name`: the abstract Unix socket `name` (as `ss` writes it)."""
-    return "\0" + name[1:] if name.startswith("@") else name
-
-
-def encode(s: StepSample, allow_s: float, tokens: int) -> bytes:
-    """`allow_s`: inf with no stream; negative when the streams are behind (a double
-    carries both as they are: the first version sent inf as -1 and read every negative
-    allowance back as no stream at all)."""
-    return WIRE.pack(s.seconds, s.prefill_tokens, s.prefill_attn, s.decode_seqs, s.decode_ctx,
-                     allow_s, tokens, int(s.late_only))
-
-
-def decode(b: bytes) -> tuple[StepSample, float, int]:
-    sec, p, a, d, c, allow, tok, late = WIRE.unpack(b)
-    return StepSample(sec, p, a, d, c, bool(late)), allow, tok
-
-
 class _State:
     def __init__(self, slo_ms: float, address: str, ttft_slo_ms: float = 0.0) -> None:
         self.slo_s = slo_ms / 1e3
         self.ttft_s = ttft_slo_ms / 1e3
         self.wait_landing = os.environ.get("PDSERVE_LANDING_WAIT", "0") == "1"
+        self.whole = whole_alone_on()
         mixed, self.least, keep = step_switches()
         self.model = StepModel(mixed=mixed, keep=keep)
         self.first: dict[str, float] = {}       # req id -> when it started decoding here
@@ -267,6 +249,20 @@ def _remote(r) -> bool:
     return isinstance(p, dict) and bool(p.get(P_REMOTE_PREFILL))
 
 
+def _whole_alone(sched, st: "_State", b: Budget, cap: int) -> Budget:
+    """`b` with no chunk limit where the head local prompt, computed alone, would end
+    after its TTFT SLO in `alone` chunks and would not in whole steps (PDSERVE_WHOLE_ALONE=1,
+    step_budget.whole_alone)."""
+    for r in itertools.chain(sched.running, sched.waiting):
+        if _prefilling(r) and (r.max_tokens or 0) > 1 and not _remote(r):
+            left, due = r.num_prompt_tokens - r.num_computed_tokens, _due(r)
+            if due > 0 and whole_alone(st.current(), left, r.num_computed_tokens, b.tokens,
+                                       due - time.time(), cap):
+                return Budget(b.allow_s, 0)
+            return b
+    return b
+
+
 def _landing_first(sched) -> None:
     """Remote-prefilled requests go to the front of vLLM's waiting queue: their prompt
     was computed elsewhere, they need a token to start their KV load and their last
@@ -410,6 +406,8 @@ def install() -> bool:
                 _landing_first(self)
             b = budget(streams, st.current(), st.slo_s, ctx, cap, local_prefill=local,
                        least=st.least, over=st.over)
+            if st.whole and b.tokens and (not streams or late_only(streams)):
+                b = _whole_alone(self, st, b, cap)
             st.allow, st.tokens = b.allow_s, b.tokens
             fcfs = 0
             if not b.tokens and not streams:

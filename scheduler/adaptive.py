@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 
 from pdserve.kept_first import release_after
 from pdserve.latency import Coef, chunk_attn
-from pdserve.step_budget import alone, floor_tokens, stream_tokens
+from pdserve.step_budget import alone, floor_tokens, stream_tokens, whole_alone
 from scheduler.ranking import (MARGIN, SLO, Option, computed_late, met, ranked,
                                score)
 from scheduler.timeline import Sweep, is_late, mean_load, spent_until
@@ -128,6 +128,10 @@ def prefill_on(n: Node, tokens: int, slo: SLO, local: bool = False) -> tuple[flo
         return n.coef.prefill_time(todo, cached, n.max_step_tokens), 0
     alone_chunk = alone(n.coef, slo.tpot_s, slo.safety)[1] if local else todo
     cap = n.max_step_tokens or todo
+    if (local and not busy and slo.whole_alone
+            and whole_alone(n.coef, todo, cached, alone_chunk, slo.ttft_s - n.backlog_s,
+                            n.max_step_tokens)):
+        alone_chunk = todo      # as the engine steps (step_budget.whole_alone)
     t0 = t = n.backlog_s
     spent = spent_until(busy) if math.isfinite(n.allow_s) else 0.0
     done, first, steps = 0, 0, 0

@@ -36,6 +36,10 @@ class SLO:
     # prompt computed remotely where it can be (`ranked`; PDSERVE_LATE_PREFILL=local: the
     # sooner computed, as before)
     late_remote: bool = True
+    # a local prompt computed alone goes in whole steps where its `alone` chunks would
+    # miss the TTFT SLO and whole steps would not (step_budget.whole_alone;
+    # PDSERVE_WHOLE_ALONE=1)
+    whole_alone: bool = False
 
 
 

@@ -20,7 +20,8 @@ import grpc
 from scheduler import metrics as SM
 from pdserve import auth, kvhash
 from pdserve import metrics as M
-from pdserve.config import late_prefill_remote, late_streams_yield, step_switches
+from pdserve.config import (late_prefill_remote, late_streams_yield, step_switches,
+                            whole_alone)
 from scheduler.config import SchedulerConfig
 from pdserve.rpc import pd_pb2, pd_pb2_grpc
 from scheduler.ranking import SLO
@@ -55,7 +56,7 @@ class SchedulerServicer(pd_pb2_grpc.SchedulerServicer):
         pl = cfg.autoscale.planner
         self.slo = SLO(pl.prefill.target_ms / 1e3, pl.decode.target_ms / 1e3, least=least,
                        first_token=cfg.placement.first_token, late=late_streams_yield(),
-                       late_remote=late_prefill_remote())
+                       late_remote=late_prefill_remote(), whole_alone=whole_alone())
         self.roles = RolePlanner(cfg.roles) if cfg.role_planning else None
         self.gate = Gate()               # requests held for late binding
         self.prefill_lat = SlidingWindow(RECENT_S)   # route to prompt computed (s)
