@@ -73,8 +73,10 @@ def test_each_engine_borrows_the_idle_ones_core_and_output_equals_colocated_vllm
     got = borrowed(c)
     assert len(got) == 2, got
     # the 800-token prompt on the prefill engine, the 300-token one on the decode engine,
-    # each in a step of at least the 256 tokens a step borrows for
-    assert sorted(max(v, default=0) for v in got.values()) == [300, 800], got
+    # each in a step of at least the 256 tokens a step borrows for (the workers' own
+    # warm-up prompts may have borrowed too)
+    a, b = got.values()
+    assert (800 in a and 300 in b) or (800 in b and 300 in a), got
     wait_until(lambda: locks_free(c), timeout=30)
 
 
