@@ -10,11 +10,11 @@ from types import SimpleNamespace as NS
 import pytest
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 
-from kv_transfer.handle import P_REMOTE_PREFILL
 from pdserve.latency import Coef
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import Stream, alone, landing_wait
 from pdserve.step_hook import _defer_landing, _put_back, _State
+from tests.unit.step_helpers import Req
 
 # a CPU-like engine: 50 ms a step, 0.5 ms a prompt token; under a 65 ms TPOT SLO a prompt
 # computed alone goes in steps of 300 tokens (the step's fixed part at most a quarter)
@@ -44,16 +44,6 @@ def test_the_wait_lasts_until_the_last_prompt_that_ends_within_its_slo():
         10.0 + 1.5 * alone_s)
     # no due (no TTFT SLO): nothing to protect
     assert landing_wait([(700, 300, 0.0)], 10.0, COEF, TPOT) == float("-inf")
-
-
-class Req:      # hashable, as vLLM's requests are (its queue makes sets of them)
-    def __init__(self, rid, due, computed=0, prompt=500, remote=False, max_tokens=16):
-        self.request_id = rid
-        self.num_computed_tokens = computed
-        self.num_prompt_tokens = prompt
-        self.max_tokens = max_tokens
-        self.kv_transfer_params = {P_REMOTE_PREFILL: True} if remote else None
-        self.sampling_params = NS(extra_args={TTFT_DUE: due} if due else None)
 
 
 @pytest.fixture(autouse=True)

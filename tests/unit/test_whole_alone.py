@@ -7,11 +7,10 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from kv_transfer.handle import P_REMOTE_PREFILL
 from pdserve.latency import Coef
-from pdserve.sampling import TTFT_DUE
 from pdserve.step_budget import Budget, alone, whole_alone
 from pdserve.step_hook import _State, _whole_alone
+from tests.unit.step_helpers import Req
 
 # a CPU-like engine: 50 ms a step, 0.5 ms a prompt token; under a 65 ms TPOT SLO a prompt
 # computed alone goes in steps of 300 tokens
@@ -34,16 +33,6 @@ def test_whole_steps_only_where_the_chunks_miss_and_whole_steps_do_not():
     assert not whole_alone(COEF, 1000, 0, chunk, 0.6, max_tokens=400)
 
 
-class Req:
-    def __init__(self, rid, due, computed=0, prompt=1000, remote=False, max_tokens=16):
-        self.request_id = rid
-        self.num_computed_tokens = computed
-        self.num_prompt_tokens = prompt
-        self.max_tokens = max_tokens
-        self.kv_transfer_params = {P_REMOTE_PREFILL: True} if remote else None
-        self.sampling_params = NS(extra_args={TTFT_DUE: due} if due else None)
-
-
 def state():
     st = _State(TPOT * 1e3, "")
     st.coef = COEF
@@ -54,16 +43,17 @@ def state():
 def test_the_engine_lifts_the_chunk_for_its_head_local_prompt_only_where_it_pays():
     b = Budget(0.9 * TPOT, 300)
     now = time.time()
-    tight = NS(running=[Req("a", now + 0.6)], waiting=[])
+    tight = NS(running=[Req("a", now + 0.6, prompt=1000)], waiting=[])
     assert _whole_alone(tight, state(), b, 4096).tokens == 0
-    loose = NS(running=[Req("a", now + 5.0)], waiting=[])
+    loose = NS(running=[Req("a", now + 5.0, prompt=1000)], waiting=[])
     assert _whole_alone(loose, state(), b, 4096) is b
     # a remote-prefilled request landing is not the head local prompt; the waiting local
     # one behind it is
-    queue = NS(running=[], waiting=[Req("r", now + 0.6, remote=True), Req("a", now + 0.6)])
+    queue = NS(running=[], waiting=[Req("r", now + 0.6, remote=True),
+                                    Req("a", now + 0.6, prompt=1000)])
     assert _whole_alone(queue, state(), b, 4096).tokens == 0
     # no TTFT SLO on the request: chunks as before
-    assert _whole_alone(NS(running=[Req("a", 0)], waiting=[]), state(), b, 4096) is b
+    assert _whole_alone(NS(running=[Req("a", 0, prompt=1000)], waiting=[]), state(), b, 4096) is b
 
 
 def test_the_chooser_predicts_the_whole_step_as_the_engine_takes_it():
