@@ -37,6 +37,15 @@ def step_switches() -> tuple[bool, int, float]:
     return mixed, least, keep
 
 
+def id_list(spec: str) -> list[str]:
+    """ "0,2-3" -> ["0", "2", "3"]: the list syntax of CPU and device ids."""
+    ids: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        a, _, b = part.partition("-")
+        ids += [str(i) for i in range(int(a), int(b) + 1)] if b else [a]
+    return ids
+
+
 def late_streams_yield() -> bool:
     """Do streams whose first token missed its TTFT SLO give up their TPOT slack
     (pdserve/step_budget.py, `Stream.late`)? On unless PDSERVE_LATE_STREAMS=keep (read by

@@ -45,6 +45,8 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 
+from pdserve.config import id_list
+
 log = logging.getLogger("vllm.pdserve.cores")
 
 DIR_ENV, CORES_ENV = "PDSERVE_CORE_SHARE_DIR", "PDSERVE_CORE_SHARE_CORES"
@@ -57,11 +59,7 @@ def parse_cores(spec: str) -> frozenset[int] | None:
     ranks keep their own threads."""
     if not spec or "|" in spec or spec in ("auto", "all", "nobind"):
         return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        a, _, b = part.strip().partition("-")
-        out.update(range(int(a), int(b or a) + 1))
-    return frozenset(out)
+    return frozenset(int(c) for c in id_list(spec))
 
 
 def worth_borrowing(prompt_tokens: int, min_tokens: int) -> bool:

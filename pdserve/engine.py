@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.config import EngineConfig, KVTransferConfig, resolve_dtype
+from pdserve.config import EngineConfig, KVTransferConfig, id_list, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,6 @@ def load_patches() -> None:
     from pdserve import vllm_plugin
 
     vllm_plugin.register()
-
-
-def id_list(spec: str) -> list[str]:
-    """ "0,2-3" -> ["0", "2", "3"]: the list syntax of CPU and device ids."""
-    ids: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        a, _, b = part.partition("-")
-        ids += [str(i) for i in range(int(a), int(b) + 1)] if b else [a]
-    return ids
 
 
 def omp_bind(cores: str, tp: int) -> str:

@@ -25,6 +25,7 @@ import time
 import urllib.request
 
 from pdserve import vllm_args
+from pdserve.config import id_list
 from pdserve.core_share import CORES_ENV, DIR_ENV, shared_cores
 from pdserve.flags import autoscale_argv, placement_argv, role_argv
 from pdserve.procs import SERVING_CPUS_ENV, START_CPUS_ENV, spawn
@@ -218,9 +219,7 @@ def assign_cores(cores: list[str], n_p: int, n_d: int, tp_p: int = 1, tp_d: int 
 
 def serving_cores_arg(v: str) -> str:
     """`--serving-cores`: auto, all, or core numbers in the syntax of every other core and
-    device list (`engine.id_list`: "0,2-3"), as a plain comma list (argparse type)."""
-    from pdserve.engine import id_list
-
+    device list (`config.id_list`: "0,2-3"), as a plain comma list (argparse type)."""
     v = v.strip()
     if v in ("auto", "all"):
         return v

@@ -31,7 +31,7 @@ def test_serving_processes_go_to_the_prefill_pools_cores():
     assert parse_args(["serve", "--model", "m", "--serving-cores", " 0, 2"]
                       ).serving_cores == "0,2"
     assert parse_args(["serve", "--model", "m", "--serving-cores", "0,2-3"]
-                      ).serving_cores == "0,2,3"              # engine.id_list's syntax
+                      ).serving_cores == "0,2,3"              # config.id_list's syntax
 
 
 def test_bad_serving_cores_are_refused_with_a_message(capsys):
