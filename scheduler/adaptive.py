@@ -224,13 +224,14 @@ def landing(behind: int, behind_s: float, out: int, slo: SLO, prefillers: int,
     return k / decoders
 
 
-def kept(d: Node, until: float = 0.0) -> int:
-    """`d`'s streams that are not late (their engine keeps their slack), decoding now,
-    or, with `until` (s from now), at any time before it."""
+def kept(d: Node, until: float = 0.0, since: float = 0.0) -> int:
+    """`d`'s streams that are not late (their engine keeps their slack), decoding at
+    `since` (s from now; 0: now), or, with `until` after it, at any time between."""
     if not d.streams_at:
         return d.streams
+    until = max(until, since)
     return sum(span[2] for span in d.streams_at
-               if not is_late(span) and span[0] <= until and span[1] > 0)
+               if not is_late(span) and span[0] <= until and span[1] > since)
 
 
 def seen_tpot(step: float, d: Node, out: int, hold: bool) -> float:
@@ -300,15 +301,18 @@ def local(d: Node, tokens: int, out: int, slo: SLO) -> Option:
     ttft = engine + d.local_first_over_s
     tpot = tpot_on(d, tokens, out, slo, start_s=engine)
     s = score(ttft, tpot, slo)
-    # what one of its steps costs the streams decoding there (late ones have no slack to
-    # take), and, for a prompt that misses its TTFT SLO anyway, the streams landing while
-    # it computes too (each waits for the step in progress): a late request yields to
-    # streams that can still make their SLOs
-    running = kept(d, d.backlog_s + t if ttft > slo.ttft_s else 0.0)
+    # what one of its steps costs the streams decoding there when it starts (after the
+    # prompts booked before it; late streams have no slack to take), and, for a prompt
+    # that misses its TTFT SLO anyway, the streams landing while it computes too (each
+    # waits for the step in progress): a late request yields to streams that can still
+    # make their SLOs. A step the streams cannot afford at all scores -1, however small
+    # their allowance (a step of 50 ms against one of 1 us scored -50,000: the same)
+    start = d.backlog_s
+    running = kept(d, start + t if ttft > slo.ttft_s else start, since=start)
     if running > 0 and chunk:
         step = d.coef.step_time(chunk, chunk_attn(chunk, tokens // 2), d.streams, d.ctx)
         allow = allowance(d, slo)
-        s = min(s, 1.0 - slo.safety * step / allow if allow > 0 else -1.0)
+        s = min(s, max(-1.0, 1.0 - slo.safety * step / allow) if allow > 0 else -1.0)
     return Option("local", d.worker_id, d.worker_id, ttft, tpot, t, chunk, s,
                   min(d.cached, tokens), first_over_s=d.local_first_over_s)
 

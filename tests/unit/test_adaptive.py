@@ -438,6 +438,26 @@ def test_a_late_local_prefill_yields_to_streams_landing_while_it_computes():
     assert short_b.score == pytest.approx(A.score(short_b.ttft_s, short_b.tpot_s, slo))
 
 
+def test_a_local_prefill_is_priced_against_the_streams_there_when_it_starts():
+    """The cost of a local prompt's steps is counted against the on-time streams decoding
+    when its first step runs, after the prompts booked there before it: streams that end
+    before then lose nothing to it (measured: two streams ending within 44 ms scored a
+    local prompt that starts 277 ms from now -2.1, for a first chunk that runs alone, and
+    its request went to a prefill worker where it missed its TPOT SLO)."""
+    slo = A.SLO(ttft_s=2.0, tpot_s=0.03)
+    ending = (0.0, 0.04, 2, 1000, False)      # on time, ends in 40 ms
+    later = (0.5, 2.0, 1, 300, False)         # on time, lands in 0.5 s
+    n = A.Node("d", C, streams=2, ctx=1000, backlog_s=0.3, streams_at=(ending,))
+    assert A.kept(n) == 2 and A.kept(n, since=0.3) == 0
+    assert A.kept(replace(n, streams_at=(ending, later)), 0.6, since=0.3) == 1
+    o = A.local(n, 300, 16, slo)
+    assert o.score == pytest.approx(A.score(o.ttft_s, o.tpot_s, slo))
+    # the same streams running on past its start: its chunk is priced against them
+    busy = replace(n, allow_s=0.001, streams_at=((0.0, 5.0, 2, 1000, False),))
+    b = A.local(busy, 300, 16, slo)
+    assert b.score == -1.0          # a step they cannot afford: -1, not -(step / allow)
+
+
 def test_a_late_requests_tpot_is_predicted_without_its_slack_and_scored_with_it():
     """A request whose first token comes after its TTFT SLO (here: held that long) gets
     no TPOT slack on its engine: the prediction says so (the prefill work booked there
