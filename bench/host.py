@@ -71,3 +71,48 @@ def describe(f: dict) -> str:
     kind = f" ({f['cpu_kind']})" if f.get("cpu_kind") else ""
     return (f"host: {f.get('cpu') or '?'}{kind}, {f.get('cores')} cores, "
             f"Linux {f.get('kernel')}, autogroup scheduling {ag}")
+
+
+# A fixed piece of work timed on one core: what the host gives a CPU engine now. A shared
+# host's speed drifts (a 1,040-token prefill step took 515-604 ms on an idle pdserve
+# cluster and, two hours later, 717-790), and a matrix serves its setups one after
+# another, so a drift falls on the later setups; timed before each, it shows.
+PROBE = ("import time, torch\n"
+         "torch.set_num_threads(1)\n"
+         "a = torch.randn(512, 512)\n"
+         "a @ a\n"
+         "t, n = time.perf_counter(), 0\n"
+         "while time.perf_counter() - t < {secs}:\n"
+         "    a @ a\n"
+         "    n += 1\n"
+         "print((time.perf_counter() - t) / n)\n")
+
+
+def probe(secs: float = 1.0, core: str = "0") -> float:
+    """Seconds per 512 x 512 float32 matmul on `core` over `secs` (nan if it cannot run)."""
+    import shutil
+    import subprocess
+    import sys
+    argv = [sys.executable, "-c", PROBE.format(secs=secs)]
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", core, *argv]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60 + 2 * secs)
+        return float(out.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return float("nan")
+
+
+def drift(probes: dict[str, float]) -> str:
+    """One line: each setup's probe time (ms), and how much slower than the first's the
+    host was at its turn. Pure."""
+    items = list(probes.items())
+    if not items:
+        return ""
+    first = items[0][1]
+    parts = []
+    for name, s in items:
+        rel = s / first if first > 0 and s == s else float("nan")
+        parts.append(f"{name} {s * 1e3:.2f} ms ({rel:.2f}x)")
+    return "host probe before each setup (a 512 x 512 matmul on one core; x the first's): " \
+        + ", ".join(parts)

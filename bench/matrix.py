@@ -157,6 +157,8 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
     results: dict[str, dict[str, list]] = {m: {} for m in mixes}
     ceilings: dict[str, dict[str, dict]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
+    probes: dict[str, float] = {}
+    ns.host_probes = probes     # main reports them
 
     def body_for(setup: str):
         def body(url: str):
@@ -186,6 +188,8 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
         raise SystemExit("the first setup calibrates the SLOs pdserve is given: put a "
                          "vLLM setup first")
     for s in setups:
+        probes[s] = host.probe()     # nothing of ours runs now: the host's own speed
+        print(host.drift(probes), flush=True)
         C.run_setup(s, ns, body_for(s))
         if ns.out:      # what is measured so far survives a later failure
             Path(f"{ns.out}.partial").parent.mkdir(parents=True, exist_ok=True)
@@ -415,12 +419,13 @@ def main(argv=None) -> int:
                                    ns.mix_defs[mix])
             texts.append(text)
             summary.append(out)
-    texts.insert(0, host.describe(hf))
+    texts.insert(0, host.describe(hf) + "\n" + host.drift(ns.host_probes))
     print("\n\n".join(texts), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                            "host": hf, "calibration": cals, "summary": summary,
+                                            "host": hf, "host_probes": ns.host_probes,
+                                            "calibration": cals, "summary": summary,
                                             "ceilings": ceilings,
                                             "report": "\n\n".join(texts),
                                             "results": results}, indent=1))

@@ -291,3 +291,14 @@ def test_host_facts_name_the_cpu_and_the_autogroup_setting():
         "autogroup scheduling off")
     live = host.facts()
     assert live["cores"] >= 1 and live["autogroup"] in (True, False, None)
+
+
+def test_the_host_probe_times_a_matmul_and_the_drift_line_compares_with_the_first():
+    from bench import host
+    s = host.probe(0.1)
+    assert 0 < s < 1.0                     # a real subprocess on one core, seconds per matmul
+    line = host.drift({"vllm-2x": 0.002, "vllm-1": 0.002, "pdserve": 0.003})
+    assert line.endswith("vllm-2x 2.00 ms (1.00x), vllm-1 2.00 ms (1.00x), "
+                         "pdserve 3.00 ms (1.50x)")
+    assert "(nanx)" in host.drift({"a": 0.002, "b": float("nan")})
+    assert host.drift({}) == ""
