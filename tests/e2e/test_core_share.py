@@ -5,7 +5,6 @@ colocated vLLM; concurrent requests finish; and once the cluster is idle no engi
 core's lock."""
 
 import concurrent.futures as cf
-import fcntl
 import os
 import re
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.e2e.cluster import reference, wait_until
 from tests.e2e.conftest import serving, words
+from tests.locks import held
 
 
 def complete(c, prompt, max_tokens):
@@ -49,15 +49,7 @@ def borrowed(c) -> dict[str, list[int]]:
 def locks_free(c) -> bool:
     (folder,) = re.findall(r"lend each other cores \S+ between their steps \((\S+)\)",
                            c.log_path.read_text())
-    for name in os.listdir(folder):
-        fd = os.open(os.path.join(folder, name), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-    return True
+    return not any(held(os.path.join(folder, name)) for name in os.listdir(folder))
 
 
 def test_each_engine_borrows_the_idle_ones_core_and_output_equals_colocated_vllm(

@@ -1,7 +1,6 @@
 """Cores lent between engines (pdserve/core_share.py): which cores a host shares, and the
 locks two engines take on real lock files, without engines."""
 
-import fcntl
 import os
 import threading
 
@@ -9,6 +8,7 @@ import pytest
 
 from pdserve.core_share import (CoreShare, handing_over, parse_cores, shared_cores,
                                 worth_borrowing)
+from tests.locks import held
 
 
 def test_parse_cores():
@@ -50,14 +50,7 @@ class Engine:
 
 def locked(folder, core) -> bool:
     """Whether some open file holds core's lock (a probe of our own)."""
-    fd = os.open(os.path.join(folder, f"core-{core}.lock"), os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return held(os.path.join(folder, f"core-{core}.lock"))
 
 
 def test_a_busy_engines_core_is_not_borrowed(tmp_path):
