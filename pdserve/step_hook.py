@@ -57,7 +57,7 @@ from pdserve.config import step_switches, whole_alone as whole_alone_on
 from pdserve.kept_first import release_after
 from pdserve.patching import switched_once
 from pdserve.sampling import TTFT_DUE
-from pdserve.step_wire import WIRE, decode, encode, unix_address  # noqa: F401 (their home)
+from pdserve.step_wire import encode, unix_address
 from pdserve.step_budget import (SAFETY, Budget, Stream, alone, budget, fcfs_tokens,
                                  landing_wait, late_only, left_after, overrun, whole_alone)
 

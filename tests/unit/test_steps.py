@@ -6,7 +6,8 @@ import math
 import pytest
 
 from pdserve.latency import Coef, StepSample
-from pdserve.step_hook import _note_overrun, _State, decode, encode
+from pdserve.step_hook import _note_overrun, _State
+from pdserve.step_wire import decode, encode
 from pdserve.steps import StepReceiver
 
 
