@@ -53,7 +53,7 @@ import sys
 from pathlib import Path
 
 from bench import compare as C, host
-from bench.stats import Result, percentile, sent_at, sign_test_p, within_slo_dict
+from bench.stats import Result, percentile, sent_at, sign_test_p, within_by_request
 from bench.workload import parse_dist
 
 MIXES = {   # name -> (input lengths, output lengths), bench/workload.py forms
@@ -147,9 +147,9 @@ async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
     return cals
 
 
-def run_matrix(ns) -> tuple[dict, dict, dict]:
+def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
     """{mix: {setup: runs}}, {mix: calibration}, {mix: {setup: summary of the ceiling
-    run}}."""
+    run}}, {setup: the host probe before it (`host.probe`)}."""
     from bench.serve import sweep
 
     mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
@@ -158,7 +158,6 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
     ceilings: dict[str, dict[str, dict]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
     probes: dict[str, float] = {}
-    ns.host_probes = probes     # main reports them
 
     def body_for(setup: str):
         def body(url: str):
@@ -195,7 +194,7 @@ def run_matrix(ns) -> tuple[dict, dict, dict]:
             Path(f"{ns.out}.partial").parent.mkdir(parents=True, exist_ok=True)
             Path(f"{ns.out}.partial").write_text(json.dumps(
                 {"calibration": cals, "results": results, "ceilings": ceilings}))
-    return results, cals, ceilings
+    return results, cals, ceilings, probes
 
 
 # ---------------------------------------------------------------------- report (pure)
@@ -218,10 +217,8 @@ def paired(ours: list[dict], peer: list[dict], ttft_slo_s: float,
     same times): how many only `ours` served within both SLOs, how many only `peer` did,
     and the sign test's p (`stats.sign_test_p`): under about 0.05, a difference this run's
     noise is unlikely to make; above, one it could."""
-    def made(runs):
-        return {(x["summary"]["rate"], r["index"]): within_slo_dict(r, ttft_slo_s, tpot_slo_s)
-                for x in runs for r in x["requests"]}
-    a, b = made(ours), made(peer)
+    a = within_by_request(ours, ttft_slo_s, tpot_slo_s)
+    b = within_by_request(peer, ttft_slo_s, tpot_slo_s)
     both = a.keys() & b.keys()
     wins = sum(1 for k in both if a[k] and not b[k])
     losses = sum(1 for k in both if b[k] and not a[k])
@@ -411,7 +408,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown mix {m!r}; known: {', '.join(ns.mix_defs)}")
     hf = host.facts()
     print(host.describe(hf), flush=True)
-    results, cals, ceilings = run_matrix(ns)
+    results, cals, ceilings, probes = run_matrix(ns)
     texts, summary = [], []
     for mix, res in results.items():
         for ours in [s for s in res if s.startswith(C.OURS)]:
@@ -419,12 +416,12 @@ def main(argv=None) -> int:
                                    ns.mix_defs[mix])
             texts.append(text)
             summary.append(out)
-    texts.insert(0, host.describe(hf) + "\n" + host.drift(ns.host_probes))
+    texts.insert(0, host.describe(hf) + "\n" + host.drift(probes))
     print("\n\n".join(texts), flush=True)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
-                                            "host": hf, "host_probes": ns.host_probes,
+                                            "host": hf, "host_probes": probes,
                                             "calibration": cals, "summary": summary,
                                             "ceilings": ceilings,
                                             "report": "\n\n".join(texts),

@@ -20,7 +20,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
-from bench.stats import sign_test_p, within_slo_dict
+from bench.stats import sign_test_p, within_by_request
 
 OURS = "pdserve"
 
@@ -40,11 +40,6 @@ class Pooled:
         return w, lo, sign_test_p(w, lo)
 
 
-def _made(runs: list[dict], ttft_s: float, tpot_s: float) -> dict[tuple, bool]:
-    return {(x["summary"]["rate"], r["index"]): within_slo_dict(r, ttft_s, tpot_s)
-            for x in runs for r in x["requests"]}
-
-
 def pool(docs: list[dict], ours: str = OURS) -> dict[str, Pooled]:
     """Per mix, the runs in `docs` (bench.matrix `--out` JSONs) that ran `ours` on it."""
     out: dict[str, Pooled] = {}
@@ -57,7 +52,7 @@ def pool(docs: list[dict], ours: str = OURS) -> dict[str, Pooled]:
             p = out.setdefault(mix, Pooled())
             p.runs += 1
             p.slos.add((cal["ttft_ms"], cal["tpot_ms"]))
-            made = {s: _made(runs, ttft_s, tpot_s) for s, runs in setups.items()}
+            made = {s: within_by_request(runs, ttft_s, tpot_s) for s, runs in setups.items()}
             for s, m in made.items():
                 p.good[s] = p.good.get(s, 0) + sum(m.values())
                 p.served[s] = p.served.get(s, 0) + len(m)

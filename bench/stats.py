@@ -69,6 +69,13 @@ def within_slo_dict(d: dict, ttft_slo: float, tpot_slo: float) -> bool:
     return _within(d["ok"], d["ttft"], d["output_tokens"], d["tpot"], ttft_slo, tpot_slo)
 
 
+def within_by_request(runs: list[dict], ttft_slo: float, tpot_slo: float) -> dict[tuple, bool]:
+    """{(rate, request index): within both SLOs} over a setup's runs of one mix (as a
+    bench.matrix JSON holds them): the pairs of a request-by-request comparison."""
+    return {(x["summary"]["rate"], r["index"]): within_slo_dict(r, ttft_slo, tpot_slo)
+            for x in runs for r in x["requests"]}
+
+
 def sent_at(d: dict) -> float | None:
     """When a request (as `result_dict` wrote it) was sent, on its `token_times` clock: its
     first token less its TTFT; None for one that got no token."""
