@@ -7,9 +7,11 @@ traffic mixes, three rates each, in one run.
 
 Setups (bench/compare.py): vllm-1 (one colocated server on both cores), vllm-2x (two
 replicas, one core each, least-outstanding proxy), vllm-2x-chunked (the same with
---max-num-batched-tokens 256) and pdserve with its defaults. Each starts once and serves
-every mix. `--variant 'pdserve-mixed=--mixed'` adds a setup of ours with extra `pdserve
-serve` flags, reported against the peers like the defaults (never as a peer itself), so two
+--max-num-batched-tokens 256) and pdserve with its defaults. Each starts once per mix,
+mix by mix, their order reversed from one mix to the next (`schedule`), so a drift of the
+host's speed falls on every setup alike; `--no-interleave` starts each once for every
+mix. `--variant 'pdserve-mixed=--mixed'` adds a setup of ours with extra `pdserve serve`
+flags, reported against the peers like the defaults (never as a peer itself), so two
 settings meet the same host in one run; each variant's report ends with its count within
 both SLOs against the defaults' and the requests only one of the two served within them.
 
@@ -147,19 +149,36 @@ async def _calibrate(url: str, ns, mixes: list[str]) -> dict[str, dict]:
     return cals
 
 
+def schedule(setups: list[str], mixes: list[str], interleave: bool
+             ) -> list[tuple[str, list[str]]]:
+    """The order the matrix starts its setups in: (setup, the mixes it serves while up).
+    One start per setup serving every mix, or (`interleave`) one start per setup and mix,
+    mix by mix, the setups' order reversed from one mix to the next (A B C, C B A, ...):
+    a host whose speed drifts during the run then falls on every setup about alike, where
+    in one-start order it falls on the later setups (m202: the host about a third slower by
+    pdserve's turn, the last). The first start is always the first setup, which calibrates
+    the SLOs. Pure."""
+    if not interleave:
+        return [(s, list(mixes)) for s in setups]
+    return [(s, [m]) for i, m in enumerate(mixes)
+            for s in (setups if i % 2 == 0 else setups[::-1])]
+
+
 def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
     """{mix: {setup: runs}}, {mix: calibration}, {mix: {setup: summary of the ceiling
-    run}}, {setup: the host probe before it (`host.probe`)}."""
+    run}}, {"setup" or "setup mix" (interleaved): the host probe before it
+    (`host.probe`)}."""
     from bench.serve import sweep
 
     mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
     setups = ns.setup_list
+    interleave = getattr(ns, "interleave", False)
     results: dict[str, dict[str, list]] = {m: {} for m in mixes}
     ceilings: dict[str, dict[str, dict]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
     probes: dict[str, float] = {}
 
-    def body_for(setup: str):
+    def body_for(setup: str, served: list[str]):
         def body(url: str):
             if not cals:
                 if ns.pdserve_url:
@@ -171,10 +190,10 @@ def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
                 # pdserve is told the SLOs, as a user states them once
                 ns.pdserve_arg += ["--ttft-slo-ms", f"{slo['ttft_ms']:.0f}",
                                    "--tpot-slo-ms", f"{slo['tpot_ms']:.1f}"]
-            for mix in mixes:
+            for mix in served:
                 results[mix][setup] = asyncio.run(sweep(url, mix_ns(ns, mix, cals[mix]),
                                                         f"{setup} {mix}"))
-            for mix in mixes if ns.ceiling_requests > 0 else []:
+            for mix in served if ns.ceiling_requests > 0 else []:
                 # the setup's throughput with its engines saturated: every request at once,
                 # prompts of their own
                 m = mix_ns(ns, mix, cals[mix])
@@ -186,14 +205,18 @@ def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
     if setups and setups[0].startswith(C.OURS):
         raise SystemExit("the first setup calibrates the SLOs pdserve is given: put a "
                          "vLLM setup first")
-    for s in setups:
-        probes[s] = host.probe()     # nothing of ours runs now: the host's own speed
+    for s, served in schedule(setups, mixes, interleave):
+        key = f"{s} {served[0]}" if interleave else s
+        probes[key] = host.probe()   # nothing of ours runs now: the host's own speed
         print(host.drift(probes), flush=True)
-        C.run_setup(s, ns, body_for(s))
+        C.run_setup(s, ns, body_for(s, served))
         if ns.out:      # what is measured so far survives a later failure
             Path(f"{ns.out}.partial").parent.mkdir(parents=True, exist_ok=True)
             Path(f"{ns.out}.partial").write_text(json.dumps(
                 {"calibration": cals, "results": results, "ceilings": ceilings}))
+    # the setups in --setups order whatever order they ran in
+    results = {m: {s: res[s] for s in setups if s in res} for m, res in results.items()}
+    ceilings = {m: {s: c[s] for s in setups if s in c} for m, c in ceilings.items()}
     return results, cals, ceilings, probes
 
 
@@ -387,6 +410,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tpot-slo-ms", type=float, default=0.0,
                     help="likewise for TPOT")
     ap.add_argument("--rate-mult", default="0.6,1.2,1.8")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                    help="start each setup once per mix, the setups' order reversed from "
+                         "one mix to the next, so a drift of the host's speed falls on "
+                         "every setup alike (--no-interleave: one start per setup, serving "
+                         "every mix, as before 2026-12-08)")
     ap.add_argument("--calibration-requests", type=int, default=4)
     ap.add_argument("--ceiling-requests", type=int, default=24,
                     help="after its sweeps, each setup serves this many requests of each "

@@ -302,3 +302,22 @@ def test_the_host_probe_times_a_matmul_and_the_drift_line_compares_with_the_firs
                          "pdserve 3.00 ms (1.50x)")
     assert "(nanx)" in host.drift({"a": 0.002, "b": float("nan")})
     assert host.drift({}) == ""
+
+
+def test_the_interleaved_schedule_reverses_the_setups_from_one_mix_to_the_next():
+    from bench.matrix import schedule
+    setups, mixes = ["vllm-2x", "vllm-1", "pdserve"], ["prefill", "decode", "long-mix"]
+    assert schedule(setups, mixes, False) == [(s, mixes) for s in setups]
+    order = schedule(setups, mixes, True)
+    assert order == [("vllm-2x", ["prefill"]), ("vllm-1", ["prefill"]),
+                     ("pdserve", ["prefill"]), ("pdserve", ["decode"]),
+                     ("vllm-1", ["decode"]), ("vllm-2x", ["decode"]),
+                     ("vllm-2x", ["long-mix"]), ("vllm-1", ["long-mix"]),
+                     ("pdserve", ["long-mix"])]
+    # every setup serves every mix exactly once, and the calibrating setup starts first
+    assert sorted((s, m[0]) for s, m in order) == sorted((s, m) for s in setups for m in mixes)
+    assert order[0][0] == setups[0]
+    # over an even number of mixes every setup's mean place in its mix is the same
+    four = schedule(setups, mixes + ["shift"], True)
+    place = {s: [i % 3 for i, (x, _) in enumerate(four) if x == s] for s in setups}
+    assert len({sum(v) for v in place.values()}) == 1
