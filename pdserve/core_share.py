@@ -46,6 +46,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from pdserve.config import id_list
+from pdserve.patching import scheduled
 
 log = logging.getLogger("vllm.pdserve.cores")
 
@@ -205,11 +206,8 @@ def install() -> bool:
             out = orig_schedule(self, *args, **kwargs)
         finally:
             config.max_num_batched_tokens = full
-        prompt = 0
-        for rid, n in out.num_scheduled_tokens.items():
-            r = self.requests.get(rid)
-            if r is not None and r.num_computed_tokens - n < r.num_prompt_tokens:
-                prompt += n
+        prompt = sum(n for r, n, before in scheduled(out, self.requests)
+                     if before < r.num_prompt_tokens)
         self._pd_borrowed = share.borrow(0 if handing else prompt) - len(share.home)
         return out
 

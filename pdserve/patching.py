@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 
 def switched_once(switch: str) -> Callable[[Callable[[], bool]], Callable[[], bool]]:
@@ -25,3 +25,14 @@ def switched_once(switch: str) -> Callable[[Callable[[], bool]], Callable[[], bo
         run.switch = switch
         return run
     return decorate
+
+
+def scheduled(out: Any, requests: dict) -> Iterator[tuple[Any, int, int]]:
+    """Each request one vLLM scheduler step scheduled, from its SchedulerOutput `out` and
+    the scheduler's `requests`: (request, tokens scheduled, tokens computed before the
+    step). vLLM advances `num_computed_tokens` in schedule(), so the step's own tokens are
+    taken off it; a request the scheduler no longer holds is skipped."""
+    for rid, n in out.num_scheduled_tokens.items():
+        r = requests.get(rid)
+        if r is not None:
+            yield r, n, r.num_computed_tokens - n

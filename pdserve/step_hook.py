@@ -55,7 +55,7 @@ from kv_transfer.handle import P_FIRST_AT, P_REMOTE_PREFILL
 from pdserve.latency import Coef, StepModel, StepSample, chunk_attn
 from pdserve.config import step_switches, whole_alone as whole_alone_on
 from pdserve.kept_first import release_after
-from pdserve.patching import switched_once
+from pdserve.patching import scheduled, switched_once
 from pdserve.sampling import TTFT_DUE
 from pdserve.step_wire import encode, unix_address
 from pdserve.step_budget import (SAFETY, Budget, Stream, alone, budget, fcfs_tokens,
@@ -435,11 +435,7 @@ def install() -> bool:
             _restore(self, held)
             _put_back(self, wait)
         p, attn, d, c, seqs = 0, 0.0, 0, 0, 0
-        for rid, n in out.num_scheduled_tokens.items():
-            r = self.requests.get(rid)
-            if r is None:
-                continue
-            before = r.num_computed_tokens - n       # vLLM advanced it in schedule()
+        for r, n, before in scheduled(out, self.requests):
             if before < r.num_prompt_tokens:
                 p += n
                 seqs += 1
