@@ -104,8 +104,9 @@ def probe(secs: float = 1.0, core: str = "0") -> float:
 
 
 def drift(probes: dict[str, float]) -> str:
-    """One line: each setup's probe time (ms), and how much slower than the first's the
-    host was at its turn. Pure."""
+    """One line: each start's probe time (ms; keyed by setup, or by setup and mix where
+    the matrix interleaves), and how much slower than the first's the host was then.
+    Pure."""
     items = list(probes.items())
     if not items:
         return ""
@@ -114,5 +115,5 @@ def drift(probes: dict[str, float]) -> str:
     for name, s in items:
         rel = s / first if first > 0 and s == s else float("nan")
         parts.append(f"{name} {s * 1e3:.2f} ms ({rel:.2f}x)")
-    return "host probe before each setup (a 512 x 512 matmul on one core; x the first's): " \
+    return "host probe before each start (a 512 x 512 matmul on one core; x the first's): " \
         + ", ".join(parts)

@@ -172,7 +172,6 @@ def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
 
     mixes = [m.strip() for m in ns.mixes.split(",") if m.strip()]
     setups = ns.setup_list
-    interleave = getattr(ns, "interleave", False)
     results: dict[str, dict[str, list]] = {m: {} for m in mixes}
     ceilings: dict[str, dict[str, dict]] = {m: {} for m in mixes}
     cals: dict[str, dict] = {}
@@ -205,8 +204,8 @@ def run_matrix(ns) -> tuple[dict, dict, dict, dict]:
     if setups and setups[0].startswith(C.OURS):
         raise SystemExit("the first setup calibrates the SLOs pdserve is given: put a "
                          "vLLM setup first")
-    for s, served in schedule(setups, mixes, interleave):
-        key = f"{s} {served[0]}" if interleave else s
+    for s, served in schedule(setups, mixes, ns.interleave):
+        key = f"{s} {served[0]}" if ns.interleave else s
         probes[key] = host.probe()   # nothing of ours runs now: the host's own speed
         print(host.drift(probes), flush=True)
         C.run_setup(s, ns, body_for(s, served))
